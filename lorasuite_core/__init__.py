@@ -1,0 +1,7 @@
+"""lorasuite_core: the numerics of LoRA adapter migration across base-model upgrades.
+
+Never imports Prefect; the pipeline in ``tasks/`` and ``flows/`` wraps these functions.
+"""
+
+__version__ = "0.1.0"
+ALGORITHM_VERSION = "1"

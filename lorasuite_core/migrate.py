@@ -1,0 +1,395 @@
+"""End-to-end migration of one LoRA adapter, stage by stage.
+
+Data flow (every stage is a plain function so the Prefect pipeline can cache and fan out the
+same calls):
+
+    pair analysis (adapter-independent, cacheable per model pair)
+      vocabulary      shared tokens by normalised surface form
+      transfer_matrix residual maps P, Q from the shared embeddings          residual.py
+      activations     paired hidden states on calibration text               activations.py
+      cka             CKA of layer updates (and of states) for all pairs     cka.py
+      layer_mapping   monotone DP on the update CKA                          layer_mapping.py
+      head_similarity per mapped pair: head + neuron matching                matching.py
+    adapter transfer
+      transfer        per mapped pair: canonical deltas carried over         transfer.py
+      refactorise     SVD back to each module's rank                         refactor.py
+      write           PEFT directory + migration_report.json, atomically
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from . import ALGORITHM_VERSION, __version__
+from .activations import PairedActivations, builtin_calibration_texts, paired_activations
+from .cka import minibatch_cka
+from .errors import LorasuiteError
+from .layer_mapping import map_layers
+from .layer_weights import canonical_deltas, dropped_roles, expected_shape, layer_weights, module_deltas
+from .loading import BaseModel, LoraAdapter, LoraFactors, load_base_model, load_lora_adapter
+from .matching import LayerMatch, match_layer
+from .refactor import refactorise
+from .residual import ResidualTransfer, input_map, input_offset, output_map, residual_transfer
+from .transfer import MODES, LayerTransfer
+from .vocab import SharedVocabulary, shared_vocabulary
+
+log = logging.getLogger(__name__)
+REPORT_NAME = "migration_report.json"
+
+
+@dataclass
+class MigrationOptions:
+    head_transform: str = "lstsq"
+    calibration_texts: list[str] | None = None
+    max_calibration_tokens: int = 2048
+    layer_offset: int | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.head_transform not in MODES:
+            raise LorasuiteError(f"--head-transform must be one of {', '.join(MODES)}, not {self.head_transform!r}")
+
+
+class StageLog:
+    """Records {"cache": "computed"|"reused", "seconds": s} per stage for the report."""
+
+    def __init__(self):
+        self.steps: dict[str, dict[str, Any]] = {}
+
+    @contextmanager
+    def stage(self, name: str, cache: str = "computed"):
+        start = time.perf_counter()
+        yield
+        entry = self.steps.setdefault(name, {"cache": cache, "seconds": 0.0})
+        entry["seconds"] = round(entry["seconds"] + time.perf_counter() - start, 4)
+
+    def record(self, name: str, cache: str, seconds: float) -> None:
+        self.steps[name] = {"cache": cache, "seconds": round(seconds, 4)}
+
+
+# ----------------------------------------------------------------------------- pair analysis
+
+
+@dataclass
+class PairAnalysis:
+    shared: SharedVocabulary
+    residual: ResidualTransfer
+    cka_updates: np.ndarray          # L_o × L_n
+    cka_states: np.ndarray           # (L_o + 1) × (L_n + 1)
+    layer_mapping: list[tuple[int, int]]
+    matches: dict[int, LayerMatch] = field(default_factory=dict)   # old layer -> match
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+
+def layer_pair_maps(old: BaseModel, new: BaseModel, rt: ResidualTransfer, i: int, j: int) -> dict[str, torch.Tensor]:
+    """The four residual-side maps of old layer i against new layer j."""
+    maps = {}
+    for role in ("attention_input", "mlp_input"):
+        maps[role] = input_map(rt, old.norm_gain(i, role), new.norm_gain(j, role))
+    for role in ("attention_output", "mlp_output"):
+        maps[role] = output_map(rt, old.norm_gain(i, role), new.norm_gain(j, role))
+    return maps
+
+
+def compute_similarities(old, new, shared, rt, options, stages: StageLog):
+    texts = options.calibration_texts or builtin_calibration_texts()
+    with stages.stage("activations"):
+        acts = paired_activations(old, new, texts, max_tokens=options.max_calibration_tokens, progress=options.progress)
+    with stages.stage("cka"):
+        cka_updates = minibatch_cka(PairedActivations.updates(acts.old_states), PairedActivations.updates(acts.new_states))
+        cka_states = minibatch_cka(acts.old_states, acts.new_states)
+    calibration = {"texts": acts.num_texts, "paired_tokens": acts.num_tokens}
+    return cka_updates, cka_states, calibration
+
+
+def analyse_pair(old: BaseModel, new: BaseModel, options: MigrationOptions, stages: StageLog) -> PairAnalysis:
+    with stages.stage("vocabulary"):
+        shared = shared_vocabulary(old.tokenizer(), new.tokenizer())
+    with stages.stage("transfer_matrix"):
+        rt = residual_transfer(old, new, shared)
+    cka_updates, cka_states, calibration = compute_similarities(old, new, shared, rt, options, stages)
+    with stages.stage("layer_mapping"):
+        mapping = map_layers(cka_updates, options.layer_offset)
+    analysis = PairAnalysis(shared, rt, cka_updates, cka_states, mapping, calibration=calibration)
+    with stages.stage("head_similarity"):
+        for i, j in tqdm(mapping, desc="head matching", unit="layer", disable=not options.progress):
+            analysis.matches[i] = match_layer_pair(old, new, rt, i, j)
+    return analysis
+
+
+def match_layer_pair(old: BaseModel, new: BaseModel, rt: ResidualTransfer, i: int, j: int) -> LayerMatch:
+    maps = layer_pair_maps(old, new, rt, i, j)
+    return match_layer(layer_weights(old, i), layer_weights(new, j), old.dims, new.dims, maps)
+
+
+# ----------------------------------------------------------------------------- adapter checks
+
+
+def check_adapter_fits(adapter: LoraAdapter, old: BaseModel) -> None:
+    for (layer, name), f in sorted(adapter.factors.items()):
+        if layer >= old.dims.num_layers:
+            raise LorasuiteError(f"adapter {adapter.source}: layer {layer} does not exist in the old model ({old.dims.num_layers} layers)")
+        spec = old.family.modules[name]
+        out_dim, in_dim = expected_shape(old.family, old.dims, spec.role)
+        if f.A.shape[1] != in_dim or f.B.shape[0] != out_dim:
+            raise LorasuiteError(
+                f"adapter {adapter.source}: layer {layer} {name} is {f.B.shape[0]}×{f.A.shape[1]} but the old "
+                f"model's {name} is {out_dim}×{in_dim}: the adapter was not trained on this model"
+            )
+
+
+# ----------------------------------------------------------------------------- transfer
+
+
+@dataclass
+class MigratedModule:
+    layer: int
+    name: str
+    factors: Any            # Refactorised
+    rank: int
+    alpha: float
+    old_layers: list[int]
+
+
+@dataclass
+class MigratedAdapter:
+    modules: list[MigratedModule]
+    unit_fit: dict[str, float]
+    dropped: list[str]
+    input_offsets: dict[str, float]
+
+
+def _layer_deltas(adapter: LoraAdapter, layer: int) -> dict[str, torch.Tensor]:
+    return {name: f.delta() for (l, name), f in adapter.factors.items() if l == layer}
+
+
+def _source_factors(adapter: LoraAdapter, layer: int) -> LoraFactors | None:
+    candidates = [f for (l, _), f in adapter.factors.items() if l == layer]
+    return max(candidates, key=lambda f: f.rank) if candidates else None
+
+
+def transfer_layer_pair(old, new, analysis: PairAnalysis, adapter: LoraAdapter, i: int, j: int, mode: str):
+    """Canonical new deltas for old layer i -> new layer j, with fit diagnostics."""
+    deltas = canonical_deltas(old.family, old.dims, _layer_deltas(adapter, i))
+    if not deltas:
+        return {}, {}, {}
+    maps = layer_pair_maps(old, new, analysis.residual, i, j)
+    transfer = LayerTransfer(layer_weights(old, i), layer_weights(new, j), old.dims, new.dims, maps,
+                             analysis.matches[i], mode, analysis.residual.P)
+    carried = transfer.run(deltas)
+    offsets = _offset_effects(old, new, analysis.residual, deltas, maps, i, j)
+    return carried, transfer.fit, offsets
+
+
+def _offset_effects(old, new, rt, deltas, maps, i, j) -> dict[str, float]:
+    """Size of ΔW·c relative to ΔW for the LayerNorm offset a bias-free LoRA cannot carry."""
+    effects = {}
+    for norm_role, roles in (("attention_input", ("q", "k", "v")), ("mlp_input", ("gate", "up"))):
+        c = input_offset(maps[norm_role], old.norm_bias(i, norm_role), new.norm_bias(j, norm_role))
+        if c is None:
+            continue
+        for role in roles:
+            if role in deltas and deltas[role].norm() > 0:
+                effects[role] = float((deltas[role] @ c).norm() / deltas[role].norm())
+    return effects
+
+
+def transfer_adapter(old: BaseModel, new: BaseModel, analysis: PairAnalysis, adapter: LoraAdapter,
+                     options: MigrationOptions, stages: StageLog) -> MigratedAdapter:
+    by_new_layer: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+    sources: dict[int, list[int]] = defaultdict(list)
+    unit_fit: dict[str, float] = {}
+    offsets: dict[str, float] = {}
+    adapter_layers = {l for l, _ in adapter.factors}
+    with stages.stage("transfer"):
+        for i, j in tqdm(analysis.layer_mapping, desc="transfer", unit="layer", disable=not options.progress):
+            if i not in adapter_layers:
+                continue
+            carried, fit, off = transfer_layer_pair(old, new, analysis, adapter, i, j, options.head_transform)
+            for role, delta in carried.items():
+                acc = by_new_layer[j]
+                acc[role] = acc[role] + delta if role in acc else delta
+            sources[j].append(i)
+            for role, value in fit.items():
+                unit_fit[f"{i}->{j}.{role}"] = value
+            for role, value in off.items():
+                offsets[f"{i}->{j}.{role}"] = value
+    dropped = dropped_roles(new.family, {r for d in by_new_layer.values() for r in d})
+    with stages.stage("refactorise"):
+        modules = _refactorise_all(new, adapter, by_new_layer, sources)
+    return MigratedAdapter(modules, unit_fit, dropped, offsets)
+
+
+def _refactorise_all(new, adapter, by_new_layer, sources) -> list[MigratedModule]:
+    modules = []
+    for j in sorted(by_new_layer):
+        source = _source_factors(adapter, sources[j][0])
+        for name, delta in sorted(module_deltas(new.family, new.dims, by_new_layer[j]).items()):
+            factors = refactorise(delta, source.rank, source.scaling)
+            modules.append(MigratedModule(j, name, factors, source.rank, source.alpha, sources[j]))
+    return modules
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _module_key(family, layer: int, name: str) -> str:
+    return f"{family.layer_prefix.format(layer=layer)}{family.modules[name].path}"
+
+
+def adapter_config(old_config: dict, new: BaseModel, migrated: MigratedAdapter) -> dict:
+    config = dict(old_config)
+    ranks = [m.rank for m in migrated.modules]
+    alphas = [m.alpha for m in migrated.modules]
+    r = max(set(ranks), key=ranks.count)
+    alpha = max(set(alphas), key=alphas.count)
+    rank_pattern, alpha_pattern = {}, {}
+    for m in migrated.modules:
+        key = _module_key(new.family, m.layer, m.name).replace(".", r"\.")
+        if m.rank != r:
+            rank_pattern[key] = m.rank
+        if m.alpha != alpha:
+            alpha_pattern[key] = m.alpha
+    layers = sorted({m.layer for m in migrated.modules})
+    config.update(
+        base_model_name_or_path=new.source,
+        target_modules=sorted({m.name for m in migrated.modules}),
+        r=r,
+        lora_alpha=alpha,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        layers_to_transform=None if layers == list(range(new.dims.num_layers)) else layers,
+        layers_pattern=None,
+        revision=None,
+    )
+    return config
+
+
+def adapter_tensors(new: BaseModel, migrated: MigratedAdapter) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for m in migrated.modules:
+        key = f"base_model.model.{_module_key(new.family, m.layer, m.name)}"
+        tensors[f"{key}.lora_A.weight"] = m.factors.A.contiguous()
+        tensors[f"{key}.lora_B.weight"] = m.factors.B.contiguous()
+    return tensors
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> None:
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise LorasuiteError(f"output {out} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise LorasuiteError(f"output {out} exists and is not empty; pass --overwrite to replace it")
+
+
+def write_adapter_dir(out: str | Path, config: dict, tensors: dict, report: dict, overwrite: bool) -> Path:
+    """Write into a sibling temporary directory, then move it into place: never half-written."""
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"})
+        (staging / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _model_identity(model: BaseModel) -> dict:
+    d = model.dims
+    return {
+        "source": model.source,
+        "model_type": model.config.get("model_type"),
+        "family": model.family.name,
+        "hidden_size": d.hidden,
+        "num_layers": d.num_layers,
+        "num_heads": d.num_heads,
+        "num_kv_heads": d.num_kv_heads,
+        "head_dim": d.head_dim,
+        "intermediate_size": d.intermediate,
+    }
+
+
+def build_report(old, new, adapter, analysis: PairAnalysis, migrated: MigratedAdapter, options, stages) -> dict:
+    heads = {}
+    for i, j in analysis.layer_mapping:
+        m = analysis.matches[i]
+        heads[str(j)] = {
+            "old_layer": i,
+            "query_heads": [[a, b] for a, b in m.head_pairs],
+            "kv_heads": [[a, b] for a, b in m.kv_pairs],
+            "head_similarity": [round(float(m.head_similarity[a, b]), 6) for a, b in m.head_pairs],
+            "neuron_similarity_mean": round(m.neuron_similarity_mean, 6),
+        }
+    return {
+        "lorasuite_version": __version__,
+        "algorithm_version": ALGORITHM_VERSION,
+        "old_model": _model_identity(old),
+        "new_model": _model_identity(new),
+        "adapter": {"source": adapter.source, "modules": len(adapter.factors)},
+        "options": {"head_transform": options.head_transform, "layer_offset": options.layer_offset},
+        "shared_vocabulary_size": len(analysis.shared),
+        "transfer_matrix": {
+            "fit_residual_old": analysis.residual.fit_residual_old,
+            "fit_residual_new": analysis.residual.fit_residual_new,
+            "scale": analysis.residual.scale,
+        },
+        "calibration": analysis.calibration,
+        "cka": analysis.cka_updates.round(6).tolist(),
+        "cka_hidden_states": analysis.cka_states.round(6).tolist(),
+        "layer_mapping": [[i, j] for i, j in analysis.layer_mapping],
+        "head_mapping": heads,
+        "unit_fit_residual": migrated.unit_fit,
+        "refactorisation_residual": {
+            _module_key(new.family, m.layer, m.name): m.factors.residual for m in migrated.modules
+        },
+        "dropped_roles": migrated.dropped,
+        "layernorm_offset_effect": migrated.input_offsets,
+        "steps": stages.steps,
+    }
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def migrate(old_uri, new_uri, adapter_uri, out, options: MigrationOptions | None = None, *, overwrite=False) -> dict:
+    """Transfer-only migration (no fine-tuning); returns the report written beside the adapter."""
+    options = options or MigrationOptions()
+    check_output_dir(out, overwrite)
+    stages = StageLog()
+    with stages.stage("load"):
+        old, new = load_base_model(old_uri), load_base_model(new_uri)
+        adapter = load_lora_adapter(adapter_uri, old.family)
+        check_adapter_fits(adapter, old)
+    analysis = analyse_pair(old, new, options, stages)
+    migrated = transfer_adapter(old, new, analysis, adapter, options, stages)
+    with stages.stage("write"):
+        config = adapter_config(adapter.config, new, migrated)
+        tensors = adapter_tensors(new, migrated)
+    report = build_report(old, new, adapter, analysis, migrated, options, stages)
+    write_adapter_dir(out, config, tensors, report, overwrite)
+    log.info("wrote migrated adapter to %s", out)
+    return report

@@ -1,0 +1,114 @@
+"""Residual-stream transfer matrices and the input/output maps each projection sees.
+
+Let E_o (n × d) and E_n (n × D) be what the first layer receives for the n shared tokens
+(embedding rows times the family's embedding scale). Least squares in float64 gives
+
+    P (d × D):  x_old ≈ P x_new      from  E_n Pᵀ ≈ E_o   (minimum-norm: exact when E_n is rank-deficient)
+    Q (D × d):  x_new ≈ Q x_old      from  E_o Qᵀ ≈ E_n
+
+When the new residual stream is the old one rotated, permuted, sign-flipped, zero-widened or
+scaled (x_new = c·R x_old, RᵀR = I), P = Rᵀ/c and Q = c·R exactly.
+
+A projection after a norm does not see the residual stream but u = g ⊙ x / rms(x) (LayerNorm:
+centred, divided by the standard deviation, plus a bias). Norms are invariant to the residual
+scale, so the map between normalised inputs uses the scale-free P̂ = P / s, with
+s² = Σ‖P e_n‖² / Σ‖e_n‖² over the shared embeddings, and the change of width d → D multiplies
+1/rms by √(D/d):
+
+    T_in = diag(g_o) · P̂ · diag(g_n)⁺ · √(d/D)            u_old ≈ T_in u_new      (d × D)
+
+This is exact whenever the new norm weights are the old ones carried along (folded into the
+following linears or not). LayerNorm biases leave an offset c = b_o − T_in b_n that a LoRA
+without bias cannot carry; it is reported.
+
+An output-facing projection (o, down) writes into the residual stream, x_new ≈ Q x_old, or —
+in families with a norm after the sub-block — into the input of that post-norm, whose map is
+
+    T_out = diag(g_n)⁺ · Q̂ · diag(g_o)                   y_new ∝ T_out y_old      (D × d)
+
+Its overall scale is immaterial: the per-head / per-neuron least-squares maps absorb it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import LorasuiteError
+from .loading import BaseModel
+from .vocab import SharedVocabulary
+
+TINY_GAIN = 1e-12
+
+
+@dataclass(frozen=True)
+class ResidualTransfer:
+    P: torch.Tensor          # d × D, float64: old ≈ P · new
+    Q: torch.Tensor          # D × d, float64: new ≈ Q · old
+    scale: float             # s: ‖P e_n‖ / ‖e_n‖ on the shared embeddings
+    fit_residual_old: float  # ‖E_n Pᵀ − E_o‖ / ‖E_o‖
+    fit_residual_new: float  # ‖E_o Qᵀ − E_n‖ / ‖E_n‖
+
+
+def _lstsq_min_norm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """argmin ‖A X − B‖ with minimum ‖X‖ (SVD based, float64)."""
+    return torch.linalg.pinv(A, rtol=1e-10) @ B
+
+
+def residual_transfer(old: BaseModel, new: BaseModel, shared: SharedVocabulary) -> ResidualTransfer:
+    d = old.dims.hidden
+    if len(shared) < d:
+        raise LorasuiteError(
+            f"only {len(shared)} tokens are shared between the two vocabularies, fewer than the old "
+            f"hidden size {d}: the residual-stream transfer matrix would be underdetermined"
+        )
+    E_o = old.effective_embeddings()[torch.as_tensor(shared.old_ids)]   # n × d
+    E_n = new.effective_embeddings()[torch.as_tensor(shared.new_ids)]   # n × D
+    P = _lstsq_min_norm(E_n, E_o).T                                      # d × D
+    Q = _lstsq_min_norm(E_o, E_n).T                                      # D × d
+    scale = float((E_n @ P.T).norm() / E_n.norm())
+    return ResidualTransfer(
+        P=P,
+        Q=Q,
+        scale=scale,
+        fit_residual_old=float((E_n @ P.T - E_o).norm() / E_o.norm()),
+        fit_residual_new=float((E_o @ Q.T - E_n).norm() / E_n.norm()),
+    )
+
+
+def _inverse_gain(g: torch.Tensor) -> torch.Tensor:
+    safe = torch.where(g.abs() > TINY_GAIN, g, torch.ones_like(g))
+    return torch.where(g.abs() > TINY_GAIN, 1.0 / safe, torch.zeros_like(g))
+
+
+def input_map(rt: ResidualTransfer, g_old: torch.Tensor | None, g_new: torch.Tensor | None) -> torch.Tensor:
+    """T_in (d × D): normalised input of the new projection -> that of the old one."""
+    d, D = rt.P.shape
+    T = rt.P / rt.scale * (d / D) ** 0.5
+    if g_old is not None:
+        T = g_old[:, None] * T
+    if g_new is not None:
+        T = T * _inverse_gain(g_new)[None, :]
+    return T
+
+
+def output_map(rt: ResidualTransfer, g_old: torch.Tensor | None, g_new: torch.Tensor | None) -> torch.Tensor:
+    """T_out (D × d): old output space of an o/down projection -> the new one."""
+    if g_old is None and g_new is None:
+        return rt.Q
+    T = rt.Q * rt.scale
+    if g_old is not None:
+        T = T * g_old[None, :]
+    if g_new is not None:
+        T = _inverse_gain(g_new)[:, None] * T
+    return T
+
+
+def input_offset(T_in: torch.Tensor, b_old: torch.Tensor | None, b_new: torch.Tensor | None) -> torch.Tensor | None:
+    """c = b_o − T_in b_n: the part of the old normed input a linear map of the new one misses."""
+    if b_old is None and b_new is None:
+        return None
+    c = b_old.clone() if b_old is not None else torch.zeros(T_in.shape[0], dtype=T_in.dtype)
+    if b_new is not None:
+        c = c - T_in @ b_new
+    return c

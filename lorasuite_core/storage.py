@@ -1,0 +1,764 @@
+"""Storage layer: one API for local disk and object storage (s3://, file://, any fsspec URI).
+
+Design
+------
+* **Resolution.** :func:`resolve` maps a URI or path to ``(fs, path)`` through
+  ``fsspec.core.url_to_fs``.  Plain paths (``~`` expanded) and ``file://`` go to
+  the local filesystem; ``s3://`` / ``s3a://`` go to s3fs.  For S3 the endpoint
+  comes from ``storage_options`` or else ``AWS_ENDPOINT_URL_S3`` /
+  ``AWS_ENDPOINT_URL``; credentials are left to botocore's standard chain
+  (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / profiles / roles) unless
+  given as ``key`` / ``secret`` in ``storage_options``.  Botocore's own retries
+  are capped (unless configured by the caller or ``AWS_MAX_ATTEMPTS``) so that
+  :func:`with_retries` is the retry layer that decides and logs.
+* **Retries.** Remote operations go through :func:`with_retries`: exponential
+  backoff with jitter on transient errors (``OSError``, ``ConnectionError``,
+  ``TimeoutError``, botocore connection / HTTP errors, aiohttp client errors),
+  never on "answer" errors (not found, permission denied, exists), and a final
+  :class:`StorageUnavailableError` naming the URI, the attempt count and the last
+  error.  Local-disk operations are not retried.
+* **Materialization.** :func:`materialize_dir` downloads a remote HF model or
+  PEFT adapter directory once into a content-addressed cache (the key hashes
+  the listing's names, sizes and ETags/mtimes, so a changed object gives a new
+  key) and returns the local path; local paths are returned as they are.  Only
+  safe, allowlisted kinds are fetched; pickle-based weights (``*.bin``, ``*.pt``,
+  ``*.pth``, ``*.pkl``, ``*.ckpt``) are never downloaded, and a directory whose
+  only weights are pickles is refused (:class:`UnsafeArtifactError`).  Downloads
+  go to a temporary sibling that is renamed into place, so the cache never holds
+  a partial directory; if the source carries a completion manifest, sizes and
+  sha256 are verified.
+* **Atomic publication.** :func:`publish_dir_atomic` makes a finished directory
+  appear all at once.  Locally: copy into a temporary sibling directory, write
+  the completion manifest in it last, ``os.replace`` it into place.  Remotely:
+  upload everything under ``<dest>.tmp-<uuid>/`` (the destination is untouched
+  while the slow part runs), copy the objects into place server-side, and write
+  ``_LORASUITE_COMPLETE.json`` (file list with sizes and sha256) LAST.  Readers
+  call :func:`is_complete`.  On failure the temporary prefix is deleted and the
+  destination is left as it was; the one exception is a failure during the
+  server-side promotion of an *overwrite*, which leaves the destination without
+  its completion manifest (``is_complete`` is False) until a rerun.
+* **Fingerprints.** :func:`file_fingerprint` and :func:`dir_fingerprint` are cheap
+  identities (sizes plus ETag or inode+mtime from ``fs.info`` / listings, no
+  content read), usable as cache keys for "same model / same file".
+* **No secrets in logs.** URIs are logged through :func:`redact_uri` (no
+  user-info, no query string); error texts are scrubbed of query strings and
+  access-key ids; ``storage_options`` are never logged.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+COMPLETE_MARKER = "_LORASUITE_COMPLETE.json"
+MARKER_FORMAT = "lorasuite.complete/v1"
+ALLOWED_PATTERNS: tuple[str, ...] = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.md")
+PICKLE_PATTERNS: tuple[str, ...] = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+WEIGHT_PATTERNS: tuple[str, ...] = ("*.safetensors",)
+CACHE_ENV_VAR = "LORASUITE_CACHE_DIR"
+_CACHE_KEY_VERSION = "lorasuite-materialize/v1"
+_LOCAL_PROTOCOLS = ("file", "local")
+_S3_PROTOCOLS = ("s3", "s3a")
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class StorageError(RuntimeError):
+    """Base class of this module's errors."""
+
+
+class StorageUnavailableError(StorageError):
+    """A remote operation kept failing with transient errors."""
+
+    def __init__(self, uri: str, attempts: int, last_error: BaseException | str):
+        self.uri = redact_uri(str(uri))
+        self.attempts = attempts
+        self.last_error = last_error
+        detail = describe_error(last_error) if isinstance(last_error, BaseException) else str(last_error)
+        super().__init__(f"storage unavailable: {self.uri} after {attempts} attempt(s): {detail}")
+
+    def __reduce__(self):
+        # Keep the error picklable (Prefect may persist it) even if the cause is not.
+        last_error: BaseException | str = self.last_error
+        try:
+            pickle.dumps(last_error)
+        except Exception:  # noqa: BLE001 - any pickling failure falls back to text
+            last_error = describe_error(last_error) if isinstance(last_error, BaseException) else str(last_error)
+        return (self.__class__, (self.uri, self.attempts, last_error))
+
+
+class UnsafeArtifactError(StorageError):
+    """A directory only offers pickle-based weights, which are never loaded."""
+
+
+class DestinationExistsError(StorageError):
+    """The publication destination is not empty and overwrite was not requested."""
+
+
+class IntegrityError(StorageError):
+    """Downloaded files do not match the source's completion manifest."""
+
+
+def _transient_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError]
+    try:
+        from botocore import exceptions as bce
+
+        types += [bce.ConnectionError, bce.HTTPClientError]
+    except ImportError:  # pragma: no cover - s3 support not installed
+        pass
+    try:
+        import aiohttp
+
+        types.append(aiohttp.ClientError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+DEFAULT_RETRY_ON: tuple[type[BaseException], ...] = _transient_error_types()
+NEVER_RETRY: tuple[type[BaseException], ...] = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    StorageError,
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff parameters for :func:`with_retries`."""
+
+    attempts: int = 4
+    base_delay: float = 0.5
+    max_delay: float = 8.0
+
+
+DEFAULT_RETRY_POLICY = RetryPolicy()
+
+
+# --------------------------------------------------------------------------- redaction
+
+_QUERY_IN_URL = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"?]*)\?[^\s'\"]*")
+_USERINFO_IN_URL = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s'\"@]+@")
+_ACCESS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{12,}\b")
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without user-info and query string (safe to log); plain paths unchanged."""
+    uri = str(uri)
+    if "://" not in uri:
+        return uri
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return redact_text(uri)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    if "@" in parts.netloc:
+        netloc = "***@" + netloc
+    query = "<redacted>" if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def redact_text(text: str) -> str:
+    """Scrub query strings, URL user-info and AWS access-key ids from free text."""
+    text = _QUERY_IN_URL.sub(r"\1?<redacted>", str(text))
+    text = _USERINFO_IN_URL.sub(r"\1***@", text)
+    return _ACCESS_KEY_ID.sub("<access-key-id>", text)
+
+
+def describe_error(error: BaseException) -> str:
+    """``TypeName: message`` with secrets scrubbed, on one line."""
+    message = " ".join(str(error).split())
+    return f"{type(error).__name__}: {redact_text(message)}" if message else type(error).__name__
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def _is_retryable(error: BaseException, retry_on: tuple[type[BaseException], ...]) -> bool:
+    return isinstance(error, retry_on) and not isinstance(error, NEVER_RETRY)
+
+
+def _backoff_delay(attempt: int, base_delay: float, max_delay: float) -> float:
+    """Exponential backoff with "equal jitter": uniform in [d/2, d], d = base * 2**(attempt-1)."""
+    delay = min(max_delay, base_delay * (2 ** (attempt - 1)))
+    return random.uniform(delay / 2, delay)
+
+
+def with_retries(
+    fn: Callable[[], T],
+    *,
+    attempts: int = 4,
+    base_delay: float = 0.5,
+    max_delay: float = 8.0,
+    retry_on: tuple[type[BaseException], ...] = DEFAULT_RETRY_ON,
+    uri: str = "<unknown>",
+    what: str = "storage operation",
+) -> T:
+    """Call ``fn()`` until it succeeds, retrying transient errors with backoff.
+
+    Errors not in ``retry_on`` (and "answer" errors such as FileNotFoundError or
+    PermissionError) propagate at once.  After ``attempts`` transient failures,
+    raises :class:`StorageUnavailableError` chained to the last error.
+    """
+    if attempts < 1:
+        raise ValueError("attempts must be >= 1")
+    safe_uri = redact_uri(uri)
+    last_error: BaseException | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except BaseException as error:  # noqa: BLE001 - filtered just below
+            if not _is_retryable(error, retry_on):
+                raise
+            last_error = error
+            if attempt == attempts:
+                break
+            delay = _backoff_delay(attempt, base_delay, max_delay)
+            logger.warning(
+                "%s on %s failed (attempt %d/%d): %s; retrying in %.2fs",
+                what, safe_uri, attempt, attempts, describe_error(error), delay,
+            )
+            time.sleep(delay)
+    logger.error("%s on %s failed after %d attempt(s): %s", what, safe_uri, attempts, describe_error(last_error))
+    raise StorageUnavailableError(safe_uri, attempts, last_error) from last_error
+
+
+def _retry(fn: Callable[[], T], policy: RetryPolicy | None, uri: str, what: str) -> T:
+    policy = policy or DEFAULT_RETRY_POLICY
+    return with_retries(
+        fn, attempts=policy.attempts, base_delay=policy.base_delay,
+        max_delay=policy.max_delay, uri=uri, what=what,
+    )
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def _as_uri(uri: str | os.PathLike) -> str:
+    text = os.fspath(uri)
+    return text if "://" in text else os.path.expanduser(text)
+
+
+def _protocol_of(uri: str) -> str:
+    return uri.split("://", 1)[0].lower() if "://" in uri else "file"
+
+
+def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Add the env endpoint and a capped botocore retry config unless already given."""
+    options = dict(options)
+    client_kwargs = options.get("client_kwargs") or {}
+    if "endpoint_url" not in options and "endpoint_url" not in client_kwargs:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options["endpoint_url"] = endpoint
+    if "config_kwargs" not in options and "AWS_MAX_ATTEMPTS" not in os.environ:
+        options["config_kwargs"] = {
+            "connect_timeout": 10,
+            "read_timeout": 120,
+            "retries": {"max_attempts": 2, "mode": "standard"},
+        }
+    return options
+
+
+def resolve(uri: str | os.PathLike, storage_options: dict[str, Any] | None = None):
+    """``(fs, path)`` for a local path, ``file://`` or any fsspec URI (``s3://`` via s3fs)."""
+    text = _as_uri(uri)
+    options = dict(storage_options or {})
+    if _protocol_of(text) in _S3_PROTOCOLS:
+        options = _s3_options(options)
+    return fsspec.core.url_to_fs(text, **options)
+
+
+def is_local_fs(fs) -> bool:
+    """True for fsspec's local filesystem."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return any(p in _LOCAL_PROTOCOLS for p in protocols)
+
+
+def is_remote(uri: str | os.PathLike) -> bool:
+    """True unless ``uri`` is a plain path or ``file://`` / ``local://`` URI."""
+    return _protocol_of(_as_uri(uri)) not in _LOCAL_PROTOCOLS
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join with ``/`` (URIs) or the OS separator (plain paths)."""
+    if "://" in str(base):
+        return "/".join([str(base).rstrip("/")] + [p.strip("/") for p in parts])
+    return os.path.join(str(base), *parts)
+
+
+# --------------------------------------------------------------------------- listings
+
+
+def _version_tag(info: dict[str, Any]) -> str:
+    """ETag-like identity from an fsspec info dict (ETag, md5, or inode+mtime)."""
+    for key in ("ETag", "etag", "md5Hash", "md5"):
+        if info.get(key):
+            return f"etag:{str(info[key]).strip(chr(34))}"
+    if info.get("mtime") is not None:
+        return f"ino:{info.get('ino', '')}:mtime:{info['mtime']}"
+    for key in ("LastModified", "last_modified", "updated", "modified", "created"):
+        if info.get(key) is not None:
+            return f"time:{info[key]}"
+    return "unversioned"
+
+
+def _strip(path: str) -> str:
+    return path.rstrip("/") or path
+
+
+def _list_files(fs, path: str) -> dict[str, dict[str, Any]]:
+    """``{relative_posix_path: info}`` for every file under ``path`` (empty if none)."""
+    root = _strip(path)
+    fs.invalidate_cache(root)
+    try:
+        found = fs.find(root, detail=True, withdirs=False)
+    except FileNotFoundError:
+        return {}
+    files: dict[str, dict[str, Any]] = {}
+    for name, info in found.items():
+        name = _strip(name)
+        if info.get("type", "file") != "file":
+            continue
+        if name == root:
+            raise NotADirectoryError(f"{root} is a file, expected a directory")
+        if not name.startswith(root + "/"):
+            continue
+        files[name[len(root) + 1:]] = info
+    return files
+
+
+def _matches(relpath: str, patterns: Iterable[str]) -> bool:
+    base = relpath.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatch(base, pattern) for pattern in patterns)
+
+
+def _digest(entries: Iterable[Iterable[Any]], salt: str = "") -> str:
+    hasher = hashlib.sha256(salt.encode())
+    for entry in entries:
+        hasher.update(json.dumps([str(part) for part in entry]).encode())
+        hasher.update(b"\n")
+    return hasher.hexdigest()
+
+
+def _listing_entries(files: dict[str, dict[str, Any]]) -> list[tuple[str, int, str]]:
+    return sorted((rel, int(info.get("size") or 0), _version_tag(info)) for rel, info in files.items())
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a local file, streamed."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+# --------------------------------------------------------------------------- small files
+
+
+def read_bytes(uri: str | os.PathLike, *, storage_options=None, retry: RetryPolicy | None = None) -> bytes:
+    """Whole-file bytes from a local path or URI."""
+    fs, path = resolve(uri, storage_options)
+    if is_local_fs(fs):
+        return Path(path).read_bytes()
+    return _retry(lambda: fs.cat_file(path), retry, str(uri), "read")
+
+
+def read_text(uri: str | os.PathLike, *, encoding: str = "utf-8", storage_options=None,
+              retry: RetryPolicy | None = None) -> str:
+    """Whole-file text from a local path or URI."""
+    return read_bytes(uri, storage_options=storage_options, retry=retry).decode(encoding)
+
+
+def read_json(uri: str | os.PathLike, *, storage_options=None, retry: RetryPolicy | None = None) -> Any:
+    """Parsed JSON from a local path or URI (ValueError naming the URI if invalid)."""
+    text = read_text(uri, storage_options=storage_options, retry=retry)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{redact_uri(str(uri))}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+
+
+def _write_local_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(uri: str | os.PathLike, data: bytes, *, storage_options=None,
+                       retry: RetryPolicy | None = None) -> str:
+    """Write so readers see the old or the new content, never a mix; returns ``uri``.
+
+    Local: temp file in the same directory + fsync + ``os.replace``.  Object stores:
+    a single PUT, which is atomic per object.
+    """
+    fs, path = resolve(uri, storage_options)
+    if is_local_fs(fs):
+        _write_local_atomic(Path(path), data)
+    else:
+        _retry(lambda: fs.pipe_file(path, data), retry, str(uri), "write")
+        fs.invalidate_cache(path)
+    return str(uri)
+
+
+def write_text_atomic(uri: str | os.PathLike, text: str, *, encoding: str = "utf-8",
+                      storage_options=None, retry: RetryPolicy | None = None) -> str:
+    """Text version of :func:`write_bytes_atomic`."""
+    return write_bytes_atomic(uri, text.encode(encoding), storage_options=storage_options, retry=retry)
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def file_fingerprint(uri: str | os.PathLike, *, storage_options=None, retry: RetryPolicy | None = None) -> str:
+    """Cheap identity of one file: sha256 hex over (size, ETag or inode+mtime); no content read."""
+    fs, path = resolve(uri, storage_options)
+    if not is_local_fs(fs):
+        fs.invalidate_cache(path)
+    info = _retry(lambda: fs.info(path), retry, str(uri), "stat")
+    if info.get("type") != "file":
+        raise IsADirectoryError(f"{redact_uri(str(uri))} is not a file")
+    return _digest([(int(info.get("size") or 0), _version_tag(info))], salt="file/v1")
+
+
+def dir_fingerprint(uri: str | os.PathLike, patterns: Iterable[str] = ("*.json", "*.safetensors"), *,
+                    storage_options=None, retry: RetryPolicy | None = None) -> str:
+    """sha256 hex over sorted (relative name, size, ETag/mtime) of files matching ``patterns``.
+
+    The completion manifest is excluded (republishing identical files is the same model
+    on object stores).  FileNotFoundError if the directory holds no files at all.
+    """
+    fs, path = resolve(uri, storage_options)
+    files = _retry(lambda: _list_files(fs, path), retry, str(uri), "list")
+    if not files:
+        raise FileNotFoundError(f"no files under {redact_uri(str(uri))}")
+    patterns = tuple(patterns)
+    selected = {rel: info for rel, info in files.items() if rel != COMPLETE_MARKER and _matches(rel, patterns)}
+    return _digest(_listing_entries(selected), salt="dir/v1")
+
+
+# --------------------------------------------------------------------------- materialize
+
+
+def default_cache_root() -> Path:
+    """``$LORASUITE_CACHE_DIR`` or ``~/.cache/lorasuite/materialized``."""
+    configured = os.environ.get(CACHE_ENV_VAR)
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "lorasuite" / "materialized"
+
+
+def select_downloadable(uri: str, files: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Allowlisted files of a listing; UnsafeArtifactError if the only weights are pickles."""
+    allowed = {rel: info for rel, info in files.items() if _matches(rel, ALLOWED_PATTERNS)
+               and not _matches(rel, PICKLE_PATTERNS)}
+    pickles = sorted(rel for rel in files if _matches(rel, PICKLE_PATTERNS))
+    has_safetensors = any(_matches(rel, WEIGHT_PATTERNS) for rel in allowed)
+    if pickles and not has_safetensors:
+        shown = ", ".join(pickles[:3]) + (", ..." if len(pickles) > 3 else "")
+        raise UnsafeArtifactError(
+            f"{redact_uri(uri)} has only pickle-based weights ({shown}); safetensors is required "
+            "(convert the checkpoint to *.safetensors and re-upload)"
+        )
+    skipped = sorted(set(files) - set(allowed))
+    if skipped:
+        logger.info("materialize %s: skipping %d non-allowlisted file(s): %s",
+                    redact_uri(uri), len(skipped), ", ".join(skipped[:5]))
+    return allowed
+
+
+def materialize_dir(uri: str | os.PathLike, local_cache_root: str | os.PathLike | None = None, *,
+                    storage_options=None, retry: RetryPolicy | None = None) -> Path:
+    """Local path of a model/adapter directory, downloading a remote one once into the cache."""
+    fs, path = resolve(uri, storage_options)
+    if is_local_fs(fs):
+        local = Path(path)
+        if not local.is_dir():
+            raise FileNotFoundError(f"local directory not found: {local}")
+        return local
+    safe_uri = redact_uri(str(uri))
+    files = _retry(lambda: _list_files(fs, path), retry, str(uri), "list")
+    if not files:
+        raise FileNotFoundError(f"no files under {safe_uri}")
+    selected = select_downloadable(str(uri), files)
+    if not selected:
+        raise FileNotFoundError(f"no allowlisted files ({', '.join(ALLOWED_PATTERNS)}) under {safe_uri}")
+    key = _digest(_listing_entries(selected), salt=_CACHE_KEY_VERSION)
+    root = Path(local_cache_root).expanduser() if local_cache_root else default_cache_root()
+    target = root / key
+    if target.is_dir():
+        logger.info("materialize %s: cache hit %s", safe_uri, target)
+        return target
+    return _download_into_cache(fs, path, str(uri), selected, target, retry)
+
+
+def _download_into_cache(fs, path: str, uri: str, selected: dict[str, dict[str, Any]], target: Path,
+                         retry: RetryPolicy | None) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name[:16]}.tmp-", dir=target.parent))
+    total = sum(int(info.get("size") or 0) for info in selected.values())
+    logger.info("materialize %s: downloading %d file(s), %d bytes", redact_uri(uri), len(selected), total)
+    try:
+        for rel in sorted(selected):
+            local_file = staging / rel
+            local_file.parent.mkdir(parents=True, exist_ok=True)
+            remote_file = f"{_strip(path)}/{rel}"
+            _retry(lambda: fs.get_file(remote_file, str(local_file)), retry, join_uri(uri, rel), "download")
+        _verify_against_marker(staging, uri)
+        return _promote_cache_dir(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _verify_against_marker(local_dir: Path, uri: str) -> None:
+    marker_file = local_dir / COMPLETE_MARKER
+    if not marker_file.is_file():
+        return
+    marker = json.loads(marker_file.read_text())
+    for entry in marker.get("files", []):
+        rel = entry["path"]
+        if not _matches(rel, ALLOWED_PATTERNS) or _matches(rel, PICKLE_PATTERNS):
+            continue
+        local_file = local_dir / rel
+        if not local_file.is_file():
+            raise IntegrityError(f"{redact_uri(uri)}: {rel} is listed in {COMPLETE_MARKER} but missing")
+        if local_file.stat().st_size != entry["size"] or sha256_file(local_file) != entry["sha256"]:
+            raise IntegrityError(f"{redact_uri(uri)}: {rel} does not match its size/sha256 in {COMPLETE_MARKER}")
+
+
+def _promote_cache_dir(staging: Path, target: Path) -> Path:
+    try:
+        os.replace(staging, target)
+    except OSError:
+        if target.is_dir():  # a concurrent download won the race; use its copy
+            return target
+        raise
+    logger.info("materialized into %s", target)
+    return target
+
+
+# --------------------------------------------------------------------------- completion
+
+
+def build_completion_manifest(local_dir: str | os.PathLike) -> dict[str, Any]:
+    """Completion manifest for the files under ``local_dir`` (sizes + sha256), marker excluded."""
+    root = Path(local_dir)
+    files = []
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = file.relative_to(root).as_posix()
+        if rel == COMPLETE_MARKER:
+            continue
+        files.append({"path": rel, "size": file.stat().st_size, "sha256": sha256_file(file)})
+    return {
+        "format": MARKER_FORMAT,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "file_count": len(files),
+        "total_bytes": sum(f["size"] for f in files),
+        "files": files,
+    }
+
+
+def read_completion_manifest(uri: str | os.PathLike, *, storage_options=None,
+                             retry: RetryPolicy | None = None) -> dict[str, Any] | None:
+    """The parsed ``_LORASUITE_COMPLETE.json`` of a directory, or None if absent/invalid."""
+    try:
+        data = read_json(join_uri(str(_as_uri(uri)), COMPLETE_MARKER),
+                         storage_options=storage_options, retry=retry)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except ValueError as exc:
+        logger.warning("ignoring unreadable completion manifest: %s", exc)
+        return None
+    if not isinstance(data, dict) or data.get("format") != MARKER_FORMAT or not isinstance(data.get("files"), list):
+        logger.warning("ignoring completion manifest of unknown format under %s", redact_uri(str(uri)))
+        return None
+    return data
+
+
+def is_complete(uri: str | os.PathLike, *, storage_options=None, retry: RetryPolicy | None = None) -> bool:
+    """True when the directory has a valid completion manifest and every listed file with its size."""
+    marker = read_completion_manifest(uri, storage_options=storage_options, retry=retry)
+    if marker is None:
+        return False
+    fs, path = resolve(uri, storage_options)
+    files = _retry(lambda: _list_files(fs, path), retry, str(uri), "list")
+    for entry in marker["files"]:
+        info = files.get(entry.get("path"))
+        if info is None or int(info.get("size") or 0) != entry.get("size"):
+            logger.info("%s: %s missing or of unexpected size", redact_uri(str(uri)), entry.get("path"))
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- publish
+
+
+def publish_dir_atomic(local_dir: str | os.PathLike, dest_uri: str | os.PathLike, *, overwrite: bool = False,
+                       storage_options=None, retry: RetryPolicy | None = None) -> str:
+    """Publish a finished local directory so that readers never see a partial result.
+
+    Returns ``dest_uri`` (as a string).  Raises DestinationExistsError for a non-empty
+    destination unless ``overwrite``; see the module docstring for the protocol.
+    """
+    source = Path(local_dir)
+    if not source.is_dir():
+        raise FileNotFoundError(f"local directory to publish not found: {source}")
+    marker = build_completion_manifest(source)
+    if not marker["files"]:
+        raise ValueError(f"refusing to publish an empty directory: {source}")
+    fs, path = resolve(dest_uri, storage_options)
+    if is_local_fs(fs):
+        _publish_local(source, Path(path), marker, overwrite)
+    else:
+        _publish_remote(fs, path, str(dest_uri), source, marker, overwrite, retry)
+    logger.info("published %d file(s), %d bytes to %s",
+                marker["file_count"], marker["total_bytes"], redact_uri(str(dest_uri)))
+    return str(dest_uri)
+
+
+def _marker_bytes(marker: dict[str, Any]) -> bytes:
+    return (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _check_local_destination(dest: Path, overwrite: bool) -> None:
+    if dest.is_file() or dest.is_symlink():
+        raise DestinationExistsError(f"destination {dest} is a file, expected a directory")
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        raise DestinationExistsError(f"destination {dest} is not empty (pass overwrite=True to replace it)")
+
+
+def _copy_local_file(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source, target)
+
+
+def _publish_local(source: Path, dest: Path, marker: dict[str, Any], overwrite: bool) -> None:
+    _check_local_destination(dest, overwrite)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        for entry in marker["files"]:
+            _copy_local_file(source / entry["path"], staging / entry["path"])
+        _write_local_atomic(staging / COMPLETE_MARKER, _marker_bytes(marker))
+        _swap_local_dir(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_local_dir(staging: Path, dest: Path) -> None:
+    """Rename ``staging`` onto ``dest``; a previous ``dest`` is moved aside, then removed."""
+    if not dest.exists() or not any(dest.iterdir()):
+        os.replace(staging, dest)
+        return
+    retired = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex}"
+    os.replace(dest, retired)
+    try:
+        os.replace(staging, dest)
+    except BaseException:
+        os.replace(retired, dest)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _publish_remote(fs, path: str, uri: str, source: Path, marker: dict[str, Any], overwrite: bool,
+                    retry: RetryPolicy | None) -> None:
+    dest = _strip(path)
+    existing = _retry(lambda: _list_files(fs, dest), retry, uri, "list")
+    if existing and not overwrite:
+        raise DestinationExistsError(
+            f"destination {redact_uri(uri)} is not empty (pass overwrite=True to replace it)")
+    staging = f"{dest}.tmp-{uuid.uuid4().hex}"
+    promoted: list[str] = []
+    try:
+        _stage_remote(fs, source, staging, uri, marker, retry)
+        if COMPLETE_MARKER in existing:
+            _retry(lambda: fs.rm_file(f"{dest}/{COMPLETE_MARKER}"), retry, uri, "retract old manifest")
+        _promote_remote(fs, staging, dest, uri, marker, retry, promoted)
+        stale = set(existing) - {entry["path"] for entry in marker["files"]} - {COMPLETE_MARKER}
+        _remove_remote_files(fs, dest, sorted(stale), uri, retry)
+        _write_marker(fs, dest, uri, marker, retry)
+    except BaseException:
+        if not existing:
+            _best_effort(lambda: _remove_remote_files(fs, dest, promoted, uri, retry), uri, "undo promotion")
+        raise
+    finally:
+        _best_effort(lambda: _retry(lambda: _remove_remote_prefix(fs, staging), retry, uri, "delete staging"),
+                     uri, "delete staging prefix")
+        fs.invalidate_cache(dest)
+
+
+def _stage_remote(fs, source: Path, staging: str, uri: str, marker: dict[str, Any],
+                  retry: RetryPolicy | None) -> None:
+    for entry in marker["files"]:
+        rel = entry["path"]
+        local_file, remote_file = str(source / rel), f"{staging}/{rel}"
+        _retry(lambda: fs.put_file(local_file, remote_file), retry, join_uri(uri, rel), "upload")
+
+
+def _promote_remote(fs, staging: str, dest: str, uri: str, marker: dict[str, Any],
+                    retry: RetryPolicy | None, promoted: list[str]) -> None:
+    for entry in marker["files"]:
+        rel = entry["path"]
+        _retry(lambda: fs.cp_file(f"{staging}/{rel}", f"{dest}/{rel}"), retry, join_uri(uri, rel), "copy")
+        promoted.append(rel)
+
+
+def _write_marker(fs, dest: str, uri: str, marker: dict[str, Any], retry: RetryPolicy | None) -> None:
+    """Write the completion manifest; the very last write of a publication."""
+    data = _marker_bytes(marker)
+    _retry(lambda: fs.pipe_file(f"{dest}/{COMPLETE_MARKER}", data), retry, uri, "write completion manifest")
+
+
+def _remove_remote_files(fs, dest: str, relpaths: Iterable[str], uri: str, retry: RetryPolicy | None) -> None:
+    paths = [f"{dest}/{rel}" for rel in relpaths]
+    if paths:
+        _retry(lambda: fs.rm(paths), retry, uri, "delete")
+
+
+def _remove_remote_prefix(fs, prefix: str) -> None:
+    fs.invalidate_cache(prefix)
+    leftovers = list(fs.find(prefix))
+    if leftovers:
+        fs.rm(leftovers)
+    fs.invalidate_cache(prefix)
+
+
+def _best_effort(fn: Callable[[], Any], uri: str, what: str) -> None:
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001 - cleanup must not mask the original error
+        logger.warning("%s for %s failed: %s", what, redact_uri(uri), describe_error(error))

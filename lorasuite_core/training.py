@@ -1,0 +1,400 @@
+"""Vanilla LoRA training and light fine-tuning (LFT) of migrated adapters, with PEFT.
+
+Design
+------
+* :func:`train_lora` trains a *fresh* LoRA adapter (PEFT's own initialisation:
+  Kaiming-uniform A, zero B) on a base model directory.
+* :func:`light_finetune` is the LoRASuite LFT step: it starts from a *given*
+  (migrated) adapter's A/B matrices, loaded by :func:`load_for_light_finetune`
+  with ``PeftModel.from_pretrained(..., is_trainable=True)``, and trains them
+  for a few hundred samples (default lr 9e-4, no warmup).
+* Both share one small, explicit training loop (:func:`_run_training`) instead
+  of ``transformers.Trainer``: fewer moving parts, exact control of
+  determinism, and loss masking that is easy to test.
+
+Data: each :class:`~lorasuite_core.task_data.Sample` becomes
+``tokens(format_prompt(sample)) + tokens(output) + [eos]``; the prompt part is
+tokenised on its own, exactly as at evaluation time, and its labels are -100 so
+the loss covers only the output (+ EOS) tokens.  Sequences are truncated to
+``max_length`` (samples whose prompt alone fills ``max_length`` are dropped
+with a warning) and right-padded per batch.
+
+Determinism: ``torch.manual_seed(seed)`` right before the adapter is created
+(so PEFT's init is reproducible) and a separate seeded ``torch.Generator`` for
+the per-epoch shuffling.  Same seed, same data, same device => identical
+adapter weights.
+
+Devices/dtypes: ``device="auto"`` picks CUDA when available; ``dtype="auto"``
+picks bfloat16 on CUDA devices that support it, float32 otherwise.  PEFT keeps
+the adapter weights in float32 even over a bf16 base (``autocast_adapter_dtype``).
+
+Safety: models and adapters are read from safetensors only
+(``use_safetensors=True``; an adapter without ``adapter_model.safetensors`` is
+refused) and ``trust_remote_code`` is always False.
+
+Memory: :class:`TrainResult` reports the process peak RSS (the OS high-water
+mark for the whole process lifetime, via ``resource``) and, on CUDA,
+``torch.cuda.max_memory_allocated`` measured from the start of the call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .task_data import Sample, format_prompt
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SUMMARY_FILE = "training_summary.json"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (defaults: vanilla LoRA as in LLM-Adapters, scaled down)."""
+
+    lr: float = 3e-4
+    epochs: int = 1
+    batch_size: int = 4
+    max_length: int = 256
+    warmup_ratio: float = 0.0
+    seed: int = 0
+    grad_accum: int = 1
+    dtype: str = "auto"  # "auto": bf16 on CUDA with bf16 support, else fp32
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    lr_schedule: str = "linear"  # "linear" (decay to 0 after warmup) or "constant"
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "max_length", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr_schedule not in ("linear", "constant"):
+            raise ValueError(f"TrainConfig.lr_schedule must be 'linear' or 'constant', got {self.lr_schedule!r}")
+
+
+def default_lft_config(**overrides: Any) -> TrainConfig:
+    """LFT defaults (LoRASuite): lr 9e-4, no warmup; ``overrides`` replace any field."""
+    return replace(TrainConfig(lr=9e-4, warmup_ratio=0.0), **overrides)
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train_lora` / :func:`light_finetune` (also written to ``training_summary.json``)."""
+
+    out_dir: Path
+    seconds: float
+    steps: int
+    final_loss: float
+    n_samples: int
+    trainable_params: int
+    peak_rss_mb: float
+    peak_cuda_mb: float | None
+    device: str
+    dtype: str
+    losses: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["out_dir"] = str(self.out_dir)
+        return data
+
+
+# --------------------------------------------------------------------------- devices, memory, loading
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> cuda when available else cpu; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 on bf16-capable CUDA, else float32; or an explicit name (float32/bf16/fp16)."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use 'auto' or one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def process_peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (OS high-water mark)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+def reset_cuda_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def cuda_peak_mb(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def load_tokenizer(model_dir: str | Path, padding_side: str = "right"):
+    """Tokenizer of ``model_dir`` with a pad token (falls back to EOS) and the given padding side."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer in {model_dir} has no EOS token; cannot mark the end of outputs")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_base_model(model_dir: str | Path, *, dtype: str = "auto", device: str = "auto"):
+    """Load a safetensors causal LM from a local directory onto the resolved device/dtype."""
+    from transformers import AutoModelForCausalLM
+
+    model_path = Path(model_dir)
+    if not (model_path / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in model directory {model_path}")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_path), dtype=torch_dtype, use_safetensors=True, trust_remote_code=False
+    )
+    return model.to(torch_device)
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Qualified names of all ``nn.Linear`` modules (LoRA candidates)."""
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def check_targets(model: torch.nn.Module, targets: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming every target with no matching Linear module (suffix match, as PEFT)."""
+    names = linear_module_names(model)
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        leaf_names = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(f"LoRA target modules {missing} not found in model; its Linear modules are {leaf_names}")
+
+
+def check_adapter_dir(adapter_dir: str | Path) -> Path:
+    """The adapter directory must hold adapter_config.json and adapter_model.safetensors (no pickles)."""
+    path = Path(adapter_dir)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"adapter directory {path} lacks {name}")
+    return path
+
+
+# --------------------------------------------------------------------------- data
+
+def build_example(tokenizer, sample: Sample, max_length: int) -> dict[str, list[int]] | None:
+    """``input_ids`` = prompt + output + EOS, ``labels`` = -100 over the prompt; None if no label survives."""
+    prompt_ids = tokenizer(format_prompt(sample), add_special_tokens=True)["input_ids"]
+    output_ids = tokenizer(sample.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + output_ids)[:max_length]
+    labels = ([-100] * len(prompt_ids) + output_ids)[:max_length]
+    if all(label == -100 for label in labels):
+        return None
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def build_examples(tokenizer, samples: Sequence[Sample], max_length: int) -> list[dict[str, list[int]]]:
+    """Tokenise all samples; drops (with a warning) those whose prompt fills ``max_length``."""
+    examples = [build_example(tokenizer, s, max_length) for s in samples]
+    kept = [e for e in examples if e is not None]
+    if len(kept) < len(examples):
+        logger.warning("dropped %d samples whose prompt is >= max_length=%d tokens", len(examples) - len(kept),
+                       max_length)
+    if not kept:
+        raise ValueError(f"no trainable samples: all {len(samples)} prompts are >= max_length={max_length} tokens")
+    return kept
+
+
+def collate(examples: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padded positions get attention 0 and label -100."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example["input_ids"])
+        input_ids[row, :length] = torch.tensor(example["input_ids"])
+        labels[row, :length] = torch.tensor(example["labels"])
+        attention[row, :length] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def _batches(n_examples: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    order = torch.randperm(n_examples, generator=generator).tolist()
+    return [order[i:i + batch_size] for i in range(0, n_examples, batch_size)]
+
+
+def _groups(batches: list[list[int]], grad_accum: int) -> Iterator[list[list[int]]]:
+    for start in range(0, len(batches), grad_accum):
+        yield batches[start:start + grad_accum]
+
+
+# --------------------------------------------------------------------------- model preparation
+
+def _lora_config(rank: int, alpha: float, targets: Sequence[str]):
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def prepare_fresh_lora(model_dir: str | Path, *, rank: int = 16, alpha: float = 32,
+                       targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0, dtype: str = "auto",
+                       device: str = "auto"):
+    """Base model + new PEFT LoRA (seeded init); returns ``(peft_model, tokenizer)``."""
+    from peft import get_peft_model
+
+    model = load_base_model(model_dir, dtype=dtype, device=device)
+    check_targets(model, targets)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, _lora_config(rank, alpha, targets))
+    return peft_model, load_tokenizer(model_dir)
+
+
+def load_for_light_finetune(model_dir: str | Path, adapter_dir: str | Path, *, dtype: str = "auto",
+                            device: str = "auto"):
+    """Base model + the given adapter as a *trainable* PeftModel; returns ``(peft_model, tokenizer)``.
+
+    The LoRA A/B weights equal the adapter file's weights exactly (no re-initialisation).
+    """
+    from peft import PeftConfig, PeftModel
+
+    adapter_path = check_adapter_dir(adapter_dir)
+    model = load_base_model(model_dir, dtype=dtype, device=device)
+    adapter_config = PeftConfig.from_pretrained(str(adapter_path))
+    targets = adapter_config.target_modules
+    if isinstance(targets, (list, set, tuple)):
+        check_targets(model, sorted(targets))
+    peft_model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=True)
+    return peft_model, load_tokenizer(model_dir)
+
+
+# --------------------------------------------------------------------------- training loop
+
+def _scheduler(optimizer, config: TrainConfig, total_steps: int):
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    warmup = int(round(config.warmup_ratio * total_steps))
+    if config.lr_schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+
+
+def _train_step(model, group: list[list[int]], examples, pad_id: int, device: torch.device) -> float:
+    """Forward/backward over the micro-batches of one optimizer step; returns their mean loss."""
+    total = 0.0
+    for indices in group:
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices], pad_id).items()}
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise ValueError(f"non-finite training loss {loss.item()}; lower the learning rate or check the data")
+        (loss / len(group)).backward()
+        total += loss.item()
+    return total / len(group)
+
+
+def _run_training(peft_model, tokenizer, samples: Sequence[Sample], out_dir: str | Path,
+                  config: TrainConfig) -> TrainResult:
+    """Shared loop of LoRA training and LFT; saves the adapter (safetensors) and a JSON summary."""
+    if not samples:
+        raise ValueError("no training samples given")
+    start = time.perf_counter()
+    device = next(peft_model.parameters()).device
+    reset_cuda_peak(device)
+    examples = build_examples(tokenizer, samples, config.max_length)
+    generator = torch.Generator().manual_seed(config.seed)
+    steps_per_epoch = math.ceil(math.ceil(len(examples) / config.batch_size) / config.grad_accum)
+    total_steps = steps_per_epoch * config.epochs
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (adapter not loaded as trainable?)")
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = _scheduler(optimizer, config, total_steps)
+    peft_model.train()
+    losses: list[float] = []
+    progress = tqdm(total=total_steps, desc="train", disable=not config.show_progress)
+    for _epoch in range(config.epochs):
+        for group in _groups(_batches(len(examples), config.batch_size, generator), config.grad_accum):
+            losses.append(_train_step(peft_model, group, examples, tokenizer.pad_token_id, device))
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[-1]:.4f}")
+    progress.close()
+    peft_model.eval()
+    return _finish(peft_model, out_dir, config, losses, len(examples), params, start, device)
+
+
+def _finish(peft_model, out_dir, config: TrainConfig, losses: list[float], n_samples: int, params,
+            start: float, device: torch.device) -> TrainResult:
+    out_path = Path(out_dir)
+    out_path.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(out_path), safe_serialization=True)
+    result = TrainResult(out_dir=out_path, seconds=time.perf_counter() - start, steps=len(losses),
+                         final_loss=losses[-1], n_samples=n_samples,
+                         trainable_params=sum(p.numel() for p in params), peak_rss_mb=process_peak_rss_mb(),
+                         peak_cuda_mb=cuda_peak_mb(device), device=str(device),
+                         dtype=str(next(peft_model.parameters()).dtype).replace("torch.", ""), losses=losses)
+    summary = {"result": result.to_dict(), "config": asdict(config)}
+    (out_path / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    logger.info("saved adapter to %s (%d steps, final loss %.4f, %.1fs)", out_path, result.steps,
+                result.final_loss, result.seconds)
+    return result
+
+
+# --------------------------------------------------------------------------- public entry points
+
+def train_lora(model_dir: str | Path, samples: Sequence[Sample], out_dir: str | Path, *, rank: int = 16,
+               alpha: float = 32, targets: Sequence[str] = DEFAULT_TARGETS,
+               config: TrainConfig | None = None) -> TrainResult:
+    """Train a fresh LoRA adapter on ``model_dir`` and save it (PEFT safetensors) to ``out_dir``."""
+    config = config or TrainConfig()
+    peft_model, tokenizer = prepare_fresh_lora(model_dir, rank=rank, alpha=alpha, targets=targets,
+                                               seed=config.seed, dtype=config.dtype, device=config.device)
+    logger.info("training fresh LoRA r=%d alpha=%s on %s with %d samples", rank, alpha, model_dir, len(samples))
+    return _run_training(peft_model, tokenizer, samples, out_dir, config)
+
+
+def light_finetune(model_dir: str | Path, adapter_dir: str | Path, samples: Sequence[Sample],
+                   out_dir: str | Path, *, config: TrainConfig | None = None) -> TrainResult:
+    """LFT: continue training the given (migrated) adapter on ``model_dir``; default lr 9e-4, no warmup."""
+    config = config or default_lft_config()
+    torch.manual_seed(config.seed)
+    peft_model, tokenizer = load_for_light_finetune(model_dir, adapter_dir, dtype=config.dtype,
+                                                    device=config.device)
+    logger.info("light fine-tuning %s on %s with %d samples", adapter_dir, model_dir, len(samples))
+    return _run_training(peft_model, tokenizer, samples, out_dir, config)

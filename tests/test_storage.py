@@ -1,0 +1,347 @@
+"""Tests for lorasuite_core.storage: local disk and a real local S3 server (moto)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import socket
+from pathlib import Path
+
+import pytest
+
+from lorasuite_core import storage
+from lorasuite_core.storage import (
+    COMPLETE_MARKER,
+    DestinationExistsError,
+    IntegrityError,
+    RetryPolicy,
+    StorageUnavailableError,
+    UnsafeArtifactError,
+)
+
+try:
+    from tests.s3_server import s3_endpoint, s3fs_filesystem  # noqa: F401 - pytest fixture
+except ModuleNotFoundError:  # tests/ itself on sys.path (pytest rootdir-relative import)
+    from s3_server import s3_endpoint, s3fs_filesystem  # noqa: F401
+
+FAST = RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.002)
+
+
+def make_adapter_dir(root: Path, weight: bytes = b"\x00" * 64) -> Path:
+    """A small PEFT-like directory with allowlisted files, a nested file and a pickle."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "adapter_config.json").write_text(json.dumps({"r": 8, "base_model_name_or_path": "old"}))
+    (root / "adapter_model.safetensors").write_bytes(weight)
+    (root / "tokenizer.model").write_bytes(b"spm")
+    (root / "chat_template.jinja").write_text("{{ messages }}")
+    (root / "README.md").write_text("# adapter\n")
+    (root / "sub").mkdir(exist_ok=True)
+    (root / "sub" / "vocab.txt").write_text("a\nb\n")
+    (root / "training_args.bin").write_bytes(b"pickle!")
+    return root
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def remote_keys(endpoint, uri: str, *, with_siblings: bool = False) -> list[str]:
+    """Keys under ``uri``/ (with_siblings: any key starting with ``uri``, e.g. ``uri.tmp-*``)."""
+    fs = s3fs_filesystem(endpoint)
+    bucket_path = uri.removeprefix("s3://")
+    prefix = bucket_path if with_siblings else bucket_path + "/"
+    return sorted(p for p in fs.find(bucket_path.rsplit("/", 1)[0]) if p.startswith(prefix))
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def test_with_retries_retries_then_succeeds(caplog):
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("transient")
+        return "ok"
+
+    with caplog.at_level(logging.WARNING, logger="lorasuite_core.storage"):
+        assert storage.with_retries(flaky, attempts=4, base_delay=0.001, uri="s3://b/k") == "ok"
+    assert len(calls) == 3
+    assert sum("retrying" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_with_retries_gives_up_with_storage_unavailable():
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise TimeoutError("still down")
+
+    with pytest.raises(StorageUnavailableError) as info:
+        storage.with_retries(broken, attempts=5, base_delay=0.001, max_delay=0.002, uri="s3://b/k")
+    assert len(calls) == 5
+    assert info.value.attempts == 5 and info.value.uri == "s3://b/k"
+    assert isinstance(info.value.__cause__, TimeoutError)
+    assert "after 5 attempt(s)" in str(info.value) and "still down" in str(info.value)
+    clone = pickle.loads(pickle.dumps(info.value))
+    assert str(clone) == str(info.value)
+
+
+@pytest.mark.parametrize("error", [FileNotFoundError("nope"), PermissionError("denied"), ValueError("bug")])
+def test_with_retries_does_not_retry_answers_or_bugs(error):
+    calls = []
+
+    def fails():
+        calls.append(1)
+        raise error
+
+    with pytest.raises(type(error)):
+        storage.with_retries(fails, attempts=4, base_delay=0.001)
+    assert len(calls) == 1
+
+
+def test_secrets_are_redacted_from_retry_logs_and_errors(caplog):
+    def leaky():
+        raise OSError("GET https://h/b/k?X-Amz-Signature=SECRETSIG&X-Amz-Credential=AKIAABCDEFGHIJKLMNOP failed")
+
+    with caplog.at_level(logging.WARNING, logger="lorasuite_core.storage"):
+        with pytest.raises(StorageUnavailableError) as info:
+            storage.with_retries(leaky, attempts=2, base_delay=0.001, uri="https://user:pw@h/b/k?token=abc")
+    logged = " ".join(r.getMessage() for r in caplog.records) + str(info.value)
+    for secret in ("SECRETSIG", "AKIAABCDEFGHIJKLMNOP", "pw@", "token=abc"):
+        assert secret not in logged
+    assert storage.redact_uri("s3://k:s@bucket/p?sig=1") == "s3://***@bucket/p?<redacted>"
+
+
+# --------------------------------------------------------------------------- local
+
+
+def test_local_text_roundtrip(tmp_path):
+    target = tmp_path / "deep" / "dir" / "f.json"
+    storage.write_text_atomic(target, json.dumps({"a": 1}))
+    assert storage.read_json(target) == {"a": 1}
+    storage.write_text_atomic(str(target), "{\"a\": 2}")
+    assert storage.read_text(f"file://{target}") == "{\"a\": 2}"
+    assert [p.name for p in target.parent.iterdir()] == ["f.json"]
+
+
+def test_local_publish_roundtrip_and_completion(tmp_path):
+    source = make_adapter_dir(tmp_path / "src")
+    dest = tmp_path / "out" / "bot"
+    assert not storage.is_complete(dest)
+    assert storage.publish_dir_atomic(source, str(dest)) == str(dest)
+    assert (dest / "sub" / "vocab.txt").read_text() == "a\nb\n"
+    assert storage.is_complete(dest)
+    marker = json.loads((dest / COMPLETE_MARKER).read_text())
+    listed = {entry["path"]: entry for entry in marker["files"]}
+    assert listed["adapter_model.safetensors"]["sha256"] == storage.sha256_file(source / "adapter_model.safetensors")
+    assert listed["sub/vocab.txt"]["size"] == 4
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["bot"]  # no temp siblings
+    (dest / "sub" / "vocab.txt").write_text("changed size")
+    assert not storage.is_complete(dest)
+
+
+def test_local_publish_refuses_non_empty_destination_and_overwrites_on_request(tmp_path):
+    dest = tmp_path / "out"
+    storage.publish_dir_atomic(make_adapter_dir(tmp_path / "v1"), dest)
+    (dest / "stale.json").write_text("{}")
+    newer = tmp_path / "v2"
+    newer.mkdir()
+    (newer / "adapter_config.json").write_text("{\"r\": 16}")
+    with pytest.raises(DestinationExistsError, match="not empty"):
+        storage.publish_dir_atomic(newer, dest)
+    assert (dest / "adapter_model.safetensors").exists()
+    storage.publish_dir_atomic(newer, dest, overwrite=True)
+    assert sorted(p.name for p in dest.iterdir()) == [COMPLETE_MARKER, "adapter_config.json"]
+    assert storage.is_complete(dest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "v1", "v2"]
+
+
+def test_local_publish_failure_leaves_no_trace(tmp_path, monkeypatch):
+    source = make_adapter_dir(tmp_path / "src")
+    real_copy, calls = storage._copy_local_file, []
+
+    def copy_then_fail(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError("disk full (injected)")
+        real_copy(src, dst)
+
+    monkeypatch.setattr(storage, "_copy_local_file", copy_then_fail)
+    with pytest.raises(OSError, match="injected"):
+        storage.publish_dir_atomic(source, tmp_path / "out" / "bot")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_local_materialize_returns_path_as_is(tmp_path):
+    source = make_adapter_dir(tmp_path / "src")
+    assert storage.materialize_dir(str(source)) == source
+    with pytest.raises(FileNotFoundError):
+        storage.materialize_dir(tmp_path / "missing")
+
+
+def test_local_fingerprints_change_with_content(tmp_path):
+    source = make_adapter_dir(tmp_path / "src")
+    weights = source / "adapter_model.safetensors"
+    file_before, dir_before = storage.file_fingerprint(weights), storage.dir_fingerprint(source)
+    assert storage.file_fingerprint(weights) == file_before
+    (source / "notes.log").write_text("ignored by the default patterns")
+    assert storage.dir_fingerprint(source) == dir_before
+    weights.write_bytes(b"\x01" * 80)
+    assert storage.file_fingerprint(weights) != file_before
+    assert storage.dir_fingerprint(source) != dir_before
+
+
+# --------------------------------------------------------------------------- S3
+
+
+def test_s3_text_roundtrip(s3_endpoint):
+    uri = s3_endpoint.unique_uri("text") + "/manifest.json"
+    storage.write_text_atomic(uri, json.dumps({"x": [1, 2]}))
+    assert storage.read_json(uri) == {"x": [1, 2]}
+    assert storage.read_text(uri, storage_options=s3_endpoint.storage_options) == '{"x": [1, 2]}'
+    with pytest.raises(FileNotFoundError):
+        storage.read_text(uri + ".missing", retry=FAST)
+
+
+def test_s3_publish_then_materialize_with_cache(s3_endpoint, tmp_path, monkeypatch):
+    source = make_adapter_dir(tmp_path / "src")
+    dest = s3_endpoint.unique_uri("pub") + "/bot"
+    storage.publish_dir_atomic(source, dest)
+    assert storage.is_complete(dest)
+    assert f"{dest.removeprefix('s3://')}/training_args.bin" in remote_keys(s3_endpoint, dest)
+    assert not [k for k in remote_keys(s3_endpoint, dest, with_siblings=True) if ".tmp-" in k]
+
+    cache = tmp_path / "cache"
+    local = storage.materialize_dir(dest, cache)
+    assert local.parent == cache
+    names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    assert names == sorted([COMPLETE_MARKER, "README.md", "adapter_config.json", "adapter_model.safetensors",
+                            "chat_template.jinja", "sub/vocab.txt", "tokenizer.model"])
+    assert (local / "adapter_model.safetensors").read_bytes() == (source / "adapter_model.safetensors").read_bytes()
+
+    fs, _ = storage.resolve(dest)
+    monkeypatch.setattr(fs, "get_file", lambda *a, **k: pytest.fail("cache hit must not download"))
+    assert storage.materialize_dir(dest, cache) == local
+    monkeypatch.undo()
+
+    s3fs_filesystem(s3_endpoint).pipe_file(dest.removeprefix("s3://") + "/README.md", b"# changed\n")
+    with pytest.raises(IntegrityError, match="README.md"):
+        storage.materialize_dir(dest, cache)
+    assert sorted(p.name for p in cache.iterdir()) == [local.name]
+
+
+def test_s3_publish_failure_midway_leaves_destination_and_staging_empty(s3_endpoint, tmp_path, monkeypatch):
+    source = make_adapter_dir(tmp_path / "src")
+    dest = s3_endpoint.unique_uri("fail") + "/bot"
+    fs, _ = storage.resolve(dest)
+    real_put, calls = fs.put_file, []
+
+    def put_then_fail(lpath, rpath, *args, **kwargs):
+        calls.append(rpath)
+        if len(calls) == 2:
+            raise RuntimeError("upload interrupted (injected)")
+        return real_put(lpath, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "put_file", put_then_fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        storage.publish_dir_atomic(source, dest)
+    assert ".tmp-" in calls[0]
+    assert remote_keys(s3_endpoint, dest, with_siblings=True) == []
+    assert not storage.is_complete(dest)
+
+
+def test_s3_publish_persistent_errors_raise_unavailable_and_clean_up(s3_endpoint, tmp_path, monkeypatch):
+    source = make_adapter_dir(tmp_path / "src")
+    dest = s3_endpoint.unique_uri("down") + "/bot"
+    fs, _ = storage.resolve(dest)
+    real_put, calls = fs.put_file, []
+
+    def flaky_put(lpath, rpath, *args, **kwargs):
+        calls.append(rpath)
+        if len(calls) >= 3:
+            raise ConnectionError("connection reset (injected)")
+        return real_put(lpath, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "put_file", flaky_put)
+    with pytest.raises(StorageUnavailableError, match="after 3 attempt"):
+        storage.publish_dir_atomic(source, dest, retry=FAST)
+    assert len(calls) == 2 + FAST.attempts
+    assert remote_keys(s3_endpoint, dest, with_siblings=True) == []
+
+
+def test_s3_readers_see_incomplete_until_manifest_is_written(s3_endpoint, tmp_path, monkeypatch):
+    source = make_adapter_dir(tmp_path / "src")
+    dest = s3_endpoint.unique_uri("race") + "/bot"
+    real_write_marker, seen = storage._write_marker, {}
+
+    def observe_then_write(fs, dest_path, uri, marker, retry):
+        seen["complete"] = storage.is_complete(dest)
+        seen["keys"] = remote_keys(s3_endpoint, dest)
+        real_write_marker(fs, dest_path, uri, marker, retry)
+
+    monkeypatch.setattr(storage, "_write_marker", observe_then_write)
+    storage.publish_dir_atomic(source, dest)
+    assert seen["complete"] is False
+    assert len(seen["keys"]) == 7 and not any(k.endswith(COMPLETE_MARKER) for k in seen["keys"])
+    assert storage.is_complete(dest)
+    assert not [k for k in remote_keys(s3_endpoint, dest, with_siblings=True) if ".tmp-" in k]
+
+
+def test_s3_overwrite_refusal_and_replacement(s3_endpoint, tmp_path):
+    dest = s3_endpoint.unique_uri("over") + "/bot"
+    storage.publish_dir_atomic(make_adapter_dir(tmp_path / "v1"), dest)
+    newer = tmp_path / "v2"
+    newer.mkdir()
+    (newer / "adapter_config.json").write_text('{"r": 16}')
+    with pytest.raises(DestinationExistsError, match="not empty"):
+        storage.publish_dir_atomic(newer, dest)
+    assert storage.is_complete(dest)
+    storage.publish_dir_atomic(newer, dest, overwrite=True)
+    prefix = dest.removeprefix("s3://")
+    assert remote_keys(s3_endpoint, dest) == [f"{prefix}/{COMPLETE_MARKER}", f"{prefix}/adapter_config.json"]
+    assert storage.is_complete(dest)
+    assert storage.read_json(dest + "/adapter_config.json") == {"r": 16}
+
+
+def test_s3_pickle_only_directory_is_refused(s3_endpoint, tmp_path):
+    uri = s3_endpoint.unique_uri("pickle") + "/model"
+    fs = s3fs_filesystem(s3_endpoint)
+    fs.pipe_file(uri.removeprefix("s3://") + "/config.json", b"{}")
+    fs.pipe_file(uri.removeprefix("s3://") + "/pytorch_model.bin", b"pickle")
+    cache = tmp_path / "cache"
+    with pytest.raises(UnsafeArtifactError, match="safetensors is required"):
+        storage.materialize_dir(uri, cache)
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_s3_fingerprints_change_when_an_object_changes(s3_endpoint):
+    uri = s3_endpoint.unique_uri("fp") + "/model"
+    fs = s3fs_filesystem(s3_endpoint)
+    key = uri.removeprefix("s3://") + "/model.safetensors"
+    fs.pipe_file(key, b"A" * 32)
+    fs.pipe_file(uri.removeprefix("s3://") + "/config.json", b"{}")
+    file_before, dir_before = storage.file_fingerprint(uri + "/model.safetensors"), storage.dir_fingerprint(uri)
+    assert storage.dir_fingerprint(uri) == dir_before
+    fs.pipe_file(key, b"B" * 32)  # same size, new content => new ETag
+    assert storage.file_fingerprint(uri + "/model.safetensors") != file_before
+    assert storage.dir_fingerprint(uri) != dir_before
+
+
+def test_unreachable_endpoint_raises_storage_unavailable(s3_endpoint, tmp_path):
+    options = {
+        "endpoint_url": f"http://127.0.0.1:{closed_port()}",
+        "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}},
+    }
+    with pytest.raises(StorageUnavailableError) as info:
+        storage.read_text("s3://lorasuite-test/any/file.json", storage_options=options, retry=FAST)
+    assert info.value.attempts == FAST.attempts
+    assert "s3://lorasuite-test/any/file.json" in str(info.value)
+    assert "testing-secret" not in str(info.value)
+    with pytest.raises(StorageUnavailableError):
+        storage.publish_dir_atomic(make_adapter_dir(tmp_path / "src"), "s3://lorasuite-test/x",
+                                   storage_options=options, retry=FAST)
