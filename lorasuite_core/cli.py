@@ -1,0 +1,114 @@
+"""``lorasuite`` command line.
+
+Every failure the user can fix (bad input, unsupported model, existing output…) is a
+``LorasuiteError``: printed as one line on stderr, exit status 2, nothing written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import LorasuiteError
+
+log = logging.getLogger("lorasuite")
+
+
+def _add_migrate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--old-model", required=True, help="old base model: local dir, fsspec URI (s3://…) or hub id")
+    p.add_argument("--new-model", required=True, help="new base model: local dir, fsspec URI or hub id")
+    p.add_argument("--adapter", required=True, help="PEFT LoRA adapter trained on the old model")
+    p.add_argument("--output", required=True, help="directory for the migrated PEFT adapter and migration_report.json")
+    p.add_argument("--no-lft", action="store_true", help="transfer only, skip the light fine-tuning")
+    p.add_argument("--calibration-data", help=".txt (one sample per line) or .jsonl with a 'text' field")
+    p.add_argument("--head-transform", default="lstsq", choices=["lstsq", "paper"],
+                   help="lstsq: exact least-squares head alignment (default); paper: LoRASuite Eq. 3")
+    p.add_argument("--layer-offset", type=int, help="max |new layer - old layer| drift (default: layer-count difference)")
+    p.add_argument("--max-calibration-tokens", type=int, default=2048)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.add_argument("--lft-data", help="LFT data: math_10k-style JSON/JSONL (local or fsspec URI); default: built-in arithmetic problems")
+    p.add_argument("--lft-samples", type=int, default=100, help="number of LFT samples (default 100)")
+    p.add_argument("--lft-lr", type=float, default=9e-4, help="LFT learning rate (default 9e-4, no warmup)")
+    p.add_argument("--lft-epochs", type=int, default=1)
+    p.add_argument("--eval-data", help="evaluate the migrated adapter on this data set (JSON/JSONL)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorasuite", description="Migrate LoRA adapters to an upgraded base model.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    migrate = sub.add_parser("migrate", help="migrate one adapter")
+    _add_migrate_arguments(migrate)
+
+    demo = sub.add_parser("demo", help="migrate an adapter across a built-in synthetic upgrade and check exactness")
+    demo.add_argument("--workdir", default="runs/demo", help="where the demo writes models and adapters")
+    demo.add_argument("--family", default="llama")
+    return parser
+
+
+def _configure_logging(args) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "botocore", "s3fs", "fsspec"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _run_migrate(args) -> dict:
+    from .activations import read_calibration_file
+    from .migrate import MigrationOptions, check_output_dir, migrate
+
+    check_output_dir(args.output, args.overwrite)
+    options = MigrationOptions(
+        head_transform=args.head_transform,
+        calibration_texts=read_calibration_file(args.calibration_data) if args.calibration_data else None,
+        max_calibration_tokens=args.max_calibration_tokens,
+        layer_offset=args.layer_offset,
+        progress=not args.quiet,
+    )
+    if not args.no_lft:
+        raise LorasuiteError("light fine-tuning is not available yet: pass --no-lft for a transfer-only migration")
+    report = migrate(args.old_model, args.new_model, args.adapter, args.output, options, overwrite=args.overwrite)
+    return {"summary": migration_summary(report, args.output)}
+
+
+def migration_summary(report: dict, output: str) -> dict:
+    return {
+        "output": str(output),
+        "shared_vocabulary_size": report["shared_vocabulary_size"],
+        "layer_mapping": report["layer_mapping"],
+        "max_refactorisation_residual": max(report["refactorisation_residual"].values(), default=0.0),
+        "seconds": round(sum(s["seconds"] for s in report["steps"].values()), 2),
+    }
+
+
+def _run_demo(args) -> dict:
+    from .demo import run_demo
+
+    return run_demo(args.workdir, family=args.family, progress=not args.quiet)
+
+
+COMMANDS = {"migrate": _run_migrate, "demo": _run_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args)
+    try:
+        result = COMMANDS[args.command](args)
+    except LorasuiteError as exc:
+        print(f"lorasuite: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorasuite: interrupted", file=sys.stderr)
+        return 130
+    if isinstance(result, dict) and "summary" in result:
+        print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

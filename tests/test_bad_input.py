@@ -1,0 +1,148 @@
+"""Bad input: one clear line on stderr, exit status 2, nothing written at the output."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from lorasuite_core.cli import main
+from lorasuite_core.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-input")
+    old = make_tiny_model_dir("llama", root / "old", seed=3)
+    new = upgrade_model_dir(old, root / "new", UpgradeSpec(permute_heads=True))
+    adapter = make_random_lora_adapter(old, root / "adapter", rank=4, alpha=8, seed=4)
+    return root, old, new, adapter
+
+
+def copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def run_migrate(old, new, adapter, out, *extra):
+    return main(["-q", "migrate", "--old-model", str(old), "--new-model", str(new), "--adapter", str(adapter),
+                 "--output", str(out), "--no-lft", "--max-calibration-tokens", "256", *extra])
+
+
+def assert_fails_cleanly(capsys, code, out, *needles):
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    last = err.splitlines()[-1]
+    assert last.startswith("lorasuite: error: ")
+    for needle in needles:
+        assert needle in last, last
+    assert not out.exists() or not any(out.iterdir())
+    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
+    assert leftovers == []
+
+
+def test_adapter_for_another_model(pair, tmp_path, capsys):
+    root, old, new, _ = pair
+    other = make_tiny_model_dir("llama", tmp_path / "other", seed=5, hidden_size=32, head_dim=8)
+    adapter = make_random_lora_adapter(other, tmp_path / "other-adapter", rank=2, alpha=4, seed=1)
+    out = tmp_path / "out"
+    assert_fails_cleanly(capsys, run_migrate(old, new, adapter, out), out, "not trained on this model")
+
+
+def test_target_module_unknown_to_family(pair, tmp_path, capsys):
+    root, old, new, _ = pair
+    model = AutoModelForCausalLM.from_pretrained(old)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["lm_head"]))
+    peft_model.save_pretrained(tmp_path / "lm-head-adapter")
+    out = tmp_path / "out"
+    code = run_migrate(old, new, tmp_path / "lm-head-adapter", out)
+    assert_fails_cleanly(capsys, code, out, "lm_head", "llama")
+
+
+def test_unsupported_model_type(pair, tmp_path, capsys):
+    root, old, new, adapter = pair
+    bad = copy(new, tmp_path / "bert")
+    config = json.loads((bad / "config.json").read_text())
+    config["model_type"] = "bert"
+    (bad / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert_fails_cleanly(capsys, run_migrate(old, bad, adapter, out), out, "'bert'", "gemma3_text", "gpt_neox", "llama", "qwen2")
+
+
+def test_missing_safetensors(pair, tmp_path, capsys):
+    root, old, new, adapter = pair
+    bad = copy(new, tmp_path / "empty")
+    (bad / "model.safetensors").unlink()
+    out = tmp_path / "out"
+    assert_fails_cleanly(capsys, run_migrate(old, bad, adapter, out), out, "no *.safetensors")
+
+
+def test_corrupt_safetensors(pair, tmp_path, capsys):
+    root, old, new, adapter = pair
+    bad = copy(new, tmp_path / "corrupt")
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    out = tmp_path / "out"
+    assert_fails_cleanly(capsys, run_migrate(old, bad, adapter, out), out, "corrupt safetensors")
+
+
+def test_pickle_checkpoint_refused(pair, tmp_path, capsys, monkeypatch):
+    root, old, new, adapter = pair
+    bad = copy(new, tmp_path / "pickled")
+    (bad / "model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1)}, bad / "pytorch_model.bin")
+    loaded = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loaded.append(a) or {})
+    out = tmp_path / "out"
+    assert_fails_cleanly(capsys, run_migrate(old, bad, adapter, out), out, "pickle", "safetensors")
+    assert loaded == [], "a pickle file must never be loaded"
+
+
+def test_pickle_adapter_refused(pair, tmp_path, capsys):
+    root, old, new, adapter = pair
+    bad = copy(adapter, tmp_path / "pickled-adapter")
+    (bad / "adapter_model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1)}, bad / "adapter_model.bin")
+    out = tmp_path / "out"
+    assert_fails_cleanly(capsys, run_migrate(old, new, bad, out), out, "adapter_model.safetensors", "pickle")
+
+
+def test_too_few_shared_tokens(tmp_path, capsys):
+    wide = make_tiny_model_dir("llama", tmp_path / "wide", seed=6, hidden_size=1024, head_dim=256, intermediate_size=64)
+    adapter = make_random_lora_adapter(wide, tmp_path / "wide-adapter", rank=2, alpha=4, seed=1)
+    out = tmp_path / "out"
+    assert_fails_cleanly(capsys, run_migrate(wide, wide, adapter, out), out, "shared", "hidden size 1024")
+
+
+def test_existing_output_needs_overwrite(pair, tmp_path, capsys):
+    root, old, new, adapter = pair
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code = run_migrate(old, new, adapter, out)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "--overwrite" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert run_migrate(old, new, adapter, out, "--overwrite") == 0
+    assert (out / "adapter_config.json").is_file() and not (out / "keep.txt").exists()
+
+
+def test_adapter_type_other_than_lora(pair, tmp_path, capsys):
+    root, old, new, _ = pair
+    model = AutoModelForCausalLM.from_pretrained(old)
+    get_peft_model(model, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])).save_pretrained(tmp_path / "ia3")
+    out = tmp_path / "out"
+    assert_fails_cleanly(capsys, run_migrate(old, new, tmp_path / "ia3", out), out, "IA3", "only LoRA")
+
+
+def test_unknown_head_transform_rejected(pair, tmp_path):
+    root, old, new, adapter = pair
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["-q", "migrate", "--old-model", str(old), "--new-model", str(new), "--adapter", str(adapter),
+              "--output", str(out), "--no-lft", "--head-transform", "nonsense"])
+    assert exit_info.value.code == 2
+    assert not out.exists()
