@@ -86,9 +86,9 @@ def migration_summary(report: dict, output: str) -> dict:
 
 
 def _run_demo(args) -> dict:
-    from .demo import run_demo
+    from .demo import run_synthetic_demo
 
-    return run_demo(args.workdir, family=args.family, progress=not args.quiet)
+    return run_synthetic_demo(args.workdir, family=args.family, progress=not args.quiet)
 
 
 COMMANDS = {"migrate": _run_migrate, "demo": _run_demo}

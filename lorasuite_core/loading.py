@@ -120,7 +120,7 @@ class SafetensorsWeights:
         index_file = self.model_dir / "model.safetensors.index.json"
         if index_file.is_file():
             return dict(_read_json(index_file, "model index")["weight_map"])
-        shards = sorted(p.name for p in self.model_dir.glob("*.safetensors"))
+        shards = sorted(p.name for p in self.model_dir.glob("model*.safetensors"))
         if not shards:
             pickles = [p.name for p in self.model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
             if pickles:
@@ -128,7 +128,7 @@ class SafetensorsWeights:
                     f"{self.model_dir} holds only pickle checkpoints ({', '.join(pickles)}); "
                     "lorasuite never unpickles model files: convert them to safetensors"
                 )
-            raise LorasuiteError(f"no *.safetensors weights in {self.model_dir}")
+            raise LorasuiteError(f"no *.safetensors weights (model.safetensors or model-*-of-*.safetensors) in {self.model_dir}")
         shard_of = {}
         for shard in shards:
             for name in self._keys(shard):
@@ -265,6 +265,18 @@ def _check_lora_config(config: dict[str, Any], uri: str) -> None:
             raise LorasuiteError(f"adapter {uri}: {label} ({key}=true) is not supported yet")
 
 
+def _check_target_names(config: dict[str, Any], family: Family, uri: str) -> None:
+    targets = config.get("target_modules")
+    if not isinstance(targets, list):
+        return  # a regex: checked module by module when the tensors are parsed
+    unknown = sorted({t.split(".")[-1] for t in targets} - set(family.modules))
+    if unknown:
+        raise LorasuiteError(
+            f"adapter {uri}: target modules {', '.join(unknown)} are not LoRA targets lorasuite knows for the "
+            f"{family.name} family (known: {', '.join(family.modules)})"
+        )
+
+
 def _alpha_for(module_key: str, config: dict[str, Any], rank: int) -> float:
     from peft.utils.other import get_pattern_key
 
@@ -297,6 +309,7 @@ def load_lora_adapter(uri: str | Path, family: Family) -> LoraAdapter:
     local = resolve_local_dir(uri, "adapter")
     config = _read_json(local / "adapter_config.json", f"adapter {uri}")
     _check_lora_config(config, str(uri))
+    _check_target_names(config, family, str(uri))
     weights_file = local / "adapter_model.safetensors"
     if not weights_file.is_file():
         pickles = [p.name for p in local.iterdir() if p.suffix in PICKLE_SUFFIXES]

@@ -177,22 +177,30 @@ def _layer_deltas(adapter: LoraAdapter, layer: int) -> dict[str, torch.Tensor]:
     return {name: f.delta() for (l, name), f in adapter.factors.items() if l == layer}
 
 
-def _source_factors(adapter: LoraAdapter, layer: int) -> LoraFactors | None:
-    candidates = [f for (l, _), f in adapter.factors.items() if l == layer]
-    return max(candidates, key=lambda f: f.rank) if candidates else None
+def _source_factors(old: BaseModel, new: BaseModel, adapter: LoraAdapter, new_name: str, sources: list[int]) -> LoraFactors:
+    """The old module(s) a new module's delta comes from; the highest-rank one sets rank and alpha."""
+    spec = new.family.modules[new_name]
+    roles = ("q", "k", "v") if spec.role == "qkv" else (spec.role,)
+    candidates = []
+    for i in sources:
+        for role in roles:
+            found = old.family.module_for_canonical_role(role)
+            if found is not None and (i, found[0].name) in adapter.factors:
+                candidates.append(adapter.factors[(i, found[0].name)])
+    return max(candidates, key=lambda f: f.rank)
 
 
 def transfer_layer_pair(old, new, analysis: PairAnalysis, adapter: LoraAdapter, i: int, j: int, mode: str):
     """Canonical new deltas for old layer i -> new layer j, with fit diagnostics."""
     deltas = canonical_deltas(old.family, old.dims, _layer_deltas(adapter, i))
     if not deltas:
-        return {}, {}, {}
+        return {}, {}, {}, set()
     maps = layer_pair_maps(old, new, analysis.residual, i, j)
     transfer = LayerTransfer(layer_weights(old, i), layer_weights(new, j), old.dims, new.dims, maps,
                              analysis.matches[i], mode, analysis.residual.P)
     carried = transfer.run(deltas)
     offsets = _offset_effects(old, new, analysis.residual, deltas, maps, i, j)
-    return carried, transfer.fit, offsets
+    return carried, transfer.fit, offsets, set(deltas)
 
 
 def _offset_effects(old, new, rt, deltas, maps, i, j) -> dict[str, float]:
@@ -208,40 +216,62 @@ def _offset_effects(old, new, rt, deltas, maps, i, j) -> dict[str, float]:
     return effects
 
 
-def transfer_adapter(old: BaseModel, new: BaseModel, analysis: PairAnalysis, adapter: LoraAdapter,
-                     options: MigrationOptions, stages: StageLog) -> MigratedAdapter:
-    by_new_layer: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+def sources_by_new_layer(mapping: list[tuple[int, int]], adapter_layers: set[int]) -> dict[int, list[int]]:
+    """new layer -> the old layers (holding adapter weights) mapped onto it."""
     sources: dict[int, list[int]] = defaultdict(list)
+    for i, j in mapping:
+        if i in adapter_layers:
+            sources[j].append(i)
+    return dict(sources)
+
+
+@dataclass
+class NewLayerResult:
+    modules: list[MigratedModule]
+    unit_fit: dict[str, float]
+    input_offsets: dict[str, float]
+    roles: set[str]
+
+
+def transfer_new_layer(old, new, analysis: PairAnalysis, adapter: LoraAdapter, j: int, sources: list[int],
+                       mode: str) -> NewLayerResult:
+    """The unit of per-layer work: carry every old layer mapped onto new layer j, sum, re-factorise."""
+    summed: dict[str, torch.Tensor] = {}
     unit_fit: dict[str, float] = {}
     offsets: dict[str, float] = {}
-    adapter_layers = {l for l, _ in adapter.factors}
-    with stages.stage("transfer"):
-        for i, j in tqdm(analysis.layer_mapping, desc="transfer", unit="layer", disable=not options.progress):
-            if i not in adapter_layers:
-                continue
-            carried, fit, off = transfer_layer_pair(old, new, analysis, adapter, i, j, options.head_transform)
-            for role, delta in carried.items():
-                acc = by_new_layer[j]
-                acc[role] = acc[role] + delta if role in acc else delta
-            sources[j].append(i)
-            for role, value in fit.items():
-                unit_fit[f"{i}->{j}.{role}"] = value
-            for role, value in off.items():
-                offsets[f"{i}->{j}.{role}"] = value
-    dropped = dropped_roles(new.family, {r for d in by_new_layer.values() for r in d})
-    with stages.stage("refactorise"):
-        modules = _refactorise_all(new, adapter, by_new_layer, sources)
+    roles: set[str] = set()
+    for i in sources:
+        carried, fit, off, old_roles = transfer_layer_pair(old, new, analysis, adapter, i, j, mode)
+        roles |= old_roles
+        for role, delta in carried.items():
+            summed[role] = summed[role] + delta if role in summed else delta
+        unit_fit.update({f"{i}->{j}.{role}": v for role, v in fit.items()})
+        offsets.update({f"{i}->{j}.{role}": v for role, v in off.items()})
+    modules = []
+    for name, delta in sorted(module_deltas(new.family, new.dims, summed).items()):
+        source = _source_factors(old, new, adapter, name, sources)
+        factors = refactorise(delta, source.rank, source.scaling)
+        modules.append(MigratedModule(j, name, factors, source.rank, source.alpha, sources))
+    return NewLayerResult(modules, unit_fit, offsets, roles)
+
+
+def combine_layers(new: BaseModel, results: list[NewLayerResult]) -> MigratedAdapter:
+    modules = [m for r in results for m in r.modules]
+    unit_fit = {k: v for r in results for k, v in r.unit_fit.items()}
+    offsets = {k: v for r in results for k, v in r.input_offsets.items()}
+    dropped = dropped_roles(new.family, {role for r in results for role in r.roles})
     return MigratedAdapter(modules, unit_fit, dropped, offsets)
 
 
-def _refactorise_all(new, adapter, by_new_layer, sources) -> list[MigratedModule]:
-    modules = []
-    for j in sorted(by_new_layer):
-        source = _source_factors(adapter, sources[j][0])
-        for name, delta in sorted(module_deltas(new.family, new.dims, by_new_layer[j]).items()):
-            factors = refactorise(delta, source.rank, source.scaling)
-            modules.append(MigratedModule(j, name, factors, source.rank, source.alpha, sources[j]))
-    return modules
+def transfer_adapter(old: BaseModel, new: BaseModel, analysis: PairAnalysis, adapter: LoraAdapter,
+                     options: MigrationOptions, stages: StageLog) -> MigratedAdapter:
+    sources = sources_by_new_layer(analysis.layer_mapping, {l for l, _ in adapter.factors})
+    with stages.stage("transfer"):
+        results = [
+            transfer_new_layer(old, new, analysis, adapter, j, sources[j], options.head_transform)
+            for j in tqdm(sorted(sources), desc="transfer", unit="layer", disable=not options.progress)
+        ]
+    return combine_layers(new, results)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -319,9 +349,12 @@ def write_adapter_dir(out: str | Path, config: dict, tensors: dict, report: dict
 
 
 def _model_identity(model: BaseModel) -> dict:
+    from .storage import dir_fingerprint
+
     d = model.dims
     return {
         "source": model.source,
+        "fingerprint": dir_fingerprint(str(model.local_dir)),
         "model_type": model.config.get("model_type"),
         "family": model.family.name,
         "hidden_size": d.hidden,

@@ -3,7 +3,7 @@
 Let E_o (n × d) and E_n (n × D) be what the first layer receives for the n shared tokens
 (embedding rows times the family's embedding scale). Least squares in float64 gives
 
-    P (d × D):  x_old ≈ P x_new      from  E_n Pᵀ ≈ E_o   (minimum-norm: exact when E_n is rank-deficient)
+    P (d × D):  x_old ≈ P x_new      from  E_n Pᵀ ≈ E_o   (rank ≤ min(d, D), minimum norm)
     Q (D × d):  x_new ≈ Q x_old      from  E_o Qᵀ ≈ E_n
 
 When the new residual stream is the old one rotated, permuted, sign-flipped, zero-widened or
@@ -50,9 +50,16 @@ class ResidualTransfer:
     fit_residual_new: float  # ‖E_o Qᵀ − E_n‖ / ‖E_n‖
 
 
-def _lstsq_min_norm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """argmin ‖A X − B‖ with minimum ‖X‖ (SVD based, float64)."""
-    return torch.linalg.pinv(A, rtol=1e-10) @ B
+def _lstsq_rank_limited(A: torch.Tensor, B: torch.Tensor, rank: int) -> torch.Tensor:
+    """Minimum-norm argmin ‖A X − B‖ over A's top ``rank`` singular directions (float64).
+
+    A map between a d- and a D-dimensional stream has rank ≤ min(d, D). Limiting the solve to
+    that many directions drops the rounding noise a float32/bf16 checkpoint leaves in the
+    directions a widened stream never uses — plain pinv would fit that noise.
+    """
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    keep = min(rank, int((S > S[0] * 1e-10).sum()))
+    return Vh[:keep].T @ ((U[:, :keep].T @ B) / S[:keep, None])
 
 
 def residual_transfer(old: BaseModel, new: BaseModel, shared: SharedVocabulary) -> ResidualTransfer:
@@ -64,8 +71,9 @@ def residual_transfer(old: BaseModel, new: BaseModel, shared: SharedVocabulary) 
         )
     E_o = old.effective_embeddings()[torch.as_tensor(shared.old_ids)]   # n × d
     E_n = new.effective_embeddings()[torch.as_tensor(shared.new_ids)]   # n × D
-    P = _lstsq_min_norm(E_n, E_o).T                                      # d × D
-    Q = _lstsq_min_norm(E_o, E_n).T                                      # D × d
+    rank = min(d, new.dims.hidden)
+    P = _lstsq_rank_limited(E_n, E_o, rank).T                            # d × D
+    Q = _lstsq_rank_limited(E_o, E_n, rank).T                            # D × d
     scale = float((E_n @ P.T).norm() / E_n.norm())
     return ResidualTransfer(
         P=P,
