@@ -44,6 +44,37 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="migrate one adapter")
     _add_migrate_arguments(migrate)
 
+    train = sub.add_parser("train", help="train a fresh LoRA adapter (the vanilla baseline)")
+    train.add_argument("--model", required=True, help="base model directory")
+    train.add_argument("--data", default="builtin:train", help="math_10k JSON/JSONL (path or URI) or builtin:train")
+    train.add_argument("--samples", type=int, help="use the first N samples (built-in default 2000)")
+    train.add_argument("--output", required=True)
+    train.add_argument("--rank", type=int, default=16)
+    train.add_argument("--alpha", type=float, default=32)
+    train.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    train.add_argument("--lr", type=float, default=3e-4)
+    train.add_argument("--epochs", type=int, default=1)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--overwrite", action="store_true")
+
+    evaluate = sub.add_parser("eval", help="exact-match accuracy of a base model or an adapter on a data set")
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--adapter", help="PEFT adapter (omit to evaluate the base model)")
+    evaluate.add_argument("--data", default="builtin:test", help="math_10k JSON/JSONL (path or URI) or builtin:test")
+    evaluate.add_argument("--samples", type=int, help="use the first N samples (built-in default 500)")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--seed", type=int, default=1)
+    evaluate.add_argument("--output", help="write the result (with per-item predictions) as JSON here")
+
+    models = sub.add_parser("models", help="real pretrained models without a hub")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    fetch = models_sub.add_parser("fetch", help="fetch and convert the known models (idempotent, checksum-verified)")
+    fetch.add_argument("names", nargs="*", help="model names (default: all known)")
+    fetch.add_argument("--cache-dir", help="default: $LORASUITE_CACHE or ~/.cache/lorasuite/models")
+    fetch.add_argument("--force", action="store_true", help="fetch and convert again")
+
     demo = sub.add_parser("demo", help="migrate an adapter across a built-in synthetic upgrade and check exactness")
     demo.add_argument("--workdir", default="runs/demo", help="where the demo writes models and adapters")
     demo.add_argument("--family", default="llama")
@@ -91,7 +122,57 @@ def _run_demo(args) -> dict:
     return run_synthetic_demo(args.workdir, family=args.family, progress=not args.quiet)
 
 
-COMMANDS = {"migrate": _run_migrate, "demo": _run_demo}
+def _run_train(args) -> dict:
+    from .migrate import check_output_dir
+    from .samples import load_samples
+    from .training import TrainConfig, train_lora
+
+    check_output_dir(args.output, args.overwrite)
+    samples = load_samples(args.data, args.samples, seed=args.seed, default_count=2000)
+    config = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                         show_progress=not args.quiet)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    result = _library_call(train_lora, args.model, samples, args.output, rank=args.rank, alpha=args.alpha,
+                           targets=targets, config=config)
+    return {"summary": {k: v for k, v in result.to_dict().items() if k != "losses"}}
+
+
+def _run_eval(args) -> dict:
+    from pathlib import Path
+
+    from .evaluation import evaluate
+    from .samples import load_samples
+
+    samples = load_samples(args.data, args.samples, seed=args.seed, default_count=500)
+    result = _library_call(evaluate, args.model, samples, adapter_dir=args.adapter, batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens, show_progress=not args.quiet)
+    if args.output:
+        Path(args.output).write_text(json.dumps(result.to_dict(with_predictions=True), indent=2, default=str) + "\n")
+    return {"summary": result.to_dict()}
+
+
+def _run_models(args) -> dict:
+    from pathlib import Path
+
+    from .model_fetch import KNOWN_MODELS, fetch_model
+
+    names = args.names or list(KNOWN_MODELS)
+    unknown = [n for n in names if n not in KNOWN_MODELS]
+    if unknown:
+        raise LorasuiteError(f"unknown model {unknown[0]!r}; known: {', '.join(KNOWN_MODELS)}")
+    cache = Path(args.cache_dir) if args.cache_dir else None
+    return {"summary": {n: str(_library_call(fetch_model, n, cache, force=args.force)) for n in names}}
+
+
+def _library_call(fn, *args, **kwargs):
+    """Training/eval/fetch code raises ValueError/FileNotFoundError for bad input: one line each."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, FileNotFoundError) as exc:
+        raise LorasuiteError(str(exc)) from exc
+
+
+COMMANDS = {"migrate": _run_migrate, "demo": _run_demo, "train": _run_train, "eval": _run_eval, "models": _run_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,319 @@
+"""Migration benchmark: LoRASuite transfer (+ LFT) against retraining, on two real upgrade pairs.
+
+Pairs
+  cross   SmolLM2-135M-Instruct (old) -> Gemma-3-270M (new)                  (cross-family)
+  within  SmolLM2-135M-Instruct -> a larger model derived from it by the project's
+          function-preserving upgrade generator (wider residual stream, more heads, more layers,
+          more neurons, a larger renumbered vocabulary), then continued pre-training of ALL
+          weights on the CPython documentation topics shipped in ``pydoc_data.topics``
+          (reproducible on any CPython 3.11 install), so the pair is no longer exact.
+
+Rows (same seeds everywhere; LoRA rank 16 on q, k, v, o, gate, up, down)
+  new_base            new base model, no adapter
+  old_adapter         old adapter (trained on N samples) on the old model — the reference
+  vanilla_lora_100    fresh LoRA on the new model, 100 samples
+  lorasuite_transfer  LoRASuite transfer only
+  lorasuite_lft_100   LoRASuite + light fine-tuning on the same 100 samples (lr 9e-4, no warmup)
+  full_retrain        fresh LoRA on the new model with the same N samples as the old adapter
+
+Every stage runs in a fresh child process, so its peak RSS is its own. Results are written
+after every stage to ``<results>/<pair>.json`` and the run resumes from there, so an
+interrupted benchmark keeps what it measured. ``--markdown`` renders the table.
+
+Usage
+  python benchmarks/migration_benchmark.py --pair cross  [--train-samples 2000 --test-samples 500]
+  python benchmarks/migration_benchmark.py --markdown
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import json
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ROW_ORDER = ("new_base", "old_adapter", "vanilla_lora_100", "lorasuite_transfer", "lorasuite_lft_100", "full_retrain")
+
+
+# ----------------------------------------------------------------------------- stages (child processes)
+
+
+def _threads():
+    import torch
+
+    torch.set_num_threads(max(1, multiprocessing.cpu_count()))
+
+
+def stage_derive_within_model(old_dir: str, out_dir: str, cpt_steps: int, seed: int) -> dict:
+    """Upgrade generator + continued pre-training of all weights on pydoc_data.topics."""
+    _threads()
+    import torch
+    from pydoc_data.topics import topics
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorasuite_core.upgrade import UpgradeSpec, upgrade_model_dir
+
+    start = time.perf_counter()
+    upgraded = Path(out_dir) / "upgraded"
+    spec = UpgradeSpec(fold_norms=True, rotate_residual=True, widen_residual=48, extra_query_heads_per_group=1,
+                       permute_heads=True, permute_neurons=True, extra_neurons=256, identity_layers=(10, 21),
+                       extra_vocab=1000, renumber_vocab=True, seed=seed)
+    if not (upgraded / "config.json").exists():
+        upgrade_model_dir(old_dir, upgraded, spec)
+    upgrade_seconds = time.perf_counter() - start
+    tokenizer = AutoTokenizer.from_pretrained(upgraded)
+    model = AutoModelForCausalLM.from_pretrained(upgraded, dtype=torch.float32)
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    block, batch = 256, 4
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.0)
+    model.train()
+    losses = []
+    for step in range(cpt_steps):
+        offsets = torch.randint(0, len(ids) - block - 1, (batch,))
+        x = torch.stack([ids[o:o + block] for o in offsets])
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+        print(f"cpt step {step + 1}/{cpt_steps} loss {losses[-1]:.3f}", file=sys.stderr, flush=True)
+    final = Path(out_dir) / "model"
+    model.eval().save_pretrained(final, safe_serialization=True)
+    tokenizer.save_pretrained(final)
+    return {"model_dir": str(final), "upgrade_spec": {k: v for k, v in vars(spec).items()},
+            "corpus": "pydoc_data.topics (CPython %s)" % sys.version.split()[0],
+            "corpus_tokens": int(len(ids)), "cpt_steps": cpt_steps, "cpt_tokens_seen": cpt_steps * batch * block,
+            "cpt_lr": 2e-5, "cpt_first_loss": losses[0] if losses else None, "cpt_last_loss": losses[-1] if losses else None,
+            "seconds": time.perf_counter() - start, "upgrade_seconds": upgrade_seconds}
+
+
+def stage_train(model_dir: str, out_dir: str, n: int, seed: int, rank: int, epochs: int) -> dict:
+    _threads()
+    from lorasuite_core.task_data import generate_problems
+    from lorasuite_core.training import TrainConfig, train_lora
+
+    samples = generate_problems(n, "train", seed)
+    config = TrainConfig(lr=3e-4, epochs=epochs, batch_size=8, seed=seed, warmup_ratio=0.05)
+    result = train_lora(model_dir, samples, out_dir, rank=rank, alpha=2 * rank, targets=TARGETS, config=config)
+    return _train_dict(result)
+
+
+def stage_lft(model_dir: str, adapter_dir: str, out_dir: str, n: int, seed: int, epochs: int) -> dict:
+    _threads()
+    from lorasuite_core.task_data import generate_problems
+    from lorasuite_core.training import default_lft_config, light_finetune
+
+    samples = generate_problems(n, "train", seed)
+    result = light_finetune(model_dir, adapter_dir, samples, out_dir,
+                            config=default_lft_config(epochs=epochs, batch_size=8, seed=seed))
+    return _train_dict(result)
+
+
+def stage_migrate(old_dir: str, new_dir: str, adapter_dir: str, out_dir: str) -> dict:
+    _threads()
+    import resource
+
+    from lorasuite_core.migrate import MigrationOptions, migrate
+
+    start = time.perf_counter()
+    report = migrate(old_dir, new_dir, adapter_dir, out_dir, MigrationOptions(progress=False), overwrite=True)
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "steps": report["steps"], "layer_mapping": report["layer_mapping"],
+            "shared_vocabulary_size": report["shared_vocabulary_size"]}
+
+
+def stage_eval(model_dir: str, adapter_dir: str | None, n: int, seed: int, batch_size: int) -> dict:
+    _threads()
+    from lorasuite_core.evaluation import evaluate
+    from lorasuite_core.task_data import generate_problems
+
+    samples = generate_problems(n, "test", seed)
+    result = evaluate(model_dir, samples, adapter_dir=adapter_dir, batch_size=batch_size, max_new_tokens=40,
+                      keep_predictions=False)
+    return result.to_dict()
+
+
+def _train_dict(result) -> dict:
+    data = result.to_dict()
+    data.pop("losses", None)
+    return data
+
+
+def run_child(fn, *args) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(fn, *args).result()
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+class Results:
+    def __init__(self, pair: str, config: dict):
+        self.path = RESULTS / f"{pair}.json"
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        if self.data.get("config") not in (None, config):
+            print(f"config changed: starting {self.path.name} afresh", file=sys.stderr)
+            self.data = {}
+        self.data["config"] = config
+        self.data.setdefault("stages", {})
+
+    def get(self, name, fn, *args):
+        if name not in self.data["stages"]:
+            print(f"[{self.path.stem}] {name} …", file=sys.stderr, flush=True)
+            self.data["stages"][name] = run_child(fn, *args)
+            self.save()
+        return self.data["stages"][name]
+
+    def save(self):
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=2) + "\n")
+
+
+def run_pair(pair: str, args) -> None:
+    from lorasuite_core.model_fetch import fetch_model
+
+    config = {"pair": pair, "train_samples": args.train_samples, "test_samples": args.test_samples,
+              "lft_samples": args.lft_samples, "rank": args.rank, "seed": args.seed, "epochs": args.epochs,
+              "cpt_steps": args.cpt_steps if pair == "within" else None,
+              "command": "python benchmarks/migration_benchmark.py " + " ".join(sys.argv[1:])}
+    res = Results(pair, config)
+    work = Path(args.workdir) / pair
+    old_dir = str(fetch_model("smollm2-135m-instruct"))
+    if pair == "cross":
+        new_dir = str(fetch_model("gemma3-270m"))
+    else:
+        new_dir = res.get("derive_new_model", stage_derive_within_model, old_dir, str(work / "derived"),
+                          args.cpt_steps, args.seed)["model_dir"]
+    res.data["models"] = {"old": old_dir, "new": new_dir}
+    seed, n, n_test, n_lft = args.seed, args.train_samples, args.test_samples, args.lft_samples
+    old_adapter, migrated = str(work / "old_adapter"), str(work / "migrated")
+    res.get("train_old_adapter", stage_train, old_dir, old_adapter, n, seed, args.rank, args.epochs)
+    res.get("transfer", stage_migrate, old_dir, new_dir, old_adapter, migrated)
+    res.get("lft_100", stage_lft, new_dir, migrated, str(work / "lft"), n_lft, seed, args.lft_epochs)
+    res.get("train_vanilla_100", stage_train, new_dir, str(work / "vanilla"), n_lft, seed, args.rank, args.lft_epochs)
+    evals = {
+        "new_base": (new_dir, None), "old_adapter": (old_dir, old_adapter),
+        "lorasuite_transfer": (new_dir, migrated), "lorasuite_lft_100": (new_dir, str(work / "lft")),
+        "vanilla_lora_100": (new_dir, str(work / "vanilla")),
+    }
+    for row, (model, adapter) in evals.items():
+        res.get(f"eval_{row}", stage_eval, model, adapter, n_test, seed + 1, args.eval_batch)
+    if not args.skip_full_retrain:
+        res.get("train_full", stage_train, new_dir, str(work / "full"), n, seed, args.rank, args.epochs)
+        res.get("eval_full_retrain", stage_eval, new_dir, str(work / "full"), n_test, seed + 1, args.eval_batch)
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def _row_stage_seconds(stages: dict, row: str) -> dict:
+    s = lambda name: stages.get(name, {}).get("seconds")
+    return {
+        "new_base": {},
+        "old_adapter": {"train": s("train_old_adapter")},
+        "vanilla_lora_100": {"train": s("train_vanilla_100")},
+        "lorasuite_transfer": {"transfer": s("transfer")},
+        "lorasuite_lft_100": {"transfer": s("transfer"), "lft": s("lft_100")},
+        "full_retrain": {"train": s("train_full")},
+    }[row]
+
+
+def _peak(stages: dict, row: str) -> float | None:
+    names = {"old_adapter": ["train_old_adapter"], "vanilla_lora_100": ["train_vanilla_100"],
+             "lorasuite_transfer": ["transfer"], "lorasuite_lft_100": ["transfer", "lft_100"],
+             "full_retrain": ["train_full"], "new_base": []}[row] + [f"eval_{row}"]
+    values = [stages[n].get("peak_rss_mb") for n in names if n in stages]
+    return max(values) if values else None
+
+
+def _fmt(x, digits=1):
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def targets(stages: dict, pair: str) -> list[str]:
+    acc = lambda row: stages.get(f"eval_{row}", {}).get("accuracy")
+    secs = lambda name: stages.get(name, {}).get("seconds")
+    lines = []
+
+    def check(label, ok):
+        lines.append(f"- {label}: {'met' if ok else 'NOT met' if ok is not None else 'not measured'}")
+
+    a, b = acc("lorasuite_lft_100"), acc("vanilla_lora_100")
+    check("LoRASuite + LFT-100 above vanilla LoRA-100", None if None in (a, b) else a > b)
+    if pair == "within":
+        c = acc("full_retrain")
+        check("LoRASuite + LFT-100 at or above full retraining", None if None in (a, c) else a >= c)
+    t, l, f = secs("transfer"), secs("lft_100"), secs("train_full")
+    check("transfer + LFT wall time ≤ 10% of full retraining", None if None in (t, l, f) else t + l <= 0.1 * f)
+    if pair == "cross":
+        check("transfer alone ≤ 2 minutes", None if t is None else t <= 120)
+    return lines
+
+
+def markdown() -> str:
+    out = ["# Migration benchmark results", ""]
+    for path in sorted(RESULTS.glob("*.json")):
+        data = json.loads(path.read_text())
+        stages, cfg = data["stages"], data["config"]
+        out += [f"## {cfg['pair']}: {data.get('models', {}).get('old', '?')} → {data.get('models', {}).get('new', '?')}", "",
+                f"Command: `{cfg['command']}`", "",
+                f"N = {cfg['train_samples']} training samples, {cfg['test_samples']} test problems, "
+                f"LFT / vanilla on {cfg['lft_samples']} samples, LoRA rank {cfg['rank']}, seed {cfg['seed']}.", ""]
+        if "derive_new_model" in stages:
+            d = stages["derive_new_model"]
+            out += [f"New model: upgrade generator + continued pre-training on {d['corpus']} "
+                    f"({d['corpus_tokens']} tokens in the corpus, {d['cpt_tokens_seen']} tokens seen in {d['cpt_steps']} steps, "
+                    f"lr {d['cpt_lr']}, loss {_fmt(d['cpt_first_loss'], 3)} → {_fmt(d['cpt_last_loss'], 3)}).", ""]
+        out += ["| row | accuracy | 95% CI | n | train / transfer / LFT s | eval s | peak RSS MB |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
+        for row in ROW_ORDER:
+            ev = stages.get(f"eval_{row}")
+            times = ", ".join(f"{k} {v:.0f}" for k, v in _row_stage_seconds(stages, row).items() if v is not None)
+            if ev is None:
+                out.append(f"| {row} | not run | | | {times} | | |")
+                continue
+            out.append(f"| {row} | {ev['accuracy']:.3f} | [{ev['ci_low']:.3f}, {ev['ci_high']:.3f}] | {ev['n']} | "
+                       f"{times or '—'} | {ev['seconds']:.0f} | {_fmt(_peak(stages, row), 0)} |")
+        out += ["", "Targets:"] + targets(stages, cfg["pair"]) + [""]
+    return "\n".join(out)
+
+
+def main() -> None:
+    global RESULTS
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--pair", choices=["cross", "within", "both"], default="both")
+    p.add_argument("--train-samples", type=int, default=2000)
+    p.add_argument("--test-samples", type=int, default=500)
+    p.add_argument("--lft-samples", type=int, default=100)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lft-epochs", type=int, default=2)
+    p.add_argument("--cpt-steps", type=int, default=60)
+    p.add_argument("--eval-batch", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-full-retrain", action="store_true")
+    p.add_argument("--workdir", default=str(ROOT / "runs" / "benchmark"))
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="directory of the per-pair JSON results")
+    p.add_argument("--markdown", action="store_true", help="render benchmarks/results/*.json to RESULTS.md and stop")
+    args = p.parse_args()
+    RESULTS = Path(args.results)
+    if not args.markdown:
+        for pair in (["cross", "within"] if args.pair == "both" else [args.pair]):
+            run_pair(pair, args)
+    text = markdown()
+    (RESULTS.parent / "RESULTS.md" if RESULTS == ROOT / "benchmarks" / "results" else RESULTS / "RESULTS.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
