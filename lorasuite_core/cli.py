@@ -86,6 +86,11 @@ def _configure_logging(args) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "botocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 def _run_migrate(args) -> dict:
