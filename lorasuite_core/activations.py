@@ -99,26 +99,48 @@ def _decoder_layers(model, base: BaseModel):
 
 
 @torch.no_grad()
-def _layer_states(model, base: BaseModel, input_ids: list[int]) -> torch.Tensor:
+def _layer_states(model, base: BaseModel, batch: list[list[int]]) -> list[torch.Tensor]:
+    """Right-padded batch through the decoder stack only (no LM head): per text (L + 1) × T × d."""
     layers = _decoder_layers(model, base)
     captured: list[torch.Tensor] = []
 
     def pre_hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        captured.append(hidden[0].detach())
+        captured.append((args[0] if args else kwargs["hidden_states"]).detach())
 
     def post_hook(_module, _args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        captured.append(hidden[0].detach())
+        captured.append((output[0] if isinstance(output, tuple) else output).detach())
 
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        mask[row, : len(ids)] = 1
     handles = [layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
     handles += [layer.register_forward_hook(post_hook) for layer in layers]
     try:
-        model(input_ids=torch.tensor([input_ids]), use_cache=False)
+        # causal attention: right padding leaves every real position's state unchanged
+        model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return torch.stack(captured).float()   # (L + 1) × T × d
+    states = torch.stack(captured).float()                      # (L + 1) × B × T × d
+    return [states[:, row, : len(ids)] for row, ids in enumerate(batch)]
+
+
+def _paired_texts(old_tok, new_tok, texts, max_tokens: int, max_tokens_per_text: int):
+    """Tokenise both sides and keep texts until ``max_tokens`` positions are paired."""
+    pairs, total = [], 0
+    for text in texts:
+        old_ids, old_ends = _token_ends(old_tok, text, max_tokens_per_text)
+        new_ids, new_ends = _token_ends(new_tok, text, max_tokens_per_text)
+        common = sorted(set(old_ends) & set(new_ends))
+        if common:
+            pairs.append((old_ids, [old_ends[c] for c in common], new_ids, [new_ends[c] for c in common]))
+            total += len(common)
+        if total >= max_tokens:
+            break
+    return pairs, total
 
 
 def paired_activations(
@@ -128,30 +150,24 @@ def paired_activations(
     *,
     max_tokens: int = 2048,
     max_tokens_per_text: int = 256,
+    batch_size: int = 8,
     progress: bool = True,
 ) -> PairedActivations:
-    old_tok, new_tok = old.tokenizer(), new.tokenizer()
-    old_model, new_model = old.load_torch_model(), new.load_torch_model()
-    old_chunks, new_chunks, total, used = [], [], 0, 0
-    for text in tqdm(texts, desc="activations", unit="text", disable=not progress):
-        old_ids, old_ends = _token_ends(old_tok, text, max_tokens_per_text)
-        new_ids, new_ends = _token_ends(new_tok, text, max_tokens_per_text)
-        common = sorted(set(old_ends) & set(new_ends))
-        if not common:
-            continue
-        old_states = _layer_states(old_model, old, old_ids)
-        new_states = _layer_states(new_model, new, new_ids)
-        old_chunks.append(old_states[:, [old_ends[c] for c in common]])
-        new_chunks.append(new_states[:, [new_ends[c] for c in common]])
-        total += len(common)
-        used += 1
-        if total >= max_tokens:
-            break
+    pairs, total = _paired_texts(old.tokenizer(), new.tokenizer(), texts, max_tokens, max_tokens_per_text)
     if total < 8:
         raise LorasuiteError(f"calibration text yields only {total} paired token positions; give more text")
-    log.info("paired %d token positions from %d texts", total, used)
+    old_model, new_model = old.load_torch_model(), new.load_torch_model()
+    old_chunks, new_chunks = [], []
+    for start in tqdm(range(0, len(pairs), batch_size), desc="activations", unit="batch", disable=not progress):
+        chunk = pairs[start:start + batch_size]
+        old_states = _layer_states(old_model, old, [p[0] for p in chunk])
+        new_states = _layer_states(new_model, new, [p[2] for p in chunk])
+        for (_, old_pos, _, new_pos), o, n in zip(chunk, old_states, new_states):
+            old_chunks.append(o[:, old_pos])
+            new_chunks.append(n[:, new_pos])
+    log.info("paired %d token positions from %d texts", total, len(pairs))
     return PairedActivations(
         old_states=torch.cat(old_chunks, dim=1)[:, :max_tokens].numpy(),
         new_states=torch.cat(new_chunks, dim=1)[:, :max_tokens].numpy(),
-        num_texts=used,
+        num_texts=len(pairs),
     )

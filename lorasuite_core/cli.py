@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .errors import LorasuiteError
@@ -27,11 +28,15 @@ def _add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-offset", type=int, help="max |new layer - old layer| drift (default: layer-count difference)")
     p.add_argument("--max-calibration-tokens", type=int, default=2048)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
-    p.add_argument("--lft-data", help="LFT data: math_10k-style JSON/JSONL (local or fsspec URI); default: built-in arithmetic problems")
+    p.add_argument("--lft-data", help="LFT data: math_10k JSON/JSONL (local or fsspec URI); default: built-in arithmetic problems")
     p.add_argument("--lft-samples", type=int, default=100, help="number of LFT samples (default 100)")
     p.add_argument("--lft-lr", type=float, default=9e-4, help="LFT learning rate (default 9e-4, no warmup)")
     p.add_argument("--lft-epochs", type=int, default=1)
-    p.add_argument("--eval-data", help="evaluate the migrated adapter on this data set (JSON/JSONL)")
+    p.add_argument("--eval-data", help="evaluate before/after LFT on this data set: math_10k JSON/JSONL or builtin:test")
+    p.add_argument("--eval-samples", type=int, help="evaluate on the first N samples")
+    p.add_argument("--vanilla-baseline", action="store_true",
+                   help="also train a fresh LoRA on the LFT samples and evaluate it (needs --eval-data)")
+    p.add_argument("--cache-root", help="pair-analysis cache and result storage: local dir or s3:// (default ~/.cache/lorasuite/pipeline)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -43,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="migrate one adapter")
     _add_migrate_arguments(migrate)
+
+    fleet = sub.add_parser("migrate-fleet", help="migrate every adapter of a fleet manifest (one pair analysis)")
+    fleet.add_argument("--manifest", required=True, help="fleet manifest (YAML/JSON), local path or s3://…")
+    fleet.add_argument("--overwrite", action="store_true", help="replace finished outputs instead of skipping them")
+    fleet.add_argument("--cache-root", help="pair-analysis cache and result storage (default ~/.cache/lorasuite/pipeline)")
 
     train = sub.add_parser("train", help="train a fresh LoRA adapter (the vanilla baseline)")
     train.add_argument("--model", required=True, help="base model directory")
@@ -87,6 +97,7 @@ def _configure_logging(args) -> None:
     for noisy in ("httpx", "urllib3", "botocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     if args.quiet:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -94,31 +105,25 @@ def _configure_logging(args) -> None:
 
 
 def _run_migrate(args) -> dict:
-    from .activations import read_calibration_file
-    from .migrate import MigrationOptions, check_output_dir, migrate
+    from flows.entrypoints import run_migrate_adapter
 
-    check_output_dir(args.output, args.overwrite)
-    options = MigrationOptions(
-        head_transform=args.head_transform,
-        calibration_texts=read_calibration_file(args.calibration_data) if args.calibration_data else None,
-        max_calibration_tokens=args.max_calibration_tokens,
-        layer_offset=args.layer_offset,
-        progress=not args.quiet,
+    result = run_migrate_adapter(
+        args.old_model, args.new_model, args.adapter, args.output,
+        lft=not args.no_lft, lft_data=args.lft_data, lft_samples=args.lft_samples, lft_lr=args.lft_lr,
+        lft_epochs=args.lft_epochs, eval_data=args.eval_data, eval_samples=args.eval_samples,
+        vanilla_baseline=args.vanilla_baseline, head_transform=args.head_transform,
+        calibration_data=args.calibration_data, max_calibration_tokens=args.max_calibration_tokens,
+        layer_offset=args.layer_offset, seed=args.seed, overwrite=args.overwrite, cache_root=args.cache_root,
     )
-    if not args.no_lft:
-        raise LorasuiteError("light fine-tuning is not available yet: pass --no-lft for a transfer-only migration")
-    report = migrate(args.old_model, args.new_model, args.adapter, args.output, options, overwrite=args.overwrite)
-    return {"summary": migration_summary(report, args.output)}
+    return {"summary": result.get("summary", result)}
 
 
-def migration_summary(report: dict, output: str) -> dict:
-    return {
-        "output": str(output),
-        "shared_vocabulary_size": report["shared_vocabulary_size"],
-        "layer_mapping": report["layer_mapping"],
-        "max_refactorisation_residual": max(report["refactorisation_residual"].values(), default=0.0),
-        "seconds": round(sum(s["seconds"] for s in report["steps"].values()), 2),
-    }
+def _run_migrate_fleet(args) -> dict:
+    from flows.entrypoints import run_migrate_fleet
+
+    result = run_migrate_fleet(args.manifest, overwrite=args.overwrite, cache_root=args.cache_root)
+    summary = {key: result[key] for key in ("published", "skipped", "failed") if key in result}
+    return {"summary": summary, "exit_code": 1 if result.get("failed") else 0}
 
 
 def _run_demo(args) -> dict:
@@ -177,7 +182,7 @@ def _library_call(fn, *args, **kwargs):
         raise LorasuiteError(str(exc)) from exc
 
 
-COMMANDS = {"migrate": _run_migrate, "demo": _run_demo, "train": _run_train, "eval": _run_eval, "models": _run_models}
+COMMANDS = {"migrate": _run_migrate, "migrate-fleet": _run_migrate_fleet, "demo": _run_demo, "train": _run_train, "eval": _run_eval, "models": _run_models}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         print("lorasuite: interrupted", file=sys.stderr)
         return 130
     if isinstance(result, dict) and "summary" in result:
-        print(json.dumps(result["summary"], indent=2))
-    return 0
+        print(json.dumps(result["summary"], indent=1, default=str))
+    return result.get("exit_code", 0) if isinstance(result, dict) else 0
 
 
 if __name__ == "__main__":

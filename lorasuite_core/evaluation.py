@@ -7,6 +7,10 @@ Design
 * Generation is greedy (``do_sample=False``), batched with *left* padding so all
   continuations start at the same column; samples are sorted by prompt length
   to reduce padding, and results are put back in input order.
+* Generation of a sequence stops at EOS, at ``max_new_tokens``, or as soon as
+  its text is already fully scored (:func:`generation_finished`: a stop marker
+  or a complete "The answer is N" appeared), which saves most of the time a
+  rambling base model would otherwise spend without changing any score.
 * Scoring: the generation is first cut at the first stop marker (a new
   ``### Instruction`` block, ...) and right after the first ``"The answer is N"``
   sentence, so text a base model rambles on with afterwards cannot change the
@@ -44,6 +48,8 @@ STOP_MARKERS = ("### Instruction", "### Input", "### Response", "Below is an ins
 _NUMBER = re.compile(r"(?:(?<![\w)])-)?(?:\d+(?:\.\d+)?|\.\d+)")
 _THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _ANSWER_SENTENCE = re.compile(r"answer is\s*:?\s*\$?\s*-?\s*[\d,]*\.?\d+", re.IGNORECASE)
+# ... and followed by something that cannot continue the number: the answer is complete
+_COMPLETE_ANSWER = re.compile(_ANSWER_SENTENCE.pattern + r"(?:[^\d.,]|[.,][^\d])", re.IGNORECASE)
 
 
 def extract_final_number(text: str) -> str | None:
@@ -81,6 +87,11 @@ def truncate_generation(text: str) -> str:
     return text[: match.end()] if match else text
 
 
+def generation_finished(text: str) -> bool:
+    """True once ``text`` holds a stop marker or a complete "answer is N": scoring ignores anything later."""
+    return any(marker in text for marker in STOP_MARKERS) or _COMPLETE_ANSWER.search(text) is not None
+
+
 def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float]:
     """Wilson score interval for ``correct`` successes in ``n`` trials."""
     if n <= 0:
@@ -91,7 +102,9 @@ def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low = 0.0 if correct == 0 else max(0.0, centre - half)  # exact bounds at the edges (no rounding residue)
+    high = 1.0 if correct == n else min(1.0, centre + half)
+    return low, high
 
 
 @dataclass
@@ -144,17 +157,30 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+class _StopWhenScored:
+    """Per-sequence stopping criterion: done when :func:`generation_finished` (saves time, never changes scores)."""
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        return torch.tensor([generation_finished(t) for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
     """Greedy continuations (special tokens stripped) of left-padded ``prompts``."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     device = next(model.parameters()).device
     encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=True).to(device)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=_eos_ids(model, tokenizer))
-    output = model.generate(**encoded, generation_config=config)
-    continuations = output[:, encoded["input_ids"].shape[1]:]
+    prompt_length = encoded["input_ids"].shape[1]
+    stopping = StoppingCriteriaList([_StopWhenScored(tokenizer, prompt_length)])
+    output = model.generate(**encoded, generation_config=config, stopping_criteria=stopping)
+    continuations = output[:, prompt_length:]
     return tokenizer.batch_decode(continuations, skip_special_tokens=True)
 
 
@@ -181,7 +207,7 @@ def evaluate(model_dir: str | Path, samples: Sequence[Sample], *, adapter_dir: s
     for begin in tqdm(range(0, len(order), batch_size), desc="eval", disable=not show_progress):
         indices = order[begin:begin + batch_size]
         generations = generate_batch(model, tokenizer, [prompts[i] for i in indices], max_new_tokens)
-        for i, generation in zip(indices, generations):
+        for i, generation in zip(indices, generations, strict=True):
             predictions[i] = score_generation(i, generation, samples[i].answer)
     return _summarise([p for p in predictions if p is not None], start, model, keep_predictions)
 

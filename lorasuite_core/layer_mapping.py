@@ -1,16 +1,22 @@
 """Monotone layer mapping by dynamic programming over a CKA similarity matrix.
 
-Growing models (L_old ≤ L_new): each old layer i goes to a distinct new layer m(i), strictly
-increasing, with the paper's offset constraint 0 ≤ m(i) − i ≤ offset (default L_new − L_old,
-which monotonicity already implies), maximising Σ_i S[i, m(i)].
+Every old layer i is sent to a new layer m(i), non-decreasing in i, maximising Σ_i S[i, m(i)]
+under two constraints:
 
-Shrinking models (L_old > L_new): each old layer still goes somewhere, non-decreasing, with
-0 ≤ i − m(i) ≤ offset (default L_old − L_new); several old layers may share a new layer and
-their transferred deltas are then summed.
+    capacity  at most ``cap`` old layers share a new layer: cap = 1 when the new model is at
+              least as deep (a strictly increasing, one-to-one mapping), ⌈L_old / L_new⌉ when it
+              is shallower (old layers are spread evenly; their transferred deltas are summed);
+    offset    the paper's drift bound: 0 ≤ m(i) − i ≤ offset when growing, 0 ≤ i − m(i) ≤ offset
+              when shrinking (default |L_new − L_old|, which the capacity already implies when
+              growing).
 
-Both are O(L_old · L_new²) table fills — trivial next to any forward pass.
+Without the capacity bound a shallower new model lets one layer with a large, generic update
+absorb a dozen old layers. State (i, j, c): old layer i on new layer j as the c-th occupant;
+O(L_old · L_new² · cap), trivial next to any forward pass.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -26,29 +32,34 @@ def map_layers(similarity: np.ndarray, offset: int | None = None) -> list[tuple[
     """similarity: L_old × L_new -> [(old layer, new layer)] for every old layer."""
     L_old, L_new = similarity.shape
     growing = L_old <= L_new
+    cap = 1 if growing else math.ceil(L_old / L_new)
     offset = abs(L_new - L_old) if offset is None else offset
-    if offset < abs(L_new - L_old) and growing:
-        raise LorasuiteError(f"layer offset {offset} is smaller than the layer-count difference {L_new - L_old}")
-    NEG = -np.inf
-    best = np.full((L_old, L_new), NEG)
-    back = np.full((L_old, L_new), -1, dtype=np.int64)
+    best = np.full((L_old, L_new, cap), -np.inf)
+    back = np.full((L_old, L_new, cap, 2), -1, dtype=np.int64)
     for j in range(L_new):
         if _allowed(0, j, growing, offset):
-            best[0, j] = similarity[0, j]
+            best[0, j, 0] = similarity[0, j]
     for i in range(1, L_old):
         for j in range(L_new):
             if not _allowed(i, j, growing, offset):
                 continue
-            prev = best[i - 1, : j if growing else j + 1]
-            if prev.size == 0 or not np.isfinite(prev.max()):
-                continue
-            k = int(np.argmax(prev))
-            best[i, j] = prev[k] + similarity[i, j]
-            back[i, j] = k
-    if not np.isfinite(best[-1].max()):
-        raise LorasuiteError(f"no monotone layer mapping satisfies offset {offset}")
-    mapping = [int(np.argmax(best[-1]))]
+            if j > 0:                                    # first occupant of j: come from any earlier layer
+                prev = best[i - 1, :j].reshape(-1)
+                k = int(np.argmax(prev))
+                if np.isfinite(prev[k]):
+                    best[i, j, 0] = prev[k] + similarity[i, j]
+                    back[i, j, 0] = divmod(k, cap)
+            for c in range(1, cap):                      # c-th occupant: previous old layer is on j too
+                if np.isfinite(best[i - 1, j, c - 1]):
+                    best[i, j, c] = best[i - 1, j, c - 1] + similarity[i, j]
+                    back[i, j, c] = (j, c - 1)
+    last = best[-1].reshape(-1)
+    if not np.isfinite(last.max()):
+        raise LorasuiteError(f"no monotone layer mapping of {L_old} onto {L_new} layers satisfies offset {offset}")
+    j, c = divmod(int(np.argmax(last)), cap)
+    mapping = [j]
     for i in range(L_old - 1, 0, -1):
-        mapping.append(int(back[i, mapping[-1]]))
+        j, c = back[i, j, c]
+        mapping.append(int(j))
     mapping.reverse()
     return list(enumerate(mapping))

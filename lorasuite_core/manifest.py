@@ -10,6 +10,7 @@ the adapters to carry across it::
     new_model: s3://bucket/models/new
     output_root: s3://bucket/migrated/     # each adapter goes to output_root/<name>
     defaults: {lft: true, lft_samples: 100, lft_lr: 9e-4, lft_epochs: 1, head_transform: lstsq}
+    analysis: {calibration_data: s3://bucket/data/calib.txt, max_calibration_tokens: 2048}  # optional
     adapters:
       - name: support-bot
         adapter: s3://bucket/adapters/support-bot
@@ -36,6 +37,11 @@ Rules
 
 :class:`BaseModelRelease` is the payload of an "a new base model was released"
 event; matching fleet entries against it is the flow's job.
+
+:class:`AnalysisOptions` (the optional ``analysis`` section) configures the pair analysis that
+every adapter of the fleet shares: calibration text, its token budget, the layer offset.
+``vanilla_baseline`` (train a fresh LoRA on the new model with the entry's LFT data, for the
+evaluation table) and ``eval_samples`` (evaluate on the first N rows only) are per-entry knobs.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from lorasuite_core.errors import LorasuiteError
+
 try:  # PyYAML comes with Prefect; JSON-only without it.
     import yaml as _yaml
 except ImportError:  # pragma: no cover - depends on the environment
@@ -55,12 +63,13 @@ except ImportError:  # pragma: no cover - depends on the environment
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
-HeadTransform = Literal["lstsq", "procrustes", "none"]
+# Must equal lorasuite_core.transfer.MODES (not imported: it pulls in torch); a test checks it.
+HeadTransform = Literal["lstsq", "paper"]
 _DUPLICATE_NAME_ERROR = "duplicate_adapter_name"
 _SAME_MODEL_ERROR = "same_base_model"
 
 
-class ManifestError(ValueError):
+class ManifestError(LorasuiteError, ValueError):
     """An invalid or unreadable fleet manifest; ``errors`` holds (field_path, message) pairs."""
 
     def __init__(self, message: str, errors: tuple[tuple[str, str], ...] = ()):
@@ -83,6 +92,8 @@ class MigrationOptions(_Strict):
     lft_lr: float = Field(9e-4, gt=0)
     lft_epochs: int = Field(1, ge=1)
     head_transform: HeadTransform = "lstsq"
+    vanilla_baseline: bool = False
+    eval_samples: int | None = Field(None, ge=1)
 
 
 class OptionOverrides(_Strict):
@@ -93,6 +104,21 @@ class OptionOverrides(_Strict):
     lft_lr: float | None = Field(None, gt=0)
     lft_epochs: int | None = Field(None, ge=1)
     head_transform: HeadTransform | None = None
+    vanilla_baseline: bool | None = None
+    eval_samples: int | None = Field(None, ge=1)
+
+
+class AnalysisOptions(_Strict):
+    """The pair analysis shared by the fleet: calibration text (None: built-in) and budgets."""
+
+    calibration_data: str | None = None
+    max_calibration_tokens: int = Field(2048, ge=8)
+    layer_offset: int | None = Field(None, ge=0)
+
+    @field_validator("calibration_data")
+    @classmethod
+    def _calibration_non_empty(cls, value: str | None) -> str | None:
+        return None if value is None else _non_empty_ref(value)
 
 
 def _non_empty_ref(value: str) -> str:
@@ -146,6 +172,7 @@ class FleetManifest(_Strict):
     new_model: str
     output_root: str
     defaults: MigrationOptions = Field(default_factory=MigrationOptions)
+    analysis: AnalysisOptions = Field(default_factory=AnalysisOptions)
     adapters: list[AdapterEntry] = Field(min_length=1)
 
     @field_validator("old_model", "new_model", "output_root")

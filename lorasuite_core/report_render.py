@@ -13,7 +13,8 @@ files, and so that this module never imports Prefect.
   significant digits, ``None`` / missing values as an empty cell.
 * Conventions: layer mappings are ``(old_layer, new_layer)`` pairs; in the CKA
   matrix rows are old-model layers and columns new-model layers; a head map is
-  ``{layer (str): [head permutation]}`` as produced by the head matching.
+  ``{layer (str): [head permutation]}`` (new head i <- old head perm[i]); (old, new)
+  pairs and the migration report's ``head_mapping`` entries are accepted as well.
 """
 
 from __future__ import annotations
@@ -71,9 +72,8 @@ def cka_heatmap_png(cka: np.ndarray, mapping: Sequence[tuple[int, int]], title: 
                         vmin=0.0, vmax=1.0, interpolation="nearest")
     if mapping:
         olds, news = zip(*mapping)
-        axes.scatter(news, olds, marker="s", s=36, facecolors="none", edgecolors="red",
-                     linewidths=1.5, label="mapped (old -> new)")
-        axes.legend(loc="upper left", fontsize="small", framealpha=0.8)
+        axes.scatter(news, olds, marker="s", s=36, facecolors="none", edgecolors="red", linewidths=1.5)
+        title = f"{title}\n(red squares: mapped old -> new layer pairs)"
     axes.set_xlabel("new model layer")
     axes.set_ylabel("old model layer")
     axes.set_xticks(_tick_positions(n_new))
@@ -146,22 +146,44 @@ def _compact_permutation(perm: Sequence[int], limit: int = 16) -> str:
     return f"[{shown}{', ...' if len(perm) > limit else ''}]"
 
 
-def head_mapping_summary(head_map: Mapping[str, Sequence[int]], similarity: Mapping[str, Any]) -> str:
+def _as_permutation(entry: Any) -> list[int]:
+    """Position = new head, value = old head, from a list of ints or of (old, new) pairs.
+
+    A migration-report entry (a dict with ``query_heads`` pairs) is accepted too.
+    """
+    if isinstance(entry, Mapping):
+        entry = entry.get("query_heads", [])
+    items = list(entry)
+    if items and isinstance(items[0], (list, tuple)):
+        return [int(old) for old, _new in sorted(items, key=lambda pair: pair[1])]
+    return [int(head) for head in items]
+
+
+def _layer_similarity(layer: Any, entry: Any, similarity: Mapping[str, Any]) -> float | None:
+    value = similarity.get(layer, similarity.get(_other_key(layer)))
+    if value is None and isinstance(entry, Mapping):
+        value = entry.get("head_similarity")
+    return _mean_similarity(value)
+
+
+def head_mapping_summary(head_map: Mapping[str, Any], similarity: Mapping[str, Any]) -> str:
     """Markdown summary of per-layer head permutations and their matched-head similarity.
 
-    ``similarity[layer]`` may be a number or a list/array of per-head similarities
-    (their mean is shown); missing layers get an empty cell.
+    ``head_map[layer]`` is a permutation (new head i <- old head perm[i]), a list of
+    (old, new) head pairs, or a migration-report entry with ``query_heads`` pairs.
+    ``similarity[layer]`` may be a number or per-head similarities (their mean is
+    shown); without it a report entry's ``head_similarity`` is used, else the cell is empty.
     """
     rows = []
     for layer in sorted(head_map, key=_layer_sort_key):
-        perm = [int(p) for p in head_map[layer]]
+        perm = _as_permutation(head_map[layer])
         moved = sum(1 for position, head in enumerate(perm) if position != head)
         rows.append({
             "layer": layer,
             "heads": len(perm),
             "moved": moved,
             "permutation": _compact_permutation(perm),
-            "mean similarity": _mean_similarity(similarity.get(layer, similarity.get(_other_key(layer)))),
+            "mean similarity": _layer_similarity(layer, head_map[layer], similarity),
         })
     permuted = sum(1 for row in rows if row["moved"])
     summary = f"{len(rows)} layer(s); {permuted} with a non-identity head permutation.\n\n"

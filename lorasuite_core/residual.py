@@ -39,6 +39,7 @@ from .loading import BaseModel
 from .vocab import SharedVocabulary
 
 TINY_GAIN = 1e-12
+MAX_FIT_TOKENS = 32768
 
 
 @dataclass(frozen=True)
@@ -51,15 +52,18 @@ class ResidualTransfer:
 
 
 def _lstsq_rank_limited(A: torch.Tensor, B: torch.Tensor, rank: int) -> torch.Tensor:
-    """Minimum-norm argmin ‖A X − B‖ over A's top ``rank`` singular directions (float64).
+    """Minimum-norm argmin ‖A X − B‖ over A's top ``rank`` principal directions (float64).
 
     A map between a d- and a D-dimensional stream has rank ≤ min(d, D). Limiting the solve to
     that many directions drops the rounding noise a float32/bf16 checkpoint leaves in the
-    directions a widened stream never uses — plain pinv would fit that noise.
+    directions a widened stream never uses — plain pinv would fit that noise. Solved through
+    the small Gram matrix AᵀA = V Λ Vᵀ: X = V_k Λ_k⁻¹ V_kᵀ AᵀB (n × D work once, then D × D).
     """
-    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
-    keep = min(rank, int((S > S[0] * 1e-10).sum()))
-    return Vh[:keep].T @ ((U[:, :keep].T @ B) / S[:keep, None])
+    eigenvalues, V = torch.linalg.eigh(A.T @ A)                  # ascending
+    eigenvalues, V = eigenvalues.flip(0), V.flip(1)
+    keep = min(rank, int((eigenvalues > eigenvalues[0] * 1e-14).sum()))
+    V_k = V[:, :keep]
+    return V_k @ ((V_k.T @ (A.T @ B)) / eigenvalues[:keep, None])
 
 
 def residual_transfer(old: BaseModel, new: BaseModel, shared: SharedVocabulary) -> ResidualTransfer:
@@ -69,11 +73,14 @@ def residual_transfer(old: BaseModel, new: BaseModel, shared: SharedVocabulary) 
             f"only {len(shared)} tokens are shared between the two vocabularies, fewer than the old "
             f"hidden size {d}: the residual-stream transfer matrix would be underdetermined"
         )
-    E_o = old.effective_embeddings()[torch.as_tensor(shared.old_ids)]   # n × d
-    E_n = new.effective_embeddings()[torch.as_tensor(shared.new_ids)]   # n × D
+    fit = slice(0, MAX_FIT_TOKENS)    # ids are in merge order: the most frequent tokens come first
+    E_o = old.effective_embeddings()[torch.as_tensor(shared.old_ids[fit])]   # n × d
+    E_n = new.effective_embeddings()[torch.as_tensor(shared.new_ids[fit])]   # n × D
     rank = min(d, new.dims.hidden)
-    P = _lstsq_rank_limited(E_n, E_o, rank).T                            # d × D
-    Q = _lstsq_rank_limited(E_o, E_n, rank).T                            # D × d
+    # contiguous: a transposed view multiplies in another BLAS order than the same matrix
+    # reloaded from disk, and the pipeline must reproduce the sequential run bit for bit
+    P = _lstsq_rank_limited(E_n, E_o, rank).T.contiguous()               # d × D
+    Q = _lstsq_rank_limited(E_o, E_n, rank).T.contiguous()               # D × d
     scale = float((E_n @ P.T).norm() / E_n.norm())
     return ResidualTransfer(
         P=P,

@@ -26,7 +26,7 @@ Design
   only weights are pickles is refused (:class:`UnsafeArtifactError`).  Downloads
   go to a temporary sibling that is renamed into place, so the cache never holds
   a partial directory; if the source carries a completion manifest, sizes and
-  sha256 are verified.
+  sha256 are verified (``require_complete=True`` also refuses a source without one).
 * **Atomic publication.** :func:`publish_dir_atomic` makes a finished directory
   appear all at once.  Locally: copy into a temporary sibling directory, write
   the completion manifest in it last, ``os.replace`` it into place.  Remotely:
@@ -67,6 +67,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 
+from lorasuite_core.errors import LorasuiteError
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -86,8 +88,8 @@ _HASH_CHUNK = 8 * 1024 * 1024
 # --------------------------------------------------------------------------- errors
 
 
-class StorageError(RuntimeError):
-    """Base class of this module's errors."""
+class StorageError(LorasuiteError, RuntimeError):
+    """Base class of this module's errors (user-facing: the CLI prints them as one line)."""
 
 
 class StorageUnavailableError(StorageError):
@@ -116,6 +118,10 @@ class UnsafeArtifactError(StorageError):
 
 class DestinationExistsError(StorageError):
     """The publication destination is not empty and overwrite was not requested."""
+
+
+class IncompleteArtifactError(StorageError):
+    """A directory required to be completely published has no completion manifest."""
 
 
 class IntegrityError(StorageError):
@@ -282,7 +288,7 @@ def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
         options["config_kwargs"] = {
             "connect_timeout": 10,
             "read_timeout": 120,
-            "retries": {"max_attempts": 2, "mode": "standard"},
+            "retries": {"total_max_attempts": 2, "mode": "standard"},
         }
     return options
 
@@ -502,8 +508,13 @@ def select_downloadable(uri: str, files: dict[str, dict[str, Any]]) -> dict[str,
 
 
 def materialize_dir(uri: str | os.PathLike, local_cache_root: str | os.PathLike | None = None, *,
-                    storage_options=None, retry: RetryPolicy | None = None) -> Path:
-    """Local path of a model/adapter directory, downloading a remote one once into the cache."""
+                    require_complete: bool = False, storage_options=None,
+                    retry: RetryPolicy | None = None) -> Path:
+    """Local path of a model/adapter directory, downloading a remote one once into the cache.
+
+    ``require_complete`` refuses a remote directory without a completion manifest
+    (use it for directories written by :func:`publish_dir_atomic`).
+    """
     fs, path = resolve(uri, storage_options)
     if is_local_fs(fs):
         local = Path(path)
@@ -514,6 +525,8 @@ def materialize_dir(uri: str | os.PathLike, local_cache_root: str | os.PathLike 
     files = _retry(lambda: _list_files(fs, path), retry, str(uri), "list")
     if not files:
         raise FileNotFoundError(f"no files under {safe_uri}")
+    if require_complete and COMPLETE_MARKER not in files:
+        raise IncompleteArtifactError(f"{safe_uri} has no {COMPLETE_MARKER}: not (yet) completely published")
     selected = select_downloadable(str(uri), files)
     if not selected:
         raise FileNotFoundError(f"no allowlisted files ({', '.join(ALLOWED_PATTERNS)}) under {safe_uri}")
@@ -762,3 +775,15 @@ def _best_effort(fn: Callable[[], Any], uri: str, what: str) -> None:
         fn()
     except Exception as error:  # noqa: BLE001 - cleanup must not mask the original error
         logger.warning("%s for %s failed: %s", what, redact_uri(uri), describe_error(error))
+
+
+def dir_is_empty(uri: str | os.PathLike, *, storage_options=None, retry: RetryPolicy | None = None) -> bool:
+    """True when nothing exists at ``uri`` or it is a directory without entries (a file is not empty)."""
+    fs, path = resolve(uri, storage_options)
+    if is_local_fs(fs):
+        local = Path(path)
+        return not local.is_file() and (not local.exists() or not any(local.iterdir()))
+    try:
+        return not _retry(lambda: _list_files(fs, path), retry, str(uri), "list")
+    except NotADirectoryError:
+        return False

@@ -227,7 +227,7 @@ def _draw_values(template: Template, rng: random.Random) -> tuple[dict[str, int]
 def _solution_text(template: Template, values: dict[str, int], results: list[int]) -> str:
     env: dict[str, int] = dict(values)
     sentences = []
-    for index, ((left, op, right), result) in enumerate(zip(template.steps, results), start=1):
+    for index, ((left, op, right), result) in enumerate(zip(template.steps, results, strict=True), start=1):
         sentences.append(f"{env[left]} {op} {env[right]} = {result}.")
         env[f"r{index}"] = result
     return " ".join(sentences) + f" The answer is {results[-1]}."

@@ -324,26 +324,21 @@ def _train_step(model, group: list[list[int]], examples, pad_id: int, device: to
     return total / len(group)
 
 
-def _run_training(peft_model, tokenizer, samples: Sequence[Sample], out_dir: str | Path,
-                  config: TrainConfig) -> TrainResult:
-    """Shared loop of LoRA training and LFT; saves the adapter (safetensors) and a JSON summary."""
-    if not samples:
-        raise ValueError("no training samples given")
-    start = time.perf_counter()
-    device = next(peft_model.parameters()).device
-    reset_cuda_peak(device)
-    examples = build_examples(tokenizer, samples, config.max_length)
-    generator = torch.Generator().manual_seed(config.seed)
-    steps_per_epoch = math.ceil(math.ceil(len(examples) / config.batch_size) / config.grad_accum)
-    total_steps = steps_per_epoch * config.epochs
+def _trainable_parameters(peft_model) -> list[torch.nn.Parameter]:
     params = [p for p in peft_model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (adapter not loaded as trainable?)")
+    return params
+
+
+def _optimise(peft_model, tokenizer, examples, params, config: TrainConfig, device: torch.device) -> list[float]:
+    """AdamW over seeded shuffled batches for ``config.epochs``; returns the loss of every optimizer step."""
+    generator = torch.Generator().manual_seed(config.seed)
+    steps_per_epoch = math.ceil(math.ceil(len(examples) / config.batch_size) / config.grad_accum)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = _scheduler(optimizer, config, total_steps)
-    peft_model.train()
+    scheduler = _scheduler(optimizer, config, steps_per_epoch * config.epochs)
     losses: list[float] = []
-    progress = tqdm(total=total_steps, desc="train", disable=not config.show_progress)
+    progress = tqdm(total=steps_per_epoch * config.epochs, desc="train", disable=not config.show_progress)
     for _epoch in range(config.epochs):
         for group in _groups(_batches(len(examples), config.batch_size, generator), config.grad_accum):
             losses.append(_train_step(peft_model, group, examples, tokenizer.pad_token_id, device))
@@ -355,6 +350,21 @@ def _run_training(peft_model, tokenizer, samples: Sequence[Sample], out_dir: str
             progress.update(1)
             progress.set_postfix(loss=f"{losses[-1]:.4f}")
     progress.close()
+    return losses
+
+
+def _run_training(peft_model, tokenizer, samples: Sequence[Sample], out_dir: str | Path,
+                  config: TrainConfig) -> TrainResult:
+    """Shared by LoRA training and LFT; saves the adapter (safetensors) and a JSON summary."""
+    if not samples:
+        raise ValueError("no training samples given")
+    start = time.perf_counter()
+    device = next(peft_model.parameters()).device
+    reset_cuda_peak(device)
+    examples = build_examples(tokenizer, samples, config.max_length)
+    params = _trainable_parameters(peft_model)
+    peft_model.train()
+    losses = _optimise(peft_model, tokenizer, examples, params, config, device)
     peft_model.eval()
     return _finish(peft_model, out_dir, config, losses, len(examples), params, start, device)
 

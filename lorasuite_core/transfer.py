@@ -78,8 +78,11 @@ class LayerTransfer:
         pairs = torch.as_tensor(self._unit_pairs(role), dtype=torch.long).reshape(-1, 2)
         a, b = pairs[:, 0], pairs[:, 1]
         old_units = X_o[a]
-        inverse = old_units.transpose(1, 2) if self.mode == "paper" else torch.linalg.pinv(old_units, rtol=1e-10)
-        M = X_n[b] @ inverse                                  # K × h_n × h_o
+        M = X_n[b] @ old_units.transpose(1, 2)                # K × h_n × h_o   (paper: stop here)
+        if self.mode == "lstsq":
+            # W̃⁺ = W̃ᵀ (W̃ W̃ᵀ)⁺ for each unit: an h × h pseudo-inverse instead of an h × D SVD
+            gram = old_units @ old_units.transpose(1, 2)
+            M = M @ torch.linalg.pinv(gram, hermitian=True, rtol=1e-12)
         out = torch.zeros_like(X_n)
         out[b] = M @ D_o[a]
         self.fit[role] = _rel(X_n[b] - M @ old_units, X_n[b])

@@ -8,7 +8,6 @@ b"the" and does not meet them. Special tokens are left out: their embeddings are
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -38,8 +37,8 @@ def _decoder_kind(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return "metaspace"
-    spec = json.loads(backend.to_str())
-    text = json.dumps(spec.get("decoder")) + json.dumps(spec.get("pre_tokenizer"))
+    parts = (backend.decoder, backend.pre_tokenizer)   # their JSON state, not the whole vocabulary's
+    text = "".join(part.__getstate__().decode() for part in parts if part is not None)
     return "byte_level" if "ByteLevel" in text else "metaspace"
 
 

@@ -9,3 +9,5 @@ import os
 import torch
 
 torch.set_num_threads(int(os.environ.get("LORASUITE_TEST_TORCH_THREADS", "1")))
+
+from tests.prefect_server import prefect_server  # noqa: E402,F401  (session fixture)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -18,6 +20,8 @@ from transformers import AutoModelForCausalLM
 from lorasuite_core.cli import main
 from lorasuite_core.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
 from tests.exactness import logits_over_shared_vocab, relative_max_error
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
 
 COMBINED = UpgradeSpec(fold_norms=True, rotate_residual=True, widen_residual=8, permute_heads=True,
                        kv_replication=2, permute_neurons=True, extra_neurons=8, identity_layers=(2,),

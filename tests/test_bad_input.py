@@ -12,6 +12,8 @@ from transformers import AutoModelForCausalLM
 from lorasuite_core.cli import main
 from lorasuite_core.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
 
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):

@@ -19,6 +19,8 @@ from lorasuite_core.cli import main
 from lorasuite_core.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
 from tests.exactness import logits_over_shared_vocab, relative_max_error
 
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
 TOLERANCE = 1e-4
 CALIBRATION_TOKENS = "768"
 

@@ -9,6 +9,7 @@ import pickle
 import pytest
 
 from lorasuite_core import storage
+from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.manifest import (
     BaseModelRelease,
     FleetManifest,
@@ -16,10 +17,7 @@ from lorasuite_core.manifest import (
     MigrationOptions,
 )
 
-try:
-    from tests.s3_server import s3_endpoint  # noqa: F401 - pytest fixture
-except ModuleNotFoundError:  # tests/ itself on sys.path (pytest rootdir-relative import)
-    from s3_server import s3_endpoint  # noqa: F401
+from tests.s3_server import s3_endpoint  # noqa: F401 - pytest fixture
 
 VALID_YAML = """\
 old_model: s3://bucket/models/old
@@ -107,7 +105,7 @@ def mutated(path: tuple, value=None, delete: bool = False) -> dict:
         (mutated(("colour",), "blue"), "colour: Extra inputs are not permitted"),
         (mutated(("defaults",), {"lft_samples": "many"}), "defaults.lft_samples: Input should be a valid integer"),
         (mutated(("adapters", 0, "overrides"), {"lft_lr": -1}), "adapters[0].overrides.lft_lr: Input should be greater than 0"),
-        (mutated(("adapters", 0, "overrides"), {"head_transform": "svd"}), "adapters[0].overrides.head_transform: Input should be"),
+        (mutated(("adapters", 0, "overrides"), {"head_transform": "procrustes"}), "adapters[0].overrides.head_transform: Input should be"),
         (mutated(("adapters", 1, "name"), 7), "adapters[1].name: Input should be a valid string"),
         (mutated(("adapters",), "not-a-list"), "adapters: Input should be a valid list"),
         (mutated(("adapters",), []), "adapters: List should have at least 1 item"),
@@ -133,6 +131,7 @@ def test_several_errors_are_all_reported():
         load_dict(data)
     assert [path for path, _ in info.value.errors] == ["adapters[0].name", "adapters[2].extra"]
     assert pickle.loads(pickle.dumps(info.value)).errors == info.value.errors
+    assert isinstance(info.value, LorasuiteError) and isinstance(info.value, ValueError)
 
 
 def test_unparseable_and_missing_files_give_manifest_errors(tmp_path):
@@ -159,3 +158,14 @@ def test_base_model_release_schema():
     assert event.fleet_manifest == "s3://b/fleet.yaml"
     with pytest.raises(Exception, match="Extra inputs are not permitted"):
         BaseModelRelease.model_validate({"previous_model": "a", "new_model": "b", "fleet_manifest": "c", "x": 1})
+
+
+def test_head_transform_choices_match_the_transfer_modes():
+    from typing import get_args
+
+    from lorasuite_core.manifest import HeadTransform
+
+    pytest.importorskip("torch")
+    from lorasuite_core.transfer import MODES
+
+    assert set(get_args(HeadTransform)) == set(MODES)

@@ -85,3 +85,10 @@ def test_evaluation_table_nested_and_flat():
     flat = evaluation_table({"perplexity": 12.34567, "samples": 100})
     assert "| perplexity | 12.35 |" in flat and "| samples | 100 |" in flat
     assert evaluation_table({}) == "_no evaluation results_\n"
+
+
+def test_head_mapping_summary_accepts_pairs_and_report_entries():
+    report_entry = {"old_layer": 3, "query_heads": [[1, 0], [0, 1]], "head_similarity": [0.5, 1.0]}
+    text = head_mapping_summary({"4": report_entry, "5": [[0, 0], [1, 1]]}, {})
+    assert "| 4 | 2 | 2 | [1, 0] | 0.75 |" in text
+    assert "| 5 | 2 | 0 | [0, 1] |  |" in text

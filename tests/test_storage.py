@@ -14,16 +14,14 @@ from lorasuite_core import storage
 from lorasuite_core.storage import (
     COMPLETE_MARKER,
     DestinationExistsError,
+    IncompleteArtifactError,
     IntegrityError,
     RetryPolicy,
     StorageUnavailableError,
     UnsafeArtifactError,
 )
 
-try:
-    from tests.s3_server import s3_endpoint, s3fs_filesystem  # noqa: F401 - pytest fixture
-except ModuleNotFoundError:  # tests/ itself on sys.path (pytest rootdir-relative import)
-    from s3_server import s3_endpoint, s3fs_filesystem  # noqa: F401
+from tests.s3_server import s3_endpoint, s3fs_filesystem  # noqa: F401 - pytest fixture
 
 FAST = RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.002)
 
@@ -316,6 +314,8 @@ def test_s3_pickle_only_directory_is_refused(s3_endpoint, tmp_path):
     cache = tmp_path / "cache"
     with pytest.raises(UnsafeArtifactError, match="safetensors is required"):
         storage.materialize_dir(uri, cache)
+    with pytest.raises(IncompleteArtifactError, match="not \\(yet\\) completely published"):
+        storage.materialize_dir(uri, cache, require_complete=True)
     assert not cache.exists() or not any(cache.iterdir())
 
 
@@ -335,7 +335,7 @@ def test_s3_fingerprints_change_when_an_object_changes(s3_endpoint):
 def test_unreachable_endpoint_raises_storage_unavailable(s3_endpoint, tmp_path):
     options = {
         "endpoint_url": f"http://127.0.0.1:{closed_port()}",
-        "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}},
+        "config_kwargs": {"connect_timeout": 1, "retries": {"total_max_attempts": 1}},
     }
     with pytest.raises(StorageUnavailableError) as info:
         storage.read_text("s3://lorasuite-test/any/file.json", storage_options=options, retry=FAST)
@@ -345,3 +345,10 @@ def test_unreachable_endpoint_raises_storage_unavailable(s3_endpoint, tmp_path):
     with pytest.raises(StorageUnavailableError):
         storage.publish_dir_atomic(make_adapter_dir(tmp_path / "src"), "s3://lorasuite-test/x",
                                    storage_options=options, retry=FAST)
+
+
+def test_storage_errors_are_user_facing_lorasuite_errors():
+    from lorasuite_core.errors import LorasuiteError
+
+    assert issubclass(StorageUnavailableError, LorasuiteError)
+    assert issubclass(UnsafeArtifactError, LorasuiteError)

@@ -1,0 +1,1 @@
+"""Deployments of the lorasuite flows: ``prefect.yaml`` (work pools) and ``serve.py`` (served from one process)."""

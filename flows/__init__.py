@@ -1,0 +1,22 @@
+"""Prefect flows of the lorasuite pipeline.
+
+Design
+------
+Flows orchestrate; the work is in the tasks (``tasks/``), which wrap ``lorasuite_core``.
+
+* ``migrate_adapter`` — one adapter; ``migrate_fleet`` — one model pair, many adapters (the
+  pair analysis runs once and is reused by every adapter); ``on_base_model_release`` — a new
+  base model plus a fleet manifest (``flows/migration.py``).
+* The pair analysis runs once per model pair and calibration set *across runs too*: its
+  stages are cached in the stage store (``lorasuite_core.stage_store``) under keys built from
+  model identities, the calibration hash and ``ALGORITHM_VERSION``.
+* Adapters fan out wave by wave; the per-layer transfer is a mapped task (``flows/pipeline.py``).
+* Artifacts: CKA heatmap, layer-mapping table, head-mapping summary, evaluation tables, fleet
+  progress and summary (``flows/artifacts.py``).
+* ``run_migrate_adapter`` / ``run_migrate_fleet`` (``flows/entrypoints.py``) are the plain-Python
+  entry points the CLI calls.
+"""
+from .entrypoints import run_migrate_adapter, run_migrate_fleet
+from .migration import migrate_adapter, migrate_fleet, on_base_model_release
+
+__all__ = ["migrate_adapter", "migrate_fleet", "on_base_model_release", "run_migrate_adapter", "run_migrate_fleet"]

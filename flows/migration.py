@@ -1,0 +1,142 @@
+"""The three flows: one adapter, a fleet of one model pair, and a base-model release event.
+
+* ``migrate-adapter`` — one adapter across one upgrade, optional LFT / evaluation.  An output
+  that is not empty is an error unless ``overwrite`` (as in ``lorasuite migrate``); checked
+  before any work.
+* ``migrate-fleet`` — a fleet manifest (YAML/JSON, local path or URI): the pair analysis runs
+  once, every adapter fans out.  Entries fail independently and the result lists which failed
+  and why; an entry whose output already holds a finished publication is skipped, so a
+  scheduled rerun only does what is missing.  A progress artifact follows the entries.
+* ``on-base-model-release`` — a new base model supersedes ``previous_model``: if the fleet
+  manifest's adapters were trained on ``previous_model``, migrate all of them to
+  ``new_model`` (outputs under ``output_root`` if given, else the manifest's); otherwise do
+  nothing.  Meant to be triggered by an event (see ``deployments/``).
+
+All three store stage results under ``cache_root`` (default ``$LORASUITE_CACHE_ROOT`` or
+``~/.cache/lorasuite/pipeline``) and reuse what is there; bad input raises
+:class:`~lorasuite_core.errors.LorasuiteError`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+
+import tasks
+from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.manifest import BaseModelRelease, FleetManifest, ManifestError
+from lorasuite_core.stages import EntryOptions
+from lorasuite_core.storage import redact_uri
+from tasks._support import forward_core_logs
+
+from . import artifacts
+from .pipeline import EntryRun, FleetResult, PipelineRun, entry_options
+
+
+def _entry_name(output: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", output.rstrip("/").rsplit("/", 1)[-1]).strip("-.")
+    return name or "adapter"
+
+
+@flow(name="migrate-adapter", description="Migrate one LoRA adapter to an upgraded base model.")
+def migrate_adapter(
+    old_model: str,
+    new_model: str,
+    adapter: str,
+    output: str,
+    lft: bool = False,
+    lft_data: str | None = None,
+    lft_samples: int = 100,
+    lft_lr: float = 9e-4,
+    lft_epochs: int = 1,
+    eval_data: str | None = None,
+    eval_samples: int | None = None,
+    vanilla_baseline: bool = False,
+    head_transform: Literal["lstsq", "paper"] = "lstsq",
+    calibration_data: str | None = None,
+    max_calibration_tokens: int = 2048,
+    layer_offset: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    cache_root: str | None = None,
+) -> dict[str, Any]:
+    """Returns the migration summary (output, layer mapping, steps, evaluation)."""
+    forward_core_logs()
+    options = EntryOptions(head_transform=head_transform, lft=lft, lft_data=lft_data, lft_samples=lft_samples,
+                           lft_lr=lft_lr, lft_epochs=lft_epochs, eval_data=eval_data, eval_samples=eval_samples,
+                           vanilla_baseline=vanilla_baseline and lft, seed=seed)
+    if not overwrite and tasks.check_output(output) != "empty":
+        raise LorasuiteError(f"output {redact_uri(output)} exists and is not empty; pass --overwrite to replace it")
+    run = PipelineRun(cache_root)
+    pair = run.analyse_pair(old_model, new_model, calibration_data, max_calibration_tokens, layer_offset)
+    entry = EntryRun(name=_entry_name(output), adapter=adapter, output=output, options=options)
+    run.migrate([entry], pair, overwrite=overwrite)
+    if entry.status != "published":
+        raise entry.exception or LorasuiteError(f"adapter {entry.name}: {entry.error}")
+    return entry.result(run.summary(entry, pair)).model_dump()
+
+
+def run_fleet(fleet: FleetManifest, *, overwrite: bool, cache_root: str | None) -> FleetResult:
+    """The fleet migration proper (inside a flow run): outputs checked, analysis once, entries fanned out."""
+    log = get_run_logger()
+    run = PipelineRun(cache_root)
+    entries = [EntryRun(name=e.name, adapter=e.adapter, output=fleet.output_uri(e), options=entry_options(fleet, e))
+               for e in fleet.adapters]
+    progress = artifacts.ProgressArtifact(
+        f"{len(entries)} adapter(s), {artifacts.pair_title(fleet.old_model, fleet.new_model)}")
+    run.check_outputs(entries, overwrite)
+    pair = None
+    if any(e.live for e in entries):
+        a = fleet.analysis
+        pair = run.analyse_pair(fleet.old_model, fleet.new_model, a.calibration_data, a.max_calibration_tokens,
+                                a.layer_offset)
+        run.migrate(entries, pair, overwrite=overwrite, on_progress=progress.update)
+    progress.update(100.0)
+    result = FleetResult(old_model=fleet.old_model, new_model=fleet.new_model, analysis=pair.steps if pair else {},
+                         entries=[e.result(run.summary(e, pair)) for e in entries])
+    summary = result.summary()
+    artifacts.fleet_summary_artifact(summary["entries"])
+    log.info("fleet: %d published, %d skipped, %d failed", len(summary["published"]), len(summary["skipped"]),
+             len(summary["failed"]))
+    return result
+
+
+@flow(name="migrate-fleet", description="Migrate every adapter of a fleet manifest; the pair analysis runs once.")
+def migrate_fleet(manifest: str, overwrite: bool = False, cache_root: str | None = None) -> dict[str, Any]:
+    """Returns the fleet summary: published / skipped / failed (with reasons) and per-entry summaries."""
+    forward_core_logs()
+    fleet = FleetManifest.load(manifest)
+    return run_fleet(fleet, overwrite=overwrite, cache_root=cache_root).summary()
+
+
+def same_reference(a: str, b: str) -> bool:
+    """Two model references name the same thing (trailing slashes, ``~`` and ``.`` segments ignored)."""
+    def norm(ref: str) -> str:
+        ref = ref.strip().rstrip("/")
+        return ref if "://" in ref else os.path.normpath(os.path.expanduser(ref))
+    return norm(a) == norm(b)
+
+
+@flow(name="on-base-model-release",
+      description="A new base model was released: migrate every fleet adapter trained on its predecessor.")
+def on_base_model_release(previous_model: str, new_model: str, fleet_manifest: str, output_root: str | None = None,
+                          overwrite: bool = False, cache_root: str | None = None) -> dict[str, Any]:
+    forward_core_logs()
+    log = get_run_logger()
+    release = BaseModelRelease(previous_model=previous_model, new_model=new_model, fleet_manifest=fleet_manifest)
+    fleet = FleetManifest.load(release.fleet_manifest)
+    if not same_reference(fleet.old_model, release.previous_model):
+        note = (f"fleet {redact_uri(release.fleet_manifest)} holds adapters of {redact_uri(fleet.old_model)}, "
+                f"not of {redact_uri(release.previous_model)}: nothing to migrate")
+        log.info(note)
+        return FleetResult(old_model=release.previous_model, new_model=release.new_model, note=note).summary()
+    update = {"new_model": release.new_model, **({"output_root": output_root} if output_root else {})}
+    try:
+        fleet = FleetManifest.model_validate({**fleet.model_dump(), **update})
+    except ValueError as error:
+        raise ManifestError(f"release of {redact_uri(release.new_model)}: {error}") from None
+    log.info("release: migrating %d adapter(s) from %s to %s", len(fleet.adapters), redact_uri(fleet.old_model),
+             redact_uri(fleet.new_model))
+    return run_fleet(fleet, overwrite=overwrite, cache_root=cache_root).summary()

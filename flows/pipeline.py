@@ -1,0 +1,368 @@
+"""Orchestration shared by the flows: the pair analysis once, then adapters fanned out in waves.
+
+Design
+------
+* :class:`PipelineRun` holds one flow run's storage (stage store + Prefect result storage, see
+  :mod:`flows.settings`) and the tasks configured with that result storage.
+* :meth:`PipelineRun.analyse_pair` identifies the pair, submits the six analysis tasks as a
+  graph (the vocabulary/transfer-matrix branch runs beside the activations/CKA/mapping branch),
+  waits, and creates the analysis artifacts.  A failing stage fails the flow: without the pair
+  analysis no adapter can move.
+* :meth:`PipelineRun.migrate` advances every adapter entry through the same waves — ``load``
+  (plan + fit check), ``transfer`` (``transfer_layer.map`` over the adapter's new layers),
+  ``write`` (assemble), ``train`` (LFT / vanilla baseline, if asked), ``eval`` (if data),
+  ``publish``.  A wave submits the work of all live entries before waiting on any, so entries
+  (and the layers of each) run side by side on the task runner.  A failure fails only its
+  entry, with the stage and the error's message; the other entries go on.
+* Report ``steps``: per stage ``{"cache": "computed" | "reused", "seconds"}``.  Reused means a
+  Prefect cache hit (``Cached`` state) or a complete store entry found by the stage itself.
+  Seconds: the time spent inside the stage in this run — computing, or finding and reading its
+  stored output; 0 for a Prefect cache hit, where the stage did not run at all.  Orchestration
+  overhead is not counted.  Per-layer and per-row parts are summed.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Callable, Iterable
+
+from prefect import get_run_logger, unmapped
+from prefect.futures import PrefectFuture
+from pydantic import BaseModel
+
+import tasks
+from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.manifest import AdapterEntry, FleetManifest
+from lorasuite_core.stage_store import StageResult
+from lorasuite_core.stages import PAIR_STAGES, AdapterPlan, EntryOptions, PairPlan
+from lorasuite_core.storage import describe_error, redact_uri
+
+from . import artifacts
+from .settings import RunStorage, resolve_run_storage
+
+STORE_TASK_NAMES = ("vocabulary", "transfer_matrix", "activations", "cka", "layer_mapping", "head_similarity",
+                    "transfer_layer", "assemble", "light_finetune", "vanilla_baseline", "evaluate")
+PLAIN_TASK_NAMES = ("identify_pair", "check_output", "plan_adapter", "publish")
+ENTRY_STEPS = ("transfer", "write", "lft", "vanilla_baseline", "eval")
+
+
+# --------------------------------------------------------------------------- timing
+
+
+@dataclass(frozen=True)
+class Part:
+    cache: str      # "computed" | "reused"
+    seconds: float
+
+
+def combine(parts: Iterable[Part]) -> dict[str, Any]:
+    parts = list(parts)
+    cache = "computed" if any(p.cache == "computed" for p in parts) else "reused"
+    return {"cache": cache, "seconds": round(sum(p.seconds for p in parts), 4)}
+
+
+def outcome(future: PrefectFuture) -> tuple[Part, Any]:
+    """The future's result (raising its exception on failure) and how this run obtained it."""
+    result = future.result()
+    if future.state.name == "Cached":
+        return Part("reused", 0.0), result
+    if isinstance(result, StageResult):
+        return Part("reused" if result.reused else "computed", round(result.seconds, 4)), result
+    return Part("computed", round(getattr(result, "seconds", 0.0), 4)), result
+
+
+# --------------------------------------------------------------------------- entries and results
+
+
+class EntryResult(BaseModel):
+    name: str
+    adapter: str
+    output: str
+    status: str                      # published | skipped | failed
+    error: str | None = None         # failed: "<stage>: <message>"
+    note: str | None = None          # skipped: why
+    summary: dict[str, Any] = {}
+
+
+class FleetResult(BaseModel):
+    old_model: str
+    new_model: str
+    analysis: dict[str, Any] = {}
+    entries: list[EntryResult] = []
+    note: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "old_model": redact_uri(self.old_model), "new_model": redact_uri(self.new_model),
+            "analysis": self.analysis, "note": self.note,
+            "published": [e.name for e in self.entries if e.status == "published"],
+            "skipped": [{"name": e.name, "note": e.note} for e in self.entries if e.status == "skipped"],
+            "failed": [{"name": e.name, "error": e.error} for e in self.entries if e.status == "failed"],
+            "entries": [e.model_dump() for e in self.entries],
+        }
+
+
+@dataclass
+class EntryRun:
+    """One adapter's way through the waves."""
+
+    name: str
+    adapter: str
+    output: str
+    options: EntryOptions
+    status: str = "running"
+    error: str | None = None
+    note: str | None = None
+    exception: BaseException | None = field(default=None, repr=False)
+    plan: AdapterPlan | None = None
+    stored: dict[str, StageResult] = field(default_factory=dict)   # "migrated", "lft", "vanilla"
+    evals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    parts: dict[str, list[Part]] = field(default_factory=lambda: defaultdict(list))
+    waves: int = 0
+    published: str | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.status == "running"
+
+    def fail(self, step: str, error: BaseException) -> None:
+        message = str(error) if isinstance(error, (LorasuiteError, LayerError)) else describe_error(error)
+        cause = error.cause if isinstance(error, LayerError) else error
+        self.status, self.error, self.exception = "failed", f"{step}: {message}", cause
+
+    def planned_waves(self) -> int:
+        plan = self.plan
+        train = bool(plan and (plan.lft or plan.vanilla))
+        return 4 + int(train) + int(bool(plan and plan.evals))
+
+    def progress(self) -> float:
+        return 1.0 if not self.live else min(1.0, self.waves / self.planned_waves())
+
+    def steps(self, pair_steps: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        steps = {"load": combine(self.parts["load"]), **pair_steps}
+        steps.update({step: combine(self.parts[step]) for step in ENTRY_STEPS if self.parts.get(step)})
+        return steps
+
+    def result(self, summary: dict[str, Any] | None = None) -> EntryResult:
+        return EntryResult(name=self.name, adapter=redact_uri(self.adapter), output=redact_uri(self.output),
+                           status=self.status, error=self.error, note=self.note, summary=summary or {})
+
+
+def entry_options(fleet: FleetManifest, entry: AdapterEntry) -> EntryOptions:
+    o = fleet.effective_options(entry)
+    return EntryOptions(head_transform=o.head_transform, lft=o.lft, lft_data=entry.lft_data,
+                        lft_samples=o.lft_samples, lft_lr=o.lft_lr, lft_epochs=o.lft_epochs,
+                        eval_data=entry.eval_data, eval_samples=o.eval_samples,
+                        vanilla_baseline=o.vanilla_baseline and entry.lft_data is not None)
+
+
+@dataclass
+class PairRun:
+    plan: PairPlan
+    results: dict[str, StageResult]
+    steps: dict[str, dict[str, Any]]
+
+    @property
+    def analysis(self) -> StageResult:
+        return self.results["head_similarity"]
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class PipelineRun:
+    """One flow run's storage, and configured tasks; see the module docstring."""
+
+    def __init__(self, cache_root: str | None):
+        self.storage: RunStorage = resolve_run_storage(cache_root)
+        self.store = self.storage.store
+        configured = {name: getattr(tasks, name).with_options(result_storage=self.storage.result_storage)
+                      for name in STORE_TASK_NAMES}
+        self.t = SimpleNamespace(**configured, **{name: getattr(tasks, name) for name in PLAIN_TASK_NAMES})
+        self.log = get_run_logger()
+        self.log.info("stage store: %s", redact_uri(self.store))
+
+    # ----------------------------------------------------------------- pair analysis
+
+    def analyse_pair(self, old_model: str, new_model: str, calibration_data: str | None,
+                     max_calibration_tokens: int, layer_offset: int | None) -> PairRun:
+        t, s = self.t, self.store
+        plan = t.identify_pair(old_model, new_model, calibration_data, max_calibration_tokens, layer_offset)
+        f: dict[str, PrefectFuture] = {}
+        f["vocabulary"] = t.vocabulary.submit(s, plan)
+        f["activations"] = t.activations.submit(s, plan)
+        f["transfer_matrix"] = t.transfer_matrix.submit(s, plan, f["vocabulary"])
+        f["cka"] = t.cka.submit(s, plan, f["activations"])
+        f["layer_mapping"] = t.layer_mapping.submit(s, plan, f["cka"])
+        upstream = [f[name] for name in ("vocabulary", "transfer_matrix", "activations", "cka", "layer_mapping")]
+        f["head_similarity"] = t.head_similarity.submit(s, plan, *upstream)
+        results, steps = {}, {}
+        for stage in PAIR_STAGES:
+            part, results[stage] = outcome(f[stage])
+            steps[stage] = combine([part])
+        reused = [stage for stage in PAIR_STAGES if steps[stage]["cache"] == "reused"]
+        self.log.info("pair analysis: %d/%d stages reused (%s)", len(reused), len(PAIR_STAGES), ", ".join(reused) or "none")
+        artifacts.analysis_artifacts(old_model, new_model, results["layer_mapping"], results["head_similarity"])
+        return PairRun(plan, results, steps)
+
+    # ----------------------------------------------------------------- entries
+
+    def check_outputs(self, entries: list[EntryRun], overwrite: bool) -> None:
+        """Fleet rule: a finished publication is skipped (idempotent reruns), other content fails the entry."""
+        if overwrite:
+            return
+        futures = {e.name: self.t.check_output.submit(e.output) for e in entries}
+        for e in entries:
+            try:
+                status = futures[e.name].result()
+            except Exception as error:  # noqa: BLE001 - recorded on the entry
+                e.fail("output", error)
+                continue
+            if status == "complete":
+                e.status, e.note = "skipped", f"already published at {redact_uri(e.output)} (pass overwrite to redo)"
+            elif status == "occupied":
+                e.fail("output", LorasuiteError(f"output {redact_uri(e.output)} exists and is not empty; pass overwrite"))
+
+    def migrate(self, entries: list[EntryRun], pair: PairRun, *, overwrite: bool,
+                on_progress: Callable[[float], None] | None = None) -> None:
+        waves = (("load", self._plan), ("transfer", self._transfer), ("write", self._assemble),
+                 ("train", self._train), ("eval", self._evaluate), ("publish", lambda e, p: self._publish(e, p, overwrite)))
+        for step, submit in waves:
+            self._wave(entries, pair, step, submit)
+            if on_progress:
+                on_progress(100.0 * sum(e.progress() for e in entries) / len(entries))
+        for e in entries:
+            if e.status == "failed":
+                self.log.error("adapter %s failed at %s", e.name, e.error)
+
+    def _wave(self, entries: list[EntryRun], pair: PairRun, step: str,
+              submit: Callable[[EntryRun, PairRun], Callable[[], None] | None]) -> None:
+        collectors = {}
+        for e in entries:
+            if e.live:
+                try:
+                    collectors[e.name] = submit(e, pair)
+                except Exception as error:  # noqa: BLE001 - a submission error fails this entry only
+                    e.fail(step, error)
+        for e in entries:
+            collect = collectors.get(e.name)
+            if collect is None or not e.live:
+                continue
+            try:
+                collect()
+                e.waves += 1
+            except Exception as error:  # noqa: BLE001 - recorded on the entry
+                e.fail(step, error)
+
+    def _plan(self, e: EntryRun, pair: PairRun):
+        future = self.t.plan_adapter.submit(pair.plan, pair.analysis, e.name, e.adapter, e.options)
+
+        def collect():
+            part, e.plan = outcome(future)
+            e.parts["load"].append(part)
+        return collect
+
+    def _transfer(self, e: EntryRun, pair: PairRun):
+        futures = self.t.transfer_layer.map(unmapped(self.store), unmapped(pair.plan), unmapped(pair.analysis),
+                                            unmapped(e.plan), e.plan.layers)
+
+        def collect():
+            layers, first_error = [], None
+            for job, future in zip(e.plan.layers, futures):
+                try:
+                    part, result = outcome(future)
+                except Exception as error:  # noqa: BLE001 - wait for every layer, report the first failure
+                    first_error = first_error or LayerError(job.new_layer, error)
+                    continue
+                e.parts["transfer"].append(part)
+                layers.append(result)
+            if first_error:
+                raise first_error
+            e.stored["layers"] = layers
+        return collect
+
+    def _assemble(self, e: EntryRun, pair: PairRun):
+        future = self.t.assemble.submit(self.store, pair.plan, pair.analysis, e.plan, e.stored.pop("layers"))
+        return self._collect_into(e, "write", "migrated", future)
+
+    def _train(self, e: EntryRun, pair: PairRun):
+        collectors = []
+        if e.plan.lft:
+            future = self.t.light_finetune.submit(self.store, pair.plan, e.plan, e.stored["migrated"])
+            collectors.append(self._collect_into(e, "lft", "lft", future))
+        if e.plan.vanilla:
+            future = self.t.vanilla_baseline.submit(self.store, pair.plan, e.plan)
+            collectors.append(self._collect_into(e, "vanilla_baseline", "vanilla", future))
+        return (lambda: [collect() for collect in collectors]) if collectors else None
+
+    def _evaluate(self, e: EntryRun, pair: PairRun):
+        if not e.plan.evals:
+            return None
+        futures = {job.row: self.t.evaluate.submit(self.store, pair.plan, e.plan, job, e.stored.get(job.adapter or ""))
+                   for job in e.plan.evals}
+
+        def collect():
+            for row, future in futures.items():
+                part, result = outcome(future)
+                e.parts["eval"].append(part)
+                e.evals[row] = result.facts
+            artifacts.evaluation_artifact(e.name, e.evals)
+        return collect
+
+    def _publish(self, e: EntryRun, pair: PairRun, overwrite: bool):
+        source = e.stored.get("lft") or e.stored["migrated"]
+        future = self.t.publish.submit(self.store, e.name, source, e.output, self.report_updates(e, pair),
+                                       overwrite=overwrite)
+
+        def collect():
+            e.published, e.status = future.result(), "published"
+        return collect
+
+    def _collect_into(self, e: EntryRun, step: str, slot: str, future: PrefectFuture):
+        def collect():
+            part, e.stored[slot] = outcome(future)
+            e.parts[step].append(part)
+        return collect
+
+    # ----------------------------------------------------------------- reporting
+
+    def report_updates(self, e: EntryRun, pair: PairRun) -> dict[str, Any]:
+        """What the published migration_report.json gets on top of the assembled report."""
+        from prefect.runtime import flow_run
+
+        updates: dict[str, Any] = {"steps": e.steps(pair.steps), "pipeline": {
+            "flow_run_id": str(flow_run.id), "stage_store": redact_uri(self.store),
+            "keys": {**pair.plan.stage_keys, "migrated": e.plan.migrated_key}}}
+        if "lft" in e.stored:
+            updates["light_finetune"] = {k: v for k, v in e.stored["lft"].facts.items() if k != "losses"}
+        if "vanilla" in e.stored:
+            updates["vanilla_baseline"] = {k: v for k, v in e.stored["vanilla"].facts.items() if k != "losses"}
+        if e.evals:
+            updates["evaluation"] = {row: {k: f[k] for k in ("accuracy", "ci_low", "ci_high", "n", "correct")}
+                                     for row, f in e.evals.items()}
+        return updates
+
+    def summary(self, e: EntryRun, pair: PairRun | None) -> dict[str, Any]:
+        if e.status != "published" or pair is None:
+            return {}
+        steps = e.steps(pair.steps)
+        migrated = e.stored["migrated"].facts
+        return {
+            "output": redact_uri(e.published or e.output),
+            "shared_vocabulary_size": pair.analysis.facts["shared_vocabulary_size"],
+            "layer_mapping": pair.analysis.facts["layer_mapping"],
+            "max_refactorisation_residual": migrated["max_refactorisation_residual"],
+            "seconds": round(sum(s["seconds"] for s in steps.values()), 2),
+            "steps": steps,
+            "evaluation": {row: f["accuracy"] for row, f in e.evals.items()},
+        }
+
+
+class LayerError(Exception):
+    """A per-layer transfer failed (after its retries): names the layer; :attr:`cause` is the original error."""
+
+    def __init__(self, new_layer: int, cause: BaseException):
+        detail = str(cause) if isinstance(cause, LorasuiteError) else describe_error(cause)
+        super().__init__(f"new layer {new_layer}: {detail}")
+        self.new_layer, self.cause = new_layer, cause

@@ -1,0 +1,572 @@
+"""Migration stages as plain functions over references and store entries (wrapped by ``tasks/``).
+
+Design
+------
+The sequential :func:`lorasuite_core.migrate.migrate` is cut into stages whose inputs and
+outputs are *references* — model/adapter/data paths or URIs and entries of a
+:class:`~lorasuite_core.stage_store.StageStore` — so that each stage can run as its own job,
+on any worker, and be reused when its entry already exists.  Arrays live in the entries'
+files (safetensors); stages exchange only :class:`~lorasuite_core.stage_store.StageResult`
+(URI + small facts).  Never imports Prefect.
+
+Pair analysis (adapter-independent; computed once per model pair and calibration set)::
+
+    plan_pair        identities of both models and of the calibration text; every stage key
+    vocabulary       (old, new)                         shared token ids
+    transfer_matrix  (vocabulary)                       residual maps P, Q
+    activations      (old, new, calibration, budget)    paired hidden states
+    cka              (activations)                      CKA of layer updates and of states
+    layer_mapping    (cka, offset)                      monotone old -> new layer map
+    head_similarity  (transfer_matrix, layer_mapping)   head/neuron matching of every mapped pair;
+                                                        writes the whole PairAnalysis (analysis_store)
+
+Per adapter::
+
+    plan_adapter     load + fit check, adapter identity, the per-new-layer jobs and every key
+    transfer_layer   (analysis, adapter, new layer, sources, mode)   one NewLayerResult  [fan-out unit]
+    assemble         (analysis, adapter, mode, refs)    PEFT directory + migration_report.json
+    light_finetune   (migrated, data, hyper-parameters) LFT of the migrated adapter      [optional]
+    vanilla_baseline (new model, data, hyper-parameters) fresh LoRA for comparison       [optional]
+    evaluate         (model, adapter entry, data, n)    accuracy                         [optional]
+    publish          not stored: copy to the output, report patched, completion manifest last
+
+Keys (:func:`~lorasuite_core.stage_store.stage_key`) chain: a stage's key includes the keys
+of the entries it reads, so the adapter produced from reused entries is bit-identical to the
+one :func:`~lorasuite_core.migrate.migrate` writes.  Loaded models, adapters and analyses are
+memoised per process by identity, because a worker runs many per-layer jobs of one pair.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel as Schema
+from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
+from safetensors.torch import load_file, save_file
+
+from . import storage
+from .activations import PairedActivations, builtin_calibration_texts, paired_activations, read_calibration_file
+from .analysis_store import load_analysis, save_analysis
+from .cka import minibatch_cka
+from .errors import LorasuiteError
+from .layer_mapping import map_layers
+from .layer_results import load_layer_result, save_layer_result
+from .loading import BaseModel, LoraAdapter, load_base_model, load_lora_adapter, resolve_local_dir
+from .migrate import (REPORT_NAME, MigrationOptions, PairAnalysis, StageLog, adapter_config, adapter_tensors,
+                      build_report, check_adapter_fits, combine_layers, match_layer_pair, sources_by_new_layer,
+                      transfer_new_layer, write_adapter_dir)
+from .residual import ResidualTransfer, residual_transfer
+from .stage_store import (ADAPTER_PATTERNS, StageResult, StageStore, artifact_identity, data_identity, stage_key,
+                          texts_identity)
+from .vocab import SharedVocabulary, shared_vocabulary
+
+log = logging.getLogger(__name__)
+
+PAIR_STAGES = ("vocabulary", "transfer_matrix", "activations", "cka", "layer_mapping", "head_similarity")
+PUBLISHED_EXTRA = ("training_summary.json",)
+
+
+# --------------------------------------------------------------------------- memoised loading
+
+
+@lru_cache(maxsize=8)
+def _model(ref: str, identity: str) -> BaseModel:
+    return load_base_model(ref)
+
+
+@lru_cache(maxsize=16)
+def _adapter(ref: str, identity: str, old_ref: str, old_identity: str) -> LoraAdapter:
+    try:
+        return load_lora_adapter(ref, _model(old_ref, old_identity).family)
+    except FileNotFoundError:
+        raise LorasuiteError(f"adapter {storage.redact_uri(ref)} does not exist") from None
+
+
+@lru_cache(maxsize=4)
+def _analysis(local_dir: str) -> PairAnalysis:
+    analysis = load_analysis(local_dir)
+    return replace(analysis, residual=computed_layout(analysis.residual))
+
+
+class _ToyModel:
+    """Just enough of a BaseModel for residual_transfer: hidden size and embeddings."""
+
+    def __init__(self, embeddings: torch.Tensor):
+        self.dims = SimpleNamespace(hidden=embeddings.shape[1])
+        self._embeddings = embeddings
+
+    def effective_embeddings(self) -> torch.Tensor:
+        return self._embeddings
+
+
+@lru_cache(maxsize=1)
+def _residual_layout_is_transposed() -> bool:
+    g = torch.Generator().manual_seed(0)
+    old, new = torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
+    ids = np.arange(6, dtype=np.int64)
+    P = residual_transfer(_ToyModel(old), _ToyModel(new), SharedVocabulary(ids, ids)).P
+    return not P.is_contiguous() and P.T.is_contiguous()
+
+
+def computed_layout(rt: ResidualTransfer) -> ResidualTransfer:
+    """``rt`` with P and Q in the memory layout :func:`residual_transfer` gives them.
+
+    Loaded arrays are contiguous; residual_transfer currently returns transposed views. Matmul
+    results depend on the operands' layout in the last bit, and the SVD of a transferred delta can
+    flip the signs of a factor pair on such a difference, so a reloaded analysis would give a
+    (numerically equivalent but) not bit-identical adapter. The layout is probed once on a toy
+    problem, so this follows residual_transfer if it ever returns contiguous tensors.
+    """
+    if not _residual_layout_is_transposed():
+        return replace(rt, P=rt.P.contiguous(), Q=rt.Q.contiguous())
+    return replace(rt, P=rt.P.T.contiguous().T, Q=rt.Q.T.contiguous().T)
+
+
+def clear_memo() -> None:
+    """Forget memoised models, adapters and analyses (tests, long-lived workers)."""
+    for cached in (_model, _adapter, _analysis):
+        cached.cache_clear()
+
+
+# --------------------------------------------------------------------------- pair analysis
+
+
+class PairPlan(Schema):
+    """Both models, the calibration set and the key of every pair-analysis stage."""
+
+    old_model: str
+    new_model: str
+    old_identity: str
+    new_identity: str
+    calibration_data: str | None
+    calibration_identity: str
+    max_calibration_tokens: int
+    layer_offset: int | None
+    stage_keys: dict[str, str]
+
+    def old(self) -> BaseModel:
+        return _model(self.old_model, self.old_identity)
+
+    def new(self) -> BaseModel:
+        return _model(self.new_model, self.new_identity)
+
+
+def calibration_texts(ref: str | None) -> list[str]:
+    return read_calibration_file(ref) if ref else builtin_calibration_texts()
+
+
+def plan_pair(old_model: str, new_model: str, calibration_data: str | None = None,
+              max_calibration_tokens: int = 2048, layer_offset: int | None = None) -> PairPlan:
+    """Identify both models (file listings, not tensors) and the calibration text; derive the keys."""
+    if max_calibration_tokens < 8:
+        raise LorasuiteError(f"max_calibration_tokens must be >= 8, not {max_calibration_tokens}")
+    old_id = artifact_identity(old_model, "model")
+    new_id = artifact_identity(new_model, "model")
+    calibration = texts_identity(calibration_texts(calibration_data))
+    keys = {"vocabulary": stage_key("vocabulary", old=old_id, new=new_id)}
+    keys["transfer_matrix"] = stage_key("transfer_matrix", vocabulary=keys["vocabulary"])
+    keys["activations"] = stage_key("activations", old=old_id, new=new_id, calibration=calibration,
+                                    max_tokens=max_calibration_tokens)
+    keys["cka"] = stage_key("cka", activations=keys["activations"])
+    keys["layer_mapping"] = stage_key("layer_mapping", cka=keys["cka"], offset=layer_offset)
+    keys["head_similarity"] = stage_key("head_similarity", transfer_matrix=keys["transfer_matrix"],
+                                        layer_mapping=keys["layer_mapping"], activations=keys["activations"])
+    return PairPlan(old_model=old_model, new_model=new_model, old_identity=old_id, new_identity=new_id,
+                    calibration_data=calibration_data, calibration_identity=calibration,
+                    max_calibration_tokens=max_calibration_tokens, layer_offset=layer_offset, stage_keys=keys)
+
+
+def _load_vocabulary(store: StageStore, uri: str) -> SharedVocabulary:
+    arrays = load_file(store.local_dir(uri) / "vocabulary.safetensors")
+    return SharedVocabulary(arrays["old_ids"].numpy(), arrays["new_ids"].numpy())
+
+
+def _load_transfer(store: StageStore, uri: str) -> ResidualTransfer:
+    arrays = load_file(store.local_dir(uri) / "transfer_matrix.safetensors")
+    facts = store.facts(uri)
+    return computed_layout(ResidualTransfer(arrays["P"], arrays["Q"], facts["scale"], facts["fit_residual_old"],
+                                            facts["fit_residual_new"]))
+
+
+def _load_numpy(store: StageStore, uri: str, name: str) -> dict[str, np.ndarray]:
+    return load_numpy(store.local_dir(uri) / name)
+
+
+def vocabulary(store: StageStore, plan: PairPlan) -> StageResult:
+    def compute(out: Path) -> dict:
+        shared = shared_vocabulary(plan.old().tokenizer(), plan.new().tokenizer())
+        save_file({"old_ids": torch.from_numpy(shared.old_ids), "new_ids": torch.from_numpy(shared.new_ids)},
+                  out / "vocabulary.safetensors")
+        return {"shared_vocabulary_size": len(shared)}
+
+    return store.run("vocabulary", plan.stage_keys["vocabulary"], compute)
+
+
+def transfer_matrix(store: StageStore, plan: PairPlan, vocabulary_uri: str) -> StageResult:
+    def compute(out: Path) -> dict:
+        rt = residual_transfer(plan.old(), plan.new(), _load_vocabulary(store, vocabulary_uri))
+        save_file({"P": rt.P.contiguous(), "Q": rt.Q.contiguous()}, out / "transfer_matrix.safetensors")
+        return {"scale": rt.scale, "fit_residual_old": rt.fit_residual_old, "fit_residual_new": rt.fit_residual_new}
+
+    return store.run("transfer_matrix", plan.stage_keys["transfer_matrix"], compute)
+
+
+def activations(store: StageStore, plan: PairPlan) -> StageResult:
+    def compute(out: Path) -> dict:
+        texts = calibration_texts(plan.calibration_data)
+        if texts_identity(texts) != plan.calibration_identity:
+            raise LorasuiteError(f"calibration data {plan.calibration_data} changed during the run; rerun")
+        acts = paired_activations(plan.old(), plan.new(), texts, max_tokens=plan.max_calibration_tokens,
+                                  progress=False)
+        save_numpy({"old_states": np.ascontiguousarray(acts.old_states),
+                    "new_states": np.ascontiguousarray(acts.new_states)}, out / "activations.safetensors")
+        return {"texts": acts.num_texts, "paired_tokens": acts.num_tokens}
+
+    return store.run("activations", plan.stage_keys["activations"], compute)
+
+
+def cka(store: StageStore, plan: PairPlan, activations_uri: str) -> StageResult:
+    def compute(out: Path) -> dict:
+        states = _load_numpy(store, activations_uri, "activations.safetensors")
+        old, new = states["old_states"], states["new_states"]
+        updates = minibatch_cka(PairedActivations.updates(old), PairedActivations.updates(new))
+        hidden = minibatch_cka(old, new)
+        save_numpy({"cka_updates": np.ascontiguousarray(updates), "cka_states": np.ascontiguousarray(hidden)},
+                   out / "cka.safetensors")
+        return {"shape": list(updates.shape)}
+
+    return store.run("cka", plan.stage_keys["cka"], compute)
+
+
+def layer_mapping(store: StageStore, plan: PairPlan, cka_uri: str) -> StageResult:
+    def compute(out: Path) -> dict:
+        updates = _load_numpy(store, cka_uri, "cka.safetensors")["cka_updates"]
+        mapping = map_layers(updates, plan.layer_offset)
+        return {"layer_mapping": [[i, j] for i, j in mapping], "cka": updates.round(6).tolist()}
+
+    return store.run("layer_mapping", plan.stage_keys["layer_mapping"], compute)
+
+
+def head_mapping_entries(analysis: PairAnalysis) -> dict[str, dict[str, Any]]:
+    """Per new layer: the old layer, head/kv assignments and similarities (the report's head_mapping)."""
+    heads = {}
+    for i, j in analysis.layer_mapping:
+        m = analysis.matches[i]
+        heads[str(j)] = {
+            "old_layer": i,
+            "query_heads": [[a, b] for a, b in m.head_pairs],
+            "kv_heads": [[a, b] for a, b in m.kv_pairs],
+            "head_similarity": [round(float(m.head_similarity[a, b]), 6) for a, b in m.head_pairs],
+            "neuron_similarity_mean": round(m.neuron_similarity_mean, 6),
+        }
+    return heads
+
+
+def head_similarity(store: StageStore, plan: PairPlan, vocabulary_uri: str, transfer_uri: str,
+                    activations_uri: str, cka_uri: str, mapping_uri: str) -> StageResult:
+    """Match heads and neurons of every mapped layer pair; store the complete PairAnalysis."""
+
+    def compute(out: Path) -> dict:
+        old, new = plan.old(), plan.new()
+        rt = _load_transfer(store, transfer_uri)
+        matrices = _load_numpy(store, cka_uri, "cka.safetensors")
+        mapping = [(int(i), int(j)) for i, j in store.facts(mapping_uri)["layer_mapping"]]
+        analysis = PairAnalysis(_load_vocabulary(store, vocabulary_uri), rt, matrices["cka_updates"],
+                                matrices["cka_states"], mapping, calibration=store.facts(activations_uri))
+        for i, j in mapping:
+            analysis.matches[i] = match_layer_pair(old, new, rt, i, j)
+        save_analysis(analysis, out)
+        return {"layer_mapping": [[i, j] for i, j in mapping], "head_mapping": head_mapping_entries(analysis),
+                "shared_vocabulary_size": len(analysis.shared), "calibration": analysis.calibration}
+
+    return store.run("head_similarity", plan.stage_keys["head_similarity"], compute)
+
+
+# --------------------------------------------------------------------------- per adapter: plan
+
+
+class EntryOptions(Schema):
+    """Per-adapter knobs (a fleet entry's effective options, or the single-adapter flow's)."""
+
+    head_transform: Literal["lstsq", "paper"] = "lstsq"
+    lft: bool = False
+    lft_data: str | None = None          # None with lft: generated arithmetic problems
+    lft_samples: int = 100
+    lft_lr: float = 9e-4
+    lft_epochs: int = 1
+    eval_data: str | None = None         # None: no evaluation
+    eval_samples: int | None = None
+    vanilla_baseline: bool = False
+    seed: int = 0
+
+
+class LayerJob(Schema):
+    new_layer: int
+    sources: list[int]
+    key: str
+
+
+class TrainJob(Schema):
+    key: str
+    data: str | None
+    samples: int
+    lr: float
+    epochs: int
+    seed: int
+    rank: int = 0
+    alpha: float = 0.0
+    targets: list[str] = []
+
+
+class EvalJob(Schema):
+    """One row of the evaluation table: a model with (or without) one adapter."""
+
+    row: str
+    model: Literal["old", "new"]
+    adapter: Literal["source", "migrated", "lft", "vanilla"] | None
+    key: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}-{self.adapter or 'bare'}"
+
+
+class AdapterPlan(Schema):
+    name: str
+    adapter: str
+    adapter_identity: str
+    options: EntryOptions
+    modules: int
+    layers: list[LayerJob]
+    migrated_key: str
+    lft: TrainJob | None = None
+    vanilla: TrainJob | None = None
+    evals: list[EvalJob] = []
+    seconds: float = 0.0                 # time taken to load, check and plan
+
+
+def output_status(output: str) -> Literal["empty", "complete", "occupied"]:
+    """Whether a publication destination is free, holds a completed publication, or something else."""
+    if storage.dir_is_empty(output):
+        return "empty"
+    return "complete" if storage.is_complete(output) else "occupied"
+
+
+def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: str,
+                 options: EntryOptions) -> AdapterPlan:
+    """Load and check the adapter against the old model; list its per-layer jobs and every key."""
+    start = time.perf_counter()
+    old = plan.old()
+    identity = artifact_identity(adapter_ref, "adapter", ADAPTER_PATTERNS)
+    adapter = _adapter(adapter_ref, identity, plan.old_model, plan.old_identity)
+    check_adapter_fits(adapter, old)
+    mapping = [(int(i), int(j)) for i, j in analysis.facts["layer_mapping"]]
+    sources = sources_by_new_layer(mapping, {layer for layer, _ in adapter.factors})
+    mode = options.head_transform
+    layers = [LayerJob(new_layer=j, sources=sources[j],
+                       key=stage_key("layer", analysis=analysis.key, adapter=identity, new_layer=j,
+                                     sources=sources[j], mode=mode))
+              for j in sorted(sources)]
+    migrated_key = stage_key("migrated", analysis=analysis.key, adapter=identity, mode=mode, layers=[l.key for l in layers],
+                             refs=[plan.old_model, plan.new_model, adapter_ref], offset=plan.layer_offset)
+    lft = vanilla = None
+    if options.lft:
+        data = data_identity(options.lft_data, "LFT data")
+        lft = TrainJob(key=stage_key("lft", migrated=migrated_key, model=plan.new_identity, data=data,
+                                     samples=options.lft_samples, lr=options.lft_lr, epochs=options.lft_epochs,
+                                     seed=options.seed),
+                       data=options.lft_data, samples=options.lft_samples, lr=options.lft_lr,
+                       epochs=options.lft_epochs, seed=options.seed)
+        if options.vanilla_baseline:
+            vanilla = _vanilla_job(plan, adapter, options, data)
+    evals = _eval_jobs(plan, identity, migrated_key, lft, vanilla, options) if options.eval_data else []
+    return AdapterPlan(name=name, adapter=adapter_ref, adapter_identity=identity, options=options,
+                       modules=len(adapter.factors), layers=layers, migrated_key=migrated_key,
+                       lft=lft, vanilla=vanilla, evals=evals, seconds=time.perf_counter() - start)
+
+
+def _vanilla_job(plan: PairPlan, adapter: LoraAdapter, options: EntryOptions, data: str) -> TrainJob:
+    rank = int(adapter.config.get("r", 8))
+    alpha = float(adapter.config.get("lora_alpha", rank))
+    targets = sorted(adapter.target_names)
+    key = stage_key("vanilla", model=plan.new_identity, data=data, samples=options.lft_samples,
+                    epochs=options.lft_epochs, seed=options.seed, rank=rank, alpha=alpha, targets=targets)
+    return TrainJob(key=key, data=options.lft_data, samples=options.lft_samples, lr=3e-4,
+                    epochs=options.lft_epochs, seed=options.seed, rank=rank, alpha=alpha, targets=targets)
+
+
+def _eval_jobs(plan: PairPlan, adapter_identity: str, migrated_key: str, lft: TrainJob | None,
+               vanilla: TrainJob | None, options: EntryOptions) -> list[EvalJob]:
+    data = data_identity(options.eval_data, "evaluation data")
+    rows = [("old model + source adapter", "old", "source", plan.old_identity, adapter_identity),
+            ("new model, no adapter", "new", None, plan.new_identity, None),
+            ("new model + migrated (transfer)", "new", "migrated", plan.new_identity, migrated_key)]
+    if lft:
+        rows.append(("new model + migrated + LFT", "new", "lft", plan.new_identity, lft.key))
+    if vanilla:
+        rows.append(("new model + vanilla LoRA", "new", "vanilla", plan.new_identity, vanilla.key))
+    return [EvalJob(row=row, model=model, adapter=kind,
+                    key=stage_key("eval", model=model_id, adapter=adapter_key, data=data, n=options.eval_samples,
+                                  seed=options.seed))
+            for row, model, kind, model_id, adapter_key in rows]
+
+
+# --------------------------------------------------------------------------- per adapter: work
+
+
+def transfer_layer(store: StageStore, plan: PairPlan, analysis_uri: str, adapter: AdapterPlan,
+                   job: LayerJob) -> StageResult:
+    """The unit of per-layer work: carry every old layer mapped onto ``job.new_layer``, re-factorise."""
+
+    def compute(out: Path) -> dict:
+        old, new = plan.old(), plan.new()
+        analysis = _analysis(str(store.local_dir(analysis_uri)))
+        source = _adapter(adapter.adapter, adapter.adapter_identity, plan.old_model, plan.old_identity)
+        result = transfer_new_layer(old, new, analysis, source, job.new_layer, list(job.sources),
+                                    adapter.options.head_transform)
+        save_layer_result(result, out)
+        return {"new_layer": job.new_layer, "modules": len(result.modules)}
+
+    return store.run("layer", job.key, compute)
+
+
+def assemble(store: StageStore, plan: PairPlan, analysis_uri: str, adapter: AdapterPlan,
+             layer_uris: list[str]) -> StageResult:
+    """Combine the per-layer results (in new-layer order) into a PEFT directory with its report."""
+
+    def compute(out: Path) -> dict:
+        start = time.perf_counter()
+        old, new = plan.old(), plan.new()
+        analysis = _analysis(str(store.local_dir(analysis_uri)))
+        source = _adapter(adapter.adapter, adapter.adapter_identity, plan.old_model, plan.old_identity)
+        migrated = combine_layers(new, [load_layer_result(store.local_dir(uri)) for uri in layer_uris])
+        config = adapter_config(source.config, new, migrated)
+        tensors = adapter_tensors(new, migrated)
+        stages = StageLog()
+        stages.record("write", "computed", time.perf_counter() - start)
+        options = MigrationOptions(head_transform=adapter.options.head_transform, layer_offset=plan.layer_offset,
+                                   progress=False)
+        report = build_report(old, new, source, analysis, migrated, options, stages)
+        write_adapter_dir(out, config, tensors, report, overwrite=True)
+        return {"modules": len(migrated.modules), "dropped_roles": migrated.dropped,
+                "max_refactorisation_residual": max((m.factors.residual for m in migrated.modules), default=0.0)}
+
+    return store.run("migrated", adapter.migrated_key, compute)
+
+
+def load_samples(ref: str | None, limit: int | None, split: Literal["train", "test"], seed: int = 0) -> list:
+    """math_10k-layout samples from a local/remote JSON(L) file, or generated problems for None."""
+    from .task_data import generate_problems, load_math10k
+
+    if ref is None:
+        return generate_problems(limit or 100, split, seed)
+    safe = storage.redact_uri(ref)
+    try:
+        if not storage.is_remote(ref):
+            return load_math10k(storage.resolve(ref)[1], limit=limit)
+        suffix = ".jsonl" if ref.lower().endswith(".jsonl") else ".json"
+        with tempfile.TemporaryDirectory(prefix="lorasuite-data-") as tmp:
+            local = Path(tmp) / f"data{suffix}"
+            local.write_bytes(storage.read_bytes(ref))
+            return load_math10k(local, limit=limit)
+    except FileNotFoundError:
+        raise LorasuiteError(f"data file {safe} does not exist") from None
+    except ValueError as exc:
+        raise LorasuiteError(f"data file {safe}: {storage.redact_text(str(exc))}") from None
+
+
+def _restore_base_reference(adapter_dir: Path, base_model: str) -> None:
+    """PEFT writes the local model directory it trained on; point the adapter back at the model's reference."""
+    config_file = adapter_dir / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = base_model
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (adapter_dir / "README.md").unlink(missing_ok=True)
+
+
+def light_finetune(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated_uri: str) -> StageResult:
+    """LFT of the migrated adapter on the new model (lorasuite_core.training.light_finetune)."""
+    from .training import default_lft_config, light_finetune as run_lft
+
+    job = adapter.lft
+
+    def compute(out: Path) -> dict:
+        migrated = store.local_dir(migrated_uri)
+        samples = load_samples(job.data, job.samples, "train", job.seed)
+        config = default_lft_config(lr=job.lr, epochs=job.epochs, seed=job.seed, show_progress=False)
+        result = run_lft(resolve_local_dir(plan.new_model, "model"), migrated, samples, out, config=config)
+        _restore_base_reference(out, plan.new_model)
+        shutil.copy2(migrated / REPORT_NAME, out / REPORT_NAME)
+        return _train_facts(result)
+
+    return store.run("lft", job.key, compute)
+
+
+def vanilla_baseline(store: StageStore, plan: PairPlan, adapter: AdapterPlan) -> StageResult:
+    """A fresh LoRA (same rank, alpha, targets, data and epochs) trained on the new model."""
+    from .training import TrainConfig, train_lora
+
+    job = adapter.vanilla
+
+    def compute(out: Path) -> dict:
+        samples = load_samples(job.data, job.samples, "train", job.seed)
+        config = TrainConfig(lr=job.lr, epochs=job.epochs, seed=job.seed, show_progress=False)
+        result = train_lora(resolve_local_dir(plan.new_model, "model"), samples, out, rank=job.rank,
+                            alpha=job.alpha, targets=job.targets, config=config)
+        _restore_base_reference(out, plan.new_model)
+        return _train_facts(result)
+
+    return store.run("vanilla", job.key, compute)
+
+
+def _train_facts(result) -> dict:
+    facts = result.to_dict()
+    facts.pop("out_dir", None)
+    return facts
+
+
+def evaluate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, job: EvalJob,
+             adapter_uri: str | None) -> StageResult:
+    """Accuracy of one evaluation row (``adapter_uri``: the store entry of that row's adapter)."""
+    from .evaluation import evaluate as run_eval
+
+    def compute(out: Path) -> dict:
+        model = plan.old_model if job.model == "old" else plan.new_model
+        if job.adapter == "source":
+            adapter_dir = resolve_local_dir(adapter.adapter, "adapter")
+        else:
+            adapter_dir = store.local_dir(adapter_uri) if adapter_uri else None
+        samples = load_samples(adapter.options.eval_data, adapter.options.eval_samples, "test", adapter.options.seed)
+        result = run_eval(resolve_local_dir(model, "model"), samples, adapter_dir=adapter_dir,
+                          show_progress=False, keep_predictions=False)
+        return {"row": job.row, **result.to_dict()}
+
+    return store.run("eval", job.key, compute)
+
+
+# --------------------------------------------------------------------------- publish
+
+
+def publish(store: StageStore, source_uri: str, output: str, report_updates: dict[str, Any], *,
+            overwrite: bool = False) -> str:
+    """Copy a finished adapter entry to ``output`` with its report updated; atomically, manifest last."""
+    source = store.local_dir(source_uri)
+    with tempfile.TemporaryDirectory(prefix="lorasuite-publish-") as tmp:
+        staged = Path(tmp)
+        for name in ("adapter_config.json", "adapter_model.safetensors", *PUBLISHED_EXTRA):
+            if (source / name).is_file():
+                shutil.copy2(source / name, staged / name)
+        report = json.loads((source / REPORT_NAME).read_text())
+        report.update(report_updates)
+        (staged / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        return storage.publish_dir_atomic(staged, output, overwrite=overwrite)

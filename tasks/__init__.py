@@ -1,0 +1,29 @@
+"""Prefect tasks of the lorasuite pipeline: thin wrappers over :mod:`lorasuite_core.stages`.
+
+Design
+------
+* A task does no numerics: it calls one ``lorasuite_core.stages`` function, forwards the
+  core's log lines to the run log and reports, through the run logger, whether the stage was
+  computed or reused.  ``lorasuite_core`` never imports Prefect.
+* Stage tasks exchange :class:`~lorasuite_core.stage_store.StageResult` objects — a store URI
+  and small JSON facts — never tensors; the arrays live in safetensors files of the stage
+  store (local directory by default, object storage when the store root is an ``s3://`` URI).
+* Caching: the cache key is the stage key (model identities from file listings, calibration
+  hash, ``ALGORITHM_VERSION``, options, upstream keys); results are persisted as JSON to the
+  flow's result storage and honoured only while the store entry they name is complete
+  (``tasks._support.StoreEntryPolicy``).  A cache hit shows as a ``Cached`` state in the UI.
+* ``transfer_layer`` is the per-layer unit, mapped with ``.map``; tasks that need an
+  accelerator carry the ``lorasuite-gpu`` tag (for tag concurrency limits / GPU workers).
+"""
+from .adapters import assemble, check_output, plan_adapter, publish, transfer_layer
+from .analysis import activations, cka, head_similarity, identify_pair, layer_mapping, transfer_matrix, vocabulary
+from .training import evaluate, light_finetune, vanilla_baseline
+
+ANALYSIS_TASKS = (vocabulary, transfer_matrix, activations, cka, layer_mapping, head_similarity)
+STORE_TASKS = ANALYSIS_TASKS + (transfer_layer, assemble, light_finetune, vanilla_baseline, evaluate)
+
+__all__ = [
+    "activations", "assemble", "check_output", "cka", "evaluate", "head_similarity", "identify_pair",
+    "layer_mapping", "light_finetune", "plan_adapter", "publish", "transfer_layer", "transfer_matrix",
+    "vanilla_baseline", "vocabulary", "ANALYSIS_TASKS", "STORE_TASKS",
+]

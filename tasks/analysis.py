@@ -1,0 +1,71 @@
+"""Pair-analysis tasks: thin wrappers over :mod:`lorasuite_core.stages`, one per stage.
+
+Each takes the store root (``store``: local path or URI), the :class:`~lorasuite_core.stages.PairPlan`
+from :func:`identify_pair` and the :class:`~lorasuite_core.stage_store.StageResult` of the
+stages it reads, and returns its own StageResult (a URI and small facts; the arrays stay in
+the store).  Cache key: the stage's key in the plan (see ``tasks._support.StoreEntryPolicy``).
+"""
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from lorasuite_core import stages
+from lorasuite_core.stage_store import StageResult, StageStore
+from lorasuite_core.stages import PairPlan
+from lorasuite_core.storage import redact_uri
+
+from ._support import forward_core_logs, run_stage, stage_task_options
+
+
+def _pair_key(stage: str):
+    return lambda inputs: inputs["plan"].stage_keys[stage]
+
+
+@task(name="identify-pair", cache_policy=NO_CACHE, persist_result=False)
+def identify_pair(old_model: str, new_model: str, calibration_data: str | None = None,
+                  max_calibration_tokens: int = 2048, layer_offset: int | None = None) -> PairPlan:
+    """Identities of both models and of the calibration text (listings, not tensors); every stage key."""
+    forward_core_logs()
+    plan = stages.plan_pair(old_model, new_model, calibration_data, max_calibration_tokens, layer_offset)
+    get_run_logger().info("pair %s -> %s: analysis key %s", redact_uri(old_model), redact_uri(new_model),
+                          plan.stage_keys["head_similarity"][:16])
+    return plan
+
+
+@task(**stage_task_options("vocabulary", _pair_key("vocabulary")))
+def vocabulary(store: str, plan: PairPlan) -> StageResult:
+    """Shared tokens of the two tokenizers."""
+    return run_stage(stages.vocabulary, StageStore.at(store), plan)
+
+
+@task(**stage_task_options("transfer_matrix", _pair_key("transfer_matrix")))
+def transfer_matrix(store: str, plan: PairPlan, vocabulary: StageResult) -> StageResult:
+    """Residual-stream transfer matrices P, Q from the shared embeddings."""
+    return run_stage(stages.transfer_matrix, StageStore.at(store), plan, vocabulary.uri)
+
+
+@task(**stage_task_options("activations", _pair_key("activations"), heavy=True))
+def activations(store: str, plan: PairPlan) -> StageResult:
+    """Paired hidden states of both models on the calibration text."""
+    return run_stage(stages.activations, StageStore.at(store), plan, torch_model=True)
+
+
+@task(**stage_task_options("cka", _pair_key("cka")))
+def cka(store: str, plan: PairPlan, activations: StageResult) -> StageResult:
+    """CKA of every old/new layer pair (layer updates and hidden states)."""
+    return run_stage(stages.cka, StageStore.at(store), plan, activations.uri)
+
+
+@task(**stage_task_options("layer_mapping", _pair_key("layer_mapping")))
+def layer_mapping(store: str, plan: PairPlan, cka: StageResult) -> StageResult:
+    """Monotone old -> new layer mapping on the update CKA."""
+    return run_stage(stages.layer_mapping, StageStore.at(store), plan, cka.uri)
+
+
+@task(**stage_task_options("head_similarity", _pair_key("head_similarity")))
+def head_similarity(store: str, plan: PairPlan, vocabulary: StageResult, transfer_matrix: StageResult,
+                    activations: StageResult, cka: StageResult, layer_mapping: StageResult) -> StageResult:
+    """Head and neuron matching of every mapped layer pair; stores the whole pair analysis."""
+    return run_stage(stages.head_similarity, StageStore.at(store), plan, vocabulary.uri, transfer_matrix.uri,
+                     activations.uri, cka.uri, layer_mapping.uri)

@@ -1,0 +1,144 @@
+"""Tests of LoRA training / light fine-tuning on a tiny random Llama (CPU, a few seconds each)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorasuite_core.task_data import Sample, format_prompt, format_training_text, generate_problems
+from lorasuite_core.training import (ADAPTER_WEIGHTS, SUMMARY_FILE, TrainConfig, build_example, collate,
+                                     default_lft_config, light_finetune, load_for_light_finetune, load_tokenizer,
+                                     prepare_fresh_lora, train_lora)
+
+TARGETS = ("q_proj", "v_proj", "down_proj")
+
+
+def build_tiny_model(directory):
+    """Tiny random LlamaForCausalLM + byte-level BPE tokenizer (trained on generated problems), saved."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = [format_training_text(s) for s in generate_problems(60, "train", 0) + generate_problems(30, "test", 0)]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return generate_problems(16, "train", seed=0)
+
+
+def quick_config(**overrides) -> TrainConfig:
+    base = dict(lr=5e-3, epochs=1, batch_size=4, max_length=160, device="cpu", show_progress=False)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def lora_tensors(adapter_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+
+
+def test_prompt_tokens_are_masked(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    sample = Sample(instruction="Tom has 3 apples and gets 4 more. How many?", input="",
+                    output="3 + 4 = 7. The answer is 7.", answer="7")
+    example = build_example(tokenizer, sample, max_length=512)
+    n_prompt = len(tokenizer(format_prompt(sample))["input_ids"])
+    assert example["labels"][:n_prompt] == [-100] * n_prompt
+    assert example["labels"][n_prompt:] == example["input_ids"][n_prompt:]
+    assert example["input_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(example["input_ids"][n_prompt:], skip_special_tokens=True) == sample.output
+    assert build_example(tokenizer, sample, max_length=n_prompt) is None  # no label survives truncation
+    batch = collate([example, build_example(tokenizer, sample, max_length=n_prompt + 2)], tokenizer.pad_token_id)
+    assert batch["labels"][1, n_prompt + 2:].eq(-100).all() and batch["attention_mask"][1].sum() == n_prompt + 2
+
+
+def test_missing_target_modules_raise(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"\['query_key_value'\] not found"):
+        prepare_fresh_lora(tiny_model_dir, targets=("q_proj", "query_key_value"), device="cpu")
+
+
+def test_training_reduces_loss_and_saves_safetensors(tiny_model_dir, samples, tmp_path):
+    config = quick_config(epochs=4, lr=1e-2)
+    result = train_lora(tiny_model_dir, samples, tmp_path / "lora", rank=4, alpha=8, targets=TARGETS,
+                        config=config)
+    assert result.steps == 16 and len(result.losses) == 16
+    assert sum(result.losses[-4:]) < sum(result.losses[:4])
+    assert (tmp_path / "lora" / ADAPTER_WEIGHTS).is_file()
+    assert not list((tmp_path / "lora").glob("*.bin"))
+    summary = json.loads((tmp_path / "lora" / SUMMARY_FILE).read_text())
+    assert summary["result"]["steps"] == 16 and summary["config"]["lr"] == 1e-2
+    assert result.trainable_params > 0 and result.peak_rss_mb > 0 and result.peak_cuda_mb is None
+
+
+def test_same_seed_gives_identical_adapter(tiny_model_dir, samples, tmp_path):
+    runs = [train_lora(tiny_model_dir, samples, tmp_path / name, rank=4, alpha=8, targets=TARGETS,
+                       config=quick_config(seed=seed, grad_accum=2))
+            for name, seed in (("a", 3), ("b", 3), ("c", 4))]
+    a, b, c = (lora_tensors(r.out_dir) for r in runs)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert runs[0].steps == 2  # 16 samples / batch 4 / grad_accum 2
+
+
+@pytest.fixture(scope="module")
+def source_adapter(tiny_model_dir, samples, tmp_path_factory):
+    """A trained adapter with non-zero B (stands in for a migrated adapter)."""
+    out = tmp_path_factory.mktemp("source_adapter")
+    train_lora(tiny_model_dir, samples, out, rank=4, alpha=8, targets=TARGETS, config=quick_config(lr=1e-2))
+    return out
+
+
+def test_lft_starts_exactly_from_given_adapter(tiny_model_dir, source_adapter):
+    from peft import get_peft_model_state_dict
+
+    peft_model, _ = load_for_light_finetune(tiny_model_dir, source_adapter, device="cpu")
+    on_disk = lora_tensors(source_adapter)
+    in_model = get_peft_model_state_dict(peft_model)
+    assert on_disk.keys() == in_model.keys()
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in on_disk.items())
+    for key, tensor in on_disk.items():
+        assert torch.equal(in_model[key].cpu(), tensor), key
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_light_finetune_updates_adapter_and_lowers_loss(tiny_model_dir, source_adapter, samples, tmp_path):
+    config = default_lft_config(epochs=3, batch_size=4, max_length=160, device="cpu", show_progress=False)
+    assert config.lr == 9e-4 and config.warmup_ratio == 0.0
+    result = light_finetune(tiny_model_dir, source_adapter, samples, tmp_path / "lft", config=config)
+    before, after = lora_tensors(source_adapter), lora_tensors(tmp_path / "lft")
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert result.steps == 12 and result.losses[-1] < result.losses[0]
+
+
+def test_lft_errors(tiny_model_dir, tmp_path, samples):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_for_light_finetune(tiny_model_dir, tmp_path, device="cpu")
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="cosine")
