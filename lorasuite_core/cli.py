@@ -85,9 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--cache-dir", help="default: $LORASUITE_CACHE or ~/.cache/lorasuite/models")
     fetch.add_argument("--force", action="store_true", help="fetch and convert again")
 
-    demo = sub.add_parser("demo", help="migrate an adapter across a built-in synthetic upgrade and check exactness")
+    demo = sub.add_parser("demo", help="the main job: SmolLM2-135M -> Gemma-3-270M with LFT and evaluation "
+                                       "(--synthetic: an exact synthetic upgrade instead)")
     demo.add_argument("--workdir", default="runs/demo", help="where the demo writes models and adapters")
-    demo.add_argument("--family", default="llama")
+    demo.add_argument("--synthetic", action="store_true", help="built-in synthetic upgrade; checks exactness")
+    demo.add_argument("--family", default="llama", help="family of the synthetic model")
+    demo.add_argument("--train-samples", type=int, default=200, help="samples for the old adapter")
+    demo.add_argument("--lft-samples", type=int, default=100)
+    demo.add_argument("--eval-samples", type=int, default=100)
     return parser
 
 
@@ -127,9 +132,12 @@ def _run_migrate_fleet(args) -> dict:
 
 
 def _run_demo(args) -> dict:
-    from .demo import run_synthetic_demo
+    from .demo import run_real_demo, run_synthetic_demo
 
-    return run_synthetic_demo(args.workdir, family=args.family, progress=not args.quiet)
+    if args.synthetic:
+        return run_synthetic_demo(args.workdir, family=args.family, progress=not args.quiet)
+    return run_real_demo(args.workdir, train_samples=args.train_samples, lft_samples=args.lft_samples,
+                         eval_samples=args.eval_samples, progress=not args.quiet)
 
 
 def _run_train(args) -> dict:

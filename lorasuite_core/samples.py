@@ -1,28 +1,45 @@
-"""Where task samples come from on the command line and in fleet manifests.
+"""Where task samples come from: the command line, fleet manifests and pipeline stages.
 
-A data spec is either a math_10k-layout JSON/JSONL file (local path or fsspec URI) or
+A data reference is a math_10k-layout JSON/JSONL file (local path or any fsspec URI),
 ``builtin:train`` / ``builtin:test`` for the deterministic arithmetic word problems (train
-and test templates are disjoint). Errors become one-line ``LorasuiteError``s.
+and test templates are disjoint), or None for the built-in problems of the given split.
+Errors become one-line ``LorasuiteError``s with credentials redacted from URIs.
 """
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from . import storage
 from .errors import LorasuiteError
 
 BUILTIN = "builtin:"
 
 
-def load_samples(spec: str, limit: int | None = None, *, seed: int = 0, default_count: int = 500):
+def load_samples(ref: str | None, limit: int | None = None, *, split: Literal["train", "test"] = "train",
+                 seed: int = 0, default_count: int = 100) -> list:
     from .task_data import generate_problems, load_math10k
 
-    if spec.startswith(BUILTIN):
-        split = spec[len(BUILTIN):]
+    if ref is None or ref.startswith(BUILTIN):
+        split = ref[len(BUILTIN):] if ref else split
         if split not in ("train", "test"):
-            raise LorasuiteError(f"data {spec!r}: the built-in splits are builtin:train and builtin:test")
+            raise LorasuiteError(f"data {ref!r}: the built-in splits are builtin:train and builtin:test")
         return generate_problems(limit or default_count, split, seed)
+    safe = storage.redact_uri(ref)
     try:
-        samples = load_math10k(spec, limit=limit)
-    except (ValueError, FileNotFoundError) as exc:
-        raise LorasuiteError(f"data {spec!r}: {exc}") from exc
+        if not storage.is_remote(ref):
+            samples = load_math10k(storage.resolve(ref)[1], limit=limit)
+        else:
+            suffix = ".jsonl" if ref.lower().endswith(".jsonl") else ".json"
+            with tempfile.TemporaryDirectory(prefix="lorasuite-data-") as tmp:
+                local = Path(tmp) / f"data{suffix}"
+                local.write_bytes(storage.read_bytes(ref))
+                samples = load_math10k(local, limit=limit)
+    except FileNotFoundError:
+        raise LorasuiteError(f"data file {safe} does not exist") from None
+    except ValueError as exc:
+        raise LorasuiteError(f"data file {safe}: {storage.redact_text(str(exc))}") from None
     if not samples:
-        raise LorasuiteError(f"data {spec!r} holds no samples")
+        raise LorasuiteError(f"data file {safe} holds no samples")
     return samples

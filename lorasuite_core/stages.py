@@ -466,23 +466,9 @@ def assemble(store: StageStore, plan: PairPlan, analysis_uri: str, adapter: Adap
 
 def load_samples(ref: str | None, limit: int | None, split: Literal["train", "test"], seed: int = 0) -> list:
     """math_10k-layout samples from a local/remote JSON(L) file, or generated problems for None."""
-    from .task_data import generate_problems, load_math10k
+    from .samples import load_samples as load
 
-    if ref is None:
-        return generate_problems(limit or 100, split, seed)
-    safe = storage.redact_uri(ref)
-    try:
-        if not storage.is_remote(ref):
-            return load_math10k(storage.resolve(ref)[1], limit=limit)
-        suffix = ".jsonl" if ref.lower().endswith(".jsonl") else ".json"
-        with tempfile.TemporaryDirectory(prefix="lorasuite-data-") as tmp:
-            local = Path(tmp) / f"data{suffix}"
-            local.write_bytes(storage.read_bytes(ref))
-            return load_math10k(local, limit=limit)
-    except FileNotFoundError:
-        raise LorasuiteError(f"data file {safe} does not exist") from None
-    except ValueError as exc:
-        raise LorasuiteError(f"data file {safe}: {storage.redact_text(str(exc))}") from None
+    return load(ref, limit, split=split, seed=seed)
 
 
 def _restore_base_reference(adapter_dir: Path, base_model: str) -> None:

@@ -23,7 +23,7 @@ from lorasuite_core.upgrade import (
     make_tokenizer,
     upgrade_model_dir,
 )
-from tests.exactness import load_model, logits_over_shared_vocab, relative_max_error, sequence_logits
+from lorasuite_core.verification import load_model, logits_over_shared_vocab, relative_max_error, sequence_logits
 
 TOL = 1e-5
 
