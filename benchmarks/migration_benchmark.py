@@ -44,9 +44,11 @@ ROW_ORDER = ("new_base", "old_adapter", "vanilla_lora_100", "lorasuite_transfer"
 
 
 def _threads():
+    import os
+
     import torch
 
-    torch.set_num_threads(max(1, multiprocessing.cpu_count()))
+    torch.set_num_threads(int(os.environ.get("LORASUITE_BENCH_THREADS", multiprocessing.cpu_count())))
 
 
 def stage_derive_within_model(old_dir: str, out_dir: str, cpt_steps: int, seed: int) -> dict:

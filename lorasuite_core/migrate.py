@@ -105,7 +105,7 @@ def layer_pair_maps(old: BaseModel, new: BaseModel, rt: ResidualTransfer, i: int
     return maps
 
 
-def compute_similarities(old, new, shared, rt, options, stages: StageLog):
+def compute_similarities(old, new, options, stages: StageLog):
     texts = options.calibration_texts or builtin_calibration_texts()
     with stages.stage("activations"):
         acts = paired_activations(old, new, texts, max_tokens=options.max_calibration_tokens, progress=options.progress)
@@ -121,7 +121,7 @@ def analyse_pair(old: BaseModel, new: BaseModel, options: MigrationOptions, stag
         shared = shared_vocabulary(old.tokenizer(), new.tokenizer())
     with stages.stage("transfer_matrix"):
         rt = residual_transfer(old, new, shared)
-    cka_updates, cka_states, calibration = compute_similarities(old, new, shared, rt, options, stages)
+    cka_updates, cka_states, calibration = compute_similarities(old, new, options, stages)
     with stages.stage("layer_mapping"):
         mapping = map_layers(cka_updates, options.layer_offset)
     analysis = PairAnalysis(shared, rt, cka_updates, cka_states, mapping, calibration=calibration)
@@ -366,7 +366,8 @@ def _model_identity(model: BaseModel) -> dict:
     }
 
 
-def build_report(old, new, adapter, analysis: PairAnalysis, migrated: MigratedAdapter, options, stages) -> dict:
+def head_mapping_entries(analysis: PairAnalysis) -> dict[str, dict[str, Any]]:
+    """Per new layer: the old layer, head/kv assignments and similarities (the report's head_mapping)."""
     heads = {}
     for i, j in analysis.layer_mapping:
         m = analysis.matches[i]
@@ -377,6 +378,11 @@ def build_report(old, new, adapter, analysis: PairAnalysis, migrated: MigratedAd
             "head_similarity": [round(float(m.head_similarity[a, b]), 6) for a, b in m.head_pairs],
             "neuron_similarity_mean": round(m.neuron_similarity_mean, 6),
         }
+    return heads
+
+
+def build_report(old, new, adapter, analysis: PairAnalysis, migrated: MigratedAdapter, options, stages) -> dict:
+    heads = head_mapping_entries(analysis)
     return {
         "lorasuite_version": __version__,
         "algorithm_version": ALGORITHM_VERSION,

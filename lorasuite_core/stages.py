@@ -42,10 +42,8 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
@@ -63,7 +61,7 @@ from .layer_mapping import map_layers
 from .layer_results import load_layer_result, save_layer_result
 from .loading import BaseModel, LoraAdapter, load_base_model, load_lora_adapter, resolve_local_dir
 from .migrate import (REPORT_NAME, MigrationOptions, PairAnalysis, StageLog, adapter_config, adapter_tensors,
-                      build_report, check_adapter_fits, combine_layers, match_layer_pair, sources_by_new_layer,
+                      build_report, check_adapter_fits, head_mapping_entries, combine_layers, match_layer_pair, sources_by_new_layer,
                       transfer_new_layer, write_adapter_dir)
 from .residual import ResidualTransfer, residual_transfer
 from .stage_store import (ADAPTER_PATTERNS, StageResult, StageStore, artifact_identity, data_identity, stage_key,
@@ -94,42 +92,7 @@ def _adapter(ref: str, identity: str, old_ref: str, old_identity: str) -> LoraAd
 
 @lru_cache(maxsize=4)
 def _analysis(local_dir: str) -> PairAnalysis:
-    analysis = load_analysis(local_dir)
-    return replace(analysis, residual=computed_layout(analysis.residual))
-
-
-class _ToyModel:
-    """Just enough of a BaseModel for residual_transfer: hidden size and embeddings."""
-
-    def __init__(self, embeddings: torch.Tensor):
-        self.dims = SimpleNamespace(hidden=embeddings.shape[1])
-        self._embeddings = embeddings
-
-    def effective_embeddings(self) -> torch.Tensor:
-        return self._embeddings
-
-
-@lru_cache(maxsize=1)
-def _residual_layout_is_transposed() -> bool:
-    g = torch.Generator().manual_seed(0)
-    old, new = torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
-    ids = np.arange(6, dtype=np.int64)
-    P = residual_transfer(_ToyModel(old), _ToyModel(new), SharedVocabulary(ids, ids)).P
-    return not P.is_contiguous() and P.T.is_contiguous()
-
-
-def computed_layout(rt: ResidualTransfer) -> ResidualTransfer:
-    """``rt`` with P and Q in the memory layout :func:`residual_transfer` gives them.
-
-    Loaded arrays are contiguous; residual_transfer currently returns transposed views. Matmul
-    results depend on the operands' layout in the last bit, and the SVD of a transferred delta can
-    flip the signs of a factor pair on such a difference, so a reloaded analysis would give a
-    (numerically equivalent but) not bit-identical adapter. The layout is probed once on a toy
-    problem, so this follows residual_transfer if it ever returns contiguous tensors.
-    """
-    if not _residual_layout_is_transposed():
-        return replace(rt, P=rt.P.contiguous(), Q=rt.Q.contiguous())
-    return replace(rt, P=rt.P.T.contiguous().T, Q=rt.Q.T.contiguous().T)
+    return load_analysis(local_dir)
 
 
 def clear_memo() -> None:
@@ -194,8 +157,7 @@ def _load_vocabulary(store: StageStore, uri: str) -> SharedVocabulary:
 def _load_transfer(store: StageStore, uri: str) -> ResidualTransfer:
     arrays = load_file(store.local_dir(uri) / "transfer_matrix.safetensors")
     facts = store.facts(uri)
-    return computed_layout(ResidualTransfer(arrays["P"], arrays["Q"], facts["scale"], facts["fit_residual_old"],
-                                            facts["fit_residual_new"]))
+    return ResidualTransfer(arrays["P"], arrays["Q"], facts["scale"], facts["fit_residual_old"], facts["fit_residual_new"])
 
 
 def _load_numpy(store: StageStore, uri: str, name: str) -> dict[str, np.ndarray]:
@@ -255,21 +217,6 @@ def layer_mapping(store: StageStore, plan: PairPlan, cka_uri: str) -> StageResul
         return {"layer_mapping": [[i, j] for i, j in mapping], "cka": updates.round(6).tolist()}
 
     return store.run("layer_mapping", plan.stage_keys["layer_mapping"], compute)
-
-
-def head_mapping_entries(analysis: PairAnalysis) -> dict[str, dict[str, Any]]:
-    """Per new layer: the old layer, head/kv assignments and similarities (the report's head_mapping)."""
-    heads = {}
-    for i, j in analysis.layer_mapping:
-        m = analysis.matches[i]
-        heads[str(j)] = {
-            "old_layer": i,
-            "query_heads": [[a, b] for a, b in m.head_pairs],
-            "kv_heads": [[a, b] for a, b in m.kv_pairs],
-            "head_similarity": [round(float(m.head_similarity[a, b]), 6) for a, b in m.head_pairs],
-            "neuron_similarity_mean": round(m.neuron_similarity_mean, 6),
-        }
-    return heads
 
 
 def head_similarity(store: StageStore, plan: PairPlan, vocabulary_uri: str, transfer_uri: str,
