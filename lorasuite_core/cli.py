@@ -28,7 +28,7 @@ def _add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-offset", type=int, help="max |new layer - old layer| drift (default: layer-count difference)")
     p.add_argument("--max-calibration-tokens", type=int, default=2048)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
-    p.add_argument("--lft-data", help="LFT data: math_10k JSON/JSONL (local or fsspec URI); default: built-in arithmetic problems")
+    p.add_argument("--lft-data", help="LFT data: math_10k JSON/JSONL (local or fsspec URI), or builtin:train; required unless --no-lft")
     p.add_argument("--lft-samples", type=int, default=100, help="number of LFT samples (default 100)")
     p.add_argument("--lft-lr", type=float, default=9e-4, help="LFT learning rate (default 9e-4, no warmup)")
     p.add_argument("--lft-epochs", type=int, default=1)
@@ -111,6 +111,10 @@ def _configure_logging(args) -> None:
 
 def _run_migrate(args) -> dict:
     from flows.entrypoints import run_migrate_adapter
+
+    if not args.no_lft and args.lft_data is None:
+        raise LorasuiteError("light fine-tuning needs --lft-data (100-400 samples of the adapter's task, or "
+                             "builtin:train for the built-in arithmetic problems); pass --no-lft to transfer only")
 
     result = run_migrate_adapter(
         args.old_model, args.new_model, args.adapter, args.output,

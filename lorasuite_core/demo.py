@@ -81,7 +81,7 @@ def run_real_demo(workdir: str | Path, *, train_samples: int = 200, lft_samples:
         train_lora(old, generate_problems(train_samples, "train", 0), adapter, rank=16, alpha=32,
                    config=TrainConfig(lr=3e-4, batch_size=8, warmup_ratio=0.05, show_progress=progress))
     result = run_migrate_adapter(str(old), str(new), str(adapter), str(workdir / "migrated-adapter"), lft=True,
-                                 lft_samples=lft_samples, eval_data="builtin:test", eval_samples=eval_samples,
+                                 lft_data="builtin:train", lft_samples=lft_samples, eval_data="builtin:test", eval_samples=eval_samples,
                                  vanilla_baseline=True, overwrite=True)
     summary = result.get("summary", result)
     return {"summary": {

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import ALGORITHM_VERSION, storage
+from .samples import BUILTIN
 from .errors import LorasuiteError
 from .loading import HUB_ID, resolve_local_dir
 
@@ -79,9 +80,11 @@ def artifact_identity(ref: str, what: str, patterns: Iterable[str] = MODEL_PATTE
 
 
 def data_identity(ref: str | None, what: str = "data file") -> str:
-    """Identity of a data file (its size and ETag/mtime); ``"builtin"`` for None (generated problems)."""
+    """Identity of a data file (its size and ETag/mtime); the spec itself for generated problems."""
     if ref is None:
         return "builtin"
+    if ref.startswith(BUILTIN):
+        return ref
     try:
         return storage.file_fingerprint(ref)
     except (FileNotFoundError, IsADirectoryError):

@@ -148,3 +148,25 @@ def test_unknown_head_transform_rejected(pair, tmp_path):
               "--output", str(out), "--no-lft", "--head-transform", "nonsense"])
     assert exit_info.value.code == 2
     assert not out.exists()
+
+
+def test_lft_needs_data(pair, tmp_path, capsys):
+    root, old, new, adapter = pair
+    out = tmp_path / "out"
+    code = main(["-q", "migrate", "--old-model", str(old), "--new-model", str(new), "--adapter", str(adapter),
+                 "--output", str(out)])
+    assert_fails_cleanly(capsys, code, out, "--lft-data", "--no-lft")
+
+
+def test_migrate_with_lft_and_evaluation(pair, tmp_path):
+    root, old, new, adapter = pair
+    out = tmp_path / "out"
+    code = main(["-q", "migrate", "--old-model", str(old), "--new-model", str(new), "--adapter", str(adapter),
+                 "--output", str(out), "--lft-data", "builtin:train", "--lft-samples", "4", "--eval-data",
+                 "builtin:test", "--eval-samples", "2", "--max-calibration-tokens", "256"])
+    assert code == 0
+    report = json.loads((out / "migration_report.json").read_text())
+    assert report["light_finetune"]["n_samples"] == 4 and report["light_finetune"]["steps"] >= 1
+    rows = report["evaluation"]
+    assert len(rows) >= 4 and all(row["n"] == 2 for row in rows.values())
+    assert report["steps"]["lft"]["cache"] == "computed" and report["steps"]["eval"]["cache"] == "computed"

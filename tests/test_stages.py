@@ -15,7 +15,6 @@ from lorasuite_core.migrate import MigratedModule, NewLayerResult
 from lorasuite_core.refactor import refactorise
 from lorasuite_core.residual import residual_transfer
 from lorasuite_core.stage_store import FACTS_FILE, StageStore, stage_key, texts_identity
-from lorasuite_core.stages import computed_layout
 from lorasuite_core.vocab import SharedVocabulary
 
 
@@ -66,7 +65,7 @@ def test_keys_depend_on_text_content_and_order():
     assert texts_identity(["a"]) == texts_identity(["a"])
 
 
-def test_reloaded_transfer_matrices_get_the_computed_layout():
+def test_transfer_matrices_are_contiguous_like_reloaded_ones():
     g = torch.Generator().manual_seed(1)
     E_o, E_n = torch.randn(12, 3, generator=g, dtype=torch.float64), torch.randn(12, 5, generator=g, dtype=torch.float64)
 
@@ -79,9 +78,9 @@ def test_reloaded_transfer_matrices_get_the_computed_layout():
 
     ids = np.arange(12, dtype=np.int64)
     rt = residual_transfer(Toy(E_o), Toy(E_n), SharedVocabulary(ids, ids))
-    reloaded = computed_layout(type(rt)(rt.P.contiguous(), rt.Q.contiguous(), rt.scale, 0.0, 0.0))
-    assert reloaded.P.stride() == rt.P.stride() and reloaded.Q.stride() == rt.Q.stride()
-    assert torch.equal(reloaded.P, rt.P) and torch.equal(reloaded.Q, rt.Q)
+    # a reloaded analysis holds contiguous arrays; computing in the same layout keeps reruns bit-identical
+    assert rt.P.is_contiguous() and rt.Q.is_contiguous()
+    assert rt.P.shape == (3, 5) and rt.Q.shape == (5, 3)
 
 
 def test_manifest_analysis_section_and_entry_knobs():
