@@ -49,7 +49,7 @@ def _pair_grams(A: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
 
 def _cosine(inner: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor) -> torch.Tensor:
     denom = torch.outer(norm_a, norm_b)
-    return torch.where(denom > 0, inner / denom.clamp(min=1e-300), torch.zeros_like(inner))
+    return torch.where(denom > 0, inner / denom.clamp(min=1e-30), torch.zeros_like(inner))
 
 
 def _self_norm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -100,6 +100,10 @@ def neuron_similarity(old_w, new_w, T_in, T_out) -> np.ndarray:
 
 
 def match_layer(old_w, new_w, do: Dims, dn: Dims, maps: dict[str, torch.Tensor]) -> LayerMatch:
+    # similarities only rank candidates: float32 is ample and several times faster than float64
+    old_w = {k: v.float() for k, v in old_w.items()}
+    new_w = {k: v.float() for k, v in new_w.items()}
+    maps = {k: v.float() for k, v in maps.items()}
     heads = head_similarity(old_w, new_w, do, dn, maps["attention_input"], maps["attention_output"])
     rows, cols = linear_sum_assignment(heads, maximize=True)
     head_pairs = [(int(i), int(j)) for i, j in zip(rows, cols)]
