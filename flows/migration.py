@@ -33,6 +33,7 @@ from tasks._support import forward_core_logs
 
 from . import artifacts
 from .pipeline import EntryRun, FleetResult, PipelineRun, entry_options
+from .settings import task_runner
 
 
 def _entry_name(output: str) -> str:
@@ -40,7 +41,8 @@ def _entry_name(output: str) -> str:
     return name or "adapter"
 
 
-@flow(name="migrate-adapter", description="Migrate one LoRA adapter to an upgraded base model.")
+@flow(name="migrate-adapter", description="Migrate one LoRA adapter to an upgraded base model.",
+      task_runner=task_runner())
 def migrate_adapter(
     old_model: str,
     new_model: str,
@@ -103,7 +105,8 @@ def run_fleet(fleet: FleetManifest, *, overwrite: bool, cache_root: str | None) 
     return result
 
 
-@flow(name="migrate-fleet", description="Migrate every adapter of a fleet manifest; the pair analysis runs once.")
+@flow(name="migrate-fleet", description="Migrate every adapter of a fleet manifest; the pair analysis runs once.",
+      task_runner=task_runner())
 def migrate_fleet(manifest: str, overwrite: bool = False, cache_root: str | None = None) -> dict[str, Any]:
     """Returns the fleet summary: published / skipped / failed (with reasons) and per-entry summaries."""
     forward_core_logs()
@@ -119,7 +122,7 @@ def same_reference(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
-@flow(name="on-base-model-release",
+@flow(name="on-base-model-release", task_runner=task_runner(),
       description="A new base model was released: migrate every fleet adapter trained on its predecessor.")
 def on_base_model_release(previous_model: str, new_model: str, fleet_manifest: str, output_root: str | None = None,
                           overwrite: bool = False, cache_root: str | None = None) -> dict[str, Any]:
