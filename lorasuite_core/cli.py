@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--family", default="llama", help="family of the synthetic model")
     demo.add_argument("--train-samples", type=int, default=200, help="samples for the old adapter")
     demo.add_argument("--lft-samples", type=int, default=100)
-    demo.add_argument("--eval-samples", type=int, default=100)
+    demo.add_argument("--eval-samples", type=int, default=50)
     return parser
 
 

@@ -56,7 +56,7 @@ def run_synthetic_demo(workdir: str | Path, *, family: str = "llama", progress: 
 # ----------------------------------------------------------------------------- real models
 
 
-def run_real_demo(workdir: str | Path, *, train_samples: int = 200, lft_samples: int = 100, eval_samples: int = 100,
+def run_real_demo(workdir: str | Path, *, train_samples: int = 200, lft_samples: int = 100, eval_samples: int = 50,
                   progress: bool = True) -> dict:
     """The main job on real models: SmolLM2-135M-Instruct (old) -> Gemma-3-270M (new).
 
