@@ -42,7 +42,7 @@ from .layer_mapping import map_layers
 from .layer_weights import canonical_deltas, dropped_roles, expected_shape, layer_weights, module_deltas
 from .loading import BaseModel, LoraAdapter, LoraFactors, load_base_model, load_lora_adapter
 from .matching import LayerMatch, match_layer
-from .refactor import refactorise
+from .refactor import Refactorised, refactorise
 from .residual import ResidualTransfer, input_map, input_offset, output_map, residual_transfer
 from .transfer import MODES, LayerTransfer
 from .vocab import SharedVocabulary, shared_vocabulary
@@ -159,7 +159,7 @@ def check_adapter_fits(adapter: LoraAdapter, old: BaseModel) -> None:
 class MigratedModule:
     layer: int
     name: str
-    factors: Any            # Refactorised
+    factors: Refactorised
     rank: int
     alpha: float
     old_layers: list[int]
@@ -199,11 +199,11 @@ def transfer_layer_pair(old, new, analysis: PairAnalysis, adapter: LoraAdapter, 
     transfer = LayerTransfer(layer_weights(old, i), layer_weights(new, j), old.dims, new.dims, maps,
                              analysis.matches[i], mode, analysis.residual.P)
     carried = transfer.run(deltas)
-    offsets = _offset_effects(old, new, analysis.residual, deltas, maps, i, j)
+    offsets = _offset_effects(old, new, deltas, maps, i, j)
     return carried, transfer.fit, offsets, set(deltas)
 
 
-def _offset_effects(old, new, rt, deltas, maps, i, j) -> dict[str, float]:
+def _offset_effects(old, new, deltas, maps, i, j) -> dict[str, float]:
     """Size of ΔW·c relative to ΔW for the LayerNorm offset a bias-free LoRA cannot carry."""
     effects = {}
     for norm_role, roles in (("attention_input", ("q", "k", "v")), ("mlp_input", ("gate", "up"))):
