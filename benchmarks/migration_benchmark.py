@@ -167,6 +167,7 @@ class Results:
             self.data = {}
         self.data["config"] = config
         self.data.setdefault("stages", {})
+        self.data.setdefault("notes", "")
 
     def get(self, name, fn, *args):
         if name not in self.data["stages"]:
@@ -270,6 +271,8 @@ def markdown() -> str:
                 f"Command: `{cfg['command']}`", "",
                 f"N = {cfg['train_samples']} training samples, {cfg['test_samples']} test problems, "
                 f"LFT / vanilla on {cfg['lft_samples']} samples, LoRA rank {cfg['rank']}, seed {cfg['seed']}.", ""]
+        if data.get("notes"):
+            out += [f"Conditions: {data['notes']}", ""]
         if "derive_new_model" in stages:
             d = stages["derive_new_model"]
             out += [f"New model: upgrade generator + continued pre-training on {d['corpus']} "
