@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .task_data import Sample, format_prompt
-from .training import (check_adapter_dir, cuda_peak_mb, load_base_model, load_tokenizer, process_peak_rss_mb,
+from .training import (check_adapter_dir, cuda_peak_mb, load_causal_lm, load_tokenizer, process_peak_rss_mb,
                        reset_cuda_peak)
 
 logger = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class EvalResult:
 
 
 def _load_for_eval(model_dir: str | Path, adapter_dir: str | Path | None, dtype: str, device: str):
-    model = load_base_model(model_dir, dtype=dtype, device=device)
+    model = load_causal_lm(model_dir, dtype=dtype, device=device)
     if adapter_dir is not None:
         from peft import PeftModel
 

@@ -171,7 +171,7 @@ def load_tokenizer(model_dir: str | Path, padding_side: str = "right"):
     return tokenizer
 
 
-def load_base_model(model_dir: str | Path, *, dtype: str = "auto", device: str = "auto"):
+def load_causal_lm(model_dir: str | Path, *, dtype: str = "auto", device: str = "auto"):
     """Load a safetensors causal LM from a local directory onto the resolved device/dtype."""
     from transformers import AutoModelForCausalLM
 
@@ -275,7 +275,7 @@ def prepare_fresh_lora(model_dir: str | Path, *, rank: int = 16, alpha: float = 
     """Base model + new PEFT LoRA (seeded init); returns ``(peft_model, tokenizer)``."""
     from peft import get_peft_model
 
-    model = load_base_model(model_dir, dtype=dtype, device=device)
+    model = load_causal_lm(model_dir, dtype=dtype, device=device)
     check_targets(model, targets)
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, _lora_config(rank, alpha, targets))
@@ -291,7 +291,7 @@ def load_for_light_finetune(model_dir: str | Path, adapter_dir: str | Path, *, d
     from peft import PeftConfig, PeftModel
 
     adapter_path = check_adapter_dir(adapter_dir)
-    model = load_base_model(model_dir, dtype=dtype, device=device)
+    model = load_causal_lm(model_dir, dtype=dtype, device=device)
     adapter_config = PeftConfig.from_pretrained(str(adapter_path))
     targets = adapter_config.target_modules
     if isinstance(targets, (list, set, tuple)):
