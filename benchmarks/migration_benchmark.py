@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
+import fcntl
 import json
 import multiprocessing
 import sys
@@ -158,18 +159,54 @@ def run_child(fn, *args) -> dict:
 # ----------------------------------------------------------------------------- orchestration
 
 
+def _same_settings(a: dict | None, b: dict) -> bool:
+    """Settings equal apart from the command line that produced them (a resumed run may spell it differently)."""
+    strip = lambda c: {k: v for k, v in c.items() if k != "command"}
+    return a is None or strip(a) == strip(b)
+
+
 class Results:
+    """Per-pair stage results in ``<results>/<pair>.json``; re-read before every write, so two pairs can run at once
+    and notes edited by hand survive."""
+
     def __init__(self, pair: str, config: dict):
         self.path = RESULTS / f"{pair}.json"
-        self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
-        if self.data.get("config") not in (None, config):
-            print(f"config changed: starting {self.path.name} afresh", file=sys.stderr)
+        self.data = self._read()
+        if not _same_settings(self.data.get("config"), config):
+            print(f"settings changed: starting {self.path.name} afresh", file=sys.stderr)
             self.data = {}
         self.data["config"] = config
         self.data.setdefault("stages", {})
         self.data.setdefault("notes", "")
+        self.save()
 
-    def get(self, name, fn, *args):
+    @classmethod
+    def peek(cls, pair: str, config: dict) -> "Results | None":
+        """The other pair's results when their shared settings (samples, rank, seed, epochs) match, else None."""
+        other = cls.__new__(cls)
+        other.path = RESULTS / f"{pair}.json"
+        other.data = other._read()
+        keys = ("train_samples", "test_samples", "rank", "seed", "epochs")
+        theirs = other.data.get("config", {})
+        return other if all(theirs.get(k) == config[k] for k in keys) else None
+
+    def _read(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def get(self, name, fn, *args, shared_with: "Results | None" = None):
+        """Run stage ``name`` once; a stage ``shared_with`` another pair is copied from there when it has it."""
+        if shared_with is None:
+            return self._run(name, fn, *args)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        with open(RESULTS / f".{name}.lock", "w") as lock:  # the other pair may be computing it right now
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            shared_with.data = shared_with._read() or shared_with.data
+            if name not in self.data["stages"] and name in shared_with.data.get("stages", {}):
+                self.data["stages"][name] = dict(shared_with.data["stages"][name], shared_with=shared_with.path.stem)
+                self.save()
+            return self._run(name, fn, *args)
+
+    def _run(self, name, fn, *args):
         if name not in self.data["stages"]:
             print(f"[{self.path.stem}] {name} …", file=sys.stderr, flush=True)
             self.data["stages"][name] = run_child(fn, *args)
@@ -178,7 +215,12 @@ class Results:
 
     def save(self):
         RESULTS.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.data, indent=2) + "\n")
+        on_disk = self._read()
+        if on_disk.get("notes"):
+            self.data["notes"] = on_disk["notes"]
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        tmp.replace(self.path)
 
 
 def run_pair(pair: str, args) -> None:
@@ -196,10 +238,14 @@ def run_pair(pair: str, args) -> None:
     else:
         new_dir = res.get("derive_new_model", stage_derive_within_model, old_dir, str(work / "derived"),
                           args.cpt_steps, args.seed)["model_dir"]
+        if args.derive_only:
+            return
     res.data["models"] = {"old": old_dir, "new": new_dir}
     seed, n, n_test, n_lft = args.seed, args.train_samples, args.test_samples, args.lft_samples
-    old_adapter, migrated = str(work / "old_adapter"), str(work / "migrated")
-    res.get("train_old_adapter", stage_train, old_dir, old_adapter, n, seed, args.rank, args.epochs)
+    # Both pairs start from the same old model, samples and seed: one old adapter (and its evaluation) serves both.
+    other = Results.peek("within" if pair == "cross" else "cross", config)
+    old_adapter, migrated = str(Path(args.workdir) / f"old_adapter-n{n}-r{args.rank}-s{seed}"), str(work / "migrated")
+    res.get("train_old_adapter", stage_train, old_dir, old_adapter, n, seed, args.rank, args.epochs, shared_with=other)
     res.get("transfer", stage_migrate, old_dir, new_dir, old_adapter, migrated)
     res.get("lft_100", stage_lft, new_dir, migrated, str(work / "lft"), n_lft, seed, args.lft_epochs)
     res.get("train_vanilla_100", stage_train, new_dir, str(work / "vanilla"), n_lft, seed, args.rank, args.lft_epochs)
@@ -209,7 +255,8 @@ def run_pair(pair: str, args) -> None:
         "vanilla_lora_100": (new_dir, str(work / "vanilla")),
     }
     for row, (model, adapter) in evals.items():
-        res.get(f"eval_{row}", stage_eval, model, adapter, n_test, seed + 1, args.eval_batch)
+        res.get(f"eval_{row}", stage_eval, model, adapter, n_test, seed + 1, args.eval_batch,
+                shared_with=other if row == "old_adapter" else None)
     if not args.skip_full_retrain:
         res.get("train_full", stage_train, new_dir, str(work / "full"), n, seed, args.rank, args.epochs)
         res.get("eval_full_retrain", stage_eval, new_dir, str(work / "full"), n_test, seed + 1, args.eval_batch)
@@ -264,7 +311,9 @@ def targets(stages: dict, pair: str) -> list[str]:
 
 def markdown() -> str:
     out = ["# Migration benchmark results", ""]
-    for path in sorted(RESULTS.glob("*.json")):
+    for path in [RESULTS / f"{pair}.json" for pair in ("cross", "within")]:
+        if not path.exists():
+            continue
         data = json.loads(path.read_text())
         stages, cfg = data["stages"], data["config"]
         out += [f"## {cfg['pair']}: {data.get('models', {}).get('old', '?')} → {data.get('models', {}).get('new', '?')}", "",
@@ -302,10 +351,11 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lft-epochs", type=int, default=2)
-    p.add_argument("--cpt-steps", type=int, default=60)
+    p.add_argument("--cpt-steps", type=int, default=40)
     p.add_argument("--eval-batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-full-retrain", action="store_true")
+    p.add_argument("--derive-only", action="store_true", help="within pair: derive the new model, then stop")
     p.add_argument("--workdir", default=str(ROOT / "runs" / "benchmark"))
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="directory of the per-pair JSON results")
     p.add_argument("--markdown", action="store_true", help="render benchmarks/results/*.json to RESULTS.md and stop")

@@ -311,12 +311,31 @@ def _scheduler(optimizer, config: TrainConfig, total_steps: int):
     return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
 
 
+def labelled_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled positions, projecting only those positions onto the vocabulary.
+
+    Equals the model's own ``labels=`` loss, but prompt and padding positions never reach the LM head: for small
+    models with large vocabularies (262k rows for a 640-wide model) that projection is most of a step's compute
+    and memory, and prompts are most of each sequence.
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = causal_lm.base_model  # the transformer stack under the LM head (LoRA layers included)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, D)
+    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    scored = targets != -100
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][scored])  # (n_labelled, V)
+    cap = getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.nn.functional.cross_entropy(logits.float(), targets[scored])
+
+
 def _train_step(model, group: list[list[int]], examples, pad_id: int, device: torch.device) -> float:
     """Forward/backward over the micro-batches of one optimizer step; returns their mean loss."""
     total = 0.0
     for indices in group:
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices], pad_id).items()}
-        loss = model(**batch).loss
+        loss = labelled_token_loss(model, batch)
         if not torch.isfinite(loss):
             raise ValueError(f"non-finite training loss {loss.item()}; lower the learning rate or check the data")
         (loss / len(group)).backward()

@@ -120,3 +120,29 @@ def test_lft_errors(tiny_model_dir, tmp_path, samples):
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig(lr_schedule="cosine")
+
+
+@pytest.mark.parametrize("family,overrides", [("llama", {}), ("qwen2", {}), ("gpt_neox", {}),
+                                              ("gemma3", {}), ("gemma3", {"final_logit_softcapping": 3.0})])
+def test_labelled_token_loss_equals_the_models_own_loss(family, overrides, tmp_path):
+    from peft import get_peft_model
+
+    from lorasuite_core.training import _lora_config, labelled_token_loss, load_causal_lm
+    from lorasuite_core.upgrade import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(family, tmp_path / family, **overrides)
+    model = load_causal_lm(model_dir, dtype="float32", device="cpu")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, _lora_config(4, 8, ("query_key_value",) if family == "gpt_neox" else TARGETS))
+    for p in peft_model.parameters():  # non-zero B, so the adapter takes part in both losses
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    tokenizer = load_tokenizer(model_dir)
+    examples = [build_example(tokenizer, s, 160) for s in generate_problems(5, "train", seed=3)]
+    batch = collate(examples, tokenizer.pad_token_id)
+    assert (batch["labels"] == -100).float().mean() > 0.3  # prompts and padding really are skipped
+    expected = peft_model(**batch).loss
+    got = labelled_token_loss(peft_model, batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    got.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in peft_model.parameters() if p.requires_grad)
