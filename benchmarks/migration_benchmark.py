@@ -16,21 +16,28 @@ Rows (same seeds everywhere; LoRA rank 16 on q, k, v, o, gate, up, down)
   lorasuite_lft_100   LoRASuite + light fine-tuning on the same 100 samples (lr 9e-4, no warmup)
   full_retrain        fresh LoRA on the new model with the same N samples as the old adapter
 
-Every stage runs in a fresh child process, so its peak RSS is its own. Results are written
-after every stage to ``<results>/<pair>.json`` and the run resumes from there, so an
-interrupted benchmark keeps what it measured. ``--markdown`` renders the table.
+Both pairs start from the same old model, samples and seed, so the old adapter and its evaluation are
+computed once and shared (a file lock lets the two pairs run at the same time; the copied stage is
+marked ``shared_with``). Every stage runs in a fresh child process, so its peak RSS is its own.
+Results are written after every stage to ``<results>/<pair>.json`` and the run resumes from there,
+so an interrupted benchmark keeps what it measured; a hand-written ``notes`` field (the conditions
+of the run) survives later writes. ``--markdown`` renders the table.
 
 Usage
   python benchmarks/migration_benchmark.py --pair cross  [--train-samples 2000 --test-samples 500]
+  python benchmarks/migration_benchmark.py --pair within --derive-only    # only build the derived model
+  LORASUITE_BENCH_THREADS=1 ...                                           # torch threads per stage
   python benchmarks/migration_benchmark.py --markdown
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
+import contextlib
 import fcntl
 import json
 import multiprocessing
+import os
 import sys
 import time
 from pathlib import Path
@@ -166,25 +173,31 @@ def _same_settings(a: dict | None, b: dict) -> bool:
 
 
 class Results:
-    """Per-pair stage results in ``<results>/<pair>.json``; re-read before every write, so two pairs can run at once
-    and notes edited by hand survive."""
+    """Per-pair stage results in ``<results>/<pair>.json``.
 
-    def __init__(self, pair: str, config: dict):
-        self.path = RESULTS / f"{pair}.json"
-        self.data = self._read()
-        if not _same_settings(self.data.get("config"), config):
-            print(f"settings changed: starting {self.path.name} afresh", file=sys.stderr)
-            self.data = {}
-        self.data["config"] = config
-        self.data.setdefault("stages", {})
-        self.data.setdefault("notes", "")
+    Several processes may work on one pair at once (``--only``) and two pairs share stages, so every stage runs
+    under a file lock, is re-read from disk before it is computed, and every write merges with what is on disk;
+    a ``notes`` field edited by hand survives later writes.
+    """
+
+    def __init__(self, pair: str, config: dict, only: set[str] | None = None):
+        self.path, self.pair, self.only = RESULTS / f"{pair}.json", pair, only
+        with self._locked(f".{pair}.json.lock"):
+            self.data = self._read()
+            if not _same_settings(self.data.get("config"), config):
+                print(f"settings changed: starting {self.path.name} afresh", file=sys.stderr)
+                self.path.unlink(missing_ok=True)
+                self.data = {}
+            self.data["config"] = config
+            self.data.setdefault("stages", {})
+            self.data.setdefault("notes", "")
         self.save()
 
     @classmethod
     def peek(cls, pair: str, config: dict) -> "Results | None":
         """The other pair's results when their shared settings (samples, rank, seed, epochs) match, else None."""
         other = cls.__new__(cls)
-        other.path = RESULTS / f"{pair}.json"
+        other.path, other.pair, other.only = RESULTS / f"{pair}.json", pair, None
         other.data = other._read()
         keys = ("train_samples", "test_samples", "rank", "seed", "epochs")
         theirs = other.data.get("config", {})
@@ -193,34 +206,58 @@ class Results:
     def _read(self) -> dict:
         return json.loads(self.path.read_text()) if self.path.exists() else {}
 
-    def get(self, name, fn, *args, shared_with: "Results | None" = None):
-        """Run stage ``name`` once; a stage ``shared_with`` another pair is copied from there when it has it."""
-        if shared_with is None:
-            return self._run(name, fn, *args)
+    @staticmethod
+    @contextlib.contextmanager
+    def _locked(name: str):
         RESULTS.mkdir(parents=True, exist_ok=True)
-        with open(RESULTS / f".{name}.lock", "w") as lock:  # the other pair may be computing it right now
+        with open(RESULTS / name, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            shared_with.data = shared_with._read() or shared_with.data
-            if name not in self.data["stages"] and name in shared_with.data.get("stages", {}):
-                self.data["stages"][name] = dict(shared_with.data["stages"][name], shared_with=shared_with.path.stem)
-                self.save()
-            return self._run(name, fn, *args)
+            yield
 
-    def _run(self, name, fn, *args):
-        if name not in self.data["stages"]:
-            print(f"[{self.path.stem}] {name} …", file=sys.stderr, flush=True)
-            self.data["stages"][name] = run_child(fn, *args)
-            self.save()
-        return self.data["stages"][name]
+    def get(self, name, fn, *args, shared_with: "Results | None" = None):
+        """Stage ``name``: from disk when done (here, or in ``shared_with``'s pair), else computed now.
+
+        With ``--only``, a stage not listed and not yet done is skipped (returns None).
+        """
+        with self._locked(f".{name}.lock" if shared_with else f".{self.pair}.{name}.lock"):
+            self.data["stages"].update(self._read().get("stages", {}))
+            if name not in self.data["stages"] and shared_with is not None:
+                theirs = shared_with._read().get("stages", {})
+                if name in theirs:
+                    self.data["stages"][name] = dict(theirs[name], shared_with=shared_with.pair)
+                    self.save()
+            if name not in self.data["stages"]:
+                if self.only is not None and name not in self.only:
+                    return None
+                print(f"[{self.pair}] {name} …", file=sys.stderr, flush=True)
+                self.data["stages"][name] = run_child(fn, *args)
+                self.save()
+            return self.data["stages"][name]
 
     def save(self):
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        on_disk = self._read()
-        if on_disk.get("notes"):
-            self.data["notes"] = on_disk["notes"]
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
-        tmp.replace(self.path)
+        with self._locked(f".{self.pair}.json.lock"):
+            on_disk = self._read()
+            merged = dict(self.data, stages={**on_disk.get("stages", {}), **self.data["stages"]})
+            if on_disk.get("notes"):
+                merged["notes"] = on_disk["notes"]
+            self.data = merged
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(merged, indent=2) + "\n")
+            tmp.replace(self.path)
+
+
+def _argv_without_only() -> list[str]:
+    """The command line minus ``--only``: the stages it names are part of the same run."""
+    argv, out = sys.argv[1:], []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--only":
+            skip = True
+        elif not arg.startswith("--only="):
+            out.append(arg)
+    return out
 
 
 def run_pair(pair: str, args) -> None:
@@ -229,8 +266,8 @@ def run_pair(pair: str, args) -> None:
     config = {"pair": pair, "train_samples": args.train_samples, "test_samples": args.test_samples,
               "lft_samples": args.lft_samples, "rank": args.rank, "seed": args.seed, "epochs": args.epochs,
               "cpt_steps": args.cpt_steps if pair == "within" else None,
-              "command": "python benchmarks/migration_benchmark.py " + " ".join(sys.argv[1:])}
-    res = Results(pair, config)
+              "command": "python benchmarks/migration_benchmark.py " + " ".join(_argv_without_only())}
+    res = Results(pair, config, only=set(args.only.split(",")) if args.only else None)
     work = Path(args.workdir) / pair
     old_dir = str(fetch_model("smollm2-135m-instruct"))
     if pair == "cross":
@@ -356,6 +393,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-full-retrain", action="store_true")
     p.add_argument("--derive-only", action="store_true", help="within pair: derive the new model, then stop")
+    p.add_argument("--only", help="comma-separated stage names: compute only these (e.g. train_full,eval_full_retrain), "
+                                  "so a second process can share a pair's work")
     p.add_argument("--workdir", default=str(ROOT / "runs" / "benchmark"))
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="directory of the per-pair JSON results")
     p.add_argument("--markdown", action="store_true", help="render benchmarks/results/*.json to RESULTS.md and stop")
