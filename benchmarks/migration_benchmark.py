@@ -219,6 +219,8 @@ class Results:
 
         With ``--only``, a stage not listed and not yet done is skipped (returns None).
         """
+        if self.only is not None and name not in self.only:  # never wait for a stage this process will not run
+            return self._read().get("stages", {}).get(name)
         with self._locked(f".{name}.lock" if shared_with else f".{self.pair}.{name}.lock"):
             self.data["stages"].update(self._read().get("stages", {}))
             if name not in self.data["stages"] and shared_with is not None:
@@ -227,8 +229,6 @@ class Results:
                     self.data["stages"][name] = dict(theirs[name], shared_with=shared_with.pair)
                     self.save()
             if name not in self.data["stages"]:
-                if self.only is not None and name not in self.only:
-                    return None
                 print(f"[{self.pair}] {name} …", file=sys.stderr, flush=True)
                 self.data["stages"][name] = run_child(fn, *args)
                 self.save()
