@@ -372,9 +372,13 @@ def markdown() -> str:
             if ev is None:
                 out.append(f"| {row} | not run | | | {times} | | |")
                 continue
-            out.append(f"| {row} | {ev['accuracy']:.3f} | [{ev['ci_low']:.3f}, {ev['ci_high']:.3f}] | {ev['n']} | "
+            shared = f" (shared with {ev['shared_with']})" if ev.get("shared_with") else ""
+            out.append(f"| {row}{shared} | {ev['accuracy']:.3f} | [{ev['ci_low']:.3f}, {ev['ci_high']:.3f}] | {ev['n']} | "
                        f"{times or '—'} | {ev['seconds']:.0f} | {_fmt(_peak(stages, row), 0)} |")
         out += ["", "Targets:"] + targets(stages, cfg["pair"]) + [""]
+        if "transfer" in stages:
+            out += ["Transfer stages (s): " + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in stages["transfer"]["steps"].items()
+                                                       if isinstance(v, dict) and v.get("seconds") is not None), ""]
     return "\n".join(out)
 
 
