@@ -135,7 +135,10 @@ def stage_migrate(old_dir: str, new_dir: str, adapter_dir: str, out_dir: str) ->
 
     start = time.perf_counter()
     report = migrate(old_dir, new_dir, adapter_dir, out_dir, MigrationOptions(progress=False), overwrite=True)
-    return {"seconds": time.perf_counter() - start, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    import torch
+
+    return {"seconds": time.perf_counter() - start, "threads": torch.get_num_threads(),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "steps": report["steps"], "layer_mapping": report["layer_mapping"],
             "shared_vocabulary_size": report["shared_vocabulary_size"]}
 
@@ -294,6 +297,8 @@ def run_pair(pair: str, args) -> None:
     for row, (model, adapter) in evals.items():
         res.get(f"eval_{row}", stage_eval, model, adapter, n_test, seed + 1, args.eval_batch,
                 shared_with=other if row == "old_adapter" else None)
+    if args.retime_transfer:  # the transfer once more, alone on the machine with all cores (the ≤ 2 min target)
+        res.get("transfer_retimed", stage_migrate, old_dir, new_dir, old_adapter, str(work / "migrated-retimed"))
     if not args.skip_full_retrain:
         res.get("train_full", stage_train, new_dir, str(work / "full"), n, seed, args.rank, args.epochs)
         res.get("eval_full_retrain", stage_eval, new_dir, str(work / "full"), n_test, seed + 1, args.eval_batch)
@@ -341,8 +346,15 @@ def targets(stages: dict, pair: str) -> list[str]:
         check("LoRASuite + LFT-100 at or above full retraining", None if None in (a, c) else a >= c)
     t, l, f = secs("transfer"), secs("lft_100"), secs("train_full")
     check("transfer + LFT wall time ≤ 10% of full retraining", None if None in (t, l, f) else t + l <= 0.1 * f)
+    if None not in (t, l, f):
+        lines[-1] += f" ({t + l:.0f} s = {100 * (t + l) / f:.1f}% of {f:.0f} s)"
     if pair == "cross":
-        check("transfer alone ≤ 2 minutes", None if t is None else t <= 120)
+        alone = secs("transfer_retimed") or t
+        check("transfer alone ≤ 2 minutes", None if alone is None else alone <= 120)
+        if alone is not None:
+            lines[-1] += f" ({alone:.0f} s" + (", re-timed alone on the machine with "
+                                               f"{stages['transfer_retimed'].get('threads', '?')} threads)"
+                                               if "transfer_retimed" in stages else ")")
     return lines
 
 
@@ -397,6 +409,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-full-retrain", action="store_true")
     p.add_argument("--derive-only", action="store_true", help="within pair: derive the new model, then stop")
+    p.add_argument("--retime-transfer", action="store_true",
+                   help="run the transfer once more on its own (start it when the machine is otherwise idle)")
     p.add_argument("--only", help="comma-separated stage names: compute only these (e.g. train_full,eval_full_retrain), "
                                   "so a second process can share a pair's work")
     p.add_argument("--workdir", default=str(ROOT / "runs" / "benchmark"))
