@@ -241,6 +241,7 @@ class Results:
         with self._locked(f".{self.pair}.json.lock"):
             on_disk = self._read()
             merged = dict(self.data, stages={**on_disk.get("stages", {}), **self.data["stages"]})
+            merged["config"] = on_disk.get("config", self.data["config"])  # first command wins; settings are equal
             if on_disk.get("notes"):
                 merged["notes"] = on_disk["notes"]
             self.data = merged
