@@ -38,6 +38,7 @@ import fcntl
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DIAGNOSIS_PROBLEMS = 48  # generations inspected by the within pair's drift diagnosis
 ROW_ORDER = ("new_base", "old_adapter", "vanilla_lora_100", "lorasuite_transfer", "lorasuite_lft_100", "full_retrain")
 
 
@@ -143,6 +145,52 @@ def stage_migrate(old_dir: str, new_dir: str, adapter_dir: str, out_dir: str) ->
             "shared_vocabulary_size": report["shared_vocabulary_size"]}
 
 
+def _adapter_deltas(adapter_dir: str, model_dir: str) -> dict:
+    from lorasuite_core.families import family_for_model_type
+    from lorasuite_core.loading import load_lora_adapter
+
+    model_type = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
+    adapter = load_lora_adapter(adapter_dir, family_for_model_type(model_type))
+    return {key: factors.delta() for key, factors in adapter.factors.items()}
+
+
+def _generations(model_dir: str, adapter_dir: str, samples) -> dict:
+    from lorasuite_core.evaluation import evaluate
+
+    result = evaluate(model_dir, samples, adapter_dir=adapter_dir, batch_size=len(samples), max_new_tokens=40,
+                      show_progress=False)
+    return {"accuracy": result.accuracy, "n": len(samples), "generations": [p.generation for p in result.predictions]}
+
+
+def stage_drift_diagnosis(old_dir: str, upgraded_dir: str, new_dir: str, adapter_dir: str, migrated_dir: str,
+                          exact_dir: str, n_test: int, seed: int) -> dict:
+    """Within pair: is transfer-only weak because of the transfer, or because continued pre-training moved the base?
+
+    The same adapter is migrated to the upgraded model *before* continued pre-training, where the transfer is exact
+    (the generator's ground truth), and compared with the one migrated to the continued-pre-trained model: per role,
+    relative Frobenius distance of the LoRA deltas. A few greedy generations then show what each adapter does: the
+    share of generations that finish with "The answer is N" before the 40-token limit, and the accuracy on them.
+    """
+    stage_migrate(old_dir, upgraded_dir, adapter_dir, exact_dir)
+    exact, drifted = _adapter_deltas(exact_dir, upgraded_dir), _adapter_deltas(migrated_dir, new_dir)
+    if exact.keys() != drifted.keys():
+        raise RuntimeError(f"the two migrations touched different modules: {sorted(exact.keys() ^ drifted.keys())}")
+    by_role: dict[str, list[float]] = {}
+    for key in exact:
+        by_role.setdefault(key[1], []).append(float((drifted[key] - exact[key]).norm() / exact[key].norm()))
+    from lorasuite_core.task_data import generate_problems
+
+    samples = generate_problems(n_test, "test", seed)
+    return {
+        "delta_relative_distance": {role: {"mean": sum(v) / len(v), "max": max(v)} for role, v in sorted(by_role.items())},
+        "generations": {
+            "old_adapter_on_old_model": _generations(old_dir, adapter_dir, samples),
+            "exact_transfer_on_upgraded_model": _generations(upgraded_dir, exact_dir, samples),
+            "transfer_on_new_model": _generations(new_dir, migrated_dir, samples),
+        },
+    }
+
+
 def stage_eval(model_dir: str, adapter_dir: str | None, n: int, seed: int, batch_size: int) -> dict:
     _threads()
     from lorasuite_core.evaluation import evaluate
@@ -175,6 +223,19 @@ def _same_settings(a: dict | None, b: dict) -> bool:
     return a is None or strip(a) == strip(b)
 
 
+def _read_results(pair: str) -> dict:
+    path = RESULTS / f"{pair}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def sharing_pair(pair: str, config: dict) -> str | None:
+    """The other pair, when its shared settings (samples, rank, seed, epochs) match ours: it may share stages."""
+    other = "within" if pair == "cross" else "cross"
+    theirs = _read_results(other).get("config", {})
+    keys = ("train_samples", "test_samples", "rank", "seed", "epochs")
+    return other if all(theirs.get(k) == config[k] for k in keys) else None
+
+
 class Results:
     """Per-pair stage results in ``<results>/<pair>.json``.
 
@@ -196,18 +257,8 @@ class Results:
             self.data.setdefault("notes", "")
         self.save()
 
-    @classmethod
-    def peek(cls, pair: str, config: dict) -> "Results | None":
-        """The other pair's results when their shared settings (samples, rank, seed, epochs) match, else None."""
-        other = cls.__new__(cls)
-        other.path, other.pair, other.only = RESULTS / f"{pair}.json", pair, None
-        other.data = other._read()
-        keys = ("train_samples", "test_samples", "rank", "seed", "epochs")
-        theirs = other.data.get("config", {})
-        return other if all(theirs.get(k) == config[k] for k in keys) else None
-
     def _read(self) -> dict:
-        return json.loads(self.path.read_text()) if self.path.exists() else {}
+        return _read_results(self.pair)
 
     @staticmethod
     @contextlib.contextmanager
@@ -217,7 +268,7 @@ class Results:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
-    def get(self, name, fn, *args, shared_with: "Results | None" = None):
+    def get(self, name, fn, *args, shared_with: str | None = None):
         """Stage ``name``: from disk when done (here, or in ``shared_with``'s pair), else computed now.
 
         With ``--only``, a stage not listed and not yet done is skipped (returns None).
@@ -227,9 +278,9 @@ class Results:
         with self._locked(f".{name}.lock" if shared_with else f".{self.pair}.{name}.lock"):
             self.data["stages"].update(self._read().get("stages", {}))
             if name not in self.data["stages"] and shared_with is not None:
-                theirs = shared_with._read().get("stages", {})
+                theirs = _read_results(shared_with).get("stages", {})
                 if name in theirs:
-                    self.data["stages"][name] = dict(theirs[name], shared_with=shared_with.pair)
+                    self.data["stages"][name] = dict(theirs[name], shared_with=shared_with)
                     self.save()
             if name not in self.data["stages"]:
                 print(f"[{self.pair}] {name} …", file=sys.stderr, flush=True)
@@ -284,7 +335,7 @@ def run_pair(pair: str, args) -> None:
     res.data["models"] = {"old": old_dir, "new": new_dir}
     seed, n, n_test, n_lft = args.seed, args.train_samples, args.test_samples, args.lft_samples
     # Both pairs start from the same old model, samples and seed: one old adapter (and its evaluation) serves both.
-    other = Results.peek("within" if pair == "cross" else "cross", config)
+    other = sharing_pair(pair, config)
     old_adapter, migrated = str(Path(args.workdir) / f"old_adapter-n{n}-r{args.rank}-s{seed}"), str(work / "migrated")
     res.get("train_old_adapter", stage_train, old_dir, old_adapter, n, seed, args.rank, args.epochs, shared_with=other)
     res.get("transfer", stage_migrate, old_dir, new_dir, old_adapter, migrated)
@@ -298,8 +349,15 @@ def run_pair(pair: str, args) -> None:
     for row, (model, adapter) in evals.items():
         res.get(f"eval_{row}", stage_eval, model, adapter, n_test, seed + 1, args.eval_batch,
                 shared_with=other if row == "old_adapter" else None)
+    if pair == "within":
+        res.get("drift_diagnosis", stage_drift_diagnosis, old_dir, str(work / "derived" / "upgraded"), new_dir,
+                old_adapter, migrated, str(work / "migrated-exact"), DIAGNOSIS_PROBLEMS, seed + 1)
     if args.retime_transfer:  # the transfer once more, alone on the machine with all cores (the ≤ 2 min target)
         res.get("transfer_retimed", stage_migrate, old_dir, new_dir, old_adapter, str(work / "migrated-retimed"))
+    for epochs in args.short_lft_epochs:  # a cheaper LFT beside the configured one (the wall-time target)
+        lft_dir = str(work / f"lft-{epochs}ep")
+        res.get(f"lft_100_{epochs}ep", stage_lft, new_dir, migrated, lft_dir, n_lft, seed, epochs)
+        res.get(f"eval_lorasuite_lft_100_{epochs}ep", stage_eval, new_dir, lft_dir, n_test, seed + 1, args.eval_batch)
     if not args.skip_full_retrain:
         res.get("train_full", stage_train, new_dir, str(work / "full"), n, seed, args.rank, args.epochs)
         res.get("eval_full_retrain", stage_eval, new_dir, str(work / "full"), n_test, seed + 1, args.eval_batch)
@@ -308,22 +366,42 @@ def run_pair(pair: str, args) -> None:
 # ----------------------------------------------------------------------------- table
 
 
-def _row_stage_seconds(stages: dict, row: str) -> dict:
-    s = lambda name: stages.get(name, {}).get("seconds")
+SHORT_LFT_ROW = re.compile(r"^lorasuite_lft_100_(\d+)ep$")
+
+
+def rows(stages: dict) -> list[str]:
+    """The fixed rows, with any short-LFT rows (``--short-lft-epochs``) right after the configured LFT."""
+    short = sorted(n[len("eval_"):] for n in stages if n.startswith("eval_") and SHORT_LFT_ROW.match(n[len("eval_"):]))
+    order = list(ROW_ORDER)
+    return order[:order.index("lorasuite_lft_100") + 1] + short + order[order.index("lorasuite_lft_100") + 1:]
+
+
+def transfer_stage(stages: dict) -> str:
+    """The transfer measured alone on the machine when there is one, else the transfer the adapters came from."""
+    return "transfer_retimed" if "transfer_retimed" in stages else "transfer"
+
+
+def row_stages(stages: dict, row: str) -> dict[str, str]:
+    """Label -> stage name of the work that produced a row (its evaluation aside)."""
+    short = SHORT_LFT_ROW.match(row)
+    if short:
+        return {"transfer": transfer_stage(stages), "lft": f"lft_100_{short.group(1)}ep"}
     return {
         "new_base": {},
-        "old_adapter": {"train": s("train_old_adapter")},
-        "vanilla_lora_100": {"train": s("train_vanilla_100")},
-        "lorasuite_transfer": {"transfer": s("transfer")},
-        "lorasuite_lft_100": {"transfer": s("transfer"), "lft": s("lft_100")},
-        "full_retrain": {"train": s("train_full")},
+        "old_adapter": {"train": "train_old_adapter"},
+        "vanilla_lora_100": {"train": "train_vanilla_100"},
+        "lorasuite_transfer": {"transfer": "transfer"},
+        "lorasuite_lft_100": {"transfer": "transfer", "lft": "lft_100"},
+        "full_retrain": {"train": "train_full"},
     }[row]
 
 
+def _row_stage_seconds(stages: dict, row: str) -> dict:
+    return {label: stages.get(name, {}).get("seconds") for label, name in row_stages(stages, row).items()}
+
+
 def _peak(stages: dict, row: str) -> float | None:
-    names = {"old_adapter": ["train_old_adapter"], "vanilla_lora_100": ["train_vanilla_100"],
-             "lorasuite_transfer": ["transfer"], "lorasuite_lft_100": ["transfer", "lft_100"],
-             "full_retrain": ["train_full"], "new_base": []}[row] + [f"eval_{row}"]
+    names = list(row_stages(stages, row).values()) + [f"eval_{row}"]
     values = [stages[n].get("peak_rss_mb") for n in names if n in stages]
     return max(values) if values else None
 
@@ -345,10 +423,12 @@ def targets(stages: dict, pair: str) -> list[str]:
     if pair == "within":
         c = acc("full_retrain")
         check("LoRASuite + LFT-100 at or above full retraining", None if None in (a, c) else a >= c)
-    t, l, f = secs("transfer"), secs("lft_100"), secs("train_full")
-    check("transfer + LFT wall time ≤ 10% of full retraining", None if None in (t, l, f) else t + l <= 0.1 * f)
-    if None not in (t, l, f):
-        lines[-1] += f" ({t + l:.0f} s = {100 * (t + l) / f:.1f}% of {f:.0f} s)"
+    for row in (r for r in rows(stages) if r.startswith("lorasuite_lft_100")):
+        named = row_stages(stages, row)
+        t, l, f = secs(named["transfer"]), secs(named["lft"]), secs("train_full")
+        check(f"transfer + LFT wall time ≤ 10% of full retraining ({row})", None if None in (t, l, f) else t + l <= 0.1 * f)
+        if None not in (t, l, f):
+            lines[-1] += f" ({named['transfer']} {t:.0f} s + {named['lft']} {l:.0f} s = {100 * (t + l) / f:.1f}% of {f:.0f} s)"
     if pair == "cross":
         alone = secs("transfer_retimed") or t
         check("transfer alone ≤ 2 minutes", None if alone is None else alone <= 120)
@@ -357,6 +437,26 @@ def targets(stages: dict, pair: str) -> list[str]:
                                                f"{stages['transfer_retimed'].get('threads', '?')} threads)"
                                                if "transfer_retimed" in stages else ")")
     return lines
+
+
+def _cell(text: str) -> str:
+    return "`" + text.replace("\n", " ").replace("|", "\\|").replace("`", "'") + "`"
+
+
+ANSWER_SENTENCE = re.compile(r"answer is\s*:?\s*-?[\d,.]*\d", re.IGNORECASE)
+
+
+def diagnosis_lines(diag: dict) -> list[str]:
+    distance = ", ".join(f"{role} {d['mean']:.4f} (max {d['max']:.4f})" for role, d in diag["delta_relative_distance"].items())
+    answered = lambda g: sum(bool(ANSWER_SENTENCE.search(t)) for t in g["generations"]) / len(g["generations"])
+    rows = [f"| {name.replace('_', ' ')} | {g['accuracy']:.3f} | {answered(g):.2f} | {_cell(g['generations'][0])} |"
+            for name, g in diag["generations"].items()]
+    n = next(iter(diag["generations"].values()))["n"]
+    return ["Drift diagnosis: relative Frobenius distance of the transferred LoRA deltas from those the same transfer "
+            "gives on the upgraded model before continued pre-training (where it is exact), mean over layers "
+            f"(max): {distance}.", "",
+            f"| adapter (first {n} test problems) | accuracy | states \"The answer is N\" | first generation |",
+            "| --- | --- | --- | --- |", *rows, ""]
 
 
 def markdown() -> str:
@@ -379,7 +479,7 @@ def markdown() -> str:
                     f"lr {d['cpt_lr']}, loss {_fmt(d['cpt_first_loss'], 3)} → {_fmt(d['cpt_last_loss'], 3)}).", ""]
         out += ["| row | accuracy | 95% CI | n | train / transfer / LFT s | eval s | peak RSS MB |",
                 "| --- | --- | --- | --- | --- | --- | --- |"]
-        for row in ROW_ORDER:
+        for row in rows(stages):
             ev = stages.get(f"eval_{row}")
             times = ", ".join(f"{k} {v:.0f}" for k, v in _row_stage_seconds(stages, row).items() if v is not None)
             if ev is None:
@@ -389,6 +489,8 @@ def markdown() -> str:
             out.append(f"| {row}{shared} | {ev['accuracy']:.3f} | [{ev['ci_low']:.3f}, {ev['ci_high']:.3f}] | {ev['n']} | "
                        f"{times or '—'} | {ev['seconds']:.0f} | {_fmt(_peak(stages, row), 0)} |")
         out += ["", "Targets:"] + targets(stages, cfg["pair"]) + [""]
+        if "drift_diagnosis" in stages:
+            out += diagnosis_lines(stages["drift_diagnosis"])
         if "transfer" in stages:
             out += ["Transfer stages (s): " + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in stages["transfer"]["steps"].items()
                                                        if isinstance(v, dict) and v.get("seconds") is not None), ""]
@@ -405,6 +507,9 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lft-epochs", type=int, default=2)
+    p.add_argument("--short-lft-epochs", type=lambda v: [int(e) for e in v.split(",")], default=[],
+                   help="also run LFT with these (fewer) epochs, e.g. 1: rows lorasuite_lft_100_<E>ep, timed against "
+                        "transfer_retimed when there is one (run them alone on the machine, like full retraining)")
     p.add_argument("--cpt-steps", type=int, default=40)
     p.add_argument("--eval-batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -423,6 +528,7 @@ def main() -> None:
         for pair in (["cross", "within"] if args.pair == "both" else [args.pair]):
             run_pair(pair, args)
     text = markdown()
+    RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS.parent / "RESULTS.md" if RESULTS == ROOT / "benchmarks" / "results" else RESULTS / "RESULTS.md").write_text(text + "\n")
     print(text)
 
