@@ -74,7 +74,10 @@ def stage_derive_within_model(old_dir: str, out_dir: str, cpt_steps: int, seed: 
     upgraded = Path(out_dir) / "upgraded"
     spec = UpgradeSpec(fold_norms=True, rotate_residual=True, widen_residual=48, extra_query_heads_per_group=1,
                        permute_heads=True, permute_neurons=True, extra_neurons=256, identity_layers=(10, 21),
-                       extra_vocab=1000, renumber_vocab=True, seed=seed)
+                       extra_vocab=1000, renumber_vocab=True, seed=seed,
+                       # the committed within-pair results were derived with random added lm_head rows (continued
+                       # pre-training then trains them); "mean" would give another model from the same seed
+                       added_token_logits="random")
     if not (upgraded / "config.json").exists():
         upgrade_model_dir(old_dir, upgraded, spec)
     upgrade_seconds = time.perf_counter() - start

@@ -170,6 +170,38 @@ def test_residual_transform_maps_hidden_states(old_models, upgraded):
         assert relative_max_error(a, hn[j][0].double()) < 1e-5
 
 
+def _added_and_old_logits(new_dir, ids):
+    """Full-vocabulary logits of the upgraded model, split into added tokens and old tokens (in old order)."""
+    tm = token_map_of(new_dir)
+    full = sequence_logits(load_model(new_dir), [[tm[t] for t in seq] for seq in ids]).double()
+    added = sorted(set(range(full.shape[-1])) - set(tm.values()))
+    return full[..., added], full[..., [tm[i] for i in range(len(tm))]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_decoding_never_picks_an_added_token(family, old_models, upgraded):
+    """Added tokens' logits are the mean of the old ones (before a soft-cap), so never the maximum."""
+    old_dir, ids, _ = old_models(family)
+    spec = combined(family)["all_combined"]
+    added, old = _added_and_old_logits(upgraded(family, "all_combined", spec), ids)
+    assert added.shape[-1] == spec.extra_vocab
+    assert (added.max(dim=-1).values < old.max(dim=-1).values).all()
+    if read_json(old_dir / "config.json").get("final_logit_softcapping") is None:
+        mean = old.mean(dim=-1, keepdim=True).expand_as(added)
+        assert relative_max_error(mean, added) < 1e-5
+
+
+def test_random_added_logits_keep_old_logits_and_can_win(old_models, tmp_path):
+    """The first behaviour, kept for reproducibility: random rows, old logits still exact."""
+    old_dir, ids, old = old_models("llama")
+    spec = UpgradeSpec(extra_vocab=400, added_token_logits="random", seed=8)
+    added, new = _added_and_old_logits(upgrade_model_dir(old_dir, tmp_path / "random", spec), ids)
+    assert relative_max_error(old, new) <= TOL
+    assert (added.max(dim=-1).values > new.max(dim=-1).values).any()
+    with pytest.raises(ValueError, match="added_token_logits"):
+        upgrade_model_dir(old_dir, tmp_path / "bad", UpgradeSpec(extra_vocab=4, added_token_logits="zero"))
+
+
 def test_perturbed_upgrade_fails_the_check(old_models, upgraded, tmp_path):
     old_dir, ids, old = old_models("llama")
     good = upgraded("llama", "all_combined", combined("llama")["all_combined"])
