@@ -171,8 +171,8 @@ def stage_drift_diagnosis(old_dir: str, upgraded_dir: str, new_dir: str, adapter
 
     The same adapter is migrated to the upgraded model *before* continued pre-training, where the transfer is exact
     (the generator's ground truth), and compared with the one migrated to the continued-pre-trained model: per role,
-    relative Frobenius distance of the LoRA deltas. A few greedy generations then show what each adapter does: the
-    share of generations that finish with "The answer is N" before the 40-token limit, and the accuracy on them.
+    relative Frobenius distance of the LoRA deltas. A few greedy generations (kept in the results) then show what
+    each adapter does: its accuracy on them, and how many state "The answer is N" within the 40 generated tokens.
     """
     stage_migrate(old_dir, upgraded_dir, adapter_dir, exact_dir)
     exact, drifted = _adapter_deltas(exact_dir, upgraded_dir), _adapter_deltas(migrated_dir, new_dir)
@@ -429,9 +429,8 @@ def targets(stages: dict, pair: str) -> list[str]:
     def check(label, ok):
         lines.append(f"- {label}: {'met' if ok else 'NOT met' if ok is not None else 'not measured'}")
 
-    for lft, vanilla in [("lorasuite_lft_100", "vanilla_lora_100")] + [
-            (r, "vanilla_lora_100" + r[len("lorasuite_lft_100"):]) for r in rows(stages) if SHORT_ROW.match(r)
-            and SHORT_ROW.match(r)["base"] == "lorasuite_lft_100"]:
+    for lft in (r for r in rows(stages) if r.startswith("lorasuite_lft_100")):
+        vanilla = "vanilla_lora_100" + lft[len("lorasuite_lft_100"):]          # the same number of epochs
         a, b = acc(lft), acc(vanilla)
         check(f"LoRASuite + LFT-100 above vanilla LoRA-100 ({lft} vs {vanilla})", None if None in (a, b) else a > b)
         if pair == "within":
@@ -459,20 +458,19 @@ def _cell(text: str) -> str:
     return "`" + text.replace("\n", " ").replace("|", "\\|").replace("`", "'") + "`"
 
 
-ANSWER_SENTENCE = re.compile(r"answer is\s*:?\s*-?[\d,.]*\d", re.IGNORECASE)
-
-
 def diagnosis_lines(diag: dict) -> list[str]:
+    from lorasuite_core.evaluation import ANSWER_SENTENCE
+
     distance = ", ".join(f"{role} {d['mean']:.4f} (max {d['max']:.4f})" for role, d in diag["delta_relative_distance"].items())
     answered = lambda g: sum(bool(ANSWER_SENTENCE.search(t)) for t in g["generations"]) / len(g["generations"])
-    rows = [f"| {name.replace('_', ' ')} | {g['accuracy']:.3f} | {answered(g):.2f} | {_cell(g['generations'][0])} |"
+    table = [f"| {name.replace('_', ' ')} | {g['accuracy']:.3f} | {answered(g):.2f} | {_cell(g['generations'][0])} |"
             for name, g in diag["generations"].items()]
     n = next(iter(diag["generations"].values()))["n"]
     return ["Drift diagnosis: relative Frobenius distance of the transferred LoRA deltas from those the same transfer "
             "gives on the upgraded model before continued pre-training (where it is exact), mean over layers "
             f"(max): {distance}.", "",
             f"| adapter (first {n} test problems) | accuracy | states \"The answer is N\" | first generation |",
-            "| --- | --- | --- | --- |", *rows, ""]
+            "| --- | --- | --- | --- |", *table, ""]
 
 
 def markdown() -> str:

@@ -47,9 +47,9 @@ Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 STOP_MARKERS = ("### Instruction", "### Input", "### Response", "Below is an instruction")
 _NUMBER = re.compile(r"(?:(?<![\w)])-)?(?:\d+(?:\.\d+)?|\.\d+)")
 _THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-_ANSWER_SENTENCE = re.compile(r"answer is\s*:?\s*\$?\s*-?\s*[\d,]*\.?\d+", re.IGNORECASE)
+ANSWER_SENTENCE = re.compile(r"answer is\s*:?\s*\$?\s*-?\s*[\d,]*\.?\d+", re.IGNORECASE)
 # ... and followed by something that cannot continue the number: the answer is complete
-_COMPLETE_ANSWER = re.compile(_ANSWER_SENTENCE.pattern + r"(?:[^\d.,]|[.,][^\d])", re.IGNORECASE)
+_COMPLETE_ANSWER = re.compile(ANSWER_SENTENCE.pattern + r"(?:[^\d.,]|[.,][^\d])", re.IGNORECASE)
 
 
 def extract_final_number(text: str) -> str | None:
@@ -83,7 +83,7 @@ def truncate_generation(text: str) -> str:
     """Cut at the first stop marker, then right after the first "answer is N" sentence if any."""
     cut = min((text.find(m) for m in STOP_MARKERS if m in text), default=len(text))
     text = text[:cut]
-    match = _ANSWER_SENTENCE.search(text)
+    match = ANSWER_SENTENCE.search(text)
     return text[: match.end()] if match else text
 
 
