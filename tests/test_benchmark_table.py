@@ -48,6 +48,17 @@ def test_short_rows_follow_their_base_rows_and_are_timed_like_for_like(bench):
             in lines)                                                          # 0.30 < 0.32: same epochs compared
 
 
+def test_accuracy_targets_compare_the_rows_they_name(bench):
+    lines = bench.targets(_stages(), "within")
+    assert "- LoRASuite + LFT-100 above vanilla LoRA-100 (lorasuite_lft_100 vs vanilla_lora_100): met" in lines
+    assert "- LoRASuite + LFT-100 at or above full retraining (lorasuite_lft_100): NOT met" in lines
+    assert not any("2 minutes" in l for l in lines)                           # a cross-pair target only
+    missing = bench.targets({"eval_vanilla_lora_100": _eval(0.3)}, "cross")
+    assert ("- LoRASuite + LFT-100 above vanilla LoRA-100 (lorasuite_lft_100 vs vanilla_lora_100): not measured"
+            in missing)
+    assert "- transfer alone ≤ 2 minutes: not measured" in missing
+
+
 def test_drift_diagnosis_counts_stated_answers(bench):
     diag = {"delta_relative_distance": {"q_proj": {"mean": 0.002, "max": 0.01}},
             "generations": {"old_adapter_on_old_model": {"accuracy": 0.5, "n": 2, "generations": [
@@ -55,3 +66,13 @@ def test_drift_diagnosis_counts_stated_answers(bench):
     text = "\n".join(bench.diagnosis_lines(diag))
     assert "q_proj 0.0020 (max 0.0100)" in text
     assert "| old adapter on old model | 0.500 | 0.50 | `2 + 2 = 4. The answer is 4.` |" in text
+
+
+def test_transfer_stage_times_split_into_pair_analysis_and_per_adapter_work(bench):
+    from lorasuite_core.stages import PAIR_STAGES
+
+    steps = {name: {"cache": "computed", "seconds": 10.0} for name in PAIR_STAGES}
+    steps.update(load={"seconds": 6.0}, transfer={"seconds": 29.0}, write={"seconds": 0.4})
+    line = bench.transfer_stage_lines("transfer_retimed", steps)[0]
+    assert line.startswith("Stages of transfer_retimed (s): ")
+    assert line.endswith(f"per model pair (cached, once per fleet) {10 * len(PAIR_STAGES)}, per adapter 35.")
