@@ -521,6 +521,16 @@ def markdown() -> str:
     return "\n".join(out)
 
 
+def _epoch_list(text: str) -> list[int]:
+    try:
+        epochs = [int(e) for e in text.split(",")]
+    except ValueError:
+        epochs = []
+    if not epochs or min(epochs) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epoch counts >= 1, got {text!r}")
+    return epochs
+
+
 def main() -> None:
     global RESULTS
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -535,7 +545,7 @@ def main() -> None:
                         "defaults to 1, which --short-lft-epochs 1 measures)")
     p.add_argument("--retime-full-retrain", action="store_true",
                    help="train the full-retraining adapter once more on its own, for a like-for-like wall-time ratio")
-    p.add_argument("--short-lft-epochs", type=lambda v: [int(e) for e in v.split(",")], default=[],
+    p.add_argument("--short-lft-epochs", type=_epoch_list, default=[],
                    help="also run LFT and vanilla LoRA with these (fewer) epochs, e.g. 1: rows lorasuite_lft_100_<E>ep and "
                         "vanilla_lora_100_<E>ep, timed against the lone transfer and full retraining when re-timed "
                         "(run them alone on the machine)")
