@@ -12,7 +12,14 @@ same calls):
       head_similarity per mapped pair: head + neuron matching                matching.py
     adapter transfer
       transfer        per mapped pair: canonical deltas carried over         transfer.py
-      refactorise     SVD back to each module's rank                         refactor.py
+      refactorise     QR + small SVD back to each module's rank              refactor.py
+
+Deltas stay in factor form ΔW = L R (refactor.LowRank) from the old adapter (L = s B, R = A)
+to the re-factorisation; no dense out × in delta is formed. A fused module splits by rows of
+L (each part keeps R); joining parts P_q, P_k, P_v back stacks their rows with the lefts in
+disjoint column blocks, [L_q R_q; L_k R_k; L_v R_v] = L R with L the interleaved rows of
+[L_q 0 0; 0 L_k 0; 0 0 L_v] and R = [R_q; R_k; R_v]. The LayerNorm-offset diagnostic uses
+‖ΔW c‖ = ‖L (R c)‖ and ‖ΔW‖_F² = ⟨LᵀL, R Rᵀ⟩_F.
       write           PEFT directory + migration_report.json, atomically
 """
 from __future__ import annotations
@@ -39,10 +46,11 @@ from .activations import PairedActivations, builtin_calibration_texts, paired_ac
 from .cka import minibatch_cka
 from .errors import LorasuiteError
 from .layer_mapping import map_layers
-from .layer_weights import canonical_deltas, dropped_roles, expected_shape, layer_weights, module_deltas
+from .families import ROLES
+from .layer_weights import dropped_roles, expected_shape, join_fused, layer_weights, split_fused
 from .loading import BaseModel, LoraAdapter, LoraFactors, load_base_model, load_lora_adapter
 from .matching import LayerMatch, match_layer
-from .refactor import Refactorised, refactorise
+from .refactor import LowRank, Refactorised, refactorise
 from .residual import ResidualTransfer, input_map, input_offset, output_map, residual_transfer
 from .transfer import MODES, LayerTransfer
 from .vocab import SharedVocabulary, shared_vocabulary
@@ -173,8 +181,48 @@ class MigratedAdapter:
     input_offsets: dict[str, float]
 
 
-def _layer_deltas(adapter: LoraAdapter, layer: int) -> dict[str, torch.Tensor]:
-    return {name: f.delta() for (l, name), f in adapter.factors.items() if l == layer}
+def _layer_deltas(adapter: LoraAdapter, layer: int) -> dict[str, LowRank]:
+    return {name: LowRank.of_lora(f.B, f.A, f.scaling) for (l, name), f in adapter.factors.items() if l == layer}
+
+
+def canonical_factors(family, dims, deltas: dict[str, LowRank]) -> dict[str, LowRank]:
+    """{PEFT module name: ΔW} of one layer -> {canonical role: ΔW}, in factor form."""
+    out: dict[str, LowRank] = {}
+    for name, delta in deltas.items():
+        spec = family.modules[name]
+        if spec.role == "qkv":
+            out.update({role: LowRank(L, delta.right) for role, L in split_fused(spec, delta.left, dims).items()})
+        else:
+            out[spec.role] = delta
+    return out
+
+
+def _join_fused_factors(spec, parts: dict[str, LowRank], dims) -> LowRank:
+    k = sum(p.rank for p in parts.values())
+    lefts, start = {}, 0
+    for role, p in parts.items():
+        lefts[role] = torch.zeros(p.shape[0], k, dtype=torch.float64)
+        lefts[role][:, start:start + p.rank] = p.left
+        start += p.rank
+    return LowRank(join_fused(spec, lefts, dims), torch.cat([p.right for p in parts.values()]))
+
+
+def module_factors(family, dims, deltas: dict[str, LowRank]) -> dict[str, LowRank]:
+    """{canonical role: ΔW} -> {PEFT module name of this family: ΔW}; roles it lacks are dropped."""
+    out: dict[str, LowRank] = {}
+    fused: dict[str, dict[str, LowRank]] = {}
+    for role in ROLES:
+        found = family.module_for_canonical_role(role) if role in deltas else None
+        if found is None:
+            continue
+        spec, slot = found
+        if slot is None:
+            out[spec.name] = deltas[role]
+        else:
+            fused.setdefault(spec.name, {})[role] = deltas[role]
+    for name, parts in fused.items():
+        out[name] = _join_fused_factors(family.modules[name], parts, dims)
+    return out
 
 
 def _source_factors(old: BaseModel, new: BaseModel, adapter: LoraAdapter, new_name: str, sources: list[int]) -> LoraFactors:
@@ -191,8 +239,8 @@ def _source_factors(old: BaseModel, new: BaseModel, adapter: LoraAdapter, new_na
 
 
 def transfer_layer_pair(old, new, analysis: PairAnalysis, adapter: LoraAdapter, i: int, j: int, mode: str):
-    """Canonical new deltas for old layer i -> new layer j, with fit diagnostics."""
-    deltas = canonical_deltas(old.family, old.dims, _layer_deltas(adapter, i))
+    """Canonical new deltas (factor form) for old layer i -> new layer j, with fit diagnostics."""
+    deltas = canonical_factors(old.family, old.dims, _layer_deltas(adapter, i))
     if not deltas:
         return {}, {}, {}, set()
     maps = layer_pair_maps(old, new, analysis.residual, i, j)
@@ -203,7 +251,7 @@ def transfer_layer_pair(old, new, analysis: PairAnalysis, adapter: LoraAdapter, 
     return carried, transfer.fit, offsets, set(deltas)
 
 
-def _offset_effects(old, new, deltas, maps, i, j) -> dict[str, float]:
+def _offset_effects(old, new, deltas: dict[str, LowRank], maps, i, j) -> dict[str, float]:
     """Size of ΔW·c relative to ΔW for the LayerNorm offset a bias-free LoRA cannot carry."""
     effects = {}
     for norm_role, roles in (("attention_input", ("q", "k", "v")), ("mlp_input", ("gate", "up"))):
@@ -211,8 +259,9 @@ def _offset_effects(old, new, deltas, maps, i, j) -> dict[str, float]:
         if c is None:
             continue
         for role in roles:
-            if role in deltas and deltas[role].norm() > 0:
-                effects[role] = float((deltas[role] @ c).norm() / deltas[role].norm())
+            norm = deltas[role].norm() if role in deltas else 0.0
+            if norm > 0:
+                effects[role] = float(deltas[role].apply(c.double()).norm()) / norm
     return effects
 
 
@@ -236,7 +285,7 @@ class NewLayerResult:
 def transfer_new_layer(old, new, analysis: PairAnalysis, adapter: LoraAdapter, j: int, sources: list[int],
                        mode: str) -> NewLayerResult:
     """The unit of per-layer work: carry every old layer mapped onto new layer j, sum, re-factorise."""
-    summed: dict[str, torch.Tensor] = {}
+    summed: dict[str, LowRank] = {}
     unit_fit: dict[str, float] = {}
     offsets: dict[str, float] = {}
     roles: set[str] = set()
@@ -248,7 +297,7 @@ def transfer_new_layer(old, new, analysis: PairAnalysis, adapter: LoraAdapter, j
         unit_fit.update({f"{i}->{j}.{role}": v for role, v in fit.items()})
         offsets.update({f"{i}->{j}.{role}": v for role, v in off.items()})
     modules = []
-    for name, delta in sorted(module_deltas(new.family, new.dims, summed).items()):
+    for name, delta in sorted(module_factors(new.family, new.dims, summed).items()):
         source = _source_factors(old, new, adapter, name, sources)
         factors = refactorise(delta, source.rank, source.scaling)
         modules.append(MigratedModule(j, name, factors, source.rank, source.alpha, sources))
@@ -319,6 +368,9 @@ def adapter_tensors(new: BaseModel, migrated: MigratedAdapter) -> dict[str, torc
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> None:
+    from .storage import check_output_location
+
+    check_output_location(out, {})   # never empty, the working directory or one of its parents
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise LorasuiteError(f"output {out} exists and is not a directory")

@@ -19,6 +19,18 @@ Units of the new model left unmatched (extra heads or neurons) receive no delta.
 matrix) the unit map is the un-normalised product M = (W_old W_h W_newᵀ)ᵀ, i.e.
 ΔW_new[b] = (W_old[a] P W_new[b]ᵀ)ᵀ ΔW_old[a] P for heads, the transposed analogue for
 output-facing modules and the scalar analogue for neurons. It is not exact: W_old W_oldᵀ ≠ I.
+
+Factor form. Deltas travel as ΔW = L R (refactor.LowRank, L out × k, R k × in); both
+formulas above multiply ΔW only on the left and on the right, so each acts on one factor:
+
+    input-facing   ΔW_new[b] = (M L[a]) (R T_in)        L_new[b] = M L[a],   R_new = R T_in
+    output-facing  ΔW_new[:, b] = (T_out L) (R[:, a] N)  L_new = T_out L,     R_new[:, b] = R[:, a] N
+
+(unmatched new units get zero rows of L_new / zero columns of R_new). The unit maps M, N come
+from the base weights exactly as before; only the k columns of a factor are carried instead
+of the D columns of a dense delta, and no out × in matrix is formed. ``mode="paper"`` is the
+same left/right product with M = (W_old W_h W_newᵀ)ᵀ. A dense delta given to :meth:`run` is
+carried as L = ΔW, R = I and returned dense (a reference path for tests).
 """
 from __future__ import annotations
 
@@ -26,6 +38,7 @@ import torch
 
 from .loading import Dims
 from .matching import LayerMatch
+from .refactor import LowRank
 
 INPUT_ROLES = ("q", "k", "v", "gate", "up")
 OUTPUT_ROLES = ("o", "down")
@@ -73,8 +86,8 @@ class LayerTransfer:
             return self.do.num_kv_heads, self.dn.num_kv_heads
         return self.do.intermediate, self.dn.intermediate
 
-    def _carry(self, role: str, X_o: torch.Tensor, X_n: torch.Tensor, D_o: torch.Tensor) -> torch.Tensor:
-        """Units as rows: X_o (n_o × h_o × D), X_n (n_n × h_n × D), D_o like X_o -> new delta units."""
+    def _carry(self, role: str, X_o: torch.Tensor, X_n: torch.Tensor, F_o: torch.Tensor) -> torch.Tensor:
+        """Units as rows: X_o (n_o × h_o × D), X_n (n_n × h_n × D), factor F_o (n_o × h_o × k) -> n_n × h_n × k."""
         pairs = torch.as_tensor(self._unit_pairs(role), dtype=torch.long).reshape(-1, 2)
         a, b = pairs[:, 0], pairs[:, 1]
         old_units = X_o[a]
@@ -83,37 +96,39 @@ class LayerTransfer:
             # W̃⁺ = W̃ᵀ (W̃ W̃ᵀ)⁺ for each unit: an h × h pseudo-inverse instead of an h × D SVD
             gram = old_units @ old_units.transpose(1, 2)
             M = M @ torch.linalg.pinv(gram, hermitian=True, rtol=1e-12)
-        out = torch.zeros_like(X_n)
-        out[b] = M @ D_o[a]
+        out = torch.zeros(X_n.shape[0], X_n.shape[1], F_o.shape[-1], dtype=F_o.dtype)
+        out[b] = M @ F_o[a]
         self.fit[role] = _rel(X_n[b] - M @ old_units, X_n[b])
         return out
 
-    def input_facing(self, role: str, delta: torch.Tensor) -> torch.Tensor:
+    def input_facing(self, role: str, delta: LowRank) -> LowRank:
         T = self._in_map(role)
         n_o, n_n = self._unit_counts(role)
-        out = self._carry(
+        left = self._carry(
             role,
             _unit_rows(self.old_w[role] @ T, n_o),
             _unit_rows(self.new_w[role], n_n),
-            _unit_rows(delta @ T, n_o),
+            _unit_rows(delta.left, n_o),
         )
-        return out.reshape(self.new_w[role].shape)
+        return LowRank(left.reshape(self.new_w[role].shape[0], -1), delta.right @ T)
 
-    def output_facing(self, role: str, delta: torch.Tensor) -> torch.Tensor:
+    def output_facing(self, role: str, delta: LowRank) -> LowRank:
         T = self._out_map(role)
         n_o, n_n = self._unit_counts(role)
-        out = self._carry(                                    # columns handled as rows
+        right_t = self._carry(                                # columns handled as rows
             role,
             _unit_rows((T @ self.old_w[role]).T, n_o),
             _unit_rows(self.new_w[role].T, n_n),
-            _unit_rows((T @ delta).T, n_o),
+            _unit_rows(delta.right.T, n_o),
         )
-        return out.reshape(self.new_w[role].shape[1], -1).T
+        return LowRank(T @ delta.left, right_t.reshape(self.new_w[role].shape[1], -1).T)
 
-    def run(self, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run(self, deltas: dict[str, LowRank | torch.Tensor]) -> dict[str, LowRank | torch.Tensor]:
         out = {}
         for role, delta in deltas.items():
             if role not in self.new_w:
                 continue
-            out[role] = self.input_facing(role, delta) if role in INPUT_ROLES else self.output_facing(role, delta)
+            factors = LowRank.of_dense(delta) if isinstance(delta, torch.Tensor) else delta
+            carried = self.input_facing(role, factors) if role in INPUT_ROLES else self.output_facing(role, factors)
+            out[role] = carried.dense() if isinstance(delta, torch.Tensor) else carried
         return out
