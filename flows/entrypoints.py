@@ -14,7 +14,8 @@ from pydantic import ValidationError
 
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.manifest import FleetManifest
-from lorasuite_core.stages import EntryOptions
+from lorasuite_core.stages import EntryOptions, output_status, run_inputs
+from lorasuite_core.storage import check_replaceable
 
 
 def run_migrate_adapter(
@@ -42,13 +43,16 @@ def run_migrate_adapter(
     """Run the ``migrate-adapter`` flow; returns its summary (output, mapping, steps, evaluation)."""
     from .migration import migrate_adapter
 
-    _check_options(head_transform=head_transform, lft=lft, lft_data=lft_data, lft_samples=lft_samples,
-                   lft_lr=lft_lr, lft_epochs=lft_epochs, eval_data=eval_data, eval_samples=eval_samples,
-                   vanilla_baseline=vanilla_baseline, seed=seed)
+    options = _check_options(head_transform=head_transform, lft=lft, lft_data=lft_data, lft_samples=lft_samples,
+                             lft_lr=lft_lr, lft_epochs=lft_epochs, eval_data=eval_data, eval_samples=eval_samples,
+                             vanilla_baseline=vanilla_baseline, seed=seed)
     if max_calibration_tokens < 8:
         raise LorasuiteError(f"--max-calibration-tokens must be at least 8, not {max_calibration_tokens}")
     if layer_offset is not None and layer_offset < 0:
         raise LorasuiteError(f"--layer-offset must be >= 0, not {layer_offset}")
+    # The flow checks again (deployments call it directly); here the error comes before any run starts.
+    inputs = run_inputs(str(old_model), str(new_model), str(adapter), options, calibration_data, cache_root)
+    check_replaceable(str(output), output_status(str(output), inputs), overwrite)
     return migrate_adapter(
         old_model=str(old_model), new_model=str(new_model), adapter=str(adapter), output=str(output), lft=lft,
         lft_data=lft_data, lft_samples=lft_samples, lft_lr=lft_lr, lft_epochs=lft_epochs, eval_data=eval_data,
@@ -70,9 +74,9 @@ def run_migrate_fleet(manifest_uri: str, *, overwrite: bool = False, cache_root:
     return migrate_fleet(manifest=str(manifest_uri), overwrite=overwrite, cache_root=cache_root)
 
 
-def _check_options(**values: Any) -> None:
+def _check_options(**values: Any) -> EntryOptions:
     try:
-        EntryOptions(**values)
+        options = EntryOptions(**values)
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors(include_url=False))
         raise LorasuiteError(f"invalid migration options: {problems}") from None
@@ -81,3 +85,4 @@ def _check_options(**values: Any) -> None:
             raise LorasuiteError(f"--{name.replace('_', '-')} must be at least 1, not {values[name]}")
     if values["lft_lr"] <= 0:
         raise LorasuiteError(f"--lft-lr must be positive, not {values['lft_lr']}")
+    return options

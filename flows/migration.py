@@ -1,8 +1,9 @@
 """The three flows: one adapter, a fleet of one model pair, and a base-model release event.
 
-* ``migrate-adapter`` — one adapter across one upgrade, optional LFT / evaluation.  An output
-  that is not empty is an error unless ``overwrite`` (as in ``lorasuite migrate``); checked
-  before any work.
+* ``migrate-adapter`` — one adapter across one upgrade, optional LFT / evaluation.  Checked
+  before any work: the output may not be an input, inside or above one, or the working
+  directory; an earlier publication of ours is replaced only with ``overwrite`` (one cut
+  short by a crash is replaced on a plain rerun); anything else there is refused.
 * ``migrate-fleet`` — a fleet manifest (YAML/JSON, local path or URI): the pair analysis runs
   once, every adapter fans out.  Entries fail independently and the result lists which failed
   and why; an entry whose output already holds a finished publication is skipped, so a
@@ -27,8 +28,8 @@ from prefect import flow, get_run_logger
 import tasks
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.manifest import BaseModelRelease, FleetManifest, ManifestError
-from lorasuite_core.stages import EntryOptions
-from lorasuite_core.storage import redact_uri
+from lorasuite_core.stages import EntryOptions, run_inputs
+from lorasuite_core.storage import check_replaceable as replaceable, redact_uri
 from tasks._support import forward_core_logs
 
 from . import artifacts
@@ -42,7 +43,7 @@ def _entry_name(output: str) -> str:
 
 
 @flow(name="migrate-adapter", description="Migrate one LoRA adapter to an upgraded base model.",
-      task_runner=task_runner())
+      task_runner=task_runner(), persist_result=False)
 def migrate_adapter(
     old_model: str,
     new_model: str,
@@ -69,8 +70,8 @@ def migrate_adapter(
     options = EntryOptions(head_transform=head_transform, lft=lft, lft_data=lft_data, lft_samples=lft_samples,
                            lft_lr=lft_lr, lft_epochs=lft_epochs, eval_data=eval_data, eval_samples=eval_samples,
                            vanilla_baseline=vanilla_baseline and lft, seed=seed)
-    if not overwrite and tasks.check_output(output) != "empty":
-        raise LorasuiteError(f"output {redact_uri(output)} exists and is not empty; pass --overwrite to replace it")
+    inputs = run_inputs(old_model, new_model, adapter, options, calibration_data, cache_root)
+    replaceable(output, tasks.check_output(output, inputs), overwrite)
     run = PipelineRun(cache_root)
     pair = run.analyse_pair(old_model, new_model, calibration_data, max_calibration_tokens, layer_offset)
     entry = EntryRun(name=_entry_name(output), adapter=adapter, output=output, options=options)
@@ -88,7 +89,7 @@ def run_fleet(fleet: FleetManifest, *, overwrite: bool, cache_root: str | None) 
                for e in fleet.adapters]
     progress = artifacts.ProgressArtifact(
         f"{len(entries)} adapter(s), {artifacts.pair_title(fleet.old_model, fleet.new_model)}")
-    run.check_outputs(entries, overwrite)
+    run.check_outputs(entries, overwrite, fleet, cache_root)
     pair = None
     if any(e.live for e in entries):
         a = fleet.analysis
@@ -106,7 +107,7 @@ def run_fleet(fleet: FleetManifest, *, overwrite: bool, cache_root: str | None) 
 
 
 @flow(name="migrate-fleet", description="Migrate every adapter of a fleet manifest; the pair analysis runs once.",
-      task_runner=task_runner())
+      task_runner=task_runner(), persist_result=False)
 def migrate_fleet(manifest: str, overwrite: bool = False, cache_root: str | None = None) -> dict[str, Any]:
     """Returns the fleet summary: published / skipped / failed (with reasons) and per-entry summaries."""
     forward_core_logs()
@@ -122,7 +123,7 @@ def same_reference(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
-@flow(name="on-base-model-release", task_runner=task_runner(),
+@flow(name="on-base-model-release", task_runner=task_runner(), persist_result=False,
       description="A new base model was released: migrate every fleet adapter trained on its predecessor.")
 def on_base_model_release(previous_model: str, new_model: str, fleet_manifest: str, output_root: str | None = None,
                           overwrite: bool = False, cache_root: str | None = None) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 Design
 ------
-* :class:`PipelineRun` holds one flow run's storage (stage store + Prefect result storage, see
-  :mod:`flows.settings`) and the tasks configured with that result storage.
+* :class:`PipelineRun` holds one flow run's stage store root (see :mod:`flows.settings`) and
+  calls the tasks of :mod:`tasks` directly.
 * :meth:`PipelineRun.analyse_pair` identifies the pair, submits the six analysis tasks as a
   graph (the vocabulary/transfer-matrix branch runs beside the activations/CKA/mapping branch),
   waits, and creates the analysis artifacts.  A failing stage fails the flow: without the pair
@@ -15,16 +15,14 @@ Design
   (and the layers of each) run side by side on the task runner.  A failure fails only its
   entry, with the stage and the error's message; the other entries go on.
 * Report ``steps``: per stage ``{"cache": "computed" | "reused", "seconds"}``.  Reused means a
-  Prefect cache hit (``Cached`` state) or a complete store entry found by the stage itself.
-  Seconds: the time spent inside the stage in this run — computing, or finding and reading its
-  stored output; 0 for a Prefect cache hit, where the stage did not run at all.  Orchestration
+  complete, verified store entry found by the stage itself.  Seconds: the time spent inside the
+  stage in this run — computing, or finding, verifying and reading its stored output.  Orchestration
   overhead is not counted.  Per-layer and per-row parts are summed.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Callable, Iterable
 
 from prefect import get_run_logger, unmapped
@@ -35,15 +33,12 @@ import tasks
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.manifest import AdapterEntry, FleetManifest
 from lorasuite_core.stage_store import StageResult
-from lorasuite_core.stages import PAIR_STAGES, AdapterPlan, EntryOptions, PairPlan
-from lorasuite_core.storage import describe_error, redact_uri
+from lorasuite_core.stages import PAIR_STAGES, AdapterPlan, EntryOptions, PairPlan, run_inputs
+from lorasuite_core.storage import check_replaceable, describe_error, redact_uri
 
 from . import artifacts
-from .settings import RunStorage, resolve_run_storage
+from .settings import resolve_store_root
 
-STORE_TASK_NAMES = ("vocabulary", "transfer_matrix", "activations", "cka", "layer_mapping", "head_similarity",
-                    "transfer_layer", "assemble", "light_finetune", "vanilla_baseline", "evaluate")
-PLAIN_TASK_NAMES = ("identify_pair", "check_output", "plan_adapter", "publish")
 ENTRY_STEPS = ("transfer", "write", "lft", "vanilla_baseline", "eval")
 
 
@@ -65,8 +60,6 @@ def combine(parts: Iterable[Part]) -> dict[str, Any]:
 def outcome(future: PrefectFuture) -> tuple[Part, Any]:
     """The future's result (raising its exception on failure) and how this run obtained it."""
     result = future.result()
-    if future.state.name == "Cached":
-        return Part("reused", 0.0), result
     if isinstance(result, StageResult):
         return Part("reused" if result.reused else "computed", round(result.seconds, 4)), result
     return Part("computed", round(getattr(result, "seconds", 0.0), 4)), result
@@ -175,11 +168,8 @@ class PipelineRun:
     """One flow run's storage, and configured tasks; see the module docstring."""
 
     def __init__(self, cache_root: str | None):
-        self.storage: RunStorage = resolve_run_storage(cache_root)
-        self.store = self.storage.store
-        configured = {name: getattr(tasks, name).with_options(result_storage=self.storage.result_storage)
-                      for name in STORE_TASK_NAMES}
-        self.t = SimpleNamespace(**configured, **{name: getattr(tasks, name) for name in PLAIN_TASK_NAMES})
+        self.store = resolve_store_root(cache_root)
+        self.t = tasks
         self.log = get_run_logger()
         self.log.info("stage store: %s", redact_uri(self.store))
 
@@ -208,21 +198,22 @@ class PipelineRun:
 
     # ----------------------------------------------------------------- entries
 
-    def check_outputs(self, entries: list[EntryRun], overwrite: bool) -> None:
-        """Fleet rule: a finished publication is skipped (idempotent reruns), other content fails the entry."""
-        if overwrite:
-            return
-        futures = {e.name: self.t.check_output.submit(e.output) for e in entries}
+    def check_outputs(self, entries: list[EntryRun], overwrite: bool, fleet: FleetManifest,
+                      cache_root: str | None) -> None:
+        """Fleet rule: a finished publication is skipped unless ``overwrite`` (idempotent reruns);
+        an unsafe output or foreign content fails the entry; an interrupted publication of ours is redone."""
+        futures = {e.name: self.t.check_output.submit(
+            e.output, run_inputs(fleet.old_model, fleet.new_model, e.adapter, e.options,
+                                 fleet.analysis.calibration_data, cache_root)) for e in entries}
         for e in entries:
             try:
                 status = futures[e.name].result()
+                if status == "complete" and not overwrite:
+                    e.status, e.note = "skipped", f"already published at {redact_uri(e.output)} (pass overwrite to redo)"
+                    continue
+                check_replaceable(e.output, status, overwrite)
             except Exception as error:  # noqa: BLE001 - recorded on the entry
                 e.fail("output", error)
-                continue
-            if status == "complete":
-                e.status, e.note = "skipped", f"already published at {redact_uri(e.output)} (pass overwrite to redo)"
-            elif status == "occupied":
-                e.fail("output", LorasuiteError(f"output {redact_uri(e.output)} exists and is not empty; pass overwrite"))
 
     def migrate(self, entries: list[EntryRun], pair: PairRun, *, overwrite: bool,
                 on_progress: Callable[[float], None] | None = None) -> None:

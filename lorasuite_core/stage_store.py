@@ -17,12 +17,18 @@ Design
   ``<root>/<s>/<k>/``: array files (safetensors), other files, and ``_stage.json``
   (small JSON facts handed to later stages).  It is published with
   :func:`lorasuite_core.storage.publish_dir_atomic` (data first, completion
-  manifest last) and counts only once complete (:func:`storage.is_complete`), so
-  a writer that dies half-way leaves nothing a reader would use.
-* **Reuse.** :meth:`StageStore.run` returns the facts of a complete entry
+  manifest with every file's size and sha256 last), so a writer that dies
+  half-way leaves nothing a reader would use.
+* **Integrity.** An entry counts only when every file matches its size and
+  sha256 in the manifest (:meth:`StageStore.problem`; local entries are hashed
+  in place, memoised per process; remote ones are verified as they are
+  downloaded).  Entries hold safetensors and JSON only: nothing is unpickled.
+* **Reuse.** :meth:`StageStore.run` returns the facts of a verified entry
   (``reused=True``) or computes the entry into a temporary local directory,
-  publishes it and returns its facts (``reused=False``).  Two writers racing on
-  one key write the same content; the last atomic publication wins.
+  publishes it and returns its facts (``reused=False``).  An entry that exists
+  but is corrupt or incomplete (sha256 mismatch, unreadable header, missing
+  manifest) is discarded with one warning line and recomputed.  Two writers
+  racing on one key write the same content; the last atomic publication wins.
 * **Root.** A local directory or any fsspec URI (``s3://bucket/prefix``):
   ``$LORASUITE_CACHE_ROOT``, else ``~/.cache/lorasuite/pipeline``.
 """
@@ -49,6 +55,7 @@ log = logging.getLogger(__name__)
 
 STORE_FORMAT = "lorasuite-stage-store/v1"
 FACTS_FILE = "_stage.json"
+ABSENT = "absent"
 CACHE_ROOT_ENV = "LORASUITE_CACHE_ROOT"
 MODEL_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
 ADAPTER_PATTERNS = ("*.json", "*.safetensors")
@@ -132,32 +139,51 @@ class StageStore:
         return storage.join_uri(self.root, stage, key)
 
     def is_complete(self, stage: str, key: str) -> bool:
-        return storage.is_complete(self.location(stage, key))
+        return self.problem(self.location(stage, key)) is None
 
     def facts(self, uri: str) -> dict[str, Any]:
-        return storage.read_json(storage.join_uri(uri, FACTS_FILE))
+        return json.loads((self.local_dir(uri) / FACTS_FILE).read_text())
 
-    def local_dir(self, uri: str) -> Path:
-        """A local directory holding the complete entry at ``uri`` (downloaded once when remote)."""
+    def problem(self, uri: str) -> str | None:
+        """None for a complete, verified entry; :data:`ABSENT` when nothing is there; else what is wrong."""
         if not storage.is_remote(uri):
             path = Path(storage.resolve(uri)[1])
-            if not storage.is_complete(path):
-                raise LorasuiteError(f"stage entry {uri} is missing or incomplete; rerun the migration")
-            return path
+            if not path.exists():
+                return ABSENT
+            if not path.is_dir():
+                return "not a directory"
+            return storage.verify_local_dir(path)
         try:
-            return storage.materialize_dir(uri, require_complete=True)
+            storage.materialize_dir(uri, require_complete=True)
         except FileNotFoundError:
-            raise LorasuiteError(f"stage entry {storage.redact_uri(uri)} is missing; rerun the migration") from None
+            return ABSENT
+        except (storage.IncompleteArtifactError, storage.IntegrityError) as error:
+            return str(error)
+        return None
+
+    def local_dir(self, uri: str) -> Path:
+        """A local directory holding the verified entry at ``uri`` (downloaded once when remote)."""
+        problem = self.problem(uri)
+        if problem is not None:
+            what = "is missing" if problem == ABSENT else f"is corrupt or incomplete ({problem})"
+            raise LorasuiteError(f"stage entry {storage.redact_uri(uri)} {what}; rerun the migration")
+        if not storage.is_remote(uri):
+            return Path(storage.resolve(uri)[1])
+        return storage.materialize_dir(uri, require_complete=True)
 
     def run(self, stage: str, key: str, compute: Callable[[Path], dict[str, Any]]) -> StageResult:
-        """Reuse the complete entry ``(stage, key)`` or compute it with ``compute(tmp_dir) -> facts``."""
+        """Reuse the verified entry ``(stage, key)`` or compute it with ``compute(tmp_dir) -> facts``."""
         uri = self.location(stage, key)
         start = time.perf_counter()
-        if storage.is_complete(uri):
+        problem = self.problem(uri)
+        if problem is None:
             facts = self.facts(uri)
             log.info("%s: reusing %s", stage, storage.redact_uri(uri))
             return StageResult(stage=stage, key=key, uri=uri, reused=True,
                                seconds=time.perf_counter() - start, facts=facts)
+        if problem != ABSENT:
+            log.warning("%s: discarding cache entry %s (%s); recomputing", stage, storage.redact_uri(uri), problem)
+            storage.remove_dir(uri)
         with tempfile.TemporaryDirectory(prefix=f"lorasuite-{stage}-") as tmp:
             facts = compute(Path(tmp))
             (Path(tmp) / FACTS_FILE).write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")

@@ -64,8 +64,8 @@ from .migrate import (REPORT_NAME, MigrationOptions, PairAnalysis, StageLog, ada
                       build_report, check_adapter_fits, head_mapping_entries, combine_layers, match_layer_pair, sources_by_new_layer,
                       transfer_new_layer, write_adapter_dir)
 from .residual import ResidualTransfer, residual_transfer
-from .stage_store import (ADAPTER_PATTERNS, StageResult, StageStore, artifact_identity, data_identity, stage_key,
-                          texts_identity)
+from .stage_store import (ADAPTER_PATTERNS, StageResult, StageStore, artifact_identity, data_identity,
+                          default_store_root, stage_key, texts_identity)
 from .vocab import SharedVocabulary, shared_vocabulary
 
 log = logging.getLogger(__name__)
@@ -302,11 +302,18 @@ class AdapterPlan(Schema):
     seconds: float = 0.0                 # time taken to load, check and plan
 
 
-def output_status(output: str) -> Literal["empty", "complete", "occupied"]:
-    """Whether a publication destination is free, holds a completed publication, or something else."""
-    if storage.dir_is_empty(output):
-        return "empty"
-    return "complete" if storage.is_complete(output) else "occupied"
+def output_status(output: str, inputs: dict[str, str | None]) -> Literal["empty", "complete", "partial", "foreign"]:
+    """Refuse an output that would destroy an input; else the destination's state (see storage.output_state)."""
+    storage.check_output_location(output, inputs)
+    return storage.output_state(output)
+
+
+def run_inputs(old_model: str, new_model: str, adapter: str, options: EntryOptions,
+               calibration_data: str | None = None, cache_root: str | None = None) -> dict[str, str | None]:
+    """Everything a migration reads, by name, for :func:`output_status`."""
+    return {"old model": old_model, "new model": new_model, "adapter": adapter, "LFT data": options.lft_data,
+            "evaluation data": options.eval_data, "calibration data": calibration_data,
+            "cache root": cache_root or default_store_root()}
 
 
 def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: str,

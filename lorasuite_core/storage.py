@@ -34,9 +34,25 @@ Design
   while the slow part runs), copy the objects into place server-side, and write
   ``_LORASUITE_COMPLETE.json`` (file list with sizes and sha256) LAST.  Readers
   call :func:`is_complete`.  On failure the temporary prefix is deleted and the
-  destination is left as it was; the one exception is a failure during the
-  server-side promotion of an *overwrite*, which leaves the destination without
-  its completion manifest (``is_complete`` is False) until a rerun.
+  destination is left as it was.  Remotely, the first object written into the
+  destination is ``_LORASUITE_PUBLISHING.json`` (removed after the completion
+  manifest): a publication cut short by a crash or a dropped connection during
+  the server-side copy leaves a destination that is recognisably *ours and
+  partial* (:func:`output_state` ``"partial"``), which the next publication
+  replaces without ``overwrite``.
+* **Ownership.** :func:`output_state` tells ``empty`` / ``complete`` (our
+  completion manifest) / ``partial`` (our in-progress marker, no manifest) /
+  ``foreign`` (anything else).  A publication replaces only what is ours:
+  ``foreign`` content is refused even with ``overwrite``; ``complete`` needs
+  ``overwrite``; ``partial`` is replaced.  :func:`check_output_location`
+  refuses an output that is empty, the current directory (or one of its
+  parents), the filesystem or bucket root, an input, a parent of an input or a
+  directory inside one.
+* **Integrity.** :func:`verify_local_dir` checks every file a completion
+  manifest lists against its size *and sha256* (memoised per process on the
+  files' size, mtime and inode, so repeated reads of one entry hash it once);
+  downloads are verified the same way, and a cached download that no longer
+  matches is discarded and fetched again.
 * **Fingerprints.** :func:`file_fingerprint` and :func:`dir_fingerprint` are cheap
   identities (sizes plus ETag or inode+mtime from ``fs.info`` / listings, no
   content read), usable as cache keys for "same model / same file".
@@ -52,11 +68,11 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -74,6 +90,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 COMPLETE_MARKER = "_LORASUITE_COMPLETE.json"
+PUBLISHING_MARKER = "_LORASUITE_PUBLISHING.json"
 MARKER_FORMAT = "lorasuite.complete/v1"
 ALLOWED_PATTERNS: tuple[str, ...] = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.md")
 PICKLE_PATTERNS: tuple[str, ...] = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
@@ -103,13 +120,10 @@ class StorageUnavailableError(StorageError):
         super().__init__(f"storage unavailable: {self.uri} after {attempts} attempt(s): {detail}")
 
     def __reduce__(self):
-        # Keep the error picklable (Prefect may persist it) even if the cause is not.
-        last_error: BaseException | str = self.last_error
-        try:
-            pickle.dumps(last_error)
-        except Exception:  # noqa: BLE001 - any pickling failure falls back to text
-            last_error = describe_error(last_error) if isinstance(last_error, BaseException) else str(last_error)
-        return (self.__class__, (self.uri, self.attempts, last_error))
+        # Crossing a process boundary (a distributed task runner) keeps the text, not the cause.
+        last_error = self.last_error
+        text = describe_error(last_error) if isinstance(last_error, BaseException) else str(last_error)
+        return (self.__class__, (self.uri, self.attempts, text))
 
 
 class UnsafeArtifactError(StorageError):
@@ -125,7 +139,11 @@ class IncompleteArtifactError(StorageError):
 
 
 class IntegrityError(StorageError):
-    """Downloaded files do not match the source's completion manifest."""
+    """Files do not match the completion manifest they were published with."""
+
+
+class UnsafeOutputError(StorageError):
+    """An output location that would overwrite an input, the working directory or foreign content."""
 
 
 def _transient_error_types() -> tuple[type[BaseException], ...]:
@@ -534,9 +552,23 @@ def materialize_dir(uri: str | os.PathLike, local_cache_root: str | os.PathLike 
     root = Path(local_cache_root).expanduser() if local_cache_root else default_cache_root()
     target = root / key
     if target.is_dir():
-        logger.info("materialize %s: cache hit %s", safe_uri, target)
-        return target
+        problem = verify_local_dir(target, only_downloadable=True) if (target / COMPLETE_MARKER).is_file() else None
+        if problem is None:
+            logger.info("materialize %s: cache hit %s", safe_uri, target)
+            return target
+        logger.warning("materialize %s: cached copy %s is corrupt (%s); downloading again", safe_uri, target, problem)
+        _discard_dir(target)
     return _download_into_cache(fs, path, str(uri), selected, target, retry)
+
+
+def _discard_dir(target: Path) -> None:
+    """Move a directory aside (atomically, so no reader sees it half-deleted), then delete it."""
+    retired = target.parent / f".{target.name}.discarded-{uuid.uuid4().hex}"
+    try:
+        os.replace(target, retired)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _download_into_cache(fs, path: str, uri: str, selected: dict[str, dict[str, Any]], target: Path,
@@ -558,19 +590,69 @@ def _download_into_cache(fs, path: str, uri: str, selected: dict[str, dict[str, 
 
 
 def _verify_against_marker(local_dir: Path, uri: str) -> None:
-    marker_file = local_dir / COMPLETE_MARKER
-    if not marker_file.is_file():
+    if not (local_dir / COMPLETE_MARKER).is_file():
         return
-    marker = json.loads(marker_file.read_text())
-    for entry in marker.get("files", []):
-        rel = entry["path"]
-        if not _matches(rel, ALLOWED_PATTERNS) or _matches(rel, PICKLE_PATTERNS):
+    problem = verify_local_dir(local_dir, only_downloadable=True)
+    if problem is not None:
+        raise IntegrityError(f"{redact_uri(uri)}: {problem}")
+
+
+_VERIFIED: dict[tuple[str, bool], tuple] = {}
+_VERIFIED_LOCK = threading.Lock()
+
+
+def _listed_path(entry: Any) -> str | None:
+    """The relative path of a manifest entry, or None when it is malformed or escapes the directory."""
+    rel = entry.get("path") if isinstance(entry, dict) else None
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or ".." in rel.split("/"):
+        return None
+    return rel
+
+
+def verify_local_dir(directory: str | os.PathLike, *, only_downloadable: bool = False) -> str | None:
+    """Why a local directory does not match its completion manifest, or None when it does.
+
+    Every listed file must exist with the listed size and sha256 (``only_downloadable``: only
+    the allowlisted kinds :func:`materialize_dir` fetches).  The sha256 pass is memoised per
+    process on the files' (size, mtime, inode) and the manifest's, so an unchanged entry is
+    hashed once; any in-place change of a file changes its mtime and forces a re-check.
+    """
+    root = Path(directory)
+    marker_file = root / COMPLETE_MARKER
+    try:
+        marker = json.loads(marker_file.read_text())
+    except FileNotFoundError:
+        return f"no {COMPLETE_MARKER}"
+    except (OSError, ValueError) as error:
+        return f"unreadable {COMPLETE_MARKER} ({type(error).__name__})"
+    if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT or not isinstance(marker.get("files"), list):
+        return f"{COMPLETE_MARKER} of unknown format"
+    st = marker_file.stat()
+    listed, stats = [], [(COMPLETE_MARKER, st.st_size, st.st_mtime_ns, st.st_ino)]
+    for entry in marker["files"]:
+        rel = _listed_path(entry)
+        if rel is None:
+            return f"{COMPLETE_MARKER} lists an invalid path"
+        if only_downloadable and (not _matches(rel, ALLOWED_PATTERNS) or _matches(rel, PICKLE_PATTERNS)):
             continue
-        local_file = local_dir / rel
-        if not local_file.is_file():
-            raise IntegrityError(f"{redact_uri(uri)}: {rel} is listed in {COMPLETE_MARKER} but missing")
-        if local_file.stat().st_size != entry["size"] or sha256_file(local_file) != entry["sha256"]:
-            raise IntegrityError(f"{redact_uri(uri)}: {rel} does not match its size/sha256 in {COMPLETE_MARKER}")
+        try:
+            st = (root / rel).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return f"{rel} is listed in {COMPLETE_MARKER} but missing"
+        if st.st_size != entry.get("size"):
+            return f"{rel} has {st.st_size} bytes, {COMPLETE_MARKER} lists {entry.get('size')}"
+        listed.append((rel, entry.get("sha256")))
+        stats.append((rel, st.st_size, st.st_mtime_ns, st.st_ino))
+    memo_key, token = (str(root.resolve()), only_downloadable), tuple(stats)
+    with _VERIFIED_LOCK:
+        if _VERIFIED.get(memo_key) == token:
+            return None
+    for rel, digest in listed:
+        if sha256_file(root / rel) != digest:
+            return f"{rel} does not match its sha256 in {COMPLETE_MARKER}"
+    with _VERIFIED_LOCK:
+        _VERIFIED[memo_key] = token
+    return None
 
 
 def _promote_cache_dir(staging: Path, target: Path) -> Path:
@@ -654,10 +736,12 @@ def publish_dir_atomic(local_dir: str | os.PathLike, dest_uri: str | os.PathLike
     if not marker["files"]:
         raise ValueError(f"refusing to publish an empty directory: {source}")
     fs, path = resolve(dest_uri, storage_options)
+    state = output_state(dest_uri, storage_options=storage_options, retry=retry)
+    check_replaceable(str(dest_uri), state, overwrite)
     if is_local_fs(fs):
-        _publish_local(source, Path(path), marker, overwrite)
+        _publish_local(source, Path(path), marker)
     else:
-        _publish_remote(fs, path, str(dest_uri), source, marker, overwrite, retry)
+        _publish_remote(fs, path, str(dest_uri), source, marker, state, retry)
     logger.info("published %d file(s), %d bytes to %s",
                 marker["file_count"], marker["total_bytes"], redact_uri(str(dest_uri)))
     return str(dest_uri)
@@ -667,11 +751,92 @@ def _marker_bytes(marker: dict[str, Any]) -> bytes:
     return (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _check_local_destination(dest: Path, overwrite: bool) -> None:
-    if dest.is_file() or dest.is_symlink():
-        raise DestinationExistsError(f"destination {dest} is a file, expected a directory")
-    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
-        raise DestinationExistsError(f"destination {dest} is not empty (pass overwrite=True to replace it)")
+def output_state(uri: str | os.PathLike, *, storage_options=None, retry: RetryPolicy | None = None) -> str:
+    """``empty`` | ``complete`` (our completion manifest) | ``partial`` (ours, cut short) | ``foreign``.
+
+    A file, or a directory holding anything but our markers and files, is ``foreign``.
+    """
+    fs, path = resolve(uri, storage_options)
+    if is_local_fs(fs):
+        local = Path(path)
+        if local.is_symlink() or local.is_file():
+            return "foreign"
+        if not local.exists() or not any(local.iterdir()):
+            return "empty"
+        names = {p.name for p in local.iterdir()}
+    else:
+        try:
+            names = set(_retry(lambda: _list_files(fs, path), retry, str(uri), "list"))
+        except NotADirectoryError:
+            return "foreign"
+        if not names:
+            return "empty"
+    if COMPLETE_MARKER in names and read_completion_manifest(uri, storage_options=storage_options,
+                                                             retry=retry) is not None:
+        return "complete"
+    return "partial" if PUBLISHING_MARKER in names else "foreign"
+
+
+def check_replaceable(uri: str, state: str, overwrite: bool) -> None:
+    """Raise DestinationExistsError unless a destination in ``state`` may be (re)written."""
+    if state == "foreign":
+        raise DestinationExistsError(
+            f"output {redact_uri(uri)} exists and was not written by lorasuite; refusing to replace it "
+            "(choose another output or empty it yourself)")
+    if state == "complete" and not overwrite:
+        raise DestinationExistsError(
+            f"output {redact_uri(uri)} already holds a lorasuite publication; pass --overwrite to replace it")
+    if state == "partial":
+        logger.warning("output %s holds an interrupted publication of ours; replacing it", redact_uri(uri))
+
+
+def _normalised_location(ref: str) -> tuple[str, str]:
+    """(protocol, absolute path without trailing slash) of a local path or URI."""
+    text = str(ref).strip()
+    protocol = _protocol_of(text)
+    if protocol in _LOCAL_PROTOCOLS:
+        local = text[len("file://"):] if text.startswith("file://") else text
+        return "file", str(Path(local).expanduser().resolve())
+    return protocol, "/" + urlsplit(text).netloc + "/" + urlsplit(text).path.strip("/")
+
+
+def _within(path: str, ancestor: str) -> bool:
+    return path == ancestor or path.startswith(ancestor.rstrip("/") + "/")
+
+
+def check_output_location(output: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse an output that a publication could not replace without destroying something.
+
+    ``inputs``: ``{what: reference}`` of every model, adapter, data file and cache the run uses
+    (None is skipped).  Refused: an empty string, the current directory or one of its
+    parents, a filesystem or bucket root, any input, a parent of an input, a directory inside an
+    input.  Raises :class:`UnsafeOutputError`.
+    """
+    text = str(output).strip() if output is not None else ""
+    if not text:
+        raise UnsafeOutputError("output is empty (an unset shell variable?); name the directory to write")
+    protocol, out = _normalised_location(text)
+    shown = redact_uri(text)
+    if protocol == "file":
+        if _within(str(Path.cwd().resolve()), out):
+            raise UnsafeOutputError(f"output {shown} is the current directory or one of its parents; "
+                                    "name a new directory")
+        if Path(out).parent == Path(out):
+            raise UnsafeOutputError(f"output {shown} is the filesystem root")
+    elif out.strip("/").count("/") == 0:
+        raise UnsafeOutputError(f"output {shown} is a bucket root; name a prefix inside it")
+    for what, ref in inputs.items():
+        if not ref:
+            continue
+        ref = str(ref)   # a hub id is compared as the relative path it would be: harmless
+        in_protocol, inp = _normalised_location(ref)
+        if in_protocol != protocol:
+            continue
+        if _within(inp, out):
+            raise UnsafeOutputError(f"output {shown} is the {what} or a directory above it; "
+                                    "writing there would destroy the input")
+        if _within(out, inp):
+            raise UnsafeOutputError(f"output {shown} lies inside the {what} {redact_uri(ref)}; name a directory outside it")
 
 
 def _copy_local_file(source: Path, target: Path) -> None:
@@ -679,8 +844,7 @@ def _copy_local_file(source: Path, target: Path) -> None:
     shutil.copy2(source, target)
 
 
-def _publish_local(source: Path, dest: Path, marker: dict[str, Any], overwrite: bool) -> None:
-    _check_local_destination(dest, overwrite)
+def _publish_local(source: Path, dest: Path, marker: dict[str, Any]) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex}"
     try:
@@ -707,26 +871,32 @@ def _swap_local_dir(staging: Path, dest: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def _publish_remote(fs, path: str, uri: str, source: Path, marker: dict[str, Any], overwrite: bool,
+def _publish_remote(fs, path: str, uri: str, source: Path, marker: dict[str, Any], state: str,
                     retry: RetryPolicy | None) -> None:
     dest = _strip(path)
-    existing = _retry(lambda: _list_files(fs, dest), retry, uri, "list")
-    if existing and not overwrite:
-        raise DestinationExistsError(
-            f"destination {redact_uri(uri)} is not empty (pass overwrite=True to replace it)")
+    existing = _retry(lambda: _list_files(fs, dest), retry, uri, "list") if state != "empty" else {}
     staging = f"{dest}.tmp-{uuid.uuid4().hex}"
     promoted: list[str] = []
+    claimed = False
     try:
         _stage_remote(fs, source, staging, uri, marker, retry)
+        # Claim the destination first: from here on an interruption leaves it recognisably ours.
+        claim = _marker_bytes({"format": MARKER_FORMAT, "publishing": staging.rsplit("/", 1)[-1],
+                               "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        _retry(lambda: fs.pipe_file(f"{dest}/{PUBLISHING_MARKER}", claim), retry, uri, "claim destination")
+        claimed = True
         if COMPLETE_MARKER in existing:
             _retry(lambda: fs.rm_file(f"{dest}/{COMPLETE_MARKER}"), retry, uri, "retract old manifest")
         _promote_remote(fs, staging, dest, uri, marker, retry, promoted)
-        stale = set(existing) - {entry["path"] for entry in marker["files"]} - {COMPLETE_MARKER}
+        stale = set(existing) - {entry["path"] for entry in marker["files"]} - {COMPLETE_MARKER, PUBLISHING_MARKER}
         _remove_remote_files(fs, dest, sorted(stale), uri, retry)
         _write_marker(fs, dest, uri, marker, retry)
+        _best_effort(lambda: _retry(lambda: fs.rm_file(f"{dest}/{PUBLISHING_MARKER}"), retry, uri, "release claim"),
+                     uri, "remove the publishing marker")
     except BaseException:
-        if not existing:
-            _best_effort(lambda: _remove_remote_files(fs, dest, promoted, uri, retry), uri, "undo promotion")
+        if state == "empty" and claimed:
+            _best_effort(lambda: _remove_remote_files(fs, dest, [*promoted, PUBLISHING_MARKER], uri, retry),
+                         uri, "undo promotion")
         raise
     finally:
         _best_effort(lambda: _retry(lambda: _remove_remote_prefix(fs, staging), retry, uri, "delete staging"),
@@ -775,6 +945,15 @@ def _best_effort(fn: Callable[[], Any], uri: str, what: str) -> None:
         fn()
     except Exception as error:  # noqa: BLE001 - cleanup must not mask the original error
         logger.warning("%s for %s failed: %s", what, redact_uri(uri), describe_error(error))
+
+
+def remove_dir(uri: str | os.PathLike, *, storage_options=None, retry: RetryPolicy | None = None) -> None:
+    """Delete a directory (a local one is first moved aside atomically); nothing there is fine."""
+    fs, path = resolve(uri, storage_options)
+    if is_local_fs(fs):
+        _discard_dir(Path(path))
+        return
+    _retry(lambda: _remove_remote_prefix(fs, _strip(path)), retry, str(uri), "delete")
 
 
 def dir_is_empty(uri: str | os.PathLike, *, storage_options=None, retry: RetryPolicy | None = None) -> bool:

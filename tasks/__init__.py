@@ -8,10 +8,10 @@ Design
 * Stage tasks exchange :class:`~lorasuite_core.stage_store.StageResult` objects — a store URI
   and small JSON facts — never tensors; the arrays live in safetensors files of the stage
   store (local directory by default, object storage when the store root is an ``s3://`` URI).
-* Caching: the cache key is the stage key (model identities from file listings, calibration
-  hash, ``ALGORITHM_VERSION``, options, upstream keys); results are persisted as JSON to the
-  flow's result storage and honoured only while the store entry they name is complete
-  (``tasks._support.StoreEntryPolicy``).  A cache hit shows as a ``Cached`` state in the UI.
+* Caching: the stage store is the only cache; the key is the stage key (model identities from
+  file listings, calibration hash, ``ALGORITHM_VERSION``, options, upstream keys).  Prefect's
+  task caching and result persistence are off (no result record is ever written or read:
+  ``tasks._support.NO_RECORDS``); a reused stage logs "reused" and reports it in ``steps``.
 * ``transfer_layer`` is the per-layer unit, mapped with ``.map``; tasks that need an
   accelerator carry the ``lorasuite-gpu`` tag (for tag concurrency limits / GPU workers).
 """

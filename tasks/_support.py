@@ -1,10 +1,12 @@
-"""What every lorasuite task shares: the store-backed cache policy, retries, logging.
+"""What every lorasuite task shares: no Prefect result records, retries, logging.
 
-* :class:`StoreEntryPolicy` — the Prefect cache key of a stage task is the stage's key in the
-  :class:`~lorasuite_core.stage_store.StageStore`, and Prefect's cache record is honoured only
-  while the store entry it names is complete.  If the entry has been deleted (or was never
-  completed), the policy returns no key: the task runs, and the stage either finds the entry
-  after all or recomputes it.  So a Prefect record can never hand out a dangling URI.
+* **One cache layer.** The :class:`~lorasuite_core.stage_store.StageStore` is the only cache:
+  a stage task always runs, and the stage finds its complete, sha256-verified entry (reused) or
+  computes it.  Prefect's own task caching and result persistence are *off* for every task
+  (``cache_policy=NO_CACHE, persist_result=False``) and every flow: Prefect reads a result
+  record with whatever serializer the record names (pickle included), so a record planted in a
+  shared cache would run code on the next run.  Nothing of Prefect's is ever read back from
+  storage.
 * Retries: heavy tasks retry twice with exponential backoff (1 s, 2 s), except on a
   :class:`~lorasuite_core.errors.LorasuiteError` — bad input does not get better by retrying,
   and storage errors have already been retried with backoff by ``lorasuite_core.storage``.
@@ -21,15 +23,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from prefect import get_run_logger
-from prefect.cache_policies import CachePolicy
+from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.stage_store import StageResult, StageStore
+from lorasuite_core.stage_store import StageResult
 from lorasuite_core.storage import redact_uri
 
 GPU_TAG = "lorasuite-gpu"
@@ -38,34 +39,20 @@ TORCH_MODEL_LOCK = threading.Lock()
 _forward_lock = threading.Lock()
 
 
-@dataclass
-class StoreEntryPolicy(CachePolicy):
-    """Cache key = the store key of ``stage`` (``key_of(inputs)``), only while its entry is complete."""
-
-    stage: str = ""
-    key_of: Optional[Callable[[dict[str, Any]], str]] = None
-
-    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any],
-                    **kwargs: Any) -> Optional[str]:
-        key = self.key_of(inputs)
-        if not StageStore.at(inputs["store"]).is_complete(self.stage, key):
-            return None
-        return f"lorasuite-{self.stage}-{key}"
-
-
 def not_a_user_error(task, task_run, state) -> bool:
     """retry_condition_fn: retry anything but a LorasuiteError."""
     return not isinstance(state.data, LorasuiteError)
 
 
-def stage_task_options(stage: str, key_of: Callable[[dict[str, Any]], str], *, heavy: bool = False,
-                       retries: int = 2) -> dict[str, Any]:
+NO_RECORDS: dict[str, Any] = dict(cache_policy=NO_CACHE, persist_result=False)
+"""``@task``/``@flow`` keywords: no Prefect cache lookups, no result records written or read."""
+
+
+def stage_task_options(stage: str, *, heavy: bool = False, retries: int = 2) -> dict[str, Any]:
     """Keyword arguments of ``@task`` for a store-backed stage."""
     return dict(
         name=stage.replace("_", "-"),
-        cache_policy=StoreEntryPolicy(stage=stage, key_of=key_of),
-        persist_result=True,
-        result_serializer="json",
+        **NO_RECORDS,
         retries=retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=1),
         retry_condition_fn=not_a_user_error,

@@ -11,23 +11,25 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from lorasuite_core import stages
 from lorasuite_core.stage_store import StageResult, StageStore
 from lorasuite_core.stages import AdapterPlan, EntryOptions, LayerJob, PairPlan
 from lorasuite_core.storage import redact_uri
 
-from ._support import forward_core_logs, run_stage, stage_task_options
+from ._support import NO_RECORDS, forward_core_logs, run_stage, stage_task_options
 
 
-@task(name="check-output", cache_policy=NO_CACHE, persist_result=False)
-def check_output(output: str) -> str:
-    """``empty``, ``complete`` (a finished publication is there) or ``occupied``."""
-    return stages.output_status(output)
+@task(name="check-output", **NO_RECORDS)
+def check_output(output: str, inputs: dict[str, str | None]) -> str:
+    """``empty``, ``complete`` (our finished publication), ``partial`` (ours, interrupted) or ``foreign``.
+
+    Raises UnsafeOutputError for an output that would overwrite an input or the working directory.
+    """
+    return stages.output_status(output, inputs)
 
 
-@task(name="plan-adapter", cache_policy=NO_CACHE, persist_result=False, task_run_name="plan-{name}")
+@task(name="plan-adapter", **NO_RECORDS, task_run_name="plan-{name}")
 def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter: str,
                  options: EntryOptions) -> AdapterPlan:
     """Load the adapter, check it was trained on the old model, list its per-layer jobs and keys."""
@@ -38,7 +40,7 @@ def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter: str,
     return planned
 
 
-@task(**stage_task_options("layer", lambda inputs: inputs["job"].key, heavy=True),
+@task(**stage_task_options("layer", heavy=True),
       task_run_name="transfer-{adapter.name}-layer-{job.new_layer}")
 def transfer_layer(store: str, plan: PairPlan, analysis: StageResult, adapter: AdapterPlan,
                    job: LayerJob) -> StageResult:
@@ -46,7 +48,7 @@ def transfer_layer(store: str, plan: PairPlan, analysis: StageResult, adapter: A
     return run_stage(stages.transfer_layer, StageStore.at(store), plan, analysis.uri, adapter, job)
 
 
-@task(**stage_task_options("migrated", lambda inputs: inputs["adapter"].migrated_key),
+@task(**stage_task_options("migrated"),
       task_run_name="assemble-{adapter.name}")
 def assemble(store: str, plan: PairPlan, analysis: StageResult, adapter: AdapterPlan,
              layers: list[StageResult]) -> StageResult:
@@ -54,7 +56,7 @@ def assemble(store: str, plan: PairPlan, analysis: StageResult, adapter: Adapter
     return run_stage(stages.assemble, StageStore.at(store), plan, analysis.uri, adapter, [r.uri for r in layers])
 
 
-@task(name="publish", cache_policy=NO_CACHE, persist_result=False, task_run_name="publish-{name}")
+@task(name="publish", **NO_RECORDS, task_run_name="publish-{name}")
 def publish(store: str, name: str, source: StageResult, output: str, report_updates: dict[str, Any],
             overwrite: bool = False) -> str:
     """Copy the finished adapter to ``output``: data under a temporary prefix, completion manifest last."""

@@ -3,26 +3,21 @@
 Each takes the store root (``store``: local path or URI), the :class:`~lorasuite_core.stages.PairPlan`
 from :func:`identify_pair` and the :class:`~lorasuite_core.stage_store.StageResult` of the
 stages it reads, and returns its own StageResult (a URI and small facts; the arrays stay in
-the store).  Cache key: the stage's key in the plan (see ``tasks._support.StoreEntryPolicy``).
+the store).  The stage store is the only cache (see :mod:`tasks._support`).
 """
 from __future__ import annotations
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from lorasuite_core import stages
 from lorasuite_core.stage_store import StageResult, StageStore
 from lorasuite_core.stages import PairPlan
 from lorasuite_core.storage import redact_uri
 
-from ._support import forward_core_logs, run_stage, stage_task_options
+from ._support import NO_RECORDS, forward_core_logs, run_stage, stage_task_options
 
 
-def _pair_key(stage: str):
-    return lambda inputs: inputs["plan"].stage_keys[stage]
-
-
-@task(name="identify-pair", cache_policy=NO_CACHE, persist_result=False)
+@task(name="identify-pair", **NO_RECORDS)
 def identify_pair(old_model: str, new_model: str, calibration_data: str | None = None,
                   max_calibration_tokens: int = 2048, layer_offset: int | None = None) -> PairPlan:
     """Identities of both models and of the calibration text (listings, not tensors); every stage key."""
@@ -33,37 +28,37 @@ def identify_pair(old_model: str, new_model: str, calibration_data: str | None =
     return plan
 
 
-@task(**stage_task_options("vocabulary", _pair_key("vocabulary")))
+@task(**stage_task_options("vocabulary"))
 def vocabulary(store: str, plan: PairPlan) -> StageResult:
     """Shared tokens of the two tokenizers."""
     return run_stage(stages.vocabulary, StageStore.at(store), plan)
 
 
-@task(**stage_task_options("transfer_matrix", _pair_key("transfer_matrix")))
+@task(**stage_task_options("transfer_matrix"))
 def transfer_matrix(store: str, plan: PairPlan, vocabulary: StageResult) -> StageResult:
     """Residual-stream transfer matrices P, Q from the shared embeddings."""
     return run_stage(stages.transfer_matrix, StageStore.at(store), plan, vocabulary.uri)
 
 
-@task(**stage_task_options("activations", _pair_key("activations"), heavy=True))
+@task(**stage_task_options("activations", heavy=True))
 def activations(store: str, plan: PairPlan) -> StageResult:
     """Paired hidden states of both models on the calibration text."""
     return run_stage(stages.activations, StageStore.at(store), plan, torch_model=True)
 
 
-@task(**stage_task_options("cka", _pair_key("cka")))
+@task(**stage_task_options("cka"))
 def cka(store: str, plan: PairPlan, activations: StageResult) -> StageResult:
     """CKA of every old/new layer pair (layer updates and hidden states)."""
     return run_stage(stages.cka, StageStore.at(store), plan, activations.uri)
 
 
-@task(**stage_task_options("layer_mapping", _pair_key("layer_mapping")))
+@task(**stage_task_options("layer_mapping"))
 def layer_mapping(store: str, plan: PairPlan, cka: StageResult) -> StageResult:
     """Monotone old -> new layer mapping on the update CKA."""
     return run_stage(stages.layer_mapping, StageStore.at(store), plan, cka.uri)
 
 
-@task(**stage_task_options("head_similarity", _pair_key("head_similarity")))
+@task(**stage_task_options("head_similarity"))
 def head_similarity(store: str, plan: PairPlan, vocabulary: StageResult, transfer_matrix: StageResult,
                     activations: StageResult, cka: StageResult, layer_mapping: StageResult) -> StageResult:
     """Head and neuron matching of every mapped layer pair; stores the whole pair analysis."""

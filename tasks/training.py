@@ -16,21 +16,21 @@ from lorasuite_core.stages import AdapterPlan, EvalJob, PairPlan
 from ._support import run_stage, stage_task_options
 
 
-@task(**stage_task_options("lft", lambda inputs: inputs["adapter"].lft.key, heavy=True),
+@task(**stage_task_options("lft", heavy=True),
       task_run_name="lft-{adapter.name}")
 def light_finetune(store: str, plan: PairPlan, adapter: AdapterPlan, migrated: StageResult) -> StageResult:
     """LFT of the migrated adapter on the new model with the entry's data."""
     return run_stage(stages.light_finetune, StageStore.at(store), plan, adapter, migrated.uri, torch_model=True)
 
 
-@task(**stage_task_options("vanilla", lambda inputs: inputs["adapter"].vanilla.key, heavy=True),
+@task(**stage_task_options("vanilla", heavy=True),
       task_run_name="vanilla-baseline-{adapter.name}")
 def vanilla_baseline(store: str, plan: PairPlan, adapter: AdapterPlan) -> StageResult:
     """A fresh LoRA on the new model with the same data and budget, for the evaluation table."""
     return run_stage(stages.vanilla_baseline, StageStore.at(store), plan, adapter, torch_model=True)
 
 
-@task(**stage_task_options("eval", lambda inputs: inputs["job"].key, heavy=True),
+@task(**stage_task_options("eval", heavy=True),
       task_run_name="eval-{adapter.name}-{job.label}")
 def evaluate(store: str, plan: PairPlan, adapter: AdapterPlan, job: EvalJob,
              adapter_entry: StageResult | None = None) -> StageResult:

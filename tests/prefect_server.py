@@ -19,7 +19,6 @@ def prefect_server(tmp_path_factory):
     patch.setenv("LORASUITE_CACHE_ROOT", str(root / "pipeline"))
     patch.setenv("HF_DATASETS_CACHE", str(root / "datasets"))
     patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    patch.delenv("LORASUITE_RESULT_STORAGE", raising=False)
     try:
         with prefect_test_harness(server_startup_timeout=240):
             yield root

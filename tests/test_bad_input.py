@@ -122,14 +122,25 @@ def test_too_few_shared_tokens(tmp_path, capsys):
 def test_existing_output_needs_overwrite(pair, tmp_path, capsys):
     root, old, new, adapter = pair
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("precious")
+    assert run_migrate(old, new, adapter, out) == 0
+    first = (out / "adapter_model.safetensors").read_bytes()
     code = run_migrate(old, new, adapter, out)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "--overwrite" in err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert run_migrate(old, new, adapter, out, "--overwrite") == 0
-    assert (out / "adapter_config.json").is_file() and not (out / "keep.txt").exists()
+    assert (out / "adapter_model.safetensors").read_bytes() == first
+
+
+def test_foreign_output_is_never_replaced(pair, tmp_path, capsys):
+    root, old, new, adapter = pair
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    for extra in ((), ("--overwrite",)):
+        code = run_migrate(old, new, adapter, out, *extra)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and "not written by lorasuite" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
 def test_adapter_type_other_than_lora(pair, tmp_path, capsys):

@@ -55,7 +55,7 @@ def test_incomplete_entry_is_recomputed_and_never_read(tmp_path):
     partial = tmp_path / "store" / "demo" / key
     partial.mkdir(parents=True)
     (partial / FACTS_FILE).write_text('{"answer": "stale"}')   # no completion manifest: a crashed writer
-    with pytest.raises(LorasuiteError, match="missing or incomplete"):
+    with pytest.raises(LorasuiteError, match="corrupt or incomplete"):
         store.local_dir(str(partial))
     assert store.run("demo", key, lambda out: {"answer": 1}).facts == {"answer": 1}
 

@@ -150,7 +150,7 @@ def test_local_publish_refuses_non_empty_destination_and_overwrites_on_request(t
     newer = tmp_path / "v2"
     newer.mkdir()
     (newer / "adapter_config.json").write_text("{\"r\": 16}")
-    with pytest.raises(DestinationExistsError, match="not empty"):
+    with pytest.raises(DestinationExistsError, match="already holds a lorasuite publication"):
         storage.publish_dir_atomic(newer, dest)
     assert (dest / "adapter_model.safetensors").exists()
     storage.publish_dir_atomic(newer, dest, overwrite=True)
@@ -285,8 +285,11 @@ def test_s3_readers_see_incomplete_until_manifest_is_written(s3_endpoint, tmp_pa
     monkeypatch.setattr(storage, "_write_marker", observe_then_write)
     storage.publish_dir_atomic(source, dest)
     assert seen["complete"] is False
-    assert len(seen["keys"]) == 7 and not any(k.endswith(COMPLETE_MARKER) for k in seen["keys"])
+    # the six files plus our in-progress claim, no completion manifest yet
+    assert len(seen["keys"]) == 8 and not any(k.endswith(COMPLETE_MARKER) for k in seen["keys"])
+    assert any(k.endswith(storage.PUBLISHING_MARKER) for k in seen["keys"])
     assert storage.is_complete(dest)
+    assert not any(k.endswith(storage.PUBLISHING_MARKER) for k in remote_keys(s3_endpoint, dest))
     assert not [k for k in remote_keys(s3_endpoint, dest, with_siblings=True) if ".tmp-" in k]
 
 
@@ -296,7 +299,7 @@ def test_s3_overwrite_refusal_and_replacement(s3_endpoint, tmp_path):
     newer = tmp_path / "v2"
     newer.mkdir()
     (newer / "adapter_config.json").write_text('{"r": 16}')
-    with pytest.raises(DestinationExistsError, match="not empty"):
+    with pytest.raises(DestinationExistsError, match="already holds a lorasuite publication"):
         storage.publish_dir_atomic(newer, dest)
     assert storage.is_complete(dest)
     storage.publish_dir_atomic(newer, dest, overwrite=True)
