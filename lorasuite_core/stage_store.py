@@ -27,8 +27,39 @@ Design
   (``reused=True``) or computes the entry into a temporary local directory,
   publishes it and returns its facts (``reused=False``).  An entry that exists
   but is corrupt or incomplete (sha256 mismatch, unreadable header, missing
-  manifest) is discarded with one warning line and recomputed.  Two writers
-  racing on one key write the same content; the last atomic publication wins.
+  manifest) is discarded with one warning line and recomputed.
+* **One computation per entry.** "check -> compute -> publish" runs under a
+  per-(stage, key) lock, and the entry is checked again once the lock is held,
+  so concurrent runs on one root compute each stage once: the first computes,
+  the others log one INFO line (``waiting for another run computing <stage>``),
+  wait, then reuse its entry.
+
+  - Local root: a ``filelock.FileLock`` on ``<root>/.locks/<stage>-<key>.lock``
+    (outside the entry directory, which is replaced on publication).  It is an
+    OS lock (``flock``), released by the kernel when the holder exits or
+    crashes, so a waiter never waits for a dead process.
+  - Object-store root: a lease object ``<root>/.leases/<stage>/<key>.json``
+    ``{owner, host, pid, stage, key, renewed_at, expires_at, ttl_s}``.  Acquire
+    = create it only if absent (S3 ``PutObject`` with ``If-None-Match: *``); a
+    lease whose ``expires_at`` has passed belongs to a holder that stopped
+    renewing (crashed) and is taken over by replacing exactly the object that
+    was read (``If-Match: <ETag>``), so of several waiters exactly one wins.
+    The holder renews it every ``ttl/3`` from a background thread while
+    computing (``If-Match`` on its own last ETag; a lost lease is logged) and
+    deletes it after publishing.  Waiters poll every ``lease_poll_s`` until the
+    lease is released or expires, then take it and re-check the entry.  Expiry
+    compares wall clocks of different hosts: keep ``lease_ttl_s`` (120 s) far
+    above their skew.  Filesystems other than S3 get a best-effort lease
+    (create if absent, then read back and compare the owner).
+  - ``lock_timeout_s`` (default None: wait while the holder is alive) bounds a
+    wait; past it the run fails with a LorasuiteError naming the lock.
+
+  Locally the lock is never held twice (without it, two concurrent local
+  publications of one entry could collide in the directory swap).  On an
+  object store the lease is best effort: were two runs ever to hold it (an
+  expired lease whose holder was in fact alive, or a store that ignores
+  conditional writes), both compute the same content and publish it with
+  :func:`lorasuite_core.storage.publish_dir_atomic`.
 * **Root.** A local directory or any fsspec URI (``s3://bucket/prefix``):
   ``$LORASUITE_CACHE_ROOT``, else ``~/.cache/lorasuite/pipeline``.
 """
@@ -38,12 +69,17 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
+import filelock
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import ALGORITHM_VERSION, storage
@@ -59,6 +95,10 @@ ABSENT = "absent"
 CACHE_ROOT_ENV = "LORASUITE_CACHE_ROOT"
 MODEL_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
 ADAPTER_PATTERNS = ("*.json", "*.safetensors")
+LOCKS_DIR = ".locks"
+LEASES_DIR = ".leases"
+LEASE_TTL_S = 120.0
+LEASE_POLL_S = 2.0
 
 
 def default_store_root() -> str:
@@ -109,6 +149,161 @@ def stage_key(stage: str, **parts: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# --------------------------------------------------------------------------- locks
+
+
+class _LeaseConflict(Exception):
+    """A conditional write lost: the lease object is not what we expected."""
+
+
+def _is_precondition_failure(error: BaseException) -> bool:
+    response = getattr(error.__cause__, "response", None) or getattr(error, "response", None) or {}
+    return isinstance(error, FileExistsError) or response.get("Error", {}).get("Code") == "PreconditionFailed"
+
+
+def _is_s3(fs) -> bool:
+    try:
+        import s3fs
+    except ImportError:  # pragma: no cover - s3 support not installed
+        return False
+    return isinstance(fs, s3fs.S3FileSystem)
+
+
+async def _s3_get(fs, bucket: str, key: str) -> tuple[bytes, str]:
+    response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+    async with response["Body"] as body:
+        return await body.read(), response["ETag"]
+
+
+@dataclass
+class _Lease:
+    """Lease object ``path`` on an object store (see the module docstring); one per acquisition attempt."""
+
+    fs: Any
+    path: str
+    uri: str
+    stage: str
+    key: str
+    ttl_s: float
+    owner: str = field(default_factory=lambda: uuid.uuid4().hex)
+    etag: str | None = None          # identity of our last write (S3 ETag, else sha256 of the body)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _renewer: threading.Thread | None = None
+
+    # ---- storage primitives: conditional on S3, best effort elsewhere
+
+    def _document(self) -> bytes:
+        now = time.time()
+        return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
+                           "stage": self.stage, "key": self.key, "renewed_at": now,
+                           "expires_at": now + self.ttl_s, "ttl_s": self.ttl_s}, sort_keys=True).encode()
+
+    def _get(self) -> tuple[bytes, str] | None:
+        try:
+            if _is_s3(self.fs):
+                from fsspec.asyn import sync
+
+                bucket, key, _ = self.fs.split_path(self.path)
+                return sync(self.fs.loop, _s3_get, self.fs, bucket, key)
+            data = self.fs.cat_file(self.path)
+        except FileNotFoundError:
+            return None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def _put(self, body: bytes, *, expect: str | None) -> str:
+        """Write ``body`` if the object is absent (``expect`` None) or still is ``expect``; else _LeaseConflict."""
+        if _is_s3(self.fs):
+            bucket, key, _ = self.fs.split_path(self.path)
+            condition = {"IfNoneMatch": "*"} if expect is None else {"IfMatch": expect}
+            try:
+                response = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)
+            except OSError as error:
+                if _is_precondition_failure(error):
+                    raise _LeaseConflict from None
+                raise
+            self.fs.invalidate_cache(self.path)
+            return response["ETag"]
+        current = self._get()
+        if (current is not None) if expect is None else (current is None or current[1] != expect):
+            raise _LeaseConflict
+        self.fs.pipe_file(self.path, body)
+        self.fs.invalidate_cache(self.path)
+        time.sleep(0.2)  # best effort: let a racing writer land, then see who holds it
+        written = self._get()
+        if written is None or _holder(written[0]).get("owner") != self.owner:
+            raise _LeaseConflict
+        return written[1]
+
+    # ---- lease protocol
+
+    def try_acquire(self) -> tuple[bool, dict[str, Any]]:
+        """``(True, {})`` when we now hold the lease, else ``(False, <holder's lease document>)``."""
+        try:
+            self.etag = self._put(self._document(), expect=None)
+            return True, {}
+        except _LeaseConflict:
+            pass
+        current = self._get()
+        if current is None:                # released in between: try again at the next poll
+            return False, {}
+        holder = _holder(current[0])
+        if float(holder.get("expires_at", 0)) > time.time():
+            return False, holder
+        try:
+            self.etag = self._put(self._document(), expect=current[1])
+        except _LeaseConflict:             # another waiter took it over first
+            return False, holder
+        log.warning("%s: took over the expired lease %s of %s (pid %s, expired %.0fs ago)", self.stage,
+                    storage.redact_uri(self.uri), holder.get("host", "?"), holder.get("pid", "?"),
+                    time.time() - float(holder.get("expires_at", 0)))
+        return True, {}
+
+    def renew(self) -> bool:
+        try:
+            self.etag = self._put(self._document(), expect=self.etag)
+            return True
+        except _LeaseConflict:
+            log.warning("%s: lost the lease %s to another run (renewal came too late); finishing anyway",
+                        self.stage, storage.redact_uri(self.uri))
+            return False
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                if not self.renew():
+                    return
+            except Exception as error:  # noqa: BLE001 - keep trying until the lease expires
+                log.warning("%s: could not renew the lease %s: %s", self.stage, storage.redact_uri(self.uri),
+                            storage.describe_error(error))
+
+    def start_renewing(self) -> None:
+        self._renewer = threading.Thread(target=self._renew_loop, name=f"lease-{self.stage}", daemon=True)
+        self._renewer.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        try:
+            current = self._get()
+            if current is not None and current[1] == self.etag:
+                self.fs.rm_file(self.path)
+                self.fs.invalidate_cache(self.path)
+        except Exception as error:  # noqa: BLE001 - an unreleased lease only expires
+            log.warning("%s: could not release the lease %s (it expires in %.0fs): %s", self.stage,
+                        storage.redact_uri(self.uri), self.ttl_s, storage.describe_error(error))
+
+
+def _holder(data: bytes) -> dict[str, Any]:
+    """The lease document; ``{}`` (an expired lease) when it is not one."""
+    try:
+        document = json.loads(data)
+    except ValueError:
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+
 # --------------------------------------------------------------------------- entries
 
 
@@ -130,6 +325,9 @@ class StageStore:
     """Entries ``<root>/<stage>/<key>/`` published atomically; see the module docstring."""
 
     root: str
+    lease_ttl_s: float = LEASE_TTL_S
+    lease_poll_s: float = LEASE_POLL_S
+    lock_timeout_s: float | None = None
 
     @classmethod
     def at(cls, root: str | None) -> "StageStore":
@@ -171,23 +369,85 @@ class StageStore:
             return Path(storage.resolve(uri)[1])
         return storage.materialize_dir(uri, require_complete=True)
 
+    def lock_location(self, stage: str, key: str) -> str:
+        """The lock file (local root) or lease object (object store) guarding entry ``(stage, key)``."""
+        if storage.is_remote(self.root):
+            return storage.join_uri(self.root, LEASES_DIR, stage, f"{key}.json")
+        return str(Path(storage.resolve(self.root)[1]) / LOCKS_DIR / f"{stage}-{key}.lock")
+
+    def _waited_too_long(self, stage: str, where: str, waited: float) -> LorasuiteError:
+        return LorasuiteError(f"gave up after {waited:.0f}s waiting for another run computing {stage} "
+                              f"(lock {storage.redact_uri(where)}); raise the lock timeout or remove a stuck lock")
+
+    @contextmanager
+    def exclusive(self, stage: str, key: str) -> Iterator[None]:
+        """Hold the per-(stage, key) lock; waits (one INFO line) while another run holds it."""
+        where = self.lock_location(stage, key)
+        if not storage.is_remote(self.root):
+            Path(where).parent.mkdir(parents=True, exist_ok=True)
+            lock = filelock.FileLock(where)
+            try:
+                lock.acquire(timeout=0)
+            except filelock.Timeout:
+                log.info("waiting for another run computing %s (lock %s)", stage, where)
+                started = time.monotonic()
+                try:
+                    lock.acquire(timeout=-1 if self.lock_timeout_s is None else self.lock_timeout_s)
+                except filelock.Timeout:
+                    raise self._waited_too_long(stage, where, time.monotonic() - started) from None
+            try:
+                yield
+            finally:
+                lock.release()
+            return
+        fs, path = storage.resolve(where)
+        lease = _Lease(fs, path, where, stage, key, self.lease_ttl_s)
+        started, announced = time.monotonic(), False
+        while True:
+            acquired, holder = lease.try_acquire()
+            if acquired:
+                break
+            if not announced:
+                log.info("waiting for another run computing %s (lease %s held by %s pid %s)", stage,
+                         storage.redact_uri(where), holder.get("host", "?"), holder.get("pid", "?"))
+                announced = True
+            waited = time.monotonic() - started
+            if self.lock_timeout_s is not None and waited > self.lock_timeout_s:
+                raise self._waited_too_long(stage, where, waited)
+            time.sleep(self.lease_poll_s)
+        lease.start_renewing()
+        try:
+            yield
+        finally:
+            lease.release()
+
+    def _reused(self, stage: str, key: str, uri: str, start: float) -> StageResult:
+        facts = self.facts(uri)
+        log.info("%s: reusing %s", stage, storage.redact_uri(uri))
+        return StageResult(stage=stage, key=key, uri=uri, reused=True, seconds=time.perf_counter() - start,
+                           facts=facts)
+
     def run(self, stage: str, key: str, compute: Callable[[Path], dict[str, Any]]) -> StageResult:
-        """Reuse the verified entry ``(stage, key)`` or compute it with ``compute(tmp_dir) -> facts``."""
+        """Reuse the verified entry ``(stage, key)`` or compute it with ``compute(tmp_dir) -> facts``.
+
+        Computing happens under :meth:`exclusive`; the entry is checked again once the lock is held.
+        """
         uri = self.location(stage, key)
         start = time.perf_counter()
-        problem = self.problem(uri)
-        if problem is None:
-            facts = self.facts(uri)
-            log.info("%s: reusing %s", stage, storage.redact_uri(uri))
-            return StageResult(stage=stage, key=key, uri=uri, reused=True,
-                               seconds=time.perf_counter() - start, facts=facts)
-        if problem != ABSENT:
-            log.warning("%s: discarding cache entry %s (%s); recomputing", stage, storage.redact_uri(uri), problem)
-            storage.remove_dir(uri)
-        with tempfile.TemporaryDirectory(prefix=f"lorasuite-{stage}-") as tmp:
-            facts = compute(Path(tmp))
-            (Path(tmp) / FACTS_FILE).write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
-            storage.publish_dir_atomic(tmp, uri, overwrite=True)
+        if self.problem(uri) is None:
+            return self._reused(stage, key, uri, start)
+        with self.exclusive(stage, key):
+            problem = self.problem(uri)
+            if problem is None:                      # another run published it while we waited
+                return self._reused(stage, key, uri, start)
+            if problem != ABSENT:
+                log.warning("%s: discarding cache entry %s (%s); recomputing", stage, storage.redact_uri(uri),
+                            problem)
+                storage.remove_dir(uri)
+            with tempfile.TemporaryDirectory(prefix=f"lorasuite-{stage}-") as tmp:
+                facts = compute(Path(tmp))
+                (Path(tmp) / FACTS_FILE).write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
+                storage.publish_dir_atomic(tmp, uri, overwrite=True)
         seconds = time.perf_counter() - start
         log.info("%s: computed and stored %s in %.2fs", stage, storage.redact_uri(uri), seconds)
         return StageResult(stage=stage, key=key, uri=uri, reused=False, seconds=seconds, facts=facts)
