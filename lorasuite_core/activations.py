@@ -13,12 +13,36 @@ the decoder blocks, so no final norm is mixed in):
 
 An inserted identity layer has a zero update; comparing updates, not only states, is what
 lets the layer mapping tell it apart from the layer that does the work.
+
+Calibration files (:func:`read_calibration_file`) are streamed, never read whole, and only as
+much text as a token budget ``B`` (``max_calibration_tokens``) can use is kept:
+
+* each text is tokenised to at most ``T = MAX_TOKENS_PER_TEXT`` (256) tokens, so a sample is
+  cut to its first ``cap = CHARS_PER_TOKEN · max(B, T)`` characters (8 characters per token,
+  generous: English BPE averages about 4), and the rest of a longer line is skipped unread
+  into memory (``TextIOWrapper.readline(limit)`` in bounded pieces);
+* a text of ``n`` characters gives at most ``min(n, T)`` paired positions, so reading stops
+  once the kept texts reach ``Σ min(n_i, T) >= CHARS_PER_TOKEN · B``: with at most 8
+  characters per paired position they already hold the ``B`` positions the stage pairs.
+  Memory is then O(cap · CHARS_PER_TOKEN · B / T) characters whatever the file's size;
+* ``.txt``: one sample per line (``str.splitlines`` breaks, stripped, blank lines skipped);
+  ``.jsonl``: a JSON object with a string field ``text`` per line; the text is capped like a
+  ``.txt`` line, but a JSON line longer than ``JSONL_LINE_FACTOR · cap`` characters is refused
+  with an error naming it (a truncated JSON line cannot be parsed);
+* the same file and budget always give the same texts, so ``texts_identity`` of the result
+  (part of the activations cache key) depends only on the text that is used;
+* not UTF-8, NUL bytes (a binary file), a directory, a missing file: one-line LorasuiteError
+  naming the file.
 """
 from __future__ import annotations
 
+import io
+import itertools
+import json
 import logging
 from dataclasses import dataclass
 from importlib import resources
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -35,34 +59,103 @@ def builtin_calibration_texts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def read_calibration_file(path: str) -> list[str]:
-    """.txt: one sample per line; .jsonl: a ``text`` field per line."""
-    import json
+CHARS_PER_TOKEN = 8
+MAX_TOKENS_PER_TEXT = 256
+JSONL_LINE_FACTOR = 64
+DEFAULT_CALIBRATION_TOKENS = 2048
+_SKIP_PIECE = 1 << 16
 
-    from .storage import read_text
 
+def calibration_text_cap(max_tokens: int = DEFAULT_CALIBRATION_TOKENS) -> int:
+    """Characters kept of one calibration sample for a budget of ``max_tokens`` paired positions."""
+    return CHARS_PER_TOKEN * max(max_tokens, MAX_TOKENS_PER_TEXT)
+
+
+def _refuse_nul(text: str, what: str) -> None:
+    if "\0" in text:
+        raise LorasuiteError(f"{what} holds NUL bytes: a binary file, not text")
+
+
+def _lines(handle, limit: int, what: str) -> Iterator[tuple[int, str, bool]]:
+    """``(number, first <= limit characters, whole line?)`` per line; a longer line's tail is skipped in pieces."""
+    for number in itertools.count(1):
+        line = handle.readline(limit)
+        if not line:
+            return
+        _refuse_nul(line, what)
+        skipped = 0
+        if not line.endswith("\n") and len(line) == limit:
+            while True:
+                piece = handle.readline(_SKIP_PIECE)
+                _refuse_nul(piece, what)
+                skipped += len(piece.rstrip("\n"))
+                if not piece or piece.endswith("\n") or len(piece) < _SKIP_PIECE:
+                    break
+        yield number, line, skipped == 0
+
+
+def _calibration_texts(handle, path: str, cap: int) -> Iterator[str]:
+    what = f"calibration data {path!r}"
+    if path.endswith(".txt"):
+        for _number, line, _whole in _lines(handle, cap, what):
+            for part in line.splitlines():
+                if part.strip():
+                    yield part.strip()
+        return
+    limit = JSONL_LINE_FACTOR * cap
+    for number, line, whole in _lines(handle, limit, what):
+        if not whole:
+            raise LorasuiteError(f"{what}: line {number} is longer than {limit} characters; split it into shorter "
+                                 f"records (long lines of a .txt file are cut, not refused)")
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LorasuiteError(f"{what}: line {number} is not JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise LorasuiteError(f"{what}: line {number} has no string field 'text'")
+        yield record["text"][:cap]
+
+
+def read_calibration_file(path: str, max_tokens: int = DEFAULT_CALIBRATION_TOKENS) -> list[str]:
+    """.txt: one sample per line; .jsonl: a ``text`` field per line; streamed and capped for ``max_tokens``.
+
+    See the module docstring: samples are cut to :func:`calibration_text_cap` characters and
+    reading stops once the texts can give ``max_tokens`` paired positions.
+    """
+    from . import storage
+
+    shown = storage.redact_uri(str(path))
+    if not str(path).endswith((".txt", ".jsonl")):
+        raise LorasuiteError(f"calibration data {shown!r}: expected a .txt or .jsonl file")
+    cap = calibration_text_cap(max_tokens)
+    wanted = CHARS_PER_TOKEN * max_tokens
+    texts: list[str] = []
     try:
-        raw = read_text(path)
-    except FileNotFoundError as exc:
-        raise LorasuiteError(f"calibration data {path!r} does not exist") from exc
-    if path.endswith(".jsonl"):
-        texts = []
-        for n, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LorasuiteError(f"calibration data {path}: line {n} is not JSON ({exc.msg})") from exc
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise LorasuiteError(f"calibration data {path}: line {n} has no string field 'text'")
-            texts.append(record["text"])
-    elif path.endswith(".txt"):
-        texts = [line.strip() for line in raw.splitlines() if line.strip()]
-    else:
-        raise LorasuiteError(f"calibration data {path!r}: expected a .txt or .jsonl file")
+        fs, location = storage.resolve(path)
+        if fs.isdir(location):
+            raise LorasuiteError(f"calibration data {shown!r} is a directory, not a .txt or .jsonl file")
+        with fs.open(location, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="strict") as handle:
+            collected = 0
+            for text in _calibration_texts(handle, shown, cap):
+                texts.append(text)
+                collected += min(len(text), MAX_TOKENS_PER_TEXT)
+                if collected >= wanted:
+                    break
+    except FileNotFoundError:
+        raise LorasuiteError(f"calibration data {shown!r} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise LorasuiteError(f"calibration data {shown!r} is not UTF-8 text ({exc.reason}): "
+                             f"a binary file?") from None
+    except IsADirectoryError:
+        raise LorasuiteError(f"calibration data {shown!r} is a directory, not a .txt or .jsonl file") from None
+    except (LorasuiteError, KeyboardInterrupt):
+        raise
+    except OSError as exc:
+        raise LorasuiteError(f"calibration data {shown!r} cannot be read: {storage.describe_error(exc)}") from None
     if not texts:
-        raise LorasuiteError(f"calibration data {path!r} holds no text")
+        raise LorasuiteError(f"calibration data {shown!r} holds no text")
     return texts
 
 
