@@ -9,24 +9,80 @@ similarity never needs a D × D matrix: with A = W_Q,old T_in, C = W_Q,new (hd �
 
 so one matmul of the stacked heads (H_o·hd × H_n·hd) for Q and one for K give every head
 pair's inner product; VO is the same with G_O = (T_out O)ᵀ O' and G_V = (V T_in) V'ᵀ.
+The key and value Grams depend only on the two heads' kv groups, so they are computed per
+kv-head pair (KV_o·hd × KV_n·hd) and shared by all query-head pairs of those groups; T_in is
+applied once to the stacked old [W_Q; W_K; W_V] and T_out once to W_O (the old side: the new
+weights are used as they are). The same holds for the self norms ‖AᵢᵀB_g(i)‖_F from per-head
+hd × hd Grams. Everything is float32: the similarities only rank.
 Similarity = cos(QK) + cos(VO); the Hungarian algorithm (linear_sum_assignment) picks the
 one-to-one head assignment. A new key/value head takes the old group most of its assigned
 query heads came from (replicated kv heads thus all point to their source).
 
 Neurons. Neuron f is its gate row, up row (carried by T_in) and down column (carried by
 T_out); similarity is cos(gate) + |cos(up)| + |cos(down)| in gated MLPs (flipping up and down
-together keeps the function), cos(up) + |cos(down)| otherwise; Hungarian again.
+together keeps the function), cos(up) + |cos(down)| otherwise; Hungarian again while
+n_o·n_n ≤ DENSE_NEURON_PAIRS.
+
+Neurons at scale. The dense Hungarian is O(n³) and the dense n_o × n_n similarity costs
+2·n_o·n_n·D per part. Instead, with unit rows u (old, carried) and v (new) per part:
+
+ 1. Sketch: one Gaussian R (D × m, m = SKETCH_DIM, fixed seed) for all parts, rows
+    re-normalised: ⟨uR, vR⟩ / (‖uR‖‖vR‖) ≈ ⟨u, v⟩ with error O(1/√m) (Johnson–Lindenstrauss);
+    a carried copy of a neuron (u = ±v) keeps cos = ±1 exactly.
+ 2. Candidates: the sketched similarity in blocks of rows of the smaller side (never the whole
+    n_o × n_n matrix), keeping each of its neurons' TOP_K best neurons of the other side.
+ 3. Backstop edges (t, t), t < min(n_o, n_n): a matching saturating the smaller side always
+    exists in the candidate graph, so the solver never finds it infeasible.
+ 4. Exact similarities (unsketched, float32) on the candidate edges only (sampled matrix
+    products, torch.sparse.sampled_addmm); the min-weight full
+    bipartite matching (scipy's LAPJVsp, min_weight_full_bipartite_matching) with cost
+    (parts + 1) − similarity > 0 (every full matching has min(n_o, n_n) edges, so the shift
+    does not change the optimum) maximises the total exact similarity over the candidate graph.
+
+An old neuron whose carried copy exists in the new model (permutation, sign flip of up and
+down, added unrelated neurons) has similarity = #parts against it and ≈ 0 against others, so
+it is its own first candidate and the matching recovers the permutation exactly. On unrelated
+weights the result is the best matching within the candidate graph (a lower bound of the dense
+optimum, close to it in practice). neuron_similarity_mean is the mean exact similarity of the
+matched pairs in both paths.
+
+FLOPs (similarity_flops; 2 FLOPs per multiply-add, matmul-like terms only, D_o/D the old/new
+hidden sizes, R_q = H·hd and R_kv = KV·hd rows per side, primes for the new model):
+
+    carry (ours and official)  2·D_o·D·(2·R_q + 2·R_kv)          T_in on W_Q, W_K, W_V; T_out on W_O
+    ours, cross Grams          2·D·(2·R_q·R'_q + 2·R_kv·R'_kv)    Q, O per head; K, V per kv head
+    ours, combine              4·H·H'·hd·hd'                      two Hadamard products summed
+    ours, self norms           2·D·(2·H·hd² + 2·KV·hd²) per side  per-head Grams
+    official, forming          4·D²·(H·hd + H'·hd')               W_QK = W_Qᵀ W_K (D × hd · hd × D) and
+                                                                  W_VO per head, 2·D²·hd each
+    official, inner products   4·D²·H·H'                          ⟨·,·⟩_F of two D × D matrices (D² mults
+                                                                  + D² adds) for QK and VO per head pair
+    official, norms            4·D²·(H + H')                      ‖W_QK‖_F, ‖W_VO‖_F per head
+
+The official formula forms every head's D × D matrices once (a loop that re-formed them for
+every head pair would cost 4·D²·H·H'·(hd + hd') for forming instead; reported as
+``official_head_per_pair_forming``). Neurons: carry 2·D_o·D·n_o per part; dense
+2·n_o·n_n·D per part; sketched 2·(n_o + n_n)·D·m + 2·n_o·n_n·m per part and 2·E·D per part
+for the exact similarity of the E ≤ min(n_o, n_n)·(TOP_K + 1) candidate edges. The carry is
+what exact cosines need at least (‖u‖ for every carried old row); at d 4096 it dominates.
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from .loading import Dims
+
+DENSE_NEURON_PAIRS = 2048 * 4096     # n_o · n_n up to which neurons get the dense Hungarian
+TOP_K = 8                            # candidates kept per old and per new neuron
+SKETCH_DIM = 256                     # random-projection width for finding candidates
 
 
 @dataclass
@@ -52,27 +108,32 @@ def _cosine(inner: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor) -> 
     return torch.where(denom > 0, inner / denom.clamp(min=1e-30), torch.zeros_like(inner))
 
 
-def _self_norm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """‖AᵢᵀBᵢ‖_F per head for stacked A, B (n × hd × D)."""
+def _self_norm(A: torch.Tensor, B: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """‖AᵢᵀB_g(i)‖_F per head for stacked A (H × hd × D) and kv-level B (KV × hd × D)."""
     GA, GB = A @ A.transpose(1, 2), B @ B.transpose(1, 2)
-    return (GA * GB).sum((1, 2)).clamp(min=0).sqrt()
+    return (GA * GB[group]).sum((1, 2)).clamp(min=0).sqrt()
 
 
 def head_similarity(old_w, new_w, do: Dims, dn: Dims, T_in, T_out) -> np.ndarray:
     group_o = torch.arange(do.num_heads) // do.heads_per_group
     group_n = torch.arange(dn.num_heads) // dn.heads_per_group
-    Q_o = _heads(old_w["q"] @ T_in, do.num_heads, do.head_dim)
-    K_o = _heads(old_w["k"] @ T_in, do.num_kv_heads, do.head_dim)[group_o]
-    V_o = _heads(old_w["v"] @ T_in, do.num_kv_heads, do.head_dim)[group_o]
+    q_rows, kv_rows = do.num_heads * do.head_dim, do.num_kv_heads * do.head_dim
+    carried = torch.cat([old_w["q"], old_w["k"], old_w["v"]]) @ T_in          # T_in once for q, k, v
+    Q_o = _heads(carried[:q_rows], do.num_heads, do.head_dim)
+    K_o = _heads(carried[q_rows:q_rows + kv_rows], do.num_kv_heads, do.head_dim)
+    V_o = _heads(carried[q_rows + kv_rows:], do.num_kv_heads, do.head_dim)
     O_o = _heads((T_out @ old_w["o"]).T, do.num_heads, do.head_dim)          # H × hd × D (columns)
     Q_n = _heads(new_w["q"], dn.num_heads, dn.head_dim)
-    K_n = _heads(new_w["k"], dn.num_kv_heads, dn.head_dim)[group_n]
-    V_n = _heads(new_w["v"], dn.num_kv_heads, dn.head_dim)[group_n]
+    K_n = _heads(new_w["k"], dn.num_kv_heads, dn.head_dim)
+    V_n = _heads(new_w["v"], dn.num_kv_heads, dn.head_dim)
     O_n = _heads(new_w["o"].T, dn.num_heads, dn.head_dim)
-    qk = (_pair_grams(Q_o, Q_n) * _pair_grams(K_o, K_n)).sum((2, 3))
-    vo = (_pair_grams(O_o, O_n) * _pair_grams(V_o, V_n)).sum((2, 3))
-    cos_qk = _cosine(qk, _self_norm(Q_o, K_o), _self_norm(Q_n, K_n))
-    cos_vo = _cosine(vo, _self_norm(O_o, V_o), _self_norm(O_n, V_n))
+    # key/value Grams per kv-head pair, shared by every query-head pair of the two groups
+    kk = _pair_grams(K_o, K_n)[group_o][:, group_n]
+    vv = _pair_grams(V_o, V_n)[group_o][:, group_n]
+    qk = (_pair_grams(Q_o, Q_n) * kk).sum((2, 3))
+    vo = (_pair_grams(O_o, O_n) * vv).sum((2, 3))
+    cos_qk = _cosine(qk, _self_norm(Q_o, K_o, group_o), _self_norm(Q_n, K_n, group_n))
+    cos_vo = _cosine(vo, _self_norm(O_o, V_o, group_o), _self_norm(O_n, V_n, group_n))
     return (cos_qk + cos_vo).numpy()
 
 
@@ -99,6 +160,100 @@ def neuron_similarity(old_w, new_w, T_in, T_out) -> np.ndarray:
     return sim.numpy()
 
 
+# ----------------------------------------------------------------------------- large widths
+
+
+def _unit(X: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Rows scaled to unit norm (zero rows stay zero)."""
+    norm = X.norm(dim=1, keepdim=True).clamp(min=1e-30)
+    return X.div_(norm) if inplace else X / norm
+
+
+def neuron_features(old_w, new_w, T_in, T_out) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
+    """(old rows carried and unit-normalised, new rows unit-normalised, take |cos|) per part."""
+    gated = "gate" in old_w and "gate" in new_w
+    names = ("gate", "up") if gated else ("up",)
+    carried = _unit(torch.cat([old_w[n] for n in names]) @ T_in, inplace=True)   # T_in once for gate and up
+    parts = [(c, _unit(new_w[n]), n == "up" and gated) for c, n in zip(carried.split(old_w["up"].shape[0]), names)]
+    parts.append((_unit(old_w["down"].T @ T_out.T, inplace=True), _unit(new_w["down"].T), True))
+    return parts
+
+
+def _sketch(parts, dim: int, seed: int = 0):
+    """Project every part onto the same random dim-dimensional subspace, rows re-normalised (JL)."""
+    D = parts[0][0].shape[1]
+    if D <= dim:
+        return parts
+    R = torch.randn(D, dim, generator=torch.Generator().manual_seed(seed), dtype=parts[0][0].dtype)
+    return [(_unit(o @ R), _unit(n @ R), absolute) for o, n, absolute in parts]
+
+
+def _top_candidates(parts, k: int, block: int) -> torch.Tensor:
+    """Each old row's k best new rows (n_o × k) by Σ_parts (|)cos(|), in blocks of old rows."""
+    n_o, n_n = parts[0][0].shape[0], parts[0][1].shape[0]
+    k = min(k, n_n)
+    top = torch.empty(n_o, k, dtype=torch.long)
+    sim, term = torch.empty(min(block, n_o), n_n), torch.empty(min(block, n_o), n_n)
+    for start in range(0, n_o, block):
+        rows = slice(start, min(start + block, n_o))
+        size = rows.stop - start
+        for p, (o, n, absolute) in enumerate(parts):
+            out = sim[:size] if p == 0 else term[:size]
+            torch.matmul(o[rows], n.T, out=out)
+            if absolute:
+                out.abs_()
+            if p > 0:
+                sim[:size].add_(out)
+        top[rows] = sim[:size].topk(k, dim=1).indices
+    return top
+
+
+def _edge_similarity(parts, i: np.ndarray, j: np.ndarray, shape) -> np.ndarray:
+    """Exact Σ_parts (|)cos(|) on the edges (i, j), sorted row-major: sampled products, no dense matrix."""
+    crow = torch.from_numpy(np.concatenate([[0], np.cumsum(np.bincount(i, minlength=shape[0]))]))
+    with warnings.catch_warnings():                        # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, torch.from_numpy(j), torch.zeros(len(i)), size=shape,
+                                          check_invariants=False)
+        total = 0
+        for o, n, absolute in parts:
+            term = torch.sparse.sampled_addmm(pattern, o, n.T, beta=0.0).values()
+            total = total + (term.abs() if absolute else term)
+    return total.double().numpy()
+
+
+def sparse_neuron_match(parts, k: int = TOP_K, sketch_dim: int = SKETCH_DIM,
+                        block: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Max-similarity full matching on a candidate graph: (old indices, new indices, their similarity)."""
+    n_o, n_n = parts[0][0].shape[0], parts[0][1].shape[0]
+    sketched = _sketch(parts, sketch_dim)
+    if n_o <= n_n:                                         # candidates for every unit of the smaller side
+        top = _top_candidates(sketched, k, block).numpy()                        # n_o × k new neurons
+        i, j = np.repeat(np.arange(n_o), top.shape[1]), top.ravel()
+    else:
+        top = _top_candidates([(n, o, a) for o, n, a in sketched], k, block).numpy()   # n_n × k old neurons
+        i, j = top.ravel(), np.repeat(np.arange(n_n), top.shape[1])
+    t = np.arange(min(n_o, n_n))                           # backstop (t, t): a full matching always exists
+    keys = np.unique(np.concatenate([i * n_n + j, t * n_n + t]))
+    i, j = keys // n_n, keys % n_n
+    sim = _edge_similarity(parts, i, j, (n_o, n_n))
+    cost = (len(parts) + 1.0) - sim                        # > 0 (sim ≤ number of parts); min cost = max sim
+    r, c = min_weight_full_bipartite_matching(sp.csr_matrix((cost, (i, j)), shape=(n_o, n_n)))
+    return r, c, sim[np.searchsorted(keys, r.astype(np.int64) * n_n + c)]
+
+
+def match_neurons(old_w, new_w, T_in, T_out, dense_limit: int = DENSE_NEURON_PAIRS):
+    """(K × 2 matched (old, new) neurons, their mean similarity); dense Hungarian up to ``dense_limit`` pairs."""
+    n_o, n_n = old_w["up"].shape[0], new_w["up"].shape[0]
+    if n_o * n_n <= dense_limit:
+        neurons = neuron_similarity(old_w, new_w, T_in, T_out)
+        rows, cols = linear_sum_assignment(neurons, maximize=True)
+        sim = neurons[rows, cols]
+    else:
+        rows, cols, sim = sparse_neuron_match(neuron_features(old_w, new_w, T_in, T_out))
+    return np.stack([rows, cols], axis=1).astype(np.int64), float(sim.mean()) if len(sim) else 0.0
+
+
 def match_layer(old_w, new_w, do: Dims, dn: Dims, maps: dict[str, torch.Tensor]) -> LayerMatch:
     # similarities only rank candidates: float32 is ample and several times faster than float64
     old_w = {k: v.float() for k, v in old_w.items()}
@@ -107,12 +262,39 @@ def match_layer(old_w, new_w, do: Dims, dn: Dims, maps: dict[str, torch.Tensor])
     heads = head_similarity(old_w, new_w, do, dn, maps["attention_input"], maps["attention_output"])
     rows, cols = linear_sum_assignment(heads, maximize=True)
     head_pairs = [(int(i), int(j)) for i, j in zip(rows, cols)]
-    neurons = neuron_similarity(old_w, new_w, maps["mlp_input"], maps["mlp_output"])
-    n_rows, n_cols = linear_sum_assignment(neurons, maximize=True)
+    neuron_pairs, neuron_mean = match_neurons(old_w, new_w, maps["mlp_input"], maps["mlp_output"])
     return LayerMatch(
         head_pairs=head_pairs,
         kv_pairs=_kv_pairs(head_pairs, do, dn, heads),
-        neuron_pairs=np.stack([n_rows, n_cols], axis=1),
+        neuron_pairs=neuron_pairs,
         head_similarity=heads,
-        neuron_similarity_mean=float(neurons[n_rows, n_cols].mean()),
+        neuron_similarity_mean=neuron_mean,
     )
+
+
+def similarity_flops(do: Dims, dn: Dims, gated: bool = True, dense_limit: int = DENSE_NEURON_PAIRS,
+                     sketch_dim: int = SKETCH_DIM, top_k: int = TOP_K) -> dict[str, int]:
+    """FLOP counts of one layer pair's similarities (derivation in the module docstring)."""
+    D_o, D = do.hidden, dn.hidden
+    H, Hn, KV, KVn, hd, hdn = do.num_heads, dn.num_heads, do.num_kv_heads, dn.num_kv_heads, do.head_dim, dn.head_dim
+    Rq, Rkv, Rqn, Rkvn = H * hd, KV * hd, Hn * hdn, KVn * hdn
+    carry = 2 * D_o * D * (2 * Rq + 2 * Rkv)
+    ours = (carry + 2 * D * (2 * Rq * Rqn + 2 * Rkv * Rkvn) + 4 * H * Hn * hd * hdn
+            + 2 * D * (2 * H * hd ** 2 + 2 * KV * hd ** 2) + 2 * D * (2 * Hn * hdn ** 2 + 2 * KVn * hdn ** 2))
+    forming = 4 * D ** 2 * (Rq + Rqn)
+    official_rest = 4 * D ** 2 * H * Hn + 4 * D ** 2 * (H + Hn)
+    n_o, n_n, parts = do.intermediate, dn.intermediate, 3 if gated else 2
+    neuron_carry = 2 * D_o * D * n_o * parts
+    if n_o * n_n <= dense_limit or D <= sketch_dim:
+        neurons = neuron_carry + 2 * n_o * n_n * D * parts
+    else:
+        edges = min(n_o, n_n) * (top_k + 1)
+        neurons = (neuron_carry
+                   + parts * (2 * (n_o + n_n) * D * sketch_dim + 2 * n_o * n_n * sketch_dim + 2 * edges * D))
+    return {
+        "head_similarity": ours,
+        "neuron_similarity": neurons,
+        "neuron_similarity_dense": neuron_carry + 2 * n_o * n_n * D * parts,
+        "official_head": carry + forming + official_rest,
+        "official_head_per_pair_forming": carry + 4 * D ** 2 * H * Hn * (hd + hdn) + official_rest,
+    }
