@@ -13,6 +13,7 @@ same calls):
     adapter transfer
       transfer        per mapped pair: canonical deltas carried over         transfer.py
       refactorise     QR + small SVD back to each module's rank              refactor.py
+      write           PEFT directory + migration_report.json, atomically
 
 Deltas stay in factor form ΔW = L R (refactor.LowRank) from the old adapter (L = s B, R = A)
 to the re-factorisation; no dense out × in delta is formed. A fused module splits by rows of
@@ -20,7 +21,6 @@ L (each part keeps R); joining parts P_q, P_k, P_v back stacks their rows with t
 disjoint column blocks, [L_q R_q; L_k R_k; L_v R_v] = L R with L the interleaved rows of
 [L_q 0 0; 0 L_k 0; 0 0 L_v] and R = [R_q; R_k; R_v]. The LayerNorm-offset diagnostic uses
 ‖ΔW c‖ = ‖L (R c)‖ and ‖ΔW‖_F² = ⟨LᵀL, R Rᵀ⟩_F.
-      write           PEFT directory + migration_report.json, atomically
 """
 from __future__ import annotations
 
