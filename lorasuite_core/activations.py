@@ -19,15 +19,15 @@ much text as a token budget ``B`` (``max_calibration_tokens``) can use is kept:
 
 * each text is tokenised to at most ``T = MAX_TOKENS_PER_TEXT`` (256) tokens, so a sample is
   cut to its first ``cap = CHARS_PER_TOKEN · max(B, T)`` characters (8 characters per token,
-  generous: English BPE averages about 4), and the rest of a longer line is skipped unread
-  into memory (``TextIOWrapper.readline(limit)`` in bounded pieces);
+  generous: English BPE averages about 4); the rest of a longer line is read and dropped in
+  bounded pieces (``TextIOWrapper.readline(limit)``), never held whole;
 * a text of ``n`` characters gives at most ``min(n, T)`` paired positions, so reading stops
   once the kept texts reach ``Σ min(n_i, T) >= CHARS_PER_TOKEN · B``: with at most 8
   characters per paired position they already hold the ``B`` positions the stage pairs.
   Memory is then O(cap · CHARS_PER_TOKEN · B / T) characters whatever the file's size;
 * ``.txt``: one sample per line (``str.splitlines`` breaks, stripped, blank lines skipped);
-  ``.jsonl``: a JSON object with a string field ``text`` per line; the text is capped like a
-  ``.txt`` line, but a JSON line longer than ``JSONL_LINE_FACTOR · cap`` characters is refused
+  ``.jsonl``: a JSON object with a string field ``text`` per line (blank texts skipped); the
+  text is capped like a ``.txt`` line, but a JSON line longer than ``JSONL_LINE_FACTOR · cap`` characters is refused
   with an error naming it (a truncated JSON line cannot be parsed);
 * the same file and budget always give the same texts, so ``texts_identity`` of the result
   (part of the activations cache key) depends only on the text that is used;
@@ -115,7 +115,8 @@ def _calibration_texts(handle, path: str, cap: int) -> Iterator[str]:
             raise LorasuiteError(f"{what}: line {number} is not JSON ({exc.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise LorasuiteError(f"{what}: line {number} has no string field 'text'")
-        yield record["text"][:cap]
+        if record["text"].strip():
+            yield record["text"][:cap]
 
 
 def read_calibration_file(path: str, max_tokens: int = DEFAULT_CALIBRATION_TOKENS) -> list[str]:

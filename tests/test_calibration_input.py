@@ -85,7 +85,7 @@ def test_small_files_are_read_whole_as_before(tmp_path):
 def test_jsonl_text_field_is_read_and_capped(tmp_path):
     cap = calibration_text_cap(256)
     path = tmp_path / "calib.jsonl"
-    records = [{"text": "short one"}, {"text": "x" * (3 * cap), "id": 2}, {"text": "after"}]
+    records = [{"text": "short one"}, {"text": "x" * (3 * cap), "id": 2}, {"text": " \t"}, {"text": "after"}]
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
     assert read_calibration_file(str(path), max_tokens=256) == ["short one", "x" * cap, "after"]
 
