@@ -2,8 +2,8 @@
 
 They validate the arguments first (a bad value is a :class:`~lorasuite_core.errors.LorasuiteError`
 before any flow run is created), then call the flow.  With no Prefect server configured the
-flow runs on Prefect's embedded local API; with ``PREFECT_API_URL`` set it reports to that
-server.  User errors (bad input, missing files, an adapter of another model, unreachable
+flow runs against a private API server started for the run (:mod:`flows.embedded`); with
+``PREFECT_API_URL`` set it reports to that server.  User errors (bad input, missing files, an adapter of another model, unreachable
 storage after retries) surface as ``LorasuiteError``: the CLI prints one line and exits 2.
 """
 from __future__ import annotations
@@ -14,8 +14,10 @@ from pydantic import ValidationError
 
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.manifest import FleetManifest
-from lorasuite_core.stages import EntryOptions, output_status, run_inputs
+from lorasuite_core.stages import EntryOptions, check_adapter, output_status, run_inputs
 from lorasuite_core.storage import check_replaceable
+
+from .embedded import embedded_api
 
 
 def run_migrate_adapter(
@@ -53,13 +55,15 @@ def run_migrate_adapter(
     # The flow checks again (deployments call it directly); here the error comes before any run starts.
     inputs = run_inputs(str(old_model), str(new_model), str(adapter), options, calibration_data, cache_root)
     check_replaceable(str(output), output_status(str(output), inputs), overwrite)
-    return migrate_adapter(
-        old_model=str(old_model), new_model=str(new_model), adapter=str(adapter), output=str(output), lft=lft,
-        lft_data=lft_data, lft_samples=lft_samples, lft_lr=lft_lr, lft_epochs=lft_epochs, eval_data=eval_data,
-        eval_samples=eval_samples, vanilla_baseline=vanilla_baseline, head_transform=head_transform,
-        calibration_data=calibration_data, max_calibration_tokens=max_calibration_tokens, layer_offset=layer_offset,
-        seed=seed, overwrite=overwrite, cache_root=cache_root,
-    )
+    check_adapter(str(old_model), str(adapter))
+    with embedded_api():
+        return migrate_adapter(
+            old_model=str(old_model), new_model=str(new_model), adapter=str(adapter), output=str(output), lft=lft,
+            lft_data=lft_data, lft_samples=lft_samples, lft_lr=lft_lr, lft_epochs=lft_epochs, eval_data=eval_data,
+            eval_samples=eval_samples, vanilla_baseline=vanilla_baseline, head_transform=head_transform,
+            calibration_data=calibration_data, max_calibration_tokens=max_calibration_tokens,
+            layer_offset=layer_offset, seed=seed, overwrite=overwrite, cache_root=cache_root,
+        )
 
 
 def run_migrate_fleet(manifest_uri: str, *, overwrite: bool = False, cache_root: str | None = None) -> dict[str, Any]:
@@ -71,7 +75,8 @@ def run_migrate_fleet(manifest_uri: str, *, overwrite: bool = False, cache_root:
     from .migration import migrate_fleet
 
     FleetManifest.load(str(manifest_uri))
-    return migrate_fleet(manifest=str(manifest_uri), overwrite=overwrite, cache_root=cache_root)
+    with embedded_api():
+        return migrate_fleet(manifest=str(manifest_uri), overwrite=overwrite, cache_root=cache_root)
 
 
 def _check_options(**values: Any) -> EntryOptions:

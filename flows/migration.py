@@ -28,7 +28,7 @@ from prefect import flow, get_run_logger
 import tasks
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.manifest import BaseModelRelease, FleetManifest, ManifestError
-from lorasuite_core.stages import EntryOptions, run_inputs
+from lorasuite_core.stages import EntryOptions, check_adapter, run_inputs
 from lorasuite_core.storage import check_replaceable as replaceable, redact_uri
 from tasks._support import forward_core_logs
 
@@ -72,6 +72,7 @@ def migrate_adapter(
                            vanilla_baseline=vanilla_baseline and lft, seed=seed)
     inputs = run_inputs(old_model, new_model, adapter, options, calibration_data, cache_root)
     replaceable(output, tasks.check_output(output, inputs), overwrite)
+    check_adapter(old_model, adapter)      # a bad adapter fails now, not after the pair analysis
     run = PipelineRun(cache_root)
     pair = run.analyse_pair(old_model, new_model, calibration_data, max_calibration_tokens, layer_offset)
     entry = EntryRun(name=_entry_name(output), adapter=adapter, output=output, options=options)

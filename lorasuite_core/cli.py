@@ -1,7 +1,12 @@
 """``lorasuite`` command line.
 
-Every failure the user can fix (bad input, unsupported model, existing output…) is a
-``LorasuiteError``: printed as one line on stderr, exit status 2, nothing written.
+Every failure the user can cause (bad input, unsupported model, an unsafe or occupied output,
+unreadable or unwritable paths, a full disk, refused credentials…) ends with one line
+``lorasuite: error: …`` on stderr and exit status 2, nothing written: a ``LorasuiteError`` or an
+``OSError`` (permissions, no space, a file where a directory belongs).  Anything else is a bug:
+one line naming the log file that holds the traceback, exit status 1.  Logs go to a log file
+and only lorasuite's own lines reach the terminal (:mod:`lorasuite_core.logsetup`); credentials
+seen in URIs are redacted everywhere.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import os
 import sys
 
 from .errors import LorasuiteError
+from .logsetup import FILE_ONLY
 
 log = logging.getLogger("lorasuite")
 
@@ -81,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="real pretrained models without a hub")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     fetch = models_sub.add_parser("fetch", help="fetch and convert the known models (idempotent, checksum-verified)")
-    fetch.add_argument("names", nargs="*", help="model names (default: all known)")
+    fetch.add_argument("names", nargs="*", help="model names (default: the demo's pair; others by name)")
     fetch.add_argument("--cache-dir", help="default: $LORASUITE_CACHE or ~/.cache/lorasuite/models")
     fetch.add_argument("--force", action="store_true", help="fetch and convert again")
 
@@ -96,17 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(args) -> None:
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "botocore", "s3fs", "fsspec"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+def _configure_logging(args):
+    from . import logsetup
+    from .storage import register_secrets_in
+
+    register_secrets_in(*(v for v in vars(args).values() if isinstance(v, str)))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")   # no telemetry from the embedded API
+    path = logsetup.configure(args.command, verbose=args.verbose, quiet=args.quiet)
     if args.quiet:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
+    return path
 
 
 def _run_migrate(args) -> dict:
@@ -176,9 +185,9 @@ def _run_eval(args) -> dict:
 def _run_models(args) -> dict:
     from pathlib import Path
 
-    from .model_fetch import KNOWN_MODELS, fetch_model
+    from .model_fetch import DEFAULT_MODELS, KNOWN_MODELS, fetch_model
 
-    names = args.names or list(KNOWN_MODELS)
+    names = args.names or list(DEFAULT_MODELS)
     unknown = [n for n in names if n not in KNOWN_MODELS]
     if unknown:
         raise LorasuiteError(f"unknown model {unknown[0]!r}; known: {', '.join(KNOWN_MODELS)}")
@@ -197,19 +206,36 @@ def _library_call(fn, *args, **kwargs):
 COMMANDS = {"migrate": _run_migrate, "migrate-fleet": _run_migrate_fleet, "demo": _run_demo, "train": _run_train, "eval": _run_eval, "models": _run_models}
 
 
+def _error_line(exc: BaseException) -> str:
+    from .storage import describe_error, redact_text
+
+    if isinstance(exc, LorasuiteError):
+        return redact_text(" ".join(str(exc).split()))
+    text = describe_error(exc)
+    if isinstance(exc, OSError) and getattr(exc, "filename", None) and str(exc.filename) not in text:
+        text += f" ({redact_text(str(exc.filename))})"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args)
+    log_file = _configure_logging(args)
     try:
         result = COMMANDS[args.command](args)
-    except LorasuiteError as exc:
-        print(f"lorasuite: error: {exc}", file=sys.stderr)
+    except (LorasuiteError, OSError) as exc:
+        log.info("failed", exc_info=True, extra=FILE_ONLY)
+        print(f"lorasuite: error: {_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lorasuite: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug: the traceback goes to the log file, one line here
+        log.error("unexpected error", exc_info=True, extra=FILE_ONLY)
+        print(f"lorasuite: error: unexpected {_error_line(exc)} (traceback in {log_file})", file=sys.stderr)
+        return 1
     if isinstance(result, dict) and "summary" in result:
         print(json.dumps(result["summary"], indent=1, default=str))
+    log.info("log file: %s", log_file)
     return result.get("exit_code", 0) if isinstance(result, dict) else 0
 
 

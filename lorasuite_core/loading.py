@@ -151,9 +151,12 @@ class SafetensorsWeights:
         path = self.model_dir / self.shard_of[name]
         try:
             with safe_open(path, framework="pt") as f:
-                return f.get_tensor(name)
+                tensor = f.get_tensor(name)
         except (SafetensorError, OSError, ValueError) as exc:
             raise LorasuiteError(f"corrupt safetensors file {path}: {exc}") from exc
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LorasuiteError(f"model {self.model_dir}: weight {name} holds NaN or Inf")
+        return tensor
 
 
 @dataclass
@@ -336,6 +339,8 @@ def _collect_factors(tensors, config, family, uri) -> dict[tuple[int, str], Lora
         match = LORA_KEY.match(key)
         if not match:
             raise LorasuiteError(f"adapter {uri}: unexpected tensor {key!r} (only lora_A/lora_B weights are supported)")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LorasuiteError(f"adapter {uri}: tensor {key} holds NaN or Inf")
         parts.setdefault(match.group("module"), {})[match.group("ab")] = tensor
     factors = {}
     for module, ab in parts.items():

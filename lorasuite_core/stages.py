@@ -124,8 +124,9 @@ class PairPlan(Schema):
         return _model(self.new_model, self.new_identity)
 
 
-def calibration_texts(ref: str | None) -> list[str]:
-    return read_calibration_file(ref) if ref else builtin_calibration_texts()
+def calibration_texts(ref: str | None, max_tokens: int) -> list[str]:
+    """The calibration samples: read, streamed and capped for a budget of ``max_tokens`` paired tokens."""
+    return read_calibration_file(ref, max_tokens) if ref else builtin_calibration_texts()
 
 
 def plan_pair(old_model: str, new_model: str, calibration_data: str | None = None,
@@ -135,7 +136,7 @@ def plan_pair(old_model: str, new_model: str, calibration_data: str | None = Non
         raise LorasuiteError(f"max_calibration_tokens must be >= 8, not {max_calibration_tokens}")
     old_id = artifact_identity(old_model, "model")
     new_id = artifact_identity(new_model, "model")
-    calibration = texts_identity(calibration_texts(calibration_data))
+    calibration = texts_identity(calibration_texts(calibration_data, max_calibration_tokens))
     keys = {"vocabulary": stage_key("vocabulary", old=old_id, new=new_id)}
     keys["transfer_matrix"] = stage_key("transfer_matrix", vocabulary=keys["vocabulary"])
     keys["activations"] = stage_key("activations", old=old_id, new=new_id, calibration=calibration,
@@ -185,11 +186,17 @@ def transfer_matrix(store: StageStore, plan: PairPlan, vocabulary_uri: str) -> S
 
 def activations(store: StageStore, plan: PairPlan) -> StageResult:
     def compute(out: Path) -> dict:
-        texts = calibration_texts(plan.calibration_data)
+        texts = calibration_texts(plan.calibration_data, plan.max_calibration_tokens)
         if texts_identity(texts) != plan.calibration_identity:
             raise LorasuiteError(f"calibration data {plan.calibration_data} changed during the run; rerun")
         acts = paired_activations(plan.old(), plan.new(), texts, max_tokens=plan.max_calibration_tokens,
                                   progress=False)
+        for which, model, states in (("old", plan.old(), acts.old_states), ("new", plan.new(), acts.new_states)):
+            if not np.isfinite(states).all():
+                for name in model.weights.shard_of:   # name the culprit: get() refuses a non-finite weight
+                    model.weights.get(name)
+                raise LorasuiteError(f"{which} model {storage.redact_uri(model.source)} gives NaN or Inf hidden "
+                                     "states on the calibration text")
         save_numpy({"old_states": np.ascontiguousarray(acts.old_states),
                     "new_states": np.ascontiguousarray(acts.new_states)}, out / "activations.safetensors")
         return {"texts": acts.num_texts, "paired_tokens": acts.num_tokens}
@@ -314,6 +321,13 @@ def run_inputs(old_model: str, new_model: str, adapter: str, options: EntryOptio
     return {"old model": old_model, "new model": new_model, "adapter": adapter, "LFT data": options.lft_data,
             "evaluation data": options.eval_data, "calibration data": calibration_data,
             "cache root": cache_root or default_store_root()}
+
+
+def check_adapter(old_model: str, adapter_ref: str) -> None:
+    """Before any analysis: the adapter loads (LoRA, finite tensors, known targets) and fits the old model."""
+    old_identity = artifact_identity(old_model, "model")
+    identity = artifact_identity(adapter_ref, "adapter", ADAPTER_PATTERNS)
+    check_adapter_fits(_adapter(adapter_ref, identity, old_model, old_identity), _model(old_model, old_identity))
 
 
 def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: str,

@@ -79,7 +79,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import fsspec
 
@@ -209,10 +209,31 @@ def redact_uri(uri: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
+_REGISTERED_SECRETS: set[str] = set()
+
+
+def register_secrets_in(*uris: str | os.PathLike | None) -> None:
+    """Remember the user-info (``key:secret@``) of URIs so it is scrubbed from every later message,
+    even where a library prints the bare values (a traceback's locals, a repr of its arguments)."""
+    for uri in uris:
+        if not uri or "://" not in str(uri):
+            continue
+        netloc = urlsplit(str(uri)).netloc
+        if "@" in netloc:
+            for part in netloc.rsplit("@", 1)[0].split(":"):
+                if len(part) >= 4:
+                    _REGISTERED_SECRETS.add(unquote(part))
+                    _REGISTERED_SECRETS.add(part)
+
+
 def redact_text(text: str) -> str:
-    """Scrub query strings, URL user-info and AWS access-key ids from free text."""
+    """Scrub query strings, URL user-info, AWS access-key ids and every known secret value from free text."""
     text = _QUERY_IN_URL.sub(r"\1?<redacted>", str(text))
     text = _USERINFO_IN_URL.sub(r"\1***@", text)
+    secrets = _REGISTERED_SECRETS | {v for v in (os.environ.get(n) for n in _SECRET_ENV) if v and len(v) >= 4}
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "<redacted>")
     return _ACCESS_KEY_ID.sub("<access-key-id>", text)
 
 
@@ -314,6 +335,10 @@ def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
 def resolve(uri: str | os.PathLike, storage_options: dict[str, Any] | None = None):
     """``(fs, path)`` for a local path, ``file://`` or any fsspec URI (``s3://`` via s3fs)."""
     text = _as_uri(uri)
+    if "://" in text and "@" in urlsplit(text).netloc:
+        raise StorageError(f"{redact_uri(text)}: credentials inside a URI are not accepted (they end up in "
+                           "shell histories and logs); use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile "
+                           "or a role")
     options = dict(storage_options or {})
     if _protocol_of(text) in _S3_PROTOCOLS:
         options = _s3_options(options)

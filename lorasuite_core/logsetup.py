@@ -1,0 +1,141 @@
+"""Where the CLI's log lines go: a log file for everything, the terminal for lorasuite's own lines.
+
+Design
+------
+* **Log file.** Every record (lorasuite, Prefect, the embedded API server, libraries) goes to
+  ``$LORASUITE_LOG_DIR/<UTC time>-<command>-<pid>.log`` (default ``~/.cache/lorasuite/logs``),
+  tracebacks included; the CLI names the file in its summary and in its error line.
+* **Terminal.** Only records of the ``lorasuite*`` loggers (INFO, WARNING under ``-q``): progress
+  and one-line warnings.  Prefect's own console output (run banners, task tracebacks, the
+  temporary server's chatter) is not shown, so a failure ends with exactly one
+  ``lorasuite: error: …`` line.  ``--verbose`` shows everything at DEBUG.
+* **Prefect.** The same configuration is handed to Prefect through ``PREFECT_LOGGING_SETTINGS_PATH``
+  (a JSON file, valid YAML), extended with Prefect's API handlers so flow and task run logs still
+  reach the Prefect server (UI).  This module only writes that file; it never imports Prefect.
+* **Secrets.** Every handler formats through :class:`RedactingFormatter` or the
+  :class:`RedactSecrets` filter, which pass the whole text — message and traceback — through
+  :func:`lorasuite_core.storage.redact_text` (URL user-info, query strings, access-key ids and the
+  values of the AWS secret variables and of credentials seen in URIs).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from .storage import redact_text
+
+LOG_DIR_ENV = "LORASUITE_LOG_DIR"
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
+
+
+class RedactSecrets(logging.Filter):
+    """Rewrites a record so that any handler (Prefect's API handler included) sees redacted text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact_text(record.getMessage())
+        record.args = None
+        if record.exc_info:
+            record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+FILE_ONLY = {"file_only": True}
+"""``extra=`` of a record meant for the log file only (a traceback behind a one-line error)."""
+
+
+class OnlyLorasuite(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "file_only", False):
+            return False
+        return record.name == "lorasuite" or record.name.startswith(("lorasuite.", "lorasuite_core"))
+
+
+def log_path(command: str) -> Path:
+    root = Path(os.environ.get(LOG_DIR_ENV) or Path.home() / ".cache" / "lorasuite" / "logs").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{command}-{os.getpid()}.log"
+
+
+def logging_config(path: Path, *, verbose: bool, quiet: bool, prefect: bool) -> dict:
+    terminal_level = "DEBUG" if verbose else "WARNING" if quiet else "INFO"
+    handlers = {
+        "file": {"class": "logging.FileHandler", "filename": str(path), "formatter": "file", "level": "DEBUG",
+                 "encoding": "utf-8"},
+        "terminal": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "file",
+                     "level": terminal_level, "filters": [] if verbose else ["ours"]},
+    }
+    loggers = {"lorasuite_core": {"level": "DEBUG" if verbose else "INFO"},
+               "lorasuite": {"level": "DEBUG" if verbose else "INFO"}}
+    for noisy in ("httpx", "httpcore", "urllib3", "botocore", "s3fs", "fsspec", "aiosqlite", "asyncio"):
+        loggers[noisy] = {"level": "DEBUG" if verbose else "WARNING"}
+    if prefect:
+        handlers["api"] = {"level": 0, "class": "prefect.logging.handlers.APILogHandler", "filters": ["redact"]}
+        handlers["worker_api"] = {"level": 0, "class": "prefect.logging.handlers.WorkerAPILogHandler",
+                                  "filters": ["redact"]}
+        loggers.update({
+            "prefect": {"level": "DEBUG" if verbose else "INFO"},
+            "prefect.extra": {"level": "INFO", "handlers": ["api"], "propagate": False},
+            "prefect.flow_runs": {"level": "NOTSET", "handlers": ["api"]},
+            "prefect.task_runs": {"level": "NOTSET", "handlers": ["api"]},
+            "prefect.workers": {"level": "NOTSET", "handlers": ["worker_api"]},
+            "prefect._internal": {"level": "DEBUG" if verbose else "WARNING"},
+            "prefect.server": {"level": "DEBUG" if verbose else "WARNING"},
+            "uvicorn": {"level": "DEBUG" if verbose else "WARNING"},
+            "fastapi": {"level": "DEBUG" if verbose else "WARNING"},
+            "docket": {"level": "DEBUG" if verbose else "WARNING"},
+        })
+    return {
+        "version": 1, "disable_existing_loggers": False,
+        "filters": {"ours": {"()": f"{__name__}.OnlyLorasuite"}, "redact": {"()": f"{__name__}.RedactSecrets"}},
+        "formatters": {"file": {"()": f"{__name__}.RedactingFormatter", "format": FORMAT}},
+        "handlers": handlers, "loggers": loggers,
+        "root": {"level": "INFO", "handlers": ["file", "terminal"]},
+    }
+
+
+_INSTALLED: list[logging.Handler] = []
+CURRENT: dict[str, Path] = {}
+
+
+def configure(command: str, *, verbose: bool = False, quiet: bool = False) -> Path:
+    """Install the file and terminal handlers in this process and hand the configuration to Prefect.
+
+    The root logger's other handlers are left alone (a host such as pytest keeps its own); the
+    handlers of an earlier call are replaced.  Returns the log file.
+    """
+    path = log_path(command)
+    config = logging_config(path, verbose=verbose, quiet=quiet, prefect=False)
+    root = logging.getLogger()
+    for handler in _INSTALLED:
+        root.removeHandler(handler)
+        handler.close()
+    _INSTALLED.clear()
+    formatter = RedactingFormatter(FORMAT)
+    file_handler = logging.FileHandler(path, encoding="utf-8")
+    file_handler.setLevel(logging.DEBUG)
+    terminal = logging.StreamHandler()
+    terminal.setLevel(config["handlers"]["terminal"]["level"])
+    if not verbose:
+        terminal.addFilter(OnlyLorasuite())
+    for handler in (file_handler, terminal):
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+        _INSTALLED.append(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for name, spec in config["loggers"].items():
+        logging.getLogger(name).setLevel(spec["level"])
+    CURRENT["log"] = path
+    if "PREFECT_LOGGING_SETTINGS_PATH" not in os.environ:
+        settings = path.with_suffix(".logging.json")
+        settings.write_text(json.dumps(logging_config(path, verbose=verbose, quiet=quiet, prefect=True), indent=1))
+        os.environ["PREFECT_LOGGING_SETTINGS_PATH"] = str(settings)
+    return path
