@@ -181,3 +181,28 @@ def test_migrate_with_lft_and_evaluation(pair, tmp_path):
     rows = report["evaluation"]
     assert len(rows) >= 4 and all(row["n"] == 2 for row in rows.values())
     assert report["steps"]["lft"]["cache"] == "computed" and report["steps"]["eval"]["cache"] == "computed"
+
+
+def test_non_finite_adapter_tensor_is_named_before_any_analysis(pair, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    root, old, new, adapter = pair
+    bad = copy(adapter, tmp_path / "nan-adapter")
+    tensors = load_file(bad / "adapter_model.safetensors")
+    name = sorted(tensors)[1]
+    tensors[name][0, 0] = float("inf")
+    save_file(tensors, bad / "adapter_model.safetensors")
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    code = run_migrate(old, new, bad, out, "--cache-root", str(cache))
+    assert_fails_cleanly(capsys, code, out, name, "NaN or Inf")
+    assert not cache.exists() or not any(p for p in cache.rglob("_stage.json")), "analysis ran before the check"
+
+
+def test_cache_root_that_is_a_file(pair, tmp_path, capsys):
+    root, old, new, adapter = pair
+    cache = tmp_path / "cache-file"
+    cache.write_text("not a directory")
+    out = tmp_path / "out"
+    assert_fails_cleanly(capsys, run_migrate(old, new, adapter, out, "--cache-root", str(cache)), out,
+                         "Not a directory")
+    assert cache.read_text() == "not a directory"
