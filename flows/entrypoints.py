@@ -76,7 +76,12 @@ def run_migrate_fleet(manifest_uri: str, *, overwrite: bool = False, cache_root:
 
     FleetManifest.load(str(manifest_uri))
     with embedded_api():
-        return migrate_fleet(manifest=str(manifest_uri), overwrite=overwrite, cache_root=cache_root)
+        state = migrate_fleet(manifest=str(manifest_uri), overwrite=overwrite, cache_root=cache_root,
+                              return_state=True)
+    result = state.result(raise_on_failure=False)   # a Failed fleet carries its summary as data
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 def _check_options(**values: Any) -> EntryOptions:

@@ -6,8 +6,9 @@
   short by a crash is replaced on a plain rerun); anything else there is refused.
 * ``migrate-fleet`` — a fleet manifest (YAML/JSON, local path or URI): the pair analysis runs
   once, every adapter fans out.  Entries fail independently and the result lists which failed
-  and why; an entry whose output already holds a finished publication is skipped, so a
-  scheduled rerun only does what is missing.  A progress artifact follows the entries.
+  and why, and the run ends Failed when any entry failed (the others are still published); an
+  entry whose output already holds a finished publication is skipped, so a scheduled rerun
+  only does what is missing.  A progress artifact follows the entries.
 * ``on-base-model-release`` — a new base model supersedes ``previous_model``: if the fleet
   manifest's adapters were trained on ``previous_model``, migrate all of them to
   ``new_model`` (outputs under ``output_root`` if given, else the manifest's); otherwise do
@@ -24,6 +25,7 @@ import re
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
+from prefect.states import Failed, State
 
 import tasks
 from lorasuite_core.errors import LorasuiteError
@@ -91,6 +93,12 @@ def run_fleet(fleet: FleetManifest, *, overwrite: bool, cache_root: str | None) 
     progress = artifacts.ProgressArtifact(
         f"{len(entries)} adapter(s), {artifacts.pair_title(fleet.old_model, fleet.new_model)}")
     run.check_outputs(entries, overwrite, fleet, cache_root)
+    for e in entries:                    # a bad adapter fails its entry now, not after the pair analysis
+        if e.live:
+            try:
+                check_adapter(fleet.old_model, e.adapter)
+            except Exception as error:  # noqa: BLE001 - recorded on the entry
+                e.fail("load", error)
     pair = None
     if any(e.live for e in entries):
         a = fleet.analysis
@@ -110,10 +118,21 @@ def run_fleet(fleet: FleetManifest, *, overwrite: bool, cache_root: str | None) 
 @flow(name="migrate-fleet", description="Migrate every adapter of a fleet manifest; the pair analysis runs once.",
       task_runner=task_runner(), persist_result=False)
 def migrate_fleet(manifest: str, overwrite: bool = False, cache_root: str | None = None) -> dict[str, Any]:
-    """Returns the fleet summary: published / skipped / failed (with reasons) and per-entry summaries."""
+    """Returns the fleet summary: published / skipped / failed (with reasons) and per-entry summaries.
+
+    With any failed entry the run ends Failed (the summary is the state's data, the others are published)."""
     forward_core_logs()
     fleet = FleetManifest.load(manifest)
-    return run_fleet(fleet, overwrite=overwrite, cache_root=cache_root).summary()
+    return fleet_outcome(run_fleet(fleet, overwrite=overwrite, cache_root=cache_root).summary())
+
+
+def fleet_outcome(summary: dict[str, Any]) -> dict[str, Any] | State:
+    """The summary, or a Failed state carrying it when any entry failed (red in the UI, not green)."""
+    failed = summary["failed"]
+    if not failed:
+        return summary
+    names = ", ".join(f["name"] for f in failed[:5]) + (", ..." if len(failed) > 5 else "")
+    return Failed(message=f"{len(failed)} of {len(summary['entries'])} adapter(s) failed: {names}", data=summary)
 
 
 def same_reference(a: str, b: str) -> bool:
@@ -144,4 +163,4 @@ def on_base_model_release(previous_model: str, new_model: str, fleet_manifest: s
         raise ManifestError(f"release of {redact_uri(release.new_model)}: {error}") from None
     log.info("release: migrating %d adapter(s) from %s to %s", len(fleet.adapters), redact_uri(fleet.old_model),
              redact_uri(fleet.new_model))
-    return run_fleet(fleet, overwrite=overwrite, cache_root=cache_root).summary()
+    return fleet_outcome(run_fleet(fleet, overwrite=overwrite, cache_root=cache_root).summary())

@@ -131,6 +131,11 @@ def test_fleet_analyses_the_pair_once_and_publishes_every_good_adapter(fleet_run
     assert all(result["analysis"][stage]["cache"] == "computed" for stage in ANALYSIS)
 
     flow_run_id = published_report(f"{base}/out/a1")["pipeline"]["flow_run_id"]
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:   # two failed entries: the run is Failed (red), not Completed
+        state = client.read_flow_run(UUID(flow_run_id)).state
+    assert state.type.value == "FAILED" and "2 of 5 adapter(s) failed: missing, foreign" in state.message
     names = [run.name for run in task_runs(flow_run_id)]
     for stage in ("vocabulary", "transfer-matrix", "activations", "cka", "layer-mapping", "head-similarity"):
         assert sum(name.startswith(f"{stage}-") for name in names) == 1, stage
