@@ -15,6 +15,11 @@ Design
 * ``transfer_layer`` is the per-layer unit, mapped with ``.map``; tasks that need an
   accelerator carry the ``lorasuite-gpu`` tag (for tag concurrency limits / GPU workers).
 """
+# transformers resolves its names lazily, and two task threads resolving them at once can fail
+# ("ImportError: cannot import name 'AutoTokenizer'", seen in 3 of 5 cold runs when the vocabulary
+# and activations stages start together): resolve them once, here, before any task thread runs.
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401,E402
+
 from .adapters import assemble, check_output, plan_adapter, publish, transfer_layer
 from .analysis import activations, cka, head_similarity, identify_pair, layer_mapping, transfer_matrix, vocabulary
 from .training import evaluate, light_finetune, vanilla_baseline

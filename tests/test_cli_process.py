@@ -143,3 +143,51 @@ def test_killed_cli_leaves_no_server_and_reruns_bit_identical(pair, reference, t
     assert rerun.returncode == 0, rerun.stderr
     assert (out / "adapter_model.safetensors").read_bytes() == (reference / "adapter_model.safetensors").read_bytes()
     assert not servers_of(os.getpid())
+
+
+def in_private_mount(mountpoint: Path, options: str, cmd: list[str]) -> list[str]:
+    """``cmd`` in a private mount namespace with a small tmpfs at ``mountpoint`` (root only)."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o {options} tmpfs {mountpoint}"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode().strip()}")
+    return ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o {options} tmpfs {mountpoint} && exec "$@"', "sh", *cmd]
+
+
+@pytest.mark.parametrize("case, options, needle", [
+    ("full output", "size=8k", "No space left"),
+    ("read-only output", "ro,size=64k", "Read-only file system"),
+    ("full cache", "size=8k", "No space left"),
+])
+def test_full_and_read_only_locations_are_one_line(pair, tmp_path, case, options, needle):
+    root, old, new, adapter = pair
+    mnt = tmp_path / "mnt"
+    out, cache = (mnt / "adapter", tmp_path / "cache") if "output" in case else (tmp_path / "out", mnt / "cache")
+    run = subprocess.run(in_private_mount(mnt, options, migrate_cmd(old, new, adapter, out, cache)),
+                         env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 2, run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("lorasuite: error: ") and needle in last, last
+    assert "Traceback" not in run.stderr
+    assert not any(mnt.iterdir()), "the tmpfs is private to the process: nothing may show here"
+    assert not out.exists()
+
+
+def test_overlapping_runs_on_a_busy_machine_both_succeed(pair, reference, tmp_path):
+    root, old, new, adapter = pair
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:
+        env = cli_env(tmp_path)
+        runs = [subprocess.Popen(migrate_cmd(old, new, adapter, tmp_path / f"out{i}", tmp_path / "cache"), env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        results = [(r.wait(timeout=900), r.stderr.read()) for r in runs]
+    finally:
+        for burner in burners:
+            burner.kill()
+    for code, err in results:
+        assert code == 0, err
+        assert "database is locked" not in err and "Timed out" not in err
+    for i in range(2):
+        assert ((tmp_path / f"out{i}" / "adapter_model.safetensors").read_bytes()
+                == (reference / "adapter_model.safetensors").read_bytes())
