@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.manifest import FleetManifest
 from lorasuite_core.stages import EntryOptions, check_adapter, output_status, run_inputs
-from lorasuite_core.storage import check_replaceable
+from lorasuite_core.storage import check_not_a_file, check_replaceable
 
 from .embedded import embedded_api
 
@@ -74,7 +74,8 @@ def run_migrate_fleet(manifest_uri: str, *, overwrite: bool = False, cache_root:
     """
     from .migration import migrate_fleet
 
-    FleetManifest.load(str(manifest_uri))
+    fleet = FleetManifest.load(str(manifest_uri))
+    check_not_a_file(fleet.output_root, "fleet output_root")
     with embedded_api():
         state = migrate_fleet(manifest=str(manifest_uri), overwrite=overwrite, cache_root=cache_root,
                               return_state=True)

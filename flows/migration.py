@@ -31,7 +31,7 @@ import tasks
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.manifest import BaseModelRelease, FleetManifest, ManifestError
 from lorasuite_core.stages import EntryOptions, check_adapter, run_inputs
-from lorasuite_core.storage import check_replaceable as replaceable, redact_uri
+from lorasuite_core.storage import check_not_a_file, check_replaceable as replaceable, redact_uri
 from tasks._support import forward_core_logs
 
 from . import artifacts
@@ -92,6 +92,7 @@ def run_fleet(fleet: FleetManifest, *, overwrite: bool, cache_root: str | None) 
                for e in fleet.adapters]
     progress = artifacts.ProgressArtifact(
         f"{len(entries)} adapter(s), {artifacts.pair_title(fleet.old_model, fleet.new_model)}")
+    check_not_a_file(fleet.output_root, "fleet output_root")
     run.check_outputs(entries, overwrite, fleet, cache_root)
     for e in entries:                    # a bad adapter fails its entry now, not after the pair analysis
         if e.live:
@@ -103,8 +104,8 @@ def run_fleet(fleet: FleetManifest, *, overwrite: bool, cache_root: str | None) 
     if any(e.live for e in entries):
         a = fleet.analysis
         pair = run.analyse_pair(fleet.old_model, fleet.new_model, a.calibration_data, a.max_calibration_tokens,
-                                a.layer_offset)
-        run.migrate(entries, pair, overwrite=overwrite, on_progress=progress.update)
+                                a.layer_offset, on_progress=progress.analysis)
+        run.migrate(entries, pair, overwrite=overwrite, on_progress=progress.entries)
     progress.update(100.0)
     result = FleetResult(old_model=fleet.old_model, new_model=fleet.new_model, analysis=pair.steps if pair else {},
                          entries=[e.result(run.summary(e, pair)) for e in entries])

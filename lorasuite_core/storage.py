@@ -972,6 +972,18 @@ def _best_effort(fn: Callable[[], Any], uri: str, what: str) -> None:
         logger.warning("%s for %s failed: %s", what, redact_uri(uri), describe_error(error))
 
 
+def check_not_a_file(uri: str | os.PathLike, what: str, *, storage_options=None,
+                     retry: RetryPolicy | None = None) -> None:
+    """Raise UnsafeOutputError when ``uri`` names an existing file where a directory (prefix) belongs."""
+    fs, path = resolve(uri, storage_options)
+    if is_local_fs(fs):
+        is_file = Path(path).is_file()
+    else:
+        is_file = _retry(lambda: fs.isfile(_strip(path)), retry, str(uri), "inspect")
+    if is_file:
+        raise UnsafeOutputError(f"{what} {redact_uri(str(uri))} is a file, not a directory")
+
+
 def remove_dir(uri: str | os.PathLike, *, storage_options=None, retry: RetryPolicy | None = None) -> None:
     """Delete a directory (a local one is first moved aside atomically); nothing there is fine."""
     fs, path = resolve(uri, storage_options)

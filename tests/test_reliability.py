@@ -257,3 +257,95 @@ def test_output_checks_compare_remote_prefixes():
     with pytest.raises(storage.UnsafeOutputError, match="bucket root"):
         check("s3://bucket", {})
     check("s3://bucket/models/ab", {"model": "s3://bucket/models/a"})   # a sibling sharing a name prefix
+
+
+# --------------------------------------------------------------------------- finding 6: fleets and credentials
+
+
+def _fleet(tmp_path: Path, old, new, adapters: dict[str, Path], output_root: Path) -> Path:
+    manifest = tmp_path / "fleet.json"
+    manifest.write_text(json.dumps({
+        "old_model": str(old), "new_model": str(new), "output_root": str(output_root),
+        "analysis": {"max_calibration_tokens": 256},
+        "adapters": [{"name": name, "adapter": str(path)} for name, path in adapters.items()]}))
+    return manifest
+
+
+def test_fleet_nan_adapter_fails_only_its_entry(pair, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    root, old, new, adapter = pair
+    bad = tmp_path / "nan-adapter"
+    shutil.copytree(adapter, bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, bad / "adapter_model.safetensors")
+    manifest = _fleet(tmp_path, old, new, {"good": adapter, "bad": bad}, tmp_path / "out")
+    code = main(["-q", "migrate-fleet", "--manifest", str(manifest), "--cache-root", str(tmp_path / "cache")])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert summary["published"] == ["good"]
+    (failed,) = summary["failed"]
+    assert failed["name"] == "bad" and name in failed["error"] and "NaN" in failed["error"]
+    assert (tmp_path / "out" / "good" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "out" / "bad").exists()
+
+
+def test_fleet_output_root_that_is_a_file(pair, tmp_path, capsys):
+    root, old, new, adapter = pair
+    output_root = tmp_path / "out-file"
+    output_root.write_text("a file")
+    manifest = _fleet(tmp_path, old, new, {"a": adapter}, output_root)
+    assert main(["-q", "migrate-fleet", "--manifest", str(manifest), "--cache-root", str(tmp_path / "cache")]) == 2
+    line = last_error_line(capsys)
+    assert "output_root" in line and "is a file" in line, line
+    assert output_root.read_text() == "a file"
+
+
+class _Forbidden:
+    """An S3 endpoint on 127.0.0.1 that refuses every request as S3 does for wrong credentials."""
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidAccessKeyId</Code>'
+                b"<Message>The AWS Access Key Id you provided does not exist in our records.</Message></Error>")
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _refuse(self):
+                self.send_response(403)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _refuse
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+
+def test_refused_credentials_are_one_line(pair, tmp_path, capsys, monkeypatch):
+    root, old, new, adapter = pair
+    with _Forbidden() as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint.url)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        code = migrate(old, new, "s3://bucket/adapters/a", tmp_path / "out", tmp_path / "cache")
+    assert code == 2
+    line = last_error_line(capsys)
+    assert "PermissionError" in line or "Forbidden" in line or "denied" in line.lower(), line
+    assert "wrong-secret-value" not in line and "AKIAWRONGWRONGWRONG1" not in line
+    assert not (tmp_path / "out").exists()
