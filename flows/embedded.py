@@ -38,7 +38,7 @@ from typing import IO, Iterator
 
 from lorasuite_core.errors import LorasuiteError
 
-STARTUP_TIMEOUT_ENV = "LORASUITE_EMBEDDED_STARTUP_TIMEOUT"
+STARTUP_TIMEOUT_ENV = "LORASUITE_EMBEDDED_STARTUP_TIMEOUT"   # read through lorasuite_core.settings
 _PR_SET_PDEATHSIG = 1
 
 
@@ -65,7 +65,9 @@ class EmbeddedServer:
     """One private Prefect API server process; see the module docstring."""
 
     def __init__(self, log: IO[bytes] | None = None, timeout: float | None = None):
-        self.timeout = float(timeout or os.environ.get(STARTUP_TIMEOUT_ENV, 300))
+        from lorasuite_core.settings import settings
+
+        self.timeout = float(timeout or settings().embedded_startup_timeout)
         self.log = log
         self.port = _free_port()
         self.home = Path(tempfile.mkdtemp(prefix="lorasuite-prefect-"))

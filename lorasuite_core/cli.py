@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     models_sub = models.add_subparsers(dest="models_command", required=True)
     fetch = models_sub.add_parser("fetch", help="fetch and convert the known models (idempotent, checksum-verified)")
     fetch.add_argument("names", nargs="*", help="model names (default: the demo's pair; others by name)")
-    fetch.add_argument("--cache-dir", help="default: $LORASUITE_CACHE or ~/.cache/lorasuite/models")
+    fetch.add_argument("--cache-dir", help="default: $LORASUITE_MODELS_DIR or ~/.cache/lorasuite/models")
     fetch.add_argument("--force", action="store_true", help="fetch and convert again")
 
     demo = sub.add_parser("demo", help="the main job: SmolLM2-135M -> Gemma-3-270M with LFT and evaluation "

@@ -27,7 +27,6 @@ from pathlib import Path
 
 from .storage import redact_text
 
-LOG_DIR_ENV = "LORASUITE_LOG_DIR"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -60,7 +59,9 @@ class OnlyLorasuite(logging.Filter):
 
 
 def log_path(command: str) -> Path:
-    root = Path(os.environ.get(LOG_DIR_ENV) or Path.home() / ".cache" / "lorasuite" / "logs").expanduser()
+    from .settings import settings
+
+    root = settings().log_dir.expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{command}-{os.getpid()}.log"
 

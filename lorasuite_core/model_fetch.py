@@ -70,7 +70,7 @@ Pipeline of :func:`fetch_model` (each stage skipped when its verified output exi
    tensor hashes).  Without the marker the model counts as absent and the incomplete
    stages are redone.
 
-Cache layout (``cache_dir`` defaults to ``$LORASUITE_CACHE`` if set, else
+Cache layout (``cache_dir`` defaults to ``$LORASUITE_MODELS_DIR`` if set, else
 ``~/.cache/lorasuite/models``)::
 
     <cache_dir>/<name>/
@@ -214,9 +214,10 @@ Converter = Callable[[Path, Path], dict[str, Any]]
 # --------------------------------------------------------------------------- paths and checksums
 
 def default_cache_dir() -> Path:
-    """``$LORASUITE_CACHE`` if set, else ``~/.cache/lorasuite/models``."""
-    override = os.environ.get("LORASUITE_CACHE")
-    return Path(override).expanduser() if override else Path.home() / ".cache" / "lorasuite" / "models"
+    """``$LORASUITE_MODELS_DIR`` (old name ``$LORASUITE_CACHE``), else ``~/.cache/lorasuite/models``."""
+    from .settings import settings
+
+    return settings().models_dir.expanduser()
 
 
 def sha256_file(path: Path) -> str:

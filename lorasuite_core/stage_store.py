@@ -92,7 +92,7 @@ log = logging.getLogger(__name__)
 STORE_FORMAT = "lorasuite-stage-store/v1"
 FACTS_FILE = "_stage.json"
 ABSENT = "absent"
-CACHE_ROOT_ENV = "LORASUITE_CACHE_ROOT"
+CACHE_ROOT_ENV = "LORASUITE_CACHE_ROOT"   # read through lorasuite_core.settings
 MODEL_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
 ADAPTER_PATTERNS = ("*.json", "*.safetensors")
 LOCKS_DIR = ".locks"
@@ -102,11 +102,10 @@ LEASE_POLL_S = 2.0
 
 
 def default_store_root() -> str:
-    """``$LORASUITE_CACHE_ROOT`` or ``~/.cache/lorasuite/pipeline``."""
-    configured = os.environ.get(CACHE_ROOT_ENV)
-    if configured:
-        return configured if "://" in configured else str(Path(configured).expanduser())
-    return str(Path.home() / ".cache" / "lorasuite" / "pipeline")
+    """``$LORASUITE_CACHE_ROOT`` or ``~/.cache/lorasuite/pipeline`` (:mod:`lorasuite_core.settings`)."""
+    from .settings import settings
+
+    return settings().stage_store_root()
 
 
 # --------------------------------------------------------------------------- identities

@@ -95,7 +95,6 @@ MARKER_FORMAT = "lorasuite.complete/v1"
 ALLOWED_PATTERNS: tuple[str, ...] = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.md")
 PICKLE_PATTERNS: tuple[str, ...] = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 WEIGHT_PATTERNS: tuple[str, ...] = ("*.safetensors",)
-CACHE_ENV_VAR = "LORASUITE_CACHE_DIR"
 _CACHE_KEY_VERSION = "lorasuite-materialize/v1"
 _LOCAL_PROTOCOLS = ("file", "local")
 _S3_PROTOCOLS = ("s3", "s3a")
@@ -526,9 +525,10 @@ def dir_fingerprint(uri: str | os.PathLike, patterns: Iterable[str] = ("*.json",
 
 
 def default_cache_root() -> Path:
-    """``$LORASUITE_CACHE_DIR`` or ``~/.cache/lorasuite/materialized``."""
-    configured = os.environ.get(CACHE_ENV_VAR)
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "lorasuite" / "materialized"
+    """``$LORASUITE_DOWNLOAD_DIR`` (old name ``$LORASUITE_CACHE_DIR``) or ``~/.cache/lorasuite/materialized``."""
+    from .settings import settings
+
+    return settings().download_dir.expanduser()
 
 
 def select_downloadable(uri: str, files: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -15,7 +15,7 @@ def prefect_server(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("prefect-session")
     patch = pytest.MonkeyPatch()
-    patch.setenv("LORASUITE_CACHE_DIR", str(root / "materialized"))
+    patch.setenv("LORASUITE_DOWNLOAD_DIR", str(root / "materialized"))
     patch.setenv("LORASUITE_CACHE_ROOT", str(root / "pipeline"))
     patch.setenv("HF_DATASETS_CACHE", str(root / "datasets"))
     patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -36,7 +36,7 @@ def pair(tmp_path_factory):
 
 def cli_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(LORASUITE_LOG_DIR=str(tmp_path / "logs"), LORASUITE_CACHE_DIR=str(tmp_path / "materialized"),
+    env.update(LORASUITE_LOG_DIR=str(tmp_path / "logs"), LORASUITE_DOWNLOAD_DIR=str(tmp_path / "materialized"),
                PREFECT_HOME=str(tmp_path / "prefect-home"), OMP_NUM_THREADS="1")
     return env
 

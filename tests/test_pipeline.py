@@ -36,7 +36,7 @@ def harness(prefect_server, tmp_path_factory):
     """The session's Prefect test server; downloads and data caches under this module's tmp."""
     root = tmp_path_factory.mktemp("harness")
     patch = pytest.MonkeyPatch()
-    patch.setenv("LORASUITE_CACHE_DIR", str(root / "materialized"))
+    patch.setenv("LORASUITE_DOWNLOAD_DIR", str(root / "materialized"))
     patch.setenv("HF_DATASETS_CACHE", str(root / "datasets"))
     try:
         yield
