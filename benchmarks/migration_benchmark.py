@@ -136,10 +136,15 @@ def stage_migrate(old_dir: str, new_dir: str, adapter_dir: str, out_dir: str) ->
     _threads()
     import resource
 
-    from lorasuite_core.migrate import MigrationOptions, migrate
+    import shutil
+    import tempfile
+
+    from lorasuite_core.stages import migrate_in_process
 
     start = time.perf_counter()
-    report = migrate(old_dir, new_dir, adapter_dir, out_dir, MigrationOptions(progress=False), overwrite=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="lorasuite-bench-store-") as store:   # timed from an empty store
+        report = migrate_in_process(old_dir, new_dir, adapter_dir, out_dir, store_root=store)
     import torch
 
     return {"seconds": time.perf_counter() - start, "threads": torch.get_num_threads(),

@@ -1,7 +1,7 @@
-"""End-to-end migration of one LoRA adapter, stage by stage.
+"""The transfer of one LoRA adapter: the pieces the stages (:mod:`lorasuite_core.stages`) call.
 
-Data flow (every stage is a plain function so the Prefect pipeline can cache and fan out the
-same calls):
+Data flow (each step is a stage of :mod:`lorasuite_core.stages`, run by the Prefect flows as
+tasks and by :func:`lorasuite_core.stages.migrate_in_process` sequentially):
 
     pair analysis (adapter-independent, cacheable per model pair)
       vocabulary      shared tokens by normalised surface form
@@ -29,9 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,54 +37,20 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from . import ALGORITHM_VERSION, __version__
-from .activations import PairedActivations, builtin_calibration_texts, paired_activations
-from .cka import minibatch_cka
 from .errors import LorasuiteError
-from .layer_mapping import map_layers
 from .families import ROLES
 from .layer_weights import dropped_roles, expected_shape, join_fused, layer_weights, split_fused
-from .loading import BaseModel, LoraAdapter, LoraFactors, load_base_model, load_lora_adapter
+from .loading import BaseModel, LoraAdapter, LoraFactors
 from .matching import LayerMatch, match_layer
 from .refactor import LowRank, Refactorised, refactorise
-from .residual import ResidualTransfer, input_map, input_offset, output_map, residual_transfer
-from .transfer import MODES, LayerTransfer
-from .vocab import SharedVocabulary, shared_vocabulary
+from .residual import ResidualTransfer, input_map, input_offset, output_map
+from .transfer import LayerTransfer
+from .vocab import SharedVocabulary
 
 log = logging.getLogger(__name__)
 REPORT_NAME = "migration_report.json"
-
-
-@dataclass
-class MigrationOptions:
-    head_transform: str = "lstsq"
-    calibration_texts: list[str] | None = None
-    max_calibration_tokens: int = 2048
-    layer_offset: int | None = None
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.head_transform not in MODES:
-            raise LorasuiteError(f"--head-transform must be one of {', '.join(MODES)}, not {self.head_transform!r}")
-
-
-class StageLog:
-    """Records {"cache": "computed"|"reused", "seconds": s} per stage for the report."""
-
-    def __init__(self):
-        self.steps: dict[str, dict[str, Any]] = {}
-
-    @contextmanager
-    def stage(self, name: str, cache: str = "computed"):
-        start = time.perf_counter()
-        yield
-        entry = self.steps.setdefault(name, {"cache": cache, "seconds": 0.0})
-        entry["seconds"] = round(entry["seconds"] + time.perf_counter() - start, 4)
-
-    def record(self, name: str, cache: str, seconds: float) -> None:
-        self.steps[name] = {"cache": cache, "seconds": round(seconds, 4)}
 
 
 # ----------------------------------------------------------------------------- pair analysis
@@ -111,32 +75,6 @@ def layer_pair_maps(old: BaseModel, new: BaseModel, rt: ResidualTransfer, i: int
     for role in ("attention_output", "mlp_output"):
         maps[role] = output_map(rt, old.norm_gain(i, role), new.norm_gain(j, role))
     return maps
-
-
-def compute_similarities(old, new, options, stages: StageLog):
-    texts = options.calibration_texts or builtin_calibration_texts()
-    with stages.stage("activations"):
-        acts = paired_activations(old, new, texts, max_tokens=options.max_calibration_tokens, progress=options.progress)
-    with stages.stage("cka"):
-        cka_updates = minibatch_cka(PairedActivations.updates(acts.old_states), PairedActivations.updates(acts.new_states))
-        cka_states = minibatch_cka(acts.old_states, acts.new_states)
-    calibration = {"texts": acts.num_texts, "paired_tokens": acts.num_tokens}
-    return cka_updates, cka_states, calibration
-
-
-def analyse_pair(old: BaseModel, new: BaseModel, options: MigrationOptions, stages: StageLog) -> PairAnalysis:
-    with stages.stage("vocabulary"):
-        shared = shared_vocabulary(old.tokenizer(), new.tokenizer())
-    with stages.stage("transfer_matrix"):
-        rt = residual_transfer(old, new, shared)
-    cka_updates, cka_states, calibration = compute_similarities(old, new, options, stages)
-    with stages.stage("layer_mapping"):
-        mapping = map_layers(cka_updates, options.layer_offset)
-    analysis = PairAnalysis(shared, rt, cka_updates, cka_states, mapping, calibration=calibration)
-    with stages.stage("head_similarity"):
-        for i, j in tqdm(mapping, desc="head matching", unit="layer", disable=not options.progress):
-            analysis.matches[i] = match_layer_pair(old, new, rt, i, j)
-    return analysis
 
 
 def match_layer_pair(old: BaseModel, new: BaseModel, rt: ResidualTransfer, i: int, j: int) -> LayerMatch:
@@ -312,17 +250,6 @@ def combine_layers(new: BaseModel, results: list[NewLayerResult]) -> MigratedAda
     return MigratedAdapter(modules, unit_fit, dropped, offsets)
 
 
-def transfer_adapter(old: BaseModel, new: BaseModel, analysis: PairAnalysis, adapter: LoraAdapter,
-                     options: MigrationOptions, stages: StageLog) -> MigratedAdapter:
-    sources = sources_by_new_layer(analysis.layer_mapping, {l for l, _ in adapter.factors})
-    with stages.stage("transfer"):
-        results = [
-            transfer_new_layer(old, new, analysis, adapter, j, sources[j], options.head_transform)
-            for j in tqdm(sorted(sources), desc="transfer", unit="layer", disable=not options.progress)
-        ]
-    return combine_layers(new, results)
-
-
 # ----------------------------------------------------------------------------- writing
 
 
@@ -433,7 +360,8 @@ def head_mapping_entries(analysis: PairAnalysis) -> dict[str, dict[str, Any]]:
     return heads
 
 
-def build_report(old, new, adapter, analysis: PairAnalysis, migrated: MigratedAdapter, options, stages) -> dict:
+def build_report(old, new, adapter, analysis: PairAnalysis, migrated: MigratedAdapter, head_transform: str,
+                 layer_offset: int | None, steps: dict[str, dict[str, Any]]) -> dict:
     heads = head_mapping_entries(analysis)
     return {
         "lorasuite_version": __version__,
@@ -441,7 +369,7 @@ def build_report(old, new, adapter, analysis: PairAnalysis, migrated: MigratedAd
         "old_model": _model_identity(old),
         "new_model": _model_identity(new),
         "adapter": {"source": adapter.source, "modules": len(adapter.factors)},
-        "options": {"head_transform": options.head_transform, "layer_offset": options.layer_offset},
+        "options": {"head_transform": head_transform, "layer_offset": layer_offset},
         "shared_vocabulary_size": len(analysis.shared),
         "transfer_matrix": {
             "fit_residual_old": analysis.residual.fit_residual_old,
@@ -459,28 +387,5 @@ def build_report(old, new, adapter, analysis: PairAnalysis, migrated: MigratedAd
         },
         "dropped_roles": migrated.dropped,
         "layernorm_offset_effect": migrated.input_offsets,
-        "steps": stages.steps,
+        "steps": steps,
     }
-
-
-# ----------------------------------------------------------------------------- entry point
-
-
-def migrate(old_uri, new_uri, adapter_uri, out, options: MigrationOptions | None = None, *, overwrite=False) -> dict:
-    """Transfer-only migration (no fine-tuning); returns the report written beside the adapter."""
-    options = options or MigrationOptions()
-    check_output_dir(out, overwrite)
-    stages = StageLog()
-    with stages.stage("load"):
-        old, new = load_base_model(old_uri), load_base_model(new_uri)
-        adapter = load_lora_adapter(adapter_uri, old.family)
-        check_adapter_fits(adapter, old)
-    analysis = analyse_pair(old, new, options, stages)
-    migrated = transfer_adapter(old, new, analysis, adapter, options, stages)
-    with stages.stage("write"):
-        config = adapter_config(adapter.config, new, migrated)
-        tensors = adapter_tensors(new, migrated)
-    report = build_report(old, new, adapter, analysis, migrated, options, stages)
-    write_adapter_dir(out, config, tensors, report, overwrite)
-    log.info("wrote migrated adapter to %s", out)
-    return report

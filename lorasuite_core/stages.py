@@ -31,8 +31,11 @@ Per adapter::
     publish          not stored: copy to the output, report patched, completion manifest last
 
 Keys (:func:`~lorasuite_core.stage_store.stage_key`) chain: a stage's key includes the keys
-of the entries it reads, so the adapter produced from reused entries is bit-identical to the
-one :func:`~lorasuite_core.migrate.migrate` writes.  Loaded models, adapters and analyses are
+of the entries it reads, so an adapter produced from reused entries is bit-identical to one
+computed afresh.  There is one stage graph: the Prefect flows (``flows/pipeline.py``) submit
+these functions as tasks, and :func:`migrate_in_process` — used by the synthetic demo, the
+benchmark's timed transfer and the tests' references — calls the same functions in the same
+order over the same store, without Prefect.  Loaded models, adapters and analyses are
 memoised per process by identity, because a worker runs many per-layer jobs of one pair.
 """
 from __future__ import annotations
@@ -60,7 +63,7 @@ from .errors import LorasuiteError
 from .layer_mapping import map_layers
 from .layer_results import load_layer_result, save_layer_result
 from .loading import BaseModel, LoraAdapter, load_base_model, load_lora_adapter, resolve_local_dir
-from .migrate import (REPORT_NAME, MigrationOptions, PairAnalysis, StageLog, adapter_config, adapter_tensors,
+from .migrate import (REPORT_NAME, PairAnalysis, adapter_config, adapter_tensors,
                       build_report, check_adapter_fits, head_mapping_entries, combine_layers, match_layer_pair, sources_by_new_layer,
                       transfer_new_layer, write_adapter_dir)
 from .residual import ResidualTransfer, residual_transfer
@@ -420,11 +423,9 @@ def assemble(store: StageStore, plan: PairPlan, analysis_uri: str, adapter: Adap
         migrated = combine_layers(new, [load_layer_result(store.local_dir(uri)) for uri in layer_uris])
         config = adapter_config(source.config, new, migrated)
         tensors = adapter_tensors(new, migrated)
-        stages = StageLog()
-        stages.record("write", "computed", time.perf_counter() - start)
-        options = MigrationOptions(head_transform=adapter.options.head_transform, layer_offset=plan.layer_offset,
-                                   progress=False)
-        report = build_report(old, new, source, analysis, migrated, options, stages)
+        steps = {"write": {"cache": "computed", "seconds": round(time.perf_counter() - start, 4)}}
+        report = build_report(old, new, source, analysis, migrated, adapter.options.head_transform,
+                              plan.layer_offset, steps)
         write_adapter_dir(out, config, tensors, report, overwrite=True)
         return {"modules": len(migrated.modules), "dropped_roles": migrated.dropped,
                 "max_refactorisation_residual": max((m.factors.residual for m in migrated.modules), default=0.0)}
@@ -524,3 +525,57 @@ def publish(store: StageStore, source_uri: str, output: str, report_updates: dic
         report.update(report_updates)
         (staged / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
         return storage.publish_dir_atomic(staged, output, overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------- the graph, in process
+
+
+def migrate_in_process(old_model: str, new_model: str, adapter: str, output: str,
+                       options: EntryOptions | None = None, *, calibration_data: str | None = None,
+                       max_calibration_tokens: int = 2048, layer_offset: int | None = None,
+                       store_root: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Run the stage graph sequentially in this process (no Prefect) and publish to ``output``.
+
+    The same functions, in the same order and over the same store (``store_root``, default the
+    configured stage store), as the flows run as tasks; returns the published report.
+    """
+    options = options or EntryOptions()
+    old_model, new_model, adapter, output = map(str, (old_model, new_model, adapter, output))
+    storage.check_replaceable(output, output_status(output, run_inputs(
+        old_model, new_model, adapter, options, calibration_data, store_root)), overwrite)
+    check_adapter(old_model, adapter)
+    store = StageStore.at(store_root)
+    plan = plan_pair(old_model, new_model, calibration_data, max_calibration_tokens, layer_offset)
+    r: dict[str, StageResult] = {}
+    r["vocabulary"] = vocabulary(store, plan)
+    r["transfer_matrix"] = transfer_matrix(store, plan, r["vocabulary"].uri)
+    r["activations"] = activations(store, plan)
+    r["cka"] = cka(store, plan, r["activations"].uri)
+    r["layer_mapping"] = layer_mapping(store, plan, r["cka"].uri)
+    r["head_similarity"] = head_similarity(store, plan, *(r[s].uri for s in PAIR_STAGES[:-1]))
+    analysis = r["head_similarity"]
+    entry = plan_adapter(plan, analysis, Path(output).name or "adapter", adapter, options)
+    layers = [transfer_layer(store, plan, analysis.uri, entry, job) for job in entry.layers]
+    r["migrated"] = assemble(store, plan, analysis.uri, entry, [layer.uri for layer in layers])
+    steps = {"load": {"cache": "computed", "seconds": round(entry.seconds, 4)}}
+    steps.update({stage: _step(r[stage]) for stage in PAIR_STAGES})
+    steps["transfer"] = _step(*layers)
+    steps["write"] = _step(r["migrated"])
+    final = r["migrated"]
+    updates: dict[str, Any] = {}
+    if entry.lft:
+        final = r["lft"] = light_finetune(store, plan, entry, r["migrated"].uri)
+        steps["lft"] = _step(r["lft"])
+        updates["light_finetune"] = {k: v for k, v in r["lft"].facts.items() if k != "losses"}
+    updates["steps"] = steps
+    updates["pipeline"] = {"stage_store": storage.redact_uri(store.root),
+                           "keys": {**plan.stage_keys, "migrated": entry.migrated_key}}
+    publish(store, final.uri, output, updates, overwrite=overwrite)
+    return json.loads((Path(storage.resolve(output)[1]) / REPORT_NAME).read_text()) \
+        if not storage.is_remote(output) else storage.read_json(storage.join_uri(output, REPORT_NAME))
+
+
+def _step(*results: StageResult) -> dict[str, Any]:
+    """A report step from one or several stage results (per-layer parts summed)."""
+    cache = "computed" if any(not r.reused for r in results) else "reused"
+    return {"cache": cache, "seconds": round(sum(r.seconds for r in results), 4)}

@@ -19,7 +19,7 @@ import yaml
 from lorasuite_core import stages, storage, task_data
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.manifest import ManifestError
-from lorasuite_core.migrate import MigrationOptions, migrate
+from lorasuite_core.stages import migrate_in_process
 from lorasuite_core.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
 from tests.exactness import logits_over_shared_vocab, relative_max_error
 from tests.s3_server import s3_endpoint  # noqa: F401 - pytest fixture
@@ -196,7 +196,8 @@ def test_second_migration_of_the_pair_reuses_the_analysis(fleet_run, pair, tmp_p
     assert steps["activations"]["seconds"] < first["activations"]["seconds"]
     assert sum(steps[s]["seconds"] for s in ANALYSIS) < sum(first[s]["seconds"] for s in ANALYSIS)
 
-    migrate(*refs, tmp_path / "reference", MigrationOptions(max_calibration_tokens=TOKENS, progress=False))
+    # the same stage graph run in process over a fresh store: computed afresh, bit-identical
+    migrate_in_process(*refs, tmp_path / "reference", max_calibration_tokens=TOKENS, store_root=str(tmp_path / "ref"))
     assert same_adapter_bytes(tmp_path / "reference", storage.materialize_dir(f"{base}/single/a3", require_complete=True))
 
 
@@ -224,13 +225,13 @@ def test_failed_layer_is_retried_or_rerun_to_a_bit_identical_adapter(harness, pa
     from flows import run_migrate_adapter
 
     old, new, cache = str(pair["old"]), str(pair["new"]), str(pair["cache"])
-    options = MigrationOptions(max_calibration_tokens=TOKENS, progress=False)
 
     calls = failing_layer(monkeypatch, layer=2, failures=1)      # transient: Prefect retries the layer
     adapter = str(pair["adapters"]["a0"])
     run_migrate_adapter(old, new, adapter, str(tmp_path / "retried"), max_calibration_tokens=TOKENS, cache_root=cache)
     assert calls == {"all": 4, "failed": 1}
-    migrate(old, new, adapter, tmp_path / "reference-a0", options)
+    migrate_in_process(old, new, adapter, tmp_path / "reference-a0", max_calibration_tokens=TOKENS,
+                       store_root=str(tmp_path / "ref"))
     assert same_adapter_bytes(tmp_path / "reference-a0", tmp_path / "retried")
 
     adapter = str(pair["adapters"]["a2"])
@@ -242,7 +243,8 @@ def test_failed_layer_is_retried_or_rerun_to_a_bit_identical_adapter(harness, pa
     out = run_migrate_adapter(old, new, adapter, str(tmp_path / "rerun"), max_calibration_tokens=TOKENS,
                               cache_root=cache)
     assert calls["all"] == 1 and out["summary"]["steps"]["transfer"]["cache"] == "computed"
-    migrate(old, new, adapter, tmp_path / "reference-a2", options)
+    migrate_in_process(old, new, adapter, tmp_path / "reference-a2", max_calibration_tokens=TOKENS,
+                       store_root=str(tmp_path / "ref"))
     assert same_adapter_bytes(tmp_path / "reference-a2", tmp_path / "rerun")
 
 
