@@ -23,14 +23,39 @@ def resolve_store_root(cache_root: str | None) -> str:
 
 
 def task_runner():
-    """Thread pool sized so concurrent tasks do not oversubscribe the CPU.
+    """The flows' task runner: a thread pool by default, prefect-ray's RayTaskRunner on request.
 
-    Each task's torch ops already use every intra-op thread; on a CPU-only worker running
-    more tasks at once than cores / threads makes them spin against each other (measured
-    here: 10x slower). ``LORASUITE_MAX_PARALLEL_TASKS`` overrides (e.g. on GPU workers).
+    * ``LORASUITE_TASK_RUNNER=ray`` (a local Ray cluster started for the run) or
+      ``ray:ADDRESS`` (``ray:auto``, ``ray:ray://head:10001``) returns a ``RayTaskRunner``
+      (the ``[ray]`` extra); ``threads`` or unset: the thread pool.  Anything else is a
+      one-line error.  Read when :mod:`flows.migration` is imported, so a worker takes it from
+      its environment or from the deployment's job variables (``env``).
+    * Thread pool size: Prefect's own setting ``PREFECT_TASK_RUNNER_THREAD_POOL_MAX_WORKERS``
+      (environment or profile) wins when set; else ``LORASUITE_MAX_PARALLEL_TASKS``; else
+      cores / torch intra-op threads.  Each task's torch ops already use every intra-op thread;
+      on a CPU-only worker running more tasks at once than cores / threads makes them spin
+      against each other (measured here: 10x slower).
     """
-    import torch
+    from prefect.settings import get_current_settings
+
+    from lorasuite_core.errors import LorasuiteError
+
+    choice = os.environ.get("LORASUITE_TASK_RUNNER", "").strip()
+    kind, _, address = choice.partition(":")
+    if kind.lower() == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise LorasuiteError("LORASUITE_TASK_RUNNER=ray needs prefect-ray: pip install 'lorasuite[ray]'") from None
+        return RayTaskRunner(address=address.strip() or None)
+    if kind.lower() not in ("", "threads"):
+        raise LorasuiteError(f"LORASUITE_TASK_RUNNER must be 'threads', 'ray' or 'ray:ADDRESS', not {choice!r}")
+
     from prefect.task_runners import ThreadPoolTaskRunner
+
+    if get_current_settings().tasks.runner.thread_pool_max_workers is not None:
+        return ThreadPoolTaskRunner()          # Prefect reads its own setting
+    import torch
 
     default = max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads()))
     return ThreadPoolTaskRunner(max_workers=int(os.environ.get("LORASUITE_MAX_PARALLEL_TASKS", default)))
