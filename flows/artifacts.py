@@ -4,8 +4,14 @@
   renders in the Prefect UI without any image hosting (an image artifact needs a URL the
   browser can fetch: a local path cannot be fetched, and a presigned object-store URL would
   expire and carry credentials).  The figure is kept small (dpi 72, a few tens of kB).
-* Layer mapping table (with each pair's CKA), head-mapping summary, per-adapter evaluation
-  table, and for fleets a progress artifact plus a summary table of the entries.
+* Layer mapping table (with each pair's CKA), per-adapter evaluation table, and for fleets a
+  progress artifact plus a summary table of the entries.
+* Head mapping: one row per mapped new layer, then one row per *new* query head — its old
+  source head and their similarity cos(QK) + cos(VO), on the scale [-2, 2] (2: the same head up
+  to the residual transfer), or ``new (no source)`` for a head the old layer has no match for
+  (the new model has more heads).  The new model's head count comes from its config.
+* Fleet progress: the six pair-analysis stages fill the first :data:`ANALYSIS_SHARE` percent
+  (one step per finished stage), the adapter waves the rest.
 
 Keys (lowercase, digits, dashes) group the artifacts of successive runs in the Artifacts page;
 every artifact is also attached to the run that creates it.  Model references are shown
@@ -20,8 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, update_progress_artifact)
 
-from lorasuite_core.report_render import (cka_heatmap_png, evaluation_table, head_mapping_summary, layer_mapping_table,
-                                          markdown_table)
+from lorasuite_core.report_render import cka_heatmap_png, evaluation_table, layer_mapping_table, markdown_table
 from lorasuite_core.stage_store import StageResult
 from lorasuite_core.storage import redact_uri
 
@@ -35,8 +40,12 @@ def pair_title(old_model: str, new_model: str) -> str:
     return f"{redact_uri(old_model)} -> {redact_uri(new_model)}"
 
 
-def analysis_artifacts(old_model: str, new_model: str, mapping: StageResult, heads: StageResult) -> None:
-    """CKA heatmap, layer-mapping table and head-mapping summary of the pair analysis."""
+def analysis_artifacts(old_model: str, new_model: str, mapping: StageResult, heads: StageResult,
+                       new_heads: int | None = None, new_layers: int | None = None) -> None:
+    """CKA heatmap, layer-mapping table and head-mapping table of the pair analysis.
+
+    ``new_heads`` / ``new_layers``: query heads per layer and layers of the new model (default: what
+    the mapping names)."""
     title = pair_title(old_model, new_model)
     cka = np.asarray(mapping.facts["cka"], dtype=float)
     pairs = [(int(i), int(j)) for i, j in mapping.facts["layer_mapping"]]
@@ -46,8 +55,46 @@ def analysis_artifacts(old_model: str, new_model: str, mapping: StageResult, hea
         key=artifact_key("cka-heatmap"), description=f"CKA of layer updates, {title}")
     create_markdown_artifact(f"## Layer mapping\n\n{title}\n\n{layer_mapping_table(pairs, cka)}",
                              key=artifact_key("layer-mapping"), description=f"old -> new layers, {title}")
-    create_markdown_artifact(f"## Head mapping\n\n{title}\n\n{head_mapping_summary(heads.facts['head_mapping'], {})}",
+    create_markdown_artifact(f"## Head mapping\n\n{title}\n\n{head_mapping_markdown(heads.facts['head_mapping'], new_heads, new_layers)}",
                              key=artifact_key("head-mapping"), description=f"head permutations, {title}")
+
+
+SIMILARITY_SCALE = "cos(QK) + cos(VO), range [-2, 2]; 2 = the same head up to the residual transfer"
+NO_SOURCE = "new (no source)"
+
+
+def head_mapping_markdown(head_map: Mapping[str, Any], new_heads: int | None = None,
+                          new_layers: int | None = None) -> str:
+    """Per new layer a summary row, then every new query head with its old source (or none).
+
+    A new layer no old layer maps to (``new_layers`` beyond the mapping) has only new heads.
+
+    ``head_map``: the head_similarity stage's ``head_mapping`` facts, ``{new layer: {"old_layer",
+    "query_heads": [[old, new], ...], "head_similarity": [...]}}`` (similarities in pair order)."""
+    layers, heads, permuted = [], [], 0
+    mapped = {int(key): head_map[key] for key in head_map}
+    count = max([new_heads or 0] + [new + 1 for e in mapped.values() for _, new in e.get("query_heads", [])])
+    for layer in range(max([new_layers or 0, *(k + 1 for k in mapped)])):
+        entry = mapped.get(layer, {"old_layer": None})
+        pairs = [(int(old), int(new)) for old, new in entry.get("query_heads", [])]
+        sims = [float(x) for x in entry.get("head_similarity", [])]
+        source = {new: (old, sims[k] if k < len(sims) else None) for k, (old, new) in enumerate(pairs)}
+        moved = sum(1 for new, (old, _) in source.items() if old != new)
+        permuted += bool(moved)
+        old_layer = entry["old_layer"]
+        layers.append({"new layer": layer, "old layer": NO_SOURCE if old_layer is None else old_layer, "new heads": count,
+                       "with a source": len(source), NO_SOURCE: count - len(source), "moved": moved,
+                       "mean similarity (of 2)": round(float(np.mean(sims)), 4) if sims else None})
+        for h in range(count):
+            old, sim = source.get(h, (None, None))
+            heads.append({"new layer": layer, "new head": h, "old head": NO_SOURCE if old is None else old,
+                          "similarity (of 2)": None if sim is None else round(sim, 4)})
+    return (f"{len(layers)} layer(s); {permuted} with a non-identity head permutation.  Head similarity: "
+            f"{SIMILARITY_SCALE}.\n\n"
+            + markdown_table(layers, ["new layer", "old layer", "new heads", "with a source", NO_SOURCE, "moved",
+                                      "mean similarity (of 2)"])
+            + "\n### Every new head\n\n"
+            + markdown_table(heads, ["new layer", "new head", "old head", "similarity (of 2)"]))
 
 
 def evaluation_artifact(name: str, rows: Mapping[str, Mapping[str, Any]]) -> None:
@@ -65,11 +112,24 @@ def fleet_summary_artifact(entries: list[Mapping[str, Any]]) -> None:
                              key=artifact_key("fleet-summary"), description="status of every fleet entry")
 
 
+ANALYSIS_SHARE = 40.0     # percent of a fleet run's progress bar taken by the six pair-analysis stages
+
+
 class ProgressArtifact:
-    """A progress bar in the UI, updated as fleet entries advance (0-100)."""
+    """A progress bar in the UI (0-100): the pair analysis up to ``ANALYSIS_SHARE``, then the entries."""
 
     def __init__(self, description: str):
         self.id = create_progress_artifact(0.0, key=artifact_key("fleet-progress"), description=description)
+        self.percent = 0.0
 
     def update(self, percent: float) -> None:
-        update_progress_artifact(self.id, round(min(100.0, max(0.0, percent)), 1))
+        self.percent = round(min(100.0, max(0.0, percent)), 1)
+        update_progress_artifact(self.id, self.percent)
+
+    def analysis(self, done: int, total: int) -> None:
+        """``done`` of ``total`` pair-analysis stages finished."""
+        self.update(ANALYSIS_SHARE * done / max(1, total))
+
+    def entries(self, percent: float) -> None:
+        """The adapter entries are ``percent`` done (what :meth:`PipelineRun.migrate` reports)."""
+        self.update(ANALYSIS_SHARE + (100.0 - ANALYSIS_SHARE) * percent / 100.0)

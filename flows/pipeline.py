@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from prefect import get_run_logger, unmapped
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectFuture, as_completed
 from pydantic import BaseModel
 
 import tasks
@@ -176,7 +176,9 @@ class PipelineRun:
     # ----------------------------------------------------------------- pair analysis
 
     def analyse_pair(self, old_model: str, new_model: str, calibration_data: str | None,
-                     max_calibration_tokens: int, layer_offset: int | None) -> PairRun:
+                     max_calibration_tokens: int, layer_offset: int | None,
+                     on_progress: Callable[[int, int], None] | None = None) -> PairRun:
+        """``on_progress(done, total)`` is called as each of the six stages finishes."""
         t, s = self.t, self.store
         plan = t.identify_pair(old_model, new_model, calibration_data, max_calibration_tokens, layer_offset)
         f: dict[str, PrefectFuture] = {}
@@ -187,13 +189,18 @@ class PipelineRun:
         f["layer_mapping"] = t.layer_mapping.submit(s, plan, f["cka"])
         upstream = [f[name] for name in ("vocabulary", "transfer_matrix", "activations", "cka", "layer_mapping")]
         f["head_similarity"] = t.head_similarity.submit(s, plan, *upstream)
+        if on_progress:
+            for done, _ in enumerate(as_completed(list(f.values())), start=1):
+                on_progress(done, len(PAIR_STAGES))
         results, steps = {}, {}
         for stage in PAIR_STAGES:
             part, results[stage] = outcome(f[stage])
             steps[stage] = combine([part])
         reused = [stage for stage in PAIR_STAGES if steps[stage]["cache"] == "reused"]
         self.log.info("pair analysis: %d/%d stages reused (%s)", len(reused), len(PAIR_STAGES), ", ".join(reused) or "none")
-        artifacts.analysis_artifacts(old_model, new_model, results["layer_mapping"], results["head_similarity"])
+        artifacts.analysis_artifacts(old_model, new_model, results["layer_mapping"], results["head_similarity"],
+                                     new_heads=plan.new().dims.num_heads,   # config only (weights are lazy)
+                                     new_layers=plan.new().dims.num_layers)
         return PairRun(plan, results, steps)
 
     # ----------------------------------------------------------------- entries
