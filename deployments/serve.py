@@ -3,13 +3,21 @@
     python -m deployments.serve                 # serve until interrupted (needs a Prefect API)
     python -m deployments.serve --release OLD NEW MANIFEST   # emit a base-model release event
 
-* ``migrate-adapter``: on demand (UI "Run", ``prefect deployment run``), parameters as the flow's.
-* ``migrate-fleet-nightly``: the batch fleet migration, on a cron schedule (02:00 UTC), one run
-  at a time; reruns skip adapters already published, so the schedule only does what is missing.
-* ``on-base-model-release``: triggered by the event ``lorasuite.base-model.released`` whose payload
-  names ``previous_model``, ``new_model`` and ``fleet_manifest`` (see :func:`emit_release`).
+Served deployments are named with the suffix ``-served`` (:data:`SERVED_SUFFIX`), so they never
+take over the work-pool deployments of ``deployments/prefect.yaml`` (``migrate-adapter``, ...):
+both can live on one server.  When ``serve`` stops, Prefect pauses *its* deployments (schedule
+included); the deployed ones are untouched.
 
-For work pools (process by default, a GPU pool for accelerators) use ``deployments/prefect.yaml``.
+* ``migrate-adapter-served``: on demand (UI "Run", ``prefect deployment run``), parameters as the flow's.
+* ``migrate-fleet-nightly-served``: the batch fleet migration (``deployments/nightly.py``: manifest
+  from ``--fleet-manifest``, else the Prefect Variable ``lorasuite_fleet_manifest``, else
+  ``$LORASUITE_FLEET_MANIFEST``; none: the run completes with "no fleet manifest configured"), on
+  a cron schedule (02:00 UTC), one run at a time; reruns skip adapters already published.  Next
+  to the deployed nightly run it only repeats it (the second finds everything published).
+* ``on-base-model-release-served``: triggered by the event ``lorasuite.base-model.released`` whose
+  payload names ``previous_model``, ``new_model`` and ``fleet_manifest`` (see :func:`emit_release`).
+  With the deployed one too, both start a run per event; the second skips what the first published.
+
 The stage store comes from ``LORASUITE_CACHE_ROOT`` in the serving environment (or the
 ``cache_root`` parameter); credentials for object storage from the usual AWS environment,
 never from parameters.
@@ -17,29 +25,30 @@ never from parameters.
 from __future__ import annotations
 
 import argparse
-import os
 
 from prefect import serve
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.schedules import Cron
 
-from flows.migration import migrate_adapter, migrate_fleet, on_base_model_release
+from deployments.nightly import FLEET_MANIFEST_ENV, migrate_fleet_nightly
+from flows.migration import migrate_adapter, on_base_model_release
 
 RELEASE_EVENT = "lorasuite.base-model.released"
-FLEET_MANIFEST_ENV = "LORASUITE_FLEET_MANIFEST"
+SERVED_SUFFIX = "-served"
 
 
 def build_deployments(fleet_manifest: str | None = None) -> list:
-    manifest = fleet_manifest or os.environ.get(FLEET_MANIFEST_ENV, "s3://my-bucket/lorasuite/fleets/fleet.yaml")
+    """The served deployments; the nightly one gets ``fleet_manifest`` as its parameter when given."""
     return [
-        migrate_adapter.to_deployment(name="migrate-adapter", tags=["lorasuite"],
+        migrate_adapter.to_deployment(name="migrate-adapter" + SERVED_SUFFIX, tags=["lorasuite"],
                                       description="Migrate one LoRA adapter (parameters as the flow's)."),
-        migrate_fleet.to_deployment(
-            name="migrate-fleet-nightly", tags=["lorasuite", "batch"], parameters={"manifest": manifest},
+        migrate_fleet_nightly.to_deployment(
+            name="migrate-fleet-nightly" + SERVED_SUFFIX, tags=["lorasuite", "batch"],
+            parameters={"manifest": fleet_manifest} if fleet_manifest else {},
             schedule=Cron("0 2 * * *", timezone="UTC"), concurrency_limit=1,
             description="Nightly batch migration of a fleet; published adapters are skipped."),
         on_base_model_release.to_deployment(
-            name="on-base-model-release", tags=["lorasuite", "event"],
+            name="on-base-model-release" + SERVED_SUFFIX, tags=["lorasuite", "event"],
             triggers=[DeploymentEventTrigger(
                 expect={RELEASE_EVENT},
                 parameters={"previous_model": "{{ event.payload.previous_model }}",
@@ -60,7 +69,8 @@ def emit_release(previous_model: str, new_model: str, fleet_manifest: str):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m deployments.serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--fleet-manifest", help=f"manifest of the nightly fleet run (default ${FLEET_MANIFEST_ENV})")
+    parser.add_argument("--fleet-manifest", help="manifest of the nightly fleet run (default: Prefect Variable "
+                        f"lorasuite_fleet_manifest, else ${FLEET_MANIFEST_ENV} at run time)")
     parser.add_argument("--release", nargs=3, metavar=("PREVIOUS_MODEL", "NEW_MODEL", "FLEET_MANIFEST"),
                         help="emit a base-model release event instead of serving")
     args = parser.parse_args(argv)
