@@ -220,10 +220,9 @@ def deploy(url: str | None, home: Path | None = None, gpu: bool = False) -> None
     """``prefect deploy`` of the shipped file (all three on the process pool; ``gpu``: fleet flows moved)."""
     env = stack_env(home, url) if home else dict(os.environ, **({"PREFECT_API_URL": url} if url else {}))
     commands = [[*_prefect(), "deploy", "--no-prompt", "--all", "--prefect-file", str(PREFECT_FILE)]]
-    if gpu:
-        names = [arg for name in GPU_DEPLOYMENTS for arg in ("--name", name)]
-        commands.append([*_prefect(), "deploy", "--no-prompt", "--prefect-file", str(PREFECT_FILE), *names,
-                         "--pool", GPU_POOL])
+    if gpu:           # one at a time: prefect deploy ignores --pool when it deploys several
+        commands += [[*_prefect(), "deploy", "--no-prompt", "--prefect-file", str(PREFECT_FILE), "--name", name,
+                      "--pool", GPU_POOL] for name in GPU_DEPLOYMENTS]
     for command in commands:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
         if done.returncode:
