@@ -70,10 +70,14 @@ def canonical_deltas(family: Family, dims: Dims, module_deltas: dict[str, torch.
     return deltas
 
 
-def module_deltas(family: Family, dims: Dims, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{canonical role: ΔW} -> {PEFT module name of this family: ΔW}; roles it lacks are dropped."""
-    out: dict[str, torch.Tensor] = {}
-    fused: dict[str, dict[str, torch.Tensor]] = {}
+def module_deltas(family: Family, dims: Dims, deltas: dict, join=None) -> dict:
+    """{canonical role: ΔW} -> {PEFT module name of this family: ΔW}; roles it lacks are dropped.
+
+    ``join(spec, parts, dims)`` builds a fused module from its parts (default :func:`join_fused`,
+    dense tensors; the transfer passes a joiner of factor pairs)."""
+    join = join or join_fused
+    out: dict = {}
+    fused: dict[str, dict] = {}
     for role in ROLES:
         if role not in deltas:
             continue
@@ -86,7 +90,7 @@ def module_deltas(family: Family, dims: Dims, deltas: dict[str, torch.Tensor]) -
         else:
             fused.setdefault(spec.name, {})[role] = deltas[role]
     for name, parts in fused.items():
-        out[name] = join_fused(family.modules[name], parts, dims)
+        out[name] = join(family.modules[name], parts, dims)
     return out
 
 

@@ -40,8 +40,7 @@ from safetensors.torch import save_file
 
 from . import ALGORITHM_VERSION, __version__
 from .errors import LorasuiteError
-from .families import ROLES
-from .layer_weights import dropped_roles, expected_shape, join_fused, layer_weights, split_fused
+from .layer_weights import dropped_roles, expected_shape, join_fused, layer_weights, module_deltas, split_fused
 from .loading import BaseModel, LoraAdapter, LoraFactors
 from .matching import LayerMatch, match_layer
 from .refactor import LowRank, Refactorised, refactorise
@@ -146,21 +145,8 @@ def _join_fused_factors(spec, parts: dict[str, LowRank], dims) -> LowRank:
 
 
 def module_factors(family, dims, deltas: dict[str, LowRank]) -> dict[str, LowRank]:
-    """{canonical role: ΔW} -> {PEFT module name of this family: ΔW}; roles it lacks are dropped."""
-    out: dict[str, LowRank] = {}
-    fused: dict[str, dict[str, LowRank]] = {}
-    for role in ROLES:
-        found = family.module_for_canonical_role(role) if role in deltas else None
-        if found is None:
-            continue
-        spec, slot = found
-        if slot is None:
-            out[spec.name] = deltas[role]
-        else:
-            fused.setdefault(spec.name, {})[role] = deltas[role]
-    for name, parts in fused.items():
-        out[name] = _join_fused_factors(family.modules[name], parts, dims)
-    return out
+    """{canonical role: ΔW} -> {PEFT module name of this family: ΔW} in factor form; roles it lacks are dropped."""
+    return module_deltas(family, dims, deltas, join=_join_fused_factors)
 
 
 def _source_factors(old: BaseModel, new: BaseModel, adapter: LoraAdapter, new_name: str, sources: list[int]) -> LoraFactors:
