@@ -4,7 +4,8 @@ Design
 ------
 * **Log file.** Every record (lorasuite, Prefect, the embedded API server, libraries) goes to
   ``$LORASUITE_LOG_DIR/<UTC time>-<command>-<pid>.log`` (default ``~/.cache/lorasuite/logs``),
-  tracebacks included; the CLI names the file in its summary and in its error line.
+  tracebacks included; the CLI names the file in its last log line and, for an unexpected error,
+  in its error line.  Files older than :data:`KEEP_DAYS` (14) days are removed.
 * **Terminal.** Only records of the ``lorasuite*`` loggers (INFO, WARNING under ``-q``): progress
   and one-line warnings.  Prefect's own console output (run banners, task tracebacks, the
   temporary server's chatter) is not shown, so a failure ends with exactly one
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from .storage import redact_text
 
+KEEP_DAYS = 14
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -63,6 +65,13 @@ def log_path(command: str) -> Path:
 
     root = settings().log_dir.expanduser()
     root.mkdir(parents=True, exist_ok=True)
+    cutoff = time.time() - KEEP_DAYS * 86400
+    for old in root.glob("*.log*"):          # logs of runs older than KEEP_DAYS are removed
+        try:
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:
+            pass
     return root / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{command}-{os.getpid()}.log"
 
 
