@@ -6,7 +6,7 @@ targets made by ``lorasuite_core.upgrade.make_random_lora_adapter`` (random non-
 
 Part (b), ``synthetic``: Llama-2-7B -> Llama-3-8B-shaped llama checkpoints with random weights and
 ``--layers`` decoder layers (old: d 4096, 32 heads of 128, 32 kv heads, ffn 11008; new: d 4096, 32
-heads, 8 kv heads, ffn 14336; both a 4096-token byte-level BPE vocabulary from
+heads, 8 kv heads, ffn 14336; both an 8192-token byte-level BPE vocabulary from
 ``upgrade.make_tokenizer`` padded with reserved tokens, untied lm_head).  Weights are written
 tensor by tensor, one safetensors shard per decoder layer (N(0, 1/in) entries, norms near 1), so
 writing a checkpoint never holds more than one layer; the adapter is the same rank-16 kind.
@@ -53,7 +53,7 @@ RANK, ALPHA = 16, 32
 
 OLD_7B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, head_dim=128, intermediate_size=11008)
 NEW_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=14336)
-SYNTH_VOCAB = 4096
+SYNTH_VOCAB = 8192   # > d = 4096: the transfer matrix needs at least d shared tokens
 
 # Figures from the project's "scale" issue: commit 898f7d4, 1 torch thread, a busy 2-core machine.
 QWEN_BEFORE_ISSUE = {
@@ -130,8 +130,8 @@ def run_migrate(old: Path, new: Path, adapter: Path, work: Path, *, repo: Path, 
                 timeout: float | None = None) -> dict:
     """One fresh ``/usr/bin/time -v lorasuite migrate --no-lft`` child; its stage seconds, wall time, peak RSS."""
     out, cache = work / "out", work / "cache"
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     cli = [str(REPO / ".venv" / "bin" / "lorasuite")]   # the installed entry point; PYTHONPATH picks the code
     args = ["-q", "migrate", "--old-model", str(old), "--new-model", str(new), "--adapter", str(adapter),
             "--output", str(out), "--no-lft", "--cache-root", str(cache)]
@@ -141,12 +141,31 @@ def run_migrate(old: Path, new: Path, adapter: Path, work: Path, *, repo: Path, 
     print(shown, flush=True)
     load_before, code = os.getloadavg(), _code_identity(repo)   # before the run: others may commit meanwhile
     start = time.time()
-    done = subprocess.run(["/usr/bin/time", "-v", *cli, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    samples: list[float] = []      # 1-minute load average every 10 s while the child runs
+    with subprocess.Popen(["/usr/bin/time", "-v", *cli, *args], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as child:
+        import threading
+
+        stop = threading.Event()
+
+        def sample():
+            while not stop.wait(10):
+                samples.append(os.getloadavg()[0])
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            stdout, stderr = child.communicate(timeout=timeout)
+        finally:
+            stop.set()
+            child.kill()
+    done = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
     entry = {"command": shown, "returncode": done.returncode,
              "date": datetime.datetime.fromtimestamp(start, datetime.timezone.utc).isoformat(timespec="seconds"),
              "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
              "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
+             "loadavg_1min_during": {"mean": round(sum(samples) / max(1, len(samples)), 2),
+                                     "max": round(max(samples, default=0.0), 2), "samples": len(samples)},
              "threads": {"OMP_NUM_THREADS": threads, "torch_threads": threads},
              "code": code,
              "time_v": _parse_time_v(done.stderr)}
@@ -247,7 +266,7 @@ def write_synthetic_model(out: Path, shape: dict, layers: int, seed: int) -> Pat
 
     weight_map = {}
     shards = [(f"layer-{i:03d}.safetensors", i, layer_tensors(i)) for i in range(layers)]
-    shards.append(("globals.safetensors", 999, global_tensors))
+    shards.append((f"globals-v{SYNTH_VOCAB}.safetensors", 999, global_tensors))
     for name, part, tensors in shards:
         source = shard_file(name, part, tensors)
         (out / f"model-{name}").unlink(missing_ok=True)
@@ -297,9 +316,83 @@ def part_synthetic(args) -> None:
         _merge(RESULTS / "scale_synthetic.json", {f"{args.label}/L{layers}": entry})
 
 
+# ------------------------------------------------------------------------------ SCALE.md
+
+STAGE_COLUMNS = ("vocabulary", "transfer_matrix", "activations", "cka", "head_similarity", "transfer")
+
+
+def _row(name: str, e: dict, target: str, met: str) -> str:
+    if "report_steps_seconds" not in e:
+        return f"| {name} | " + " | ".join(["—"] * (len(STAGE_COLUMNS) + 5)) + f" | {target} | {met} |"
+    st = e["report_steps_seconds"]
+    cells = [f"{st.get(c, 0):.0f}" for c in STAGE_COLUMNS]
+    during = e.get("loadavg_1min_during")
+    load = (f"{during['mean']:.1f} (max {during['max']:.1f})" if during else
+            f"{e['loadavg_1_5_15_before'][0]:.1f} → {e['loadavg_1_5_15_after'][0]:.1f}")
+    return (f"| {name} | " + " | ".join(cells) + f" | {e['transfer_seconds_per_layer']:.2f} | "
+            f"{e['pair_analysis_seconds']:.0f} | {e['time_v']['wall_s']:.0f} | {e['time_v']['peak_rss_gb']:.2f} | "
+            f"{load} | {target} | {met} |")
+
+
+def render_table() -> str:
+    head = ("| measurement | " + " | ".join(f"{c} s" for c in STAGE_COLUMNS)
+            + " | transfer s / new layer | pair analysis s | wall s | peak RSS GB | load, 1-min (mean during, or start → end) "
+            "| target | met? |")
+    lines = [head, "|" + " --- |" * (len(STAGE_COLUMNS) + 8)]
+    qwen = json.loads((RESULTS / "scale_qwen.json").read_text()) if (RESULTS / "scale_qwen.json").is_file() else {}
+    b = qwen.get("before_issue_898f7d4")
+    if b:
+        st = b["stage_seconds"]
+        lines.append("| Qwen 0.5B→1.5B, 898f7d4 (issue text, 1 thread, busy machine, not re-measured) | "
+                     + " | ".join(str(st.get(c, "—")) for c in STAGE_COLUMNS)
+                     + f" | {b['transfer_seconds_per_layer']} | {b['pair_analysis_seconds']} | ≈{b['pair_analysis_seconds'] + st['transfer']} "
+                     f"| {b['peak_rss_gb']} | busy | ≤ 300 s, ≤ 2 s/layer, ≤ 4 GB | no |")
+    for label, e in qwen.items():
+        if label.startswith("before") or "report_steps_seconds" not in e:
+            continue
+        ok = [e["time_v"]["wall_s"] <= 300, e["transfer_seconds_per_layer"] <= 2, e["time_v"]["peak_rss_gb"] <= 4]
+        met = ", ".join(f"{what} {'yes' if flag else 'no'}" for what, flag in zip(("time", "per layer", "RSS"), ok))
+        lines.append(_row(f"Qwen 0.5B→1.5B, {label}", e, "≤ 300 s, ≤ 2 s/layer, ≤ 4 GB", met))
+    synth_path = RESULTS / "scale_synthetic.json"
+    synth = json.loads(synth_path.read_text()) if synth_path.is_file() else {}
+    for label, e in synth.items():
+        if "report_steps_seconds" not in e:
+            continue
+        lines.append(_row(f"7B→8B shape, {label}", e, "(32 layers: ≤ 1800 s, ≤ 8 GB)", "see extrapolation"))
+    lines += ["", "Extrapolation to 32 layers (7B→8B shape), linear in depth from the two deepest runs of each code:", "",
+              "| code | from | wall s per layer | RSS GB per layer | 32 layers: wall s | 32 layers: peak RSS GB "
+              "| ≤ 1800 s? | ≤ 8 GB? |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    by_code: dict[str, list[tuple[int, dict]]] = {}
+    for label, e in synth.items():
+        if "report_steps_seconds" in e:
+            code, _, depth = label.rpartition("/L")
+            by_code.setdefault(code, []).append((int(depth), e))
+    for code, runs in by_code.items():
+        runs.sort(key=lambda r: r[0])
+        if len(runs) < 2:
+            continue
+        (l1, e1), (l2, e2) = runs[-2], runs[-1]
+        dw = (e2["time_v"]["wall_s"] - e1["time_v"]["wall_s"]) / (l2 - l1)
+        dr = (e2["time_v"]["peak_rss_gb"] - e1["time_v"]["peak_rss_gb"]) / (l2 - l1)
+        w32 = e2["time_v"]["wall_s"] + dw * (32 - l2)
+        r32 = e2["time_v"]["peak_rss_gb"] + max(dr, 0.0) * (32 - l2)
+        lines.append(f"| {code} | L{l1}, L{l2} | {dw:.0f} | {dr:.2f} | {w32:.0f} | {r32:.1f} | "
+                     f"{'yes' if w32 <= 1800 else 'no'} | {'yes' if r32 <= 8 else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def part_table(args) -> None:
+    path = REPO / "benchmarks" / "SCALE.md"
+    text = path.read_text() if path.is_file() else "<!-- table -->\n<!-- /table -->\n"
+    before, _, rest = text.partition("<!-- table -->")
+    _, _, after = rest.partition("<!-- /table -->")
+    path.write_text(before + "<!-- table -->\n" + render_table() + "<!-- /table -->" + after)
+    print(render_table())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("part", choices=["qwen", "synthetic"])
+    parser.add_argument("part", choices=["qwen", "synthetic", "table"])
     parser.add_argument("--label", default="after")
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--threads", type=int, default=2)
@@ -309,7 +402,7 @@ def main() -> None:
     parser.add_argument("--prepare-only", action="store_true", help="write the synthetic checkpoints and adapters only")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    {"qwen": part_qwen, "synthetic": part_synthetic}[args.part](args)
+    {"qwen": part_qwen, "synthetic": part_synthetic, "table": part_table}[args.part](args)
 
 
 if __name__ == "__main__":
