@@ -26,6 +26,7 @@ times) divided by the number of new layers.
 
     .venv/bin/python benchmarks/scale_benchmark.py qwen --label after
     .venv/bin/python benchmarks/scale_benchmark.py synthetic --layers 2 4 --label after
+    .venv/bin/python benchmarks/scale_benchmark.py activations --label LABEL [--repo CODE]   # stage alone
 
 Each run merges its entries into ``benchmarks/results/scale_qwen.json`` / ``scale_synthetic.json``
 under ``LABEL`` (``LABEL/L<layers>`` for the synthetic pair); ``benchmarks/SCALE.md`` is the table.
@@ -316,6 +317,42 @@ def part_synthetic(args) -> None:
         _merge(RESULTS / "scale_synthetic.json", {f"{args.label}/L{layers}": entry})
 
 
+ACTIVATIONS_CHILD = """
+import json, os, resource, sys, time
+import torch
+torch.set_num_threads(int(sys.argv[3]))
+from lorasuite_core.activations import builtin_calibration_texts, paired_activations
+from lorasuite_core.loading import load_base_model
+old, new = load_base_model(sys.argv[1]), load_base_model(sys.argv[2])
+texts = builtin_calibration_texts()
+start = time.perf_counter()
+acts = paired_activations(old, new, texts, max_tokens=2048, progress=False)
+print(json.dumps({"seconds": round(time.perf_counter() - start, 1), "paired_tokens": acts.num_tokens,
+                  "ru_maxrss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2),
+                  "old_states": list(acts.old_states.shape), "new_states": list(acts.new_states.shape)}))
+"""
+
+
+def part_activations(args) -> None:
+    """The activations stage alone (``paired_activations`` on the Qwen pair) in a fresh child of ``--repo``."""
+    repo = Path(args.repo).resolve()
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS=str(args.threads))
+    load_before, code = os.getloadavg(), _code_identity(repo)
+    done = subprocess.run([sys.executable, "-c", ACTIVATIONS_CHILD, str(QWEN_OLD), str(QWEN_NEW), str(args.threads)],
+                          env=env, cwd=repo, capture_output=True, text=True, check=True)   # cwd: -c puts it first on sys.path
+    entry = {"benchmark_command": " ".join([".venv/bin/python", "benchmarks/scale_benchmark.py", *sys.argv[1:]]),
+             "what": "paired_activations(old, new, builtin_calibration_texts(), max_tokens=2048), the activations "
+                     "stage's computation without the stage store; peak = the child's ru_maxrss (models' loading, "
+                     "tokenizers, states)",
+             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
+             "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
+             "threads": args.threads, "code": code, "machine": _machine(),
+             **_last_json(done.stdout)}
+    print(json.dumps(entry, indent=1))
+    _merge(RESULTS / "scale_qwen_activations.json", {args.label: entry})
+
+
 # ------------------------------------------------------------------------------ SCALE.md
 
 STAGE_COLUMNS = ("vocabulary", "transfer_matrix", "activations", "cka", "head_similarity", "transfer")
@@ -378,6 +415,13 @@ def render_table() -> str:
         r32 = e2["time_v"]["peak_rss_gb"] + max(dr, 0.0) * (32 - l2)
         lines.append(f"| {code} | L{l1}, L{l2} | {dw:.0f} | {dr:.2f} | {w32:.0f} | {r32:.1f} | "
                      f"{'yes' if w32 <= 1800 else 'no'} | {'yes' if r32 <= 8 else 'no'} |")
+    acts_path = RESULTS / "scale_qwen_activations.json"
+    if acts_path.is_file():
+        lines += ["", "Activations stage alone (Qwen pair, `paired_activations`, fresh child, same session, 2 threads):", "",
+                  "| code | seconds | peak RSS GB | paired tokens | load, 1-min (start → end) |", "| --- | --- | --- | --- | --- |"]
+        for label, e in json.loads(acts_path.read_text()).items():
+            lines.append(f"| {label} | {e['seconds']:.0f} | {e['ru_maxrss_gb']:.2f} | {e['paired_tokens']} | "
+                         f"{e['loadavg_1_5_15_before'][0]:.1f} → {e['loadavg_1_5_15_after'][0]:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -392,7 +436,7 @@ def part_table(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("part", choices=["qwen", "synthetic", "table"])
+    parser.add_argument("part", choices=["qwen", "synthetic", "activations", "table"])
     parser.add_argument("--label", default="after")
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--threads", type=int, default=2)
@@ -402,7 +446,8 @@ def main() -> None:
     parser.add_argument("--prepare-only", action="store_true", help="write the synthetic checkpoints and adapters only")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    {"qwen": part_qwen, "synthetic": part_synthetic, "table": part_table}[args.part](args)
+    {"qwen": part_qwen, "synthetic": part_synthetic, "activations": part_activations,
+     "table": part_table}[args.part](args)
 
 
 if __name__ == "__main__":

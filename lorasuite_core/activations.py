@@ -14,6 +14,24 @@ the decoder blocks, so no final norm is mixed in):
 An inserted identity layer has a zero update; comparing updates, not only states, is what
 lets the layer mapping tell it apart from the layer that does the work.
 
+The forward passes are streamed layer by layer (:func:`streamed_states`), one model after the
+other, so memory does not grow with depth: the model is built on the meta device (no weights),
+only what lies outside the decoder layers (embeddings, final norm, rotary tables, embedding
+scales) is made real, and the model's own forward runs with every decoder layer replaced by a
+stand-in that records what it is called with: per batch the state entering layer 0 and each
+layer's other arguments (causal / sliding-window masks, rotary cos/sin, position ids). The
+embeddings are then freed and for l = 0 … L − 1::
+
+    load layer l's tensors (lazy safe_open) → h_b ← layer_l(h_b, args_b,l) for every batch b
+    → keep states[l + 1] at the paired positions → free layer l
+
+Memory: one layer's weights + the carried states (padded tokens × d) + the kept states
+(L + 1) × N × d, instead of both whole models. The operations are the ones the whole model runs,
+in the same order and float32, so the states equal :func:`_layer_states`'s (the tests check
+llama, qwen2, gemma3 and gpt_neox to 1e-5). A model type outside ``STREAMED_MODEL_TYPES``, or a
+checkpoint the skeleton cannot be filled from, falls back to the whole model in float32 (logged
+with the reason); that path too loads one model at a time.
+
 Calibration files (:func:`read_calibration_file`) are streamed, never read whole, and only as
 much text as a token budget ``B`` (``max_calibration_tokens``) can use is kept:
 
@@ -46,6 +64,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import LorasuiteError
@@ -192,6 +211,17 @@ def _decoder_layers(model, base: BaseModel):
         raise LorasuiteError(f"model {base.source}: no module {container!r} holding the decoder layers") from exc
 
 
+def _padded(batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask (causal attention: padding leaves real positions unchanged)."""
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        mask[row, : len(ids)] = 1
+    return input_ids, mask
+
+
 @torch.no_grad()
 def _layer_states(model, base: BaseModel, batch: list[list[int]]) -> list[torch.Tensor]:
     """Right-padded batch through the decoder stack only (no LM head): per text (L + 1) × T × d."""
@@ -204,22 +234,162 @@ def _layer_states(model, base: BaseModel, batch: list[list[int]]) -> list[torch.
     def post_hook(_module, _args, output):
         captured.append((output[0] if isinstance(output, tuple) else output).detach())
 
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        mask[row, : len(ids)] = 1
+    input_ids, mask = _padded(batch)
     handles = [layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
     handles += [layer.register_forward_hook(post_hook) for layer in layers]
     try:
-        # causal attention: right padding leaves every real position's state unchanged
         model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)
     finally:
         for h in handles:
             h.remove()
     states = torch.stack(captured).float()                      # (L + 1) × B × T × d
     return [states[:, row, : len(ids)] for row, ids in enumerate(batch)]
+
+
+# ----------------------------------------------------------------------------- streamed forward
+
+STREAMED_MODEL_TYPES = ("llama", "qwen2", "gemma3_text", "gpt_neox")
+
+
+class StreamUnsupported(Exception):
+    """The streamed forward cannot run this model; :func:`model_states` uses the whole model instead."""
+
+
+class _LayerInputs(nn.Module):
+    """Stands in for decoder layer ``index`` while the model's own forward prepares the layers' inputs."""
+
+    def __init__(self, index: int, calls: list):
+        super().__init__()
+        self.index, self.calls = index, calls
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls.append((self.index, hidden_states, args, kwargs))
+        return hidden_states
+
+
+def _checkpoint_tensors(base: BaseModel, prefix: str, names: list[str]) -> dict[str, torch.Tensor]:
+    missing = [n for n in names if prefix + n not in base.weights]
+    if missing:
+        raise StreamUnsupported(f"the checkpoint has no {prefix + missing[0]}")
+    return {n: base.weights.get(prefix + n).to(torch.float32) for n in names}
+
+
+def _skeleton(base: BaseModel):
+    """The model built on the meta device (no weights); everything outside the decoder layers made real."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type = base.config.get("model_type")
+    if model_type not in STREAMED_MODEL_TYPES:
+        raise StreamUnsupported(f"model_type {model_type!r} is not one the streamed forward knows "
+                                f"({', '.join(STREAMED_MODEL_TYPES)})")
+    try:
+        config = AutoConfig.from_pretrained(base.local_dir, trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - the whole-model path reports real loading errors
+        raise StreamUnsupported(f"no meta skeleton ({type(exc).__name__}: {exc})") from exc
+    model.eval()
+    layers = _decoder_layers(model, base)
+    body = model.base_model
+    body_path = next(name for name, module in model.named_modules() if module is body)
+    container = base.family.layer_prefix.split("{layer}")[0].rstrip(".")
+    inside = (container[len(body_path) + 1:] if body_path else container) + "."
+    in_layers = {id(m) for m in layers.modules()}
+    for module in body.modules():   # non-persistent buffers (rotary frequencies, embedding scales): own init
+        if id(module) not in in_layers and any(b.is_meta for b in module.buffers(recurse=False)):
+            module.to_empty(device="cpu", recurse=False)
+            model._init_weights(module)
+    names = [n for n, _ in body.named_parameters() if not n.startswith(inside)]
+    body.load_state_dict(_checkpoint_tensors(base, f"{body_path}." if body_path else "", names),
+                         strict=False, assign=True)
+    left = [n for n, t in [*body.named_parameters(), *body.named_buffers()] if t.is_meta and not n.startswith(inside)]
+    if left:
+        raise StreamUnsupported(f"no value for {left[0]} outside the decoder layers")
+    return body, layers
+
+
+def _load_layer(base: BaseModel, layer: nn.Module, index: int) -> None:
+    names = [n for n, _ in layer.named_parameters()] + [n for n, _ in layer.named_buffers()]
+    layer.load_state_dict(_checkpoint_tensors(base, base.family.layer_prefix.format(layer=index), names),
+                          strict=True, assign=True)
+
+
+def _layer_inputs(body, layers, batches: list[list[list[int]]]) -> list[tuple[torch.Tensor, list]]:
+    """Per batch: the state entering layer 0 and each layer's other arguments (masks, rotary tables…),
+    made by the model's own forward with every decoder layer a stand-in."""
+    real, calls, prepared = list(layers), [], []
+    for i in range(len(real)):
+        layers[i] = _LayerInputs(i, calls)
+    try:
+        for batch in batches:
+            calls.clear()
+            input_ids, mask = _padded(batch)
+            body(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            if [c[0] for c in calls] != list(range(len(real))):
+                raise StreamUnsupported("the model's forward does not call each decoder layer once, in order")
+            prepared.append((calls[0][1], [(c[2], c[3]) for c in calls]))
+    finally:
+        for i, layer in enumerate(real):
+            layers[i] = layer
+    return prepared
+
+
+@torch.no_grad()
+def streamed_states(base: BaseModel, batches: list[list[list[int]]], positions: list[list[int]], *,
+                    progress: bool = False) -> torch.Tensor:
+    """States at ``positions`` (per text, texts in batch order) with one decoder layer in memory at a time.
+
+    Returns (L + 1) × N × d float32, N = Σ len(positions[k]), the texts' kept positions in order —
+    the same states :func:`_layer_states` captures from the whole model.
+    """
+    body, layers = _skeleton(base)
+    prepared = _layer_inputs(body, layers, batches)
+    for module in body.children():          # embeddings, final norm: no longer needed
+        if module is not layers:
+            module.to("meta")
+    picks, offset, text = [], 0, 0
+    for batch in batches:
+        rows = [row for row in range(len(batch)) for _ in positions[text + row]]
+        cols = [p for row in range(len(batch)) for p in positions[text + row]]
+        picks.append((torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long),
+                      slice(offset, offset + len(rows))))
+        offset, text = offset + len(rows), text + len(batch)
+    hidden = [h for h, _ in prepared]
+    out = torch.empty(len(layers) + 1, offset, hidden[0].shape[-1], dtype=torch.float32)
+    for h, (rows, cols, span) in zip(hidden, picks):
+        out[0, span] = h[rows, cols].float()
+    for i in tqdm(range(len(layers)), desc=f"activations {base.family.name}", unit="layer", disable=not progress):
+        layer = layers[i]
+        _load_layer(base, layer, i)
+        for b, (rows, cols, span) in enumerate(picks):
+            args, kwargs = prepared[b][1][i]
+            result = layer(hidden[b], *args, **kwargs)
+            hidden[b] = result[0] if isinstance(result, tuple) else result
+            out[i + 1, span] = hidden[b][rows, cols].float()
+        layer.to("meta")                   # frees this layer's weights
+    return out
+
+
+def whole_model_states(base: BaseModel, batches: list[list[list[int]]], positions: list[list[int]], *,
+                       progress: bool = False) -> torch.Tensor:
+    """The same states as :func:`streamed_states`, from the whole model loaded in float32."""
+    model = base.load_torch_model()
+    chunks, text = [], 0
+    for batch in tqdm(batches, desc=f"activations {base.family.name}", unit="batch", disable=not progress):
+        for states in _layer_states(model, base, batch):
+            chunks.append(states[:, positions[text]])
+            text += 1
+    return torch.cat(chunks, dim=1)
+
+
+def model_states(base: BaseModel, batches: list[list[list[int]]], positions: list[list[int]], *,
+                 progress: bool = False) -> torch.Tensor:
+    """Streamed states where the family and checkpoint allow it, else the whole model (logged)."""
+    try:
+        return streamed_states(base, batches, positions, progress=progress)
+    except StreamUnsupported as exc:
+        log.info("activations of %s: whole-model forward, not streamed: %s", base.source, exc)
+    return whole_model_states(base, batches, positions, progress=progress)
 
 
 def _paired_texts(old_tok, new_tok, texts, max_tokens: int, max_tokens_per_text: int):
@@ -250,18 +420,9 @@ def paired_activations(
     pairs, total = _paired_texts(old.tokenizer(), new.tokenizer(), texts, max_tokens, max_tokens_per_text)
     if total < 8:
         raise LorasuiteError(f"calibration text yields only {total} paired token positions; give more text")
-    old_model, new_model = old.load_torch_model(), new.load_torch_model()
-    old_chunks, new_chunks = [], []
-    for start in tqdm(range(0, len(pairs), batch_size), desc="activations", unit="batch", disable=not progress):
-        chunk = pairs[start:start + batch_size]
-        old_states = _layer_states(old_model, old, [p[0] for p in chunk])
-        new_states = _layer_states(new_model, new, [p[2] for p in chunk])
-        for (_, old_pos, _, new_pos), o, n in zip(chunk, old_states, new_states):
-            old_chunks.append(o[:, old_pos])
-            new_chunks.append(n[:, new_pos])
+    states = []
+    for base, ids, pos in ((old, 0, 1), (new, 2, 3)):       # one model at a time
+        batches = [[p[ids] for p in pairs[s:s + batch_size]] for s in range(0, len(pairs), batch_size)]
+        states.append(model_states(base, batches, [p[pos] for p in pairs], progress=progress)[:, :max_tokens])
     log.info("paired %d token positions from %d texts", total, len(pairs))
-    return PairedActivations(
-        old_states=torch.cat(old_chunks, dim=1)[:, :max_tokens].numpy(),
-        new_states=torch.cat(new_chunks, dim=1)[:, :max_tokens].numpy(),
-        num_texts=len(pairs),
-    )
+    return PairedActivations(old_states=states[0].numpy(), new_states=states[1].numpy(), num_texts=len(pairs))
