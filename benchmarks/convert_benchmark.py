@@ -67,7 +67,7 @@ def _git(repo: Path, *args: str) -> str:
 def measure(name: str, label: str, repo: Path, cache_dir: Path, source_cache: Path) -> dict:
     """One ``/usr/bin/time -v`` child converting ``name`` with the code in ``repo`` into ``cache_dir``."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from lorasuite_core.model_fetch import get_source
+    from lorasuite_core.models.model_fetch import get_source
 
     gguf_name = get_source(name).gguf_filename
     root = cache_dir / name
@@ -138,7 +138,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:  # the measured process: exactly what `lorasuite models fetch NAME` runs
-        from lorasuite_core.model_fetch import fetch_model
+        from lorasuite_core.models.model_fetch import fetch_model
         print(fetch_model(args.name, Path(args.cache_dir)))
         return
 

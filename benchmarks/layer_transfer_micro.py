@@ -33,11 +33,11 @@ import numpy as np
 import torch
 
 import lorasuite_core
-from lorasuite_core.families import family_for_model_type
-from lorasuite_core.loading import Dims, LoraAdapter, LoraFactors
-from lorasuite_core.matching import LayerMatch
-from lorasuite_core.migrate import PairAnalysis, transfer_new_layer
-from lorasuite_core.residual import ResidualTransfer
+from lorasuite_core.models.families import family_for_model_type
+from lorasuite_core.models.loading import Dims, LoraAdapter, LoraFactors
+from lorasuite_core.transfer.matching import LayerMatch
+from lorasuite_core.transfer.adapter import PairAnalysis, transfer_new_layer
+from lorasuite_core.transfer.residual import ResidualTransfer
 
 OLD = Dims(hidden=896, num_layers=2, num_heads=14, num_kv_heads=2, head_dim=64, intermediate=4864, norm_eps=1e-6)
 NEW = Dims(hidden=1536, num_layers=2, num_heads=12, num_kv_heads=2, head_dim=128, intermediate=8960, norm_eps=1e-6)

@@ -68,7 +68,7 @@ def stage_derive_within_model(old_dir: str, out_dir: str, cpt_steps: int, seed: 
     from pydoc_data.topics import topics
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lorasuite_core.upgrade import UpgradeSpec, upgrade_model_dir
+    from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 
     start = time.perf_counter()
     upgraded = Path(out_dir) / "upgraded"
@@ -112,8 +112,8 @@ def stage_derive_within_model(old_dir: str, out_dir: str, cpt_steps: int, seed: 
 
 def stage_train(model_dir: str, out_dir: str, n: int, seed: int, rank: int, epochs: int) -> dict:
     _threads()
-    from lorasuite_core.task_data import generate_problems
-    from lorasuite_core.training import TrainConfig, train_lora
+    from lorasuite_core.training.task_data import generate_problems
+    from lorasuite_core.training.train import TrainConfig, train_lora
 
     samples = generate_problems(n, "train", seed)
     config = TrainConfig(lr=3e-4, epochs=epochs, batch_size=8, seed=seed, warmup_ratio=0.05)
@@ -123,8 +123,8 @@ def stage_train(model_dir: str, out_dir: str, n: int, seed: int, rank: int, epoc
 
 def stage_lft(model_dir: str, adapter_dir: str, out_dir: str, n: int, seed: int, epochs: int) -> dict:
     _threads()
-    from lorasuite_core.task_data import generate_problems
-    from lorasuite_core.training import default_lft_config, light_finetune
+    from lorasuite_core.training.task_data import generate_problems
+    from lorasuite_core.training.train import default_lft_config, light_finetune
 
     samples = generate_problems(n, "train", seed)
     result = light_finetune(model_dir, adapter_dir, samples, out_dir,
@@ -139,7 +139,7 @@ def stage_migrate(old_dir: str, new_dir: str, adapter_dir: str, out_dir: str) ->
     import shutil
     import tempfile
 
-    from lorasuite_core.stages import migrate_in_process
+    from lorasuite_core.pipeline.stages import migrate_in_process
 
     start = time.perf_counter()
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -154,8 +154,8 @@ def stage_migrate(old_dir: str, new_dir: str, adapter_dir: str, out_dir: str) ->
 
 
 def _adapter_deltas(adapter_dir: str, model_dir: str) -> dict:
-    from lorasuite_core.families import family_for_model_type
-    from lorasuite_core.loading import load_lora_adapter
+    from lorasuite_core.models.families import family_for_model_type
+    from lorasuite_core.models.loading import load_lora_adapter
 
     model_type = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
     adapter = load_lora_adapter(adapter_dir, family_for_model_type(model_type))
@@ -163,7 +163,7 @@ def _adapter_deltas(adapter_dir: str, model_dir: str) -> dict:
 
 
 def _generations(model_dir: str, adapter_dir: str, samples) -> dict:
-    from lorasuite_core.evaluation import evaluate
+    from lorasuite_core.training.evaluation import evaluate
 
     result = evaluate(model_dir, samples, adapter_dir=adapter_dir, batch_size=len(samples), max_new_tokens=40,
                       show_progress=False)
@@ -186,7 +186,7 @@ def stage_drift_diagnosis(old_dir: str, upgraded_dir: str, new_dir: str, adapter
     by_role: dict[str, list[float]] = {}
     for key in exact:
         by_role.setdefault(key[1], []).append(float((drifted[key] - exact[key]).norm() / exact[key].norm()))
-    from lorasuite_core.task_data import generate_problems
+    from lorasuite_core.training.task_data import generate_problems
 
     samples = generate_problems(n_test, "test", seed)
     return {
@@ -201,8 +201,8 @@ def stage_drift_diagnosis(old_dir: str, upgraded_dir: str, new_dir: str, adapter
 
 def stage_eval(model_dir: str, adapter_dir: str | None, n: int, seed: int, batch_size: int) -> dict:
     _threads()
-    from lorasuite_core.evaluation import evaluate
-    from lorasuite_core.task_data import generate_problems
+    from lorasuite_core.training.evaluation import evaluate
+    from lorasuite_core.training.task_data import generate_problems
 
     samples = generate_problems(n, "test", seed)
     result = evaluate(model_dir, samples, adapter_dir=adapter_dir, batch_size=batch_size, max_new_tokens=40,
@@ -324,7 +324,7 @@ def _argv_without_only() -> list[str]:
 
 
 def run_pair(pair: str, args) -> None:
-    from lorasuite_core.model_fetch import fetch_model
+    from lorasuite_core.models.model_fetch import fetch_model
 
     config = {"pair": pair, "train_samples": args.train_samples, "test_samples": args.test_samples,
               "lft_samples": args.lft_samples, "rank": args.rank, "seed": args.seed, "epochs": args.epochs,
@@ -464,7 +464,7 @@ def _cell(text: str) -> str:
 
 
 def diagnosis_lines(diag: dict) -> list[str]:
-    from lorasuite_core.evaluation import ANSWER_SENTENCE
+    from lorasuite_core.training.evaluation import ANSWER_SENTENCE
 
     distance = ", ".join(f"{role} {d['mean']:.4f} (max {d['max']:.4f})" for role, d in diag["delta_relative_distance"].items())
     answered = lambda g: sum(bool(ANSWER_SENTENCE.search(t)) for t in g["generations"]) / len(g["generations"])
@@ -480,7 +480,7 @@ def diagnosis_lines(diag: dict) -> list[str]:
 
 def transfer_stage_lines(name: str, steps: dict) -> list[str]:
     """A transfer's stage times, split into the per-model-pair analysis (cached: paid once per fleet) and the rest."""
-    from lorasuite_core.stages import PAIR_STAGES
+    from lorasuite_core.pipeline.stages import PAIR_STAGES
 
     seconds = {k: v["seconds"] for k, v in steps.items() if isinstance(v, dict) and v.get("seconds") is not None}
     pair = sum(v for k, v in seconds.items() if k in PAIR_STAGES)

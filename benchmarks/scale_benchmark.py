@@ -2,7 +2,7 @@
 
 Part (a), ``qwen``: Qwen2.5-Coder-0.5B-Instruct -> Qwen2.5-Coder-1.5B-Instruct (the converted fp32
 safetensors directories from ``lorasuite models fetch``), a rank-16 LoRA (alpha 32) on all seven
-targets made by ``lorasuite_core.upgrade.make_random_lora_adapter`` (random non-zero A and B).
+targets made by ``lorasuite_core.testing.upgrade.make_random_lora_adapter`` (random non-zero A and B).
 
 Part (b), ``synthetic``: Llama-2-7B -> Llama-3-8B-shaped llama checkpoints with random weights and
 ``--layers`` decoder layers (old: d 4096, 32 heads of 128, 32 kv heads, ffn 11008; new: d 4096, 32
@@ -118,7 +118,7 @@ def _last_json(stdout: str):
 
 
 def make_adapter(model_dir: Path, out: Path) -> Path:
-    from lorasuite_core.upgrade import make_random_lora_adapter
+    from lorasuite_core.testing.upgrade import make_random_lora_adapter
 
     if not (out / "adapter_model.safetensors").is_file():
         t = time.perf_counter()
@@ -219,7 +219,7 @@ def write_synthetic_model(out: Path, shape: dict, layers: int, seed: int) -> Pat
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from lorasuite_core.upgrade import make_tokenizer
+    from lorasuite_core.testing.upgrade import make_tokenizer
 
     if (out / "model.safetensors.index.json").is_file():
         return out
@@ -321,8 +321,8 @@ ACTIVATIONS_CHILD = """
 import json, os, resource, sys, time
 import torch
 torch.set_num_threads(int(sys.argv[3]))
-from lorasuite_core.activations import builtin_calibration_texts, paired_activations
-from lorasuite_core.loading import load_base_model
+from lorasuite_core.transfer.activations import builtin_calibration_texts, paired_activations
+from lorasuite_core.models.loading import load_base_model
 old, new = load_base_model(sys.argv[1]), load_base_model(sys.argv[2])
 texts = builtin_calibration_texts()
 start = time.perf_counter()

@@ -42,9 +42,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 import lorasuite_core
-from lorasuite_core import matching
-from lorasuite_core.loading import Dims
-from lorasuite_core.matching import _kv_pairs, head_similarity
+from lorasuite_core.transfer.unit_maps import matching
+from lorasuite_core.models.loading import Dims
+from lorasuite_core.transfer.matching import _kv_pairs, head_similarity
 
 OLD = Dims(hidden=4096, num_layers=1, num_heads=32, num_kv_heads=32, head_dim=128, intermediate=11008, norm_eps=1e-5)
 NEW = Dims(hidden=4096, num_layers=1, num_heads=32, num_kv_heads=8, head_dim=128, intermediate=14336, norm_eps=1e-5)

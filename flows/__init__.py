@@ -8,7 +8,7 @@ Flows orchestrate; the work is in the tasks (``tasks/``), which wrap ``lorasuite
   pair analysis runs once and is reused by every adapter); ``on_base_model_release`` — a new
   base model plus a fleet manifest (``flows/migration.py``).
 * The pair analysis runs once per model pair and calibration set *across runs too*: its
-  stages are cached in the stage store (``lorasuite_core.stage_store``) under keys built from
+  stages are cached in the stage store (``lorasuite_core.pipeline.stage_store``) under keys built from
   model identities, the calibration hash and ``ALGORITHM_VERSION``.
 * Adapters fan out wave by wave; the per-layer transfer is a mapped task (``flows/pipeline.py``).
 * Artifacts: CKA heatmap, layer-mapping table, head-mapping summary, evaluation tables, fleet

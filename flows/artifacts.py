@@ -1,4 +1,4 @@
-"""Prefect UI artifacts of a migration run, rendered by :mod:`lorasuite_core.report_render`.
+"""Prefect UI artifacts of a migration run, rendered by :mod:`lorasuite_core.report.render`.
 
 * CKA heatmap: a Markdown artifact embedding the PNG as a ``data:image/png;base64`` URI.  It
   renders in the Prefect UI without any image hosting (an image artifact needs a URL the
@@ -26,9 +26,9 @@ from typing import Any, Mapping
 import numpy as np
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, update_progress_artifact)
 
-from lorasuite_core.report_render import cka_heatmap_png, evaluation_table, layer_mapping_table, markdown_table
-from lorasuite_core.stage_store import StageResult
-from lorasuite_core.storage import redact_uri
+from lorasuite_core.report.render import cka_heatmap_png, evaluation_table, layer_mapping_table, markdown_table
+from lorasuite_core.pipeline.stage_store import StageResult
+from lorasuite_core.io.storage import redact_uri
 
 
 def artifact_key(*parts: str) -> str:

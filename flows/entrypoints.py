@@ -13,9 +13,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.manifest import FleetManifest
-from lorasuite_core.stages import EntryOptions, check_adapter, output_status, run_inputs
-from lorasuite_core.storage import check_not_a_file, check_replaceable
+from lorasuite_core.pipeline.manifest import FleetManifest
+from lorasuite_core.pipeline.stages import EntryOptions, check_adapter, output_status, run_inputs
+from lorasuite_core.io.storage import check_not_a_file, check_replaceable
 
 from .embedded import embedded_api
 

@@ -29,9 +29,9 @@ from prefect.states import Failed, State
 
 import tasks
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.manifest import BaseModelRelease, FleetManifest, ManifestError
-from lorasuite_core.stages import EntryOptions, check_adapter, run_inputs
-from lorasuite_core.storage import check_not_a_file, check_replaceable as replaceable, redact_uri
+from lorasuite_core.pipeline.manifest import BaseModelRelease, FleetManifest, ManifestError
+from lorasuite_core.pipeline.stages import EntryOptions, check_adapter, run_inputs
+from lorasuite_core.io.storage import check_not_a_file, check_replaceable as replaceable, redact_uri
 from tasks._support import forward_core_logs
 
 from . import artifacts

@@ -31,10 +31,10 @@ from pydantic import BaseModel
 
 import tasks
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.manifest import AdapterEntry, FleetManifest
-from lorasuite_core.stage_store import StageResult
-from lorasuite_core.stages import PAIR_STAGES, AdapterPlan, EntryOptions, PairPlan, run_inputs
-from lorasuite_core.storage import check_replaceable, describe_error, redact_uri
+from lorasuite_core.pipeline.manifest import AdapterEntry, FleetManifest
+from lorasuite_core.pipeline.stage_store import StageResult
+from lorasuite_core.pipeline.stages import PAIR_STAGES, AdapterPlan, EntryOptions, PairPlan, run_inputs
+from lorasuite_core.io.storage import check_replaceable, describe_error, redact_uri
 
 from . import artifacts
 from .settings import resolve_store_root

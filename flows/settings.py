@@ -1,7 +1,7 @@
 """Where a run keeps its stage entries, and how its tasks run.
 
 * **Stage store root**: the flow parameter ``cache_root``, else ``$LORASUITE_CACHE_ROOT``, else
-  ``~/.cache/lorasuite/pipeline`` (:func:`lorasuite_core.stage_store.default_store_root`).
+  ``~/.cache/lorasuite/pipeline`` (:func:`lorasuite_core.pipeline.stage_store.default_store_root`).
   A local directory or any fsspec URI (``s3://bucket/prefix``).  It is the only cache: Prefect
   result persistence is off for every task and flow (see :mod:`tasks._support`), so nothing of
   Prefect's is stored there or read back.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lorasuite_core.stage_store import default_store_root
+from lorasuite_core.pipeline.stage_store import default_store_root
 
 
 def resolve_store_root(cache_root: str | None) -> str:

@@ -53,7 +53,7 @@ def settings() -> Settings:
     """The current settings (environment read now); an invalid value raises a one-line LorasuiteError."""
     from pydantic import ValidationError
 
-    from .errors import LorasuiteError
+    from lorasuite_core.errors import LorasuiteError
 
     try:
         return Settings()

@@ -1,11 +1,11 @@
-"""Prefect tasks of the lorasuite pipeline: thin wrappers over :mod:`lorasuite_core.stages`.
+"""Prefect tasks of the lorasuite pipeline: thin wrappers over :mod:`lorasuite_core.pipeline.stages`.
 
 Design
 ------
-* A task does no numerics: it calls one ``lorasuite_core.stages`` function, forwards the
+* A task does no numerics: it calls one ``lorasuite_core.pipeline.stages`` function, forwards the
   core's log lines to the run log and reports, through the run logger, whether the stage was
   computed or reused.  ``lorasuite_core`` never imports Prefect.
-* Stage tasks exchange :class:`~lorasuite_core.stage_store.StageResult` objects — a store URI
+* Stage tasks exchange :class:`~lorasuite_core.pipeline.stage_store.StageResult` objects — a store URI
   and small JSON facts — never tensors; the arrays live in safetensors files of the stage
   store (local directory by default, object storage when the store root is an ``s3://`` URI).
 * Caching: the stage store is the only cache; the key is the stage key (model identities from

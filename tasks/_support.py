@@ -1,6 +1,6 @@
 """What every lorasuite task shares: no Prefect result records, retries, logging.
 
-* **One cache layer.** The :class:`~lorasuite_core.stage_store.StageStore` is the only cache:
+* **One cache layer.** The :class:`~lorasuite_core.pipeline.stage_store.StageStore` is the only cache:
   a stage task always runs, and the stage finds its complete, sha256-verified entry (reused) or
   computes it.  Prefect's own task caching and result persistence are *off* for every task
   (``cache_policy=NO_CACHE, persist_result=False``) and every flow: Prefect reads a result
@@ -9,7 +9,7 @@
   storage.
 * Retries: heavy tasks retry twice with exponential backoff (1 s, 2 s), except on a
   :class:`~lorasuite_core.errors.LorasuiteError` — bad input does not get better by retrying,
-  and storage errors have already been retried with backoff by ``lorasuite_core.storage``.
+  and storage errors have already been retried with backoff by ``lorasuite_core.io.storage``.
 * Logging: :func:`forward_core_logs` hands ``lorasuite_core`` records to Prefect's API log
   handlers while inside a run (what ``PREFECT_LOGGING_EXTRA_LOGGERS`` does, minus the warnings
   outside runs), so the numerics' own lines land in the run's log; :func:`log_stage` reports,
@@ -30,8 +30,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.stage_store import StageResult
-from lorasuite_core.storage import redact_uri
+from lorasuite_core.pipeline.stage_store import StageResult
+from lorasuite_core.io.storage import redact_uri
 
 GPU_TAG = "lorasuite-gpu"
 CORE_LOGGER = "lorasuite_core"

@@ -2,7 +2,7 @@
 
 ``transfer_layer`` is mapped over an adapter's new layers (``transfer_layer.map``): each call
 carries the old layers mapped onto one new layer, sums them and re-factorises by SVD, and
-stores a :class:`~lorasuite_core.migrate.NewLayerResult`.  It is the unit that goes to GPU
+stores a :class:`~lorasuite_core.transfer.adapter.NewLayerResult`.  It is the unit that goes to GPU
 workers (tag ``lorasuite-gpu``), retried on failure, and cached by (pair analysis, adapter
 identity, layer, sources, head transform): a rerun after a failure redoes only missing layers.
 """
@@ -12,10 +12,10 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from lorasuite_core import stages
-from lorasuite_core.stage_store import StageResult, StageStore
-from lorasuite_core.stages import AdapterPlan, EntryOptions, LayerJob, PairPlan
-from lorasuite_core.storage import redact_uri
+from lorasuite_core.pipeline import stages
+from lorasuite_core.pipeline.stage_store import StageResult, StageStore
+from lorasuite_core.pipeline.stages import AdapterPlan, EntryOptions, LayerJob, PairPlan
+from lorasuite_core.io.storage import redact_uri
 
 from ._support import NO_RECORDS, forward_core_logs, run_stage, stage_task_options
 

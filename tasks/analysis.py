@@ -1,7 +1,7 @@
-"""Pair-analysis tasks: thin wrappers over :mod:`lorasuite_core.stages`, one per stage.
+"""Pair-analysis tasks: thin wrappers over :mod:`lorasuite_core.pipeline.stages`, one per stage.
 
-Each takes the store root (``store``: local path or URI), the :class:`~lorasuite_core.stages.PairPlan`
-from :func:`identify_pair` and the :class:`~lorasuite_core.stage_store.StageResult` of the
+Each takes the store root (``store``: local path or URI), the :class:`~lorasuite_core.pipeline.stages.PairPlan`
+from :func:`identify_pair` and the :class:`~lorasuite_core.pipeline.stage_store.StageResult` of the
 stages it reads, and returns its own StageResult (a URI and small facts; the arrays stay in
 the store).  The stage store is the only cache (see :mod:`tasks._support`).
 """
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from lorasuite_core import stages
-from lorasuite_core.stage_store import StageResult, StageStore
-from lorasuite_core.stages import PairPlan
-from lorasuite_core.storage import redact_uri
+from lorasuite_core.pipeline import stages
+from lorasuite_core.pipeline.stage_store import StageResult, StageStore
+from lorasuite_core.pipeline.stages import PairPlan
+from lorasuite_core.io.storage import redact_uri
 
 from ._support import NO_RECORDS, forward_core_logs, run_stage, stage_task_options
 

@@ -1,7 +1,7 @@
 """Optional per-adapter tasks: light fine-tuning, a vanilla LoRA baseline, evaluation rows.
 
-Thin wrappers over :func:`lorasuite_core.stages.light_finetune`, ``vanilla_baseline`` and
-``evaluate`` (which call :mod:`lorasuite_core.training` / :mod:`lorasuite_core.evaluation`).
+Thin wrappers over :func:`lorasuite_core.pipeline.stages.light_finetune`, ``vanilla_baseline`` and
+``evaluate`` (which call :mod:`lorasuite_core.training.train` / :mod:`lorasuite_core.training.evaluation`).
 All load a whole torch model, so they run one at a time per worker process and carry the
 ``lorasuite-gpu`` tag; each is cached in the stage store by its inputs' identities.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from prefect import task
 
-from lorasuite_core import stages
-from lorasuite_core.stage_store import StageResult, StageStore
-from lorasuite_core.stages import AdapterPlan, EvalJob, PairPlan
+from lorasuite_core.pipeline import stages
+from lorasuite_core.pipeline.stage_store import StageResult, StageStore
+from lorasuite_core.pipeline.stages import AdapterPlan, EvalJob, PairPlan
 
 from ._support import run_stage, stage_task_options
 

@@ -9,8 +9,8 @@ import torch
 from peft import IA3Config, LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from lorasuite_core.cli import main
-from lorasuite_core.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from flows.cli import main
+from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

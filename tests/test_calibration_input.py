@@ -14,10 +14,10 @@ import textwrap
 
 import pytest
 
-from lorasuite_core.activations import (CHARS_PER_TOKEN, JSONL_LINE_FACTOR, MAX_TOKENS_PER_TEXT,
+from lorasuite_core.transfer.activations import (CHARS_PER_TOKEN, JSONL_LINE_FACTOR, MAX_TOKENS_PER_TEXT,
                                         calibration_text_cap, read_calibration_file)
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.stage_store import texts_identity
+from lorasuite_core.pipeline.stage_store import texts_identity
 from tests.s3_server import s3_endpoint  # noqa: F401  (fixture)
 
 WORDS = "alpha beta gamma delta residual stream layer token ".split()
@@ -43,7 +43,7 @@ def test_a_50_mib_single_line_is_capped_with_bounded_memory(tmp_path):
     _write_single_line(path, 50)
     probe = textwrap.dedent(f"""
         import json, resource
-        from lorasuite_core.activations import read_calibration_file
+        from lorasuite_core.transfer.activations import read_calibration_file
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         texts = read_calibration_file({str(path)!r})
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -122,7 +122,7 @@ def test_directory_or_missing_file_is_a_one_line_error(tmp_path):
 
 
 def test_s3_calibration_file_is_streamed_and_capped(tmp_path, s3_endpoint):
-    from lorasuite_core import storage
+    from lorasuite_core.io import storage
 
     local = tmp_path / "one-line.txt"
     _write_single_line(local, 8)
@@ -136,7 +136,7 @@ def test_s3_calibration_file_is_streamed_and_capped(tmp_path, s3_endpoint):
 
 
 def _s3_dir(fs, uri: str) -> str:
-    from lorasuite_core import storage
+    from lorasuite_core.io import storage
 
     directory = uri.rsplit("/", 1)[0] + "/folder.txt"
     fs.pipe_file(storage.resolve(directory + "/inside.txt")[1], b"text\n")
@@ -146,8 +146,8 @@ def _s3_dir(fs, uri: str) -> str:
 @pytest.mark.usefixtures("prefect_server")
 @pytest.mark.parametrize("kind", ["binary", "directory"])
 def test_cli_reports_bad_calibration_data_on_one_line(tmp_path, capsys, kind):
-    from lorasuite_core.cli import main
-    from lorasuite_core.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+    from flows.cli import main
+    from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
 
     old = make_tiny_model_dir("llama", tmp_path / "old", seed=3)
     new = upgrade_model_dir(old, tmp_path / "new", UpgradeSpec(permute_heads=True))

@@ -20,7 +20,7 @@ import psutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from lorasuite_core.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
 
 SERVER_MARK = "prefect.server.api.server:create_app"
 
@@ -42,7 +42,7 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 
 def migrate_cmd(old, new, adapter, out, cache, *extra) -> list[str]:
-    return [sys.executable, "-m", "lorasuite_core.cli", "migrate", "--old-model", str(old), "--new-model", str(new),
+    return [sys.executable, "-m", "flows.cli", "migrate", "--old-model", str(old), "--new-model", str(new),
             "--adapter", str(adapter), "--output", str(out), "--no-lft", "--max-calibration-tokens", "256",
             "--cache-root", str(cache), *extra]
 

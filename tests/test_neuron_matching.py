@@ -6,8 +6,8 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from lorasuite_core.loading import Dims
-from lorasuite_core.matching import (match_neurons, neuron_features, neuron_similarity, similarity_flops,
+from lorasuite_core.models.loading import Dims
+from lorasuite_core.transfer.matching import (match_neurons, neuron_features, neuron_similarity, similarity_flops,
                                      sparse_neuron_match)
 
 

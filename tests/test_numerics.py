@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from lorasuite_core.cka import minibatch_cka
-from lorasuite_core.layer_mapping import map_layers
-from lorasuite_core.loading import Dims
-from lorasuite_core.matching import LayerMatch, head_similarity
-from lorasuite_core.refactor import refactorise
-from lorasuite_core.transfer import LayerTransfer
-from lorasuite_core.vocab import token_bytes
+from lorasuite_core.transfer.cka import minibatch_cka
+from lorasuite_core.transfer.layer_mapping import map_layers
+from lorasuite_core.models.loading import Dims
+from lorasuite_core.transfer.matching import LayerMatch, head_similarity
+from lorasuite_core.transfer.refactor import refactorise
+from lorasuite_core.transfer.unit_maps import LayerTransfer
+from lorasuite_core.transfer.vocab import token_bytes
 
 
 
@@ -92,7 +92,7 @@ def test_shallower_model_spreads_old_layers():
 
 
 def test_surface_forms_meet_across_tokenizer_styles():
-    from lorasuite_core.vocab import _byte_level_decoder
+    from lorasuite_core.transfer.vocab import _byte_level_decoder
 
     assert _byte_level_decoder()["Ġ"] == ord(" ")
     assert token_bytes("Ġthe", "byte_level") == token_bytes("▁the", "metaspace") == b" the"

@@ -4,7 +4,7 @@ One Prefect test server and one set of tiny models serve the whole module (the s
 dominates the cost).  The fleet fixture runs ``migrate-fleet`` once with models, adapters, data,
 manifest, stage store and outputs all on a moto S3 server on 127.0.0.1; later tests reuse its
 pair analysis.  Failure tests patch one function (a per-layer transfer, an upload) — never
-Prefect — and check the published bytes against ``lorasuite_core.migrate.migrate``.
+Prefect — and check the published bytes against ``lorasuite_core.transfer.adapter.migrate``.
 """
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ import pytest
 import torch
 import yaml
 
-from lorasuite_core import stages, storage, task_data
+from lorasuite_core.pipeline import stages
+from lorasuite_core.io import storage
+from lorasuite_core.training.train import task_data
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.manifest import ManifestError
-from lorasuite_core.stages import migrate_in_process
-from lorasuite_core.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.pipeline.manifest import ManifestError
+from lorasuite_core.pipeline.stages import migrate_in_process
+from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
 from tests.exactness import logits_over_shared_vocab, relative_max_error
 from tests.s3_server import s3_endpoint  # noqa: F401 - pytest fixture
 
@@ -206,7 +208,7 @@ def test_second_migration_of_the_pair_reuses_the_analysis(fleet_run, pair, tmp_p
 
 def failing_layer(monkeypatch, layer: int, failures: int | None):
     """Make the per-layer transfer of ``layer`` raise ``failures`` times (None: always); returns call counts."""
-    from lorasuite_core.migrate import transfer_new_layer as real
+    from lorasuite_core.transfer.adapter import transfer_new_layer as real
 
     calls = {"all": 0, "failed": 0}
 

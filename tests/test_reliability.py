@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from lorasuite_core import storage
-from lorasuite_core.cli import main
-from lorasuite_core.stage_store import FACTS_FILE
-from lorasuite_core.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.io import storage
+from flows.cli import main
+from lorasuite_core.pipeline.stage_store import FACTS_FILE
+from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
 from tests.drop_proxy import DroppingProxy
 from tests.s3_server import s3_endpoint, s3fs_filesystem  # noqa: F401  (fixture)
 
@@ -176,7 +176,7 @@ def test_tampered_and_corrupt_cache_entries_are_recomputed(pair, tmp_path, capsy
     with caplog.at_level("WARNING", logger="lorasuite_core"):
         assert migrate(old, new, adapter, tmp_path / "again", cache) == 0
     warnings = {r.getMessage() for r in caplog.records       # a set: Prefect's run-log forwarding re-handles records
-                if r.name == "lorasuite_core.stage_store" and r.levelname == "WARNING"}
+                if r.name == "lorasuite_core.pipeline.stage_store" and r.levelname == "WARNING"}
     assert len(warnings) == 2 and all("discarding cache entry" in w and "sha256" in w for w in warnings), warnings
     assert {w.split(":")[0] for w in warnings} == {"migrated", "head_similarity"}
     again = load_file(tmp_path / "again" / "adapter_model.safetensors")
@@ -188,7 +188,7 @@ def test_tampered_and_corrupt_cache_entries_are_recomputed(pair, tmp_path, capsy
 
 
 def test_entry_without_manifest_is_discarded(tmp_path, caplog):
-    from lorasuite_core.stage_store import StageStore, stage_key
+    from lorasuite_core.pipeline.stage_store import StageStore, stage_key
 
     store = StageStore(str(tmp_path / "store"))
     key = stage_key("demo", x=1)

@@ -1,4 +1,4 @@
-"""Tests for lorasuite_core.report_render: PNG heatmap and Markdown tables."""
+"""Tests for lorasuite_core.report.render: PNG heatmap and Markdown tables."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 
-from lorasuite_core.report_render import (
+from lorasuite_core.report.render import (
     cka_heatmap_png,
     evaluation_table,
     head_mapping_summary,

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from lorasuite_core import model_fetch, stage_store, storage
+from lorasuite_core.models import model_fetch
+from lorasuite_core.pipeline import stage_store
+from lorasuite_core.io import storage
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.settings import settings
 

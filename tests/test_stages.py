@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from lorasuite_core import storage
+from lorasuite_core.io import storage
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.layer_results import load_layer_result, save_layer_result
-from lorasuite_core.manifest import FleetManifest, ManifestError
-from lorasuite_core.migrate import MigratedModule, NewLayerResult
-from lorasuite_core.refactor import refactorise
-from lorasuite_core.residual import residual_transfer
-from lorasuite_core.stage_store import FACTS_FILE, StageStore, stage_key, texts_identity
-from lorasuite_core.vocab import SharedVocabulary
+from lorasuite_core.pipeline.layer_results import load_layer_result, save_layer_result
+from lorasuite_core.pipeline.manifest import FleetManifest, ManifestError
+from lorasuite_core.transfer.adapter import MigratedModule, NewLayerResult
+from lorasuite_core.transfer.refactor import refactorise
+from lorasuite_core.transfer.residual import residual_transfer
+from lorasuite_core.pipeline.stage_store import FACTS_FILE, StageStore, stage_key, texts_identity
+from lorasuite_core.transfer.vocab import SharedVocabulary
 
 
 def test_layer_result_round_trip_is_exact(tmp_path):

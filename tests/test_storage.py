@@ -1,4 +1,4 @@
-"""Tests for lorasuite_core.storage: local disk and a real local S3 server (moto)."""
+"""Tests for lorasuite_core.io.storage: local disk and a real local S3 server (moto)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lorasuite_core import storage
-from lorasuite_core.storage import (
+from lorasuite_core.io import storage
+from lorasuite_core.io.storage import (
     COMPLETE_MARKER,
     DestinationExistsError,
     IncompleteArtifactError,
@@ -66,7 +66,7 @@ def test_with_retries_retries_then_succeeds(caplog):
             raise ConnectionError("transient")
         return "ok"
 
-    with caplog.at_level(logging.WARNING, logger="lorasuite_core.storage"):
+    with caplog.at_level(logging.WARNING, logger="lorasuite_core.io.storage"):
         assert storage.with_retries(flaky, attempts=4, base_delay=0.001, uri="s3://b/k") == "ok"
     assert len(calls) == 3
     assert sum("retrying" in r.getMessage() for r in caplog.records) == 2
@@ -106,7 +106,7 @@ def test_secrets_are_redacted_from_retry_logs_and_errors(caplog):
     def leaky():
         raise OSError("GET https://h/b/k?X-Amz-Signature=SECRETSIG&X-Amz-Credential=AKIAABCDEFGHIJKLMNOP failed")
 
-    with caplog.at_level(logging.WARNING, logger="lorasuite_core.storage"):
+    with caplog.at_level(logging.WARNING, logger="lorasuite_core.io.storage"):
         with pytest.raises(StorageUnavailableError) as info:
             storage.with_retries(leaky, attempts=2, base_delay=0.001, uri="https://user:pw@h/b/k?token=abc")
     logged = " ".join(r.getMessage() for r in caplog.records) + str(info.value)

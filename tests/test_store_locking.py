@@ -19,7 +19,7 @@ import filelock
 import pytest
 
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.stage_store import StageStore
+from lorasuite_core.pipeline.stage_store import StageStore
 from tests.s3_server import s3_endpoint  # noqa: F401  (fixture)
 
 STAGE = "demo"
@@ -86,7 +86,7 @@ def test_two_processes_on_one_s3_root_compute_once_with_renewed_lease(tmp_path, 
     store = StageStore(root, **options)
     assert store.is_complete(STAGE, KEY)
     assert "took over" not in logs and "lost the lease" not in logs
-    from lorasuite_core import storage
+    from lorasuite_core.io import storage
 
     fs, lease_path = storage.resolve(store.lock_location(STAGE, KEY))
     assert not fs.exists(lease_path), "the holder deletes its lease after publishing"
@@ -102,7 +102,7 @@ def _dead_pid() -> int:
 
 @pytest.mark.parametrize("expires_in", [-30.0, 1.5])
 def test_stale_s3_lease_of_a_gone_holder_is_taken_over(tmp_path, s3_endpoint, caplog, expires_in):
-    from lorasuite_core import storage
+    from lorasuite_core.io import storage
 
     store = StageStore(s3_endpoint.unique_uri("stale"), lease_ttl_s=30.0, lease_poll_s=0.1)
     lease_uri = store.lock_location(STAGE, KEY)
@@ -112,7 +112,7 @@ def test_stale_s3_lease_of_a_gone_holder_is_taken_over(tmp_path, s3_endpoint, ca
         "renewed_at": time.time() - 60, "expires_at": time.time() + expires_in, "ttl_s": 30.0}))
     calls = tmp_path / "calls.txt"
     started = time.monotonic()
-    with caplog.at_level(logging.INFO, logger="lorasuite_core.stage_store"):
+    with caplog.at_level(logging.INFO, logger="lorasuite_core.pipeline.stage_store"):
         outcome = store.run(STAGE, KEY, _compute_factory(calls, 0.0))
     waited = time.monotonic() - started
     assert not outcome.reused and outcome.facts["value"] == 42
@@ -128,7 +128,7 @@ def test_stale_s3_lease_of_a_gone_holder_is_taken_over(tmp_path, s3_endpoint, ca
 
 
 def test_live_s3_lease_is_waited_for_until_the_timeout(s3_endpoint):
-    from lorasuite_core import storage
+    from lorasuite_core.io import storage
 
     store = StageStore(s3_endpoint.unique_uri("live"), lease_poll_s=0.1, lock_timeout_s=0.5)
     storage.write_text_atomic(store.lock_location(STAGE, KEY), json.dumps(

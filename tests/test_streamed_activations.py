@@ -6,16 +6,16 @@ import logging
 import pytest
 import torch
 
-from lorasuite_core import activations
-from lorasuite_core.activations import (
+from lorasuite_core.transfer.unit_maps import activations
+from lorasuite_core.transfer.activations import (
     _paired_texts,
     builtin_calibration_texts,
     paired_activations,
     streamed_states,
     whole_model_states,
 )
-from lorasuite_core.loading import BaseModel, load_base_model
-from lorasuite_core.upgrade import make_tiny_model_dir
+from lorasuite_core.models.loading import BaseModel, load_base_model
+from lorasuite_core.testing.upgrade import make_tiny_model_dir
 
 CASES = {
     "llama": {},
@@ -82,7 +82,7 @@ def test_unsupported_family_falls_back_to_the_whole_model_and_says_so(tiny_model
     texts = builtin_calibration_texts()[:20]
     streamed = paired_activations(old, new, texts, max_tokens=300, max_tokens_per_text=48, progress=False)
     monkeypatch.setattr(activations, "STREAMED_MODEL_TYPES", ("qwen2",))
-    with caplog.at_level(logging.INFO, logger="lorasuite_core.activations"):
+    with caplog.at_level(logging.INFO, logger="lorasuite_core.transfer.activations"):
         mixed = paired_activations(old, new, texts, max_tokens=300, max_tokens_per_text=48, progress=False)
     fallback = [r.getMessage() for r in caplog.records if "not streamed" in r.getMessage()]
     assert len(fallback) == 1 and old.source in fallback[0] and "'llama'" in fallback[0]

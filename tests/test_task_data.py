@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import pytest
 
-from lorasuite_core.task_data import (TEST_TEMPLATES, TRAIN_TEMPLATES, Sample, format_prompt, format_training_text,
+from lorasuite_core.training.task_data import (TEST_TEMPLATES, TRAIN_TEMPLATES, Sample, format_prompt, format_training_text,
                                       generate_problems, load_math10k, records_to_samples, save_jsonl)
 
 PY_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}

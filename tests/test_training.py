@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorasuite_core.task_data import Sample, format_prompt, generate_problems
-from lorasuite_core.training import (ADAPTER_WEIGHTS, SUMMARY_FILE, TrainConfig, build_example, collate,
+from lorasuite_core.training.task_data import Sample, format_prompt, generate_problems
+from lorasuite_core.training.train import (ADAPTER_WEIGHTS, SUMMARY_FILE, TrainConfig, build_example, collate,
                                      default_lft_config, light_finetune, load_for_light_finetune, load_tokenizer,
                                      prepare_fresh_lora, train_lora)
 from tests.tiny_llama import build_tiny_model
@@ -127,8 +127,8 @@ def test_lft_errors(tiny_model_dir, tmp_path, samples):
 def test_labelled_token_loss_equals_the_models_own_loss(family, overrides, tmp_path):
     from peft import get_peft_model
 
-    from lorasuite_core.training import _lora_config, labelled_token_loss, load_causal_lm
-    from lorasuite_core.upgrade import make_tiny_model_dir
+    from lorasuite_core.training.train import _lora_config, labelled_token_loss, load_causal_lm
+    from lorasuite_core.testing.upgrade import make_tiny_model_dir
 
     model_dir = make_tiny_model_dir(family, tmp_path / family, **overrides)
     model = load_causal_lm(model_dir, dtype="float32", device="cpu")

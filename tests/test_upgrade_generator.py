@@ -1,4 +1,4 @@
-"""Tests of the ground-truth generator ``lorasuite_core.upgrade`` itself.
+"""Tests of the ground-truth generator ``lorasuite_core.testing.upgrade`` itself.
 
 Every allowed ``UpgradeSpec`` field alone, and all of them combined, must give a new model whose
 logits (fed the ids mapped through ``token_map``, columns taken at ``token_map``) equal the old
@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorasuite_core.upgrade import (
+from lorasuite_core.testing.upgrade import (
     FAMILIES,
     UpgradeSpec,
     make_random_lora_adapter,
@@ -23,7 +23,7 @@ from lorasuite_core.upgrade import (
     make_tokenizer,
     upgrade_model_dir,
 )
-from lorasuite_core.verification import load_model, logits_over_shared_vocab, relative_max_error, sequence_logits
+from lorasuite_core.testing.verification import load_model, logits_over_shared_vocab, relative_max_error, sequence_logits
 
 TOL = 1e-5
 

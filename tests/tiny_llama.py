@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from lorasuite_core.task_data import format_training_text, generate_problems
+from lorasuite_core.training.task_data import format_training_text, generate_problems
 
 
 def build_tiny_model(directory):

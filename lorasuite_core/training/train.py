@@ -12,7 +12,7 @@ Design
   of ``transformers.Trainer``: fewer moving parts, exact control of
   determinism, and loss masking that is easy to test.
 
-Data: each :class:`~lorasuite_core.task_data.Sample` becomes
+Data: each :class:`~lorasuite_core.training.task_data.Sample` becomes
 ``tokens(format_prompt(sample)) + tokens(output) + [eos]``; the prompt part is
 tokenised on its own, exactly as at evaluation time, and its labels are -100 so
 the loss covers only the output (+ EOS) tokens.  Sequences are truncated to
@@ -52,7 +52,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .task_data import Sample, format_prompt
+from lorasuite_core.training.task_data import Sample, format_prompt
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .errors import LorasuiteError
-from .families import ROLES, Family, ModuleSpec
-from .loading import BaseModel, Dims
+from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.models.families import ROLES, Family, ModuleSpec
+from lorasuite_core.models.loading import BaseModel, Dims
 
 
 def split_fused(spec: ModuleSpec, W: torch.Tensor, dims: Dims) -> dict[str, torch.Tensor]:

@@ -2,11 +2,11 @@
 
 Design
 ------
-The sequential :func:`lorasuite_core.migrate.migrate` is cut into stages whose inputs and
+The sequential :func:`lorasuite_core.transfer.adapter.migrate` is cut into stages whose inputs and
 outputs are *references* — model/adapter/data paths or URIs and entries of a
-:class:`~lorasuite_core.stage_store.StageStore` — so that each stage can run as its own job,
+:class:`~lorasuite_core.pipeline.stage_store.StageStore` — so that each stage can run as its own job,
 on any worker, and be reused when its entry already exists.  Arrays live in the entries'
-files (safetensors); stages exchange only :class:`~lorasuite_core.stage_store.StageResult`
+files (safetensors); stages exchange only :class:`~lorasuite_core.pipeline.stage_store.StageResult`
 (URI + small facts).  Never imports Prefect.
 
 Pair analysis (adapter-independent; computed once per model pair and calibration set)::
@@ -30,7 +30,7 @@ Per adapter::
     evaluate         (model, adapter entry, data, n)    accuracy                         [optional]
     publish          not stored: copy to the output, report patched, completion manifest last
 
-Keys (:func:`~lorasuite_core.stage_store.stage_key`) chain: a stage's key includes the keys
+Keys (:func:`~lorasuite_core.pipeline.stage_store.stage_key`) chain: a stage's key includes the keys
 of the entries it reads, so an adapter produced from reused entries is bit-identical to one
 computed afresh.  There is one stage graph: the Prefect flows (``flows/pipeline.py``) submit
 these functions as tasks, and :func:`migrate_in_process` — used by the synthetic demo, the
@@ -55,21 +55,21 @@ from pydantic import BaseModel as Schema
 from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
-from . import storage
-from .activations import PairedActivations, builtin_calibration_texts, paired_activations, read_calibration_file
-from .analysis_store import load_analysis, save_analysis
-from .cka import minibatch_cka
-from .errors import LorasuiteError
-from .layer_mapping import map_layers
-from .layer_results import load_layer_result, save_layer_result
-from .loading import BaseModel, LoraAdapter, load_base_model, load_lora_adapter, resolve_local_dir
-from .migrate import (REPORT_NAME, PairAnalysis, adapter_config, adapter_tensors,
+from lorasuite_core.io import storage
+from lorasuite_core.transfer.activations import PairedActivations, builtin_calibration_texts, paired_activations, read_calibration_file
+from lorasuite_core.pipeline.analysis_store import load_analysis, save_analysis
+from lorasuite_core.transfer.cka import minibatch_cka
+from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.transfer.layer_mapping import map_layers
+from lorasuite_core.pipeline.layer_results import load_layer_result, save_layer_result
+from lorasuite_core.models.loading import BaseModel, LoraAdapter, load_base_model, load_lora_adapter, resolve_local_dir
+from lorasuite_core.transfer.adapter import (REPORT_NAME, PairAnalysis, adapter_config, adapter_tensors,
                       build_report, check_adapter_fits, head_mapping_entries, combine_layers, match_layer_pair, sources_by_new_layer,
                       transfer_new_layer, write_adapter_dir)
-from .residual import ResidualTransfer, residual_transfer
-from .stage_store import (ADAPTER_PATTERNS, StageResult, StageStore, artifact_identity, data_identity,
+from lorasuite_core.transfer.residual import ResidualTransfer, residual_transfer
+from lorasuite_core.pipeline.stage_store import (ADAPTER_PATTERNS, StageResult, StageStore, artifact_identity, data_identity,
                           default_store_root, stage_key, texts_identity)
-from .vocab import SharedVocabulary, shared_vocabulary
+from lorasuite_core.transfer.vocab import SharedVocabulary, shared_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -435,7 +435,7 @@ def assemble(store: StageStore, plan: PairPlan, analysis_uri: str, adapter: Adap
 
 def load_samples(ref: str | None, limit: int | None, split: Literal["train", "test"], seed: int = 0) -> list:
     """math_10k-layout samples from a local/remote JSON(L) file, or generated problems for None."""
-    from .samples import load_samples as load
+    from lorasuite_core.training.samples import load_samples as load
 
     return load(ref, limit, split=split, seed=seed)
 
@@ -450,8 +450,8 @@ def _restore_base_reference(adapter_dir: Path, base_model: str) -> None:
 
 
 def light_finetune(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated_uri: str) -> StageResult:
-    """LFT of the migrated adapter on the new model (lorasuite_core.training.light_finetune)."""
-    from .training import default_lft_config, light_finetune as run_lft
+    """LFT of the migrated adapter on the new model (lorasuite_core.training.train.light_finetune)."""
+    from lorasuite_core.training.train import default_lft_config, light_finetune as run_lft
 
     job = adapter.lft
 
@@ -469,7 +469,7 @@ def light_finetune(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migr
 
 def vanilla_baseline(store: StageStore, plan: PairPlan, adapter: AdapterPlan) -> StageResult:
     """A fresh LoRA (same rank, alpha, targets, data and epochs) trained on the new model."""
-    from .training import TrainConfig, train_lora
+    from lorasuite_core.training.train import TrainConfig, train_lora
 
     job = adapter.vanilla
 
@@ -493,7 +493,7 @@ def _train_facts(result) -> dict:
 def evaluate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, job: EvalJob,
              adapter_uri: str | None) -> StageResult:
     """Accuracy of one evaluation row (``adapter_uri``: the store entry of that row's adapter)."""
-    from .evaluation import evaluate as run_eval
+    from lorasuite_core.training.evaluation import evaluate as run_eval
 
     def compute(out: Path) -> dict:
         model = plan.old_model if job.model == "old" else plan.new_model

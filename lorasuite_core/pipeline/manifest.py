@@ -3,7 +3,7 @@
 Design
 ------
 A *fleet manifest* is a small YAML or JSON document (local path or any fsspec URI,
-read through :mod:`lorasuite_core.storage`) describing one base-model upgrade and
+read through :mod:`lorasuite_core.io.storage`) describing one base-model upgrade and
 the adapters to carry across it::
 
     old_model: s3://bucket/models/old      # local path, fsspec URI or hub id
@@ -63,7 +63,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
-# Must equal lorasuite_core.transfer.MODES (not imported: it pulls in torch); a test checks it.
+# Must equal lorasuite_core.transfer.unit_maps.MODES (not imported: it pulls in torch); a test checks it.
 HeadTransform = Literal["lstsq", "paper"]
 _DUPLICATE_NAME_ERROR = "duplicate_adapter_name"
 _SAME_MODEL_ERROR = "same_base_model"
@@ -234,7 +234,7 @@ class FleetManifest(_Strict):
     @classmethod
     def load(cls, uri: str, *, storage_options: dict | None = None) -> "FleetManifest":
         """Read a manifest from a local path or fsspec URI and validate it."""
-        from lorasuite_core import storage
+        from lorasuite_core.io import storage
 
         source = storage.redact_uri(str(uri))
         try:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .stages import migrate_in_process
-from .upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
-from .verification import logits_over_shared_vocab, relative_max_error
+from lorasuite_core.pipeline.stages import migrate_in_process
+from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.testing.verification import logits_over_shared_vocab, relative_max_error
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,9 @@ def run_real_demo(workdir: str | Path, *, train_samples: int = 200, lft_samples:
     """
     from flows.entrypoints import run_migrate_adapter
 
-    from .model_fetch import fetch_model
-    from .task_data import generate_problems
-    from .training import TrainConfig, train_lora
+    from lorasuite_core.models.model_fetch import fetch_model
+    from lorasuite_core.training.task_data import generate_problems
+    from lorasuite_core.training.train import TrainConfig, train_lora
 
     workdir = Path(workdir)
     old, new = fetch_model("smollm2-135m-instruct"), fetch_model("gemma3-270m")

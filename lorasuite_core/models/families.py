@@ -21,7 +21,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from .errors import LorasuiteError
+from lorasuite_core.errors import LorasuiteError
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -89,7 +89,7 @@ def _family_from_json(data: dict[str, Any]) -> Family:
 @lru_cache(maxsize=1)
 def all_families() -> dict[str, Family]:
     families = {}
-    for entry in resources.files("lorasuite_core.architectures").iterdir():
+    for entry in resources.files("lorasuite_core.models.architectures").iterdir():
         if entry.name.endswith(".json"):
             family = _family_from_json(json.loads(entry.read_text()))
             families[family.name] = family

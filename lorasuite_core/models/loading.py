@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import LorasuiteError
-from .families import Family, family_for_model_type
+from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.models.families import Family, family_for_model_type
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def resolve_local_dir(uri: str | Path, what: str) -> Path:
     if text.startswith("file://"):
         text = text[len("file://"):]
     if "://" in text:
-        from .storage import materialize_dir
+        from lorasuite_core.io.storage import materialize_dir
 
         return Path(materialize_dir(text))
     path = Path(text).expanduser()

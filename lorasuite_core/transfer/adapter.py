@@ -1,7 +1,7 @@
-"""The transfer of one LoRA adapter: the pieces the stages (:mod:`lorasuite_core.stages`) call.
+"""The transfer of one LoRA adapter: the pieces the stages (:mod:`lorasuite_core.pipeline.stages`) call.
 
-Data flow (each step is a stage of :mod:`lorasuite_core.stages`, run by the Prefect flows as
-tasks and by :func:`lorasuite_core.stages.migrate_in_process` sequentially):
+Data flow (each step is a stage of :mod:`lorasuite_core.pipeline.stages`, run by the Prefect flows as
+tasks and by :func:`lorasuite_core.pipeline.stages.migrate_in_process` sequentially):
 
     pair analysis (adapter-independent, cacheable per model pair)
       vocabulary      shared tokens by normalised surface form
@@ -38,15 +38,15 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from . import ALGORITHM_VERSION, __version__
-from .errors import LorasuiteError
-from .layer_weights import dropped_roles, expected_shape, join_fused, layer_weights, module_deltas, split_fused
-from .loading import BaseModel, LoraAdapter, LoraFactors
-from .matching import LayerMatch, match_layer
-from .refactor import LowRank, Refactorised, refactorise
-from .residual import ResidualTransfer, input_map, input_offset, output_map
-from .transfer import LayerTransfer
-from .vocab import SharedVocabulary
+from lorasuite_core import ALGORITHM_VERSION, __version__
+from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.transfer.layer_weights import dropped_roles, expected_shape, join_fused, layer_weights, module_deltas, split_fused
+from lorasuite_core.models.loading import BaseModel, LoraAdapter, LoraFactors
+from lorasuite_core.transfer.matching import LayerMatch, match_layer
+from lorasuite_core.transfer.refactor import LowRank, Refactorised, refactorise
+from lorasuite_core.transfer.residual import ResidualTransfer, input_map, input_offset, output_map
+from lorasuite_core.transfer.unit_maps import LayerTransfer
+from lorasuite_core.transfer.vocab import SharedVocabulary
 
 log = logging.getLogger(__name__)
 REPORT_NAME = "migration_report.json"
@@ -281,7 +281,7 @@ def adapter_tensors(new: BaseModel, migrated: MigratedAdapter) -> dict[str, torc
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> None:
-    from .storage import check_output_location
+    from lorasuite_core.io.storage import check_output_location
 
     check_output_location(out, {})   # never empty, the working directory or one of its parents
     path = Path(out)
@@ -314,7 +314,7 @@ def write_adapter_dir(out: str | Path, config: dict, tensors: dict, report: dict
 
 
 def _model_identity(model: BaseModel) -> dict:
-    from .storage import dir_fingerprint
+    from lorasuite_core.io.storage import dir_fingerprint
 
     d = model.dims
     return {

@@ -67,14 +67,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import LorasuiteError
-from .loading import BaseModel
+from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.models.loading import BaseModel
 
 log = logging.getLogger(__name__)
 
 
 def builtin_calibration_texts() -> list[str]:
-    text = resources.files("lorasuite_core.data").joinpath("calibration.txt").read_text()
+    text = resources.files("lorasuite_core.transfer.data").joinpath("calibration.txt").read_text()
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -144,7 +144,7 @@ def read_calibration_file(path: str, max_tokens: int = DEFAULT_CALIBRATION_TOKEN
     See the module docstring: samples are cut to :func:`calibration_text_cap` characters and
     reading stops once the texts can give ``max_tokens`` paired positions.
     """
-    from . import storage
+    from lorasuite_core.io import storage
 
     shown = storage.redact_uri(str(path))
     if not str(path).endswith((".txt", ".jsonl")):

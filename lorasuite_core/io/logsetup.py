@@ -15,7 +15,7 @@ Design
   reach the Prefect server (UI).  This module only writes that file; it never imports Prefect.
 * **Secrets.** Every handler formats through :class:`RedactingFormatter` or the
   :class:`RedactSecrets` filter, which pass the whole text — message and traceback — through
-  :func:`lorasuite_core.storage.redact_text` (URL user-info, query strings, access-key ids and the
+  :func:`lorasuite_core.io.storage.redact_text` (URL user-info, query strings, access-key ids and the
   values of the AWS secret variables and of credentials seen in URIs).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import os
 import time
 from pathlib import Path
 
-from .storage import redact_text
+from lorasuite_core.io.storage import redact_text
 
 KEEP_DAYS = 14
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -61,7 +61,7 @@ class OnlyLorasuite(logging.Filter):
 
 
 def log_path(command: str) -> Path:
-    from .settings import settings
+    from lorasuite_core.settings import settings
 
     root = settings().log_dir.expanduser()
     root.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,7 @@ import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
-from .loading import Dims
+from lorasuite_core.models.loading import Dims
 
 DENSE_NEURON_PAIRS = 8192 * 8192     # n_o · n_n up to which neurons get the dense Hungarian (Qwen2.5
                                      # 0.5B -> 1.5B, 4864 × 8960, stays dense; Llama 7B -> 8B does not)

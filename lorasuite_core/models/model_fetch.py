@@ -215,7 +215,7 @@ Converter = Callable[[Path, Path], dict[str, Any]]
 
 def default_cache_dir() -> Path:
     """``$LORASUITE_MODELS_DIR`` (old name ``$LORASUITE_CACHE``), else ``~/.cache/lorasuite/models``."""
-    from .settings import settings
+    from lorasuite_core.settings import settings
 
     return settings().models_dir.expanduser()
 
@@ -708,7 +708,7 @@ def read_marker(name: str, cache_dir: Path | None = None) -> dict[str, Any]:
     return json.loads(marker.read_text())
 
 
-if __name__ == "__main__":  # python -m lorasuite_core.model_fetch [names...]
+if __name__ == "__main__":  # python -m lorasuite_core.models.model_fetch [names...]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for model_name, path in fetch_all(names=sys.argv[1:] or None).items():
         print(model_name, path)

@@ -1,13 +1,13 @@
-"""Saving one new layer's transfer result (:class:`~lorasuite_core.migrate.NewLayerResult`) to files.
+"""Saving one new layer's transfer result (:class:`~lorasuite_core.transfer.adapter.NewLayerResult`) to files.
 
 The per-layer unit of work runs as its own task, possibly on another machine, so its result
 travels as files: ``layer.safetensors`` holds every module's re-factorised ``A`` and ``B``
-(float32, as :func:`~lorasuite_core.refactor.refactorise` returns them) under
+(float32, as :func:`~lorasuite_core.transfer.refactor.refactorise` returns them) under
 ``module.<index>.A`` / ``module.<index>.B``, and ``layer.json`` the rest (module names, ranks,
 alphas, source layers, residuals, fit diagnostics, carried roles) in module order.  Both are
 plain data, no pickle; JSON floats round-trip exactly, so
 ``load_layer_result(save_layer_result(r))`` equals ``r`` bit for bit and the assembled adapter
-is the one :func:`~lorasuite_core.migrate.migrate` writes.
+is the one :func:`~lorasuite_core.transfer.adapter.migrate` writes.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from .migrate import MigratedModule, NewLayerResult
-from .refactor import Refactorised
+from lorasuite_core.transfer.adapter import MigratedModule, NewLayerResult
+from lorasuite_core.transfer.refactor import Refactorised
 
 TENSORS, FACTS = "layer.safetensors", "layer.json"
 FORMAT = "lorasuite.layer-result/v1"

@@ -11,15 +11,15 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from . import storage
-from .errors import LorasuiteError
+from lorasuite_core.io import storage
+from lorasuite_core.errors import LorasuiteError
 
 BUILTIN = "builtin:"
 
 
 def load_samples(ref: str | None, limit: int | None = None, *, split: Literal["train", "test"] = "train",
                  seed: int = 0, default_count: int = 100) -> list:
-    from .task_data import generate_problems, load_math10k
+    from lorasuite_core.training.task_data import generate_problems, load_math10k
 
     if ref is None or ref.startswith(BUILTIN):
         split = ref[len(BUILTIN):] if ref else split

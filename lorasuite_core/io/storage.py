@@ -526,7 +526,7 @@ def dir_fingerprint(uri: str | os.PathLike, patterns: Iterable[str] = ("*.json",
 
 def default_cache_root() -> Path:
     """``$LORASUITE_DOWNLOAD_DIR`` (old name ``$LORASUITE_CACHE_DIR``) or ``~/.cache/lorasuite/materialized``."""
-    from .settings import settings
+    from lorasuite_core.settings import settings
 
     return settings().download_dir.expanduser()
 

@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import torch
 
-from .loading import Dims
-from .matching import LayerMatch
-from .refactor import LowRank
+from lorasuite_core.models.loading import Dims
+from lorasuite_core.transfer.matching import LayerMatch
+from lorasuite_core.transfer.refactor import LowRank
 
 INPUT_ROLES = ("q", "k", "v", "gate", "up")
 OUTPUT_ROLES = ("o", "down")

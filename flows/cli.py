@@ -5,7 +5,7 @@ unreadable or unwritable paths, a full disk, refused credentials…) ends with o
 ``lorasuite: error: …`` on stderr and exit status 2, nothing written: a ``LorasuiteError`` or an
 ``OSError`` (permissions, no space, a file where a directory belongs).  Anything else is a bug:
 one line naming the log file that holds the traceback, exit status 1.  Logs go to a log file
-and only lorasuite's own lines reach the terminal (:mod:`lorasuite_core.logsetup`); credentials
+and only lorasuite's own lines reach the terminal (:mod:`lorasuite_core.io.logsetup`); credentials
 seen in URIs are redacted everywhere.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import logging
 import os
 import sys
 
-from .errors import LorasuiteError
-from .logsetup import FILE_ONLY
+from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.io.logsetup import FILE_ONLY
 
 log = logging.getLogger("lorasuite")
 
@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(args):
-    from . import logsetup
-    from .storage import register_secrets_in
+    from lorasuite_core.io import logsetup
+    from lorasuite_core.io.storage import register_secrets_in
 
     register_secrets_in(*(v for v in vars(args).values() if isinstance(v, str)))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")   # no telemetry from the embedded API
@@ -145,7 +145,7 @@ def _run_migrate_fleet(args) -> dict:
 
 
 def _run_demo(args) -> dict:
-    from .demo import run_real_demo, run_synthetic_demo
+    from flows.demo import run_real_demo, run_synthetic_demo
 
     if args.synthetic:
         return run_synthetic_demo(args.workdir, family=args.family, progress=not args.quiet)
@@ -154,9 +154,9 @@ def _run_demo(args) -> dict:
 
 
 def _run_train(args) -> dict:
-    from .migrate import check_output_dir
-    from .samples import load_samples
-    from .training import TrainConfig, train_lora
+    from lorasuite_core.transfer.adapter import check_output_dir
+    from lorasuite_core.training.samples import load_samples
+    from lorasuite_core.training.train import TrainConfig, train_lora
 
     check_output_dir(args.output, args.overwrite)
     samples = load_samples(args.data, args.samples, seed=args.seed, default_count=2000)
@@ -171,8 +171,8 @@ def _run_train(args) -> dict:
 def _run_eval(args) -> dict:
     from pathlib import Path
 
-    from .evaluation import evaluate
-    from .samples import load_samples
+    from lorasuite_core.training.evaluation import evaluate
+    from lorasuite_core.training.samples import load_samples
 
     samples = load_samples(args.data, args.samples, seed=args.seed, default_count=500)
     result = _library_call(evaluate, args.model, samples, adapter_dir=args.adapter, batch_size=args.batch_size,
@@ -185,7 +185,7 @@ def _run_eval(args) -> dict:
 def _run_models(args) -> dict:
     from pathlib import Path
 
-    from .model_fetch import DEFAULT_MODELS, KNOWN_MODELS, fetch_model
+    from lorasuite_core.models.model_fetch import DEFAULT_MODELS, KNOWN_MODELS, fetch_model
 
     names = args.names or list(DEFAULT_MODELS)
     unknown = [n for n in names if n not in KNOWN_MODELS]
@@ -207,7 +207,7 @@ COMMANDS = {"migrate": _run_migrate, "migrate-fleet": _run_migrate_fleet, "demo"
 
 
 def _error_line(exc: BaseException) -> str:
-    from .storage import describe_error, redact_text
+    from lorasuite_core.io.storage import describe_error, redact_text
 
     if isinstance(exc, LorasuiteError):
         return redact_text(" ".join(str(exc).split()))

@@ -4,9 +4,9 @@ Design
 ------
 * **Identities, not tensors.** A model or adapter is identified by
   :func:`artifact_identity`: a hash of its file listing (names, sizes, ETags or
-  inode+mtime — :func:`lorasuite_core.storage.dir_fingerprint`), never of its
+  inode+mtime — :func:`lorasuite_core.io.storage.dir_fingerprint`), never of its
   weights; a hub id is identified by its downloaded snapshot.  A data file by
-  :func:`lorasuite_core.storage.file_fingerprint`; calibration text by the
+  :func:`lorasuite_core.io.storage.file_fingerprint`; calibration text by the
   sha256 of its content (:func:`texts_identity`).
 * **Keys.** :func:`stage_key` hashes the stage name, ``ALGORITHM_VERSION``,
   :data:`STORE_FORMAT` and the stage's inputs — identities, options and the keys
@@ -16,7 +16,7 @@ Design
 * **Entries.** The output of stage ``s`` with key ``k`` is the directory
   ``<root>/<s>/<k>/``: array files (safetensors), other files, and ``_stage.json``
   (small JSON facts handed to later stages).  It is published with
-  :func:`lorasuite_core.storage.publish_dir_atomic` (data first, completion
+  :func:`lorasuite_core.io.storage.publish_dir_atomic` (data first, completion
   manifest with every file's size and sha256 last), so a writer that dies
   half-way leaves nothing a reader would use.
 * **Integrity.** An entry counts only when every file matches its size and
@@ -59,7 +59,7 @@ Design
   object store the lease is best effort: were two runs ever to hold it (an
   expired lease whose holder was in fact alive, or a store that ignores
   conditional writes), both compute the same content and publish it with
-  :func:`lorasuite_core.storage.publish_dir_atomic`.
+  :func:`lorasuite_core.io.storage.publish_dir_atomic`.
 * **Root.** A local directory or any fsspec URI (``s3://bucket/prefix``):
   ``$LORASUITE_CACHE_ROOT``, else ``~/.cache/lorasuite/pipeline``.
 """
@@ -82,10 +82,11 @@ from typing import Any, Callable, Iterable, Iterator
 import filelock
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import ALGORITHM_VERSION, storage
-from .samples import BUILTIN
-from .errors import LorasuiteError
-from .loading import HUB_ID, resolve_local_dir
+from lorasuite_core import ALGORITHM_VERSION
+from lorasuite_core.io import storage
+from lorasuite_core.training.samples import BUILTIN
+from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.models.loading import HUB_ID, resolve_local_dir
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ LEASE_POLL_S = 2.0
 
 def default_store_root() -> str:
     """``$LORASUITE_CACHE_ROOT`` or ``~/.cache/lorasuite/pipeline`` (:mod:`lorasuite_core.settings`)."""
-    from .settings import settings
+    from lorasuite_core.settings import settings
 
     return settings().stage_store_root()
 

@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from .errors import LorasuiteError
+from lorasuite_core.errors import LorasuiteError
 
 
 def _allowed(i: int, j: int, growing: bool, offset: int) -> bool:

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import LorasuiteError
-from .loading import BaseModel
-from .vocab import SharedVocabulary
+from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.models.loading import BaseModel
+from lorasuite_core.transfer.vocab import SharedVocabulary
 
 TINY_GAIN = 1e-12
 MAX_FIT_TOKENS = 32768

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .matching import LayerMatch
-from .migrate import PairAnalysis
-from .residual import ResidualTransfer
-from .vocab import SharedVocabulary
+from lorasuite_core.transfer.matching import LayerMatch
+from lorasuite_core.transfer.adapter import PairAnalysis
+from lorasuite_core.transfer.residual import ResidualTransfer
+from lorasuite_core.transfer.vocab import SharedVocabulary
 
 ARRAYS, FACTS = "analysis.safetensors", "analysis.json"
 

@@ -2,7 +2,7 @@
 
 Design
 ------
-* Prompts come from :func:`lorasuite_core.task_data.format_prompt`, the same
+* Prompts come from :func:`lorasuite_core.training.task_data.format_prompt`, the same
   function training uses, so a trained adapter sees exactly its training prompt.
 * Generation is greedy (``do_sample=False``), batched with *left* padding so all
   continuations start at the same column; samples are sorted by prompt length
@@ -37,8 +37,8 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .task_data import Sample, format_prompt
-from .training import (check_adapter_dir, cuda_peak_mb, load_causal_lm, load_tokenizer, process_peak_rss_mb,
+from lorasuite_core.training.task_data import Sample, format_prompt
+from lorasuite_core.training.train import (check_adapter_dir, cuda_peak_mb, load_causal_lm, load_tokenizer, process_peak_rss_mb,
                        reset_cuda_peak)
 
 logger = logging.getLogger(__name__)

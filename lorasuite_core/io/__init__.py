@@ -1,0 +1,1 @@
+"""URIs and object storage (retries, atomic publish, secrets), logging set-up."""

@@ -1,0 +1,1 @@
+"""The stage graph over a content-addressed stage store, fleet manifests."""

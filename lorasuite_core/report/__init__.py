@@ -1,0 +1,1 @@
+"""Rendering reports and artifacts."""

@@ -1,0 +1,1 @@
+"""The synthetic upgrade generator and exactness verification (tests, demo, benchmarks)."""

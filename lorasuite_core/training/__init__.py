@@ -1,0 +1,1 @@
+"""LoRA training, light fine-tuning, evaluation and the task data."""
