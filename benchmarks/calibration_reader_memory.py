@@ -33,7 +33,7 @@ WORKTREE = "WORKTREE"
 
 def _load_reader(rev: str):
     if rev == WORKTREE:
-        from lorasuite_core.transfer.unit_maps import activations
+        from lorasuite_core.transfer import activations
 
         return activations
     source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:lorasuite_core/transfer/activations.py"],

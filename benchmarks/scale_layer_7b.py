@@ -42,7 +42,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 import lorasuite_core
-from lorasuite_core.transfer.unit_maps import matching
+from lorasuite_core.transfer import matching
 from lorasuite_core.models.loading import Dims
 from lorasuite_core.transfer.matching import _kv_pairs, head_similarity
 

@@ -18,7 +18,7 @@ import yaml
 
 from lorasuite_core.pipeline import stages
 from lorasuite_core.io import storage
-from lorasuite_core.training.train import task_data
+from lorasuite_core.training import task_data
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.pipeline.manifest import ManifestError
 from lorasuite_core.pipeline.stages import migrate_in_process

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from lorasuite_core.transfer.unit_maps import activations
+from lorasuite_core.transfer import activations
 from lorasuite_core.transfer.activations import (
     _paired_texts,
     builtin_calibration_texts,
