@@ -11,6 +11,21 @@ LoRA-targetable modules with their *role*:
     gate, up  input-facing MLP projections (rows = neurons)
     down      output-facing MLP projection (columns = neurons)
 
+Optional facts (defaults in brackets, so a family JSON names only what it needs):
+
+    config_keys          a value may be a list of alternative config.json keys, the first one
+                         present wins (BLOOM checkpoints write ``n_embed`` or ``hidden_size``)
+    intermediate_per_hidden  MLP width as a multiple of hidden_size when the config has no
+                         intermediate size key [null: the key is required]
+    embedding_norm       weight prefix of a norm (the family's norm kind) applied to the
+                         embedding rows before the first layer, e.g. BLOOM's
+                         word_embeddings_layernorm [null]
+    position_encoding    "rotary" or "alibi" ["rotary"]. Under ALiBi head h adds the bias
+                         −m_h·(i − j) with a slope m_h that depends on h *and* on the number of
+                         heads, so a head's index is part of its function: heads cannot be
+                         permuted, added or moved to another index without changing what they
+                         compute (``head_index_fixed``)
+
 Code paths read these facts; no model name appears in them.
 """
 from __future__ import annotations
@@ -24,6 +39,7 @@ from typing import Any
 from lorasuite_core.errors import LorasuiteError
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+POSITION_ENCODINGS = ("rotary", "alibi")
 
 
 @dataclass(frozen=True)
@@ -41,11 +57,27 @@ class Family:
     layer_prefix: str
     embedding: str
     embedding_scale: str
-    config_keys: dict[str, str | None]
+    config_keys: dict[str, str | tuple[str, ...] | None]
     norm_kind: str
     norm_weight_offset: float
     norms: dict[str, str | None]
     modules: dict[str, ModuleSpec]
+    intermediate_per_hidden: int | None = None
+    embedding_norm: str | None = None
+    position_encoding: str = "rotary"
+
+    @property
+    def head_index_fixed(self) -> bool:
+        """True when a head's index (and the head count) is part of what it computes (ALiBi)."""
+        return self.position_encoding == "alibi"
+
+    def config_value(self, config: dict[str, Any], name: str):
+        """The config.json value of canonical key ``name`` (first alternative present), or None."""
+        keys = self.config_keys.get(name)
+        for key in (keys,) if isinstance(keys, str) else (keys or ()):
+            if config.get(key) is not None:
+                return config[key]
+        return None
 
     def layer_weight(self, layer: int, path: str, suffix: str = "weight") -> str:
         return f"{self.layer_prefix.format(layer=layer)}{path}.{suffix}"
@@ -72,17 +104,23 @@ def _family_from_json(data: dict[str, Any]) -> Family:
         name: ModuleSpec(name=name, path=m["path"], role=m["role"], layout=m.get("layout"))
         for name, m in data["modules"].items()
     }
+    position_encoding = data.get("position_encoding", "rotary")
+    if position_encoding not in POSITION_ENCODINGS:
+        raise ValueError(f"family {data['family']}: position_encoding {position_encoding!r} not in {POSITION_ENCODINGS}")
     return Family(
         name=data["family"],
         model_types=tuple(data["model_types"]),
         layer_prefix=data["layer_prefix"],
         embedding=data["embedding"],
         embedding_scale=data["embedding_scale"],
-        config_keys=dict(data["config_keys"]),
+        config_keys={k: tuple(v) if isinstance(v, list) else v for k, v in data["config_keys"].items()},
         norm_kind=data["norm"]["kind"],
         norm_weight_offset=float(data["norm"]["weight_offset"]),
         norms=dict(data["norms"]),
         modules=modules,
+        intermediate_per_hidden=data.get("intermediate_per_hidden"),
+        embedding_norm=data.get("embedding_norm"),
+        position_encoding=position_encoding,
     )
 
 

@@ -88,25 +88,36 @@ class Dims:
         return self.num_heads // self.num_kv_heads
 
 
-def _dims_from_config(config: dict[str, Any], family: Family) -> Dims:
-    keys = family.config_keys
-
+def _dims_from_config(config: dict[str, Any], family: Family, uri: str = "") -> Dims:
     def get(name: str, default=None):
-        key = keys.get(name)
-        value = config.get(key) if key else None
+        value = family.config_value(config, name)
+        if value is None and default is None:
+            keys = family.config_keys.get(name)
+            raise LorasuiteError(f"model {uri}: config.json lacks {keys or name!r} ({family.name} family)")
         return default if value is None else value
 
     hidden = int(get("hidden_size"))
     heads = int(get("num_heads"))
+    per_hidden = family.intermediate_per_hidden
     return Dims(
         hidden=hidden,
         num_layers=int(get("num_layers")),
         num_heads=heads,
         num_kv_heads=int(get("num_kv_heads", heads)),
         head_dim=int(get("head_dim", hidden // heads)),
-        intermediate=int(get("intermediate_size")),
+        intermediate=int(get("intermediate_size", per_hidden * hidden if per_hidden else None)),
         norm_eps=float(get("norm_eps", 1e-6)),
     )
+
+
+def apply_norm(x: torch.Tensor, kind: str, gain: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Row-wise norm of x (n × d): LayerNorm g ⊙ (x − mean) / √(var + eps) + b, or RMSNorm g ⊙ x / √(mean x² + eps)."""
+    if kind == "layer":
+        x = x - x.mean(dim=-1, keepdim=True)
+    elif kind != "rms":
+        raise LorasuiteError(f"unknown norm kind {kind!r}")
+    y = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * gain
+    return y if bias is None else y + bias
 
 
 class SafetensorsWeights:
@@ -193,8 +204,15 @@ class BaseModel:
         return self.dims.hidden ** 0.5 if self.family.embedding_scale == "sqrt_hidden" else 1.0
 
     def effective_embeddings(self) -> torch.Tensor:
-        """What the first layer receives for each token id (vocab × hidden, float64)."""
-        return self.weight(self.family.embedding) * self.embedding_scale
+        """What the first layer receives for each token id (vocab × hidden, float64): the embedding
+        rows times the family's scale, through the family's embedding norm where it has one."""
+        E = self.weight(self.family.embedding) * self.embedding_scale
+        norm = self.family.embedding_norm
+        if norm is None:
+            return E
+        gain = self.weight(f"{norm}.weight") + self.family.norm_weight_offset
+        bias = self.weight(f"{norm}.bias") if f"{norm}.bias" in self.weights else None
+        return apply_norm(E, self.family.norm_kind, gain, bias, self.dims.norm_eps)
 
     def tokenizer(self):
         from transformers import AutoTokenizer
@@ -226,7 +244,7 @@ def load_base_model(uri: str | Path) -> BaseModel:
     weights = SafetensorsWeights(local)
     if family.embedding not in weights:
         raise LorasuiteError(f"model {uri}: weight {family.embedding!r} missing (not a {family.name} checkpoint?)")
-    return BaseModel(str(uri), local, config, family, _dims_from_config(config, family), weights)
+    return BaseModel(str(uri), local, config, family, _dims_from_config(config, family, str(uri)), weights)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Ground-truth generator: tiny random Hugging Face models and *function-preserving* upgrades of them.
 
 This module is the independent ground truth for the exactness tests, the demo and the benchmark.  It
-builds tiny random causal LMs of four families (``llama``, ``qwen2``, ``gemma3`` -- the text-only
-``gemma3_text`` model -- and ``gpt_neox``), "upgrades" them to a bigger / re-parameterised model that
+builds tiny random causal LMs of five families (``llama``, ``qwen2``, ``gemma3`` -- the text-only
+``gemma3_text`` model --, ``gpt_neox`` and ``bloom``), "upgrades" them to a bigger / re-parameterised model that
 computes exactly the same function, and records the correspondence (token ids, layers, heads,
 neurons, residual basis) in ``lorasuite_upgrade.json``.  It depends only on torch, transformers,
 tokenizers and safetensors, and imports nothing else from ``lorasuite_core``.
@@ -21,7 +21,7 @@ Norms (exact formulas of transformers 5.x):
   * llama / qwen2 RMSNorm:  ``n(x) = w * x / sqrt(mean(x^2) + eps)``.
   * gemma3 RMSNorm:         ``n(x) = (1 + w) * x / sqrt(mean(x^2) + eps)`` (computed in float32).
     Internally we always work with the *effective* weight ``g = 1 + w`` (``g = w`` for the others).
-  * gpt_neox LayerNorm:     ``n(x) = w * (x - mean(x)) / sqrt(var(x) + eps) + b``.
+  * gpt_neox / bloom LayerNorm: ``n(x) = w * (x - mean(x)) / sqrt(var(x) + eps) + b``.
 gemma3 additionally multiplies the embedding by ``sqrt(hidden_size)``, normalises the *outputs* of the
 attention and of the MLP (``post_attention_layernorm``, ``post_feedforward_layernorm``) before adding
 them to the residual, and applies ``q_norm``/``k_norm`` (RMSNorm over ``head_dim``, sharing
@@ -30,6 +30,24 @@ gpt_neox fuses q, k, v in one linear whose output rows are laid out ``[head][q|k
 (``qkv.view(..., num_heads, 3*head_size)`` then ``chunk(3)``), applies RoPE to the first
 ``partial_rotary_factor * head_size`` dims of each head, and (by default) uses a parallel residual
 ``h + attn(ln1(h)) + mlp(ln2(h))``.
+bloom fuses q, k, v the same way (``[head][q|k|v][head_dim]``, all linears with biases), has no
+rotary embedding but ALiBi: head ``h`` of ``H`` adds ``m_h * (j - i)`` to its scores, with slopes
+``m_h`` that depend on ``h`` *and* on ``H`` (a geometric sequence from ``2^floor(log2 H)``); its
+embedding goes through a LayerNorm (``word_embeddings_layernorm``) before the first layer, its MLP
+is ``dense_4h_to_h(gelu(dense_h_to_4h x))`` of width exactly ``4 * hidden_size`` (no config field),
+``head_dim = hidden_size / n_head``, and its residual is sequential (``apply_residual_connection_
+post_layernorm`` false).  What that leaves function-preserving for bloom:
+  * residual: only a *permutation* (as gpt_neox; the embedding LayerNorm's weight and bias are
+    permuted with it, ``LN(P e) = P LN(e)`` for permuted weights).  Widening is impossible twice
+    over: LayerNorm centres over all ``D`` dims, and ``head_dim = D / H`` would change;
+  * heads: nothing.  A permuted head meets another slope, an added head changes ``H`` and with it
+    every slope (even with a zero ``dense`` column) and ``head_dim``; attention is multi-head, so
+    there is no kv group to replicate;
+  * MLP: permuting neurons is exact; adding neurons is not expressible (width ``4 * hidden_size``);
+  * identity layers (ALiBi does not depend on the layer), vocabulary changes, folding the input
+    norms into ``query_key_value`` / ``dense_h_to_4h`` (never the embedding LayerNorm: its output
+    is the residual itself) -- all exact.
+The unsupported kinds raise ``ValueError`` naming the reason (``_check_spec``).
 
 The steps, applied in this order (each one is exactly function preserving, hence so is any
 composition):
@@ -104,8 +122,8 @@ composition):
        scalar weight, so all of them are folded first (step 1, forced);
      - gemma3: ``P`` is a random *signed permutation* (the post-norms cannot be folded, so a general
        rotation is impossible); norm weights ``g <- |P| g``;
-     - gpt_neox: ``P`` is a random *permutation* (LayerNorm's mean subtraction forbids sign flips);
-       ``w <- P w``, ``b <- P b``.
+     - gpt_neox / bloom: ``P`` is a random *permutation* (LayerNorm's mean subtraction forbids sign
+       flips); ``w <- P w``, ``b <- P b`` (bloom: for its embedding LayerNorm too).
 
 6. ``identity_layers``: insert layers (at these indices of the *new* layer list) whose writers are
    zero (``o_proj``/``down_proj`` or ``dense``/``dense_4h_to_h``, weights *and* biases) and whose
@@ -143,6 +161,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    BloomConfig,
     Gemma3TextConfig,
     GPTNeoXConfig,
     LlamaConfig,
@@ -162,20 +181,27 @@ __all__ = [
     "RESIDUAL_FILE",
 ]
 
-FAMILIES = ("llama", "qwen2", "gemma3", "gpt_neox")
+FAMILIES = ("llama", "qwen2", "gemma3", "gpt_neox", "bloom")
 
 GROUND_TRUTH_FILE = "lorasuite_upgrade.json"
 RESIDUAL_FILE = "lorasuite_upgrade.safetensors"
 
-_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text", "gpt_neox": "gpt_neox"}
+_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text", "gpt_neox": "gpt_neox", "bloom": "bloom"}
 _FAMILY_OF_MODEL_TYPE = {v: k for k, v in _MODEL_TYPE.items()}
-_TOKENIZER_STYLE = {"llama": "byte_bpe", "qwen2": "byte_bpe", "gemma3": "metaspace", "gpt_neox": "byte_bpe"}
+_TOKENIZER_STYLE = {"llama": "byte_bpe", "qwen2": "byte_bpe", "gemma3": "metaspace", "gpt_neox": "byte_bpe",
+                    "bloom": "byte_bpe"}
+_FUSED_QKV = ("gpt_neox", "bloom")       # one query_key_value, rows [head][q|k|v][head_dim]
+_LAYER_NORM = ("gpt_neox", "bloom")      # LayerNorm with bias (everything else: RMSNorm)
+# config.json keys of the dims the upgrade changes (bloom writes n_layer / n_head and has no MLP width)
+_CONFIG_KEYS = {"layers": "num_hidden_layers", "heads": "num_attention_heads", "inter": "intermediate_size"}
+_FAMILY_CONFIG_KEYS = {"bloom": {"layers": "n_layer", "heads": "n_head", "inter": None}}
 
 DEFAULT_LORA_TARGETS = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "gemma3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "bloom": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -369,13 +395,13 @@ def _special_roles(tok) -> dict[str, str]:
 # canon = {
 #   "family": str, "dims": {hidden, heads, kv_heads, head_dim, inter, vocab},
 #   "embed": [V, d], "lm_head": {"w": [V, d], "b": None}, "tied": bool,
-#   "final_norm": norm, "layers": [layer, ...]
+#   "final_norm": norm, "embed_norm": norm|None (bloom's word_embeddings_layernorm), "layers": [layer, ...]
 # }
 # norm  = {"w": effective weight g (gemma3: 1 + w), "b": LayerNorm bias or None, "folded": bool}
 # layer = {"attn_norm": norm, "mlp_norm": norm, "post_attn_norm": norm|None, "post_ff_norm": norm|None,
 #          "q_norm": norm|None, "k_norm": norm|None,
 #          "q"/"k"/"v"/"o"/"up"/"down": {"w", "b"|None}, "gate": {"w", "b"}|None}
-# gpt_neox's fused query_key_value is split into q/k/v (and re-fused on save).
+# gpt_neox's and bloom's fused query_key_value is split into q/k/v (and re-fused on save).
 
 _LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 _PRE_NORMS = ("attn_norm", "mlp_norm")
@@ -387,6 +413,16 @@ def _gemma_like(family: str) -> bool:
 
 
 def _layer_names(family: str, i: int) -> dict[str, str]:
+    if family == "bloom":
+        p = f"transformer.h.{i}."
+        return {
+            "attn_norm": p + "input_layernorm",
+            "mlp_norm": p + "post_attention_layernorm",
+            "qkv": p + "self_attention.query_key_value",
+            "o": p + "self_attention.dense",
+            "up": p + "mlp.dense_h_to_4h",
+            "down": p + "mlp.dense_4h_to_h",
+        }
     if family == "gpt_neox":
         p = f"gpt_neox.layers.{i}."
         return {
@@ -422,6 +458,9 @@ def _layer_names(family: str, i: int) -> dict[str, str]:
 
 
 def _global_names(family: str) -> dict[str, str]:
+    if family == "bloom":
+        return {"embed": "transformer.word_embeddings", "embed_norm": "transformer.word_embeddings_layernorm",
+                "final_norm": "transformer.ln_f", "lm_head": "lm_head"}
     if family == "gpt_neox":
         return {"embed": "gpt_neox.embed_in", "final_norm": "gpt_neox.final_layer_norm", "lm_head": "lm_head"}
     return {"embed": "model.embed_tokens", "final_norm": "model.norm", "lm_head": "lm_head"}
@@ -436,7 +475,8 @@ def _family_of_config(cfg) -> str:
 
 def _dims_of_config(family: str, cfg) -> dict[str, int]:
     heads = cfg.num_attention_heads
-    if family == "gpt_neox":
+    inter = 4 * cfg.hidden_size if family == "bloom" else cfg.intermediate_size  # BloomMLP: fixed 4 x hidden
+    if family in _FUSED_QKV:
         kv, hd = heads, cfg.hidden_size // heads
     else:
         kv = cfg.num_key_value_heads or heads
@@ -446,7 +486,7 @@ def _dims_of_config(family: str, cfg) -> dict[str, int]:
         "heads": heads,
         "kv_heads": kv,
         "head_dim": hd,
-        "inter": cfg.intermediate_size,
+        "inter": inter,
         "vocab": cfg.vocab_size,
         "layers": cfg.num_hidden_layers,
     }
@@ -482,6 +522,7 @@ def _from_hf(family: str, cfg, sd: dict[str, torch.Tensor]) -> dict:
     canon: dict[str, Any] = {"family": family, "dims": dims}
     canon["embed"] = take(g["embed"] + ".weight")
     canon["final_norm"] = norm(g["final_norm"])
+    canon["embed_norm"] = norm(g["embed_norm"]) if "embed_norm" in g else None
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     lm = take(g["lm_head"] + ".weight", required=not tied)
     if lm is None or tied:
@@ -495,7 +536,7 @@ def _from_hf(family: str, cfg, sd: dict[str, torch.Tensor]) -> dict:
         L: dict[str, Any] = {k: None for k in _LINEARS + _PRE_NORMS + _POST_NORMS + ("q_norm", "k_norm")}
         L["attn_norm"] = norm(n["attn_norm"])
         L["mlp_norm"] = norm(n["mlp_norm"])
-        if family == "gpt_neox":
+        if family in _FUSED_QKV:
             qkv = lin(n["qkv"])
             w = qkv["w"].view(H, 3, hd, -1)
             b = qkv["b"].view(H, 3, hd) if qkv["b"] is not None else None
@@ -543,13 +584,15 @@ def _to_hf(canon: dict) -> dict[str, torch.Tensor]:
     g = _global_names(family)
     sd[g["embed"] + ".weight"] = canon["embed"].to(f32).contiguous()
     put_norm(g["final_norm"], canon["final_norm"])
+    if canon.get("embed_norm") is not None:
+        put_norm(g["embed_norm"], canon["embed_norm"])
     sd[g["lm_head"] + ".weight"] = canon["lm_head"]["w"].to(f32).contiguous()
     hd = canon["dims"]["head_dim"]
     for i, L in enumerate(canon["layers"]):
         n = _layer_names(family, i)
         put_norm(n["attn_norm"], L["attn_norm"])
         put_norm(n["mlp_norm"], L["mlp_norm"])
-        if family == "gpt_neox":
+        if family in _FUSED_QKV:
             H = L["q"]["w"].shape[0] // hd
             w = torch.stack([L[k]["w"].view(H, hd, -1) for k in "qkv"], dim=1).reshape(3 * H * hd, -1)
             qkv = {"w": w, "b": None}
@@ -584,12 +627,13 @@ def _random_norm_weight(gen: torch.Generator, n: int) -> torch.Tensor:
 def _random_canon(family: str, dims: dict, cfg, gen: torch.Generator) -> dict:
     d, H, KV, hd, inter, V = (dims[k] for k in ("hidden", "heads", "kv_heads", "head_dim", "inter", "vocab"))
     gemma = _gemma_like(family)
-    neox = family == "gpt_neox"
-    attn_bias = bool(getattr(cfg, "attention_bias", False)) or family == "qwen2"
+    neox = family in _FUSED_QKV                       # no gate, biased MLP
+    layer_norm = family in _LAYER_NORM
+    attn_bias = bool(getattr(cfg, "attention_bias", False)) or family in ("qwen2", "bloom")
     mlp_bias = bool(getattr(cfg, "mlp_bias", False)) or neox
 
     def norm(n):
-        return {"w": _random_norm_weight(gen, n), "b": 0.2 * _randn(gen, n) if neox else None, "folded": False}
+        return {"w": _random_norm_weight(gen, n), "b": 0.2 * _randn(gen, n) if layer_norm else None, "folded": False}
 
     def lin(out, inp, bias, bias_scale=0.1):
         return {"w": _randn(gen, out, inp) / math.sqrt(inp), "b": bias_scale * _randn(gen, out) if bias else None}
@@ -598,6 +642,7 @@ def _random_canon(family: str, dims: dict, cfg, gen: torch.Generator) -> dict:
     # Residual components O(1): gemma3 multiplies the embedding by sqrt(d).
     canon["embed"] = _randn(gen, V, d) / (math.sqrt(d) if gemma else 1.0)
     canon["final_norm"] = norm(d)
+    canon["embed_norm"] = norm(d) if family == "bloom" else None
     canon["tied"] = bool(getattr(cfg, "tie_word_embeddings", False))
     canon["lm_head"] = {"w": canon["embed"].clone() if canon["tied"] else 3.0 * _randn(gen, V, d) / math.sqrt(d), "b": None}
     layers = []
@@ -641,6 +686,12 @@ def _build_config(family: str, vocab_size: int, special_ids: dict, overrides: di
         eos_token_id=special_ids.get("eos"),
         pad_token_id=special_ids.get("pad"),
     )
+    if family == "bloom":
+        kw = dict(common, layer_norm_epsilon=1e-5)
+        kw.pop("intermediate_size")  # BloomMLP is 4 x hidden_size wide
+        kw.pop("max_position_embeddings")  # ALiBi: no position table
+        kw.update(ov)
+        return BloomConfig(**kw)
     if family == "gpt_neox":
         kw = dict(common, rotary_pct=0.5, rotary_emb_base=10000, use_parallel_residual=True, layer_norm_eps=1e-5,
                   hidden_act="gelu")
@@ -688,10 +739,11 @@ def _save_model(canon: dict, config, out_dir: Path) -> None:
 def make_tiny_model_dir(family: str, out_dir, *, seed: int = 0, **config_overrides) -> Path:
     """Write a tiny random HF causal LM (config.json, model.safetensors, tokenizer) into ``out_dir``.
 
-    Defaults: hidden 64, 4 query heads, 2 kv heads (gpt_neox: 4 heads MHA), head_dim 16,
-    intermediate 128, 3 layers, untied ``lm_head``, vocab = tokenizer size.  qwen2 has random q/k/v
+    Defaults: hidden 64, 4 query heads, 2 kv heads (gpt_neox, bloom: 4 heads MHA), head_dim 16,
+    intermediate 128 (bloom: 4 * hidden = 256), 3 layers, untied ``lm_head``, vocab = tokenizer size.  qwen2 has random q/k/v
     biases; gemma3 (``gemma3_text``) alternates sliding (window 4) and full attention layers;
-    gpt_neox uses ``rotary_pct`` 0.5 and a parallel residual.  All norm weights (and LayerNorm biases)
+    gpt_neox uses ``rotary_pct`` 0.5 and a parallel residual; bloom has biases on every linear and a
+    LayerNorm on the embeddings.  All norm weights (and LayerNorm biases)
     are random, non-trivial.  ``config_overrides`` go to the config class (e.g. ``hidden_size``,
     ``num_hidden_layers``, ``tie_word_embeddings``, ``vocab_size`` >= tokenizer size: the tokenizer
     is then padded with ``<|reserved_i|>`` tokens).
@@ -734,19 +786,20 @@ class UpgradeSpec:
     permute), heads (kv replication, extra query heads per *new* kv group, permutation), residual
     (widen then rotate), identity layers.  ``rotate_residual`` on llama/qwen2 implies ``fold_norms``
     (an orthogonal rotation only commutes with scalar norm weights).  Unsupported combinations raise
-    ``ValueError``: widen / kv replication / extra heads on gpt_neox, a ``kv_replication`` that does
+    ``ValueError``: widen / kv replication / extra heads on gpt_neox and bloom, head permutation and
+    extra neurons on bloom (ALiBi slopes, fixed MLP width), a ``kv_replication`` that does
     not divide the query-group size, and (llama, gemma3) a new ``hidden_size`` not divisible by the
     new number of heads, which transformers' config validation rejects.
     """
 
-    rotate_residual: bool = False  # llama/qwen2: orthogonal; gemma3: signed permutation; gpt_neox: permutation
-    widen_residual: int = 0  # zero dims added to the residual (not gpt_neox)
+    rotate_residual: bool = False  # llama/qwen2: orthogonal; gemma3: signed permutation; gpt_neox/bloom: permutation
+    widen_residual: int = 0  # zero dims added to the residual (not gpt_neox/bloom)
     fold_norms: bool = False  # fold norm weights into the following linears
-    permute_heads: bool = False  # permute kv groups and query heads within groups
-    extra_query_heads_per_group: int = 0  # new query heads (zero o_proj columns) per kv group (not gpt_neox)
-    kv_replication: int = 1  # copy every kv head this many times (not gpt_neox)
+    permute_heads: bool = False  # permute kv groups and query heads within groups (not bloom)
+    extra_query_heads_per_group: int = 0  # new query heads (zero o_proj columns) per kv group (not gpt_neox/bloom)
+    kv_replication: int = 1  # copy every kv head this many times (not gpt_neox/bloom)
     permute_neurons: bool = False
-    extra_neurons: int = 0  # new MLP neurons with zero down_proj columns
+    extra_neurons: int = 0  # new MLP neurons with zero down_proj columns (not bloom)
     identity_layers: tuple[int, ...] = ()  # positions of inserted zero-output layers in the NEW layer list
     extra_vocab: int = 0  # new tokens (new strings)
     added_token_logits: str = "mean"  # "mean": lm_head rows = mean of the old rows (greedy never picks them); "random"
@@ -766,6 +819,23 @@ def _check_spec(spec: UpgradeSpec, family: str, dims: dict) -> None:
         raise ValueError(f"UpgradeSpec.added_token_logits must be one of {ADDED_TOKEN_LOGITS}, got {spec.added_token_logits!r}")
     if not isinstance(spec.kv_replication, int) or spec.kv_replication < 1:
         raise ValueError(f"UpgradeSpec.kv_replication must be an int >= 1, got {spec.kv_replication!r}")
+    if family == "bloom":
+        if spec.widen_residual:
+            raise ValueError("widen_residual is not function-preserving for bloom: LayerNorm subtracts the mean over "
+                             "all hidden dims, which zero-padding changes, and head_dim = hidden_size / n_head")
+        if spec.permute_heads:
+            raise ValueError("permute_heads is not function-preserving for bloom: ALiBi gives every head index its "
+                             "own slope, so a permuted head attends with another slope")
+        if spec.extra_query_heads_per_group:
+            raise ValueError("extra_query_heads_per_group is not function-preserving for bloom: ALiBi slopes depend "
+                             "on the number of heads (and head_dim = hidden_size / n_head), so even a head with a "
+                             "zero dense column changes the other heads")
+        if spec.kv_replication != 1:
+            raise ValueError("kv_replication is not supported for bloom (multi-head attention with a fused "
+                             "query_key_value; the number of kv heads always equals the number of heads)")
+        if spec.extra_neurons:
+            raise ValueError("extra_neurons is not supported for bloom: its MLP is exactly 4 * hidden_size wide "
+                             "(no config field for the intermediate size)")
     if family == "gpt_neox":
         if spec.widen_residual:
             raise ValueError("widen_residual is not function-preserving for gpt_neox: LayerNorm subtracts the "
@@ -1017,13 +1087,16 @@ def _step_rotate(canon: dict, gen: torch.Generator) -> torch.Tensor:
         wr["w"] = P @ wr["w"]
         if wr["b"] is not None:
             wr["b"] = P @ wr["b"]
+    if canon.get("embed_norm") is not None:  # bloom: LN(E P^T) rows = P LN(e) with w, b permuted
+        canon["embed_norm"]["w"] = Pabs @ canon["embed_norm"]["w"]
+        canon["embed_norm"]["b"] = P @ canon["embed_norm"]["b"]
     for nm, readers, _ in _all_pre_norms(canon):
         if not nm["folded"]:
             if not diag_ok:
                 raise AssertionError("internal: rotation of an unfolded norm")
             nm["w"] = Pabs @ nm["w"]
         if nm["b"] is not None:
-            nm["b"] = P @ nm["b"]  # only gpt_neox (unsigned permutation)
+            nm["b"] = P @ nm["b"]  # only gpt_neox / bloom (unsigned permutation)
         for r in readers:
             r["w"] = r["w"] @ P.T
     for L in canon["layers"]:
@@ -1260,11 +1333,10 @@ def upgrade_model_dir(old_dir, new_dir, spec: UpgradeSpec) -> Path:
             return [token_map[i] for i in x]
         return token_map[x]
 
+    keys = _FAMILY_CONFIG_KEYS.get(family, _CONFIG_KEYS)
+    cfg_dict.update({keys[k]: dims[k] for k in ("layers", "heads", "inter") if keys[k] is not None})
     cfg_dict.update(
         hidden_size=dims["hidden"],
-        num_attention_heads=dims["heads"],
-        intermediate_size=dims["inter"],
-        num_hidden_layers=dims["layers"],
         vocab_size=dims["vocab"],
         tie_word_embeddings=tied_new,
         bos_token_id=map_id(cfg_dict.get("bos_token_id")),
@@ -1272,7 +1344,7 @@ def upgrade_model_dir(old_dir, new_dir, spec: UpgradeSpec) -> Path:
         pad_token_id=map_id(cfg_dict.get("pad_token_id")),
         dtype="float32",
     )
-    if family != "gpt_neox":
+    if family not in _FUSED_QKV:
         cfg_dict.update(num_key_value_heads=dims["kv_heads"], head_dim=dims["head_dim"])
     if new_types is not None:
         cfg_dict["layer_types"] = new_types
