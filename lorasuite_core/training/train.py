@@ -47,7 +47,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -60,6 +60,7 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SUMMARY_FILE = "training_summary.json"
+LossFn = Callable[[Any, list[dict]], torch.Tensor]  # (model, micro-batch example dicts) -> scalar loss
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -318,6 +319,13 @@ def labelled_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     models with large vocabularies (262k rows for a 640-wide model) that projection is most of a step's compute
     and memory, and prompts are most of each sequence.
     """
+    logits, targets = labelled_logits(model, batch)
+    return torch.nn.functional.cross_entropy(logits.float(), targets)
+
+
+def labelled_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, targets)`` at the labelled positions only: ``(n_labelled, V)`` (soft-capped as the model does)
+    and ``(n_labelled,)``, rows in row-major (example, position) order."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = causal_lm.base_model  # the transformer stack under the LM head (LoRA layers included)
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, D)
@@ -327,15 +335,22 @@ def labelled_token_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     cap = getattr(causal_lm.config.get_text_config(), "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return torch.nn.functional.cross_entropy(logits.float(), targets[scored])
+    return logits, targets[scored]
 
 
-def _train_step(model, group: list[list[int]], examples, pad_id: int, device: torch.device) -> float:
-    """Forward/backward over the micro-batches of one optimizer step; returns their mean loss."""
+def _train_step(model, group: list[list[int]], examples, pad_id: int, device: torch.device,
+                loss_fn: LossFn | None = None) -> float:
+    """Forward/backward over the micro-batches of one optimizer step; returns their mean loss.
+
+    ``loss_fn(model, chunk)`` (chunk: that micro-batch's example dicts) replaces the labelled cross-entropy.
+    """
     total = 0.0
     for indices in group:
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices], pad_id).items()}
-        loss = labelled_token_loss(model, batch)
+        chunk = [examples[i] for i in indices]
+        if loss_fn is not None:
+            loss = loss_fn(model, chunk)
+        else:
+            loss = labelled_token_loss(model, {k: v.to(device) for k, v in collate(chunk, pad_id).items()})
         if not torch.isfinite(loss):
             raise ValueError(f"non-finite training loss {loss.item()}; lower the learning rate or check the data")
         (loss / len(group)).backward()
@@ -350,7 +365,8 @@ def _trainable_parameters(peft_model) -> list[torch.nn.Parameter]:
     return params
 
 
-def _optimise(peft_model, tokenizer, examples, params, config: TrainConfig, device: torch.device) -> list[float]:
+def _optimise(peft_model, tokenizer, examples, params, config: TrainConfig, device: torch.device,
+              loss_fn: LossFn | None = None) -> list[float]:
     """AdamW over seeded shuffled batches for ``config.epochs``; returns the loss of every optimizer step."""
     generator = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = math.ceil(math.ceil(len(examples) / config.batch_size) / config.grad_accum)
@@ -360,7 +376,7 @@ def _optimise(peft_model, tokenizer, examples, params, config: TrainConfig, devi
     progress = tqdm(total=steps_per_epoch * config.epochs, desc="train", disable=not config.show_progress)
     for _epoch in range(config.epochs):
         for group in _groups(_batches(len(examples), config.batch_size, generator), config.grad_accum):
-            losses.append(_train_step(peft_model, group, examples, tokenizer.pad_token_id, device))
+            losses.append(_train_step(peft_model, group, examples, tokenizer.pad_token_id, device, loss_fn))
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
@@ -373,17 +389,22 @@ def _optimise(peft_model, tokenizer, examples, params, config: TrainConfig, devi
 
 
 def _run_training(peft_model, tokenizer, samples: Sequence[Sample], out_dir: str | Path,
-                  config: TrainConfig) -> TrainResult:
-    """Shared by LoRA training and LFT; saves the adapter (safetensors) and a JSON summary."""
-    if not samples:
+                  config: TrainConfig, *, examples: Sequence[dict] | None = None,
+                  loss_fn: LossFn | None = None) -> TrainResult:
+    """Shared by LoRA training and LFT; saves the adapter (safetensors) and a JSON summary.
+
+    ``examples`` (pre-built ``input_ids``/``labels`` dicts, extra keys allowed) replace tokenising ``samples``;
+    ``loss_fn`` replaces the labelled cross-entropy (see :func:`_train_step`).
+    """
+    if not samples and not examples:
         raise ValueError("no training samples given")
     start = time.perf_counter()
     device = next(peft_model.parameters()).device
     reset_cuda_peak(device)
-    examples = build_examples(tokenizer, samples, config.max_length)
+    examples = list(examples) if examples else build_examples(tokenizer, samples, config.max_length)
     params = _trainable_parameters(peft_model)
     peft_model.train()
-    losses = _optimise(peft_model, tokenizer, examples, params, config, device)
+    losses = _optimise(peft_model, tokenizer, examples, params, config, device, loss_fn)
     peft_model.eval()
     return _finish(peft_model, out_dir, config, losses, len(examples), params, start, device)
 
@@ -427,3 +448,9 @@ def light_finetune(model_dir: str | Path, adapter_dir: str | Path, samples: Sequ
                                                     device=config.device)
     logger.info("light fine-tuning %s on %s with %d samples", adapter_dir, model_dir, len(samples))
     return _run_training(peft_model, tokenizer, samples, out_dir, config)
+
+
+def finetune_examples(peft_model, tokenizer, examples: Sequence[dict], out_dir: str | Path, *,
+                      config: TrainConfig, loss_fn: LossFn | None = None) -> TrainResult:
+    """The same loop on pre-built examples (extra keys allowed) and an optional loss, e.g. teacher distillation."""
+    return _run_training(peft_model, tokenizer, (), out_dir, config, examples=examples, loss_fn=loss_fn)

@@ -1,0 +1,705 @@
+"""Teacher-distilled light fine-tuning: LFT without labelled data (Trans-LoRA style).
+
+Roles
+-----
+* **Teacher** ``T``: the old base model + the old (source) adapter -- the behaviour to keep.
+* **Student** ``S``: the new base model + the migrated adapter; only its LoRA A/B matrices train.
+
+Data flow
+---------
+1. Prompts ``x_1 .. x_n`` without answers: :func:`read_prompts` reads a ``.txt`` file (one prompt a
+   line), JSONL/JSON records with ``prompt``, or math_10k records (``instruction`` + optional
+   ``input``; any ``output``/``answer`` is ignored), from a local path or any storage URI.  Or
+   :func:`synthesise_prompts` has the teacher write new prompts in the style of a few seeds (below).
+2. Targets: the teacher's greedy completion ``y_i = argmax-decode T(. | P(x_i))`` with the built-in
+   prompt template ``P`` (:func:`~lorasuite_core.training.task_data.format_prompt`, the template the
+   adapters were trained with), cut as evaluation scores it: at the first stop marker, and right
+   after the first complete "The answer is N" sentence (its period kept).  :func:`greedy_completions`
+   keeps the teacher's *token ids* for exactly that text, not only the text: decoding then
+   re-encoding is lossy (byte tokens of partial UTF-8 characters decode to U+FFFD).
+3. Sequence-level distillation (Kim & Rush 2016): the student is trained like labelled LFT on
+   ``(P(x_i), y_i + EOS)`` -- next-token cross-entropy over the completion tokens only, with the
+   LFT loop of :mod:`lorasuite_core.training.train`.  It needs no shared vocabulary.
+4. Token-level KL, where the vocabularies coincide or map through the shared tokens.  A
+   :class:`TokenMap` is a list of pairs ``(t_k, s_k)``, ``k in S``: the identity over the whole
+   vocabulary when both tokenizers have the same vocabulary, else the shared-token pairs of
+   :mod:`lorasuite_core.transfer.vocab` (matched by the bytes they spell; the pipeline passes its
+   vocabulary stage) plus ``(EOS_T, EOS_S)``.  An example is *aligned* when every teacher
+   completion token maps; its student target ids are then the mapped teacher ids (so teacher and
+   student predict the same tokens position by position), otherwise the student re-tokenises the
+   text and the example gets cross-entropy only.  At every labelled position ``j`` of an aligned
+   example, with teacher logits ``a`` and student logits ``b`` restricted to ``S`` and temperature
+   ``tau``::
+
+       p = softmax(a[t_S] / tau),   q = softmax(b[s_S] / tau)
+       KL_j = sum_k p_k (log p_k - log q_k)
+       loss = CE + lambda * tau^2 * mean_j KL_j        (lambda = ``kl_weight``)
+
+   (Hinton et al.'s ``tau^2`` keeps the gradient scale independent of ``tau``.)  Both
+   distributions are renormalised over ``S``, so tokens only one side has (added tokens, padding
+   rows, other specials) take no part.  Teacher logits are computed on the fly, one micro-batch at
+   a time with the teacher resident and frozen (no ``n x len x V`` cache), and only at labelled
+   positions (:func:`~lorasuite_core.training.train.labelled_logits`).  Without a map the KL term is
+   skipped with a logged reason.
+5. Agreement: :func:`answers_agree` compares final answers -- the last number of the scored text,
+   compared numerically (:func:`~lorasuite_core.training.evaluation.answers_match`), or, where
+   either side holds no number, the whitespace-normalised scored text itself.
+   :func:`teacher_agreement` is the fraction of prompts whose final answers agree.
+   :func:`distill` reports it on held-out prompts before and after training.
+
+Prompt synthesis (:func:`synthesise_prompts`)
+---------------------------------------------
+Each request shows the teacher ``k`` seed prompts drawn with ``random.Random(f"synth:{seed}:{r}")``
+as a list (``"Question: <seed>\\n"`` lines) and ends in ``"Question:"``; the teacher samples the next
+line (temperature, top-p; ``torch.manual_seed`` set from ``seed`` and the round before every
+``generate``, so the result is a function of the seed).  A candidate is whitespace-normalised, cut
+after its last ``?`` (a prompt must look like a question; configurable), kept within length bounds,
+and dropped when it is an exact or near duplicate -- word-trigram Jaccard similarity at or above
+``near_duplicate`` after lower-casing and stripping punctuation -- of any seed, any excluded
+(evaluation) prompt, or any prompt already accepted.  Rounds repeat until ``n`` prompts are kept or
+``max_rounds`` have run.
+
+Models and adapters are read from safetensors only; ``trust_remote_code`` is False.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.io import storage
+from lorasuite_core.training.evaluation import (ANSWER_SENTENCE, STOP_MARKERS, answers_match, extract_final_number,
+                                                generation_finished, truncate_generation)
+from lorasuite_core.training.task_data import Sample, format_prompt
+from lorasuite_core.training.train import (TrainConfig, TrainResult, check_adapter_dir, collate, default_lft_config,
+                                           finetune_examples, labelled_logits, load_causal_lm,
+                                           load_for_light_finetune, load_tokenizer)
+
+logger = logging.getLogger(__name__)
+
+MODE_SEQUENCE = "sequence"
+MODE_KL = "sequence+token_kl"
+PROMPT_SUFFIXES = (".txt", ".jsonl", ".json")
+_LIST_LEAD = "Question:"
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+# --------------------------------------------------------------------------- prompts
+
+@dataclass(frozen=True)
+class Prompt:
+    """An unlabelled task prompt: math_10k ``instruction`` and optional ``input``."""
+
+    instruction: str
+    input: str = ""
+
+    @property
+    def text(self) -> str:
+        """The prompt's own words (instruction, then input), for de-duplication and overlap checks."""
+        return f"{self.instruction}\n{self.input}" if self.input.strip() else self.instruction
+
+    def sample(self, output: str = "", answer: str = "") -> Sample:
+        return Sample(instruction=self.instruction, input=self.input, output=output, answer=answer)
+
+    def formatted(self) -> str:
+        """The built-in template (:func:`format_prompt`) around this prompt."""
+        return format_prompt(self.sample())
+
+
+def prompts_from_samples(samples: Iterable[Sample]) -> list[Prompt]:
+    """The prompts of labelled samples (their outputs and answers dropped)."""
+    return [Prompt(s.instruction, s.input) for s in samples]
+
+
+def _record_prompt(record: Any, where: str) -> Prompt:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where} is not a JSON object")
+    if record.get("prompt") is not None and str(record["prompt"]).strip():
+        return Prompt(str(record["prompt"]).strip())
+    if record.get("instruction") is not None and str(record["instruction"]).strip():
+        extra = record.get("input")
+        return Prompt(str(record["instruction"]).strip(), "" if extra is None else str(extra).strip())
+    raise ValueError(f"{where} has neither a 'prompt' nor an 'instruction' field")
+
+
+def parse_prompts(text: str, suffix: str) -> list[Prompt]:
+    """Prompts of a file's text by its suffix (``.txt``, ``.jsonl``, ``.json``); ValueError names the line."""
+    if suffix == ".txt":
+        return [Prompt(line.strip()) for line in text.splitlines() if line.strip()]
+    if suffix == ".jsonl":
+        prompts = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"line {number} is not valid JSON ({exc.msg})") from None
+            prompts.append(_record_prompt(record, f"line {number}"))
+        return prompts
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON at line {exc.lineno} ({exc.msg})") from None
+    if not isinstance(records, list):
+        raise ValueError("a .json prompt file must hold a list of objects")
+    return [_record_prompt(r, f"record {i}") for i, r in enumerate(records)]
+
+
+def read_prompts(ref: str, limit: int | None = None) -> list[Prompt]:
+    """Unlabelled prompts from a local path or URI: ``.txt`` (one a line), ``.jsonl`` or ``.json``.
+
+    Records carry ``prompt``, or math_10k ``instruction`` (+ ``input``); other fields are ignored.
+    Every problem is a :class:`LorasuiteError` naming the file.
+    """
+    safe = storage.redact_uri(str(ref))
+    suffix = next((s for s in PROMPT_SUFFIXES if str(ref).lower().endswith(s)), None)
+    if suffix is None:
+        raise LorasuiteError(f"prompt file {safe}: use .txt (one prompt a line), .jsonl or .json")
+    try:
+        prompts = parse_prompts(storage.read_text(ref), suffix)
+    except FileNotFoundError:
+        raise LorasuiteError(f"prompt file {safe} does not exist") from None
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise LorasuiteError(f"prompt file {safe}: {storage.redact_text(str(exc))}") from None
+    if not prompts:
+        raise LorasuiteError(f"prompt file {safe} holds no prompts")
+    return prompts[:limit] if limit is not None else prompts
+
+
+def split_heldout(prompts: Sequence[Prompt], n_heldout: int, seed: int = 0) -> tuple[list[Prompt], list[Prompt]]:
+    """``(train, heldout)``: ``n_heldout`` prompts drawn with ``random.Random(seed)``, the rest in order."""
+    if not 0 < n_heldout < len(prompts):
+        raise ValueError(f"n_heldout must be in [1, {len(prompts) - 1}] for {len(prompts)} prompts, got {n_heldout}")
+    chosen = set(random.Random(f"heldout:{seed}").sample(range(len(prompts)), n_heldout))
+    return ([p for i, p in enumerate(prompts) if i not in chosen], [p for i, p in enumerate(prompts) if i in chosen])
+
+
+# --------------------------------------------------------------------------- near duplicates
+
+def normalise_text(text: str) -> str:
+    """Lower-cased words and numbers only, single-spaced."""
+    return " ".join(_WORD.findall(text.lower()))
+
+
+def _shingles(text: str, k: int = 3) -> frozenset[tuple[str, ...]]:
+    words = normalise_text(text).split()
+    if len(words) < k:
+        return frozenset({tuple(words)}) if words else frozenset()
+    return frozenset(tuple(words[i:i + k]) for i in range(len(words) - k + 1))
+
+
+class NearDuplicateIndex:
+    """Exact (normalised) and near (word-trigram Jaccard >= ``threshold``) duplicate look-up."""
+
+    def __init__(self, threshold: float = 0.7, texts: Iterable[str] = ()):
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError(f"near-duplicate threshold must be in (0, 1], got {threshold}")
+        self.threshold = threshold
+        self._exact: set[str] = set()
+        self._sets: list[frozenset] = []
+        self._by_shingle: dict[tuple[str, ...], list[int]] = {}
+        for text in texts:
+            self.add(text)
+
+    def add(self, text: str) -> None:
+        self._exact.add(normalise_text(text))
+        shingles = _shingles(text)
+        for shingle in shingles:
+            self._by_shingle.setdefault(shingle, []).append(len(self._sets))
+        self._sets.append(shingles)
+
+    def contains(self, text: str) -> bool:
+        if normalise_text(text) in self._exact:
+            return True
+        shingles = _shingles(text)
+        candidates = {i for s in shingles for i in self._by_shingle.get(s, ())}
+        return any(len(shingles & self._sets[i]) / len(shingles | self._sets[i]) >= self.threshold
+                   for i in candidates)
+
+
+# --------------------------------------------------------------------------- loading and generation
+
+def load_model(model_dir: str | Path, adapter_dir: str | Path | None = None, *, dtype: str = "auto",
+               device: str = "auto"):
+    """``(model, tokenizer)`` for generation: a base model (+ adapter, frozen), eval mode, left padding."""
+    model = load_causal_lm(model_dir, dtype=dtype, device=device)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(check_adapter_dir(adapter_dir)), is_trainable=False)
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model, load_tokenizer(model_dir, padding_side="left")
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if configured is not None:
+        ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+class _StopWhenScored:
+    """Per-sequence stop once the text is fully scored (as evaluation does): saves time, changes no score."""
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        return torch.tensor([generation_finished(t) for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
+def scored_text(text: str) -> str:
+    """The part of a generation evaluation scores: cut at a stop marker, and after "answer is N" (+ its period)."""
+    cut = min((text.find(m) for m in STOP_MARKERS if m in text), default=len(text))
+    text = text[:cut]
+    match = ANSWER_SENTENCE.search(text)
+    if match:
+        end = match.end() + (1 if text[match.end():match.end() + 1] == "." else 0)
+        text = text[:end]
+    return text.rstrip()
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A scored generation: its text and the generator's token ids for exactly that text (no EOS)."""
+
+    text: str
+    ids: tuple[int, ...]
+
+
+def _cut_ids(tokenizer, ids: list[int], text: str) -> tuple[int, ...]:
+    """Shortest prefix of ``ids`` whose decoding covers ``text`` (decoding is not monotone: scan)."""
+    for k in range(len(ids) + 1):
+        if len(tokenizer.decode(ids[:k], skip_special_tokens=True).rstrip()) >= len(text):
+            return tuple(ids[:k])
+    return tuple(ids)
+
+
+def _completion(tokenizer, row: list[int], stop_ids: set[int]) -> Completion:
+    end = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
+    ids = row[:end]
+    text = scored_text(tokenizer.decode(ids, skip_special_tokens=True))
+    return Completion(text=text, ids=_cut_ids(tokenizer, ids, text))
+
+
+@torch.no_grad()
+def greedy_completions(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int = 128,
+                       batch_size: int = 16) -> list[Completion]:
+    """Greedy completions of ``prompts`` in the built-in template (left-padded batches, shortest first)."""
+    from transformers import GenerationConfig, StoppingCriteriaList
+
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
+    device = next(model.parameters()).device
+    texts = [p.formatted() for p in prompts]
+    eos = _eos_ids(model, tokenizer)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=eos)
+    stop_ids = set(eos) | {tokenizer.pad_token_id}
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out: list[Completion | None] = [None] * len(texts)
+    for begin in range(0, len(order), batch_size):
+        indices = order[begin:begin + batch_size]
+        encoded = tokenizer([texts[i] for i in indices], return_tensors="pt", padding=True,
+                            add_special_tokens=True).to(device)
+        width = encoded["input_ids"].shape[1]
+        generated = model.generate(**encoded, generation_config=config,
+                                   stopping_criteria=StoppingCriteriaList([_StopWhenScored(tokenizer, width)]))
+        for i, row in zip(indices, generated[:, width:].tolist(), strict=True):
+            out[i] = _completion(tokenizer, row, stop_ids)
+    return [c for c in out if c is not None]
+
+
+# --------------------------------------------------------------------------- agreement
+
+def _text_of(item: Completion | str) -> str:
+    return item.text if isinstance(item, Completion) else item
+
+
+def answers_agree(student: Completion | str, teacher: Completion | str) -> bool:
+    """Same final number (numerically), or -- where either has none -- the same normalised scored text."""
+    s_text, t_text = truncate_generation(_text_of(student)), truncate_generation(_text_of(teacher))
+    s_num, t_num = extract_final_number(s_text), extract_final_number(t_text)
+    if s_num is None or t_num is None:
+        return s_num is None and t_num is None and " ".join(s_text.split()) == " ".join(t_text.split())
+    return answers_match(s_num, t_num)
+
+
+def teacher_agreement(student: Sequence[Completion | str], teacher: Sequence[Completion | str]) -> float:
+    """Fraction of prompts whose student and teacher final answers agree (:func:`answers_agree`)."""
+    if len(student) != len(teacher):
+        raise ValueError(f"{len(student)} student completions for {len(teacher)} teacher completions")
+    if not teacher:
+        raise ValueError("teacher agreement needs at least one prompt")
+    return sum(answers_agree(s, t) for s, t in zip(student, teacher, strict=True)) / len(teacher)
+
+
+def accuracy(completions: Sequence[Completion | str], answers: Sequence[str]) -> float:
+    """Exact-match accuracy of the final numbers against gold ``answers``."""
+    if len(completions) != len(answers) or not answers:
+        raise ValueError(f"{len(completions)} completions for {len(answers)} answers (need >= 1 of each, equal)")
+    return sum(answers_match(extract_final_number(truncate_generation(_text_of(c))), a)
+               for c, a in zip(completions, answers, strict=True)) / len(answers)
+
+
+# --------------------------------------------------------------------------- prompt synthesis
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    """How :func:`synthesise_prompts` asks, samples and filters."""
+
+    shots: int = 3
+    batch_size: int = 8
+    max_new_tokens: int = 96
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_rounds: int = 20
+    min_chars: int = 20
+    max_chars: int = 500
+    require_question: bool = True
+    near_duplicate: float = 0.7
+
+    def __post_init__(self) -> None:
+        for name in ("shots", "batch_size", "max_new_tokens", "max_rounds", "min_chars", "max_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SynthesisConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature > 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
+
+
+def fewshot_request(shots: Sequence[Prompt]) -> str:
+    """The seed prompts as a list, one a line, ending where the teacher writes the next one."""
+    return "".join(f"{_LIST_LEAD} {' '.join(p.text.split())}\n" for p in shots) + _LIST_LEAD
+
+
+def clean_candidate(text: str, config: SynthesisConfig) -> str | None:
+    """The first line, whitespace-normalised, cut after its last '?'; None when it fails a filter."""
+    line = " ".join(text.split("\n", 1)[0].split())
+    if config.require_question:
+        if "?" not in line:
+            return None
+        line = line[: line.rindex("?") + 1]
+    if not config.min_chars <= len(line) <= config.max_chars:
+        return None
+    return line
+
+
+@torch.no_grad()
+def _sample_continuations(model, tokenizer, requests: Sequence[str], config: SynthesisConfig, torch_seed: int) -> list[str]:
+    """One sampled continuation (up to its first newline) per request; seeded, so reproducible."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    encoded = tokenizer(list(requests), return_tensors="pt", padding=True, add_special_tokens=True).to(device)
+    generation = GenerationConfig(max_new_tokens=config.max_new_tokens, do_sample=True,
+                                  temperature=config.temperature, top_p=config.top_p, top_k=0,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=_eos_ids(model, tokenizer),
+                                  stop_strings=["\n"])
+    torch.manual_seed(torch_seed)
+    output = model.generate(**encoded, generation_config=generation, tokenizer=tokenizer)
+    return tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def synthesise_prompts(model, tokenizer, seeds: Sequence[Prompt | str], n: int, *, seed: int = 0,
+                       exclude: Iterable[Prompt | str] = (), config: SynthesisConfig | None = None) -> list[Prompt]:
+    """``n`` new prompts the teacher writes in the style of ``seeds`` (deterministic by ``seed``).
+
+    None is an exact or near duplicate of a seed, of an ``exclude``d (evaluation) prompt, or of
+    another.  Fewer than ``n`` after ``max_rounds`` is logged; none at all is a LorasuiteError.
+    """
+    config = config or SynthesisConfig()
+    seeds = [s if isinstance(s, Prompt) else Prompt(str(s)) for s in seeds]
+    if not seeds or n < 1:
+        raise ValueError(f"prompt synthesis needs >= 1 seed prompt and n >= 1, got {len(seeds)} seeds, n={n}")
+    seen = NearDuplicateIndex(config.near_duplicate, [s.text for s in seeds])
+    for item in exclude:
+        seen.add(item.text if isinstance(item, Prompt) else str(item))
+    kept: list[Prompt] = []
+    for round_ in range(config.max_rounds):
+        rng = random.Random(f"synth:{seed}:{round_}")
+        requests = [fewshot_request(rng.sample(seeds, min(config.shots, len(seeds))))
+                    for _ in range(config.batch_size)]
+        for raw in _sample_continuations(model, tokenizer, requests, config, seed * 1_000_003 + round_):
+            candidate = clean_candidate(raw, config)
+            if candidate is None or seen.contains(candidate):
+                continue
+            seen.add(candidate)
+            kept.append(Prompt(candidate))
+            if len(kept) == n:
+                return kept
+    if not kept:
+        raise LorasuiteError(f"the teacher wrote no usable prompt from {len(seeds)} seed prompts in "
+                             f"{config.max_rounds} rounds; give unlabelled prompts instead")
+    logger.warning("prompt synthesis kept %d of the %d prompts asked for after %d rounds", len(kept), n,
+                   config.max_rounds)
+    return kept
+
+
+# --------------------------------------------------------------------------- token map and examples
+
+@dataclass(frozen=True)
+class TokenMap:
+    """Pairs ``(teacher id, student id)`` of the shared vocabulary over which the KL term is taken."""
+
+    teacher_ids: torch.Tensor  # (n,) int64
+    student_ids: torch.Tensor  # (n,) int64, same order
+    identity: bool = False
+
+    def __post_init__(self) -> None:
+        if self.teacher_ids.shape != self.student_ids.shape or self.teacher_ids.dim() != 1:
+            raise ValueError(f"token map: teacher ids {tuple(self.teacher_ids.shape)} and student ids "
+                             f"{tuple(self.student_ids.shape)} must be 1-D of equal length")
+        if len(self.teacher_ids) == 0:
+            raise ValueError("token map is empty")
+        object.__setattr__(self, "_to_student", dict(zip(self.teacher_ids.tolist(), self.student_ids.tolist())))
+
+    def __len__(self) -> int:
+        return len(self.teacher_ids)
+
+    def to_student(self, teacher_ids: Sequence[int]) -> list[int] | None:
+        """The student ids of a teacher sequence, or None when any token has no partner."""
+        table = self._to_student  # type: ignore[attr-defined]
+        mapped = [table.get(t) for t in teacher_ids]
+        return None if any(m is None for m in mapped) else mapped  # type: ignore[return-value]
+
+    @classmethod
+    def between(cls, teacher_tokenizer, student_tokenizer,
+                shared: tuple[Sequence[int], Sequence[int]] | None = None) -> TokenMap | None:
+        """Identity for identical vocabularies; else ``shared`` (teacher ids, student ids) + the EOS pair; else None."""
+        if teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab():
+            ids = torch.arange(len(teacher_tokenizer), dtype=torch.long)
+            return cls(ids, ids.clone(), identity=True)
+        if shared is None:
+            return None
+        pairs = dict(zip((int(i) for i in shared[0]), (int(i) for i in shared[1])))
+        if len(pairs) != len(shared[0]) or len(shared[0]) != len(shared[1]):
+            raise ValueError(f"shared vocabulary: {len(shared[0])} teacher ids (distinct {len(pairs)}) for "
+                             f"{len(shared[1])} student ids")
+        pairs[teacher_tokenizer.eos_token_id] = student_tokenizer.eos_token_id
+        teacher, student = zip(*sorted(pairs.items()))
+        return cls(torch.tensor(teacher, dtype=torch.long), torch.tensor(student, dtype=torch.long))
+
+
+def distillation_examples(student_tokenizer, teacher_tokenizer, prompts: Sequence[Prompt],
+                          completions: Sequence[Completion], max_length: int,
+                          token_map: TokenMap | None) -> list[dict[str, Any]]:
+    """Training examples ``prompt + target + EOS`` (labels -100 over the prompt), as LFT builds them.
+
+    Aligned examples (every teacher token maps) carry ``"teacher"``: the teacher's own prompt ids
+    followed by its completion ids + EOS, labelled at exactly as many positions as the student's.
+    """
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts for {len(completions)} teacher completions")
+    examples = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        mapped = token_map.to_student(completion.ids) if token_map is not None else None
+        target = mapped if mapped is not None else \
+            student_tokenizer(completion.text, add_special_tokens=False)["input_ids"]
+        prompt_ids = student_tokenizer(prompt.formatted(), add_special_tokens=True)["input_ids"]
+        output_ids = list(target) + [student_tokenizer.eos_token_id]
+        labels = ([-100] * len(prompt_ids) + output_ids)[:max_length]
+        n_labelled = sum(label != -100 for label in labels)
+        if n_labelled == 0:
+            continue
+        example: dict[str, Any] = {"input_ids": (prompt_ids + output_ids)[:max_length], "labels": labels}
+        if mapped is not None:
+            t_prompt = teacher_tokenizer(prompt.formatted(), add_special_tokens=True)["input_ids"]
+            t_output = (list(completion.ids) + [teacher_tokenizer.eos_token_id])[:n_labelled]
+            example["teacher"] = {"input_ids": t_prompt + t_output, "labels": [-100] * len(t_prompt) + t_output}
+        examples.append(example)
+    if len(examples) < len(prompts):
+        logger.warning("dropped %d distillation prompts that fill max_length=%d tokens", len(prompts) - len(examples),
+                       max_length)
+    if not examples:
+        raise ValueError(f"no trainable distillation example: all {len(prompts)} prompts fill max_length={max_length}")
+    return examples
+
+
+def restricted_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, token_map: TokenMap,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """``tau^2 * mean_rows KL(p || q)`` with ``p``, ``q`` the softmaxes over the shared vocabulary (float32)."""
+    if student_logits.shape[0] != teacher_logits.shape[0]:
+        raise ValueError(f"KL rows: student {student_logits.shape[0]}, teacher {teacher_logits.shape[0]}")
+    log_q = torch.log_softmax(student_logits[:, token_map.student_ids.to(student_logits.device)].float() / temperature, -1)
+    log_p = torch.log_softmax(teacher_logits[:, token_map.teacher_ids.to(teacher_logits.device)].float() / temperature, -1)
+    kl = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+    return kl * temperature**2
+
+
+def distillation_loss(teacher, token_map: TokenMap | None, *, kl_weight: float, temperature: float,
+                      student_pad_id: int, teacher_pad_id: int):
+    """``loss_fn(model, chunk)``: CE over the targets + ``kl_weight`` x restricted KL on the aligned examples."""
+
+    def loss_fn(model, chunk: list[dict[str, Any]]) -> torch.Tensor:
+        device = next(p for p in model.parameters()).device
+        batch = {k: v.to(device) for k, v in collate(chunk, student_pad_id).items()}
+        logits, targets = labelled_logits(model, batch)
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+        aligned = [i for i, example in enumerate(chunk) if "teacher" in example]
+        if teacher is None or token_map is None or kl_weight == 0 or not aligned:
+            return loss
+        counts = (batch["labels"][:, 1:] != -100).sum(dim=1)  # labelled rows per example, in row order
+        owner = torch.repeat_interleave(torch.arange(len(chunk), device=device), counts)
+        keep = torch.isin(owner, torch.tensor(aligned, device=device))
+        teacher_batch = {k: v.to(device) for k, v in collate([chunk[i]["teacher"] for i in aligned],
+                                                             teacher_pad_id).items()}
+        with torch.no_grad():
+            teacher_logits, _ = labelled_logits(teacher, teacher_batch)
+        return loss + kl_weight * restricted_kl(logits[keep], teacher_logits, token_map, temperature)
+
+    return loss_fn
+
+
+# --------------------------------------------------------------------------- training
+
+@dataclass
+class DistillTraining:
+    """Outcome of :func:`distill_finetune`."""
+
+    mode: str
+    n_prompts: int
+    kl_examples: int
+    kl_note: str
+    training: TrainResult
+
+    def to_dict(self) -> dict[str, Any]:
+        training = self.training.to_dict()
+        training.pop("out_dir", None)
+        return {"mode": self.mode, "n_prompts": self.n_prompts, "kl_examples": self.kl_examples,
+                "kl_note": self.kl_note, "training": training}
+
+
+def distill_finetune(new_model_dir: str | Path, migrated_adapter_dir: str | Path, prompts: Sequence[Prompt],
+                     teacher_completions: Sequence[Completion], out_dir: str | Path, *,
+                     config: TrainConfig | None = None, teacher=None, teacher_tokenizer=None,
+                     token_map: TokenMap | None = None, kl_weight: float = 1.0,
+                     kl_temperature: float = 1.0) -> DistillTraining:
+    """Train the migrated adapter on ``(prompt, teacher completion)`` pairs, + token KL where ``token_map`` allows.
+
+    ``teacher``/``teacher_tokenizer``: the loaded teacher (needed for the KL term; the tokenizer also
+    for aligning). Without them, or without ``token_map``, or with ``kl_weight == 0``: sequence-level only.
+    """
+    config = config or default_lft_config()
+    if kl_weight < 0 or kl_temperature <= 0:
+        raise ValueError(f"need kl_weight >= 0 and kl_temperature > 0, got {kl_weight}, {kl_temperature}")
+    torch.manual_seed(config.seed)
+    student, tokenizer = load_for_light_finetune(new_model_dir, migrated_adapter_dir, dtype=config.dtype,
+                                                 device=config.device)
+    mapping = token_map if teacher_tokenizer is not None else None  # teacher ids as targets wherever they map
+    examples = distillation_examples(tokenizer, teacher_tokenizer or tokenizer, prompts, teacher_completions,
+                                     config.max_length, mapping)
+    aligned = sum("teacher" in e for e in examples)
+    note = _kl_note(teacher, mapping, kl_weight, aligned)
+    if note:
+        logger.info("token-level KL skipped: %s", note)
+    loss_fn = distillation_loss(None if note else teacher, mapping, kl_weight=kl_weight, temperature=kl_temperature,
+                                student_pad_id=tokenizer.pad_token_id,
+                                teacher_pad_id=(teacher_tokenizer or tokenizer).pad_token_id)
+    logger.info("distilling into %s on %s: %d prompts, %d token-aligned", migrated_adapter_dir, new_model_dir,
+                len(examples), aligned)
+    result = finetune_examples(student, tokenizer, examples, out_dir, config=config, loss_fn=loss_fn)
+    return DistillTraining(mode=MODE_SEQUENCE if note else MODE_KL, n_prompts=len(examples),
+                           kl_examples=0 if note else aligned, kl_note=note, training=result)
+
+
+def _kl_note(teacher, token_map: TokenMap | None, kl_weight: float, aligned: int) -> str:
+    """Why the KL term is off ('' when it is on)."""
+    if kl_weight == 0:
+        return "kl_weight is 0"
+    if token_map is None:
+        return "the vocabularies differ and no shared-token map was given"
+    if teacher is None:
+        return "no teacher model given to the training loop"
+    if aligned == 0:
+        return "no teacher completion maps onto the student vocabulary token by token"
+    return ""
+
+
+# --------------------------------------------------------------------------- end to end
+
+@dataclass
+class DistillConfig:
+    """Knobs of :func:`distill` (``train``: the LFT loop's own config)."""
+
+    kl_weight: float = 1.0
+    kl_temperature: float = 1.0
+    max_new_tokens: int = 128
+    generation_batch_size: int = 16
+    train: TrainConfig = field(default_factory=default_lft_config)
+
+
+@dataclass
+class DistillReport:
+    """What the report records; ``heldout_*`` completions are kept for the quality gate, not serialised."""
+
+    mode: str
+    prompt_source: str
+    n_prompts: int
+    n_heldout: int
+    kl_examples: int
+    kl_note: str
+    teacher_agreement_before: float
+    teacher_agreement_after: float
+    seconds: float
+    training: dict[str, Any]
+    heldout_teacher: list[Completion] = field(default_factory=list, repr=False)
+    heldout_student: list[Completion] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("heldout_teacher")
+        data.pop("heldout_student")
+        data["training"] = {k: v for k, v in self.training.items() if k != "losses"}
+        return data
+
+
+def distill(old_model_dir: str | Path, source_adapter_dir: str | Path, new_model_dir: str | Path,
+            migrated_adapter_dir: str | Path, out_dir: str | Path, prompts: Sequence[Prompt], *,
+            heldout: Sequence[Prompt], config: DistillConfig | None = None,
+            shared_ids: tuple[Sequence[int], Sequence[int]] | None = None,
+            prompt_source: str = "file") -> DistillReport:
+    """Teacher completions, student agreement before, distillation into ``out_dir``, agreement after.
+
+    ``shared_ids``: (old ids, new ids) of the shared vocabulary, for the KL term when the vocabularies differ.
+    """
+    config = config or DistillConfig()
+    if not prompts or not heldout:
+        raise ValueError(f"distillation needs prompts and held-out prompts, got {len(prompts)} and {len(heldout)}")
+    start = time.perf_counter()
+    device, dtype = config.train.device, config.train.dtype
+    gen = {"max_new_tokens": config.max_new_tokens, "batch_size": config.generation_batch_size}
+    teacher, teacher_tok = load_model(old_model_dir, source_adapter_dir, dtype=dtype, device=device)
+    targets = greedy_completions(teacher, teacher_tok, prompts, **gen)
+    heldout_teacher = greedy_completions(teacher, teacher_tok, heldout, **gen)
+    before = _student_completions(new_model_dir, migrated_adapter_dir, heldout, dtype, device, gen)
+    token_map = TokenMap.between(teacher_tok, load_tokenizer(new_model_dir), shared_ids)
+    trained = distill_finetune(new_model_dir, migrated_adapter_dir, prompts, targets, out_dir, config=config.train,
+                               teacher=teacher, teacher_tokenizer=teacher_tok, token_map=token_map,
+                               kl_weight=config.kl_weight, kl_temperature=config.kl_temperature)
+    del teacher
+    after = _student_completions(new_model_dir, out_dir, heldout, dtype, device, gen)
+    return DistillReport(mode=trained.mode, prompt_source=prompt_source, n_prompts=trained.n_prompts,
+                         n_heldout=len(heldout), kl_examples=trained.kl_examples, kl_note=trained.kl_note,
+                         teacher_agreement_before=teacher_agreement(before, heldout_teacher),
+                         teacher_agreement_after=teacher_agreement(after, heldout_teacher),
+                         seconds=round(time.perf_counter() - start, 4), training=trained.to_dict()["training"],
+                         heldout_teacher=heldout_teacher, heldout_student=after)
+
+
+def _student_completions(model_dir, adapter_dir, prompts, dtype: str, device: str, gen: dict) -> list[Completion]:
+    model, tokenizer = load_model(model_dir, adapter_dir, dtype=dtype, device=device)
+    return greedy_completions(model, tokenizer, prompts, **gen)
