@@ -3,7 +3,8 @@
 The per-layer unit of work runs as its own task, possibly on another machine, so its result
 travels as files: ``layer.safetensors`` holds every module's re-factorised ``A`` and ``B``
 (float32, as :func:`~lorasuite_core.transfer.refactor.refactorise` returns them) under
-``module.<index>.A`` / ``module.<index>.B``, and ``layer.json`` the rest (module names, ranks,
+``module.<index>.A`` / ``module.<index>.B`` (AdaLoRA's singular values under ``module.<index>.E``,
+DoRA's magnitude under ``module.<index>.magnitude``, where present), and ``layer.json`` the rest (module names, ranks,
 alphas, source layers, residuals, fit diagnostics, carried roles) in module order.  Both are
 plain data, no pickle; JSON floats round-trip exactly, so
 ``load_layer_result(save_layer_result(r))`` equals ``r`` bit for bit and the assembled adapter
@@ -30,8 +31,13 @@ def save_layer_result(result: NewLayerResult, directory: str | Path) -> Path:
     for index, m in enumerate(result.modules):
         tensors[f"module.{index}.A"] = m.factors.A.contiguous()
         tensors[f"module.{index}.B"] = m.factors.B.contiguous()
+        if m.factors.E is not None:
+            tensors[f"module.{index}.E"] = m.factors.E.contiguous()
+        if m.magnitude is not None:
+            tensors[f"module.{index}.magnitude"] = m.magnitude.contiguous()
         modules.append({"layer": m.layer, "name": m.name, "rank": m.rank, "alpha": m.alpha,
-                        "old_layers": list(m.old_layers), "residual": m.factors.residual})
+                        "old_layers": list(m.old_layers), "residual": m.factors.residual,
+                        "magnitude_fit": m.magnitude_fit})
     facts = {"format": FORMAT, "modules": modules, "unit_fit": result.unit_fit,
              "input_offsets": result.input_offsets, "roles": sorted(result.roles)}
     save_file(tensors, directory / TENSORS)
@@ -48,8 +54,10 @@ def load_layer_result(directory: str | Path) -> NewLayerResult:
     modules = [
         MigratedModule(
             layer=m["layer"], name=m["name"],
-            factors=Refactorised(A=tensors[f"module.{i}.A"], B=tensors[f"module.{i}.B"], residual=m["residual"]),
+            factors=Refactorised(A=tensors[f"module.{i}.A"], B=tensors[f"module.{i}.B"], residual=m["residual"],
+                                 E=tensors.get(f"module.{i}.E")),
             rank=m["rank"], alpha=m["alpha"], old_layers=list(m["old_layers"]),
+            magnitude=tensors.get(f"module.{i}.magnitude"), magnitude_fit=m.get("magnitude_fit"),
         )
         for i, m in enumerate(facts["modules"])
     ]

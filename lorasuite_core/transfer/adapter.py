@@ -21,6 +21,21 @@ L (each part keeps R); joining parts P_q, P_k, P_v back stacks their rows with t
 disjoint column blocks, [L_q R_q; L_k R_k; L_v R_v] = L R with L the interleaved rows of
 [L_q 0 0; 0 L_k 0; 0 0 L_v] and R = [R_q; R_k; R_v]. The LayerNorm-offset diagnostic uses
 ‖ΔW c‖ = ‖L (R c)‖ and ‖ΔW‖_F² = ⟨LᵀL, R Rᵀ⟩_F.
+
+Variants (the adapter's ``variant``, from its config). LoRA and DoRA re-factorise to
+s B A = ΔW with B = U√Σ, A = √ΣVᵀ; DoRA also carries its effective change and fits the new
+magnitude vector (dora.py: m'_o = ⟨D_o, V_o⟩, exact where the row normalisation commutes with
+the upgrade, the residual reported otherwise). AdaLoRA re-factorises to PEFT's SVD form
+c P diag(E) Q = ΔW (refactor.py, ``singular_values=True``), keeps each module's (pruned) rank
+and writes the rank budget back as PEFT's boolean ``rank_pattern`` masks over init_r.
+
+Zero-initialised extra modules (``combine_layers(..., zero_init_unmapped=True)``): every new
+layer the migration leaves without modules (no old layer with adapter weights maps onto it)
+gets the adapter's target modules at its usual rank with PEFT's own fresh initialisation, drawn
+from one seeded generator in (layer, module name) order: LoRA/DoRA A ~ kaiming-uniform(a=√5)
+= U(−1/√in, 1/√in), B = 0 (DoRA magnitude ‖W_new‖_row, so W' = W); AdaLoRA E = 0, A, B ~
+N(0, 0.02²). Their delta is zero, so the migrated start is unchanged and LFT trains every
+layer, as vanilla LoRA does.
 """
 from __future__ import annotations
 
@@ -40,8 +55,10 @@ from safetensors.torch import save_file
 
 from lorasuite_core import ALGORITHM_VERSION, __version__
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.transfer.layer_weights import dropped_roles, expected_shape, join_fused, layer_weights, module_deltas, split_fused
-from lorasuite_core.models.loading import BaseModel, LoraAdapter, LoraFactors
+from lorasuite_core.transfer.dora import carry_dense, effective_change, fit_magnitude
+from lorasuite_core.transfer.layer_weights import (canonical_deltas, dropped_roles, expected_shape, join_fused, layer_weights,
+                                                   module_deltas, split_fused)
+from lorasuite_core.models.loading import ADALORA_INIT_R, BaseModel, LoraAdapter, LoraFactors, adapter_variant
 from lorasuite_core.transfer.matching import LayerMatch, match_layer
 from lorasuite_core.transfer.refactor import LowRank, Refactorised, refactorise
 from lorasuite_core.transfer.residual import ResidualTransfer, input_map, input_offset, output_map
@@ -108,6 +125,8 @@ class MigratedModule:
     rank: int
     alpha: float
     old_layers: list[int]
+    magnitude: torch.Tensor | None = None          # DoRA (out,), float32
+    magnitude_fit: dict[str, float] | None = None  # DoRA: dora.MagnitudeFit.report()
 
 
 @dataclass
@@ -116,6 +135,7 @@ class MigratedAdapter:
     unit_fit: dict[str, float]
     dropped: list[str]
     input_offsets: dict[str, float]
+    zero_init_layers: list[int] = field(default_factory=list)
 
 
 def _layer_deltas(adapter: LoraAdapter, layer: int) -> dict[str, LowRank]:
@@ -163,16 +183,32 @@ def _source_factors(old: BaseModel, new: BaseModel, adapter: LoraAdapter, new_na
 
 
 def transfer_layer_pair(old, new, analysis: PairAnalysis, adapter: LoraAdapter, i: int, j: int, mode: str):
-    """Canonical new deltas (factor form) for old layer i -> new layer j, with fit diagnostics."""
+    """Canonical new deltas (factor form) for old layer i -> new layer j, with fit diagnostics; for a
+    DoRA adapter also the carried effective changes 𝒯(E) per canonical role (dense), else {}."""
     deltas = canonical_factors(old.family, old.dims, _layer_deltas(adapter, i))
     if not deltas:
-        return {}, {}, {}, set()
+        return {}, {}, {}, set(), {}
     maps = layer_pair_maps(old, new, analysis.residual, i, j)
     transfer = LayerTransfer(layer_weights(old, i), layer_weights(new, j), old.dims, new.dims, maps,
                              analysis.matches[i], mode, analysis.residual.P)
     carried = transfer.run(deltas)
+    fit = dict(transfer.fit)
+    changes = {}
+    if adapter.variant == "dora":
+        changes = {role: carry_dense(transfer, role, E) for role, E in _dora_changes(old, adapter, i).items()
+                   if role in transfer.new_w}
     offsets = _offset_effects(old, new, deltas, maps, i, j)
-    return carried, transfer.fit, offsets, set(deltas)
+    return carried, fit, offsets, set(deltas), changes
+
+
+def _dora_changes(old: BaseModel, adapter: LoraAdapter, i: int) -> dict[str, torch.Tensor]:
+    """{canonical role: E = W'_old − W_old} of old layer i (dora.py)."""
+    changes = {}
+    for (layer, name), f in adapter.factors.items():
+        if layer == i:
+            W = old.layer_weight(i, old.family.modules[name].path)
+            changes[name] = effective_change(W, f.delta(), f.magnitude)
+    return canonical_deltas(old.family, old.dims, changes)
 
 
 def _offset_effects(old, new, deltas: dict[str, LowRank], maps, i, j) -> dict[str, float]:
@@ -210,30 +246,85 @@ def transfer_new_layer(old, new, analysis: PairAnalysis, adapter: LoraAdapter, j
                        mode: str) -> NewLayerResult:
     """The unit of per-layer work: carry every old layer mapped onto new layer j, sum, re-factorise."""
     summed: dict[str, LowRank] = {}
+    changes: dict[str, torch.Tensor] = {}
     unit_fit: dict[str, float] = {}
     offsets: dict[str, float] = {}
     roles: set[str] = set()
     for i in sources:
-        carried, fit, off, old_roles = transfer_layer_pair(old, new, analysis, adapter, i, j, mode)
+        carried, fit, off, old_roles, carried_changes = transfer_layer_pair(old, new, analysis, adapter, i, j, mode)
         roles |= old_roles
         for role, delta in carried.items():
             summed[role] = summed[role] + delta if role in summed else delta
+        for role, E in carried_changes.items():
+            changes[role] = changes[role] + E if role in changes else E
         unit_fit.update({f"{i}->{j}.{role}": v for role, v in fit.items()})
         offsets.update({f"{i}->{j}.{role}": v for role, v in off.items()})
+    module_changes = module_deltas(new.family, new.dims, changes)
     modules = []
     for name, delta in sorted(module_factors(new.family, new.dims, summed).items()):
         source = _source_factors(old, new, adapter, name, sources)
-        factors = refactorise(delta, source.rank, source.scaling)
-        modules.append(MigratedModule(j, name, factors, source.rank, source.alpha, sources))
+        factors = refactorise(delta, source.rank, source.scaling, singular_values=adapter.variant == "adalora")
+        module = MigratedModule(j, name, factors, source.rank, source.alpha, sources)
+        if adapter.variant == "dora":
+            W = new.layer_weight(j, new.family.modules[name].path)
+            fit = fit_magnitude(W, factors.delta(source.scaling), W + module_changes[name],
+                                _module_key(new.family, j, name))
+            module.magnitude, module.magnitude_fit = fit.magnitude, fit.report()
+        modules.append(module)
     return NewLayerResult(modules, unit_fit, offsets, roles)
 
 
-def combine_layers(new: BaseModel, results: list[NewLayerResult]) -> MigratedAdapter:
+def combine_layers(new: BaseModel, results: list[NewLayerResult], *, zero_init_unmapped: bool = False,
+                   seed: int = 0) -> MigratedAdapter:
+    """The per-layer results as one adapter; with ``zero_init_unmapped`` every new layer left without
+    modules gets zero-delta modules (module docstring), listed in ``zero_init_layers``."""
     modules = [m for r in results for m in r.modules]
     unit_fit = {k: v for r in results for k, v in r.unit_fit.items()}
     offsets = {k: v for r in results for k, v in r.input_offsets.items()}
     dropped = dropped_roles(new.family, {role for r in results for role in r.roles})
-    return MigratedAdapter(modules, unit_fit, dropped, offsets)
+    extra = zero_init_modules(new, modules, seed) if zero_init_unmapped else []
+    zero_layers = sorted({m.layer for m in extra})
+    modules = sorted(modules + extra, key=lambda m: (m.layer, m.name))
+    return MigratedAdapter(modules, unit_fit, dropped, offsets, zero_layers)
+
+
+def _most_common(values):
+    return max(sorted(set(values)), key=values.count)
+
+
+def zero_init_modules(new: BaseModel, modules: list[MigratedModule], seed: int = 0) -> list[MigratedModule]:
+    """Zero-delta modules (the adapter's targets, most common rank and alpha) on every new layer
+    without a migrated module, initialised as PEFT initialises a fresh module of the variant."""
+    if not modules:
+        return []
+    covered = {m.layer for m in modules}
+    names = sorted({m.name for m in modules})
+    rank, alpha = _most_common([m.rank for m in modules]), _most_common([m.alpha for m in modules])
+    adalora = any(m.factors.E is not None for m in modules)
+    dora = any(m.magnitude is not None for m in modules)
+    g = torch.Generator().manual_seed(seed)
+    extra = []
+    for j in range(new.dims.num_layers):
+        if j in covered:
+            continue
+        for name in names:
+            out_dim, in_dim = expected_shape(new.family, new.dims, new.family.modules[name].role)
+            A, B = torch.empty(rank, in_dim), torch.empty(out_dim, rank)
+            E = None
+            if adalora:
+                torch.nn.init.normal_(A, 0.0, 0.02, generator=g)
+                torch.nn.init.normal_(B, 0.0, 0.02, generator=g)
+                E = torch.zeros(rank, 1)
+            else:
+                torch.nn.init.kaiming_uniform_(A, a=5 ** 0.5, generator=g)
+                B.zero_()
+            module = MigratedModule(j, name, Refactorised(A=A, B=B, residual=0.0, E=E), rank, alpha, [])
+            if dora:
+                W = new.layer_weight(j, new.family.modules[name].path)
+                module.magnitude = torch.linalg.vector_norm(W, dim=1).float()
+                module.magnitude_fit = {"relative_to_weight": 0.0, "relative_to_change": 0.0}
+            extra.append(module)
+    return extra
 
 
 # ----------------------------------------------------------------------------- writing
@@ -244,6 +335,8 @@ def _module_key(family, layer: int, name: str) -> str:
 
 
 def adapter_config(old_config: dict, new: BaseModel, migrated: MigratedAdapter) -> dict:
+    if adapter_variant(old_config) == "adalora":
+        return _adalora_config(old_config, new, migrated)
     config = dict(old_config)
     ranks = [m.rank for m in migrated.modules]
     alphas = [m.alpha for m in migrated.modules]
@@ -271,12 +364,45 @@ def adapter_config(old_config: dict, new: BaseModel, migrated: MigratedAdapter) 
     return config
 
 
+def _adalora_config(old_config: dict, new: BaseModel, migrated: MigratedAdapter) -> dict:
+    """The old AdaLoRA config (rank budget: init_r, target_r, tinit, tfinal, deltaT, beta1, beta2,
+    orth_reg_weight, total_step, lora_alpha) with the new model's targets and ``rank_pattern``:
+    {"<module path>.lora_E": [True]*r + [False]*(init_r − r)}, PEFT's saved masks, whenever a
+    module's rank differs from init_r (PEFT then resizes each module to its r before loading)."""
+    config = dict(old_config)
+    init_r = int(config.get("init_r") or ADALORA_INIT_R)
+    too_big = [m for m in migrated.modules if m.rank > init_r]
+    if too_big:
+        raise LorasuiteError(f"AdaLoRA module {too_big[0].name} has rank {too_big[0].rank} above init_r {init_r}")
+    pattern = {f"{_module_key(new.family, m.layer, m.name)}.lora_E": [True] * m.rank + [False] * (init_r - m.rank)
+               for m in migrated.modules}
+    layers = sorted({m.layer for m in migrated.modules})
+    config.update(
+        base_model_name_or_path=new.source,
+        target_modules=sorted({m.name for m in migrated.modules}),
+        rank_pattern=pattern if any(m.rank != init_r for m in migrated.modules) else None,
+        layers_to_transform=None if layers == list(range(new.dims.num_layers)) else layers,
+        layers_pattern=None,
+        revision=None,
+    )
+    return config
+
+
 def adapter_tensors(new: BaseModel, migrated: MigratedAdapter) -> dict[str, torch.Tensor]:
+    """PEFT's saved keys: lora_A/lora_B ``.weight`` (+ ``lora_magnitude_vector`` for DoRA);
+    AdaLoRA's parameters lora_A, lora_B, lora_E without ``.weight``."""
     tensors = {}
     for m in migrated.modules:
         key = f"base_model.model.{_module_key(new.family, m.layer, m.name)}"
+        if m.factors.E is not None:
+            tensors[f"{key}.lora_A"] = m.factors.A.contiguous()
+            tensors[f"{key}.lora_B"] = m.factors.B.contiguous()
+            tensors[f"{key}.lora_E"] = m.factors.E.contiguous()
+            continue
         tensors[f"{key}.lora_A.weight"] = m.factors.A.contiguous()
         tensors[f"{key}.lora_B.weight"] = m.factors.B.contiguous()
+        if m.magnitude is not None:
+            tensors[f"{key}.lora_magnitude_vector"] = m.magnitude.contiguous()
     return tensors
 
 
@@ -354,7 +480,7 @@ def build_report(old, new, adapter, analysis: PairAnalysis, migrated: MigratedAd
         "algorithm_version": ALGORITHM_VERSION,
         "old_model": _model_identity(old),
         "new_model": _model_identity(new),
-        "adapter": {"source": adapter.source, "modules": len(adapter.factors)},
+        "adapter": {"source": adapter.source, "modules": len(adapter.factors), "variant": adapter.variant},
         "options": {"head_transform": head_transform, "layer_offset": layer_offset},
         "shared_vocabulary_size": len(analysis.shared),
         "transfer_matrix": {
@@ -373,5 +499,9 @@ def build_report(old, new, adapter, analysis: PairAnalysis, migrated: MigratedAd
         },
         "dropped_roles": migrated.dropped,
         "layernorm_offset_effect": migrated.input_offsets,
+        "dora_magnitude_residual": {
+            _module_key(new.family, m.layer, m.name): m.magnitude_fit for m in migrated.modules if m.magnitude_fit
+        },
+        "zero_initialised_layers": migrated.zero_init_layers,
         "steps": steps,
     }

@@ -37,6 +37,11 @@ rotation inside repeated singular values), so A and B may differ from a dense SV
 does not (whenever σ_r > σ_{r+1}).
 
 A dense ΔW (``refactorise`` of a tensor) takes the core C = ΔW / s directly.
+
+AdaLoRA (``singular_values=True``). PEFT's SVDLinear holds ΔW = c P diag(E) Q with P = lora_B,
+E = lora_E (r × 1), Q = lora_A and c = alpha / (init_r + 1e-5); the same truncated SVD gives
+that parameterisation directly, B = U_r, E = Σ_r, A = V_rᵀ (P, Q with orthonormal columns /
+rows, as AdaLoRA's orthogonality regulariser wants them), with the same residual.
 """
 from __future__ import annotations
 
@@ -50,6 +55,12 @@ class Refactorised:
     A: torch.Tensor      # r × in, float32
     B: torch.Tensor      # out × r, float32
     residual: float
+    E: torch.Tensor | None = None    # AdaLoRA's singular values (r × 1, float32): ΔW = s B diag(E) A
+
+    def delta(self, scaling: float) -> torch.Tensor:
+        """The dense ΔW PEFT applies (float64): s B A, or s B diag(E) A."""
+        A = self.A.double() if self.E is None else self.E.double() * self.A.double()
+        return scaling * (self.B.double() @ A)
 
 
 @dataclass(frozen=True)
@@ -90,7 +101,8 @@ class LowRank:
         return self.left @ (self.right @ x)
 
 
-def refactorise(delta: torch.Tensor | LowRank, rank: int, scaling: float) -> Refactorised:
+def refactorise(delta: torch.Tensor | LowRank, rank: int, scaling: float, *,
+                singular_values: bool = False) -> Refactorised:
     if isinstance(delta, LowRank):
         Q_L, R_L = torch.linalg.qr(delta.left.double())
         Q_R, R_R = torch.linalg.qr(delta.right.double().T)
@@ -100,16 +112,21 @@ def refactorise(delta: torch.Tensor | LowRank, rank: int, scaling: float) -> Ref
     U, S, Vh = torch.linalg.svd(core, full_matrices=False)
     if isinstance(delta, LowRank):
         U, Vh = Q_L @ U, Vh @ Q_R.T
-    return _truncated(U, S, Vh, rank, delta.shape)
+    return _truncated(U, S, Vh, rank, delta.shape, singular_values)
 
 
-def _truncated(U, S, Vh, rank: int, shape) -> Refactorised:
+def _truncated(U, S, Vh, rank: int, shape, singular_values: bool = False) -> Refactorised:
     r = min(rank, S.numel())
-    root = S[:r].sqrt()
+    root = torch.ones_like(S[:r]) if singular_values else S[:r].sqrt()
     B = torch.zeros(shape[0], rank, dtype=torch.float64)
     A = torch.zeros(rank, shape[1], dtype=torch.float64)
     B[:, :r] = U[:, :r] * root
     A[:r] = root[:, None] * Vh[:r]
     total = float(S.norm())
     residual = float(S[r:].norm()) / total if total > 0 else 0.0
-    return Refactorised(A=A.float(), B=B.float(), residual=residual)
+    E = None
+    if singular_values:
+        E = torch.zeros(rank, 1, dtype=torch.float64)
+        E[:r, 0] = S[:r]
+        E = E.float()
+    return Refactorised(A=A.float(), B=B.float(), residual=residual, E=E)
