@@ -1,0 +1,23 @@
+"""A tiny exact upgrade for the distillation and gate tests: old llama + random adapter, its function-preserving
+upgrade, and the adapter migrated onto it by the pipeline (default options: no LFT data, so transfer only), so teacher and student compute the same function."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorasuite_core.pipeline import stages
+from lorasuite_core.pipeline.options import AnalysisOptions
+from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+
+EXACT = UpgradeSpec(permute_heads=True, permute_neurons=True, extra_neurons=8)
+
+
+def build_exact_pair(root: Path, spec: UpgradeSpec = EXACT) -> dict[str, Path]:
+    old = make_tiny_model_dir("llama", root / "old", seed=1)
+    new = upgrade_model_dir(old, root / "new", spec)
+    adapter = make_random_lora_adapter(old, root / "adapter", rank=4, alpha=8, seed=3)
+    try:
+        stages.migrate_in_process(str(old), str(new), str(adapter), str(root / "migrated"), None,
+                                  AnalysisOptions(max_calibration_tokens=256), store_root=str(root / "store"))
+    finally:
+        stages.clear_memo()
+    return {"old": old, "new": new, "adapter": adapter, "migrated": root / "migrated"}

@@ -1,0 +1,260 @@
+"""Teacher-distilled LFT on a tiny exact upgrade (CPU, seconds): prompts, targets, KL, synthesis, end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.training import distill as D
+from lorasuite_core.training.task_data import generate_problems
+from lorasuite_core.training.train import ADAPTER_WEIGHTS, collate, default_lft_config, load_for_light_finetune
+from tests.distill_setup import build_exact_pair
+
+GEN = {"max_new_tokens": 16, "batch_size": 8}
+
+
+def lft_config(**overrides):
+    base = dict(device="cpu", dtype="float32", batch_size=4, max_length=256, show_progress=False)
+    return default_lft_config(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return build_exact_pair(tmp_path_factory.mktemp("distill_pair"))
+
+
+@pytest.fixture(scope="module")
+def teacher(pair):
+    return D.load_model(pair["old"], pair["adapter"], dtype="float32", device="cpu")
+
+
+# --------------------------------------------------------------------------- prompt files
+
+def test_read_prompts_formats_and_errors(tmp_path):
+    (tmp_path / "p.txt").write_text("How many apples?\n\n  Tom has 3 pens. How many now?  \n")
+    assert D.read_prompts(str(tmp_path / "p.txt")) == [D.Prompt("How many apples?"),
+                                                       D.Prompt("Tom has 3 pens. How many now?")]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "What is 2 + 3?"}\n\n'
+                                      '{"instruction": "Add them.", "input": "4 and 5", "answer": "9"}\n'
+                                      '{"instruction": "Solve it.", "output": "ignored"}\n')
+    prompts = D.read_prompts(str(tmp_path / "p.jsonl"))
+    assert prompts == [D.Prompt("What is 2 + 3?"), D.Prompt("Add them.", "4 and 5"), D.Prompt("Solve it.")]
+    assert "### Input:\n4 and 5" in prompts[1].formatted() and prompts[0].formatted().endswith("### Response:\n")
+    assert D.read_prompts(str(tmp_path / "p.jsonl"), limit=1) == prompts[:1]
+    (tmp_path / "p.json").write_text(json.dumps([{"instruction": "Q one?"}, {"prompt": "Q two?"}]))
+    assert [p.text for p in D.read_prompts(str(tmp_path / "p.json"))] == ["Q one?", "Q two?"]
+    bad = {"bad.jsonl": ('{"prompt": "ok"}\n{"question": "no field"}\n', r"bad\.jsonl: line 2 has neither"),
+           "broken.jsonl": ('{"prompt": \n', r"broken\.jsonl: line 1 is not valid JSON"),
+           "empty.txt": ("\n\n", r"empty\.txt holds no prompts"),
+           "obj.json": ('{"prompt": "x"}', r"obj\.json: a \.json prompt file must hold a list"),
+           "p.csv": ("a,b\n", r"p\.csv: use \.txt")}
+    for name, (text, message) in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(LorasuiteError, match=message):
+            D.read_prompts(str(tmp_path / name))
+    with pytest.raises(LorasuiteError, match=r"missing\.txt does not exist"):
+        D.read_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_split_heldout_is_seeded_and_disjoint():
+    prompts = D.prompts_from_samples(generate_problems(10, "train", 0))
+    train, heldout = D.split_heldout(prompts, 3, seed=1)
+    assert len(train) == 7 and len(heldout) == 3 and not set(train) & set(heldout)
+    assert D.split_heldout(prompts, 3, seed=1) == (train, heldout) and D.split_heldout(prompts, 3, seed=2) != (train, heldout)
+    with pytest.raises(ValueError, match="n_heldout"):
+        D.split_heldout(prompts, 10)
+
+
+# --------------------------------------------------------------------------- agreement
+
+def test_answers_agree_on_final_numbers_else_on_text():
+    assert D.answers_agree("4 + 1 = 5. The answer is 5.", "The answer is 5.0") is True
+    assert D.answers_agree("The answer is 1,200.", "so 1200") is True
+    assert D.answers_agree("The answer is 6.", "The answer is 5.") is False
+    assert D.answers_agree("no number here", "no   number here") is True
+    assert D.answers_agree("no number here", "The answer is 5.") is False
+    assert D.answers_agree("The answer is 5. ### Instruction: 7", "The answer is 5.") is True  # scored part only
+    assert D.teacher_agreement(["1", "2", "x", "y"], ["1", "3", "x", "z"]) == 0.5
+    with pytest.raises(ValueError, match="3 student completions for 2"):
+        D.teacher_agreement(["1", "2", "3"], ["1", "2"])
+
+
+def test_greedy_completions_keep_the_generated_ids(teacher):
+    model, tokenizer = teacher
+    prompts = D.prompts_from_samples(generate_problems(4, "test", 0))
+    completions = D.greedy_completions(model, tokenizer, prompts, **GEN)
+    assert len(completions) == 4 and all(0 < len(c.ids) <= 16 for c in completions)
+    for c in completions:  # the ids decode to the scored text (byte tokens may not survive a re-encoding)
+        assert tokenizer.decode(list(c.ids), skip_special_tokens=True).rstrip().startswith(c.text)
+    assert D.greedy_completions(model, tokenizer, prompts[::-1], **GEN) == completions[::-1]  # order-independent
+
+
+# --------------------------------------------------------------------------- the token-level KL term
+
+def _reference_kl(student, teacher, chunk, token_map):
+    """KL(p || q) per labelled row from the models' own full forward passes (no labelled_logits)."""
+    rows = []
+    for example in chunk:
+        s_logits = student(input_ids=torch.tensor([example["input_ids"]])).logits[0]
+        t_ex = example["teacher"]
+        t_logits = teacher(input_ids=torch.tensor([t_ex["input_ids"]])).logits[0]
+        s_pos = [i - 1 for i, label in enumerate(example["labels"]) if label != -100]
+        t_pos = [i - 1 for i, label in enumerate(t_ex["labels"]) if label != -100]
+        p = torch.softmax(t_logits[t_pos][:, token_map.teacher_ids].double(), -1)
+        q = torch.softmax(s_logits[s_pos][:, token_map.student_ids].double(), -1)
+        rows.append((p * (p.log() - q.log())).sum(-1))
+    return torch.cat(rows).mean()
+
+
+def test_kl_term_equals_its_definition(pair, teacher):
+    """Student = new + migrated, KL teacher = the *bare* old model (so the KL is far from 0): loss - CE == KL."""
+    teacher_model, teacher_tok = teacher
+    prompts = D.prompts_from_samples(generate_problems(3, "train", 5))
+    completions = D.greedy_completions(teacher_model, teacher_tok, prompts, **GEN)
+    bare_teacher, _ = D.load_model(pair["old"], dtype="float32", device="cpu")
+    student, student_tok = load_for_light_finetune(pair["new"], pair["migrated"], dtype="float32", device="cpu")
+    token_map = D.TokenMap.between(teacher_tok, student_tok)
+    assert token_map.identity and len(token_map) == len(student_tok)
+    chunk = D.distillation_examples(student_tok, teacher_tok, prompts, completions, 256, token_map)
+    assert all("teacher" in e for e in chunk)
+    assert [e["input_ids"][-len(c.ids) - 1:-1] for e, c in zip(chunk, completions)] == [list(c.ids) for c in completions]
+    ce_only = D.distillation_loss(None, token_map, kl_weight=2.0, temperature=1.0, student_pad_id=student_tok.pad_token_id,
+                                  teacher_pad_id=teacher_tok.pad_token_id)(student, chunk)
+    with_kl = D.distillation_loss(bare_teacher, token_map, kl_weight=2.0, temperature=1.0,
+                                  student_pad_id=student_tok.pad_token_id,
+                                  teacher_pad_id=teacher_tok.pad_token_id)(student, chunk)
+    reference = _reference_kl(student, bare_teacher, chunk, token_map)
+    assert reference > 0.1
+    torch.testing.assert_close((with_kl - ce_only).double() / 2.0, reference, rtol=1e-4, atol=1e-6)
+    exact = D.distillation_loss(teacher_model, token_map, kl_weight=2.0, temperature=1.0,
+                                student_pad_id=student_tok.pad_token_id,
+                                teacher_pad_id=teacher_tok.pad_token_id)(student, chunk)
+    assert abs((exact - ce_only).item()) < 1e-5  # exact upgrade: the teacher's distribution is the student's
+    with_kl.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters() if p.requires_grad)
+
+
+def test_kl_through_a_renumbered_vocabulary(tmp_path):
+    """New tokenizer: ids permuted + added tokens; the shared-token map aligns every completion, KL ~ 0."""
+    from lorasuite_core.testing.upgrade import UpgradeSpec
+    from lorasuite_core.transfer.vocab import shared_vocabulary
+
+    pair = build_exact_pair(tmp_path, UpgradeSpec(renumber_vocab=True, extra_vocab=6, permute_heads=True))
+    teacher_model, teacher_tok = D.load_model(pair["old"], pair["adapter"], dtype="float32", device="cpu")
+    student, student_tok = load_for_light_finetune(pair["new"], pair["migrated"], dtype="float32", device="cpu")
+    assert teacher_tok.get_vocab() != student_tok.get_vocab()
+    assert D.TokenMap.between(teacher_tok, student_tok) is None  # no map without the shared vocabulary
+    shared = shared_vocabulary(teacher_tok, student_tok)
+    token_map = D.TokenMap.between(teacher_tok, student_tok, (shared.old_ids, shared.new_ids))
+    assert not token_map.identity and len(token_map) == len(shared) + 1  # + the EOS pair
+    prompts = D.prompts_from_samples(generate_problems(3, "train", 2))
+    completions = D.greedy_completions(teacher_model, teacher_tok, prompts, **GEN)
+    chunk = D.distillation_examples(student_tok, teacher_tok, prompts, completions, 256, token_map)
+    assert all("teacher" in e for e in chunk)
+    for example, completion in zip(chunk, completions):  # the student target spells the teacher's bytes
+        target = example["input_ids"][-len(completion.ids) - 1:-1]
+        assert target != list(completion.ids)
+        assert student_tok.decode(target) == teacher_tok.decode(list(completion.ids))
+    args = dict(kl_weight=1.0, temperature=2.0, student_pad_id=student_tok.pad_token_id,
+                teacher_pad_id=teacher_tok.pad_token_id)
+    ce = D.distillation_loss(None, token_map, **args)(student, chunk)
+    total = D.distillation_loss(teacher_model, token_map, **args)(student, chunk)
+    assert ce > 0.5 and abs((total - ce).item()) < 1e-5
+    batch = collate(chunk, student_tok.pad_token_id)
+    assert batch["input_ids"].max() < student.get_base_model().config.vocab_size
+
+
+def test_kl_is_skipped_with_a_reason_without_a_map(pair, teacher, tmp_path):
+    teacher_model, teacher_tok = teacher
+    prompts = D.prompts_from_samples(generate_problems(2, "train", 1))
+    completions = D.greedy_completions(teacher_model, teacher_tok, prompts, **GEN)
+    run = D.distill_finetune(pair["new"], pair["migrated"], prompts, completions, tmp_path / "seq",
+                             config=lft_config(), teacher=teacher_model, teacher_tokenizer=teacher_tok,
+                             token_map=None)
+    assert run.mode == D.MODE_SEQUENCE and run.kl_examples == 0 and "no shared-token map" in run.kl_note
+    identity = D.TokenMap.between(teacher_tok, teacher_tok)
+    with_kl = D.distill_finetune(pair["new"], pair["migrated"], prompts, completions, tmp_path / "kl",
+                                 config=lft_config(), teacher=teacher_model, teacher_tokenizer=teacher_tok,
+                                 token_map=identity)
+    off = D.distill_finetune(pair["new"], pair["migrated"], prompts, completions, tmp_path / "off",
+                             config=lft_config(), teacher=teacher_model, teacher_tokenizer=teacher_tok,
+                             token_map=identity, kl_weight=0.0)
+    assert with_kl.mode == D.MODE_KL and with_kl.kl_examples == 2 and off.mode == D.MODE_SEQUENCE
+    assert off.kl_note == "kl_weight is 0"
+    # same targets (teacher ids) either way; at the exact start the KL adds nothing to the first loss
+    assert abs(with_kl.training.losses[0] - off.training.losses[0]) < 1e-5
+    assert run.training.losses[0] > off.training.losses[0]  # text targets: byte tokens re-encode differently
+
+
+# --------------------------------------------------------------------------- end to end
+
+def test_distillation_from_an_unlabelled_prompt_file_end_to_end(pair, tmp_path):
+    records = [{"instruction": s.instruction, "input": s.input} for s in generate_problems(10, "train", 4)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    prompts, heldout = D.split_heldout(D.read_prompts(str(tmp_path / "prompts.jsonl")), 4, seed=0)
+    # Random tiny weights give flat next-token distributions: their greedy text has near-ties that the default
+    # LFT step (Adam, lr 9e-4) crosses on held-out prompts (1.0 -> 0.33-0.75 measured); a real trained adapter's
+    # answers do not sit on ties.  A small step still moves every LoRA weight (checked below).
+    config = D.DistillConfig(max_new_tokens=16, train=lft_config(lr=1e-5))
+    out = tmp_path / "distilled"
+    report = D.distill(pair["old"], pair["adapter"], pair["new"], pair["migrated"], out, prompts, heldout=heldout,
+                       config=config)
+    assert report.mode == D.MODE_KL and report.n_prompts == 6 and report.kl_examples == 6
+    assert report.n_heldout == 4 and report.training["steps"] == 2
+    assert report.teacher_agreement_before == 1.0 and report.teacher_agreement_after == 1.0
+    assert [c.text for c in report.heldout_student] == [c.text for c in report.heldout_teacher]
+    before, after = load_file(str(pair["migrated"] / ADAPTER_WEIGHTS)), load_file(str(out / ADAPTER_WEIGHTS))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    data = report.to_dict()
+    assert "heldout_teacher" not in data and "losses" not in data["training"]
+    assert json.loads(json.dumps(data))["teacher_agreement_after"] == 1.0
+
+
+# --------------------------------------------------------------------------- prompt synthesis
+
+PERMISSIVE = D.SynthesisConfig(require_question=False, min_chars=5, max_new_tokens=16, batch_size=4, max_rounds=3)
+
+
+def test_synthesis_is_deterministic_by_seed_and_excludes_given_prompts(teacher):
+    model, tokenizer = teacher
+    seeds = D.prompts_from_samples(generate_problems(3, "train", 0))
+    evaluation = [s.instruction for s in generate_problems(5, "test", 0)]
+    first = D.synthesise_prompts(model, tokenizer, seeds, 4, seed=0, exclude=evaluation, config=PERMISSIVE)
+    again = D.synthesise_prompts(model, tokenizer, seeds, 4, seed=0, exclude=evaluation, config=PERMISSIVE)
+    other = D.synthesise_prompts(model, tokenizer, seeds, 4, seed=1, exclude=evaluation, config=PERMISSIVE)
+    assert len(first) == 4 and first == again and first != other
+    assert len({p.text for p in first}) == 4
+    # the same seed would write exactly ``first`` again: given as evaluation prompts, none of them may come back
+    fresh = D.synthesise_prompts(model, tokenizer, seeds, 4, seed=0, exclude=evaluation + [p.text for p in first],
+                                 config=PERMISSIVE)
+    taken = D.NearDuplicateIndex(PERMISSIVE.near_duplicate, evaluation + [p.text for p in first + seeds])
+    assert fresh and not any(taken.contains(p.text) for p in fresh)
+
+
+def test_synthesis_filters_evaluation_prompts_and_near_duplicates(teacher, monkeypatch):
+    model, tokenizer = teacher
+    seeds = [D.Prompt("Tom has 3 apples and buys 4 more. How many apples does Tom have now?")]
+    evaluation = ["A hall has 5 rows of chairs with 6 chairs in each row. How many chairs are in the hall?"]
+    lines = [
+        evaluation[0],                                                                  # verbatim
+        " a HALL has 5 rows of chairs, with 6 chairs in each row -- how many chairs are in the hall?",  # case/punct
+        "A hall has 5 rows of chairs with 6 chairs in each row. How many chairs are in the big hall?",  # near dup
+        seeds[0].text,                                                                  # a seed
+        "Tom has 3 apples and buys 4 more. How many apples does Tom have now? Also",    # seed, cut after '?'
+        "No question mark here at all, just words",                                     # not a question
+        "Why?",                                                                         # too short
+        "Mia bakes 12 cookies and gives 5 to Omar. How many cookies are left?\nNext",   # new; first line only
+        "Mia bakes 12 cookies and gives 5 to Omar. How many cookies are left?",         # repeat of the new one
+        "A train carries 40 people and 13 get off at the station. How many people remain?",
+    ]
+    monkeypatch.setattr(D, "_sample_continuations", lambda *args: list(lines))
+    kept = D.synthesise_prompts(model, tokenizer, seeds, 5, seed=0, exclude=evaluation,
+                                config=D.SynthesisConfig(max_rounds=2))
+    assert [p.text for p in kept] == ["Mia bakes 12 cookies and gives 5 to Omar. How many cookies are left?",
+                                      "A train carries 40 people and 13 get off at the station. How many people remain?"]
+    monkeypatch.setattr(D, "_sample_continuations", lambda *args: [evaluation[0]])
+    with pytest.raises(LorasuiteError, match="no usable prompt"):
+        D.synthesise_prompts(model, tokenizer, seeds, 2, exclude=evaluation, config=D.SynthesisConfig(max_rounds=2))
