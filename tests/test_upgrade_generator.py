@@ -47,18 +47,24 @@ ALL = dict(rotate_residual=True, widen_residual=32, fold_norms=True, permute_hea
            kv_replication=2, permute_neurons=True, extra_neurons=8, identity_layers=(1, 4), extra_vocab=9,
            renumber_vocab=True, seed=11)
 ALL_NEOX = {k: v for k, v in ALL.items() if k not in NOT_FOR_NEOX}
+# BLOOM: ALiBi slopes depend on a head's index and on the head count, the MLP is exactly 4 x hidden.
+NOT_FOR_BLOOM = NOT_FOR_NEOX | {"permute_heads", "extra_neurons"}
+ALL_BLOOM = {k: v for k, v in ALL.items() if k not in NOT_FOR_BLOOM}
+UNSUPPORTED = {"gpt_neox": NOT_FOR_NEOX, "bloom": NOT_FOR_BLOOM}
 
 
 def combined(family):
     if family == "gpt_neox":
         return {"all_combined": UpgradeSpec(**ALL_NEOX)}
+    if family == "bloom":
+        return {"all_combined": UpgradeSpec(**ALL_BLOOM)}
     no_fold = dict(ALL, fold_norms=False, identity_layers=(0,), seed=12)
     return {"all_combined": UpgradeSpec(**ALL), "all_combined_no_fold": UpgradeSpec(**no_fold)}
 
 
 def cases():
     for family in FAMILIES:
-        specs = {k: v for k, v in SINGLE.items() if not (family == "gpt_neox" and k in NOT_FOR_NEOX)}
+        specs = {k: v for k, v in SINGLE.items() if k not in UNSUPPORTED.get(family, ())}
         specs.update(combined(family))
         for name, spec in specs.items():
             yield pytest.param(family, name, spec, id=f"{family}-{name}")
@@ -71,6 +77,15 @@ def random_ids(vocab: int, seed: int, n: int = 3, length: int = 12) -> list[list
 
 def read_json(path):
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def config_of(model_dir):
+    """The config through transformers (BLOOM writes n_layer / n_head and has no intermediate size)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    inter = getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
+    return {"layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads, "hidden": cfg.hidden_size, "inter": inter}
 
 
 def token_map_of(new_dir) -> dict[int, int]:
@@ -129,13 +144,14 @@ def test_upgrade_preserves_logits(family, name, spec, old_models, upgraded):
     assert len(set(token_map.values())) == n_old and max(token_map.values()) < cfg_new["vocab_size"]
     assert cfg_new["vocab_size"] == n_old + spec.extra_vocab
     layer_map = {int(k): v for k, v in truth["layer_map"].items()}
-    assert sorted(layer_map) == list(range(cfg_old["num_hidden_layers"]))
+    dims_old, dims_new = config_of(old_dir), config_of(new_dir)
+    assert sorted(layer_map) == list(range(dims_old["layers"]))
     assert list(layer_map.values()) == sorted(layer_map.values())
     assert set(layer_map.values()).isdisjoint(spec.identity_layers)
-    assert cfg_new["num_hidden_layers"] == cfg_old["num_hidden_layers"] + len(spec.identity_layers)
-    assert cfg_new["hidden_size"] == cfg_old["hidden_size"] + spec.widen_residual
-    assert cfg_new["intermediate_size"] == cfg_old["intermediate_size"] + spec.extra_neurons
-    if family != "gpt_neox":
+    assert dims_new["layers"] == dims_old["layers"] + len(spec.identity_layers)
+    assert dims_new["hidden"] == dims_old["hidden"] + spec.widen_residual
+    assert dims_new["inter"] == dims_old["inter"] + spec.extra_neurons
+    if family not in ("gpt_neox", "bloom"):
         kv, r = cfg_old["num_key_value_heads"], spec.kv_replication
         group = cfg_old["num_attention_heads"] // kv
         assert cfg_new["num_key_value_heads"] == kv * r and cfg_new["head_dim"] == cfg_old["head_dim"]
@@ -227,19 +243,21 @@ def test_wrong_token_map_fails_the_check(old_models, upgraded):
     assert relative_max_error(old, new_logits(new_dir, ids, wrong)) > 100 * TOL
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "bloom"])
 def test_tied_embeddings(family, tmp_path):
     old = make_tiny_model_dir(family, tmp_path / "old", seed=5, tie_word_embeddings=True, num_hidden_layers=2)
     ids = random_ids(read_json(old / "config.json")["vocab_size"], seed=1)
     ref = sequence_logits(load_model(old), ids)
-    widen = upgrade_model_dir(old, tmp_path / "widen", UpgradeSpec(widen_residual=16, extra_vocab=5, renumber_vocab=True))
+    bloom = family == "bloom"  # real BLOOM checkpoints are tied; its residual only permutes
+    first = UpgradeSpec(rotate_residual=bloom, widen_residual=0 if bloom else 16, extra_vocab=5, renumber_vocab=True)
+    widen = upgrade_model_dir(old, tmp_path / "widen", first)
     assert read_json(widen / "config.json")["tie_word_embeddings"] is True
     assert relative_max_error(ref, new_logits(widen, ids)) <= TOL
-    spec = UpgradeSpec(**dict(ALL, identity_layers=(2,)))
+    spec = UpgradeSpec(**dict(ALL_BLOOM if bloom else ALL, identity_layers=(2,)))
     everything = upgrade_model_dir(old, tmp_path / "all", spec)
-    # gemma3's signed permutation keeps lm_head == embedding; llama's rotation folds the final norm
-    # into lm_head, so the upgraded llama is written untied.
-    assert read_json(everything / "config.json")["tie_word_embeddings"] is (family == "gemma3")
+    # gemma3's signed permutation and bloom's permutation keep lm_head == embedding; llama's rotation
+    # folds the final norm into lm_head, so the upgraded llama is written untied.
+    assert read_json(everything / "config.json")["tie_word_embeddings"] is (family != "llama")
     assert relative_max_error(ref, new_logits(everything, ids)) <= TOL
 
 
@@ -291,20 +309,25 @@ def test_generated_models_are_not_trivial(old_models):
             assert all(w.abs().min() > 0.3 and (w - 1).abs().max() > 0.1 for w in norms)
         if family == "qwen2":
             assert all(sd[f"model.layers.0.self_attn.{p}_proj.bias"].abs().min() > 0 for p in "qkv")
+        if family in ("gpt_neox", "bloom"):
+            assert all(v.abs().max() > 0.05 for k, v in sd.items() if "layernorm" in k and k.endswith("bias"))
         if family == "gpt_neox":
             assert cfg["rope_parameters"]["partial_rotary_factor"] == 0.5 and cfg["use_parallel_residual"]
-            assert all(v.abs().max() > 0.05 for k, v in sd.items() if "layernorm" in k and k.endswith("bias"))
+        elif family == "bloom":
+            assert (cfg["hidden_size"], cfg["n_head"], cfg["n_layer"]) == (64, 4, 3)
+            assert not cfg["apply_residual_connection_post_layernorm"]
+            assert "transformer.word_embeddings_layernorm.bias" in sd and "transformer.h.0.self_attention.dense.bias" in sd
         else:
             assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (64, 4, 2, 16)
-        assert cfg["tie_word_embeddings"] is False and cfg["num_hidden_layers"] == 3
+        assert cfg["tie_word_embeddings"] is False and config_of(d)["layers"] == 3
 
 
 def test_random_lora_adapter_changes_logits_and_survives_vocab_upgrade(old_models, upgraded, tmp_path):
-    for family in ("gpt_neox", "gemma3"):
+    for family in ("gpt_neox", "gemma3", "bloom"):
         old_dir, ids, old = old_models(family)
         adapter = make_random_lora_adapter(old_dir, tmp_path / f"adapter-{family}", seed=1)
         cfg = read_json(adapter / "adapter_config.json")
-        expected = {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"} if family == "gpt_neox" else \
+        expected = {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"} if family in ("gpt_neox", "bloom") else \
             {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
         assert set(cfg["target_modules"]) == expected
         weights = load_file(adapter / "adapter_model.safetensors")
@@ -324,6 +347,11 @@ def test_random_lora_adapter_changes_logits_and_survives_vocab_upgrade(old_model
         ("gpt_neox", UpgradeSpec(widen_residual=8), "widen_residual"),
         ("gpt_neox", UpgradeSpec(kv_replication=2), "kv_replication"),
         ("gpt_neox", UpgradeSpec(extra_query_heads_per_group=1), "extra_query_heads_per_group"),
+        ("bloom", UpgradeSpec(permute_heads=True), "permute_heads.*ALiBi"),
+        ("bloom", UpgradeSpec(extra_query_heads_per_group=1), "extra_query_heads_per_group.*ALiBi"),
+        ("bloom", UpgradeSpec(kv_replication=2), "kv_replication"),
+        ("bloom", UpgradeSpec(widen_residual=8), "widen_residual.*LayerNorm"),
+        ("bloom", UpgradeSpec(extra_neurons=8), "extra_neurons.*4 \\* hidden_size"),
         ("llama", UpgradeSpec(kv_replication=4), "must divide"),
         ("llama", UpgradeSpec(extra_query_heads_per_group=1), "hidden_size % num_attention_heads"),
         ("qwen2", UpgradeSpec(identity_layers=(0, 0)), "identity_layers"),
@@ -334,3 +362,32 @@ def test_random_lora_adapter_changes_logits_and_survives_vocab_upgrade(old_model
 def test_unsupported_specs_raise(family, spec, match, old_models, tmp_path):
     with pytest.raises(ValueError, match=match):
         upgrade_model_dir(old_models(family)[0], tmp_path / "new", spec)
+
+
+def test_bloom_head_index_is_part_of_its_function(old_models, tmp_path, monkeypatch):
+    """Why the generator refuses permute_heads for bloom: ALiBi slopes follow the head index.
+
+    Swapping two heads of the fused query_key_value (rows [head][q|k|v][head_dim], biases too)
+    together with their dense columns changes a bloom model's logits, because each head now
+    attends with the other's slope; with the ALiBi biases zeroed the same swap is exact.
+    """
+    from transformers.models.bloom import modeling_bloom
+
+    old_dir, ids, old = old_models("bloom")
+    sd = load_file(old_dir / "model.safetensors")
+    H, hd = 4, 16
+    order = torch.tensor([1, 0, 2, 3])
+    for key, t in list(sd.items()):
+        if key.endswith("self_attention.query_key_value.weight"):
+            sd[key] = t.view(H, 3 * hd, -1)[order].reshape(t.shape).contiguous()
+        elif key.endswith("self_attention.query_key_value.bias"):
+            sd[key] = t.view(H, 3 * hd)[order].reshape(t.shape).contiguous()
+        elif key.endswith("self_attention.dense.weight"):
+            sd[key] = t.view(t.shape[0], H, hd)[:, order].reshape(t.shape).contiguous()
+    swapped = tmp_path / "swapped"
+    shutil.copytree(old_dir, swapped)
+    save_file(sd, str(swapped / "model.safetensors"), metadata={"format": "pt"})
+    assert relative_max_error(old, sequence_logits(load_model(swapped), ids)) > 100 * TOL
+    monkeypatch.setattr(modeling_bloom, "_get_alibi_slopes", lambda heads, device: torch.zeros(heads, device=device))
+    no_alibi = sequence_logits(load_model(old_dir), ids)
+    assert relative_max_error(no_alibi, sequence_logits(load_model(swapped), ids)) <= TOL

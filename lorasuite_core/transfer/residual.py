@@ -1,7 +1,8 @@
 """Residual-stream transfer matrices and the input/output maps each projection sees.
 
 Let E_o (n × d) and E_n (n × D) be what the first layer receives for the n shared tokens
-(embedding rows times the family's embedding scale). Least squares in float64 gives
+(embedding rows times the family's embedding scale, through its embedding norm where it has
+one, e.g. BLOOM's word_embeddings_layernorm). Least squares in float64 gives
 
     P (d × D):  x_old ≈ P x_new      from  E_n Pᵀ ≈ E_o   (rank ≤ min(d, D), minimum norm)
     Q (D × d):  x_new ≈ Q x_old      from  E_o Qᵀ ≈ E_n
