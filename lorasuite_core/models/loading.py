@@ -103,8 +103,9 @@ def _dims_from_config(config: dict[str, Any], family: Family, uri: str = "") -> 
     def get(name: str, default=None):
         value = family.config_value(config, name)
         if value is None and default is None:
-            keys = family.config_keys.get(name)
-            raise LorasuiteError(f"model {uri}: config.json lacks {keys or name!r} ({family.name} family)")
+            keys = family.config_keys.get(name) or name
+            keys = " or ".join(repr(k) for k in ((keys,) if isinstance(keys, str) else keys))
+            raise LorasuiteError(f"model {uri}: config.json lacks {keys} ({family.name} family)")
         return default if value is None else value
 
     hidden = int(get("hidden_size"))
