@@ -29,9 +29,10 @@ def test_gate_decision_on_numbers():
     assert not equal.passed and "below the bare model + margin: teacher agreement 0.500" in equal.reason
     assert gate_decision(0.5, 0.5, n=8, margin=0.0).passed
     worse = gate_decision(0.9, 0.2, n=20, student_accuracy=0.30, bare_accuracy=0.40, teacher_accuracy=0.5)
-    assert not worse.passed and worse.accuracy_margin == DEFAULT_MARGIN
-    assert "accuracy 0.300 (bare new model 0.400, margin 0.05)" in worse.reason and "agreement" not in worse.reason
-    assert gate_decision(0.9, 0.2, n=20, student_accuracy=0.40, bare_accuracy=0.40, accuracy_margin=0.0).passed
+    assert not worse.passed and worse.accuracy_margin == 0.0  # with gold answers: not worse than the bare model
+    assert "accuracy 0.300 (bare new model 0.400, margin 0)" in worse.reason and "agreement" not in worse.reason
+    assert gate_decision(0.9, 0.2, n=20, student_accuracy=0.40, bare_accuracy=0.40).passed
+    assert not gate_decision(0.9, 0.2, n=20, student_accuracy=0.40, bare_accuracy=0.40, accuracy_margin=0.05).passed
     with pytest.raises(QualityGateFailed) as failure:
         check_gate(worse)
     assert isinstance(failure.value, LorasuiteError) and failure.value.result is worse
@@ -78,7 +79,7 @@ def test_gate_publishes_the_migrated_adapter_and_refuses_a_zeroed_one(gate_setup
 
 def test_gate_with_labelled_data_records_accuracies(gate_setup):
     answers = gate_setup["answers"]
-    result = _gate(gate_setup, "migrated", answers=answers, accuracy_margin=0.0)
+    result = _gate(gate_setup, "migrated", answers=answers)
     reference = [D.accuracy(gate_setup["teacher"], answers)]
     assert result.teacher_accuracy == reference[0] and result.student_accuracy == reference[0]  # same text as teacher
     assert result.bare_accuracy is not None and result.passed == (result.student_accuracy >= result.bare_accuracy)
