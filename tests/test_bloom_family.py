@@ -72,4 +72,18 @@ def test_alibi_is_data():
     assert bloom.embedding_norm == "transformer.word_embeddings_layernorm" and bloom.intermediate_per_hidden == 4
     others = [f for name, f in all_families().items() if name != "bloom"]
     assert others and all(f.position_encoding == "rotary" and not f.head_index_fixed and f.embedding_norm is None
+                          and not f.config_requires and f.intermediate_per_hidden is None
                           for f in others)
+
+
+def test_residual_from_the_normed_input_is_refused(bloom_dir, tmp_path):
+    other = tmp_path / "post_ln_residual"
+    shutil.copytree(bloom_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["apply_residual_connection_post_layernorm"] = True
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LorasuiteError, match="apply_residual_connection_post_layernorm=True is not supported"):
+        load_base_model(other)
+    del config["apply_residual_connection_post_layernorm"]   # absent: transformers' default, False
+    (other / "config.json").write_text(json.dumps(config))
+    assert load_base_model(other).dims == load_base_model(bloom_dir).dims

@@ -25,6 +25,9 @@ Optional facts (defaults in brackets, so a family JSON names only what it needs)
                          heads, so a head's index is part of its function: heads cannot be
                          permuted, added or moved to another index without changing what they
                          compute (``head_index_fixed``)
+    config_requires      {config.json key: value} the family's layout assumes, an absent key
+                         taking that value (BLOOM: apply_residual_connection_post_layernorm
+                         false, i.e. the residual is the block input, not its normed copy) [{}]
 
 Code paths read these facts; no model name appears in them.
 """
@@ -65,6 +68,7 @@ class Family:
     intermediate_per_hidden: int | None = None
     embedding_norm: str | None = None
     position_encoding: str = "rotary"
+    config_requires: tuple[tuple[str, Any], ...] = ()
 
     @property
     def head_index_fixed(self) -> bool:
@@ -78,6 +82,10 @@ class Family:
             if config.get(key) is not None:
                 return config[key]
         return None
+
+    def config_mismatches(self, config: dict[str, Any]) -> list[str]:
+        """``key=value`` for each config value the family's layout does not support."""
+        return [f"{key}={config[key]!r}" for key, want in self.config_requires if config.get(key, want) != want]
 
     def layer_weight(self, layer: int, path: str, suffix: str = "weight") -> str:
         return f"{self.layer_prefix.format(layer=layer)}{path}.{suffix}"
@@ -121,6 +129,7 @@ def _family_from_json(data: dict[str, Any]) -> Family:
         intermediate_per_hidden=data.get("intermediate_per_hidden"),
         embedding_norm=data.get("embedding_norm"),
         position_encoding=position_encoding,
+        config_requires=tuple(sorted(data.get("config_requires", {}).items())),
     )
 
 

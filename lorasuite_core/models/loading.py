@@ -253,6 +253,9 @@ def load_base_model(uri: str | Path) -> BaseModel:
     if not model_type:
         raise LorasuiteError(f"model {uri}: config.json has no model_type")
     family = family_for_model_type(model_type)
+    mismatches = family.config_mismatches(config)
+    if mismatches:
+        raise LorasuiteError(f"model {uri}: {', '.join(mismatches)} is not supported for the {family.name} family")
     weights = SafetensorsWeights(local)
     if family.embedding not in weights:
         raise LorasuiteError(f"model {uri}: weight {family.embedding!r} missing (not a {family.name} checkpoint?)")
