@@ -240,3 +240,37 @@ def test_magnitude_fit_math():
     zero[3] = 0
     with pytest.raises(LorasuiteError, match="1 output rows"):
         fit_magnitude(zero, torch.zeros_like(W), target, "m")
+
+
+def test_variant_tensors_checked_and_round_trip_through_layer_results(tmp_path):
+    from lorasuite_core.pipeline.layer_results import load_layer_result, save_layer_result
+    from lorasuite_core.transfer.adapter import MigratedModule, NewLayerResult
+    from lorasuite_core.transfer.refactor import refactorise
+
+    model = make_tiny_model_dir("llama", tmp_path / "model", seed=34)
+    family = load_base_model(model).family
+    dora = make_dora_adapter(model, tmp_path / "dora", seed=4)
+    factors = load_lora_adapter(dora, family).factors
+    assert all(f.magnitude is not None and f.magnitude.shape == (f.B.shape[0],) for f in factors.values())
+    tensors = load_file(dora / "adapter_model.safetensors")
+    dropped = next(k for k in tensors if k.endswith("lora_magnitude_vector"))
+    save_file({k: v for k, v in tensors.items() if k != dropped}, dora / "adapter_model.safetensors")
+    with pytest.raises(LorasuiteError, match="lacks lora_magnitude_vector"):
+        load_lora_adapter(dora, family)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps(dict(config, use_dora=False)))
+    with pytest.raises(LorasuiteError, match="unexpected tensor .*lora_magnitude_vector"):
+        load_lora_adapter(dora, family)
+
+    g = torch.Generator().manual_seed(1)
+    delta = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    svd = refactorise(delta, 3, 0.7, singular_values=True)
+    plain = refactorise(delta, 3, 0.7)
+    assert torch.allclose(svd.delta(0.7), plain.delta(0.7), atol=1e-5) and svd.residual == plain.residual
+    modules = [MigratedModule(1, "q_proj", svd, 3, 8.0, [0]),
+               MigratedModule(1, "o_proj", plain, 3, 8.0, [0], magnitude=torch.rand(8, generator=g),
+                              magnitude_fit={"relative_to_weight": 0.25, "relative_to_change": 0.5})]
+    back = load_layer_result(save_layer_result(NewLayerResult(modules, {}, {}, {"q"}), tmp_path / "layer"))
+    assert torch.equal(back.modules[0].factors.E, svd.E) and back.modules[0].magnitude is None
+    assert torch.equal(back.modules[1].magnitude, modules[1].magnitude) and back.modules[1].factors.E is None
+    assert back.modules[1].magnitude_fit == modules[1].magnitude_fit

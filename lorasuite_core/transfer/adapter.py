@@ -35,7 +35,8 @@ gets the adapter's target modules at its usual rank with PEFT's own fresh initia
 from one seeded generator in (layer, module name) order: LoRA/DoRA A ~ kaiming-uniform(a=√5)
 = U(−1/√in, 1/√in), B = 0 (DoRA magnitude ‖W_new‖_row, so W' = W); AdaLoRA E = 0, A, B ~
 N(0, 0.02²). Their delta is zero, so the migrated start is unchanged and LFT trains every
-layer, as vanilla LoRA does.
+layer, as vanilla LoRA does. A DoRA module is not added on a weight with an all-zero row (a
+zero-output layer's o/down): PEFT's DoRA would divide 0 by 0 there.
 """
 from __future__ import annotations
 
@@ -320,8 +321,11 @@ def zero_init_modules(new: BaseModel, modules: list[MigratedModule], seed: int =
                 B.zero_()
             module = MigratedModule(j, name, Refactorised(A=A, B=B, residual=0.0, E=E), rank, alpha, [])
             if dora:
-                W = new.layer_weight(j, new.family.modules[name].path)
-                module.magnitude = torch.linalg.vector_norm(W, dim=1).float()
+                norms = torch.linalg.vector_norm(new.layer_weight(j, new.family.modules[name].path), dim=1)
+                if not bool((norms > 0).all()):      # PEFT's DoRA would divide 0 by 0 (e.g. a zero-output layer)
+                    log.warning("no zero-initialised DoRA module on layer %d %s: its weight has all-zero rows", j, name)
+                    continue
+                module.magnitude = norms.float()
                 module.magnitude_fit = {"relative_to_weight": 0.0, "relative_to_change": 0.0}
             extra.append(module)
     return extra
@@ -359,9 +363,19 @@ def adapter_config(old_config: dict, new: BaseModel, migrated: MigratedAdapter) 
         alpha_pattern=alpha_pattern,
         layers_to_transform=None if layers == list(range(new.dims.num_layers)) else layers,
         layers_pattern=None,
+        exclude_modules=_excluded_modules(new, migrated, layers),
         revision=None,
     )
     return config
+
+
+def _excluded_modules(new: BaseModel, migrated: MigratedAdapter, layers: list[int]) -> list[str] | None:
+    """Full paths of the (layer, target) pairs PEFT would otherwise create freshly (target_modules ×
+    layers_to_transform minus the migrated modules): a fresh DoRA module on an all-zero weight row is NaN."""
+    have = {(m.layer, m.name) for m in migrated.modules}
+    names = sorted({m.name for m in migrated.modules})
+    missing = [_module_key(new.family, j, name) for j in layers for name in names if (j, name) not in have]
+    return missing or None
 
 
 def _adalora_config(old_config: dict, new: BaseModel, migrated: MigratedAdapter) -> dict:
@@ -383,6 +397,7 @@ def _adalora_config(old_config: dict, new: BaseModel, migrated: MigratedAdapter)
         rank_pattern=pattern if any(m.rank != init_r for m in migrated.modules) else None,
         layers_to_transform=None if layers == list(range(new.dims.num_layers)) else layers,
         layers_pattern=None,
+        exclude_modules=_excluded_modules(new, migrated, layers),
         revision=None,
     )
     return config
