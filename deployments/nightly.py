@@ -16,7 +16,6 @@ when an entry failed).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from prefect.variables import Variable
 
 from flows.migration import migrate_fleet
 from flows.settings import task_runner
+from lorasuite_core.settings import settings
 
 FLEET_MANIFEST_VARIABLE = "lorasuite_fleet_manifest"
 FLEET_MANIFEST_ENV = "LORASUITE_FLEET_MANIFEST"
@@ -41,8 +41,9 @@ def configured_manifest(manifest: str | None = None) -> tuple[str | None, str]:
     value = Variable.get(FLEET_MANIFEST_VARIABLE, default=None)
     if isinstance(value, str) and value.strip():
         return value.strip(), f"Prefect Variable {FLEET_MANIFEST_VARIABLE}"
-    if os.environ.get(FLEET_MANIFEST_ENV, "").strip():
-        return os.environ[FLEET_MANIFEST_ENV].strip(), f"${FLEET_MANIFEST_ENV}"
+    configured = (settings().fleet_manifest or "").strip()
+    if configured:
+        return configured, f"${FLEET_MANIFEST_ENV}"
     if LOCAL_FLEET_MANIFEST.is_file():
         return str(LOCAL_FLEET_MANIFEST.resolve()), "local file"
     return None, ""

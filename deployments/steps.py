@@ -58,8 +58,11 @@ def prepare_project(directory: str | None = None, variable_directory: str | None
 
     path = project_dir(directory, variable_directory)
     set_working_directory(str(path))
-    if not os.environ.get(CACHE_ROOT_ENV) and (cache_root or "").strip():
+    from lorasuite_core.settings import settings
+
+    if "cache_root" not in settings().model_fields_set and (cache_root or "").strip():
         os.environ[CACHE_ROOT_ENV] = cache_root.strip()     # a URI with credentials is refused by the store
-    store = os.environ.get(CACHE_ROOT_ENV, "")
+    current = settings()
+    store = current.cache_root if "cache_root" in current.model_fields_set else ""
     get_logger("lorasuite.deployments").info("lorasuite project %s, stage store %s", path, redact_uri(store) if store else "(default)")
     return {"directory": str(path), "cache_root": store}

@@ -15,8 +15,19 @@ Flows orchestrate; the work is in the tasks (``tasks/``), which wrap ``lorasuite
   progress and summary (``flows/artifacts.py``).
 * ``run_migrate_adapter`` / ``run_migrate_fleet`` (``flows/entrypoints.py``) are the plain-Python
   entry points the CLI calls.
+* The CLI (``flows/cli.py``) and the demo (``flows/demo.py``) live here because they run the
+  flows; the names below load lazily so that ``lorasuite --help`` does not import Prefect.
 """
-from .entrypoints import run_migrate_adapter, run_migrate_fleet
-from .migration import migrate_adapter, migrate_fleet, on_base_model_release
+from importlib import import_module
+
+_HOMES = {"migrate_adapter": "migration", "migrate_fleet": "migration", "on_base_model_release": "migration",
+          "run_migrate_adapter": "entrypoints", "run_migrate_fleet": "entrypoints"}
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(import_module(f"{__name__}.{_HOMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["migrate_adapter", "migrate_fleet", "on_base_model_release", "run_migrate_adapter", "run_migrate_fleet"]

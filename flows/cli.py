@@ -23,27 +23,16 @@ log = logging.getLogger("lorasuite")
 
 
 def _add_migrate_arguments(p: argparse.ArgumentParser) -> None:
+    from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions, add_arguments
+
     p.add_argument("--old-model", required=True, help="old base model: local dir, fsspec URI (s3://…) or hub id")
     p.add_argument("--new-model", required=True, help="new base model: local dir, fsspec URI or hub id")
     p.add_argument("--adapter", required=True, help="PEFT LoRA adapter trained on the old model")
     p.add_argument("--output", required=True, help="directory for the migrated PEFT adapter and migration_report.json")
-    p.add_argument("--no-lft", action="store_true", help="transfer only, skip the light fine-tuning")
-    p.add_argument("--calibration-data", help=".txt (one sample per line) or .jsonl with a 'text' field")
-    p.add_argument("--head-transform", default="lstsq", choices=["lstsq", "paper"],
-                   help="lstsq: exact least-squares head alignment (default); paper: LoRASuite Eq. 3")
-    p.add_argument("--layer-offset", type=int, help="max |new layer - old layer| drift (default: layer-count difference)")
-    p.add_argument("--max-calibration-tokens", type=int, default=2048)
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
-    p.add_argument("--lft-data", help="LFT data: math_10k JSON/JSONL (local or fsspec URI), or builtin:train; required unless --no-lft")
-    p.add_argument("--lft-samples", type=int, default=100, help="number of LFT samples (default 100)")
-    p.add_argument("--lft-lr", type=float, default=9e-4, help="LFT learning rate (default 9e-4, no warmup)")
-    p.add_argument("--lft-epochs", type=int, default=1)
-    p.add_argument("--eval-data", help="evaluate before/after LFT on this data set: math_10k JSON/JSONL or builtin:test")
-    p.add_argument("--eval-samples", type=int, help="evaluate on the first N samples")
-    p.add_argument("--vanilla-baseline", action="store_true",
-                   help="also train a fresh LoRA on the LFT samples and evaluate it (needs --eval-data)")
+    p.add_argument("--overwrite", action="store_true", help="replace our earlier publication at --output")
     p.add_argument("--cache-root", help="pair-analysis cache and result storage: local dir or s3:// (default ~/.cache/lorasuite/pipeline)")
-    p.add_argument("--seed", type=int, default=0)
+    add_arguments(p.add_argument_group("migration options (per adapter)"), MigrationOptions)
+    add_arguments(p.add_argument_group("pair analysis options"), AnalysisOptions)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,25 +108,22 @@ def _configure_logging(args):
 
 
 def _run_migrate(args) -> dict:
-    from flows.entrypoints import run_migrate_adapter
+    from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions, from_arguments
 
-    if not args.no_lft and args.lft_data is None:
-        raise LorasuiteError("light fine-tuning needs --lft-data (100-400 samples of the adapter's task, or "
-                             "builtin:train for the built-in arithmetic problems); pass --no-lft to transfer only")
+    from .entrypoints import run_migrate_adapter
 
-    result = run_migrate_adapter(
-        args.old_model, args.new_model, args.adapter, args.output,
-        lft=not args.no_lft, lft_data=args.lft_data, lft_samples=args.lft_samples, lft_lr=args.lft_lr,
-        lft_epochs=args.lft_epochs, eval_data=args.eval_data, eval_samples=args.eval_samples,
-        vanilla_baseline=args.vanilla_baseline, head_transform=args.head_transform,
-        calibration_data=args.calibration_data, max_calibration_tokens=args.max_calibration_tokens,
-        layer_offset=args.layer_offset, seed=args.seed, overwrite=args.overwrite, cache_root=args.cache_root,
-    )
+    options = from_arguments(args, MigrationOptions).check_single()
+    analysis = from_arguments(args, AnalysisOptions)
+    if not options.runs_lft and options.lft is None:
+        log.warning("transfer only (no --lft-data): without light fine-tuning a migrated adapter is often little "
+                    "better than the bare new model; pass --lft-data, or --no-lft to say so")
+    result = run_migrate_adapter(args.old_model, args.new_model, args.adapter, args.output, options, analysis,
+                                 overwrite=args.overwrite, cache_root=args.cache_root)
     return {"summary": result.get("summary", result)}
 
 
 def _run_migrate_fleet(args) -> dict:
-    from flows.entrypoints import run_migrate_fleet
+    from .entrypoints import run_migrate_fleet
 
     result = run_migrate_fleet(args.manifest, overwrite=args.overwrite, cache_root=args.cache_root)
     summary = {key: result[key] for key in ("published", "skipped", "failed") if key in result}
@@ -145,7 +131,7 @@ def _run_migrate_fleet(args) -> dict:
 
 
 def _run_demo(args) -> dict:
-    from flows.demo import run_real_demo, run_synthetic_demo
+    from .demo import run_real_demo, run_synthetic_demo
 
     if args.synthetic:
         return run_synthetic_demo(args.workdir, family=args.family, progress=not args.quiet)

@@ -67,7 +67,9 @@ def run_real_demo(workdir: str | Path, *, train_samples: int = 200, lft_samples:
     the bare new model, the transferred and the fine-tuned adapter, and a vanilla LoRA
     trained on the same ``lft_samples``.
     """
-    from flows.entrypoints import run_migrate_adapter
+    from lorasuite_core.pipeline.options import MigrationOptions
+
+    from .entrypoints import run_migrate_adapter
 
     from lorasuite_core.models.model_fetch import fetch_model
     from lorasuite_core.training.task_data import generate_problems
@@ -80,9 +82,10 @@ def run_real_demo(workdir: str | Path, *, train_samples: int = 200, lft_samples:
         log.info("training the old adapter on %d samples", train_samples)
         train_lora(old, generate_problems(train_samples, "train", 0), adapter, rank=16, alpha=32,
                    config=TrainConfig(lr=3e-4, batch_size=8, warmup_ratio=0.05, show_progress=progress))
-    result = run_migrate_adapter(str(old), str(new), str(adapter), str(workdir / "migrated-adapter"), lft=True,
-                                 lft_data="builtin:train", lft_samples=lft_samples, eval_data="builtin:test", eval_samples=eval_samples,
-                                 vanilla_baseline=True, overwrite=True)
+    options = MigrationOptions(lft=True, lft_data="builtin:train", lft_samples=lft_samples, eval_data="builtin:test",
+                               eval_samples=eval_samples, vanilla_baseline=True)
+    result = run_migrate_adapter(str(old), str(new), str(adapter), str(workdir / "migrated-adapter"), options,
+                                 overwrite=True)
     summary = result.get("summary", result)
     return {"summary": {
         "old_model": str(old), "new_model": str(new), "old_adapter": str(adapter),

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.states import Failed, State
@@ -30,12 +30,13 @@ from prefect.states import Failed, State
 import tasks
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.pipeline.manifest import BaseModelRelease, FleetManifest, ManifestError
-from lorasuite_core.pipeline.stages import EntryOptions, check_adapter, run_inputs
+from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
+from lorasuite_core.pipeline.stages import check_adapter, run_inputs
 from lorasuite_core.io.storage import check_not_a_file, check_replaceable as replaceable, redact_uri
 from tasks._support import forward_core_logs
 
 from . import artifacts
-from .pipeline import EntryRun, FleetResult, PipelineRun, entry_options
+from .pipeline import EntryRun, FleetResult, PipelineRun
 from .settings import task_runner
 
 
@@ -51,32 +52,23 @@ def migrate_adapter(
     new_model: str,
     adapter: str,
     output: str,
-    lft: bool = False,
-    lft_data: str | None = None,
-    lft_samples: int = 100,
-    lft_lr: float = 9e-4,
-    lft_epochs: int = 1,
-    eval_data: str | None = None,
-    eval_samples: int | None = None,
-    vanilla_baseline: bool = False,
-    head_transform: Literal["lstsq", "paper"] = "lstsq",
-    calibration_data: str | None = None,
-    max_calibration_tokens: int = 2048,
-    layer_offset: int | None = None,
-    seed: int = 0,
+    options: MigrationOptions | None = None,
+    analysis: AnalysisOptions | None = None,
     overwrite: bool = False,
     cache_root: str | None = None,
 ) -> dict[str, Any]:
-    """Returns the migration summary (output, layer mapping, steps, evaluation)."""
+    """Returns the migration summary (output, layer mapping, steps, evaluation).
+
+    ``options`` (per adapter) and ``analysis`` (the pair analysis) are the one options schema
+    (:mod:`lorasuite_core.pipeline.options`); the Prefect UI shows them as forms."""
     forward_core_logs()
-    options = EntryOptions(head_transform=head_transform, lft=lft, lft_data=lft_data, lft_samples=lft_samples,
-                           lft_lr=lft_lr, lft_epochs=lft_epochs, eval_data=eval_data, eval_samples=eval_samples,
-                           vanilla_baseline=vanilla_baseline and lft, seed=seed)
-    inputs = run_inputs(old_model, new_model, adapter, options, calibration_data, cache_root)
+    options = (options or MigrationOptions()).check_single()
+    analysis = analysis or AnalysisOptions()
+    inputs = run_inputs(old_model, new_model, adapter, options, analysis, cache_root)
     replaceable(output, tasks.check_output(output, inputs), overwrite)
     check_adapter(old_model, adapter)      # a bad adapter fails now, not after the pair analysis
     run = PipelineRun(cache_root)
-    pair = run.analyse_pair(old_model, new_model, calibration_data, max_calibration_tokens, layer_offset)
+    pair = run.analyse_pair(old_model, new_model, analysis)
     entry = EntryRun(name=_entry_name(output), adapter=adapter, output=output, options=options)
     run.migrate([entry], pair, overwrite=overwrite)
     if entry.status != "published":
@@ -88,7 +80,7 @@ def run_fleet(fleet: FleetManifest, *, overwrite: bool, cache_root: str | None) 
     """The fleet migration proper (inside a flow run): outputs checked, analysis once, entries fanned out."""
     log = get_run_logger()
     run = PipelineRun(cache_root)
-    entries = [EntryRun(name=e.name, adapter=e.adapter, output=fleet.output_uri(e), options=entry_options(fleet, e))
+    entries = [EntryRun(name=e.name, adapter=e.adapter, output=fleet.output_uri(e), options=fleet.effective_options(e))
                for e in fleet.adapters]
     progress = artifacts.ProgressArtifact(
         f"{len(entries)} adapter(s), {artifacts.pair_title(fleet.old_model, fleet.new_model)}")
@@ -102,9 +94,7 @@ def run_fleet(fleet: FleetManifest, *, overwrite: bool, cache_root: str | None) 
                 e.fail("load", error)
     pair = None
     if any(e.live for e in entries):
-        a = fleet.analysis
-        pair = run.analyse_pair(fleet.old_model, fleet.new_model, a.calibration_data, a.max_calibration_tokens,
-                                a.layer_offset, on_progress=progress.analysis)
+        pair = run.analyse_pair(fleet.old_model, fleet.new_model, fleet.analysis, on_progress=progress.analysis)
         run.migrate(entries, pair, overwrite=overwrite, on_progress=progress.entries)
     progress.update(100.0)
     result = FleetResult(old_model=fleet.old_model, new_model=fleet.new_model, analysis=pair.steps if pair else {},

@@ -31,9 +31,11 @@ from pydantic import BaseModel
 
 import tasks
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.pipeline.manifest import AdapterEntry, FleetManifest
+from lorasuite_core.pipeline.manifest import FleetManifest
+from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.stage_store import StageResult
-from lorasuite_core.pipeline.stages import PAIR_STAGES, AdapterPlan, EntryOptions, PairPlan, run_inputs
+from lorasuite_core.pipeline.stages import (ENTRY_WAVES, PAIR_GRAPH, PAIR_STAGES, AdapterPlan, PairPlan,
+                                            report_updates, run_inputs)
 from lorasuite_core.io.storage import check_replaceable, describe_error, redact_uri
 
 from . import artifacts
@@ -103,7 +105,7 @@ class EntryRun:
     name: str
     adapter: str
     output: str
-    options: EntryOptions
+    options: MigrationOptions
     status: str = "running"
     error: str | None = None
     note: str | None = None
@@ -142,14 +144,6 @@ class EntryRun:
                            status=self.status, error=self.error, note=self.note, summary=summary or {})
 
 
-def entry_options(fleet: FleetManifest, entry: AdapterEntry) -> EntryOptions:
-    o = fleet.effective_options(entry)
-    return EntryOptions(head_transform=o.head_transform, lft=o.lft, lft_data=entry.lft_data,
-                        lft_samples=o.lft_samples, lft_lr=o.lft_lr, lft_epochs=o.lft_epochs,
-                        eval_data=entry.eval_data, eval_samples=o.eval_samples,
-                        vanilla_baseline=o.vanilla_baseline and entry.lft_data is not None)
-
-
 @dataclass
 class PairRun:
     plan: PairPlan
@@ -175,20 +169,14 @@ class PipelineRun:
 
     # ----------------------------------------------------------------- pair analysis
 
-    def analyse_pair(self, old_model: str, new_model: str, calibration_data: str | None,
-                     max_calibration_tokens: int, layer_offset: int | None,
+    def analyse_pair(self, old_model: str, new_model: str, analysis: AnalysisOptions,
                      on_progress: Callable[[int, int], None] | None = None) -> PairRun:
-        """``on_progress(done, total)`` is called as each of the six stages finishes."""
-        t, s = self.t, self.store
-        plan = t.identify_pair(old_model, new_model, calibration_data, max_calibration_tokens, layer_offset)
+        """Submit the stages of ``PAIR_GRAPH``; ``on_progress(done, total)`` as each finishes."""
+        s = self.store
+        plan = self.t.identify_pair(old_model, new_model, analysis)
         f: dict[str, PrefectFuture] = {}
-        f["vocabulary"] = t.vocabulary.submit(s, plan)
-        f["activations"] = t.activations.submit(s, plan)
-        f["transfer_matrix"] = t.transfer_matrix.submit(s, plan, f["vocabulary"])
-        f["cka"] = t.cka.submit(s, plan, f["activations"])
-        f["layer_mapping"] = t.layer_mapping.submit(s, plan, f["cka"])
-        upstream = [f[name] for name in ("vocabulary", "transfer_matrix", "activations", "cka", "layer_mapping")]
-        f["head_similarity"] = t.head_similarity.submit(s, plan, *upstream)
+        for stage, upstream in PAIR_GRAPH.items():
+            f[stage] = self.t.PAIR_TASKS[stage].submit(s, plan, *(f[u] for u in upstream))
         if on_progress:
             for done, _ in enumerate(as_completed(list(f.values())), start=1):
                 on_progress(done, len(PAIR_STAGES))
@@ -211,7 +199,7 @@ class PipelineRun:
         an unsafe output or foreign content fails the entry; an interrupted publication of ours is redone."""
         futures = {e.name: self.t.check_output.submit(
             e.output, run_inputs(fleet.old_model, fleet.new_model, e.adapter, e.options,
-                                 fleet.analysis.calibration_data, cache_root)) for e in entries}
+                                 fleet.analysis, cache_root)) for e in entries}
         for e in entries:
             try:
                 status = futures[e.name].result()
@@ -224,10 +212,11 @@ class PipelineRun:
 
     def migrate(self, entries: list[EntryRun], pair: PairRun, *, overwrite: bool,
                 on_progress: Callable[[float], None] | None = None) -> None:
-        waves = (("load", self._plan), ("transfer", self._transfer), ("write", self._assemble),
-                 ("train", self._train), ("eval", self._evaluate), ("publish", lambda e, p: self._publish(e, p, overwrite)))
-        for step, submit in waves:
-            self._wave(entries, pair, step, submit)
+        submitters = {"load": self._plan, "transfer": self._transfer, "write": self._assemble,
+                      "train": self._train, "eval": self._evaluate,
+                      "publish": lambda e, p: self._publish(e, p, overwrite)}
+        for step in ENTRY_WAVES:
+            self._wave(entries, pair, step, submitters[step])
             if on_progress:
                 on_progress(100.0 * sum(e.progress() for e in entries) / len(entries))
         for e in entries:
@@ -329,17 +318,8 @@ class PipelineRun:
         """What the published migration_report.json gets on top of the assembled report."""
         from prefect.runtime import flow_run
 
-        updates: dict[str, Any] = {"steps": e.steps(pair.steps), "pipeline": {
-            "flow_run_id": str(flow_run.id), "stage_store": redact_uri(self.store),
-            "keys": {**pair.plan.stage_keys, "migrated": e.plan.migrated_key}}}
-        if "lft" in e.stored:
-            updates["light_finetune"] = {k: v for k, v in e.stored["lft"].facts.items() if k != "losses"}
-        if "vanilla" in e.stored:
-            updates["vanilla_baseline"] = {k: v for k, v in e.stored["vanilla"].facts.items() if k != "losses"}
-        if e.evals:
-            updates["evaluation"] = {row: {k: f[k] for k in ("accuracy", "ci_low", "ci_high", "n", "correct")}
-                                     for row, f in e.evals.items()}
-        return updates
+        return report_updates(pair.plan, e.plan, e.stored, e.evals, e.steps(pair.steps), self.store,
+                              flow_run_id=str(flow_run.id))
 
     def summary(self, e: EntryRun, pair: PairRun | None) -> dict[str, Any]:
         if e.status != "published" or pair is None:

@@ -39,8 +39,10 @@ def task_runner():
     from prefect.settings import get_current_settings
 
     from lorasuite_core.errors import LorasuiteError
+    from lorasuite_core.settings import settings
 
-    choice = os.environ.get("LORASUITE_TASK_RUNNER", "").strip()
+    configured = settings()
+    choice = configured.task_runner.strip()
     kind, _, address = choice.partition(":")
     if kind.lower() == "ray":
         try:
@@ -58,4 +60,4 @@ def task_runner():
     import torch
 
     default = max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads()))
-    return ThreadPoolTaskRunner(max_workers=int(os.environ.get("LORASUITE_MAX_PARALLEL_TASKS", default)))
+    return ThreadPoolTaskRunner(max_workers=configured.max_parallel_tasks or default)

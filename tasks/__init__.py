@@ -21,14 +21,15 @@ Design
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401,E402
 
 from .adapters import assemble, check_output, plan_adapter, publish, transfer_layer
-from .analysis import activations, cka, head_similarity, identify_pair, layer_mapping, transfer_matrix, vocabulary
+from .analysis import (PAIR_TASKS, activations, cka, head_similarity, identify_pair, layer_mapping, transfer_matrix,
+                       vocabulary)
 from .training import evaluate, light_finetune, vanilla_baseline
 
-ANALYSIS_TASKS = (vocabulary, transfer_matrix, activations, cka, layer_mapping, head_similarity)
+ANALYSIS_TASKS = tuple(PAIR_TASKS.values())
 STORE_TASKS = ANALYSIS_TASKS + (transfer_layer, assemble, light_finetune, vanilla_baseline, evaluate)
 
 __all__ = [
     "activations", "assemble", "check_output", "cka", "evaluate", "head_similarity", "identify_pair",
     "layer_mapping", "light_finetune", "plan_adapter", "publish", "transfer_layer", "transfer_matrix",
-    "vanilla_baseline", "vocabulary", "ANALYSIS_TASKS", "STORE_TASKS",
+    "vanilla_baseline", "vocabulary", "ANALYSIS_TASKS", "PAIR_TASKS", "STORE_TASKS",
 ]

@@ -14,7 +14,8 @@ from prefect import get_run_logger, task
 
 from lorasuite_core.pipeline import stages
 from lorasuite_core.pipeline.stage_store import StageResult, StageStore
-from lorasuite_core.pipeline.stages import AdapterPlan, EntryOptions, LayerJob, PairPlan
+from lorasuite_core.pipeline.options import MigrationOptions
+from lorasuite_core.pipeline.stages import AdapterPlan, LayerJob, PairPlan
 from lorasuite_core.io.storage import redact_uri
 
 from ._support import NO_RECORDS, forward_core_logs, run_stage, stage_task_options
@@ -31,7 +32,7 @@ def check_output(output: str, inputs: dict[str, str | None]) -> str:
 
 @task(name="plan-adapter", **NO_RECORDS, task_run_name="plan-{name}")
 def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter: str,
-                 options: EntryOptions) -> AdapterPlan:
+                 options: MigrationOptions) -> AdapterPlan:
     """Load the adapter, check it was trained on the old model, list its per-layer jobs and keys."""
     forward_core_logs()
     planned = stages.plan_adapter(plan, analysis, name, adapter, options)

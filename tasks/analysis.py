@@ -11,6 +11,7 @@ from prefect import get_run_logger, task
 
 from lorasuite_core.pipeline import stages
 from lorasuite_core.pipeline.stage_store import StageResult, StageStore
+from lorasuite_core.pipeline.options import AnalysisOptions
 from lorasuite_core.pipeline.stages import PairPlan
 from lorasuite_core.io.storage import redact_uri
 
@@ -18,11 +19,10 @@ from ._support import NO_RECORDS, forward_core_logs, run_stage, stage_task_optio
 
 
 @task(name="identify-pair", **NO_RECORDS)
-def identify_pair(old_model: str, new_model: str, calibration_data: str | None = None,
-                  max_calibration_tokens: int = 2048, layer_offset: int | None = None) -> PairPlan:
+def identify_pair(old_model: str, new_model: str, analysis: AnalysisOptions) -> PairPlan:
     """Identities of both models and of the calibration text (listings, not tensors); every stage key."""
     forward_core_logs()
-    plan = stages.plan_pair(old_model, new_model, calibration_data, max_calibration_tokens, layer_offset)
+    plan = stages.plan_pair(old_model, new_model, analysis)
     get_run_logger().info("pair %s -> %s: analysis key %s", redact_uri(old_model), redact_uri(new_model),
                           plan.stage_keys["head_similarity"][:16])
     return plan
@@ -64,3 +64,8 @@ def head_similarity(store: str, plan: PairPlan, vocabulary: StageResult, transfe
     """Head and neuron matching of every mapped layer pair; stores the whole pair analysis."""
     return run_stage(stages.head_similarity, StageStore.at(store), plan, vocabulary.uri, transfer_matrix.uri,
                      activations.uri, cka.uri, layer_mapping.uri)
+
+
+#: One task per stage of :data:`lorasuite_core.pipeline.stages.PAIR_GRAPH` (a test checks they agree).
+PAIR_TASKS = {"vocabulary": vocabulary, "activations": activations, "transfer_matrix": transfer_matrix,
+              "cka": cka, "layer_mapping": layer_mapping, "head_similarity": head_similarity}

@@ -165,7 +165,7 @@ def test_lft_needs_data(pair, tmp_path, capsys):
     root, old, new, adapter = pair
     out = tmp_path / "out"
     code = main(["-q", "migrate", "--old-model", str(old), "--new-model", str(new), "--adapter", str(adapter),
-                 "--output", str(out)])
+                 "--output", str(out), "--lft"])
     assert_fails_cleanly(capsys, code, out, "--lft-data", "--no-lft")
 
 

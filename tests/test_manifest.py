@@ -58,7 +58,9 @@ def test_valid_yaml_manifest_loads_and_merges_options(tmp_path):
     assert manifest.defaults.lft_lr == pytest.approx(9e-4)  # YAML 1.1 reads 9e-4 as a string
     bot, sql = manifest.adapters
     options = bot.effective_options(manifest.defaults)
-    assert options == MigrationOptions(lft=True, lft_samples=200, lft_lr=9e-4, lft_epochs=1, head_transform="lstsq")
+    assert options == MigrationOptions(lft=True, lft_samples=200, lft_lr=9e-4, lft_epochs=1, head_transform="lstsq",
+                                       lft_data="s3://bucket/data/support.jsonl",
+                                       eval_data="s3://bucket/data/support-test.jsonl")
     assert manifest.effective_options(sql).lft is False  # no lft_data => transfer only
     assert manifest.effective_options(sql).lft_samples == 100
     assert manifest.output_uri(bot) == "s3://bucket/migrated/support-bot"
@@ -70,7 +72,8 @@ def test_valid_json_manifest_loads_with_defaults(tmp_path):
     path.write_text(json.dumps(VALID))
     manifest = FleetManifest.load(path)
     assert manifest.defaults == MigrationOptions()
-    assert manifest.effective_options(manifest.adapters[0]).lft is True
+    assert manifest.effective_options(manifest.adapters[0]).runs_lft is True      # lft unset: the data decides
+    assert manifest.effective_options(manifest.adapters[1]).runs_lft is False
     assert manifest.output_uri("b") == "/tmp/out/b"
 
 
@@ -163,7 +166,7 @@ def test_base_model_release_schema():
 def test_head_transform_choices_match_the_transfer_modes():
     from typing import get_args
 
-    from lorasuite_core.pipeline.manifest import HeadTransform
+    from lorasuite_core.pipeline.options import HeadTransform
 
     pytest.importorskip("torch")
     from lorasuite_core.transfer.unit_maps import MODES

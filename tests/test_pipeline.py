@@ -8,6 +8,7 @@ Prefect — and check the published bytes against ``lorasuite_core.transfer.adap
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from uuid import UUID
@@ -21,12 +22,14 @@ from lorasuite_core.io import storage
 from lorasuite_core.training import task_data
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.pipeline.manifest import ManifestError
+from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions, validate
 from lorasuite_core.pipeline.stages import migrate_in_process
 from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
 from tests.exactness import logits_over_shared_vocab, relative_max_error
 from tests.s3_server import s3_endpoint  # noqa: F401 - pytest fixture
 
 TOKENS = 256
+SMALL = AnalysisOptions(max_calibration_tokens=TOKENS)
 ANALYSIS = ("vocabulary", "transfer_matrix", "activations", "cka", "layer_mapping", "head_similarity")
 
 
@@ -189,7 +192,7 @@ def test_second_migration_of_the_pair_reuses_the_analysis(fleet_run, pair, tmp_p
 
     base, first = fleet_run["base"], fleet_run["result"]["analysis"]
     refs = (f"{base}/models/old", f"{base}/models/new", f"{base}/adapters/a3")
-    out = run_migrate_adapter(*refs, f"{base}/single/a3", max_calibration_tokens=TOKENS, cache_root=f"{base}/cache")
+    out = run_migrate_adapter(*refs, f"{base}/single/a3", analysis=SMALL, cache_root=f"{base}/cache")
     steps = out["summary"]["steps"]
     report = published_report(f"{base}/single/a3")
     assert report["steps"] == steps
@@ -199,7 +202,7 @@ def test_second_migration_of_the_pair_reuses_the_analysis(fleet_run, pair, tmp_p
     assert sum(steps[s]["seconds"] for s in ANALYSIS) < sum(first[s]["seconds"] for s in ANALYSIS)
 
     # the same stage graph run in process over a fresh store: computed afresh, bit-identical
-    migrate_in_process(*refs, tmp_path / "reference", max_calibration_tokens=TOKENS, store_root=str(tmp_path / "ref"))
+    migrate_in_process(*refs, tmp_path / "reference", analysis=SMALL, store_root=str(tmp_path / "ref"))
     assert same_adapter_bytes(tmp_path / "reference", storage.materialize_dir(f"{base}/single/a3", require_complete=True))
 
 
@@ -230,22 +233,22 @@ def test_failed_layer_is_retried_or_rerun_to_a_bit_identical_adapter(harness, pa
 
     calls = failing_layer(monkeypatch, layer=2, failures=1)      # transient: Prefect retries the layer
     adapter = str(pair["adapters"]["a0"])
-    run_migrate_adapter(old, new, adapter, str(tmp_path / "retried"), max_calibration_tokens=TOKENS, cache_root=cache)
+    run_migrate_adapter(old, new, adapter, str(tmp_path / "retried"), analysis=SMALL, cache_root=cache)
     assert calls == {"all": 4, "failed": 1}
-    migrate_in_process(old, new, adapter, tmp_path / "reference-a0", max_calibration_tokens=TOKENS,
+    migrate_in_process(old, new, adapter, tmp_path / "reference-a0", analysis=SMALL,
                        store_root=str(tmp_path / "ref"))
     assert same_adapter_bytes(tmp_path / "reference-a0", tmp_path / "retried")
 
     adapter = str(pair["adapters"]["a2"])
     failing_layer(monkeypatch, layer=2, failures=None)          # persistent: the run fails, nothing is published
     with pytest.raises(RuntimeError, match="worker lost while transferring layer 2"):
-        run_migrate_adapter(old, new, adapter, str(tmp_path / "rerun"), max_calibration_tokens=TOKENS, cache_root=cache)
+        run_migrate_adapter(old, new, adapter, str(tmp_path / "rerun"), analysis=SMALL, cache_root=cache)
     assert not (tmp_path / "rerun").exists()
     calls = failing_layer(monkeypatch, layer=2, failures=0)     # the rerun redoes only the missing layer
-    out = run_migrate_adapter(old, new, adapter, str(tmp_path / "rerun"), max_calibration_tokens=TOKENS,
+    out = run_migrate_adapter(old, new, adapter, str(tmp_path / "rerun"), analysis=SMALL,
                               cache_root=cache)
     assert calls["all"] == 1 and out["summary"]["steps"]["transfer"]["cache"] == "computed"
-    migrate_in_process(old, new, adapter, tmp_path / "reference-a2", max_calibration_tokens=TOKENS,
+    migrate_in_process(old, new, adapter, tmp_path / "reference-a2", analysis=SMALL,
                        store_root=str(tmp_path / "ref"))
     assert same_adapter_bytes(tmp_path / "reference-a2", tmp_path / "rerun")
 
@@ -269,7 +272,7 @@ def test_upload_failure_retries_then_fails_without_a_partial_adapter(harness, pa
     monkeypatch.setattr(storage, "_stage_remote", upload_then_lose_connection)
     with pytest.raises(storage.StorageUnavailableError, match=r"storage unavailable: .* after 3 attempt\(s\)"):
         run_migrate_adapter(str(pair["old"]), str(pair["new"]), str(pair["adapters"]["a0"]), output,
-                            max_calibration_tokens=TOKENS, cache_root=str(pair["cache"]))
+                            analysis=SMALL, cache_root=str(pair["cache"]))
     monkeypatch.setattr(storage, "_stage_remote", real_stage)
     assert len(attempts) == 3
     fs, path = storage.resolve(output)
@@ -284,7 +287,7 @@ def test_unreachable_endpoint_is_a_clear_user_error(harness, pair, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing listens there
     with pytest.raises(LorasuiteError, match=r"storage unavailable: s3://nowhere/adapter after \d+ attempt"):
         run_migrate_adapter(str(pair["old"]), str(pair["new"]), str(pair["adapters"]["a0"]), "s3://nowhere/adapter",
-                            max_calibration_tokens=TOKENS, cache_root=str(pair["cache"]))
+                            analysis=SMALL, cache_root=str(pair["cache"]))
 
 
 def test_malformed_manifest_names_the_field_before_any_run(tmp_path):
@@ -319,10 +322,18 @@ def test_release_migrates_the_fleet_of_the_predecessor_only(harness, pair, tmp_p
     assert [s["name"] for s in again["skipped"]] == ["a0"] and again["published"] == [] and again["analysis"] == {}
 
 
-def test_bad_options_are_user_errors_before_any_run(tmp_path):
-    from flows import run_migrate_adapter
+def test_bad_options_are_user_errors_before_any_run(tmp_path, capsys):
+    from flows.cli import main
 
-    with pytest.raises(LorasuiteError, match="head_transform"):
-        run_migrate_adapter("old", "new", "adapter", str(tmp_path / "out"), head_transform="procrustes")
-    with pytest.raises(LorasuiteError, match="--lft-samples must be at least 1"):
-        run_migrate_adapter("old", "new", "adapter", str(tmp_path / "out"), lft=True, lft_samples=0)
+    base = ["migrate", "--old-model", "old", "--new-model", "new", "--adapter", "adapter",
+            "--output", str(tmp_path / "out")]
+    for flags, message in ((["--head-transform", "procrustes"], "invalid choice: 'procrustes'"),
+                           (["--lft-samples", "0"], "--lft-samples: Input should be greater than or equal to 1"),
+                           (["--lft"], "light fine-tuning needs LFT data"),
+                           (["--max-calibration-tokens", "4"], "--max-calibration-tokens: Input should be greater")):
+        with pytest.raises(SystemExit) if "choice" in message else contextlib.nullcontext():
+            assert main(base + flags) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(LorasuiteError, match="lft_samples: Input should be greater than or equal to 1"):
+        validate(MigrationOptions, {"lft_samples": 0})

@@ -167,7 +167,7 @@ def test_tampered_and_corrupt_cache_entries_are_recomputed(pair, tmp_path, capsy
     data[256:256 + 4096] = b"\xff" * 4096
     weights.write_bytes(bytes(data))
     # break the safetensors header of the cached pair analysis
-    analysis = entries["head_similarity"] / "analysis.safetensors"
+    analysis = entries["head_similarity"] / "matches.safetensors"
     raw = bytearray(analysis.read_bytes())
     raw[8:24] = b"{not json at all"
     analysis.write_bytes(bytes(raw))

@@ -355,3 +355,45 @@ def test_storage_errors_are_user_facing_lorasuite_errors():
 
     assert issubclass(StorageUnavailableError, LorasuiteError)
     assert issubclass(UnsafeArtifactError, LorasuiteError)
+
+
+def test_one_retry_layer_one_request_per_attempt(monkeypatch):
+    """botocore and s3fs make one try each: N attempts of ours are N requests on the wire, not N x 5 x 2."""
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    connections = []
+
+    def accept_and_drop():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(conn.recv(65536).split(b"\r\n", 1)[0])   # the request line; hang up unanswered
+            conn.close()
+
+    threading.Thread(target=accept_and_drop, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        counts = []
+        for attempts in (1, 3):
+            connections.clear()
+            with pytest.raises(storage.StorageUnavailableError, match=rf"after {attempts} attempt\(s\)"):
+                storage.read_bytes("s3://bucket/key.json", retry=storage.RetryPolicy(attempts=attempts, base_delay=0.01))
+            counts.append(len(connections))
+    finally:
+        listener.close()
+        s3fs.S3FileSystem.clear_instance_cache()
+    # one attempt = one cat_file: s3fs's size lookup (HEAD, and its one fallback HEAD), no GET without a size;
+    # with botocore's and s3fs's own retries on top it was 20 requests per attempt
+    assert 1 <= counts[0] <= 2, connections
+    assert counts[1] == 3 * counts[0]

@@ -8,9 +8,10 @@ Design
   comes from ``storage_options`` or else ``AWS_ENDPOINT_URL_S3`` /
   ``AWS_ENDPOINT_URL``; credentials are left to botocore's standard chain
   (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / profiles / roles) unless
-  given as ``key`` / ``secret`` in ``storage_options``.  Botocore's own retries
-  are capped (unless configured by the caller or ``AWS_MAX_ATTEMPTS``) so that
-  :func:`with_retries` is the retry layer that decides and logs.
+  given as ``key`` / ``secret`` in ``storage_options``.  There is one retry layer:
+  botocore makes one attempt per call (unless configured by the caller or
+  ``AWS_MAX_ATTEMPTS``) and so does s3fs (its ``retries`` set to 1), so that :func:`with_retries`
+  alone decides, waits and logs, and "after N attempts" counts the requests sent.
 * **Retries.** Remote operations go through :func:`with_retries`: exponential
   backoff with jitter on transient errors (``OSError``, ``ConnectionError``,
   ``TimeoutError``, botocore connection / HTTP errors, aiohttp client errors),
@@ -326,7 +327,7 @@ def _s3_options(options: dict[str, Any]) -> dict[str, Any]:
         options["config_kwargs"] = {
             "connect_timeout": 10,
             "read_timeout": 120,
-            "retries": {"total_max_attempts": 2, "mode": "standard"},
+            "retries": {"total_max_attempts": 1, "mode": "standard"},   # one try: with_retries decides
         }
     return options
 
@@ -341,7 +342,10 @@ def resolve(uri: str | os.PathLike, storage_options: dict[str, Any] | None = Non
     options = dict(storage_options or {})
     if _protocol_of(text) in _S3_PROTOCOLS:
         options = _s3_options(options)
-    return fsspec.core.url_to_fs(text, **options)
+    fs, path = fsspec.core.url_to_fs(text, **options)
+    if _protocol_of(text) in _S3_PROTOCOLS:
+        fs.retries = 1          # s3fs's own retry loop (a class attribute, 5): one try, with_retries decides
+    return fs, path
 
 
 def is_local_fs(fs) -> bool:

@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions, OptionOverrides
 
 try:  # PyYAML comes with Prefect; JSON-only without it.
     import yaml as _yaml
@@ -63,8 +64,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
-# Must equal lorasuite_core.transfer.unit_maps.MODES (not imported: it pulls in torch); a test checks it.
-HeadTransform = Literal["lstsq", "paper"]
 _DUPLICATE_NAME_ERROR = "duplicate_adapter_name"
 _SAME_MODEL_ERROR = "same_base_model"
 
@@ -82,43 +81,6 @@ class ManifestError(LorasuiteError, ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-
-
-class MigrationOptions(_Strict):
-    """Per-adapter migration knobs; ``defaults`` in the manifest, merged with ``overrides``."""
-
-    lft: bool = True
-    lft_samples: int = Field(100, ge=1)
-    lft_lr: float = Field(9e-4, gt=0)
-    lft_epochs: int = Field(1, ge=1)
-    head_transform: HeadTransform = "lstsq"
-    vanilla_baseline: bool = False
-    eval_samples: int | None = Field(None, ge=1)
-
-
-class OptionOverrides(_Strict):
-    """The same knobs as :class:`MigrationOptions`, all optional (unset => use defaults)."""
-
-    lft: bool | None = None
-    lft_samples: int | None = Field(None, ge=1)
-    lft_lr: float | None = Field(None, gt=0)
-    lft_epochs: int | None = Field(None, ge=1)
-    head_transform: HeadTransform | None = None
-    vanilla_baseline: bool | None = None
-    eval_samples: int | None = Field(None, ge=1)
-
-
-class AnalysisOptions(_Strict):
-    """The pair analysis shared by the fleet: calibration text (None: built-in) and budgets."""
-
-    calibration_data: str | None = None
-    max_calibration_tokens: int = Field(2048, ge=8)
-    layer_offset: int | None = Field(None, ge=0)
-
-    @field_validator("calibration_data")
-    @classmethod
-    def _calibration_non_empty(cls, value: str | None) -> str | None:
-        return None if value is None else _non_empty_ref(value)
 
 
 def _non_empty_ref(value: str) -> str:
@@ -154,15 +116,16 @@ class AdapterEntry(_Strict):
         return None if value is None else _non_empty_ref(value)
 
     def effective_options(self, defaults: MigrationOptions | None = None) -> MigrationOptions:
-        """``defaults`` updated with the explicitly set ``overrides``.
+        """``defaults`` updated with the explicitly set ``overrides`` and this entry's data references.
 
-        ``lft`` is forced to False when the entry has no ``lft_data`` (transfer only).
+        An entry without LFT data is transferred only (``lft`` false), whatever the defaults say.
         """
-        merged = (defaults or MigrationOptions()).model_dump()
-        merged.update(self.overrides.model_dump(exclude_unset=True, exclude_none=True))
-        if self.lft_data is None:
-            merged["lft"] = False
-        return MigrationOptions.model_validate(merged)
+        values = (defaults or MigrationOptions()).model_dump(exclude_unset=True)
+        values.update(self.overrides.model_dump(exclude_unset=True, exclude_none=True))
+        values.update({k: v for k, v in (("lft_data", self.lft_data), ("eval_data", self.eval_data)) if v})
+        if not values.get("lft_data"):
+            values["lft"] = False
+        return MigrationOptions.model_validate(values)
 
 
 class FleetManifest(_Strict):

@@ -57,7 +57,7 @@ from safetensors.torch import load_file, save_file
 
 from lorasuite_core.io import storage
 from lorasuite_core.transfer.activations import PairedActivations, builtin_calibration_texts, paired_activations, read_calibration_file
-from lorasuite_core.pipeline.analysis_store import load_analysis, save_analysis
+from lorasuite_core.pipeline.analysis_store import load_matches, save_matches
 from lorasuite_core.transfer.cka import minibatch_cka
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.transfer.layer_mapping import map_layers
@@ -67,13 +67,27 @@ from lorasuite_core.transfer.adapter import (REPORT_NAME, PairAnalysis, adapter_
                       build_report, check_adapter_fits, head_mapping_entries, combine_layers, match_layer_pair, sources_by_new_layer,
                       transfer_new_layer, write_adapter_dir)
 from lorasuite_core.transfer.residual import ResidualTransfer, residual_transfer
+from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.stage_store import (ADAPTER_PATTERNS, StageResult, StageStore, artifact_identity, data_identity,
                           default_store_root, stage_key, texts_identity)
 from lorasuite_core.transfer.vocab import SharedVocabulary, shared_vocabulary
 
 log = logging.getLogger(__name__)
 
-PAIR_STAGES = ("vocabulary", "transfer_matrix", "activations", "cka", "layer_mapping", "head_similarity")
+#: The pair-analysis graph, declared once: each stage and the stages whose entries it reads, in
+#: a topological order.  A stage function takes ``(store, plan, *upstream_uris)`` in this order;
+#: :func:`migrate_in_process` calls them and the flows submit their tasks from this table.
+PAIR_GRAPH: dict[str, tuple[str, ...]] = {
+    "vocabulary": (),
+    "activations": (),
+    "transfer_matrix": ("vocabulary",),
+    "cka": ("activations",),
+    "layer_mapping": ("cka",),
+    "head_similarity": ("vocabulary", "transfer_matrix", "activations", "cka", "layer_mapping"),
+}
+PAIR_STAGES = tuple(PAIR_GRAPH)
+#: The per-adapter waves, in order (the flows run each wave for all entries before the next).
+ENTRY_WAVES = ("load", "transfer", "write", "train", "eval", "publish")
 PUBLISHED_EXTRA = ("training_summary.json",)
 
 
@@ -94,8 +108,20 @@ def _adapter(ref: str, identity: str, old_ref: str, old_identity: str) -> LoraAd
 
 
 @lru_cache(maxsize=4)
-def _analysis(local_dir: str) -> PairAnalysis:
-    return load_analysis(local_dir)
+def _analysis(root: str, analysis_uri: str, vocabulary_uri: str, transfer_uri: str, cka_uri: str) -> PairAnalysis:
+    store = StageStore.at(root)
+    matrices = _load_numpy(store, cka_uri, "cka.safetensors")
+    facts = store.facts(analysis_uri)
+    return PairAnalysis(_load_vocabulary(store, vocabulary_uri), _load_transfer(store, transfer_uri),
+                        matrices["cka_updates"], matrices["cka_states"],
+                        [(int(i), int(j)) for i, j in facts["layer_mapping"]],
+                        load_matches(store.local_dir(analysis_uri)), calibration=facts["calibration"])
+
+
+def pair_analysis(store: StageStore, plan: PairPlan, analysis_uri: str) -> PairAnalysis:
+    """The pair's analysis from the entries that hold it (each array once; see analysis_store)."""
+    where = {stage: store.location(stage, plan.stage_keys[stage]) for stage in ("vocabulary", "transfer_matrix", "cka")}
+    return _analysis(store.root, analysis_uri, where["vocabulary"], where["transfer_matrix"], where["cka"])
 
 
 def clear_memo() -> None:
@@ -114,11 +140,21 @@ class PairPlan(Schema):
     new_model: str
     old_identity: str
     new_identity: str
-    calibration_data: str | None
+    analysis: AnalysisOptions
     calibration_identity: str
-    max_calibration_tokens: int
-    layer_offset: int | None
     stage_keys: dict[str, str]
+
+    @property
+    def calibration_data(self) -> str | None:
+        return self.analysis.calibration_data
+
+    @property
+    def max_calibration_tokens(self) -> int:
+        return self.analysis.max_calibration_tokens
+
+    @property
+    def layer_offset(self) -> int | None:
+        return self.analysis.layer_offset
 
     def old(self) -> BaseModel:
         return _model(self.old_model, self.old_identity)
@@ -132,11 +168,11 @@ def calibration_texts(ref: str | None, max_tokens: int) -> list[str]:
     return read_calibration_file(ref, max_tokens) if ref else builtin_calibration_texts()
 
 
-def plan_pair(old_model: str, new_model: str, calibration_data: str | None = None,
-              max_calibration_tokens: int = 2048, layer_offset: int | None = None) -> PairPlan:
+def plan_pair(old_model: str, new_model: str, analysis: AnalysisOptions | None = None) -> PairPlan:
     """Identify both models (file listings, not tensors) and the calibration text; derive the keys."""
-    if max_calibration_tokens < 8:
-        raise LorasuiteError(f"max_calibration_tokens must be >= 8, not {max_calibration_tokens}")
+    analysis = analysis or AnalysisOptions()
+    calibration_data, max_calibration_tokens = analysis.calibration_data, analysis.max_calibration_tokens
+    layer_offset = analysis.layer_offset
     old_id = artifact_identity(old_model, "model")
     new_id = artifact_identity(new_model, "model")
     calibration = texts_identity(calibration_texts(calibration_data, max_calibration_tokens))
@@ -147,10 +183,10 @@ def plan_pair(old_model: str, new_model: str, calibration_data: str | None = Non
     keys["cka"] = stage_key("cka", activations=keys["activations"])
     keys["layer_mapping"] = stage_key("layer_mapping", cka=keys["cka"], offset=layer_offset)
     keys["head_similarity"] = stage_key("head_similarity", transfer_matrix=keys["transfer_matrix"],
-                                        layer_mapping=keys["layer_mapping"], activations=keys["activations"])
+                                        layer_mapping=keys["layer_mapping"], activations=keys["activations"],
+                                        layout="matches")
     return PairPlan(old_model=old_model, new_model=new_model, old_identity=old_id, new_identity=new_id,
-                    calibration_data=calibration_data, calibration_identity=calibration,
-                    max_calibration_tokens=max_calibration_tokens, layer_offset=layer_offset, stage_keys=keys)
+                    analysis=analysis, calibration_identity=calibration, stage_keys=keys)
 
 
 def _load_vocabulary(store: StageStore, uri: str) -> SharedVocabulary:
@@ -242,7 +278,7 @@ def head_similarity(store: StageStore, plan: PairPlan, vocabulary_uri: str, tran
                                 matrices["cka_states"], mapping, calibration=store.facts(activations_uri))
         for i, j in mapping:
             analysis.matches[i] = match_layer_pair(old, new, rt, i, j)
-        save_analysis(analysis, out)
+        save_matches(analysis.matches, out)
         return {"layer_mapping": [[i, j] for i, j in mapping], "head_mapping": head_mapping_entries(analysis),
                 "shared_vocabulary_size": len(analysis.shared), "calibration": analysis.calibration}
 
@@ -250,21 +286,6 @@ def head_similarity(store: StageStore, plan: PairPlan, vocabulary_uri: str, tran
 
 
 # --------------------------------------------------------------------------- per adapter: plan
-
-
-class EntryOptions(Schema):
-    """Per-adapter knobs (a fleet entry's effective options, or the single-adapter flow's)."""
-
-    head_transform: Literal["lstsq", "paper"] = "lstsq"
-    lft: bool = False
-    lft_data: str | None = None          # None with lft: generated arithmetic problems
-    lft_samples: int = 100
-    lft_lr: float = 9e-4
-    lft_epochs: int = 1
-    eval_data: str | None = None         # None: no evaluation
-    eval_samples: int | None = None
-    vanilla_baseline: bool = False
-    seed: int = 0
 
 
 class LayerJob(Schema):
@@ -302,7 +323,7 @@ class AdapterPlan(Schema):
     name: str
     adapter: str
     adapter_identity: str
-    options: EntryOptions
+    options: MigrationOptions
     modules: int
     layers: list[LayerJob]
     migrated_key: str
@@ -318,11 +339,12 @@ def output_status(output: str, inputs: dict[str, str | None]) -> Literal["empty"
     return storage.output_state(output)
 
 
-def run_inputs(old_model: str, new_model: str, adapter: str, options: EntryOptions,
-               calibration_data: str | None = None, cache_root: str | None = None) -> dict[str, str | None]:
+def run_inputs(old_model: str, new_model: str, adapter: str, options: MigrationOptions,
+               analysis: AnalysisOptions | None = None, cache_root: str | None = None) -> dict[str, str | None]:
     """Everything a migration reads, by name, for :func:`output_status`."""
     return {"old model": old_model, "new model": new_model, "adapter": adapter, "LFT data": options.lft_data,
-            "evaluation data": options.eval_data, "calibration data": calibration_data,
+            "evaluation data": options.eval_data,
+            "calibration data": analysis.calibration_data if analysis else None,
             "cache root": cache_root or default_store_root()}
 
 
@@ -334,7 +356,7 @@ def check_adapter(old_model: str, adapter_ref: str) -> None:
 
 
 def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: str,
-                 options: EntryOptions) -> AdapterPlan:
+                 options: MigrationOptions) -> AdapterPlan:
     """Load and check the adapter against the old model; list its per-layer jobs and every key."""
     start = time.perf_counter()
     old = plan.old()
@@ -351,14 +373,14 @@ def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: 
     migrated_key = stage_key("migrated", analysis=analysis.key, adapter=identity, mode=mode, layers=[l.key for l in layers],
                              refs=[plan.old_model, plan.new_model, adapter_ref], offset=plan.layer_offset)
     lft = vanilla = None
-    if options.lft:
+    if options.runs_lft:
         data = data_identity(options.lft_data, "LFT data")
         lft = TrainJob(key=stage_key("lft", migrated=migrated_key, model=plan.new_identity, data=data,
                                      samples=options.lft_samples, lr=options.lft_lr, epochs=options.lft_epochs,
                                      seed=options.seed),
                        data=options.lft_data, samples=options.lft_samples, lr=options.lft_lr,
                        epochs=options.lft_epochs, seed=options.seed)
-        if options.vanilla_baseline:
+        if options.runs_vanilla:
             vanilla = _vanilla_job(plan, adapter, options, data)
     evals = _eval_jobs(plan, identity, migrated_key, lft, vanilla, options) if options.eval_data else []
     return AdapterPlan(name=name, adapter=adapter_ref, adapter_identity=identity, options=options,
@@ -366,7 +388,7 @@ def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: 
                        lft=lft, vanilla=vanilla, evals=evals, seconds=time.perf_counter() - start)
 
 
-def _vanilla_job(plan: PairPlan, adapter: LoraAdapter, options: EntryOptions, data: str) -> TrainJob:
+def _vanilla_job(plan: PairPlan, adapter: LoraAdapter, options: MigrationOptions, data: str) -> TrainJob:
     rank = int(adapter.config.get("r", 8))
     alpha = float(adapter.config.get("lora_alpha", rank))
     targets = sorted(adapter.target_names)
@@ -377,7 +399,7 @@ def _vanilla_job(plan: PairPlan, adapter: LoraAdapter, options: EntryOptions, da
 
 
 def _eval_jobs(plan: PairPlan, adapter_identity: str, migrated_key: str, lft: TrainJob | None,
-               vanilla: TrainJob | None, options: EntryOptions) -> list[EvalJob]:
+               vanilla: TrainJob | None, options: MigrationOptions) -> list[EvalJob]:
     data = data_identity(options.eval_data, "evaluation data")
     rows = [("old model + source adapter", "old", "source", plan.old_identity, adapter_identity),
             ("new model, no adapter", "new", None, plan.new_identity, None),
@@ -401,7 +423,7 @@ def transfer_layer(store: StageStore, plan: PairPlan, analysis_uri: str, adapter
 
     def compute(out: Path) -> dict:
         old, new = plan.old(), plan.new()
-        analysis = _analysis(str(store.local_dir(analysis_uri)))
+        analysis = pair_analysis(store, plan, analysis_uri)
         source = _adapter(adapter.adapter, adapter.adapter_identity, plan.old_model, plan.old_identity)
         result = transfer_new_layer(old, new, analysis, source, job.new_layer, list(job.sources),
                                     adapter.options.head_transform)
@@ -418,7 +440,7 @@ def assemble(store: StageStore, plan: PairPlan, analysis_uri: str, adapter: Adap
     def compute(out: Path) -> dict:
         start = time.perf_counter()
         old, new = plan.old(), plan.new()
-        analysis = _analysis(str(store.local_dir(analysis_uri)))
+        analysis = pair_analysis(store, plan, analysis_uri)
         source = _adapter(adapter.adapter, adapter.adapter_identity, plan.old_model, plan.old_identity)
         migrated = combine_layers(new, [load_layer_result(store.local_dir(uri)) for uri in layer_uris])
         config = adapter_config(source.config, new, migrated)
@@ -530,47 +552,81 @@ def publish(store: StageStore, source_uri: str, output: str, report_updates: dic
 # --------------------------------------------------------------------------- the graph, in process
 
 
+def pair_stage_functions() -> dict[str, Any]:
+    """Stage name -> function, for :data:`PAIR_GRAPH` (the tasks wrap exactly these)."""
+    return {"vocabulary": vocabulary, "activations": activations, "transfer_matrix": transfer_matrix,
+            "cka": cka, "layer_mapping": layer_mapping, "head_similarity": head_similarity}
+
+
+def report_updates(plan: PairPlan, entry: AdapterPlan, stored: dict[str, StageResult],
+                   evals: dict[str, dict[str, Any]], steps: dict[str, Any], store_root: str,
+                   **pipeline: Any) -> dict[str, Any]:
+    """What the published migration_report.json gets on top of the assembled report."""
+    updates: dict[str, Any] = {"steps": steps, "pipeline": {
+        **pipeline, "stage_store": storage.redact_uri(store_root),
+        "keys": {**plan.stage_keys, "migrated": entry.migrated_key}}}
+    if "lft" in stored:
+        updates["light_finetune"] = {k: v for k, v in stored["lft"].facts.items() if k != "losses"}
+    if "vanilla" in stored:
+        updates["vanilla_baseline"] = {k: v for k, v in stored["vanilla"].facts.items() if k != "losses"}
+    if evals:
+        updates["evaluation"] = {row: {k: f[k] for k in ("accuracy", "ci_low", "ci_high", "n", "correct")}
+                                 for row, f in evals.items()}
+    return updates
+
+
 def migrate_in_process(old_model: str, new_model: str, adapter: str, output: str,
-                       options: EntryOptions | None = None, *, calibration_data: str | None = None,
-                       max_calibration_tokens: int = 2048, layer_offset: int | None = None,
+                       options: MigrationOptions | None = None, analysis: AnalysisOptions | None = None, *,
                        store_root: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Run the stage graph sequentially in this process (no Prefect) and publish to ``output``.
 
-    The same functions, in the same order and over the same store (``store_root``, default the
-    configured stage store), as the flows run as tasks; returns the published report.
+    The same functions, over the same store (``store_root``, default the configured stage
+    store), in the order of :data:`PAIR_GRAPH` and :data:`ENTRY_WAVES` the flows use; returns
+    the published report.
     """
-    options = options or EntryOptions()
+    options = (options or MigrationOptions()).check_single()
+    analysis = analysis or AnalysisOptions()
     old_model, new_model, adapter, output = map(str, (old_model, new_model, adapter, output))
     storage.check_replaceable(output, output_status(output, run_inputs(
-        old_model, new_model, adapter, options, calibration_data, store_root)), overwrite)
+        old_model, new_model, adapter, options, analysis, store_root)), overwrite)
     check_adapter(old_model, adapter)
     store = StageStore.at(store_root)
-    plan = plan_pair(old_model, new_model, calibration_data, max_calibration_tokens, layer_offset)
+    plan = plan_pair(old_model, new_model, analysis)
+    functions = pair_stage_functions()
     r: dict[str, StageResult] = {}
-    r["vocabulary"] = vocabulary(store, plan)
-    r["transfer_matrix"] = transfer_matrix(store, plan, r["vocabulary"].uri)
-    r["activations"] = activations(store, plan)
-    r["cka"] = cka(store, plan, r["activations"].uri)
-    r["layer_mapping"] = layer_mapping(store, plan, r["cka"].uri)
-    r["head_similarity"] = head_similarity(store, plan, *(r[s].uri for s in PAIR_STAGES[:-1]))
-    analysis = r["head_similarity"]
-    entry = plan_adapter(plan, analysis, Path(output).name or "adapter", adapter, options)
-    layers = [transfer_layer(store, plan, analysis.uri, entry, job) for job in entry.layers]
-    r["migrated"] = assemble(store, plan, analysis.uri, entry, [layer.uri for layer in layers])
-    steps = {"load": {"cache": "computed", "seconds": round(entry.seconds, 4)}}
-    steps.update({stage: _step(r[stage]) for stage in PAIR_STAGES})
-    steps["transfer"] = _step(*layers)
-    steps["write"] = _step(r["migrated"])
-    final = r["migrated"]
-    updates: dict[str, Any] = {}
-    if entry.lft:
-        final = r["lft"] = light_finetune(store, plan, entry, r["migrated"].uri)
-        steps["lft"] = _step(r["lft"])
-        updates["light_finetune"] = {k: v for k, v in r["lft"].facts.items() if k != "losses"}
-    updates["steps"] = steps
-    updates["pipeline"] = {"stage_store": storage.redact_uri(store.root),
-                           "keys": {**plan.stage_keys, "migrated": entry.migrated_key}}
-    publish(store, final.uri, output, updates, overwrite=overwrite)
+    for stage, upstream in PAIR_GRAPH.items():
+        r[stage] = functions[stage](store, plan, *(r[u].uri for u in upstream))
+    steps: dict[str, Any] = {}
+    stored: dict[str, StageResult] = {}
+    evals: dict[str, dict[str, Any]] = {}
+    entry: AdapterPlan | None = None
+    for wave in ENTRY_WAVES:
+        if wave == "load":
+            entry = plan_adapter(plan, r["head_similarity"], Path(output).name or "adapter", adapter, options)
+            steps["load"] = {"cache": "computed", "seconds": round(entry.seconds, 4)}
+            steps.update({stage: _step(r[stage]) for stage in PAIR_STAGES})
+        elif wave == "transfer":
+            layers = [transfer_layer(store, plan, r["head_similarity"].uri, entry, job) for job in entry.layers]
+            steps["transfer"] = _step(*layers)
+        elif wave == "write":
+            stored["migrated"] = assemble(store, plan, r["head_similarity"].uri, entry, [l.uri for l in layers])
+            steps["write"] = _step(stored["migrated"])
+        elif wave == "train":
+            if entry.lft:
+                stored["lft"] = light_finetune(store, plan, entry, stored["migrated"].uri)
+                steps["lft"] = _step(stored["lft"])
+            if entry.vanilla:
+                stored["vanilla"] = vanilla_baseline(store, plan, entry)
+                steps["vanilla_baseline"] = _step(stored["vanilla"])
+        elif wave == "eval" and entry.evals:
+            results = [evaluate(store, plan, entry, job, stored[job.adapter].uri if job.adapter in stored else None)
+                       for job in entry.evals]
+            evals = {job.row: result.facts for job, result in zip(entry.evals, results)}
+            steps["eval"] = _step(*results)
+        elif wave == "publish":
+            final = stored.get("lft") or stored["migrated"]
+            publish(store, final.uri, output, report_updates(plan, entry, stored, evals, steps, store.root),
+                    overwrite=overwrite)
     return json.loads((Path(storage.resolve(output)[1]) / REPORT_NAME).read_text()) \
         if not storage.is_remote(output) else storage.read_json(storage.join_uri(output, REPORT_NAME))
 

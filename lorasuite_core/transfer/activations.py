@@ -412,7 +412,7 @@ def paired_activations(
     new: BaseModel,
     texts: list[str],
     *,
-    max_tokens: int = 2048,
+    max_tokens: int,
     max_tokens_per_text: int = 256,
     batch_size: int = 8,
     progress: bool = True,

@@ -1,0 +1,174 @@
+"""The one options schema: every knob of a migration, declared once, with its default and its help.
+
+Design
+------
+Two pydantic models hold every option a migration takes; everything else is derived from them:
+
+* :class:`MigrationOptions` — per adapter: head transform, light fine-tuning, evaluation,
+  the vanilla baseline, the seed.
+* :class:`AnalysisOptions` — per model pair (shared by every adapter of a fleet): calibration
+  text and its token budget, the layer offset.
+
+Derived, never restated:
+
+* CLI flags (:func:`add_arguments` / :func:`from_arguments`): ``--field-name`` per field, the
+  type and the choices from the annotation, the help from the field's description plus its
+  default; a boolean is ``--x/--no-x``.  An unset flag is the schema's default.
+* Flow parameters: the flows take ``options: MigrationOptions`` and ``analysis:
+  AnalysisOptions``, which Prefect shows as a form in the UI and validates.
+* Fleet manifests: ``defaults`` is a :class:`MigrationOptions`, ``analysis`` an
+  :class:`AnalysisOptions`, an entry's ``overrides`` the same fields all optional
+  (:data:`OptionOverrides`, generated from :class:`MigrationOptions`).
+* Stage keys and plans (:mod:`lorasuite_core.pipeline.stages`) read these models directly.
+
+Light fine-tuning runs when ``lft`` is not false and there is LFT data: ``lft`` left unset
+(None) means "when LFT data is given", ``lft: false`` transfers only, and ``lft: true`` with no
+data is an error for a single adapter (:meth:`MigrationOptions.check_single`); in a fleet an
+entry without LFT data is transferred only.  Every validation error becomes one line,
+:func:`validate`, naming the flag (CLI) or the field path (manifest, flow).
+"""
+from __future__ import annotations
+
+import argparse
+import typing
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic.fields import FieldInfo
+
+from lorasuite_core.errors import LorasuiteError
+
+# The head transforms of lorasuite_core.transfer.unit_maps.MODES (a test checks they agree).
+HeadTransform = Literal["lstsq", "paper"]
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, validate_assignment=True)
+
+
+class MigrationOptions(_Options):
+    """Per-adapter options: a fleet entry's effective options, the single-adapter flow's ``options``."""
+
+    head_transform: HeadTransform = Field(
+        "lstsq", description="head alignment: lstsq (exact least squares) or paper (LoRASuite Eq. 3)")
+    lft: bool | None = Field(
+        None, description="light fine-tuning (LFT) of the migrated adapter; unset: when LFT data is given, "
+                          "--no-lft: transfer only")
+    lft_data: str | None = Field(
+        None, description="LFT data: math_10k JSON/JSONL (local or fsspec URI) or builtin:train")
+    lft_samples: int = Field(100, ge=1, description="LFT samples")
+    lft_lr: float = Field(9e-4, gt=0, description="LFT learning rate (no warmup)")
+    lft_epochs: int = Field(1, ge=1, description="LFT epochs")
+    eval_data: str | None = Field(
+        None, description="evaluate every row (old adapter, bare new model, migrated, LFT) on this data: "
+                          "math_10k JSON/JSONL or builtin:test")
+    eval_samples: int | None = Field(None, ge=1, description="evaluate on the first N samples")
+    vanilla_baseline: bool = Field(
+        False, description="also train a fresh LoRA on the LFT samples and evaluate it (needs LFT and eval data)")
+    seed: int = Field(0, description="seed of LFT, the vanilla baseline and the built-in data")
+
+    def check_single(self) -> "MigrationOptions":
+        """For one adapter (CLI, flow, in process): ``lft`` true needs LFT data.
+
+        Not a validator: a fleet's ``defaults`` may say ``lft: true`` while the data comes per entry
+        (an entry without LFT data is transferred only, see the manifest)."""
+        if self.lft and not self.lft_data:
+            raise LorasuiteError("light fine-tuning needs LFT data (--lft-data / lft_data: 100-400 samples of the "
+                                 "adapter's task, or builtin:train for the built-in arithmetic problems); "
+                                 "--no-lft / lft: false transfers only")
+        return self
+
+    @property
+    def runs_lft(self) -> bool:
+        """LFT happens: asked for (or left to the data) and there is LFT data."""
+        return self.lft is not False and bool(self.lft_data)
+
+    @property
+    def runs_vanilla(self) -> bool:
+        return self.vanilla_baseline and self.runs_lft
+
+
+class AnalysisOptions(_Options):
+    """Per-pair options: the analysis every adapter of the pair shares (the fleet's ``analysis``)."""
+
+    calibration_data: str | None = Field(
+        None, min_length=1, description="calibration text: .txt (one sample per line) or .jsonl with a 'text' "
+                                        "field, local or URI; unset: the built-in text")
+    max_calibration_tokens: int = Field(2048, ge=8, description="paired calibration tokens for the activations")
+    layer_offset: int | None = Field(
+        None, ge=0, description="max |new layer - old layer| drift of the layer mapping; unset: the layer-count "
+                                "difference")
+
+
+def _overrides_model() -> type[BaseModel]:
+    fields = {name: (info.annotation | None, FieldInfo.merge_field_infos(info, default=None))
+              for name, info in MigrationOptions.model_fields.items()}
+    return create_model("OptionOverrides", __base__=_Options, **fields)
+
+
+#: A fleet entry's ``overrides``: the fields of :class:`MigrationOptions`, all optional.
+OptionOverrides = _overrides_model()
+
+
+def merged(defaults: MigrationOptions, *updates: dict[str, Any]) -> MigrationOptions:
+    """``defaults`` with each mapping's values applied in turn (None values ignored), validated."""
+    values = defaults.model_dump(exclude_unset=True)
+    for update in updates:
+        values.update({k: v for k, v in update.items() if v is not None})
+    return validate(MigrationOptions, values, "")
+
+
+def validate(model: type[BaseModel], values: dict[str, Any], where: str = "",
+             name: typing.Callable[[str], str] = str) -> Any:
+    """``model(**values)``, or one-line LorasuiteError listing ``field: problem`` for each error.
+
+    ``name`` renders a field name (the CLI passes ``--flag-name``); ``where`` prefixes the line.
+    """
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        problems = []
+        for e in error.errors(include_url=False):
+            field = ".".join(name(str(part)) for part in e["loc"])
+            message = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{field}: {message}" if field else message)
+        raise LorasuiteError(f"{where}invalid migration options: {'; '.join(problems)}") from None
+
+
+# --------------------------------------------------------------------------- the CLI, derived
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _plain(annotation: Any) -> Any:
+    """``int | None`` -> int; Literal stays."""
+    if get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+def add_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """One flag per field of ``model``; unset flags stay None (the schema's default applies)."""
+    for name, info in model.model_fields.items():
+        kind = _plain(info.annotation)
+        default = info.get_default()
+        shown = "" if default is None else f" (default {default})"
+        help_text = (info.description or "") + shown
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(kind) is Literal:
+            kwargs["choices"] = list(get_args(kind))
+        elif kind in (int, float):
+            kwargs["type"] = kind
+            kwargs["metavar"] = "N" if kind is int else "X"
+        parser.add_argument(flag(name), **kwargs)
+
+
+def from_arguments(args: argparse.Namespace, model: type[BaseModel]) -> Any:
+    """The model from the flags given (unset ones take the schema's default); errors name the flag."""
+    values = {name: getattr(args, name) for name in model.model_fields if getattr(args, name, None) is not None}
+    return validate(model, values, name=flag)
