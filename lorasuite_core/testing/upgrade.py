@@ -38,8 +38,11 @@ is ``dense_4h_to_h(gelu(dense_h_to_4h x))`` of width exactly ``4 * hidden_size``
 ``head_dim = hidden_size / n_head``, and its residual is sequential (``apply_residual_connection_
 post_layernorm`` false).  What that leaves function-preserving for bloom:
   * residual: only a *permutation* (as gpt_neox; the embedding LayerNorm's weight and bias are
-    permuted with it, ``LN(P e) = P LN(e)`` for permuted weights).  Widening is impossible twice
-    over: LayerNorm centres over all ``D`` dims, and ``head_dim = D / H`` would change;
+    permuted with it, ``LN(P e) = P LN(e)`` for permuted weights).  A rotation fixing the all-ones
+    direction would commute with the centring, but not with the embedding LayerNorm's element-wise
+    weight, whose output *is* the residual (no linear follows it to fold the weight into); sign
+    flips break the centring.  Widening is impossible twice over: LayerNorm centres over all ``D``
+    dims (zero-padding changes mean and variance), and ``head_dim = D / H`` would change;
   * heads: nothing.  A permuted head meets another slope, an added head changes ``H`` and with it
     every slope (even with a zero ``dense`` column) and ``head_dim``; attention is multi-head, so
     there is no kv group to replicate;
