@@ -38,8 +38,11 @@ from pydantic.fields import FieldInfo
 
 from lorasuite_core.errors import LorasuiteError
 
-# The head transforms of lorasuite_core.transfer.unit_maps.MODES (a test checks they agree).
+# The choices of lorasuite_core.transfer (unit_maps.MODES, layer_mapping.LAYER_MAPPINGS,
+# matching.HEAD_MAPPINGS; not imported here: they pull in torch; a test checks they agree).
 HeadTransform = Literal["lstsq", "paper"]
+LayerMapping = Literal["cka", "sequential", "first", "last"]
+HeadMapping = Literal["hungarian", "identity"]
 
 
 class _Options(BaseModel):
@@ -98,6 +101,12 @@ class AnalysisOptions(_Options):
     layer_offset: int | None = Field(
         None, ge=0, description="max |new layer - old layer| drift of the layer mapping; unset: the layer-count "
                                 "difference")
+    layer_mapping: LayerMapping = Field(
+        "cka", description="cka: monotone DP on the CKA of layer updates; sequential: old layers spread evenly "
+                           "over the new ones; first / last: aligned at the input / output end (ablations)")
+    head_mapping: HeadMapping = Field(
+        "hungarian", description="hungarian: heads matched on their QK/VO similarity; identity: head h to head h "
+                                 "(ablation)")
 
 
 def _overrides_model() -> type[BaseModel]:

@@ -60,11 +60,13 @@ from lorasuite_core.transfer.activations import PairedActivations, builtin_calib
 from lorasuite_core.pipeline.analysis_store import load_matches, save_matches
 from lorasuite_core.transfer.cka import minibatch_cka
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.transfer.layer_mapping import map_layers
+from lorasuite_core.transfer.layer_mapping import fixed_mapping, map_layers
+from lorasuite_core.transfer.layer_weights import layer_weights
+from lorasuite_core.transfer.matching import match_layer
 from lorasuite_core.pipeline.layer_results import load_layer_result, save_layer_result
 from lorasuite_core.models.loading import BaseModel, LoraAdapter, load_base_model, load_lora_adapter, resolve_local_dir
 from lorasuite_core.transfer.adapter import (REPORT_NAME, PairAnalysis, adapter_config, adapter_tensors,
-                      build_report, check_adapter_fits, head_mapping_entries, combine_layers, match_layer_pair, sources_by_new_layer,
+                      build_report, check_adapter_fits, head_mapping_entries, combine_layers, layer_pair_maps, sources_by_new_layer,
                       transfer_new_layer, write_adapter_dir)
 from lorasuite_core.transfer.residual import ResidualTransfer, residual_transfer
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
@@ -181,10 +183,11 @@ def plan_pair(old_model: str, new_model: str, analysis: AnalysisOptions | None =
     keys["activations"] = stage_key("activations", old=old_id, new=new_id, calibration=calibration,
                                     max_tokens=max_calibration_tokens)
     keys["cka"] = stage_key("cka", activations=keys["activations"])
-    keys["layer_mapping"] = stage_key("layer_mapping", cka=keys["cka"], offset=layer_offset)
+    keys["layer_mapping"] = stage_key("layer_mapping", cka=keys["cka"], offset=layer_offset,
+                                      method=analysis.layer_mapping)
     keys["head_similarity"] = stage_key("head_similarity", transfer_matrix=keys["transfer_matrix"],
                                         layer_mapping=keys["layer_mapping"], activations=keys["activations"],
-                                        layout="matches")
+                                        layout="matches", heads=analysis.head_mapping)
     return PairPlan(old_model=old_model, new_model=new_model, old_identity=old_id, new_identity=new_id,
                     analysis=analysis, calibration_identity=calibration, stage_keys=keys)
 
@@ -259,7 +262,8 @@ def cka(store: StageStore, plan: PairPlan, activations_uri: str) -> StageResult:
 def layer_mapping(store: StageStore, plan: PairPlan, cka_uri: str) -> StageResult:
     def compute(out: Path) -> dict:
         updates = _load_numpy(store, cka_uri, "cka.safetensors")["cka_updates"]
-        mapping = map_layers(updates, plan.layer_offset)
+        method = plan.analysis.layer_mapping
+        mapping = map_layers(updates, plan.layer_offset) if method == "cka" else fixed_mapping(*updates.shape, method)
         return {"layer_mapping": [[i, j] for i, j in mapping], "cka": updates.round(6).tolist()}
 
     return store.run("layer_mapping", plan.stage_keys["layer_mapping"], compute)
@@ -277,7 +281,8 @@ def head_similarity(store: StageStore, plan: PairPlan, vocabulary_uri: str, tran
         analysis = PairAnalysis(_load_vocabulary(store, vocabulary_uri), rt, matrices["cka_updates"],
                                 matrices["cka_states"], mapping, calibration=store.facts(activations_uri))
         for i, j in mapping:
-            analysis.matches[i] = match_layer_pair(old, new, rt, i, j)
+            analysis.matches[i] = match_layer(layer_weights(old, i), layer_weights(new, j), old.dims, new.dims,
+                                              layer_pair_maps(old, new, rt, i, j), plan.analysis.head_mapping)
         save_matches(analysis.matches, out)
         return {"layer_mapping": [[i, j] for i, j in mapping], "head_mapping": head_mapping_entries(analysis),
                 "shared_vocabulary_size": len(analysis.shared), "calibration": analysis.calibration}
@@ -562,9 +567,11 @@ def report_updates(plan: PairPlan, entry: AdapterPlan, stored: dict[str, StageRe
                    evals: dict[str, dict[str, Any]], steps: dict[str, Any], store_root: str,
                    **pipeline: Any) -> dict[str, Any]:
     """What the published migration_report.json gets on top of the assembled report."""
+    options = {**entry.options.model_dump(mode="json"), **plan.analysis.model_dump(mode="json")}
     updates: dict[str, Any] = {"steps": steps, "pipeline": {
         **pipeline, "stage_store": storage.redact_uri(store_root),
-        "keys": {**plan.stage_keys, "migrated": entry.migrated_key}}}
+        "keys": {**plan.stage_keys, "migrated": entry.migrated_key}},
+        "options": {k: storage.redact_uri(v) if isinstance(v, str) else v for k, v in options.items()}}
     if "lft" in stored:
         updates["light_finetune"] = {k: v for k, v in stored["lft"].facts.items() if k != "losses"}
     if "vanilla" in stored:

@@ -13,6 +13,15 @@ under two constraints:
 Without the capacity bound a shallower new model lets one layer with a large, generic update
 absorb a dozen old layers. State (i, j, c): old layer i on new layer j as the c-th occupant;
 O(L_old · L_new² · cap), trivial next to any forward pass.
+
+Fixed mappings, the paper's ablations (the official code's ``--layer_method``), ignore the CKA:
+
+    sequential  m(i) = round(i · (L_new − 1) / (L_old − 1))   old layers spread evenly, ends on ends
+    first       m(i) = min(i, L_new − 1)                       aligned at the input end
+    last        m(i) = max(i + L_new − L_old, 0)               aligned at the output end
+
+All three are non-decreasing and cover every old layer; on a shallower new model the layers
+that overflow one end share its last (first) layer, where their deltas are summed.
 """
 from __future__ import annotations
 
@@ -21,6 +30,23 @@ import math
 import numpy as np
 
 from lorasuite_core.errors import LorasuiteError
+
+
+LAYER_MAPPINGS = ("cka", "sequential", "first", "last")
+
+
+def fixed_mapping(num_old: int, num_new: int, method: str) -> list[tuple[int, int]]:
+    """A mapping that ignores similarity (``sequential``, ``first``, ``last``; see the module docstring)."""
+    if num_old < 1 or num_new < 1:
+        raise LorasuiteError(f"layer mapping needs layers on both sides, not {num_old} -> {num_new}")
+    if method == "sequential":
+        scale = (num_new - 1) / (num_old - 1) if num_old > 1 else 0.0
+        return [(i, int(round(i * scale))) for i in range(num_old)]
+    if method == "first":
+        return [(i, min(i, num_new - 1)) for i in range(num_old)]
+    if method == "last":
+        return [(i, max(i + num_new - num_old, 0)) for i in range(num_old)]
+    raise LorasuiteError(f"layer mapping must be one of {', '.join(LAYER_MAPPINGS)}, not {method!r}")
 
 
 def _allowed(i: int, j: int, growing: bool, offset: int) -> bool:

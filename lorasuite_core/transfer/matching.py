@@ -257,14 +257,26 @@ def match_neurons(old_w, new_w, T_in, T_out, dense_limit: int = DENSE_NEURON_PAI
     return np.stack([rows, cols], axis=1).astype(np.int64), float(sim.mean()) if len(sim) else 0.0
 
 
-def match_layer(old_w, new_w, do: Dims, dn: Dims, maps: dict[str, torch.Tensor]) -> LayerMatch:
+HEAD_MAPPINGS = ("hungarian", "identity")
+
+
+def match_layer(old_w, new_w, do: Dims, dn: Dims, maps: dict[str, torch.Tensor],
+                head_mapping: str = "hungarian") -> LayerMatch:
+    """Heads by the Hungarian algorithm on their similarity (``identity``: head h to head h, the
+    paper's ablation without head matching; the similarity is still computed and reported), and
+    neurons by :func:`match_neurons`."""
+    if head_mapping not in HEAD_MAPPINGS:
+        raise ValueError(f"head mapping must be one of {', '.join(HEAD_MAPPINGS)}, not {head_mapping!r}")
     # similarities only rank candidates: float32 is ample and several times faster than float64
     old_w = {k: v.float() for k, v in old_w.items()}
     new_w = {k: v.float() for k, v in new_w.items()}
     maps = {k: v.float() for k, v in maps.items()}
     heads = head_similarity(old_w, new_w, do, dn, maps["attention_input"], maps["attention_output"])
-    rows, cols = linear_sum_assignment(heads, maximize=True)
-    head_pairs = [(int(i), int(j)) for i, j in zip(rows, cols)]
+    if head_mapping == "identity":
+        head_pairs = [(h, h) for h in range(min(heads.shape))]
+    else:
+        rows, cols = linear_sum_assignment(heads, maximize=True)
+        head_pairs = [(int(i), int(j)) for i, j in zip(rows, cols)]
     neuron_pairs, neuron_mean = match_neurons(old_w, new_w, maps["mlp_input"], maps["mlp_output"])
     return LayerMatch(
         head_pairs=head_pairs,
