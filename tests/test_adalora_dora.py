@@ -47,8 +47,8 @@ def _family(model_dir) -> str:
     return {"gemma3_text": "gemma3"}.get(model_type, model_type)
 
 
-def make_dora_adapter(model_dir, out_dir, seed=0, rank=4, alpha=8):
-    """DoRA on every target: random A and B (‖sBA‖ = 0.5 ‖W‖) and a magnitude ‖W + sBA‖_row · U(0.6, 1.4),
+def make_dora_adapter(model_dir, out_dir, seed=0, rank=4, alpha=8, spread=0.4):
+    """DoRA on every target: random A and B (‖sBA‖ = 0.5 ‖W‖) and a magnitude ‖W + sBA‖_row · U(1 ± spread),
     so the magnitude moves the logits beyond what the LoRA delta does."""
     targets = list(DEFAULT_LORA_TARGETS[_family(model_dir)])
     peft_model = _peft(model_dir, LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_dora=True))
@@ -66,7 +66,7 @@ def make_dora_adapter(model_dir, out_dir, seed=0, rank=4, alpha=8):
             A.copy_(a)
             B.copy_(b)
             norm = torch.linalg.vector_norm(W + (alpha / rank) * b @ a, dim=1)
-            module.lora_magnitude_vector["default"].weight.copy_(norm * (0.6 + 0.8 * torch.rand(norm.shape, generator=g)))
+            module.lora_magnitude_vector["default"].weight.copy_(norm * (1 - spread + 2 * spread * torch.rand(norm.shape, generator=g)))
     peft_model.save_pretrained(out_dir)
     return out_dir
 

@@ -515,7 +515,8 @@ def build_report(old, new, adapter, analysis: PairAnalysis, migrated: MigratedAd
         "dropped_roles": migrated.dropped,
         "layernorm_offset_effect": migrated.input_offsets,
         "dora_magnitude_residual": {
-            _module_key(new.family, m.layer, m.name): m.magnitude_fit for m in migrated.modules if m.magnitude_fit
+            _module_key(new.family, m.layer, m.name): m.magnitude_fit for m in migrated.modules
+            if m.magnitude_fit and m.old_layers
         },
         "zero_initialised_layers": migrated.zero_init_layers,
         "steps": steps,
