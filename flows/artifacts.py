@@ -105,10 +105,19 @@ def evaluation_artifact(name: str, rows: Mapping[str, Mapping[str, Any]]) -> Non
                              key=artifact_key("evaluation", name), description=f"evaluation of {name}")
 
 
+def _gate_cell(entry: Mapping[str, Any]) -> str:
+    gate = (entry.get("summary") or {}).get("quality_gate")
+    if not gate:
+        return "failed (see reason)" if "quality gate failed" in (entry.get("error") or "") else "-"
+    return (f"passed: teacher agreement {gate['student_agreement']:.3f} vs bare {gate['bare_agreement']:.3f} "
+            f"(margin {gate['margin']:g}, n={gate['n']})")
+
+
 def fleet_summary_artifact(entries: list[Mapping[str, Any]]) -> None:
     rows = [{"adapter": e["name"], "status": e["status"], "output": redact_uri(e["output"]),
-             "reason": e.get("error") or e.get("note")} for e in entries]
-    create_markdown_artifact("## Fleet migration\n\n" + markdown_table(rows, ["adapter", "status", "output", "reason"]),
+             "quality gate": _gate_cell(e), "reason": e.get("error") or e.get("note")} for e in entries]
+    columns = ["adapter", "status", "output", "quality gate", "reason"]
+    create_markdown_artifact("## Fleet migration\n\n" + markdown_table(rows, columns),
                              key=artifact_key("fleet-summary"), description="status of every fleet entry")
 
 

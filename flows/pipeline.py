@@ -41,7 +41,7 @@ from lorasuite_core.io.storage import check_replaceable, describe_error, redact_
 from . import artifacts
 from .settings import resolve_store_root
 
-ENTRY_STEPS = ("transfer", "write", "lft", "vanilla_baseline", "eval")
+ENTRY_STEPS = ("transfer", "write", "lft", "vanilla_baseline", "gate", "eval")
 
 
 # --------------------------------------------------------------------------- timing
@@ -129,7 +129,7 @@ class EntryRun:
     def planned_waves(self) -> int:
         plan = self.plan
         train = bool(plan and (plan.lft or plan.vanilla))
-        return 4 + int(train) + int(bool(plan and plan.evals))
+        return 4 + int(train) + int(bool(plan and plan.gate_key)) + int(bool(plan and plan.evals))
 
     def progress(self) -> float:
         return 1.0 if not self.live else min(1.0, self.waves / self.planned_waves())
@@ -213,7 +213,7 @@ class PipelineRun:
     def migrate(self, entries: list[EntryRun], pair: PairRun, *, overwrite: bool,
                 on_progress: Callable[[float], None] | None = None) -> None:
         submitters = {"load": self._plan, "transfer": self._transfer, "write": self._assemble,
-                      "train": self._train, "eval": self._evaluate,
+                      "train": self._train, "gate": self._gate, "eval": self._evaluate,
                       "publish": lambda e, p: self._publish(e, p, overwrite)}
         for step in ENTRY_WAVES:
             self._wave(entries, pair, step, submitters[step])
@@ -283,6 +283,13 @@ class PipelineRun:
             collectors.append(self._collect_into(e, "vanilla_baseline", "vanilla", future))
         return (lambda: [collect() for collect in collectors]) if collectors else None
 
+    def _gate(self, e: EntryRun, pair: PairRun):
+        if not e.plan.gate_key:
+            return None
+        final = e.stored.get("lft") or e.stored["migrated"]
+        future = self.t.quality_gate.submit(self.store, pair.plan, e.plan, final)
+        return self._collect_into(e, "gate", "gate", future)
+
     def _evaluate(self, e: EntryRun, pair: PairRun):
         if not e.plan.evals:
             return None
@@ -334,6 +341,7 @@ class PipelineRun:
             "seconds": round(sum(s["seconds"] for s in steps.values()), 2),
             "steps": steps,
             "evaluation": {row: f["accuracy"] for row, f in e.evals.items()},
+            **({"quality_gate": e.stored["gate"].facts} if "gate" in e.stored else {}),
         }
 
 

@@ -1,4 +1,4 @@
-"""Optional per-adapter tasks: light fine-tuning, a vanilla LoRA baseline, evaluation rows.
+"""Optional per-adapter tasks: light fine-tuning, a vanilla LoRA baseline, the quality gate, evaluation rows.
 
 Thin wrappers over :func:`lorasuite_core.pipeline.stages.light_finetune`, ``vanilla_baseline`` and
 ``evaluate`` (which call :mod:`lorasuite_core.training.train` / :mod:`lorasuite_core.training.evaluation`).
@@ -37,3 +37,10 @@ def evaluate(store: str, plan: PairPlan, adapter: AdapterPlan, job: EvalJob,
     """Accuracy of one row of the evaluation table (a model with or without one adapter)."""
     uri = adapter_entry.uri if adapter_entry is not None else None
     return run_stage(stages.evaluate, StageStore.at(store), plan, adapter, job, uri, torch_model=True)
+
+
+@task(**stage_task_options("gate", heavy=True),
+      task_run_name="quality-gate-{adapter.name}")
+def quality_gate(store: str, plan: PairPlan, adapter: AdapterPlan, final: StageResult) -> StageResult:
+    """The quality gate: teacher agreement on held-out prompts against the bare new model's (fails the entry)."""
+    return run_stage(stages.quality_gate, StageStore.at(store), plan, adapter, final.uri, torch_model=True)

@@ -43,6 +43,7 @@ from lorasuite_core.errors import LorasuiteError
 HeadTransform = Literal["lstsq", "paper"]
 LayerMapping = Literal["cka", "sequential", "first", "last"]
 HeadMapping = Literal["hungarian", "identity"]
+LftMode = Literal["labelled", "distill"]
 
 
 class _Options(BaseModel):
@@ -57,8 +58,20 @@ class MigrationOptions(_Options):
     lft: bool | None = Field(
         None, description="light fine-tuning (LFT) of the migrated adapter; unset: when LFT data is given, "
                           "--no-lft: transfer only")
+    lft_mode: LftMode = Field(
+        "labelled", description="labelled: train on the LFT data's answers; distill: train on the teacher's (old "
+                                "model + old adapter) greedy answers to unlabelled prompts")
     lft_data: str | None = Field(
-        None, description="LFT data: math_10k JSON/JSONL (local or fsspec URI) or builtin:train")
+        None, description="LFT data: math_10k JSON/JSONL (local or fsspec URI) or builtin:train (distill: its "
+                          "prompts, answers ignored)")
+    lft_prompts: str | None = Field(
+        None, description="distill: unlabelled prompts, .txt (one per line) or JSONL ('prompt', or math_10k "
+                          "'instruction'/'input')")
+    lft_seed_prompts: str | None = Field(
+        None, description="distill: a few seed prompts (same formats); the teacher writes --lft-samples new ones "
+                          "in their style")
+    lft_kl_weight: float = Field(1.0, ge=0, description="distill: weight of the token-level KL over the shared "
+                                                        "vocabulary (0: completions only)")
     lft_samples: int = Field(100, ge=1, description="LFT samples")
     lft_lr: float = Field(9e-4, gt=0, description="LFT learning rate (no warmup)")
     lft_epochs: int = Field(1, ge=1, description="LFT epochs")
@@ -68,27 +81,53 @@ class MigrationOptions(_Options):
     eval_samples: int | None = Field(None, ge=1, description="evaluate on the first N samples")
     vanilla_baseline: bool = Field(
         False, description="also train a fresh LoRA on the LFT samples and evaluate it (needs LFT and eval data)")
-    seed: int = Field(0, description="seed of LFT, the vanilla baseline and the built-in data")
+    zero_init_unmapped: bool | None = Field(
+        None, description="LoRA modules with B = 0 on new layers no old layer maps to, so LFT can train them (the "
+                          "start stays exact); unset: when LFT runs")
+    seed: int = Field(0, description="seed of LFT, the vanilla baseline, prompt synthesis and the built-in data")
+    gate: bool = Field(
+        False, description="quality gate: publish only when the adapter agrees with the teacher on held-out prompts "
+                           "better than the bare new model by --gate-margin (and is not less accurate with --eval-data)")
+    gate_margin: float = Field(0.05, ge=-1, le=1, description="quality gate: required agreement over the bare model")
+    gate_prompts: int = Field(32, ge=1, description="quality gate / distill: held-out prompts (the first N of "
+                                                    "--eval-data, else split off the LFT prompts)")
 
     def check_single(self) -> "MigrationOptions":
         """For one adapter (CLI, flow, in process): ``lft`` true needs LFT data.
 
         Not a validator: a fleet's ``defaults`` may say ``lft: true`` while the data comes per entry
         (an entry without LFT data is transferred only, see the manifest)."""
-        if self.lft and not self.lft_data:
+        if self.lft and not self.has_lft_data:
+            if self.lft_mode == "distill":
+                raise LorasuiteError("distilled light fine-tuning needs prompts (--lft-prompts, --lft-seed-prompts or "
+                                     "--lft-data); --no-lft / lft: false transfers only")
             raise LorasuiteError("light fine-tuning needs LFT data (--lft-data / lft_data: 100-400 samples of the "
-                                 "adapter's task, or builtin:train for the built-in arithmetic problems); "
-                                 "--no-lft / lft: false transfers only")
+                                 "adapter's task, or builtin:train for the built-in arithmetic problems; or "
+                                 "--lft-mode distill with unlabelled prompts); --no-lft / lft: false transfers only")
+        if self.gate and not self.eval_data and not (self.runs_lft and self.lft_mode == "distill"):
+            raise LorasuiteError("the quality gate needs held-out prompts: --eval-data, or distilled LFT "
+                                 "(--lft-mode distill) whose prompts it splits")
         return self
+
+    @property
+    def has_lft_data(self) -> bool:
+        if self.lft_mode == "distill":
+            return bool(self.lft_prompts or self.lft_seed_prompts or self.lft_data)
+        return bool(self.lft_data)
 
     @property
     def runs_lft(self) -> bool:
         """LFT happens: asked for (or left to the data) and there is LFT data."""
-        return self.lft is not False and bool(self.lft_data)
+        return self.lft is not False and self.has_lft_data
+
+    @property
+    def adds_zero_init(self) -> bool:
+        return self.runs_lft if self.zero_init_unmapped is None else self.zero_init_unmapped
 
     @property
     def runs_vanilla(self) -> bool:
-        return self.vanilla_baseline and self.runs_lft
+        """A fresh LoRA needs labelled samples: the LFT data."""
+        return self.vanilla_baseline and self.runs_lft and bool(self.lft_data)
 
 
 class AnalysisOptions(_Options):

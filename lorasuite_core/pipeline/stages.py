@@ -89,7 +89,7 @@ PAIR_GRAPH: dict[str, tuple[str, ...]] = {
 }
 PAIR_STAGES = tuple(PAIR_GRAPH)
 #: The per-adapter waves, in order (the flows run each wave for all entries before the next).
-ENTRY_WAVES = ("load", "transfer", "write", "train", "eval", "publish")
+ENTRY_WAVES = ("load", "transfer", "write", "train", "gate", "eval", "publish")
 PUBLISHED_EXTRA = ("training_summary.json",)
 
 
@@ -334,6 +334,7 @@ class AdapterPlan(Schema):
     migrated_key: str
     lft: TrainJob | None = None
     vanilla: TrainJob | None = None
+    gate_key: str | None = None          # the quality gate's entry, when the options ask for it
     evals: list[EvalJob] = []
     seconds: float = 0.0                 # time taken to load, check and plan
 
@@ -375,22 +376,41 @@ def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: 
                        key=stage_key("layer", analysis=analysis.key, adapter=identity, new_layer=j,
                                      sources=sources[j], mode=mode))
               for j in sorted(sources)]
+    zero_init = options.adds_zero_init
     migrated_key = stage_key("migrated", analysis=analysis.key, adapter=identity, mode=mode, layers=[l.key for l in layers],
-                             refs=[plan.old_model, plan.new_model, adapter_ref], offset=plan.layer_offset)
+                             refs=[plan.old_model, plan.new_model, adapter_ref], offset=plan.layer_offset,
+                             **({"zero_init": True, "seed": options.seed} if zero_init else {}))
     lft = vanilla = None
     if options.runs_lft:
-        data = data_identity(options.lft_data, "LFT data")
+        data = data_identity(options.lft_data, "LFT data") if options.lft_data else None
         lft = TrainJob(key=stage_key("lft", migrated=migrated_key, model=plan.new_identity, data=data,
                                      samples=options.lft_samples, lr=options.lft_lr, epochs=options.lft_epochs,
-                                     seed=options.seed),
+                                     seed=options.seed, **_distill_key_parts(plan, identity, options)),
                        data=options.lft_data, samples=options.lft_samples, lr=options.lft_lr,
                        epochs=options.lft_epochs, seed=options.seed)
         if options.runs_vanilla:
             vanilla = _vanilla_job(plan, adapter, options, data)
     evals = _eval_jobs(plan, identity, migrated_key, lft, vanilla, options) if options.eval_data else []
+    gate_key = None
+    if options.gate:
+        held_out = data_identity(options.eval_data, "evaluation data") if options.eval_data else "lft-heldout"
+        gate_key = stage_key("gate", adapter=lft.key if lft else migrated_key, teacher=[plan.old_identity, identity],
+                             heldout=held_out, n=options.gate_prompts, margin=options.gate_margin, seed=options.seed)
     return AdapterPlan(name=name, adapter=adapter_ref, adapter_identity=identity, options=options,
                        modules=len(adapter.factors), layers=layers, migrated_key=migrated_key,
-                       lft=lft, vanilla=vanilla, evals=evals, seconds=time.perf_counter() - start)
+                       lft=lft, vanilla=vanilla, gate_key=gate_key, evals=evals, seconds=time.perf_counter() - start)
+
+
+def _distill_key_parts(plan: PairPlan, adapter_identity: str, options: MigrationOptions) -> dict[str, Any]:
+    """What a distilled LFT depends on beyond labelled LFT: the teacher, the prompts, the KL weight, held-out set."""
+    if options.lft_mode != "distill":
+        return {}
+    return {"lft_mode": "distill", "teacher": [plan.old_identity, adapter_identity],
+            "prompts": data_identity(options.lft_prompts, "LFT prompts") if options.lft_prompts else None,
+            "seeds": data_identity(options.lft_seed_prompts, "seed prompts") if options.lft_seed_prompts else None,
+            "kl_weight": options.lft_kl_weight, "heldout_n": options.gate_prompts,
+            "heldout": data_identity(options.eval_data, "evaluation data") if options.eval_data else None,
+            "vocabulary": plan.stage_keys["vocabulary"]}
 
 
 def _vanilla_job(plan: PairPlan, adapter: LoraAdapter, options: MigrationOptions, data: str) -> TrainJob:
@@ -447,7 +467,8 @@ def assemble(store: StageStore, plan: PairPlan, analysis_uri: str, adapter: Adap
         old, new = plan.old(), plan.new()
         analysis = pair_analysis(store, plan, analysis_uri)
         source = _adapter(adapter.adapter, adapter.adapter_identity, plan.old_model, plan.old_identity)
-        migrated = combine_layers(new, [load_layer_result(store.local_dir(uri)) for uri in layer_uris])
+        migrated = combine_layers(new, [load_layer_result(store.local_dir(uri)) for uri in layer_uris],
+                                  zero_init_unmapped=adapter.options.adds_zero_init, seed=adapter.options.seed)
         config = adapter_config(source.config, new, migrated)
         tensors = adapter_tensors(new, migrated)
         steps = {"write": {"cache": "computed", "seconds": round(time.perf_counter() - start, 4)}}
@@ -455,6 +476,7 @@ def assemble(store: StageStore, plan: PairPlan, analysis_uri: str, adapter: Adap
                               plan.layer_offset, steps)
         write_adapter_dir(out, config, tensors, report, overwrite=True)
         return {"modules": len(migrated.modules), "dropped_roles": migrated.dropped,
+                "zero_initialised_layers": list(migrated.zero_init_layers),
                 "max_refactorisation_residual": max((m.factors.residual for m in migrated.modules), default=0.0)}
 
     return store.run("migrated", adapter.migrated_key, compute)
@@ -477,21 +499,107 @@ def _restore_base_reference(adapter_dir: Path, base_model: str) -> None:
 
 
 def light_finetune(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated_uri: str) -> StageResult:
-    """LFT of the migrated adapter on the new model (lorasuite_core.training.train.light_finetune)."""
+    """LFT of the migrated adapter on the new model: labelled (lorasuite_core.training.train.light_finetune)
+    or distilled from the teacher, the old model + the old adapter (lorasuite_core.training.distill)."""
     from lorasuite_core.training.train import default_lft_config, light_finetune as run_lft
 
     job = adapter.lft
 
     def compute(out: Path) -> dict:
         migrated = store.local_dir(migrated_uri)
-        samples = load_samples(job.data, job.samples, "train", job.seed)
         config = default_lft_config(lr=job.lr, epochs=job.epochs, seed=job.seed, show_progress=False)
-        result = run_lft(resolve_local_dir(plan.new_model, "model"), migrated, samples, out, config=config)
+        if adapter.options.lft_mode == "distill":
+            facts = _distill(store, plan, adapter, migrated, out, config)
+        else:
+            samples = load_samples(job.data, job.samples, "train", job.seed)
+            facts = _train_facts(run_lft(resolve_local_dir(plan.new_model, "model"), migrated, samples, out,
+                                         config=config))
+            facts["lft_mode"] = "labelled"
         _restore_base_reference(out, plan.new_model)
         shutil.copy2(migrated / REPORT_NAME, out / REPORT_NAME)
-        return _train_facts(result)
+        return facts
 
     return store.run("lft", job.key, compute)
+
+
+HELDOUT = "heldout_prompts.json"
+
+
+def _prompts(ref: str, limit: int | None, seed: int) -> list:
+    """Unlabelled prompts: a prompt file (.txt / .jsonl / .json, math_10k records included) or builtin:<split>."""
+    from lorasuite_core.training import distill as D
+    from lorasuite_core.training.samples import BUILTIN
+
+    if ref.startswith(BUILTIN):
+        return D.prompts_from_samples(load_samples(ref, limit, "train", seed))
+    return D.read_prompts(ref, limit)
+
+
+def _heldout_eval(options: MigrationOptions) -> tuple[list, list[str] | None]:
+    """The evaluation data's first ``gate_prompts`` prompts and gold answers (empty without eval data)."""
+    from lorasuite_core.training import distill as D
+
+    if not options.eval_data:
+        return [], None
+    samples = load_samples(options.eval_data, options.gate_prompts, "test", options.seed)
+    return D.prompts_from_samples(samples), [s.answer for s in samples]
+
+
+def _distill(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated: Path, out: Path, config) -> dict:
+    from lorasuite_core.training import distill as D
+
+    o = adapter.options
+    teacher_dir = resolve_local_dir(plan.old_model, "model")
+    source_dir = resolve_local_dir(adapter.adapter, "adapter")
+    heldout, _ = _heldout_eval(o)
+    wanted = o.lft_samples + (0 if heldout else o.gate_prompts)
+    if o.lft_seed_prompts and not o.lft_prompts:
+        model, tokenizer = D.load_model(teacher_dir, source_dir, dtype="float32")
+        seeds = _prompts(o.lft_seed_prompts, None, o.seed)
+        prompts = D.synthesise_prompts(model, tokenizer, seeds, wanted, seed=o.seed, exclude=[p.text for p in heldout])
+        del model
+        source = "synthesised"
+    else:
+        prompts, source = _prompts(o.lft_prompts or o.lft_data, wanted, o.seed), "file"
+    if heldout:
+        train = prompts[:o.lft_samples]
+    else:
+        if len(prompts) <= o.gate_prompts:
+            raise LorasuiteError(f"distillation: {len(prompts)} prompts, but {o.gate_prompts} are held out "
+                                 f"(--gate-prompts) and at least one must be left to train on")
+        train, heldout = D.split_heldout(prompts, o.gate_prompts, o.seed)
+    vocabulary = _load_vocabulary(store, store.location("vocabulary", plan.stage_keys["vocabulary"]))
+    report = D.distill(teacher_dir, source_dir, resolve_local_dir(plan.new_model, "model"), migrated, out, train,
+                       heldout=heldout, config=D.DistillConfig(kl_weight=o.lft_kl_weight, train=config),
+                       shared_ids=(vocabulary.old_ids.tolist(), vocabulary.new_ids.tolist()), prompt_source=source)
+    (out / HELDOUT).write_text(json.dumps([{"instruction": p.instruction, "input": p.input} for p in heldout]))
+    return {"lft_mode": "distill", **report.to_dict()}
+
+
+def quality_gate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, final_uri: str) -> StageResult:
+    """Agreement with the teacher on held-out prompts, against the bare new model's; a failure raises
+    :class:`~lorasuite_core.training.gate.QualityGateFailed` with the numbers (also when reused)."""
+    from lorasuite_core.training import distill as D
+    from lorasuite_core.training.gate import GateResult, check_gate, quality_gate as run_gate
+
+    o = adapter.options
+
+    def compute(out: Path) -> dict:
+        final = store.local_dir(final_uri)
+        prompts, answers = _heldout_eval(o)
+        if not prompts:
+            prompts = [D.Prompt(**p) for p in json.loads((final / HELDOUT).read_text())]
+        teacher, tokenizer = D.load_model(resolve_local_dir(plan.old_model, "model"),
+                                          resolve_local_dir(adapter.adapter, "adapter"))
+        teacher_completions = D.greedy_completions(teacher, tokenizer, prompts)
+        del teacher
+        result = run_gate(resolve_local_dir(plan.new_model, "model"), final, prompts, teacher_completions,
+                          answers=answers, margin=o.gate_margin)
+        return result.to_dict()
+
+    stored = store.run("gate", adapter.gate_key, compute)
+    check_gate(GateResult(**{k: stored.facts[k] for k in GateResult.__dataclass_fields__ if k in stored.facts}))
+    return stored
 
 
 def vanilla_baseline(store: StageStore, plan: PairPlan, adapter: AdapterPlan) -> StageResult:
@@ -576,6 +684,8 @@ def report_updates(plan: PairPlan, entry: AdapterPlan, stored: dict[str, StageRe
         updates["light_finetune"] = {k: v for k, v in stored["lft"].facts.items() if k != "losses"}
     if "vanilla" in stored:
         updates["vanilla_baseline"] = {k: v for k, v in stored["vanilla"].facts.items() if k != "losses"}
+    if "gate" in stored:
+        updates["quality_gate"] = dict(stored["gate"].facts)
     if evals:
         updates["evaluation"] = {row: {k: f[k] for k in ("accuracy", "ci_low", "ci_high", "n", "correct")}
                                  for row, f in evals.items()}
@@ -625,6 +735,9 @@ def migrate_in_process(old_model: str, new_model: str, adapter: str, output: str
             if entry.vanilla:
                 stored["vanilla"] = vanilla_baseline(store, plan, entry)
                 steps["vanilla_baseline"] = _step(stored["vanilla"])
+        elif wave == "gate" and entry.gate_key:
+            stored["gate"] = quality_gate(store, plan, entry, (stored.get("lft") or stored["migrated"]).uri)
+            steps["gate"] = _step(stored["gate"])
         elif wave == "eval" and entry.evals:
             results = [evaluate(store, plan, entry, job, stored[job.adapter].uri if job.adapter in stored else None)
                        for job in entry.evals]

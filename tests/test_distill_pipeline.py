@@ -1,0 +1,71 @@
+"""Distilled LFT and the quality gate through the one stage graph (options -> stages -> report)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorasuite_core.pipeline import stages
+from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
+from lorasuite_core.testing.upgrade import make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.training.gate import QualityGateFailed
+from lorasuite_core.training.task_data import generate_problems
+from tests.distill_setup import EXACT
+
+SMALL = AnalysisOptions(max_calibration_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def exact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill-pipeline")
+    old = make_tiny_model_dir("llama", root / "old", seed=1)
+    new = upgrade_model_dir(old, root / "new", EXACT)
+    adapter = make_random_lora_adapter(old, root / "adapter", rank=4, alpha=8, seed=3)
+    prompts = root / "prompts.txt"           # unlabelled: prompts only, no answers
+    prompts.write_text("\n".join(s.instruction for s in generate_problems(12, "train", seed=2)) + "\n")
+    yield {"root": root, "old": old, "new": new, "adapter": adapter, "prompts": prompts}
+    stages.clear_memo()
+
+
+def test_distilled_lft_from_unlabelled_prompts_and_the_gate(exact):
+    root = exact["root"]
+    # lr 1e-5: tiny random models sit on near-tied greedy choices, where a normal LFT step changes the text
+    options = MigrationOptions(lft_mode="distill", lft_prompts=str(exact["prompts"]), lft_samples=8, lft_lr=1e-5,
+                               gate=True, gate_prompts=4)
+    report = stages.migrate_in_process(exact["old"], exact["new"], exact["adapter"], root / "out", options, SMALL,
+                                       store_root=str(root / "store"))
+    lft = report["light_finetune"]
+    assert lft["lft_mode"] == "distill" and lft["prompt_source"] == "file"
+    assert lft["n_prompts"] == 8 and lft["n_heldout"] == 4
+    assert lft["teacher_agreement_before"] == 1.0 and lft["teacher_agreement_after"] == 1.0   # an exact upgrade
+    gate = report["quality_gate"]
+    assert gate["passed"] and gate["student_agreement"] == 1.0 and gate["n"] == 4
+    assert gate["student_agreement"] >= gate["bare_agreement"] + 0.05
+    assert report["options"]["lft_mode"] == "distill" and report["steps"]["gate"]["cache"] == "computed"
+    trained = load_file(root / "out" / "adapter_model.safetensors")
+    migrated_only = stages.migrate_in_process(exact["old"], exact["new"], exact["adapter"], root / "transfer",
+                                              MigrationOptions(lft=False), SMALL, store_root=str(root / "store"))
+    assert migrated_only["steps"]["vocabulary"]["cache"] == "reused"
+    transfer = load_file(root / "transfer" / "adapter_model.safetensors")
+    assert any(not torch.equal(trained[k], transfer[k]) for k in transfer if "lora_B" in k)   # it did train
+
+
+def test_the_gate_refuses_an_adapter_no_better_than_the_bare_model(exact):
+    root = exact["root"]
+    zeroed = root / "zeroed"
+    zeroed.mkdir()
+    tensors = load_file(exact["adapter"] / "adapter_model.safetensors")
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in tensors.items()},
+              zeroed / "adapter_model.safetensors")
+    (zeroed / "adapter_config.json").write_text((exact["adapter"] / "adapter_config.json").read_text())
+    eval_data = root / "eval.jsonl"
+    eval_data.write_text("".join(json.dumps({"instruction": s.instruction, "input": s.input, "output": s.output,
+                                             "answer": s.answer}) + "\n" for s in generate_problems(4, "test", 1)))
+    options = MigrationOptions(lft=False, gate=True, eval_data=str(eval_data), gate_prompts=4)
+    with pytest.raises(QualityGateFailed, match=r"quality gate failed: below the bare model \+ margin: teacher "
+                                                r"agreement 1\.000 \(bare new model 1\.000, margin 0\.05"):
+        stages.migrate_in_process(exact["old"], exact["new"], zeroed, root / "refused", options, SMALL,
+                                  store_root=str(root / "store"))
+    assert not (root / "refused").exists()                   # nothing published
