@@ -28,15 +28,23 @@ in families with a norm after the sub-block — into the input of that post-norm
     T_out = diag(g_n)⁺ · Q̂ · diag(g_o)                   y_new ∝ T_out y_old      (D × d)
 
 Its overall scale is immaterial: the per-head / per-neuron least-squares maps absorb it.
+
+Cost. Only the rows of the n ≤ MAX_FIT_TOKENS fitted tokens are gathered (in the checkpoint's
+dtype) and turned into float64 first-layer inputs (:func:`first_layer_inputs`): never the
+vocab × hidden float64 matrices (151,936 × 1,536 · 8 bytes = 1.9 GB for Qwen2.5-1.5B). The
+three Grams G_n = E_nᵀE_n (D × D), G_o = E_oᵀE_o (d × d) and C = E_nᵀE_o (D × d) are formed
+once in float64 (n·(D² + d² + D·d) multiply-adds) and both solves use them; the two fits
+E_n Pᵀ and E_o Qᵀ (n·2·D·d) give the residuals and the scale.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.models.loading import BaseModel
+from lorasuite_core.models.loading import BaseModel, apply_norm
 from lorasuite_core.transfer.vocab import SharedVocabulary
 
 TINY_GAIN = 1e-12
@@ -52,19 +60,40 @@ class ResidualTransfer:
     fit_residual_new: float  # ‖E_o Qᵀ − E_n‖ / ‖E_n‖
 
 
-def _lstsq_rank_limited(A: torch.Tensor, B: torch.Tensor, rank: int) -> torch.Tensor:
-    """Minimum-norm argmin ‖A X − B‖ over A's top ``rank`` principal directions (float64).
+def _lstsq_rank_limited(gram: torch.Tensor, cross: torch.Tensor, rank: int) -> torch.Tensor:
+    """Minimum-norm argmin ‖A X − B‖ over A's top ``rank`` principal directions (float64), given
+    ``gram`` = AᵀA and ``cross`` = AᵀB.
 
     A map between a d- and a D-dimensional stream has rank ≤ min(d, D). Limiting the solve to
     that many directions drops the rounding noise a float32/bf16 checkpoint leaves in the
     directions a widened stream never uses — plain pinv would fit that noise. Solved through
     the small Gram matrix AᵀA = V Λ Vᵀ: X = V_k Λ_k⁻¹ V_kᵀ AᵀB (n × D work once, then D × D).
     """
-    eigenvalues, V = torch.linalg.eigh(A.T @ A)                  # ascending
+    eigenvalues, V = torch.linalg.eigh(gram)                     # ascending
     eigenvalues, V = eigenvalues.flip(0), V.flip(1)
     keep = min(rank, int((eigenvalues > eigenvalues[0] * 1e-14).sum()))
     V_k = V[:, :keep]
-    return V_k @ ((V_k.T @ (A.T @ B)) / eigenvalues[:keep, None])
+    return V_k @ ((V_k.T @ cross) / eigenvalues[:keep, None])
+
+
+def first_layer_inputs(model: BaseModel, ids: np.ndarray) -> torch.Tensor:
+    """``model.effective_embeddings()[ids]`` (len(ids) × hidden, float64) from the gathered rows only.
+
+    The same row-wise operations as :meth:`BaseModel.effective_embeddings` (scale, then the
+    embedding norm where the family has one) applied after gathering, so the values are equal;
+    the full table is read once in its stored dtype and never converted whole. A model object
+    that offers only ``effective_embeddings()`` is indexed after the fact.
+    """
+    index = torch.as_tensor(ids, dtype=torch.long)
+    if not hasattr(model, "weights"):
+        return model.effective_embeddings()[index]
+    E = model.weights.get(model.family.embedding)[index].to(torch.float64) * model.embedding_scale
+    norm = model.family.embedding_norm
+    if norm is None:
+        return E
+    gain = model.weight(f"{norm}.weight") + model.family.norm_weight_offset
+    bias = model.weight(f"{norm}.bias") if f"{norm}.bias" in model.weights else None
+    return apply_norm(E, model.family.norm_kind, gain, bias, model.dims.norm_eps)
 
 
 def residual_transfer(old: BaseModel, new: BaseModel, shared: SharedVocabulary) -> ResidualTransfer:
@@ -75,20 +104,21 @@ def residual_transfer(old: BaseModel, new: BaseModel, shared: SharedVocabulary) 
             f"hidden size {d}: the residual-stream transfer matrix would be underdetermined"
         )
     fit = slice(0, MAX_FIT_TOKENS)    # ids are in merge order: the most frequent tokens come first
-    E_o = old.effective_embeddings()[torch.as_tensor(shared.old_ids[fit])]   # n × d
-    E_n = new.effective_embeddings()[torch.as_tensor(shared.new_ids[fit])]   # n × D
+    E_o = first_layer_inputs(old, shared.old_ids[fit])     # n × d, float64
+    E_n = first_layer_inputs(new, shared.new_ids[fit])     # n × D, float64
     rank = min(d, new.dims.hidden)
+    cross = E_n.T @ E_o                                    # D × d
     # contiguous: a transposed view multiplies in another BLAS order than the same matrix
     # reloaded from disk, and the pipeline must reproduce the sequential run bit for bit
-    P = _lstsq_rank_limited(E_n, E_o, rank).T.contiguous()               # d × D
-    Q = _lstsq_rank_limited(E_o, E_n, rank).T.contiguous()               # D × d
-    scale = float((E_n @ P.T).norm() / E_n.norm())
+    P = _lstsq_rank_limited(E_n.T @ E_n, cross, rank).T.contiguous()                 # d × D
+    Q = _lstsq_rank_limited(E_o.T @ E_o, cross.T.contiguous(), rank).T.contiguous()  # D × d
+    fit_old, fit_new = E_n @ P.T, E_o @ Q.T
     return ResidualTransfer(
         P=P,
         Q=Q,
-        scale=scale,
-        fit_residual_old=float((E_n @ P.T - E_o).norm() / E_o.norm()),
-        fit_residual_new=float((E_o @ Q.T - E_n).norm() / E_n.norm()),
+        scale=float(fit_old.norm() / E_n.norm()),
+        fit_residual_old=float((fit_old - E_o).norm() / E_o.norm()),
+        fit_residual_new=float((fit_new - E_n).norm() / E_n.norm()),
     )
 
 

@@ -1,0 +1,30 @@
+"""The transfer matrix fits on gathered embedding rows: the same inputs and maps as the full table."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lorasuite_core.models.loading import load_base_model
+from lorasuite_core.testing.upgrade import UpgradeSpec, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.transfer.residual import first_layer_inputs, residual_transfer
+from lorasuite_core.transfer.vocab import shared_vocabulary
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom", "gemma3"])
+def test_gathered_rows_equal_the_full_effective_embeddings(family, tmp_path):
+    model = load_base_model(make_tiny_model_dir(family, tmp_path / family, seed=2))
+    ids = np.array([7, 3, 3, 40, 0, 11], dtype=np.int64)          # unordered, repeated
+    rows = first_layer_inputs(model, ids)
+    assert rows.dtype == torch.float64 and rows.shape == (6, model.dims.hidden)
+    assert torch.equal(rows, model.effective_embeddings()[torch.as_tensor(ids)])
+
+
+def test_fit_on_gathered_rows_recovers_a_rotated_widened_stream(tmp_path):
+    old_dir = make_tiny_model_dir("llama", tmp_path / "old", seed=3)
+    new_dir = upgrade_model_dir(old_dir, tmp_path / "new", UpgradeSpec(widen_residual=8, rotate_residual=True, seed=1))
+    old, new = load_base_model(old_dir), load_base_model(new_dir)
+    rt = residual_transfer(old, new, shared_vocabulary(old.tokenizer(), new.tokenizer()))
+    assert rt.P.shape == (64, 72) and rt.Q.shape == (72, 64)
+    assert rt.fit_residual_old < 1e-6 and rt.fit_residual_new < 1e-6
+    assert torch.allclose(rt.P @ rt.Q, torch.eye(64, dtype=torch.float64), atol=1e-6)   # Q = c·R, P = Rᵀ/c
