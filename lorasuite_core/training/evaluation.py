@@ -4,13 +4,39 @@ Design
 ------
 * Prompts come from :func:`lorasuite_core.training.task_data.format_prompt`, the same
   function training uses, so a trained adapter sees exactly its training prompt.
-* Generation is greedy (``do_sample=False``), batched with *left* padding so all
-  continuations start at the same column; samples are sorted by prompt length
-  to reduce padding, and results are put back in input order.
-* Generation of a sequence stops at EOS, at ``max_new_tokens``, or as soon as
-  its text is already fully scored (:func:`generation_finished`: a stop marker
-  or a complete "The answer is N" appeared), which saves most of the time a
-  rambling base model would otherwise spend without changing any score.
+* Generation is greedy, by :func:`greedy_generate` (a reusable loop over the model's own
+  ``forward``, not ``model.generate``):
+
+  1. every prompt is tokenised alone; prompts are sorted by *token* length (stable) and cut
+     into batches of ``batch_size``, so a batch holds prompts of nearly equal length and the
+     left padding is a few tokens; results are put back in input order;
+  2. prefill: one forward over the left-padded batch with an explicit attention mask and
+     ``position_ids = cumsum(mask) - 1`` (every row's real tokens get positions 0..L-1, as
+     unpadded), a fresh ``DynamicCache`` (the KV cache) and ``logits_to_keep=1`` (only the
+     last position's logits: the vocabulary projection is not paid for prompt tokens);
+  3. decode: one token per active row per forward (``argmax`` of the last logits), fed back
+     with the cache; a row *finishes* at an EOS id, at ``max_new_tokens``, or when
+     ``stop(text)`` says so (evaluation uses :func:`generation_finished`: a stop marker or a
+     complete "The answer is N" appeared, after which nothing can change the score);
+  4. finished rows leave the batch at once: the cache, mask and positions are cut to the
+     active rows (``DynamicCache.batch_select_indices``), so a finished row costs nothing
+     more, and the batch ends when its last row finishes.
+
+  The continuation text is the decoded generated tokens (special tokens skipped), the token
+  that triggered the stop included and the EOS excluded -- what ``model.generate`` with a
+  per-sequence stopping criterion returned before (:func:`generate_batch` keeps that
+  signature). Everything runs under ``torch.inference_mode``.
+* Cost model: per generated token the model does ~2 FLOP per parameter (the prefill the same
+  per prompt token, less the vocabulary projection). On a CPU a decode step reads every
+  weight once whatever the batch, so below ~32 rows its time is memory bound and nearly flat
+  in the batch size; larger batches amortise the weights (hence :func:`evaluate` batches 64
+  prompts by default), early stopping removes steps.
+* dtype: ``dtype="auto"`` (:func:`eval_dtype`) is bfloat16 on a CPU whose instruction set has
+  bf16 matrix support (AVX512-BF16 or AMX, reported by ``torch.cpu``, else ``/proc/cpuinfo``)
+  and on bf16-capable CUDA, float32 otherwise; ``"float32"``/``"bfloat16"`` force one. Only
+  evaluation does this: training and the exactness-sensitive transfer paths stay float32.
+  bf16 changes greedy outputs a little (ties and near-ties), not accuracies beyond their
+  95% interval (benchmarks/EVAL_THROUGHPUT.md measures it on Qwen2.5-Coder-1.5B).
 * Scoring: the generation is first cut at the first stop marker (a new
   ``### Instruction`` block, ...) and right after the first ``"The answer is N"``
   sentence, so text a base model rambles on with afterwards cannot change the
@@ -19,27 +45,29 @@ Design
   compares it numerically with the gold answer (absolute tolerance 1e-4).
 * :class:`EvalResult` reports accuracy with a 95% Wilson score interval
   (:func:`wilson_interval`), timing and memory (process peak RSS, the OS
-  high-water mark, and on CUDA ``torch.cuda.max_memory_allocated`` for the call).
+  high-water mark, and on CUDA ``torch.cuda.max_memory_allocated`` for the call),
+  the dtype used and the generation counters (:class:`GenerationStats`).
 
 Models and adapters are read from safetensors only; ``trust_remote_code`` is False.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from lorasuite_core.training.task_data import Sample, format_prompt
-from lorasuite_core.training.train import (check_adapter_dir, cuda_peak_mb, load_causal_lm, load_tokenizer, process_peak_rss_mb,
-                       reset_cuda_peak)
+from lorasuite_core.training.train import (check_adapter_dir, cuda_peak_mb, load_causal_lm, load_tokenizer,
+                                           process_peak_rss_mb, reset_cuda_peak, resolve_device, resolve_dtype)
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +159,9 @@ class EvalResult:
     peak_rss_mb: float
     peak_cuda_mb: float | None
     predictions: list[Prediction] | None = None
+    dtype: str | None = None  # the model's dtype during generation
+    batch_size: int | None = None
+    generation: dict[str, Any] | None = None  # GenerationStats of the run, as a dict
 
     def to_dict(self, with_predictions: bool = False) -> dict[str, Any]:
         data = asdict(self)
@@ -139,8 +170,31 @@ class EvalResult:
         return data
 
 
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has bf16 matrix instructions (AVX512-BF16 or AMX), so bf16 matmuls beat fp32."""
+    cpu = getattr(torch, "cpu", None)
+    probes = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(callable(probe) for probe in probes):
+        return any(bool(probe()) for probe in probes if callable(probe))
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def eval_dtype(dtype: str, device: torch.device) -> str:
+    """Evaluation's dtype name: "auto" -> bfloat16 on a bf16-capable CPU or CUDA device, else float32."""
+    if dtype != "auto":
+        resolve_dtype(dtype, device)  # validates the name
+        return dtype
+    if device.type == "cpu":
+        return "bfloat16" if cpu_supports_bf16() else "float32"
+    return str(resolve_dtype("auto", device)).replace("torch.", "")
+
+
 def _load_for_eval(model_dir: str | Path, adapter_dir: str | Path | None, dtype: str, device: str):
-    model = load_causal_lm(model_dir, dtype=dtype, device=device)
+    model = load_causal_lm(model_dir, dtype=eval_dtype(dtype, resolve_device(device)), device=device)
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -157,31 +211,132 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-class _StopWhenScored:
-    """Per-sequence stopping criterion: done when :func:`generation_finished` (saves time, never changes scores)."""
+@dataclass
+class GenerationStats:
+    """Counters of :func:`greedy_generate` (accumulated over calls when the same object is passed again)."""
 
-    def __init__(self, tokenizer, prompt_length: int):
-        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+    batches: int = 0
+    forward_passes: int = 0
+    prompt_tokens: int = 0  # real (unpadded) prompt tokens prefilled
+    padded_prompt_tokens: int = 0  # prompt positions prefilled, padding included
+    generated_tokens: int = 0  # tokens emitted (EOS included), summed over rows
+    row_steps: int = 0  # rows fed through decode forwards, summed over steps
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
-        return torch.tensor([generation_finished(t) for t in texts], dtype=torch.bool, device=input_ids.device)
+
+def _forward_options(model) -> tuple[str, dict[str, int]]:
+    """The (base) model's name for the KV-cache argument (``cache``, formerly ``past_key_values``) and
+    ``logits_to_keep=1`` where its forward takes it (no vocabulary projection of prompt tokens)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(base.forward).parameters
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+    return ("cache" if "cache" in parameters else "past_key_values"), extra
 
 
-@torch.no_grad()
-def generate_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-    """Greedy continuations (special tokens stripped) of left-padded ``prompts``."""
-    from transformers import GenerationConfig, StoppingCriteriaList
+def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
 
+
+def _greedy_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
+                  stop: Callable[[str], bool] | None, eos_ids: Sequence[int], stats: GenerationStats) -> list[list[int]]:
+    """Greedy continuations of one batch; finished rows are dropped from the batch (and its KV cache)."""
     device = next(model.parameters()).device
-    encoded = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=True).to(device)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=_eos_ids(model, tokenizer))
-    prompt_length = encoded["input_ids"].shape[1]
-    stopping = StoppingCriteriaList([_StopWhenScored(tokenizer, prompt_length)])
-    output = model.generate(**encoded, generation_config=config, stopping_criteria=stopping)
-    continuations = output[:, prompt_length:]
-    return tokenizer.batch_decode(continuations, skip_special_tokens=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    input_ids, mask = _left_pad(prompt_ids, pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    cache_name, extra = _forward_options(model)
+    generated: list[list[int]] = [[] for _ in prompt_ids]
+    active = list(range(len(prompt_ids)))  # batch row -> prompt index
+    stats.batches += 1
+    stats.prompt_tokens += int(mask.sum())
+    stats.padded_prompt_tokens += int(mask.numel())
+    cache, step_input, started = None, input_ids, time.perf_counter()
+    for step in range(max_new_tokens):
+        out = model(input_ids=step_input, attention_mask=mask, position_ids=positions, use_cache=True,
+                    **{cache_name: cache}, **extra)
+        cache = out.cache if cache_name == "cache" else out.past_key_values
+        tokens = out.logits[:, -1].argmax(-1)
+        stats.forward_passes += 1
+        if step == 0:
+            stats.prefill_seconds += time.perf_counter() - started
+        else:
+            stats.row_steps += len(active)
+        is_eos = torch.isin(tokens, eos).tolist()
+        for row, index in enumerate(active):
+            generated[index].append(int(tokens[row]))
+        stats.generated_tokens += len(active)
+        done = list(is_eos)
+        if stop is not None:
+            pending = [row for row in range(len(active)) if not done[row]]
+            texts = tokenizer.batch_decode([generated[active[row]] for row in pending], skip_special_tokens=True)
+            for row, text in zip(pending, texts, strict=True):
+                done[row] = bool(stop(text))
+        keep = [row for row in range(len(active)) if not done[row]]
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(active):
+            kept = torch.tensor(keep, dtype=torch.long, device=device)
+            cache.batch_select_indices(kept)
+            mask, positions, tokens = mask[kept], positions[kept], tokens[kept]
+            active = [active[row] for row in keep]
+        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+        positions = positions[:, -1:] + 1
+        step_input = tokens[:, None]
+    stats.decode_seconds += time.perf_counter() - started
+    return generated
+
+
+def greedy_generate_ids(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
+                        stop: Callable[[str], bool] | None = None, eos_token_ids: Sequence[int] | None = None,
+                        stats: GenerationStats | None = None, show_progress: bool = False) -> list[list[int]]:
+    """Generated token ids per prompt, in input order (a final EOS id included); see :func:`greedy_generate`."""
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+    stats = stats if stats is not None else GenerationStats()
+    eos_ids = list(eos_token_ids) if eos_token_ids is not None else _eos_ids(model, tokenizer)
+    if not eos_ids:
+        raise ValueError("greedy generation needs at least one EOS token id")
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    results: list[list[int]] = [[] for _ in prompts]
+    with torch.inference_mode():
+        for begin in tqdm(range(0, len(order), batch_size), desc="generate", disable=not show_progress):
+            indices = order[begin:begin + batch_size]
+            generated = _greedy_batch(model, tokenizer, [encoded[i] for i in indices], max_new_tokens, stop, eos_ids,
+                                      stats)
+            for i, ids in zip(indices, generated, strict=True):
+                results[i] = ids
+    return results
+
+
+def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
+                    stop: Callable[[str], bool] | None = None, eos_token_ids: Sequence[int] | None = None,
+                    stats: GenerationStats | None = None, show_progress: bool = False) -> list[str]:
+    """Greedy continuations of ``prompts`` (special tokens stripped), in input order.
+
+    Prompts are sorted by token length and batched; a row stops at an EOS id (``eos_token_ids``,
+    default: the tokenizer's and the generation config's), at ``max_new_tokens``, or once
+    ``stop(continuation_text)`` is true; finished rows leave their batch. ``stats`` (optional)
+    accumulates the counters of :class:`GenerationStats`. ``model`` may be a PEFT model.
+    """
+    ids = greedy_generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              stop=stop, eos_token_ids=eos_token_ids, stats=stats, show_progress=show_progress)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def generate_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuations (special tokens stripped) of ``prompts`` as one batch, each stopped once scored."""
+    return greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                           batch_size=max(1, len(prompts)), stop=generation_finished)
 
 
 def score_generation(index: int, generation: str, gold: str) -> Prediction:
@@ -191,9 +346,9 @@ def score_generation(index: int, generation: str, gold: str) -> Prediction:
 
 
 def evaluate(model_dir: str | Path, samples: Sequence[Sample], *, adapter_dir: str | Path | None = None,
-             batch_size: int = 16, max_new_tokens: int = 64, dtype: str = "auto", device: str = "auto",
+             batch_size: int = 64, max_new_tokens: int = 64, dtype: str = "auto", device: str = "auto",
              keep_predictions: bool = True, show_progress: bool = True) -> EvalResult:
-    """Exact-match accuracy (final number) of greedy generations on ``samples``."""
+    """Exact-match accuracy (final number) of greedy generations on ``samples`` (``dtype``: see :func:`eval_dtype`)."""
     if not samples:
         raise ValueError("no evaluation samples given")
     if batch_size < 1 or max_new_tokens < 1:
@@ -201,15 +356,15 @@ def evaluate(model_dir: str | Path, samples: Sequence[Sample], *, adapter_dir: s
     start = time.perf_counter()
     model, tokenizer = _load_for_eval(model_dir, adapter_dir, dtype, device)
     reset_cuda_peak(next(model.parameters()).device)
-    prompts = [format_prompt(s) for s in samples]
-    order = sorted(range(len(samples)), key=lambda i: len(prompts[i]))
-    predictions: list[Prediction | None] = [None] * len(samples)
-    for begin in tqdm(range(0, len(order), batch_size), desc="eval", disable=not show_progress):
-        indices = order[begin:begin + batch_size]
-        generations = generate_batch(model, tokenizer, [prompts[i] for i in indices], max_new_tokens)
-        for i, generation in zip(indices, generations, strict=True):
-            predictions[i] = score_generation(i, generation, samples[i].answer)
-    return _summarise([p for p in predictions if p is not None], start, model, keep_predictions)
+    stats = GenerationStats()
+    generations = greedy_generate(model, tokenizer, [format_prompt(s) for s in samples], max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, stop=generation_finished, stats=stats,
+                                  show_progress=show_progress)
+    predictions = [score_generation(i, g, s.answer) for i, (g, s) in enumerate(zip(generations, samples, strict=True))]
+    result = _summarise(predictions, start, model, keep_predictions)
+    result.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    result.batch_size, result.generation = batch_size, asdict(stats)
+    return result
 
 
 def _summarise(predictions: list[Prediction], start: float, model, keep_predictions: bool) -> EvalResult:
