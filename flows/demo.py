@@ -65,9 +65,12 @@ def run_real_demo(workdir: str | Path, *, train_samples: int = 200, lft_samples:
     the ``migrate-adapter`` flow on the embedded Prefect API: transfer, light fine-tuning on
     ``lft_samples``, and evaluation on ``eval_samples`` held-out problems of the old adapter,
     the bare new model, the transferred and the fine-tuned adapter, and a vanilla LoRA
-    trained on the same ``lft_samples``.
+    trained on the same ``lft_samples``.  Then the same migration with *distilled* LFT: the
+    same ``lft_samples`` training prompts without their answers, the teacher (old model + old
+    adapter) answering them, and the quality gate deciding whether it is published.
     """
     from lorasuite_core.pipeline.options import MigrationOptions
+    from lorasuite_core.training.gate import QualityGateFailed
 
     from .entrypoints import run_migrate_adapter
 
@@ -87,9 +90,24 @@ def run_real_demo(workdir: str | Path, *, train_samples: int = 200, lft_samples:
     result = run_migrate_adapter(str(old), str(new), str(adapter), str(workdir / "migrated-adapter"), options,
                                  overwrite=True)
     summary = result.get("summary", result)
+    # the same training problems as unlabelled prompts: distilled from the old model + old adapter, then gated
+    prompts = workdir / f"lft-prompts-{lft_samples}.txt"
+    prompts.write_text("".join(s.instruction + "\n" for s in generate_problems(lft_samples, "train", 0)))
+    distilled = options.model_copy(update={"lft_mode": "distill", "lft_data": None, "lft_prompts": str(prompts),
+                                           "vanilla_baseline": False, "gate": True})
+    try:
+        second = run_migrate_adapter(str(old), str(new), str(adapter), str(workdir / "distilled-adapter"), distilled,
+                                     overwrite=True)
+        second = second.get("summary", second)
+        gate = second.get("quality_gate")
+        distill_row = {"output": second.get("output"), "accuracy": second.get("evaluation", {}).get(
+            "new model + migrated + LFT"), "quality_gate": gate}
+    except QualityGateFailed as refused:
+        distill_row = {"output": None, "quality_gate": refused.result.to_dict(), "note": str(refused)}
     return {"summary": {
         "old_model": str(old), "new_model": str(new), "old_adapter": str(adapter),
         "migrated_adapter": summary.get("output"),
         "accuracy_on_%d_test_problems" % eval_samples: summary.get("evaluation"),
+        "distilled_lft_from_%d_unlabelled_prompts" % lft_samples: distill_row,
         "seconds_by_stage": {k: v["seconds"] for k, v in summary.get("steps", {}).items()},
     }}

@@ -148,7 +148,7 @@ def test_adapter_type_other_than_lora(pair, tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(old)
     get_peft_model(model, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])).save_pretrained(tmp_path / "ia3")
     out = tmp_path / "out"
-    assert_fails_cleanly(capsys, run_migrate(old, new, tmp_path / "ia3", out), out, "IA3", "only LoRA")
+    assert_fails_cleanly(capsys, run_migrate(old, new, tmp_path / "ia3", out), out, "IA3", "is not supported (LoRA, DoRA or AdaLoRA)")
 
 
 def test_unknown_head_transform_rejected(pair, tmp_path):
