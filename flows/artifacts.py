@@ -40,14 +40,14 @@ def pair_title(old_model: str, new_model: str) -> str:
     return f"{redact_uri(old_model)} -> {redact_uri(new_model)}"
 
 
-def analysis_artifacts(old_model: str, new_model: str, mapping: StageResult, heads: StageResult,
+def analysis_artifacts(old_model: str, new_model: str, cka: np.ndarray, mapping: StageResult, heads: StageResult,
                        new_heads: int | None = None, new_layers: int | None = None) -> None:
     """CKA heatmap, layer-mapping table and head-mapping table of the pair analysis.
 
-    ``new_heads`` / ``new_layers``: query heads per layer and layers of the new model (default: what
-    the mapping names)."""
+    ``cka``: the CKA of layer updates (read from the cka entry, stored once); ``new_heads`` /
+    ``new_layers``: query heads per layer and layers of the new model (default: what the mapping names)."""
     title = pair_title(old_model, new_model)
-    cka = np.asarray(mapping.facts["cka"], dtype=float)
+    cka = np.asarray(cka, dtype=float)
     pairs = [(int(i), int(j)) for i, j in mapping.facts["layer_mapping"]]
     png = base64.b64encode(cka_heatmap_png(cka, pairs, "CKA of layer updates", dpi=72)).decode()
     create_markdown_artifact(

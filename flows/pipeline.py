@@ -33,8 +33,8 @@ import tasks
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.pipeline.manifest import FleetManifest
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
-from lorasuite_core.pipeline.stage_store import StageResult
-from lorasuite_core.pipeline.stages import (ENTRY_WAVES, PAIR_GRAPH, PAIR_STAGES, AdapterPlan, PairPlan,
+from lorasuite_core.pipeline.stage_store import StageResult, StageStore
+from lorasuite_core.pipeline.stages import (ENTRY_WAVES, PAIR_GRAPH, PAIR_STAGES, AdapterPlan, PairPlan, cka_of_updates,
                                             report_updates, run_inputs)
 from lorasuite_core.io.storage import check_replaceable, describe_error, redact_uri
 
@@ -186,7 +186,8 @@ class PipelineRun:
             steps[stage] = combine([part])
         reused = [stage for stage in PAIR_STAGES if steps[stage]["cache"] == "reused"]
         self.log.info("pair analysis: %d/%d stages reused (%s)", len(reused), len(PAIR_STAGES), ", ".join(reused) or "none")
-        artifacts.analysis_artifacts(old_model, new_model, results["layer_mapping"], results["head_similarity"],
+        cka = cka_of_updates(StageStore.at(self.store), results["cka"].uri)
+        artifacts.analysis_artifacts(old_model, new_model, cka, results["layer_mapping"], results["head_similarity"],
                                      new_heads=plan.new().dims.num_heads,   # config only (weights are lazy)
                                      new_layers=plan.new().dims.num_layers)
         return PairRun(plan, results, steps)

@@ -69,3 +69,31 @@ def test_the_gate_refuses_an_adapter_no_better_than_the_bare_model(exact):
         stages.migrate_in_process(exact["old"], exact["new"], zeroed, root / "refused", options, SMALL,
                                   store_root=str(root / "store"))
     assert not (root / "refused").exists()                   # nothing published
+
+
+def test_seed_prompts_are_synthesised_by_the_teacher_excluding_evaluation_prompts(exact, monkeypatch):
+    """The stage's wiring of synthesis: n = lft_samples (held out: the evaluation data), the seed, the exclusions."""
+    from lorasuite_core.training import distill
+
+    root = exact["root"]
+    seeds = root / "seeds.txt"
+    seeds.write_text("What is 2 plus 3?\nHow many apples are left if 4 of 9 are eaten?\n")
+    eval_data = root / "eval-seeds.jsonl"
+    eval_samples = generate_problems(3, "test", 5)
+    eval_data.write_text("".join(json.dumps({"instruction": s.instruction, "input": s.input, "output": s.output,
+                                             "answer": s.answer}) + "\n" for s in eval_samples))
+    calls = []
+
+    def synthesise(model, tokenizer, seed_prompts, n, *, seed=0, exclude=(), config=None):
+        calls.append({"seeds": [p.text for p in seed_prompts], "n": n, "seed": seed, "exclude": list(exclude)})
+        return [distill.Prompt(s.instruction) for s in generate_problems(n, "train", seed=9)]
+
+    monkeypatch.setattr(distill, "synthesise_prompts", synthesise)
+    options = MigrationOptions(lft_mode="distill", lft_seed_prompts=str(seeds), lft_samples=5, lft_lr=1e-5,
+                               eval_data=str(eval_data), gate_prompts=3, seed=7)
+    report = stages.migrate_in_process(exact["old"], exact["new"], exact["adapter"], root / "from-seeds", options,
+                                       SMALL, store_root=str(root / "store"))
+    assert calls == [{"seeds": ["What is 2 plus 3?", "How many apples are left if 4 of 9 are eaten?"], "n": 5,
+                      "seed": 7, "exclude": [s.instruction for s in eval_samples]}]
+    lft = report["light_finetune"]
+    assert lft["prompt_source"] == "synthesised" and lft["n_prompts"] == 5 and lft["n_heldout"] == 3

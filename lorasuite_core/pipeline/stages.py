@@ -259,12 +259,17 @@ def cka(store: StageStore, plan: PairPlan, activations_uri: str) -> StageResult:
     return store.run("cka", plan.stage_keys["cka"], compute)
 
 
+def cka_of_updates(store: StageStore, cka_uri: str) -> np.ndarray:
+    """The L_old x L_new CKA of layer updates, from the cka entry (for reports and artifacts)."""
+    return _load_numpy(store, cka_uri, "cka.safetensors")["cka_updates"]
+
+
 def layer_mapping(store: StageStore, plan: PairPlan, cka_uri: str) -> StageResult:
     def compute(out: Path) -> dict:
         updates = _load_numpy(store, cka_uri, "cka.safetensors")["cka_updates"]
         method = plan.analysis.layer_mapping
         mapping = map_layers(updates, plan.layer_offset) if method == "cka" else fixed_mapping(*updates.shape, method)
-        return {"layer_mapping": [[i, j] for i, j in mapping], "cka": updates.round(6).tolist()}
+        return {"layer_mapping": [[i, j] for i, j in mapping]}
 
     return store.run("layer_mapping", plan.stage_keys["layer_mapping"], compute)
 
