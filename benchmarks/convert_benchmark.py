@@ -32,32 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-TIME_FIELDS = {"Maximum resident set size (kbytes)": "peak_rss_kb",
-               "Elapsed (wall clock) time (h:mm:ss or m:ss)": "wall",
-               "User time (seconds)": "user_s", "System time (seconds)": "system_s",
-               "Percent of CPU this job got": "cpu_percent"}
-
-
-def _wall_seconds(text: str) -> float:
-    seconds = 0.0
-    for part in text.split(":"):
-        seconds = seconds * 60 + float(part)
-    return seconds
-
-
-def _parse_time_v(stderr: str) -> dict:
-    found = {}
-    for line in stderr.splitlines():
-        key, _, value = line.strip().rpartition(": ")
-        if key in TIME_FIELDS:
-            found[TIME_FIELDS[key]] = value.strip()
-    out = {"wall_s": round(_wall_seconds(found["wall"]), 1), "peak_rss_kb": int(found["peak_rss_kb"]),
-           "user_s": float(found["user_s"]), "system_s": float(found["system_s"]),
-           "cpu_percent": found.get("cpu_percent")}
-    out["peak_rss_gib"] = round(out["peak_rss_kb"] / 2**20, 2)
-    out["peak_rss_gb"] = round(out["peak_rss_kb"] * 1024 / 1e9, 2)
-    return out
-
+from _common import parse_time_v as _parse_time_v
 
 def _git(repo: Path, *args: str) -> str:
     done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=False)

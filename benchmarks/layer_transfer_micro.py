@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 import lorasuite_core
+from _common import merge_json
 from lorasuite_core.models.families import family_for_model_type
 from lorasuite_core.models.loading import Dims, LoraAdapter, LoraFactors
 from lorasuite_core.transfer.matching import LayerMatch
@@ -167,11 +167,7 @@ def main(argv=None) -> int:
                    "targets": ["q", "k", "v", "o", "gate", "up", "down"]},
         "cases": cases,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(out.read_text()) if out.exists() else {}
-    data[args.label] = entry
-    out.write_text(json.dumps(data, indent=2) + "\n")
+    merge_json(args.out, {args.label: entry})
     return 0
 
 

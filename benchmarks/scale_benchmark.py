@@ -44,6 +44,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import merge_json, parse_time_v as _parse_time_v
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 MODELS = Path(os.environ.get("LORASUITE_MODELS_DIR", Path.home() / ".cache" / "lorasuite" / "models"))
@@ -72,10 +74,6 @@ QWEN_BEFORE_ISSUE = {
     "calibration": {"paired_tokens": 1405, "asked": 2048},
 }
 
-TIME_FIELDS = {"Maximum resident set size (kbytes)": "peak_rss_kb",
-               "Elapsed (wall clock) time (h:mm:ss or m:ss)": "wall",
-               "User time (seconds)": "user_s", "System time (seconds)": "system_s",
-               "Percent of CPU this job got": "cpu_percent"}
 PAIR_STAGES = ("vocabulary", "transfer_matrix", "activations", "cka", "layer_mapping", "head_similarity")
 
 
@@ -91,21 +89,6 @@ def _code_identity(repo: Path) -> dict:
     dirty = [ln[3:] for ln in _git(repo, "status", "--short").splitlines()
              if ln[3:].startswith(("lorasuite_core/", "flows/", "tasks/"))]
     return {"repo": str(repo), "commit": _git(repo, "rev-parse", "HEAD"), "dirty_package_files": dirty}
-
-
-def _parse_time_v(stderr: str) -> dict:
-    found = {}
-    for line in stderr.splitlines():
-        key, _, value = line.strip().rpartition(": ")
-        if key in TIME_FIELDS:
-            found[TIME_FIELDS[key]] = value.strip()
-    wall = 0.0
-    for part in found["wall"].split(":"):
-        wall = wall * 60 + float(part)
-    kb = int(found["peak_rss_kb"])
-    return {"wall_s": round(wall, 1), "peak_rss_kb": kb, "peak_rss_gb": round(kb * 1024 / 1e9, 2),
-            "user_s": float(found["user_s"]), "system_s": float(found["system_s"]),
-            "cpu_percent": found.get("cpu_percent")}
 
 
 def _last_json(stdout: str):
@@ -192,9 +175,7 @@ def run_migrate(old: Path, new: Path, adapter: Path, work: Path, *, repo: Path, 
 
 
 def _merge(path: Path, updates: dict) -> None:
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data.update(updates)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    merge_json(path, updates)
 
 
 def _machine() -> dict:

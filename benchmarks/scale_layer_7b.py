@@ -42,6 +42,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 import lorasuite_core
+from _common import merge_json
 from lorasuite_core.transfer import matching
 from lorasuite_core.models.loading import Dims
 from lorasuite_core.transfer.matching import _kv_pairs, head_similarity
@@ -100,9 +101,9 @@ def git_commit(path: Path) -> str | None:
         return None
 
 
-def gemm_gflops(n: int = 4096) -> float:
-    """This machine's float32 matmul rate right now (n × n × n), for context."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def gemm_gflops(n: int = 4096, dtype: torch.dtype = torch.float32) -> float:
+    """This machine's matmul rate right now (n × n × n, ``dtype``), for context."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
     start = time.perf_counter()
     a @ b
@@ -133,9 +134,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     old, new, T_in, T_out, truth = build()
     gemm_before = gemm_gflops()
+    load_before = [round(x, 2) for x in os.getloadavg()]
+
+    # match_layer's matmul dtype (bfloat16 since issue 11); the code before it had none: float32
+    ranking = getattr(matching, "RANKING_DTYPE", None)
+    dtype_kw = {"dtype": ranking} if ranking is not None else {}
 
     def heads():
-        sim = head_similarity(old, new, OLD, NEW, T_in, T_out)
+        sim = head_similarity(old, new, OLD, NEW, T_in, T_out, **dtype_kw)
         rows, cols = linear_sum_assignment(sim, maximize=True)
         pairs = [(int(i), int(j)) for i, j in zip(rows, cols)]
         return pairs, _kv_pairs(pairs, OLD, NEW, sim), sim
@@ -152,7 +158,8 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "note": "2-core VM shared with other jobs, no GPU"},
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "dtype": "float32",
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "dtype": str(ranking).replace("torch.", "") + " products, float32 sums" if ranking is not None else "float32",
         "package": str(package), "package_commit": git_commit(package.parent),
         "shapes": {"old": vars(OLD), "new": vars(NEW), "old_distinct_kv_heads": DISTINCT_KV},
         "seconds": {"head_similarity_and_assignment": head_seconds},
@@ -172,7 +179,7 @@ def main(argv=None) -> int:
                           + 2 * OLD.intermediate * NEW.intermediate * D * 3}
     else:
         neuron_seconds, (neuron_pairs, neuron_mean) = timed(
-            lambda: matching.match_neurons(old, new, T_in, T_out), args.repeats, "neuron_matching")
+            lambda: matching.match_neurons(old, new, T_in, T_out, **dtype_kw), args.repeats, "neuron_matching")
         print(f"neurons: {neuron_seconds} s", flush=True)
         flops = matching.similarity_flops(OLD, NEW)
         best_heads, best_neurons = min(head_seconds), min(neuron_seconds)
@@ -190,14 +197,12 @@ def main(argv=None) -> int:
             len(neuron_pairs) == OLD.intermediate and np.array_equal(neuron_pairs[:, 0], np.arange(OLD.intermediate))
             and np.array_equal(neuron_pairs[:, 1], truth["neuron_new_of_old"]))
     entry["cpu_seconds"] = CPU_SECONDS
+    entry["machine"]["loadavg_1_5_15_at_start"] = load_before
     entry["machine"]["loadavg_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    entry["machine"]["gemm_4096_bfloat16_gflops_end"] = gemm_gflops(dtype=torch.bfloat16)
     entry["machine"]["gemm_4096_float32_gflops_start_end"] = [gemm_before, gemm_gflops()]
     print(json.dumps({k: entry.get(k) for k in ("seconds", "achieved_gflops", "recovered")}), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(out.read_text()) if out.exists() else {}
-    data[args.label] = entry
-    out.write_text(json.dumps(data, indent=2) + "\n")
+    merge_json(args.out, {args.label: entry})
     return 0
 
 

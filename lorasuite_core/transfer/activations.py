@@ -25,6 +25,13 @@ embeddings are then freed and for l = 0 … L − 1::
     load layer l's tensors (lazy safe_open) → h_b ← layer_l(h_b, args_b,l) for every batch b
     → keep states[l + 1] at the paired positions → free layer l
 
+Batches: each model's texts are sorted by their token count and cut into batches of at most
+``batch_size`` texts and ``batch_tokens`` padded tokens, so texts of like length share a batch:
+on the built-in calibration text at Qwen2.5 (80 texts of 5-30 tokens) the forward multiplies
+1,480 padded rows instead of the 1,992 of batches of eight in file order (the work is linear
+in them), in fewer, taller matrix products. The kept states are put back in text order, so the
+result does not depend on the batching (beyond float rounding of the products' shapes).
+
 Memory: one layer's weights + the carried states (padded tokens × d) + the kept states
 (L + 1) × N × d, instead of both whole models. The operations are the ones the whole model runs,
 in the same order and float32, so the states equal :func:`_layer_states`'s (the tests check
@@ -407,6 +414,33 @@ def _paired_texts(old_tok, new_tok, texts, max_tokens: int, max_tokens_per_text:
     return pairs, total
 
 
+def length_batches(lengths: list[int], batch_size: int, batch_tokens: int) -> list[list[int]]:
+    """Text indices sorted by length (stable), cut into batches of at most ``batch_size`` texts whose
+    padded size (texts × longest) stays within ``batch_tokens`` (a longer text alone is one batch)."""
+    batches: list[list[int]] = []
+    for t in sorted(range(len(lengths)), key=lambda t: lengths[t]):
+        current = batches[-1] if batches else None
+        if current and len(current) < batch_size and (len(current) + 1) * lengths[t] <= batch_tokens:
+            current.append(t)
+        else:
+            batches.append([t])
+    return batches
+
+
+def _sorted_states(base: BaseModel, ids: list[list[int]], positions: list[list[int]], batch_size: int,
+                   batch_tokens: int, progress: bool) -> torch.Tensor:
+    """:func:`model_states` of length-sorted batches, kept positions returned in text order."""
+    batches = length_batches([len(x) for x in ids], batch_size, batch_tokens)
+    order = [t for batch in batches for t in batch]
+    states = model_states(base, [[ids[t] for t in batch] for batch in batches], [positions[t] for t in order],
+                          progress=progress)
+    start, offset = {}, 0
+    for t in order:
+        start[t], offset = offset, offset + len(positions[t])
+    back = torch.cat([torch.arange(start[t], start[t] + len(positions[t])) for t in range(len(ids))])
+    return states[:, back]
+
+
 def paired_activations(
     old: BaseModel,
     new: BaseModel,
@@ -414,7 +448,8 @@ def paired_activations(
     *,
     max_tokens: int,
     max_tokens_per_text: int = 256,
-    batch_size: int = 8,
+    batch_size: int = 64,
+    batch_tokens: int = 1024,
     progress: bool = True,
 ) -> PairedActivations:
     pairs, total = _paired_texts(old.tokenizer(), new.tokenizer(), texts, max_tokens, max_tokens_per_text)
@@ -422,7 +457,7 @@ def paired_activations(
         raise LorasuiteError(f"calibration text yields only {total} paired token positions; give more text")
     states = []
     for base, ids, pos in ((old, 0, 1), (new, 2, 3)):       # one model at a time
-        batches = [[p[ids] for p in pairs[s:s + batch_size]] for s in range(0, len(pairs), batch_size)]
-        states.append(model_states(base, batches, [p[pos] for p in pairs], progress=progress)[:, :max_tokens])
+        states.append(_sorted_states(base, [p[ids] for p in pairs], [p[pos] for p in pairs], batch_size,
+                                     batch_tokens, progress)[:, :max_tokens])
     log.info("paired %d token positions from %d texts", total, len(pairs))
     return PairedActivations(old_states=states[0].numpy(), new_states=states[1].numpy(), num_texts=len(pairs))

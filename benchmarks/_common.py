@@ -1,0 +1,61 @@
+"""Helpers shared by the benchmark scripts (imported as ``_common``: the scripts run as
+``.venv/bin/python benchmarks/NAME.py``, which puts this folder first on ``sys.path``).
+
+* :func:`parse_time_v` reads GNU ``/usr/bin/time -v``'s report (stderr of the timed child):
+  wall time, peak RSS ("Maximum resident set size", kB), user/system CPU seconds, CPU share.
+* :func:`merge_json` merges entries into a results file (read, update, write to a temporary
+  file, rename), so an interrupted run leaves the previous file or the new one, never half of
+  one, and every finished measurement is kept as soon as it is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+TIME_FIELDS = {"Maximum resident set size (kbytes)": "peak_rss_kb",
+               "Elapsed (wall clock) time (h:mm:ss or m:ss)": "wall",
+               "User time (seconds)": "user_s", "System time (seconds)": "system_s",
+               "Percent of CPU this job got": "cpu_percent"}
+
+
+def wall_seconds(text: str) -> float:
+    """``h:mm:ss`` or ``m:ss(.ss)`` -> seconds."""
+    seconds = 0.0
+    for part in text.split(":"):
+        seconds = seconds * 60 + float(part)
+    return seconds
+
+
+def parse_time_v(stderr: str) -> dict:
+    """The fields of TIME_FIELDS from ``/usr/bin/time -v`` output; peak RSS also in GB (10⁹) and GiB."""
+    found = {}
+    for line in stderr.splitlines():
+        key, _, value = line.strip().rpartition(": ")
+        if key in TIME_FIELDS:
+            found[TIME_FIELDS[key]] = value.strip()
+    missing = [k for k in ("wall", "peak_rss_kb", "user_s", "system_s") if k not in found]
+    if missing:
+        raise ValueError(f"no /usr/bin/time -v report in the child's stderr (missing {', '.join(missing)})")
+    kb = int(found["peak_rss_kb"])
+    return {"wall_s": round(wall_seconds(found["wall"]), 1), "peak_rss_kb": kb,
+            "peak_rss_gb": round(kb * 1024 / 1e9, 2), "peak_rss_gib": round(kb / 2**20, 2),
+            "user_s": float(found["user_s"]), "system_s": float(found["system_s"]),
+            "cpu_percent": found.get("cpu_percent")}
+
+
+def merge_json(path: str | Path, updates: dict) -> dict:
+    """Merge ``updates`` (label -> entry) into the JSON object at ``path``, atomically; returns the result."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.update(updates)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    return data
+
+
+def loadavg() -> list[float]:
+    """The 1-, 5- and 15-minute load averages, rounded."""
+    return [round(x, 2) for x in os.getloadavg()]
