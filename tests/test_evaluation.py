@@ -1,14 +1,18 @@
-"""Tests of answer parsing, the Wilson interval and batched evaluation on a tiny random Llama."""
+"""Tests of answer parsing, the Wilson interval, the greedy generation loop and evaluation on a tiny random Llama."""
 
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
-from lorasuite_core.training.evaluation import (answers_match, evaluate, extract_final_number, generation_finished,
-                                       truncate_generation, wilson_interval)
-from lorasuite_core.training.task_data import generate_problems
+import torch
+
+from lorasuite_core.training.evaluation import (GenerationStats, _load_for_eval, answers_match, eval_dtype, evaluate,
+                                               extract_final_number, generation_finished, greedy_generate,
+                                               greedy_generate_ids, truncate_generation, wilson_interval)
+from lorasuite_core.training.task_data import format_prompt, generate_problems
 from tests.tiny_llama import build_tiny_model
 
 
@@ -128,3 +132,151 @@ def test_evaluate_errors(tiny_model_dir, tmp_path):
         evaluate(tmp_path, generate_problems(1, "test", 0))
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         evaluate(tiny_model_dir, generate_problems(1, "test", 0), adapter_dir=tmp_path, device="cpu")
+
+
+# --------------------------------------------------------------------------- the greedy loop
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32(tiny_model_dir):
+    return _load_for_eval(tiny_model_dir, None, "float32", "cpu")
+
+
+# Short, varied prompts: the random tiny model continues each differently (full arithmetic prompts all end in
+# "### Response:\n" and get nearly the same continuation), so a row mix-up or a wrong order would show.
+SNIPPETS = ("12 + 5 =", "Tom had", "apples and 7 boxes", "The answer is", "How many marbles", "Lucy", "3 * 4 = 12.",
+            "jars of cookies in the kitchen", "Diego gave 9", "Anna shared 24 stickers among", "so 8 / 2",
+            "Omar bought 3 bags of")
+
+
+def _prompts(n: int, seed: int) -> list[str]:
+    snippets = list(SNIPPETS)
+    random.Random(seed).shuffle(snippets)
+    return snippets[:n]
+
+
+def _record_batches(model):
+    """Forward pre-hook recording every forward's input_ids shape (batch rows, positions)."""
+    shapes = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                             with_kwargs=True)
+    return shapes, handle
+
+
+def test_greedy_loop_equals_hf_generate_one_prompt_at_a_time(tiny_fp32):
+    from transformers import GenerationConfig
+
+    model, tokenizer = tiny_fp32
+    prompts = _prompts(7, seed=11)
+    ours = greedy_generate_ids(model, tokenizer, prompts, max_new_tokens=7, batch_size=1)
+    for prompt, ids in zip(prompts, ours, strict=True):
+        encoded = tokenizer(prompt, return_tensors="pt")
+        config = GenerationConfig(max_new_tokens=7, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=tokenizer.eos_token_id)
+        reference = model.generate(**encoded, generation_config=config)[0, encoded["input_ids"].shape[1]:].tolist()
+        assert ids == reference
+
+
+def test_length_sorted_batches_match_batch_size_one_in_input_order(tiny_fp32):
+    model, tokenizer = tiny_fp32
+    prompts = _prompts(9, seed=12)
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    assert len(set(lengths)) > 2 and lengths != sorted(lengths)  # varied and not already sorted
+    singles = [greedy_generate(model, tokenizer, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    shapes, handle = _record_batches(model)
+    try:
+        batched = greedy_generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=4)
+    finally:
+        handle.remove()
+    assert batched == singles  # results in input order, batching changes nothing
+    prefill_widths = [width for rows, width in shapes if width > 1]
+    by_length = sorted(lengths)
+    assert prefill_widths == [max(by_length[b:b + 4]) for b in range(0, 9, 4)]  # batches of sorted prompts
+
+
+def test_finished_rows_leave_the_batch(tiny_fp32):
+    model, tokenizer = tiny_fp32
+    prompts = _prompts(4, seed=13)
+    full = greedy_generate_ids(model, tokenizer, prompts, max_new_tokens=8, batch_size=4, eos_token_ids=[-1])
+    assert all(len(ids) == 8 for ids in full)
+    texts = [[tokenizer.decode(ids[:j], skip_special_tokens=True) for j in range(9)] for ids in full]
+
+    def unique_stop(row: int, wanted: int) -> int:  # first length >= wanted whose text no other prefix has
+        others = {t for r, row_texts in enumerate(texts) if r != row for t in row_texts}
+        return next(k for k in range(wanted, 9) if texts[row][k] not in others | set(texts[row][:k]))
+
+    stop_after = [unique_stop(row, wanted) for row, wanted in enumerate([2, 5, 3, 7])]
+    assert len(set(stop_after)) >= 3 and max(stop_after) < 8  # rows finish at different steps, before the limit
+    targets = {texts[row][k] for row, k in enumerate(stop_after)}
+    stats = GenerationStats()
+    shapes, handle = _record_batches(model)
+    try:
+        stopped = greedy_generate_ids(model, tokenizer, prompts, max_new_tokens=8, batch_size=4, eos_token_ids=[-1],
+                                      stop=lambda text: text in targets, stats=stats)
+    finally:
+        handle.remove()
+    assert stopped == [ids[:k] for ids, k in zip(full, stop_after)]
+    # prefill with 4 rows, then one decode forward per step over the rows still unfinished
+    steps = max(stop_after)
+    assert [rows for rows, _ in shapes] == [4] + [sum(k > step for k in stop_after) for step in range(1, steps)]
+    assert stats.forward_passes == steps and stats.row_steps == sum(k - 1 for k in stop_after)
+    assert stats.generated_tokens == sum(stop_after) and stats.batches == 1
+
+
+def test_eos_ends_a_row_and_is_not_in_the_text(tiny_fp32):
+    model, tokenizer = tiny_fp32
+    prompts = _prompts(3, seed=14)
+    full = greedy_generate_ids(model, tokenizer, prompts, max_new_tokens=5, batch_size=3, eos_token_ids=[-1])
+    fake_eos = full[1][2]  # pretend the third token of row 1 is an EOS id
+    ids = greedy_generate_ids(model, tokenizer, prompts, max_new_tokens=5, batch_size=3, eos_token_ids=[fake_eos])
+    for row, generated in zip(full, ids, strict=True):
+        cut = row.index(fake_eos) + 1 if fake_eos in row else len(row)
+        assert generated == row[:cut]
+    texts = greedy_generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=3,
+                            eos_token_ids=[tokenizer.eos_token_id])
+    assert all(tokenizer.eos_token not in t for t in texts)
+
+
+def test_bf16_diverges_from_fp32_only_at_near_ties(tiny_model_dir, tiny_fp32):
+    model32, tokenizer = tiny_fp32
+    model16, _ = _load_for_eval(tiny_model_dir, None, "bfloat16", "cpu")
+    assert next(model16.parameters()).dtype == torch.bfloat16
+    prompts = _prompts(12, seed=15)
+    ids32 = greedy_generate_ids(model32, tokenizer, prompts, max_new_tokens=8, batch_size=6, eos_token_ids=[-1])
+    ids16 = greedy_generate_ids(model16, tokenizer, prompts, max_new_tokens=8, batch_size=6, eos_token_ids=[-1])
+    agreeing = 0
+    for prompt, a, b in zip(prompts, ids32, ids16, strict=True):
+        d = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if d is None:
+            agreeing += 1
+            continue
+        context = torch.tensor([tokenizer(prompt)["input_ids"] + a[:d]])
+        with torch.no_grad():
+            logits = model32(input_ids=context).logits[0, -1]
+        top = logits.max().item()
+        # fp32's choice and bf16's differ by less than bf16's rounding of the logits (8 mantissa bits)
+        assert top - logits[b[d]].item() <= 0.02 * logits.abs().max().item() + 1e-3
+    assert agreeing >= 6
+
+
+def test_eval_dtype_auto_follows_the_cpu(monkeypatch):
+    import lorasuite_core.training.evaluation as evaluation
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(evaluation, "cpu_supports_bf16", lambda: True)
+    assert eval_dtype("auto", cpu) == "bfloat16"
+    monkeypatch.setattr(evaluation, "cpu_supports_bf16", lambda: False)
+    assert eval_dtype("auto", cpu) == "float32"
+    assert eval_dtype("float32", cpu) == "float32" and eval_dtype("bfloat16", cpu) == "bfloat16"
+    with pytest.raises(ValueError, match="unknown dtype"):
+        eval_dtype("int3", cpu)
+
+
+def test_evaluate_reports_dtype_and_counters(tiny_model_dir):
+    samples = generate_problems(5, "test", seed=16)
+    result = evaluate(tiny_model_dir, samples, batch_size=2, max_new_tokens=4, dtype="bfloat16", device="cpu",
+                      show_progress=False)
+    assert result.dtype == "bfloat16" and result.batch_size == 2
+    generation = result.to_dict()["generation"]
+    assert generation["batches"] == 3 and generation["generated_tokens"] <= 5 * 4
+    assert generation["prompt_tokens"] <= generation["padded_prompt_tokens"]
