@@ -76,3 +76,110 @@ def test_transfer_stage_times_split_into_pair_analysis_and_per_adapter_work(benc
     line = bench.transfer_stage_lines("transfer_retimed", steps)[0]
     assert line.startswith("Stages of transfer_retimed (s): ")
     assert line.endswith(f"per model pair (cached, once per fleet) {10 * len(PAIR_STAGES)}, per adapter 35.")
+
+
+def _wilson(correct, n):
+    from lorasuite_core.training.evaluation import wilson_interval
+
+    low, high = wilson_interval(correct, n)
+    return {"accuracy": correct / n, "ci_low": low, "ci_high": high, "n": n, "seconds": 10.0}
+
+
+def test_each_pair_lists_its_rows_and_the_within_pair_keeps_its_committed_rows(bench):
+    qwen = bench.rows({}, "qwen")
+    assert qwen[:5] == ["new_base", "old_adapter", "vanilla_lora_100", "lorasuite_transfer", "lorasuite_lft_100"]
+    assert "lorasuite_lft_100_graph" not in qwen and "lorasuite_distill_100" in qwen
+    assert qwen[-4:] == ["ablation_sequential_transfer", "ablation_sequential_distill_100",
+                         "ablation_identity_heads_transfer", "ablation_identity_heads_distill_100"]
+    assert "lorasuite_lft_100_graph" in bench.rows({}, "cross")
+    assert bench.rows({}, "within") == ["new_base", "old_adapter", "vanilla_lora_100", "lorasuite_transfer",
+                                        "lorasuite_lft_100", "full_retrain"]
+    table = "\n".join(bench.table_lines({"eval_new_base": _eval(0.1)}, "qwen"))
+    assert "| lorasuite_distill_100 | not run |" in table and "float32 (not recorded)" in table
+
+
+def test_stage_graph_rows_are_timed_by_the_transfer_plus_their_own_lft_step(bench):
+    stages = {"transfer": {"seconds": 300.0}, "distill_100": {"seconds": 900.0, "lft_seconds": 500.0},
+              "lft_100": {"seconds": 700.0, "lft_seconds": 400.0}, "ablation_sequential": {"seconds": 120.0}}
+    assert bench._row_stage_seconds(stages, "lorasuite_distill_100") == {"transfer": 300.0, "lft": 500.0}
+    assert bench._row_stage_seconds(stages, "lorasuite_lft_100") == {"transfer": 300.0, "lft": 400.0}   # qwen: graph
+    assert bench._row_stage_seconds(stages, "ablation_sequential_transfer") == {"migrate": 120.0}
+    assert bench._row_stage_seconds({"lft_100": {"seconds": 459.0}}, "lorasuite_lft_100")["lft"] == 459.0  # cross
+
+
+def test_newcombe_interval_of_a_difference(bench):
+    a, b = _wilson(120, 200), _wilson(90, 200)
+    d, low, high = bench.diff_ci(a, b)
+    assert d == pytest.approx(0.15)
+    # Newcombe (1998) method 10 from the Wilson limits, written out
+    assert low == pytest.approx(0.15 - ((0.6 - a["ci_low"]) ** 2 + (b["ci_high"] - 0.45) ** 2) ** 0.5)
+    assert high == pytest.approx(0.15 + ((a["ci_high"] - 0.6) ** 2 + (0.45 - b["ci_low"]) ** 2) ** 0.5)
+    assert 0.05 < low < 0.06 and 0.24 < high < 0.25
+
+
+def test_qwen_distill_targets(bench):
+    stages = {"eval_lorasuite_distill_100": _wilson(120, 200), "eval_lorasuite_lft_100": _wilson(110, 200),
+              "eval_old_adapter": _wilson(130, 200), "eval_vanilla_lora_100": _wilson(105, 200),
+              "transfer": {"seconds": 300.0, "cpu_seconds": 200.0},
+              "distill_100": {"seconds": 900.0, "lft_seconds": 500.0, "cpu_seconds": 700.0, "options": {"lft_epochs": 1}},
+              "train_full": {"seconds": 10000.0, "cpu_seconds": 8000.0, "n_samples": 2000}}
+    lines = bench.distill_targets(stages, "qwen")
+    first = lines[0]
+    assert first.startswith("- Distill-100 without labels ≥ labelled LFT-100 (lorasuite_distill_100 vs lorasuite_lft_100): "
+                            "met (0.600 vs 0.550; difference +0.050") and first.endswith("inside the noise)")
+    assert lines[1] == "- transfer + distill-100 ≥ 90% of the old adapter on the old model: met (0.600 = 92% of 0.650)"
+    assert lines[2].startswith("- transfer + distill-100 above vanilla LoRA-100 outside the CI: NOT met (0.600 vs "
+                               "0.525; difference +0.075")                   # above, but inside the noise
+    assert lines[2].endswith("inside the noise)")
+    assert lines[3] == ("- transfer + distill-100 wall time ≤ 10% of full retraining: met (transfer 300 s + distill "
+                        "500 s = 8.0% of train_full 10000 s; CPU seconds: 200 + 700 = 11.2% of 8000; full retraining "
+                        "on 2000 samples)")
+    stages["eval_vanilla_lora_100"] = _wilson(80, 200)                                      # now clearly below
+    assert bench.distill_targets(stages, "qwen")[2].startswith("- transfer + distill-100 above vanilla LoRA-100 "
+                                                               "outside the CI: met")
+
+
+def test_cross_distill_is_held_against_the_like_for_like_labelled_row_when_measured(bench):
+    stages = {"eval_lorasuite_distill_100": _eval(0.2), "eval_lorasuite_lft_100_1ep": _eval(0.192),
+              "eval_lorasuite_lft_100": _eval(0.198), "distill_100": {"options": {"lft_epochs": 1}}}
+    assert bench.labelled_peer(stages, "cross") == "lorasuite_lft_100_1ep"        # the same epochs, earlier code
+    stages["eval_lorasuite_lft_100_graph"] = _eval(0.25)
+    lines = bench.distill_targets(stages, "cross")
+    assert lines[0].startswith("- Distill-100 without labels ≥ labelled LFT-100 (lorasuite_distill_100 vs "
+                               "lorasuite_lft_100_graph): NOT met (0.200 vs 0.250")
+    assert len(lines) == 2 and lines[1] == "- transfer + distill-100 wall time ≤ 10% of full retraining: not measured"
+    assert bench.labelled_peer({}, "qwen") == "lorasuite_lft_100"
+
+
+def test_ablation_lines_state_where_differences_lie_inside_the_noise(bench):
+    mapping = [[0, 0], [1, 2]]
+    stages = {"eval_lorasuite_transfer": _wilson(10, 500), "eval_ablation_sequential_transfer": _wilson(12, 500),
+              "transfer": {"layer_mapping": mapping}, "ablation_sequential": {"layer_mapping": mapping},
+              "eval_lorasuite_distill_100": _wilson(200, 500), "eval_ablation_identity_heads_distill_100": _wilson(100, 500)}
+    lines = bench.ablation_lines(stages)
+    assert lines[0].startswith("- CKA -> sequential layer mapping, transfer (ablation_sequential_transfer vs "
+                               "lorasuite_transfer): 0.020 → 0.024 (the same layer mapping as CKA's); difference +0.004")
+    assert lines[0].endswith("inside the noise")
+    assert lines[1].endswith("distill-100 (ablation_sequential_distill_100 vs lorasuite_distill_100): not measured")
+    assert lines[3].startswith("- Hungarian -> identity head mapping, distill-100") and "0.400 → 0.200" in lines[3]
+    assert lines[3].endswith("outside the noise")
+
+
+def test_distill_prompt_file_trains_on_the_labelled_rows_prompts(bench, tmp_path):
+    from lorasuite_core.training.distill import read_prompts, split_heldout
+    from lorasuite_core.training.task_data import generate_problems
+
+    path = bench.write_distill_prompts(tmp_path / "p.jsonl", 20, 3, n_heldout=6)
+    train, heldout = split_heldout(read_prompts(str(path)), 6, 3)        # what the pipeline's distill stage does
+    assert [(p.instruction, p.input) for p in train] == [(s.instruction, s.input) for s in generate_problems(20, "train", 3)]
+    assert [p.instruction for p in heldout] == [s.instruction for s in generate_problems(6, "train", 1003)]
+    mtime = path.stat().st_mtime_ns
+    bench.write_distill_prompts(tmp_path / "p.jsonl", 20, 3, n_heldout=6)
+    assert path.stat().st_mtime_ns == mtime                              # unchanged: not rewritten
+
+
+def test_rebuilt_outputs_say_whether_training_reproduced(bench):
+    stages = {"rebuilt_train_old_adapter": {"seconds": 3000.0, "final_loss": 0.5, "recorded_final_loss": 0.5,
+                                            "reproduces_recorded_final_loss": True}}
+    assert bench.rebuilt_lines(stages) == ["- train_old_adapter rebuilt in 3000 s, the recorded final loss reproduced "
+                                           "exactly"]
