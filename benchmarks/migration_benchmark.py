@@ -857,14 +857,18 @@ def rebuilt_lines(stages: dict) -> list[str]:
 
 
 def markdown() -> str:
-    out = ["# Migration benchmark results", ""]
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    out = ["# Migration benchmark results", "",
+           f"Rendered {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} (load average {load}); rows marked "
+           "`not run` are still to come: the runs resume with the command of each pair.", ""]
     for pair in ("cross", "qwen", "within"):
         path = RESULTS / f"{pair}.json"
         if not path.exists():
             continue
         data = json.loads(path.read_text())
         stages, cfg = data["stages"], data["config"]
-        out += [f"## {cfg['pair']}: {data.get('models', {}).get('old', '?')} → {data.get('models', {}).get('new', '?')}", ""]
+        models = data.get("models") or dict(zip(("old", "new"), MODELS.get(pair, ("?", "?"))))
+        out += [f"## {cfg['pair']}: {models['old']} → {models['new']}", ""]
         if pair == "within":
             out += ["The earlier synthetic within pair (a generated upgrade of SmolLM2-135M plus continued pre-training), "
                     "no longer in the default set: the qwen pair replaced it; its results are kept as committed.", ""]
