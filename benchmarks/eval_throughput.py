@@ -9,6 +9,7 @@ numbers compare row by row.
   with the per-sequence stopping criterion, batches of 16 sorted by character length.
 * ``new``: the current module: ``dtype="auto"`` (bf16 on this CPU), ``greedy_generate``
   with ``--batch-size`` (default 64, ``evaluate``'s default).
+* ``new-fp32``: the new loop in float32 (separates the loop's gain from bf16's).
 
 Timing is generation only (the model load is timed separately), per chunk of problems; the
 JSON is written after every chunk, and a rerun with the same arguments skips chunks already in
@@ -102,8 +103,9 @@ class Variant:
         start = time.perf_counter()
         if self.name == "old":
             self.model, self.tokenizer = self.old._load_for_eval(self.args.model, None, "float32", "cpu")
-        else:
-            self.model, self.tokenizer = evaluation._load_for_eval(self.args.model, None, "auto", "cpu")
+        else:  # "new": dtype auto (bf16 here); "new-fp32": the same loop in float32
+            dtype = "float32" if self.name == "new-fp32" else "auto"
+            self.model, self.tokenizer = evaluation._load_for_eval(self.args.model, None, dtype, "cpu")
         return time.perf_counter() - start
 
     @property
@@ -111,7 +113,7 @@ class Variant:
         return 16 if self.name == "old" else self.args.batch_size
 
     def generate(self, prompts: list[str]) -> tuple[list[str], dict]:
-        if self.name == "new":
+        if self.name != "old":
             stats = evaluation.GenerationStats()
             texts = evaluation.greedy_generate(self.model, self.tokenizer, prompts, max_new_tokens=self.args.max_new_tokens,
                                                batch_size=self.batch_size, stop=evaluation.generation_finished,
@@ -200,32 +202,38 @@ def main(argv=None) -> int:
         run["load_seconds"] = variant.load()
         run["dtype"] = str(next(variant.model.parameters()).dtype).replace("torch.", "")
         run["batch_size"] = variant.batch_size
+        run["command"] = data["conditions"]["command"]
+        run["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
         params = run["params"] = param_counts(variant.model)
         for indices in todo:
             with LoadSampler() as load:
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 texts, counters = variant.generate([prompts[i] for i in indices])
-                seconds = time.perf_counter() - start
+                seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
             predictions = [evaluation.score_generation(i, t, samples[i].answer) for i, t in zip(indices, texts)]
-            run["chunks"].append({"indices": indices, "seconds": seconds, "load": load.summary(), "counters": counters,
+            run["chunks"].append({"indices": indices, "seconds": seconds, "cpu_seconds": cpu_seconds,
+                                  "cores_obtained": cpu_seconds / seconds, "load": load.summary(), "counters": counters,
                                   "gflop_per_second": gflop(counters, params) / seconds,
                                   "predictions": [vars(p) for p in predictions]})
             run["summary"] = summarise(run, args.n, params)
             out.write_text(json.dumps(data, indent=1) + "\n")
             print(f"{name}: {len(indices)} problems in {seconds:.1f}s, load {load.summary()['mean']:.1f}", flush=True)
         del variant
-    if {"old", "new"} <= data["runs"].keys():
+    if "old" in data["runs"]:
+        data.pop("agreement", None), data.pop("speedup_seconds_per_problem", None)  # recomputed below
         old_p = {p["index"]: p for c in data["runs"]["old"]["chunks"] for p in c["predictions"]}
-        new_p = {p["index"]: p for c in data["runs"]["new"]["chunks"] for p in c["predictions"]}
-        common = sorted(old_p.keys() & new_p.keys())
-        data["agreement"] = {
-            "n": len(common),
-            "identical_generations": sum(old_p[i]["generation"] == new_p[i]["generation"] for i in common),
-            "identical_predicted_numbers": sum(old_p[i]["predicted"] == new_p[i]["predicted"] for i in common),
-            "identical_correctness": sum(old_p[i]["correct"] == new_p[i]["correct"] for i in common)}
-        o, w = data["runs"]["old"].get("summary"), data["runs"]["new"].get("summary")
-        if o and w:
-            data["speedup_seconds_per_problem"] = o["seconds_per_problem"] / w["seconds_per_problem"]
+        for name in [k for k in data["runs"] if k != "old"]:
+            new_p = {p["index"]: p for c in data["runs"][name]["chunks"] for p in c["predictions"]}
+            common = sorted(old_p.keys() & new_p.keys())
+            data.setdefault("agreement_with_old", {})[name] = {
+                "n": len(common),
+                "identical_generations": sum(old_p[i]["generation"] == new_p[i]["generation"] for i in common),
+                "identical_predicted_numbers": sum(old_p[i]["predicted"] == new_p[i]["predicted"] for i in common),
+                "identical_correctness": sum(old_p[i]["correct"] == new_p[i]["correct"] for i in common)}
+            o, w = data["runs"]["old"].get("summary"), data["runs"][name].get("summary")
+            if o and w:
+                data.setdefault("speedup_seconds_per_problem", {})[name] = (o["seconds_per_problem"]
+                                                                            / w["seconds_per_problem"])
         out.write_text(json.dumps(data, indent=1) + "\n")
     print(json.dumps({k: v.get("summary") for k, v in data["runs"].items()}, indent=1))
     return 0
