@@ -91,6 +91,18 @@ def _code_identity(repo: Path) -> dict:
     return {"repo": str(repo), "commit": _git(repo, "rev-parse", "HEAD"), "dirty_package_files": dirty}
 
 
+def _child_rss_gb(time_pid: int) -> float | None:
+    """Resident set (GB) of the process ``/usr/bin/time`` (pid ``time_pid``) runs, from /proc; None if gone."""
+    try:
+        children = Path(f"/proc/{time_pid}/task/{time_pid}/children").read_text().split()
+        for line in Path(f"/proc/{children[0]}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) * 1024 / 1e9, 2)
+    except (OSError, IndexError, ValueError):
+        return None
+    return None
+
+
 def _last_json(stdout: str):
     start = stdout.rfind("\n{")
     start = 0 if stdout.startswith("{") and start < 0 else start + 1
@@ -126,6 +138,7 @@ def run_migrate(old: Path, new: Path, adapter: Path, work: Path, *, repo: Path, 
     load_before, code = os.getloadavg(), _code_identity(repo)   # before the run: others may commit meanwhile
     start = time.time()
     samples: list[float] = []      # 1-minute load average every 10 s while the child runs
+    rss: list[tuple[float, float]] = []   # (seconds since start, RSS GB of the timed CLI process) every 5 s
     with subprocess.Popen(["/usr/bin/time", "-v", *cli, *args], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True) as child:
         import threading
@@ -133,8 +146,14 @@ def run_migrate(old: Path, new: Path, adapter: Path, work: Path, *, repo: Path, 
         stop = threading.Event()
 
         def sample():
-            while not stop.wait(10):
-                samples.append(os.getloadavg()[0])
+            tick = 0
+            while not stop.wait(5):
+                tick += 1
+                if tick % 2 == 0:
+                    samples.append(os.getloadavg()[0])
+                gb = _child_rss_gb(child.pid)
+                if gb is not None:
+                    rss.append((round(time.time() - start, 1), gb))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -150,6 +169,7 @@ def run_migrate(old: Path, new: Path, adapter: Path, work: Path, *, repo: Path, 
              "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
              "loadavg_1min_during": {"mean": round(sum(samples) / max(1, len(samples)), 2),
                                      "max": round(max(samples, default=0.0), 2), "samples": len(samples)},
+             "rss_gb_every_5s": rss,
              "threads": {"OMP_NUM_THREADS": threads, "torch_threads": threads},
              "code": code,
              "time_v": _parse_time_v(done.stderr)}

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.models.loading import BaseModel, apply_norm
@@ -76,18 +77,36 @@ def _lstsq_rank_limited(gram: torch.Tensor, cross: torch.Tensor, rank: int) -> t
     return V_k @ ((V_k.T @ cross) / eigenvalues[:keep, None])
 
 
+def embedding_rows(model: BaseModel, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of the embedding table in its stored dtype, reading only the row range
+    [min, max] of the checkpoint (a safetensors slice: the file's other rows are never paged in)."""
+    name = model.family.embedding
+    if name not in model.weights.shard_of:
+        raise LorasuiteError(f"weight {name!r} not found in {model.weights.model_dir}")
+    path = model.weights.model_dir / model.weights.shard_of[name]
+    lo, hi = int(index.min()), int(index.max()) + 1
+    try:
+        with safe_open(path, framework="pt") as f:
+            rows = f.get_slice(name)[lo:hi][index - lo]
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LorasuiteError(f"corrupt safetensors file {path}: {exc}") from exc
+    if rows.is_floating_point() and not torch.isfinite(rows).all():
+        raise LorasuiteError(f"model {model.weights.model_dir}: weight {name} holds NaN or Inf")
+    return rows
+
+
 def first_layer_inputs(model: BaseModel, ids: np.ndarray) -> torch.Tensor:
     """``model.effective_embeddings()[ids]`` (len(ids) × hidden, float64) from the gathered rows only.
 
     The same row-wise operations as :meth:`BaseModel.effective_embeddings` (scale, then the
     embedding norm where the family has one) applied after gathering, so the values are equal;
-    the full table is read once in its stored dtype and never converted whole. A model object
+    only the rows' range of the table is read (:func:`embedding_rows`), in its stored dtype. A model object
     that offers only ``effective_embeddings()`` is indexed after the fact.
     """
     index = torch.as_tensor(ids, dtype=torch.long)
     if not hasattr(model, "weights"):
         return model.effective_embeddings()[index]
-    E = model.weights.get(model.family.embedding)[index].to(torch.float64) * model.embedding_scale
+    E = embedding_rows(model, index).to(torch.float64) * model.embedding_scale
     norm = model.family.embedding_norm
     if norm is None:
         return E
