@@ -280,3 +280,24 @@ def test_evaluate_reports_dtype_and_counters(tiny_model_dir):
     generation = result.to_dict()["generation"]
     assert generation["batches"] == 3 and generation["generated_tokens"] <= 5 * 4
     assert generation["prompt_tokens"] <= generation["padded_prompt_tokens"]
+
+
+def test_greedy_loop_through_a_peft_adapter_equals_its_generate(tiny_model_dir, tiny_fp32, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GenerationConfig
+
+    base, tokenizer = _load_for_eval(tiny_model_dir, None, "float32", "cpu")
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(str(tmp_path / "adapter"))
+    model, _ = _load_for_eval(tiny_model_dir, tmp_path / "adapter", "float32", "cpu")
+    prompts = _prompts(5, seed=17)
+    ours = greedy_generate_ids(model, tokenizer, prompts, max_new_tokens=6, batch_size=5)
+    plain = greedy_generate_ids(tiny_fp32[0], tokenizer, prompts, max_new_tokens=6, batch_size=5)
+    assert ours != plain  # the adapter changes the continuations
+    for prompt, ids in zip(prompts, ours, strict=True):
+        encoded = tokenizer(prompt, return_tensors="pt")
+        generation = GenerationConfig(max_new_tokens=6, do_sample=False,
+                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        reference = model.generate(**encoded, generation_config=generation)[0, encoded["input_ids"].shape[1]:]
+        assert ids == reference.tolist()
