@@ -65,6 +65,7 @@ def _prefect() -> list[str]:
 
 def stack_env(home: Path, url: str | None) -> dict[str, str]:
     env = dict(os.environ, PREFECT_HOME=str(home / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # no spinning OpenMP threads on a shared CPU (EVAL_THROUGHPUT.md)
     env.pop("PREFECT_API_KEY", None)        # a local server takes no key; never pass one on
     if url:
         env["PREFECT_API_URL"] = url

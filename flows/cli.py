@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", help="PEFT adapter (omit to evaluate the base model)")
     evaluate.add_argument("--data", default="builtin:test", help="math_10k JSON/JSONL (path or URI) or builtin:test")
     evaluate.add_argument("--samples", type=int, help="use the first N samples (built-in default 500)")
-    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                          help="auto: bfloat16 on CPUs with AVX512-BF16/AMX and bf16 GPUs, else float32")
     evaluate.add_argument("--max-new-tokens", type=int, default=64)
     evaluate.add_argument("--seed", type=int, default=1)
     evaluate.add_argument("--output", help="write the result (with per-item predictions) as JSON here")
@@ -162,6 +164,7 @@ def _run_eval(args) -> dict:
 
     samples = load_samples(args.data, args.samples, seed=args.seed, default_count=500)
     result = _library_call(evaluate, args.model, samples, adapter_dir=args.adapter, batch_size=args.batch_size,
+                           dtype=args.dtype,
                            max_new_tokens=args.max_new_tokens, show_progress=not args.quiet)
     if args.output:
         Path(args.output).write_text(json.dumps(result.to_dict(with_predictions=True), indent=2, default=str) + "\n")
@@ -204,6 +207,9 @@ def _error_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads that spin while waiting make torch several times slower on a shared CPU (measured:
+    # benchmarks/EVAL_THROUGHPUT.md); read when torch first starts OpenMP, so set before any tensor work
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     log_file = _configure_logging(args)
     try:

@@ -438,9 +438,13 @@ def _eval_jobs(plan: PairPlan, adapter_identity: str, migrated_key: str, lft: Tr
         rows.append(("new model + migrated + LFT", "new", "lft", plan.new_identity, lft.key))
     if vanilla:
         rows.append(("new model + vanilla LoRA", "new", "vanilla", plan.new_identity, vanilla.key))
+    from lorasuite_core.training.evaluation import eval_dtype
+    from lorasuite_core.training.train import resolve_device
+
+    dtype = eval_dtype("auto", resolve_device("auto"))      # bf16 where the CPU has it: part of the result
     return [EvalJob(row=row, model=model, adapter=kind,
                     key=stage_key("eval", model=model_id, adapter=adapter_key, data=data, n=options.eval_samples,
-                                  seed=options.seed))
+                                  seed=options.seed, generation="greedy-loop", dtype=dtype))
             for row, model, kind, model_id, adapter_key in rows]
 
 
