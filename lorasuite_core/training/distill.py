@@ -251,17 +251,6 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-class _StopWhenScored:
-    """Per-sequence stop once the text is fully scored (as evaluation does): saves time, changes no score."""
-
-    def __init__(self, tokenizer, prompt_length: int):
-        self.tokenizer, self.prompt_length = tokenizer, prompt_length
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
-        return torch.tensor([generation_finished(t) for t in texts], dtype=torch.bool, device=input_ids.device)
-
-
 def scored_text(text: str) -> str:
     """The part of a generation evaluation scores: cut at a stop marker, and after "answer is N" (+ its period)."""
     cut = min((text.find(m) for m in STOP_MARKERS if m in text), default=len(text))
@@ -296,32 +285,20 @@ def _completion(tokenizer, row: list[int], stop_ids: set[int]) -> Completion:
     return Completion(text=text, ids=_cut_ids(tokenizer, ids, text))
 
 
-@torch.no_grad()
 def greedy_completions(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int = 128,
                        batch_size: int = 16) -> list[Completion]:
-    """Greedy completions of ``prompts`` in the built-in template (left-padded batches, shortest first)."""
-    from transformers import GenerationConfig, StoppingCriteriaList
+    """Greedy completions of ``prompts`` in the built-in template: evaluation's greedy loop
+    (:func:`~lorasuite_core.training.evaluation.greedy_generate_ids`: length-sorted batches, KV cache,
+    a row leaves its batch once its text is fully scored), cut and kept with their token ids."""
+    from lorasuite_core.training.evaluation import greedy_generate_ids
 
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
-    device = next(model.parameters()).device
-    texts = [p.formatted() for p in prompts]
     eos = _eos_ids(model, tokenizer)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=eos)
     stop_ids = set(eos) | {tokenizer.pad_token_id}
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out: list[Completion | None] = [None] * len(texts)
-    for begin in range(0, len(order), batch_size):
-        indices = order[begin:begin + batch_size]
-        encoded = tokenizer([texts[i] for i in indices], return_tensors="pt", padding=True,
-                            add_special_tokens=True).to(device)
-        width = encoded["input_ids"].shape[1]
-        generated = model.generate(**encoded, generation_config=config,
-                                   stopping_criteria=StoppingCriteriaList([_StopWhenScored(tokenizer, width)]))
-        for i, row in zip(indices, generated[:, width:].tolist(), strict=True):
-            out[i] = _completion(tokenizer, row, stop_ids)
-    return [c for c in out if c is not None]
+    rows = greedy_generate_ids(model, tokenizer, [p.formatted() for p in prompts], max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, stop=generation_finished, eos_token_ids=eos)
+    return [_completion(tokenizer, row, stop_ids) for row in rows]
 
 
 # --------------------------------------------------------------------------- agreement
