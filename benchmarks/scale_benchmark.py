@@ -361,22 +361,23 @@ STAGE_COLUMNS = ("vocabulary", "transfer_matrix", "activations", "cka", "head_si
 
 def _row(name: str, e: dict, target: str, met: str) -> str:
     if "report_steps_seconds" not in e:
-        return f"| {name} | " + " | ".join(["—"] * (len(STAGE_COLUMNS) + 5)) + f" | {target} | {met} |"
+        return f"| {name} | " + " | ".join(["—"] * (len(STAGE_COLUMNS) + 6)) + f" | {target} | {met} |"
     st = e["report_steps_seconds"]
     cells = [f"{st.get(c, 0):.0f}" for c in STAGE_COLUMNS]
     during = e.get("loadavg_1min_during")
     load = (f"{during['mean']:.1f} (max {during['max']:.1f})" if during else
             f"{e['loadavg_1_5_15_before'][0]:.1f} → {e['loadavg_1_5_15_after'][0]:.1f}")
     return (f"| {name} | " + " | ".join(cells) + f" | {e['transfer_seconds_per_layer']:.2f} | "
-            f"{e['pair_analysis_seconds']:.0f} | {e['time_v']['wall_s']:.0f} | {e['time_v']['peak_rss_gb']:.2f} | "
+            f"{e['pair_analysis_seconds']:.0f} | {e['time_v']['wall_s']:.0f} | "
+            f"{e['time_v']['user_s'] + e['time_v']['system_s']:.0f} | {e['time_v']['peak_rss_gb']:.2f} | "
             f"{load} | {target} | {met} |")
 
 
 def render_table() -> str:
     head = ("| measurement | " + " | ".join(f"{c} s" for c in STAGE_COLUMNS)
-            + " | transfer s / new layer | pair analysis s | wall s | peak RSS GB | load, 1-min (mean during, or start → end) "
-            "| target | met? |")
-    lines = [head, "|" + " --- |" * (len(STAGE_COLUMNS) + 8)]
+            + " | transfer s / new layer | pair analysis s | wall s | CPU s (user + sys) | peak RSS GB "
+            "| load, 1-min (mean during, or start → end) | target | met? |")
+    lines = [head, "|" + " --- |" * (len(STAGE_COLUMNS) + 9)]
     qwen = json.loads((RESULTS / "scale_qwen.json").read_text()) if (RESULTS / "scale_qwen.json").is_file() else {}
     b = qwen.get("before_issue_898f7d4")
     if b:
@@ -423,6 +424,30 @@ def render_table() -> str:
         for label, e in json.loads(acts_path.read_text()).items():
             lines.append(f"| {label} | {e['seconds']:.0f} | {e['ru_maxrss_gb']:.2f} | {e['paired_tokens']} | "
                          f"{e['loadavg_1_5_15_before'][0]:.1f} → {e['loadavg_1_5_15_after'][0]:.1f} |")
+    layer_path = RESULTS / "scale_layer_7b.json"
+    if layer_path.is_file():
+        lines += ["", "Head similarity + neuron matching of one 7B→8B-shaped layer pair (`benchmarks/scale_layer_7b.py`, "
+                  "function-preserving upgrade, best of the repeats; target ≤ 20 s):", "",
+                  "| label | dtype | heads s | neurons s | total s | CPU s (heads + neurons, best) | recovered heads / kv / neurons "
+                  "| float32 GEMM GFLOP/s (start, end) | load, 1-min (start → end) | ≤ 20 s? |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for label, e in json.loads(layer_path.read_text()).items():
+            sec, cpu, rec = e["seconds"], e.get("cpu_seconds", {}), e["recovered"]
+            heads = min(sec["head_similarity_and_assignment"])
+            neurons = min(sec["neuron_matching"]) if "neuron_matching" in sec else None
+            total = heads + neurons if neurons is not None else None
+            cpu_total = (min(cpu["head_similarity_and_assignment"]) + min(cpu["neuron_matching"])
+                         if "neuron_matching" in cpu else None)
+            machine = e["machine"]
+            load = (f"{machine['loadavg_1_5_15_at_start'][0]:.1f} → " if "loadavg_1_5_15_at_start" in machine else "") \
+                + f"{machine['loadavg_1_5_15_at_end'][0]:.1f}"
+            fmt = lambda x: "—" if x is None else f"{x:.1f}"   # noqa: E731
+            flags = " / ".join("yes" if rec.get(k) else ("—" if k not in rec else "no")
+                               for k in ("head_pairs", "kv_pairs", "neuron_pairs"))
+            gemm = ", ".join(f"{x:.0f}" for x in machine.get("gemm_4096_float32_gflops_start_end", []))
+            lines.append(f"| {label} | {e.get('dtype', 'float32')} | {heads:.1f} | {fmt(neurons)} | {fmt(total)} | "
+                         f"{fmt(cpu_total)} | {flags} | {gemm} | {load} | "
+                         f"{'—' if total is None else ('yes' if total <= 20 else 'no')} |")
     return "\n".join(lines) + "\n"
 
 
