@@ -46,7 +46,7 @@ RANK, ALPHA = 16, 32.0
 
 @dataclass
 class RandomModel:
-    """What transfer_new_layer reads of a BaseModel: family, dims, layer weights and norm gains."""
+    """What transfer_new_layer reads of a LoadedModel: family, dims, layer weights and norm gains."""
     family: object
     dims: Dims
     layers: list[dict[str, torch.Tensor]]

@@ -14,7 +14,7 @@ from lorasuite_core.transfer.activations import (
     streamed_states,
     whole_model_states,
 )
-from lorasuite_core.models.loading import BaseModel, load_base_model
+from lorasuite_core.models.loading import LoadedModel, load_base_model
 from lorasuite_core.testing.upgrade import make_tiny_model_dir
 
 CASES = {
@@ -25,7 +25,7 @@ CASES = {
 }
 
 
-def _batches(base: BaseModel, batch_size: int = 8, texts: int = 30, per_text: int = 48):
+def _batches(base: LoadedModel, batch_size: int = 8, texts: int = 30, per_text: int = 48):
     tok = base.tokenizer()
     pairs, _ = _paired_texts(tok, tok, builtin_calibration_texts()[:texts], 10_000, per_text)
     batches = [[p[0] for p in pairs[s:s + batch_size]] for s in range(0, len(pairs), batch_size)]
@@ -70,7 +70,7 @@ def test_streamed_holds_one_decoder_layer_and_never_the_whole_model(tiny_models,
         raise AssertionError("the whole model was loaded")
 
     monkeypatch.setattr(activations, "_load_layer", spy_load)
-    monkeypatch.setattr(BaseModel, "load_torch_model", refuse)
+    monkeypatch.setattr(LoadedModel, "load_torch_model", refuse)
     states = streamed_states(base, batches, positions)
     assert resident == [1] * base.dims.num_layers
     assert all(next(m.parameters()).is_meta for m in seen)          # the last layer is freed too

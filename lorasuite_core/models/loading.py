@@ -183,7 +183,7 @@ class SafetensorsWeights:
 
 
 @dataclass
-class BaseModel:
+class LoadedModel:
     """A base model on local disk: config facts, its family, lazy weights."""
 
     source: str
@@ -246,7 +246,7 @@ class BaseModel:
         return model.eval()
 
 
-def load_base_model(uri: str | Path) -> BaseModel:
+def load_base_model(uri: str | Path) -> LoadedModel:
     local = resolve_local_dir(uri, "model")
     config = _read_json(local / "config.json", f"model {uri}")
     model_type = config.get("model_type")
@@ -259,7 +259,7 @@ def load_base_model(uri: str | Path) -> BaseModel:
     weights = SafetensorsWeights(local)
     if family.embedding not in weights:
         raise LorasuiteError(f"model {uri}: weight {family.embedding!r} missing (not a {family.name} checkpoint?)")
-    return BaseModel(str(uri), local, config, family, _dims_from_config(config, family, str(uri)), weights)
+    return LoadedModel(str(uri), local, config, family, _dims_from_config(config, family, str(uri)), weights)
 
 
 @dataclass(frozen=True)

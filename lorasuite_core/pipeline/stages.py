@@ -51,7 +51,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel as Schema
+from pydantic import BaseModel as Schema  # the stage plans' schema base
 from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
@@ -64,7 +64,7 @@ from lorasuite_core.transfer.layer_mapping import fixed_mapping, map_layers
 from lorasuite_core.transfer.layer_weights import layer_weights
 from lorasuite_core.transfer.matching import match_layer
 from lorasuite_core.pipeline.layer_results import load_layer_result, save_layer_result
-from lorasuite_core.models.loading import BaseModel, LoraAdapter, load_base_model, load_lora_adapter, resolve_local_dir
+from lorasuite_core.models.loading import LoadedModel, LoraAdapter, load_base_model, load_lora_adapter, resolve_local_dir
 from lorasuite_core.transfer.adapter import (REPORT_NAME, PairAnalysis, adapter_config, adapter_tensors,
                       build_report, check_adapter_fits, head_mapping_entries, combine_layers, layer_pair_maps, sources_by_new_layer,
                       transfer_new_layer, write_adapter_dir)
@@ -97,7 +97,7 @@ PUBLISHED_EXTRA = ("training_summary.json",)
 
 
 @lru_cache(maxsize=8)
-def _model(ref: str, identity: str) -> BaseModel:
+def _model(ref: str, identity: str) -> LoadedModel:
     return load_base_model(ref)
 
 
@@ -158,10 +158,10 @@ class PairPlan(Schema):
     def layer_offset(self) -> int | None:
         return self.analysis.layer_offset
 
-    def old(self) -> BaseModel:
+    def old(self) -> LoadedModel:
         return _model(self.old_model, self.old_identity)
 
-    def new(self) -> BaseModel:
+    def new(self) -> LoadedModel:
         return _model(self.new_model, self.new_identity)
 
 

@@ -75,7 +75,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.models.loading import BaseModel
+from lorasuite_core.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def _token_ends(tokenizer, text: str, max_tokens: int) -> tuple[list[int], dict[
     return enc["input_ids"], ends
 
 
-def _decoder_layers(model, base: BaseModel):
+def _decoder_layers(model, base: LoadedModel):
     container = base.family.layer_prefix.split("{layer}")[0].rstrip(".")
     try:
         return model.get_submodule(container)
@@ -230,7 +230,7 @@ def _padded(batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def _layer_states(model, base: BaseModel, batch: list[list[int]]) -> list[torch.Tensor]:
+def _layer_states(model, base: LoadedModel, batch: list[list[int]]) -> list[torch.Tensor]:
     """Right-padded batch through the decoder stack only (no LM head): per text (L + 1) × T × d."""
     layers = _decoder_layers(model, base)
     captured: list[torch.Tensor] = []
@@ -274,14 +274,14 @@ class _LayerInputs(nn.Module):
         return hidden_states
 
 
-def _checkpoint_tensors(base: BaseModel, prefix: str, names: list[str]) -> dict[str, torch.Tensor]:
+def _checkpoint_tensors(base: LoadedModel, prefix: str, names: list[str]) -> dict[str, torch.Tensor]:
     missing = [n for n in names if prefix + n not in base.weights]
     if missing:
         raise StreamUnsupported(f"the checkpoint has no {prefix + missing[0]}")
     return {n: base.weights.get(prefix + n).to(torch.float32) for n in names}
 
 
-def _skeleton(base: BaseModel):
+def _skeleton(base: LoadedModel):
     """The model built on the meta device (no weights); everything outside the decoder layers made real."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -315,7 +315,7 @@ def _skeleton(base: BaseModel):
     return body, layers
 
 
-def _load_layer(base: BaseModel, layer: nn.Module, index: int) -> None:
+def _load_layer(base: LoadedModel, layer: nn.Module, index: int) -> None:
     names = [n for n, _ in layer.named_parameters()] + [n for n, _ in layer.named_buffers()]
     layer.load_state_dict(_checkpoint_tensors(base, base.family.layer_prefix.format(layer=index), names),
                           strict=True, assign=True)
@@ -342,7 +342,7 @@ def _layer_inputs(body, layers, batches: list[list[list[int]]]) -> list[tuple[to
 
 
 @torch.no_grad()
-def streamed_states(base: BaseModel, batches: list[list[list[int]]], positions: list[list[int]], *,
+def streamed_states(base: LoadedModel, batches: list[list[list[int]]], positions: list[list[int]], *,
                     progress: bool = False) -> torch.Tensor:
     """States at ``positions`` (per text, texts in batch order) with one decoder layer in memory at a time.
 
@@ -377,7 +377,7 @@ def streamed_states(base: BaseModel, batches: list[list[list[int]]], positions: 
     return out
 
 
-def whole_model_states(base: BaseModel, batches: list[list[list[int]]], positions: list[list[int]], *,
+def whole_model_states(base: LoadedModel, batches: list[list[list[int]]], positions: list[list[int]], *,
                        progress: bool = False) -> torch.Tensor:
     """The same states as :func:`streamed_states`, from the whole model loaded in float32."""
     model = base.load_torch_model()
@@ -389,7 +389,7 @@ def whole_model_states(base: BaseModel, batches: list[list[list[int]]], position
     return torch.cat(chunks, dim=1)
 
 
-def model_states(base: BaseModel, batches: list[list[list[int]]], positions: list[list[int]], *,
+def model_states(base: LoadedModel, batches: list[list[list[int]]], positions: list[list[int]], *,
                  progress: bool = False) -> torch.Tensor:
     """Streamed states where the family and checkpoint allow it, else the whole model (logged)."""
     try:
@@ -427,7 +427,7 @@ def length_batches(lengths: list[int], batch_size: int, batch_tokens: int) -> li
     return batches
 
 
-def _sorted_states(base: BaseModel, ids: list[list[int]], positions: list[list[int]], batch_size: int,
+def _sorted_states(base: LoadedModel, ids: list[list[int]], positions: list[list[int]], batch_size: int,
                    batch_tokens: int, progress: bool) -> torch.Tensor:
     """:func:`model_states` of length-sorted batches, kept positions returned in text order."""
     batches = length_batches([len(x) for x in ids], batch_size, batch_tokens)
@@ -442,8 +442,8 @@ def _sorted_states(base: BaseModel, ids: list[list[int]], positions: list[list[i
 
 
 def paired_activations(
-    old: BaseModel,
-    new: BaseModel,
+    old: LoadedModel,
+    new: LoadedModel,
     texts: list[str],
     *,
     max_tokens: int,

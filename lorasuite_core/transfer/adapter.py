@@ -59,7 +59,7 @@ from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.transfer.dora import carry_dense, effective_change, fit_magnitude
 from lorasuite_core.transfer.layer_weights import (canonical_deltas, dropped_roles, expected_shape, join_fused, layer_weights,
                                                    module_deltas, split_fused)
-from lorasuite_core.models.loading import ADALORA_INIT_R, BaseModel, LoraAdapter, LoraFactors, adapter_variant
+from lorasuite_core.models.loading import ADALORA_INIT_R, LoadedModel, LoraAdapter, LoraFactors, adapter_variant
 from lorasuite_core.transfer.matching import LayerMatch, match_layer
 from lorasuite_core.transfer.refactor import LowRank, Refactorised, refactorise
 from lorasuite_core.transfer.residual import ResidualTransfer, input_map, input_offset, output_map
@@ -84,7 +84,7 @@ class PairAnalysis:
     calibration: dict[str, Any] = field(default_factory=dict)
 
 
-def layer_pair_maps(old: BaseModel, new: BaseModel, rt: ResidualTransfer, i: int, j: int) -> dict[str, torch.Tensor]:
+def layer_pair_maps(old: LoadedModel, new: LoadedModel, rt: ResidualTransfer, i: int, j: int) -> dict[str, torch.Tensor]:
     """The four residual-side maps of old layer i against new layer j."""
     maps = {}
     for role in ("attention_input", "mlp_input"):
@@ -94,7 +94,7 @@ def layer_pair_maps(old: BaseModel, new: BaseModel, rt: ResidualTransfer, i: int
     return maps
 
 
-def match_layer_pair(old: BaseModel, new: BaseModel, rt: ResidualTransfer, i: int, j: int) -> LayerMatch:
+def match_layer_pair(old: LoadedModel, new: LoadedModel, rt: ResidualTransfer, i: int, j: int) -> LayerMatch:
     maps = layer_pair_maps(old, new, rt, i, j)
     return match_layer(layer_weights(old, i), layer_weights(new, j), old.dims, new.dims, maps)
 
@@ -102,7 +102,7 @@ def match_layer_pair(old: BaseModel, new: BaseModel, rt: ResidualTransfer, i: in
 # ----------------------------------------------------------------------------- adapter checks
 
 
-def check_adapter_fits(adapter: LoraAdapter, old: BaseModel) -> None:
+def check_adapter_fits(adapter: LoraAdapter, old: LoadedModel) -> None:
     for (layer, name), f in sorted(adapter.factors.items()):
         if layer >= old.dims.num_layers:
             raise LorasuiteError(f"adapter {adapter.source}: layer {layer} does not exist in the old model ({old.dims.num_layers} layers)")
@@ -170,7 +170,7 @@ def module_factors(family, dims, deltas: dict[str, LowRank]) -> dict[str, LowRan
     return module_deltas(family, dims, deltas, join=_join_fused_factors)
 
 
-def _source_factors(old: BaseModel, new: BaseModel, adapter: LoraAdapter, new_name: str, sources: list[int]) -> LoraFactors:
+def _source_factors(old: LoadedModel, new: LoadedModel, adapter: LoraAdapter, new_name: str, sources: list[int]) -> LoraFactors:
     """The old module(s) a new module's delta comes from; the highest-rank one sets rank and alpha."""
     spec = new.family.modules[new_name]
     roles = ("q", "k", "v") if spec.role == "qkv" else (spec.role,)
@@ -202,7 +202,7 @@ def transfer_layer_pair(old, new, analysis: PairAnalysis, adapter: LoraAdapter, 
     return carried, fit, offsets, set(deltas), changes
 
 
-def _dora_changes(old: BaseModel, adapter: LoraAdapter, i: int) -> dict[str, torch.Tensor]:
+def _dora_changes(old: LoadedModel, adapter: LoraAdapter, i: int) -> dict[str, torch.Tensor]:
     """{canonical role: E = W'_old − W_old} of old layer i (dora.py)."""
     changes = {}
     for (layer, name), f in adapter.factors.items():
@@ -275,7 +275,7 @@ def transfer_new_layer(old, new, analysis: PairAnalysis, adapter: LoraAdapter, j
     return NewLayerResult(modules, unit_fit, offsets, roles)
 
 
-def combine_layers(new: BaseModel, results: list[NewLayerResult], *, zero_init_unmapped: bool = False,
+def combine_layers(new: LoadedModel, results: list[NewLayerResult], *, zero_init_unmapped: bool = False,
                    seed: int = 0) -> MigratedAdapter:
     """The per-layer results as one adapter; with ``zero_init_unmapped`` every new layer left without
     modules gets zero-delta modules (module docstring), listed in ``zero_init_layers``."""
@@ -293,7 +293,7 @@ def _most_common(values):
     return max(sorted(set(values)), key=values.count)
 
 
-def zero_init_modules(new: BaseModel, modules: list[MigratedModule], seed: int = 0) -> list[MigratedModule]:
+def zero_init_modules(new: LoadedModel, modules: list[MigratedModule], seed: int = 0) -> list[MigratedModule]:
     """Zero-delta modules (the adapter's targets, most common rank and alpha) on every new layer
     without a migrated module, initialised as PEFT initialises a fresh module of the variant."""
     if not modules:
@@ -338,7 +338,7 @@ def _module_key(family, layer: int, name: str) -> str:
     return f"{family.layer_prefix.format(layer=layer)}{family.modules[name].path}"
 
 
-def adapter_config(old_config: dict, new: BaseModel, migrated: MigratedAdapter) -> dict:
+def adapter_config(old_config: dict, new: LoadedModel, migrated: MigratedAdapter) -> dict:
     if adapter_variant(old_config) == "adalora":
         return _adalora_config(old_config, new, migrated)
     config = dict(old_config)
@@ -369,7 +369,7 @@ def adapter_config(old_config: dict, new: BaseModel, migrated: MigratedAdapter) 
     return config
 
 
-def _excluded_modules(new: BaseModel, migrated: MigratedAdapter, layers: list[int]) -> list[str] | None:
+def _excluded_modules(new: LoadedModel, migrated: MigratedAdapter, layers: list[int]) -> list[str] | None:
     """Full paths of the (layer, target) pairs PEFT would otherwise create freshly (target_modules ×
     layers_to_transform minus the migrated modules): a fresh DoRA module on an all-zero weight row is NaN."""
     have = {(m.layer, m.name) for m in migrated.modules}
@@ -378,7 +378,7 @@ def _excluded_modules(new: BaseModel, migrated: MigratedAdapter, layers: list[in
     return missing or None
 
 
-def _adalora_config(old_config: dict, new: BaseModel, migrated: MigratedAdapter) -> dict:
+def _adalora_config(old_config: dict, new: LoadedModel, migrated: MigratedAdapter) -> dict:
     """The old AdaLoRA config (rank budget: init_r, target_r, tinit, tfinal, deltaT, beta1, beta2,
     orth_reg_weight, total_step, lora_alpha) with the new model's targets and ``rank_pattern``:
     {"<module path>.lora_E": [True]*r + [False]*(init_r − r)}, PEFT's saved masks, whenever a
@@ -403,7 +403,7 @@ def _adalora_config(old_config: dict, new: BaseModel, migrated: MigratedAdapter)
     return config
 
 
-def adapter_tensors(new: BaseModel, migrated: MigratedAdapter) -> dict[str, torch.Tensor]:
+def adapter_tensors(new: LoadedModel, migrated: MigratedAdapter) -> dict[str, torch.Tensor]:
     """PEFT's saved keys: lora_A/lora_B ``.weight`` (+ ``lora_magnitude_vector`` for DoRA);
     AdaLoRA's parameters lora_A, lora_B, lora_E without ``.weight``."""
     tensors = {}
@@ -454,7 +454,7 @@ def write_adapter_dir(out: str | Path, config: dict, tensors: dict, report: dict
 # ----------------------------------------------------------------------------- report
 
 
-def _model_identity(model: BaseModel) -> dict:
+def _model_identity(model: LoadedModel) -> dict:
     from lorasuite_core.io.storage import dir_fingerprint
 
     d = model.dims

@@ -14,7 +14,7 @@ import torch
 
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.models.families import ROLES, Family, ModuleSpec
-from lorasuite_core.models.loading import BaseModel, Dims
+from lorasuite_core.models.loading import LoadedModel, Dims
 
 
 def split_fused(spec: ModuleSpec, W: torch.Tensor, dims: Dims) -> dict[str, torch.Tensor]:
@@ -33,7 +33,7 @@ def join_fused(spec: ModuleSpec, parts: dict[str, torch.Tensor], dims: Dims) -> 
     return torch.stack(stacked, dim=1).reshape(3 * dims.num_heads * dims.head_dim, width)
 
 
-def layer_weights(model: BaseModel, layer: int) -> dict[str, torch.Tensor]:
+def layer_weights(model: LoadedModel, layer: int) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
     for spec in model.family.modules.values():
         W = model.layer_weight(layer, spec.path)

@@ -45,7 +45,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.models.loading import BaseModel, apply_norm
+from lorasuite_core.models.loading import LoadedModel, apply_norm
 from lorasuite_core.transfer.vocab import SharedVocabulary
 
 TINY_GAIN = 1e-12
@@ -77,7 +77,7 @@ def _lstsq_rank_limited(gram: torch.Tensor, cross: torch.Tensor, rank: int) -> t
     return V_k @ ((V_k.T @ cross) / eigenvalues[:keep, None])
 
 
-def embedding_rows(model: BaseModel, index: torch.Tensor) -> torch.Tensor:
+def embedding_rows(model: LoadedModel, index: torch.Tensor) -> torch.Tensor:
     """Rows ``index`` of the embedding table in its stored dtype, reading only the row range
     [min, max] of the checkpoint (a safetensors slice: the file's other rows are never paged in)."""
     name = model.family.embedding
@@ -95,10 +95,10 @@ def embedding_rows(model: BaseModel, index: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def first_layer_inputs(model: BaseModel, ids: np.ndarray) -> torch.Tensor:
+def first_layer_inputs(model: LoadedModel, ids: np.ndarray) -> torch.Tensor:
     """``model.effective_embeddings()[ids]`` (len(ids) × hidden, float64) from the gathered rows only.
 
-    The same row-wise operations as :meth:`BaseModel.effective_embeddings` (scale, then the
+    The same row-wise operations as :meth:`LoadedModel.effective_embeddings` (scale, then the
     embedding norm where the family has one) applied after gathering, so the values are equal;
     only the rows' range of the table is read (:func:`embedding_rows`), in its stored dtype. A model object
     that offers only ``effective_embeddings()`` is indexed after the fact.
@@ -115,7 +115,7 @@ def first_layer_inputs(model: BaseModel, ids: np.ndarray) -> torch.Tensor:
     return apply_norm(E, model.family.norm_kind, gain, bias, model.dims.norm_eps)
 
 
-def residual_transfer(old: BaseModel, new: BaseModel, shared: SharedVocabulary) -> ResidualTransfer:
+def residual_transfer(old: LoadedModel, new: LoadedModel, shared: SharedVocabulary) -> ResidualTransfer:
     d = old.dims.hidden
     if len(shared) < d:
         raise LorasuiteError(
