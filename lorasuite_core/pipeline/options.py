@@ -30,6 +30,7 @@ entry without LFT data is transferred only.  Every validation error becomes one 
 from __future__ import annotations
 
 import argparse
+import types
 import typing
 from typing import Any, Literal, get_args, get_origin
 
@@ -192,7 +193,7 @@ def flag(name: str) -> str:
 
 def _plain(annotation: Any) -> Any:
     """``int | None`` -> int; Literal stays."""
-    if get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in get_args(annotation) if a is not type(None)]
         return args[0] if len(args) == 1 else annotation
     return annotation

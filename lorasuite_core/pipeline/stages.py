@@ -354,6 +354,7 @@ def run_inputs(old_model: str, new_model: str, adapter: str, options: MigrationO
                analysis: AnalysisOptions | None = None, cache_root: str | None = None) -> dict[str, str | None]:
     """Everything a migration reads, by name, for :func:`output_status`."""
     return {"old model": old_model, "new model": new_model, "adapter": adapter, "LFT data": options.lft_data,
+            "LFT prompts": options.lft_prompts, "seed prompts": options.lft_seed_prompts,
             "evaluation data": options.eval_data,
             "calibration data": analysis.calibration_data if analysis else None,
             "cache root": cache_root or default_store_root()}
