@@ -61,12 +61,10 @@ from lorasuite_core.pipeline.analysis_store import load_matches, save_matches
 from lorasuite_core.transfer.cka import minibatch_cka
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.transfer.layer_mapping import fixed_mapping, map_layers
-from lorasuite_core.transfer.layer_weights import layer_weights
-from lorasuite_core.transfer.matching import match_layer
 from lorasuite_core.pipeline.layer_results import load_layer_result, save_layer_result
 from lorasuite_core.models.loading import LoadedModel, LoraAdapter, load_base_model, load_lora_adapter, resolve_local_dir
 from lorasuite_core.transfer.adapter import (REPORT_NAME, PairAnalysis, adapter_config, adapter_tensors,
-                      build_report, check_adapter_fits, head_mapping_entries, combine_layers, layer_pair_maps, sources_by_new_layer,
+                      build_report, check_adapter_fits, head_mapping_entries, combine_layers, match_layer_pair, sources_by_new_layer,
                       transfer_new_layer, write_adapter_dir)
 from lorasuite_core.transfer.residual import ResidualTransfer, residual_transfer
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
@@ -286,8 +284,7 @@ def head_similarity(store: StageStore, plan: PairPlan, vocabulary_uri: str, tran
         analysis = PairAnalysis(_load_vocabulary(store, vocabulary_uri), rt, matrices["cka_updates"],
                                 matrices["cka_states"], mapping, calibration=store.facts(activations_uri))
         for i, j in mapping:
-            analysis.matches[i] = match_layer(layer_weights(old, i), layer_weights(new, j), old.dims, new.dims,
-                                              layer_pair_maps(old, new, rt, i, j), plan.analysis.head_mapping)
+            analysis.matches[i] = match_layer_pair(old, new, rt, i, j, plan.analysis.head_mapping)
         save_matches(analysis.matches, out)
         return {"layer_mapping": [[i, j] for i, j in mapping], "head_mapping": head_mapping_entries(analysis),
                 "shared_vocabulary_size": len(analysis.shared), "calibration": analysis.calibration}

@@ -94,9 +94,10 @@ def layer_pair_maps(old: LoadedModel, new: LoadedModel, rt: ResidualTransfer, i:
     return maps
 
 
-def match_layer_pair(old: LoadedModel, new: LoadedModel, rt: ResidualTransfer, i: int, j: int) -> LayerMatch:
+def match_layer_pair(old: LoadedModel, new: LoadedModel, rt: ResidualTransfer, i: int, j: int,
+                     head_mapping: str = "hungarian") -> LayerMatch:
     maps = layer_pair_maps(old, new, rt, i, j)
-    return match_layer(layer_weights(old, i), layer_weights(new, j), old.dims, new.dims, maps)
+    return match_layer(layer_weights(old, i), layer_weights(new, j), old.dims, new.dims, maps, head_mapping)
 
 
 # ----------------------------------------------------------------------------- adapter checks
