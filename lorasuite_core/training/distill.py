@@ -78,7 +78,7 @@ import torch
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.io import storage
 from lorasuite_core.training.evaluation import (ANSWER_SENTENCE, STOP_MARKERS, answers_match, extract_final_number,
-                                                generation_finished, truncate_generation)
+                                                generation_finished, model_eos_ids, truncate_generation)
 from lorasuite_core.training.task_data import Sample, format_prompt
 from lorasuite_core.training.train import (TrainConfig, TrainResult, check_adapter_dir, collate, default_lft_config,
                                            finetune_examples, labelled_logits, load_causal_lm,
@@ -243,14 +243,6 @@ def load_model(model_dir: str | Path, adapter_dir: str | Path | None = None, *, 
     return model, load_tokenizer(model_dir, padding_side="left")
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    if configured is not None:
-        ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-    return sorted(i for i in ids if i is not None)
-
-
 def scored_text(text: str) -> str:
     """The part of a generation evaluation scores: cut at a stop marker, and after "answer is N" (+ its period)."""
     cut = min((text.find(m) for m in STOP_MARKERS if m in text), default=len(text))
@@ -294,7 +286,7 @@ def greedy_completions(model, tokenizer, prompts: Sequence[Prompt], *, max_new_t
 
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
-    eos = _eos_ids(model, tokenizer)
+    eos = model_eos_ids(model, tokenizer)
     stop_ids = set(eos) | {tokenizer.pad_token_id}
     rows = greedy_generate_ids(model, tokenizer, [p.formatted() for p in prompts], max_new_tokens=max_new_tokens,
                                batch_size=batch_size, stop=generation_finished, eos_token_ids=eos)
@@ -384,7 +376,7 @@ def _sample_continuations(model, tokenizer, requests: Sequence[str], config: Syn
     encoded = tokenizer(list(requests), return_tensors="pt", padding=True, add_special_tokens=True).to(device)
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens, do_sample=True,
                                   temperature=config.temperature, top_p=config.top_p, top_k=0,
-                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=_eos_ids(model, tokenizer),
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=model_eos_ids(model, tokenizer),
                                   stop_strings=["\n"])
     torch.manual_seed(torch_seed)
     output = model.generate(**encoded, generation_config=generation, tokenizer=tokenizer)

@@ -206,7 +206,8 @@ def _load_for_eval(model_dir: str | Path, adapter_dir: str | Path | None, dtype:
     return model, load_tokenizer(model_dir, padding_side="left")
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def model_eos_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS id and the generation config's (one or several), sorted."""
     ids = {tokenizer.eos_token_id}
     configured = getattr(model.generation_config, "eos_token_id", None)
     if configured is not None:
@@ -324,7 +325,7 @@ def greedy_generate_ids(model, tokenizer, prompts: Sequence[str], *, max_new_tok
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
     stats = stats if stats is not None else GenerationStats()
-    eos_ids = list(eos_token_ids) if eos_token_ids is not None else _eos_ids(model, tokenizer)
+    eos_ids = list(eos_token_ids) if eos_token_ids is not None else model_eos_ids(model, tokenizer)
     if not eos_ids:
         raise ValueError("greedy generation needs at least one EOS token id")
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
