@@ -4,4 +4,5 @@ Never imports Prefect; the pipeline in ``tasks/`` and ``flows/`` wraps these fun
 """
 
 __version__ = "0.1.0"
-ALGORITHM_VERSION = "1"
+# 2: shared vocabulary prefers ordinary pieces over byte fallbacks (vocab.py); every stage recomputes.
+ALGORITHM_VERSION = "2"

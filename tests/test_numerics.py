@@ -171,3 +171,28 @@ def test_paper_head_transform_follows_eq3_and_is_not_exact():
         assert torch.allclose(carried[rows], expected, atol=1e-10)
     exact = delta @ R.T
     assert float((carried - exact).norm() / exact.norm()) > 1.0
+
+
+def test_ordinary_piece_beats_byte_fallback_with_a_lower_id():
+    """SentencePiece vocabularies (Gemma's) hold "<0x35>" at a low id and "5" later; the encoder writes
+    "5", so the shared vocabulary must pair the other tokenizer's "5" with it, not with the fallback."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lorasuite_core.transfer.vocab import shared_vocabulary, surface_forms
+
+    vocab = {"<unk>": 0, "<0x35>": 1, "<0x20>": 2, "<0x0A>": 3, "5": 4, "▁": 5, "▁the": 6, "▁▁": 7}
+    sp = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    sp.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+    sp_fast = PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>")
+    assert sp_fast("5", add_special_tokens=False)["input_ids"] == [4]      # what the encoder writes
+    forms = surface_forms(sp_fast)
+    assert forms[b"5"] == 4 and forms[b" "] == 5 and forms[b" the"] == 6
+    assert forms[b"\n"] == 3                                               # no ordinary piece: the fallback
+
+    bl = Tokenizer(models.BPE(vocab={"5": 0, "Ġ": 1, "Ċ": 2, "Ġthe": 3}, merges=[]))
+    bl.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bl.decoder = decoders.ByteLevel()
+    shared = shared_vocabulary(PreTrainedTokenizerFast(tokenizer_object=bl), sp_fast).old_to_new()
+    assert shared == {0: 4, 1: 5, 2: 3, 3: 6}

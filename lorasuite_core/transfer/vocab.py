@@ -5,6 +5,11 @@ Tokenizers spell the same text differently: byte-level BPE writes a leading spac
 falls back to "<0xNN>" byte tokens. Both are normalised to the raw UTF-8 bytes the token
 decodes to, so "Ġthe" and "▁the" both become b" the" and meet, while "the" (no space) stays
 b"the" and does not meet them. Special tokens are left out: their embeddings are not text.
+
+When several tokens of one tokenizer spell the same bytes, the one its own encoder emits wins:
+an ordinary piece before a "<0xNN>" byte-fallback token (SentencePiece vocabularies such as
+Gemma's hold both "5" and "<0x35>"; the encoder writes "5", and the fallback row is an
+embedding the model barely trained), and among ordinary pieces the lowest id.
 """
 from __future__ import annotations
 
@@ -55,12 +60,14 @@ def token_bytes(token: str, kind: str) -> bytes | None:
 
 
 def surface_forms(tokenizer) -> dict[bytes, int]:
-    """bytes -> lowest token id spelling them, special tokens excluded."""
+    """bytes -> the token id spelling them (ordinary pieces before byte fallbacks, then the lowest id),
+    special tokens excluded."""
     kind = _decoder_kind(tokenizer)
     special = set(tokenizer.all_special_ids)
     added = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     forms: dict[bytes, int] = {}
-    for token, idx in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+    fallback_last = lambda kv: (kind != "byte_level" and BYTE_FALLBACK.match(kv[0]) is not None, kv[1])
+    for token, idx in sorted(tokenizer.get_vocab().items(), key=fallback_last):
         if idx in special or idx in added:
             continue
         surface = token_bytes(token, kind)
