@@ -95,14 +95,16 @@ def test_greedy_completions_keep_the_generated_ids(teacher):
 # --------------------------------------------------------------------------- the token-level KL term
 
 def _reference_kl(student, teacher, chunk, token_map):
-    """KL(p || q) per labelled row from the models' own full forward passes (no labelled_logits)."""
+    """KL(p || q) per aligned pair from the models' own full forward passes (no labelled_logits)."""
     rows = []
     for example in chunk:
         s_logits = student(input_ids=torch.tensor([example["input_ids"]])).logits[0]
         t_ex = example["teacher"]
         t_logits = teacher(input_ids=torch.tensor([t_ex["input_ids"]])).logits[0]
-        s_pos = [i - 1 for i, label in enumerate(example["labels"]) if label != -100]
-        t_pos = [i - 1 for i, label in enumerate(t_ex["labels"]) if label != -100]
+        s_all = [i - 1 for i, label in enumerate(example["labels"]) if label != -100]
+        t_all = [i - 1 for i, label in enumerate(t_ex["labels"]) if label != -100]
+        s_pos = [s_all[j] for _, j in example["kl_pairs"]]
+        t_pos = [t_all[i] for i, _ in example["kl_pairs"]]
         p = torch.softmax(t_logits[t_pos][:, token_map.teacher_ids].double(), -1)
         q = torch.softmax(s_logits[s_pos][:, token_map.student_ids].double(), -1)
         rows.append((p * (p.log() - q.log())).sum(-1))
@@ -121,6 +123,7 @@ def test_kl_term_equals_its_definition(pair, teacher):
     chunk = D.distillation_examples(student_tok, teacher_tok, prompts, completions, 256, token_map)
     assert all("teacher" in e for e in chunk)
     assert [e["input_ids"][-len(c.ids) - 1:-1] for e, c in zip(chunk, completions)] == [list(c.ids) for c in completions]
+    assert [e["kl_pairs"] for e in chunk] == [[(j, j) for j in range(len(c.ids) + 1)] for c in completions]
     ce_only = D.distillation_loss(None, token_map, kl_weight=2.0, temperature=1.0, student_pad_id=student_tok.pad_token_id,
                                   teacher_pad_id=teacher_tok.pad_token_id)(student, chunk)
     with_kl = D.distillation_loss(bare_teacher, token_map, kl_weight=2.0, temperature=1.0,
@@ -138,7 +141,9 @@ def test_kl_term_equals_its_definition(pair, teacher):
 
 
 def test_kl_through_a_renumbered_vocabulary(tmp_path):
-    """New tokenizer: ids permuted + added tokens; the shared-token map aligns every completion, KL ~ 0."""
+    """New tokenizer: ids permuted + added tokens. Targets are the student's own encoding of the teacher's
+    text; on canonical completions every position aligns and the KL of an exact upgrade is ~0; a generated
+    byte that is not valid UTF-8 ends the aligned part of its example."""
     from lorasuite_core.testing.upgrade import UpgradeSpec
     from lorasuite_core.transfer.vocab import shared_vocabulary
 
@@ -151,13 +156,13 @@ def test_kl_through_a_renumbered_vocabulary(tmp_path):
     token_map = D.TokenMap.between(teacher_tok, student_tok, (shared.old_ids, shared.new_ids))
     assert not token_map.identity and len(token_map) == len(shared) + 1  # + the EOS pair
     prompts = D.prompts_from_samples(generate_problems(3, "train", 2))
-    completions = D.greedy_completions(teacher_model, teacher_tok, prompts, **GEN)
+    texts = [" the man saw the dog", " our teacher wrote 12", " a young boy paid the driver"]
+    completions = [D.Completion(t, tuple(teacher_tok(t, add_special_tokens=False)["input_ids"])) for t in texts]
     chunk = D.distillation_examples(student_tok, teacher_tok, prompts, completions, 256, token_map)
-    assert all("teacher" in e for e in chunk)
-    for example, completion in zip(chunk, completions):  # the student target spells the teacher's bytes
+    for example, completion in zip(chunk, completions, strict=True):
         target = example["input_ids"][-len(completion.ids) - 1:-1]
-        assert target != list(completion.ids)
-        assert student_tok.decode(target) == teacher_tok.decode(list(completion.ids))
+        assert target == [token_map.student_of(t) for t in completion.ids] != list(completion.ids)
+        assert example["kl_pairs"] == [(j, j) for j in range(len(target) + 1)]   # same segmentation: all align
     args = dict(kl_weight=1.0, temperature=2.0, student_pad_id=student_tok.pad_token_id,
                 teacher_pad_id=teacher_tok.pad_token_id)
     ce = D.distillation_loss(None, token_map, **args)(student, chunk)
@@ -165,6 +170,41 @@ def test_kl_through_a_renumbered_vocabulary(tmp_path):
     assert ce > 0.5 and abs((total - ce).item()) < 1e-5
     batch = collate(chunk, student_tok.pad_token_id)
     assert batch["input_ids"].max() < student.get_base_model().config.vocab_size
+
+    generated = D.greedy_completions(teacher_model, teacher_tok, prompts, **GEN)   # tiny random model: byte soup
+    for example, completion in zip(D.distillation_examples(student_tok, teacher_tok, prompts, generated, 256,
+                                                           token_map), generated):
+        target = [label for label in example["labels"] if label != -100][:-1]
+        assert target == student_tok(completion.text, add_special_tokens=False)["input_ids"]
+        pairs = example.get("kl_pairs", [])
+        assert all(token_map.student_of(completion.ids[i]) == target[j] for i, j in pairs if j < len(target))
+
+
+def _toy_tokenizers():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    bl = Tokenizer(models.BPE(vocab={"</s>": 0, "1": 1, "5": 2, "15": 3, "Ġ": 4, "Ġ+": 5, "+": 6}, merges=[]))
+    bl.pre_tokenizer, bl.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    sp = Tokenizer(models.BPE(vocab={"<eos>": 0, "<0x31>": 1, "1": 2, "5": 3, "15": 4, "▁+": 5, "▁": 6}, merges=[]))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    sp.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+    return (PreTrainedTokenizerFast(tokenizer_object=bl, eos_token="</s>"),
+            PreTrainedTokenizerFast(tokenizer_object=sp, eos_token="<eos>"))
+
+
+def test_aligned_positions_compare_the_same_next_token_event():
+    """Teacher "15"+"Ġ+" against student "1"+"5"+"▁+": only the "+" position (same offset, mapped token) and
+    EOS compare; a student spelling other bytes compares nowhere; byte fallbacks are not paired."""
+    from lorasuite_core.transfer.vocab import shared_vocabulary
+
+    teacher_tok, student_tok = _toy_tokenizers()
+    shared = shared_vocabulary(teacher_tok, student_tok)
+    token_map = D.TokenMap.between(teacher_tok, student_tok, (shared.old_ids, shared.new_ids))
+    assert token_map.student_of(1) == 2 and token_map.student_of(0) == 0   # "1" -> "1" (not <0x31>), EOS -> EOS
+    assert D.aligned_positions(teacher_tok, [3, 5], student_tok, [2, 3, 5], token_map) == [(1, 2), (2, 3)]
+    assert D.aligned_positions(teacher_tok, [3, 5], student_tok, [4, 5], token_map) == [(0, 0), (1, 1), (2, 2)]
+    assert D.aligned_positions(teacher_tok, [3, 5], student_tok, [2, 5], token_map) == []     # "1 +" is not "15 +"
 
 
 def test_kl_is_skipped_with_a_reason_without_a_map(pair, teacher, tmp_path):

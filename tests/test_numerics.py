@@ -13,7 +13,7 @@ from lorasuite_core.models.loading import Dims
 from lorasuite_core.transfer.matching import LayerMatch, head_similarity
 from lorasuite_core.transfer.refactor import refactorise
 from lorasuite_core.transfer.unit_maps import LayerTransfer
-from lorasuite_core.transfer.vocab import token_bytes
+from lorasuite_core.models.tokens import token_bytes
 
 
 
@@ -92,7 +92,7 @@ def test_shallower_model_spreads_old_layers():
 
 
 def test_surface_forms_meet_across_tokenizer_styles():
-    from lorasuite_core.transfer.vocab import _byte_level_decoder
+    from lorasuite_core.models.tokens import _byte_level_decoder
 
     assert _byte_level_decoder()["Ġ"] == ord(" ")
     assert token_bytes("Ġthe", "byte_level") == token_bytes("▁the", "metaspace") == b" the"

@@ -24,16 +24,25 @@ Data flow
    :class:`TokenMap` is a list of pairs ``(t_k, s_k)``, ``k in S``: the identity over the whole
    vocabulary when both tokenizers have the same vocabulary, else the shared-token pairs of
    :mod:`lorasuite_core.transfer.vocab` (matched by the bytes they spell; the pipeline passes its
-   vocabulary stage) plus ``(EOS_T, EOS_S)``.  An example is *aligned* when every teacher
-   completion token maps; its student target ids are then the mapped teacher ids (so teacher and
-   student predict the same tokens position by position), otherwise the student re-tokenises the
-   text and the example gets cross-entropy only.  At every labelled position ``j`` of an aligned
-   example, with teacher logits ``a`` and student logits ``b`` restricted to ``S`` and temperature
-   ``tau``::
+   vocabulary stage) plus ``(EOS_T, EOS_S)``.  The student's target is what the student itself
+   would write: with the identity map the teacher's ids, otherwise the student tokenizer's own
+   encoding of the completion text (mapping the teacher's ids token by token would give the
+   student a segmentation its encoder never produces -- "5" spelled as the byte token "<0x35>" --
+   and train it on positions it never sees when it generates).  Both sides are then compared
+   where they predict the same event: student position ``j`` (its next token ``s_j`` starts at
+   byte offset ``c`` of the completion) is *aligned* with teacher position ``i`` when teacher
+   token ``t_i`` starts at the same offset and maps to ``s_j`` -- both have read the same text and
+   both put the same piece next -- and the two EOS positions are aligned (byte offsets from
+   :func:`lorasuite_core.models.tokens.token_surfaces`; where the two spellings part -- a generated
+   byte that is not valid UTF-8 re-encodes as U+FFFD -- nothing after it compares).  With the
+   identity map every position is aligned.  The contexts still differ in segmentation ("15" read
+   as one token or two), so across tokenizers the term is an approximation; it is exact where
+   both segment alike.  At every aligned pair ``(i, j)``, with teacher logits ``a`` (row ``i``) and student
+   logits ``b`` (row ``j``) restricted to ``S`` and temperature ``tau``::
 
        p = softmax(a[t_S] / tau),   q = softmax(b[s_S] / tau)
-       KL_j = sum_k p_k (log p_k - log q_k)
-       loss = CE + lambda * tau^2 * mean_j KL_j        (lambda = ``kl_weight``)
+       KL_ij = sum_k p_k (log p_k - log q_k)
+       loss = CE + lambda * tau^2 * mean_(i,j) KL_ij        (lambda = ``kl_weight``)
 
    (Hinton et al.'s ``tau^2`` keeps the gradient scale independent of ``tau``.)  Both
    distributions are renormalised over ``S``, so tokens only one side has (added tokens, padding
@@ -77,6 +86,7 @@ import torch
 
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.io import storage
+from lorasuite_core.models.tokens import token_surfaces
 from lorasuite_core.training.evaluation import (ANSWER_SENTENCE, STOP_MARKERS, answers_match, extract_final_number,
                                                 generation_finished, model_eos_ids, truncate_generation)
 from lorasuite_core.training.task_data import Sample, format_prompt
@@ -439,11 +449,9 @@ class TokenMap:
     def __len__(self) -> int:
         return len(self.teacher_ids)
 
-    def to_student(self, teacher_ids: Sequence[int]) -> list[int] | None:
-        """The student ids of a teacher sequence, or None when any token has no partner."""
-        table = self._to_student  # type: ignore[attr-defined]
-        mapped = [table.get(t) for t in teacher_ids]
-        return None if any(m is None for m in mapped) else mapped  # type: ignore[return-value]
+    def student_of(self, teacher_id: int) -> int | None:
+        """The student id paired with ``teacher_id`` (None when it has no partner)."""
+        return self._to_student.get(teacher_id)  # type: ignore[attr-defined]
 
     @classmethod
     def between(cls, teacher_tokenizer, student_tokenizer,
@@ -463,20 +471,56 @@ class TokenMap:
         return cls(torch.tensor(teacher, dtype=torch.long), torch.tensor(student, dtype=torch.long))
 
 
+def _starts(surfaces: Sequence[bytes | None]) -> list[int] | None:
+    """Byte offset at which each token starts (None when a token has no byte spelling)."""
+    offsets, at = [], 0
+    for surface in surfaces:
+        if surface is None:
+            return None
+        offsets.append(at)
+        at += len(surface)
+    return offsets
+
+
+def aligned_positions(teacher_tokenizer, teacher_ids: Sequence[int], student_tokenizer, student_ids: Sequence[int],
+                      token_map: TokenMap) -> list[tuple[int, int]]:
+    """Pairs ``(i, j)`` of completion positions (teacher ``i``, student ``j``) that predict the same event: the
+    same byte offset, the same bytes before it, and mapped tokens; plus the EOS pair ``(len(teacher_ids),
+    len(student_ids))`` when both spell the same bytes.  Where the two spellings part (a generated byte that
+    is not valid UTF-8 re-encodes as U+FFFD), the positions after it do not compare."""
+    eos = (len(teacher_ids), len(student_ids))
+    if token_map.identity and list(teacher_ids) == list(student_ids):
+        return [(j, j) for j in range(len(student_ids))] + [eos]
+    t_surfaces = token_surfaces(teacher_tokenizer, teacher_ids)
+    s_surfaces = token_surfaces(student_tokenizer, student_ids)
+    t_starts, s_starts = _starts(t_surfaces), _starts(s_surfaces)
+    if t_starts is None or s_starts is None:
+        return []
+    t_text, s_text = b"".join(t_surfaces), b"".join(s_surfaces)  # type: ignore[arg-type]
+    common = next((k for k, (a, b) in enumerate(zip(t_text, s_text)) if a != b), min(len(t_text), len(s_text)))
+    teacher_at = dict(zip(t_starts, range(len(t_starts))))
+    pairs = [(teacher_at[c], j) for j, c in enumerate(s_starts)
+             if c in teacher_at and c + len(s_surfaces[j]) <= common  # type: ignore[arg-type]
+             and token_map.student_of(teacher_ids[teacher_at[c]]) == student_ids[j]]
+    return pairs + ([eos] if t_text == s_text else [])
+
+
 def distillation_examples(student_tokenizer, teacher_tokenizer, prompts: Sequence[Prompt],
                           completions: Sequence[Completion], max_length: int,
                           token_map: TokenMap | None) -> list[dict[str, Any]]:
     """Training examples ``prompt + target + EOS`` (labels -100 over the prompt), as LFT builds them.
 
-    Aligned examples (every teacher token maps) carry ``"teacher"``: the teacher's own prompt ids
-    followed by its completion ids + EOS, labelled at exactly as many positions as the student's.
+    The target is the teacher's ids under the identity map, else the student's own encoding of the
+    completion text.  With a map, examples with an aligned position also carry ``"teacher"`` (the
+    teacher's prompt ids followed by its completion ids + EOS, labelled over the completion) and
+    ``"kl_pairs"``: (teacher row, student row) among each side's labelled rows, inside ``max_length``.
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts for {len(completions)} teacher completions")
+    identity = token_map is not None and token_map.identity
     examples = []
     for prompt, completion in zip(prompts, completions, strict=True):
-        mapped = token_map.to_student(completion.ids) if token_map is not None else None
-        target = mapped if mapped is not None else \
+        target = list(completion.ids) if identity else \
             student_tokenizer(completion.text, add_special_tokens=False)["input_ids"]
         prompt_ids = student_tokenizer(prompt.formatted(), add_special_tokens=True)["input_ids"]
         output_ids = list(target) + [student_tokenizer.eos_token_id]
@@ -485,10 +529,15 @@ def distillation_examples(student_tokenizer, teacher_tokenizer, prompts: Sequenc
         if n_labelled == 0:
             continue
         example: dict[str, Any] = {"input_ids": (prompt_ids + output_ids)[:max_length], "labels": labels}
-        if mapped is not None:
+        if token_map is not None:
             t_prompt = teacher_tokenizer(prompt.formatted(), add_special_tokens=True)["input_ids"]
-            t_output = (list(completion.ids) + [teacher_tokenizer.eos_token_id])[:n_labelled]
-            example["teacher"] = {"input_ids": t_prompt + t_output, "labels": [-100] * len(t_prompt) + t_output}
+            t_output = (list(completion.ids) + [teacher_tokenizer.eos_token_id])[:max(max_length - len(t_prompt), 0)]
+            pairs = [(i, j) for i, j in aligned_positions(teacher_tokenizer, completion.ids, student_tokenizer,
+                                                          target, token_map)
+                     if i < len(t_output) and j < n_labelled]
+            if pairs:
+                example["teacher"] = {"input_ids": t_prompt + t_output, "labels": [-100] * len(t_prompt) + t_output}
+                example["kl_pairs"] = pairs
         examples.append(example)
     if len(examples) < len(prompts):
         logger.warning("dropped %d distillation prompts that fill max_length=%d tokens", len(prompts) - len(examples),
@@ -518,17 +567,21 @@ def distillation_loss(teacher, token_map: TokenMap | None, *, kl_weight: float, 
         batch = {k: v.to(device) for k, v in collate(chunk, student_pad_id).items()}
         logits, targets = labelled_logits(model, batch)
         loss = torch.nn.functional.cross_entropy(logits.float(), targets)
-        aligned = [i for i, example in enumerate(chunk) if "teacher" in example]
+        aligned = [k for k, example in enumerate(chunk) if "teacher" in example]
         if teacher is None or token_map is None or kl_weight == 0 or not aligned:
             return loss
-        counts = (batch["labels"][:, 1:] != -100).sum(dim=1)  # labelled rows per example, in row order
-        owner = torch.repeat_interleave(torch.arange(len(chunk), device=device), counts)
-        keep = torch.isin(owner, torch.tensor(aligned, device=device))
-        teacher_batch = {k: v.to(device) for k, v in collate([chunk[i]["teacher"] for i in aligned],
+        # labelled rows are in (example, position) order: example k's rows start at the running count
+        s_start = [0] + (batch["labels"][:, 1:] != -100).sum(dim=1).cumsum(0).tolist()
+        t_start = [0]
+        for k in aligned:
+            t_start.append(t_start[-1] + sum(label != -100 for label in chunk[k]["teacher"]["labels"][1:]))
+        s_rows = [s_start[k] + j for k in aligned for _, j in chunk[k]["kl_pairs"]]
+        t_rows = [t_start[n] + i for n, k in enumerate(aligned) for i, _ in chunk[k]["kl_pairs"]]
+        teacher_batch = {k: v.to(device) for k, v in collate([chunk[k]["teacher"] for k in aligned],
                                                              teacher_pad_id).items()}
         with torch.no_grad():
             teacher_logits, _ = labelled_logits(teacher, teacher_batch)
-        return loss + kl_weight * restricted_kl(logits[keep], teacher_logits, token_map, temperature)
+        return loss + kl_weight * restricted_kl(logits[s_rows], teacher_logits[t_rows], token_map, temperature)
 
     return loss_fn
 
@@ -542,6 +595,8 @@ class DistillTraining:
     mode: str
     n_prompts: int
     kl_examples: int
+    kl_positions: int   # aligned (teacher, student) positions the KL term compares
+    target_positions: int   # labelled student positions (completion tokens + EOS)
     kl_note: str
     training: TrainResult
 
@@ -549,6 +604,7 @@ class DistillTraining:
         training = self.training.to_dict()
         training.pop("out_dir", None)
         return {"mode": self.mode, "n_prompts": self.n_prompts, "kl_examples": self.kl_examples,
+                "kl_positions": self.kl_positions, "target_positions": self.target_positions,
                 "kl_note": self.kl_note, "training": training}
 
 
@@ -568,7 +624,7 @@ def distill_finetune(new_model_dir: str | Path, migrated_adapter_dir: str | Path
     torch.manual_seed(config.seed)
     student, tokenizer = load_for_light_finetune(new_model_dir, migrated_adapter_dir, dtype=config.dtype,
                                                  device=config.device)
-    mapping = token_map if teacher_tokenizer is not None else None  # teacher ids as targets wherever they map
+    mapping = token_map if teacher_tokenizer is not None else None
     examples = distillation_examples(tokenizer, teacher_tokenizer or tokenizer, prompts, teacher_completions,
                                      config.max_length, mapping)
     aligned = sum("teacher" in e for e in examples)
@@ -578,11 +634,14 @@ def distill_finetune(new_model_dir: str | Path, migrated_adapter_dir: str | Path
     loss_fn = distillation_loss(None if note else teacher, mapping, kl_weight=kl_weight, temperature=kl_temperature,
                                 student_pad_id=tokenizer.pad_token_id,
                                 teacher_pad_id=(teacher_tokenizer or tokenizer).pad_token_id)
-    logger.info("distilling into %s on %s: %d prompts, %d token-aligned", migrated_adapter_dir, new_model_dir,
-                len(examples), aligned)
+    positions = sum(len(e.get("kl_pairs", ())) for e in examples)
+    targets = sum(label != -100 for e in examples for label in e["labels"])
+    logger.info("distilling into %s on %s: %d prompts, KL on %d of %d target positions (%d examples)",
+                migrated_adapter_dir, new_model_dir, len(examples), 0 if note else positions, targets, aligned)
     result = finetune_examples(student, tokenizer, examples, out_dir, config=config, loss_fn=loss_fn)
     return DistillTraining(mode=MODE_SEQUENCE if note else MODE_KL, n_prompts=len(examples),
-                           kl_examples=0 if note else aligned, kl_note=note, training=result)
+                           kl_examples=0 if note else aligned, kl_positions=0 if note else positions,
+                           target_positions=targets, kl_note=note, training=result)
 
 
 def _kl_note(teacher, token_map: TokenMap | None, kl_weight: float, aligned: int) -> str:
@@ -594,7 +653,7 @@ def _kl_note(teacher, token_map: TokenMap | None, kl_weight: float, aligned: int
     if teacher is None:
         return "no teacher model given to the training loop"
     if aligned == 0:
-        return "no teacher completion maps onto the student vocabulary token by token"
+        return "no position of the teacher's completions aligns with the student's tokenization"
     return ""
 
 
@@ -620,6 +679,8 @@ class DistillReport:
     n_prompts: int
     n_heldout: int
     kl_examples: int
+    kl_positions: int
+    target_positions: int
     kl_note: str
     teacher_agreement_before: float
     teacher_agreement_after: float
@@ -662,7 +723,9 @@ def distill(old_model_dir: str | Path, source_adapter_dir: str | Path, new_model
     del teacher
     after = _student_completions(new_model_dir, out_dir, heldout, dtype, device, gen)
     return DistillReport(mode=trained.mode, prompt_source=prompt_source, n_prompts=trained.n_prompts,
-                         n_heldout=len(heldout), kl_examples=trained.kl_examples, kl_note=trained.kl_note,
+                         n_heldout=len(heldout), kl_examples=trained.kl_examples,
+                         kl_positions=trained.kl_positions, target_positions=trained.target_positions,
+                         kl_note=trained.kl_note,
                          teacher_agreement_before=teacher_agreement(before, heldout_teacher),
                          teacher_agreement_after=teacher_agreement(after, heldout_teacher),
                          seconds=round(time.perf_counter() - start, 4), training=trained.to_dict()["training"],
