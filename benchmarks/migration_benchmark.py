@@ -13,9 +13,9 @@ Rows (same seeds everywhere; LoRA rank 16 on q, k, v, o, gate, up, down; test pr
   old_adapter               old adapter (trained on N samples) on the old model: the reference
   vanilla_lora_100          fresh LoRA on the new model, 100 labelled samples
   lorasuite_transfer        LoRASuite transfer only
-  lorasuite_lft_100         + labelled light fine-tuning on the same 100 samples (lr 9e-4, no warmup); cross and
-                            within: training.light_finetune on the transferred adapter (2 epochs); qwen: the stage
-                            graph's labelled LFT (--graph-lft-epochs)
+  lorasuite_lft_100         + labelled light fine-tuning on the same 100 samples (lr 9e-4, no warmup); within:
+                            training.light_finetune on the transferred adapter (2 epochs); qwen: the stage
+                            graph's labelled LFT (--graph-lft-epochs); not a cross row since ALGORITHM_VERSION 2
   lorasuite_lft_100_graph   cross: labelled LFT-100 through the stage graph, options as the distill rows (the
                             like-for-like labelled peer of lorasuite_distill_100: same code, zero-init, eval dtype)
   lorasuite_distill_100     + LFT distilled from the teacher (old model + old adapter) on the same 100 training
@@ -72,7 +72,7 @@ ABLATIONS = {  # name -> (what it changes, AnalysisOptions fields)
 ABLATION_ROWS = tuple(f"ablation_{a}_{kind}" for a in ABLATIONS for kind in ("transfer", "distill_100"))
 ROW_ORDER = BASE_ROWS + GRAPH_ROWS + ("full_retrain",) + ABLATION_ROWS
 #: Rows each pair measures (the within pair is the earlier synthetic pair: its rows as committed).
-PAIR_ROWS = {"cross": ROW_ORDER,
+PAIR_ROWS = {"cross": tuple(r for r in ROW_ORDER if r != "lorasuite_lft_100"),  # its labelled row: *_lft_100_graph
              "qwen": tuple(r for r in ROW_ORDER if r != "lorasuite_lft_100_graph"),
              "within": BASE_ROWS + ("full_retrain",)}
 MODELS = {"cross": ("smollm2-135m-instruct", "gemma3-270m"),
@@ -550,7 +550,7 @@ def run_pair(pair: str, args) -> None:
     order = {  # by importance: what the targets need first
         "qwen": ("lorasuite_transfer", "lorasuite_distill_100", "old_adapter", "lorasuite_lft_100", "vanilla_lora_100",
                  "new_base", *ABLATION_ROWS, "lorasuite_distill_seed5"),
-        "cross": ("lorasuite_transfer", "lorasuite_distill_100", "lorasuite_lft_100", "lorasuite_lft_100_graph",
+        "cross": ("lorasuite_transfer", "lorasuite_distill_100", "lorasuite_lft_100_graph",
                   *ABLATION_ROWS, "lorasuite_distill_seed5", "vanilla_lora_100", "new_base", "old_adapter"),
         "within": ("lorasuite_transfer", "lorasuite_lft_100", "vanilla_lora_100", "new_base", "old_adapter"),
     }[pair]
