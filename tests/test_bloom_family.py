@@ -87,3 +87,24 @@ def test_residual_from_the_normed_input_is_refused(bloom_dir, tmp_path):
     del config["apply_residual_connection_post_layernorm"]   # absent: transformers' default, False
     (other / "config.json").write_text(json.dumps(config))
     assert load_base_model(other).dims == load_base_model(bloom_dir).dims
+
+
+def test_alibi_heads_keep_their_indices(tmp_path):
+    """Hungarian matching would permute the heads of two unrelated BLOOM models; under ALiBi a head's index is
+    part of its function, so the pair is matched head h to head h (a llama pair of the same weights is not)."""
+    from lorasuite_core.transfer.adapter import effective_head_mapping, match_layer_pair
+    from lorasuite_core.transfer.matching import match_layer
+    from lorasuite_core.transfer.adapter import layer_pair_maps
+    from lorasuite_core.transfer.residual import residual_transfer
+    from lorasuite_core.transfer.vocab import shared_vocabulary
+
+    old = load_base_model(make_tiny_model_dir("bloom", tmp_path / "a", seed=4, num_hidden_layers=1))
+    new = load_base_model(make_tiny_model_dir("bloom", tmp_path / "b", seed=9, num_hidden_layers=1))
+    rt = residual_transfer(old, new, shared_vocabulary(old.tokenizer(), new.tokenizer()))
+    free = match_layer(layer_weights(old, 0), layer_weights(new, 0), old.dims, new.dims,
+                       layer_pair_maps(old, new, rt, 0, 0), "hungarian")
+    assert free.head_pairs != [(h, h) for h in range(4)]          # what matching alone would do
+    assert effective_head_mapping(old, new, "hungarian") == "identity"
+    assert match_layer_pair(old, new, rt, 0, 0, "hungarian").head_pairs == [(h, h) for h in range(4)]
+    llama = load_base_model(make_tiny_model_dir("llama", tmp_path / "c", seed=4, num_hidden_layers=1))
+    assert effective_head_mapping(llama, llama, "hungarian") == "hungarian"

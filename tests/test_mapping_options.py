@@ -65,6 +65,7 @@ def test_head_and_layer_mapping_switches_change_the_migration_and_are_reported(p
     exact, error = _migrate(permuted, "default", AnalysisOptions(max_calibration_tokens=128))
     assert error < 1e-4
     assert exact["options"]["layer_mapping"] == "cka" and exact["options"]["head_mapping"] == "hungarian"
+    assert exact["head_mapping_used"] == "hungarian"
     assert [tuple(p) for p in exact["layer_mapping"]] == [(0, 1), (1, 2), (2, 3)]        # the inserted layer skipped
 
     identity, error = _migrate(permuted, "identity", AnalysisOptions(max_calibration_tokens=128,

@@ -64,7 +64,7 @@ from lorasuite_core.transfer.layer_mapping import fixed_mapping, map_layers
 from lorasuite_core.pipeline.layer_results import load_layer_result, save_layer_result
 from lorasuite_core.models.loading import LoadedModel, LoraAdapter, load_base_model, load_lora_adapter, resolve_local_dir
 from lorasuite_core.transfer.adapter import (REPORT_NAME, PairAnalysis, adapter_config, adapter_tensors,
-                      build_report, check_adapter_fits, head_mapping_entries, combine_layers, match_layer_pair, sources_by_new_layer,
+                      build_report, check_adapter_fits, effective_head_mapping, head_mapping_entries, combine_layers, match_layer_pair, sources_by_new_layer,
                       transfer_new_layer, write_adapter_dir)
 from lorasuite_core.transfer.residual import ResidualTransfer, residual_transfer
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
@@ -283,10 +283,16 @@ def head_similarity(store: StageStore, plan: PairPlan, vocabulary_uri: str, tran
         mapping = [(int(i), int(j)) for i, j in store.facts(mapping_uri)["layer_mapping"]]
         analysis = PairAnalysis(_load_vocabulary(store, vocabulary_uri), rt, matrices["cka_updates"],
                                 matrices["cka_states"], mapping, calibration=store.facts(activations_uri))
+        heads_used = effective_head_mapping(old, new, plan.analysis.head_mapping)
+        if heads_used != plan.analysis.head_mapping:
+            log.info("head mapping %s -> %s: the %s family fixes each head's index (%s)", plan.analysis.head_mapping,
+                     heads_used, (old if old.family.head_index_fixed else new).family.name,
+                     (old if old.family.head_index_fixed else new).family.position_encoding)
         for i, j in mapping:
             analysis.matches[i] = match_layer_pair(old, new, rt, i, j, plan.analysis.head_mapping)
         save_matches(analysis.matches, out)
-        return {"layer_mapping": [[i, j] for i, j in mapping], "head_mapping": head_mapping_entries(analysis),
+        return {"layer_mapping": [[i, j] for i, j in mapping], "head_mapping_used": heads_used,
+                "head_mapping": head_mapping_entries(analysis),
                 "shared_vocabulary_size": len(analysis.shared), "calibration": analysis.calibration}
 
     return store.run("head_similarity", plan.stage_keys["head_similarity"], compute)
@@ -481,6 +487,8 @@ def assemble(store: StageStore, plan: PairPlan, analysis_uri: str, adapter: Adap
         steps = {"write": {"cache": "computed", "seconds": round(time.perf_counter() - start, 4)}}
         report = build_report(old, new, source, analysis, migrated, adapter.options.head_transform,
                               plan.layer_offset, steps)
+        # differs from options.head_mapping where a family fixes each head's index (ALiBi)
+        report["head_mapping_used"] = effective_head_mapping(old, new, plan.analysis.head_mapping)
         write_adapter_dir(out, config, tensors, report, overwrite=True)
         return {"modules": len(migrated.modules), "dropped_roles": migrated.dropped,
                 "zero_initialised_layers": list(migrated.zero_init_layers),

@@ -35,7 +35,7 @@ result does not depend on the batching (beyond float rounding of the products' s
 Memory: one layer's weights + the carried states (padded tokens × d) + the kept states
 (L + 1) × N × d, instead of both whole models. The operations are the ones the whole model runs,
 in the same order and float32, so the states equal :func:`_layer_states`'s (the tests check
-llama, qwen2, gemma3 and gpt_neox to 1e-5). A model type outside ``STREAMED_MODEL_TYPES``, or a
+llama, qwen2, gemma3, gpt_neox and bloom to 1e-5). A model type outside ``STREAMED_MODEL_TYPES``, or a
 checkpoint the skeleton cannot be filled from, falls back to the whole model in float32 (logged
 with the reason); that path too loads one model at a time.
 
@@ -60,6 +60,8 @@ much text as a token budget ``B`` (``max_calibration_tokens``) can use is kept:
   naming the file.
 """
 from __future__ import annotations
+
+import contextlib
 
 import io
 import itertools
@@ -255,22 +257,33 @@ def _layer_states(model, base: LoadedModel, batch: list[list[int]]) -> list[torc
 
 # ----------------------------------------------------------------------------- streamed forward
 
-STREAMED_MODEL_TYPES = ("llama", "qwen2", "gemma3_text", "gpt_neox")
+STREAMED_MODEL_TYPES = ("llama", "qwen2", "gemma3_text", "gpt_neox", "bloom")
 
 
 class StreamUnsupported(Exception):
     """The streamed forward cannot run this model; :func:`model_states` uses the whole model instead."""
 
 
-class _LayerInputs(nn.Module):
-    """Stands in for decoder layer ``index`` while the model's own forward prepares the layers' inputs."""
+class _AllLayersSeen(Exception):
+    """Raised by the last stand-in: every layer's inputs are recorded, the rest of the forward is not needed."""
 
-    def __init__(self, index: int, calls: list):
+
+class _LayerInputs(nn.Module):
+    """Stands in for decoder layer ``index`` while the model's own forward prepares the layers' inputs.
+
+    It hands its input on unchanged (some models take ``output[0]`` of a layer, so what later
+    stand-ins receive may be a slice; only layer 0's input and every layer's other arguments
+    -- masks, rotary tables, ALiBi biases, computed before the layer loop -- are kept), and the
+    last one stops the forward."""
+
+    def __init__(self, index: int, calls: list, last: bool):
         super().__init__()
-        self.index, self.calls = index, calls
+        self.index, self.calls, self.last = index, calls, last
 
     def forward(self, hidden_states, *args, **kwargs):
         self.calls.append((self.index, hidden_states, args, kwargs))
+        if self.last:
+            raise _AllLayersSeen
         return hidden_states
 
 
@@ -326,12 +339,13 @@ def _layer_inputs(body, layers, batches: list[list[list[int]]]) -> list[tuple[to
     made by the model's own forward with every decoder layer a stand-in."""
     real, calls, prepared = list(layers), [], []
     for i in range(len(real)):
-        layers[i] = _LayerInputs(i, calls)
+        layers[i] = _LayerInputs(i, calls, last=i == len(real) - 1)
     try:
         for batch in batches:
             calls.clear()
             input_ids, mask = _padded(batch)
-            body(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            with contextlib.suppress(_AllLayersSeen):
+                body(input_ids=input_ids, attention_mask=mask, use_cache=False)
             if [c[0] for c in calls] != list(range(len(real))):
                 raise StreamUnsupported("the model's forward does not call each decoder layer once, in order")
             prepared.append((calls[0][1], [(c[2], c[3]) for c in calls]))

@@ -94,10 +94,20 @@ def layer_pair_maps(old: LoadedModel, new: LoadedModel, rt: ResidualTransfer, i:
     return maps
 
 
+def effective_head_mapping(old: LoadedModel, new: LoadedModel, head_mapping: str) -> str:
+    """``head_mapping``, except that heads keep their indices where either family fixes them (ALiBi: a
+    head's slope depends on its index, so moving a head changes what it computes)."""
+    if head_mapping == "hungarian" and (old.family.head_index_fixed or new.family.head_index_fixed):
+        return "identity"
+    return head_mapping
+
+
 def match_layer_pair(old: LoadedModel, new: LoadedModel, rt: ResidualTransfer, i: int, j: int,
                      head_mapping: str = "hungarian") -> LayerMatch:
+    """Heads and neurons of old layer ``i`` matched to new layer ``j`` (:func:`effective_head_mapping`)."""
     maps = layer_pair_maps(old, new, rt, i, j)
-    return match_layer(layer_weights(old, i), layer_weights(new, j), old.dims, new.dims, maps, head_mapping)
+    return match_layer(layer_weights(old, i), layer_weights(new, j), old.dims, new.dims, maps,
+                       effective_head_mapping(old, new, head_mapping))
 
 
 # ----------------------------------------------------------------------------- adapter checks
