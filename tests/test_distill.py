@@ -28,7 +28,7 @@ def pair(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher(pair):
-    return D.load_model(pair["old"], pair["adapter"], dtype="float32", device="cpu")
+    return D.load_for_generation(pair["old"], pair["adapter"], dtype="float32", device="cpu")
 
 
 # --------------------------------------------------------------------------- prompt files
@@ -116,7 +116,7 @@ def test_kl_term_equals_its_definition(pair, teacher):
     teacher_model, teacher_tok = teacher
     prompts = D.prompts_from_samples(generate_problems(3, "train", 5))
     completions = D.greedy_completions(teacher_model, teacher_tok, prompts, **GEN)
-    bare_teacher, _ = D.load_model(pair["old"], dtype="float32", device="cpu")
+    bare_teacher, _ = D.load_for_generation(pair["old"], dtype="float32", device="cpu")
     student, student_tok = load_for_light_finetune(pair["new"], pair["migrated"], dtype="float32", device="cpu")
     token_map = D.TokenMap.between(teacher_tok, student_tok)
     assert token_map.identity and len(token_map) == len(student_tok)
@@ -148,7 +148,7 @@ def test_kl_through_a_renumbered_vocabulary(tmp_path):
     from lorasuite_core.transfer.vocab import shared_vocabulary
 
     pair = build_exact_pair(tmp_path, UpgradeSpec(renumber_vocab=True, extra_vocab=6, permute_heads=True))
-    teacher_model, teacher_tok = D.load_model(pair["old"], pair["adapter"], dtype="float32", device="cpu")
+    teacher_model, teacher_tok = D.load_for_generation(pair["old"], pair["adapter"], dtype="float32", device="cpu")
     student, student_tok = load_for_light_finetune(pair["new"], pair["migrated"], dtype="float32", device="cpu")
     assert teacher_tok.get_vocab() != student_tok.get_vocab()
     assert D.TokenMap.between(teacher_tok, student_tok) is None  # no map without the shared vocabulary

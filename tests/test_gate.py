@@ -54,7 +54,7 @@ def gate_setup(tmp_path_factory):
     save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in tensors.items()}, str(zeroed / ADAPTER_WEIGHTS))
     samples = generate_problems(8, "test", 0)
     prompts = D.prompts_from_samples(samples)
-    teacher, tokenizer = D.load_model(pair["old"], pair["adapter"], dtype="float32", device="cpu")
+    teacher, tokenizer = D.load_for_generation(pair["old"], pair["adapter"], dtype="float32", device="cpu")
     teacher_completions = D.greedy_completions(teacher, tokenizer, prompts, **GEN)
     return {**pair, "zeroed": zeroed, "prompts": prompts, "answers": [s.answer for s in samples],
             "teacher": teacher_completions}

@@ -569,7 +569,7 @@ def _distill(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated: 
     heldout, _ = _heldout_eval(o)
     wanted = o.lft_samples + (0 if heldout else o.gate_prompts)
     if o.lft_seed_prompts and not o.lft_prompts:
-        model, tokenizer = D.load_model(teacher_dir, source_dir, dtype="float32")
+        model, tokenizer = D.load_for_generation(teacher_dir, source_dir, dtype="float32")
         seeds = _prompts(o.lft_seed_prompts, None, o.seed)
         prompts = D.synthesise_prompts(model, tokenizer, seeds, wanted, seed=o.seed, exclude=[p.text for p in heldout])
         del model
@@ -604,7 +604,7 @@ def quality_gate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, final_
         prompts, answers = _heldout_eval(o)
         if not prompts:
             prompts = [D.Prompt(**p) for p in json.loads((final / HELDOUT).read_text())]
-        teacher, tokenizer = D.load_model(resolve_local_dir(plan.old_model, "model"),
+        teacher, tokenizer = D.load_for_generation(resolve_local_dir(plan.old_model, "model"),
                                           resolve_local_dir(adapter.adapter, "adapter"))
         teacher_completions = D.greedy_completions(teacher, tokenizer, prompts)
         del teacher

@@ -88,10 +88,11 @@ from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.io import storage
 from lorasuite_core.models.tokens import token_surfaces
 from lorasuite_core.training.evaluation import (ANSWER_SENTENCE, STOP_MARKERS, answers_match, extract_final_number,
-                                                generation_finished, model_eos_ids, truncate_generation)
+                                                generation_finished, load_for_generation, model_eos_ids,
+                                                truncate_generation)
 from lorasuite_core.training.task_data import Sample, format_prompt
-from lorasuite_core.training.train import (TrainConfig, TrainResult, check_adapter_dir, collate, default_lft_config,
-                                           finetune_examples, labelled_logits, load_causal_lm,
+from lorasuite_core.training.train import (TrainConfig, TrainResult, collate, default_lft_config,
+                                           finetune_examples, labelled_logits,
                                            load_for_light_finetune, load_tokenizer)
 
 logger = logging.getLogger(__name__)
@@ -238,20 +239,6 @@ class NearDuplicateIndex:
 
 
 # --------------------------------------------------------------------------- loading and generation
-
-def load_model(model_dir: str | Path, adapter_dir: str | Path | None = None, *, dtype: str = "auto",
-               device: str = "auto"):
-    """``(model, tokenizer)`` for generation: a base model (+ adapter, frozen), eval mode, left padding."""
-    model = load_causal_lm(model_dir, dtype=dtype, device=device)
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(check_adapter_dir(adapter_dir)), is_trainable=False)
-    model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return model, load_tokenizer(model_dir, padding_side="left")
-
 
 def scored_text(text: str) -> str:
     """The part of a generation evaluation scores: cut at a stop marker, and after "answer is N" (+ its period)."""
@@ -712,7 +699,7 @@ def distill(old_model_dir: str | Path, source_adapter_dir: str | Path, new_model
     start = time.perf_counter()
     device, dtype = config.train.device, config.train.dtype
     gen = {"max_new_tokens": config.max_new_tokens, "batch_size": config.generation_batch_size}
-    teacher, teacher_tok = load_model(old_model_dir, source_adapter_dir, dtype=dtype, device=device)
+    teacher, teacher_tok = load_for_generation(old_model_dir, source_adapter_dir, dtype=dtype, device=device)
     targets = greedy_completions(teacher, teacher_tok, prompts, **gen)
     heldout_teacher = greedy_completions(teacher, teacher_tok, heldout, **gen)
     before = _student_completions(new_model_dir, migrated_adapter_dir, heldout, dtype, device, gen)
@@ -733,5 +720,5 @@ def distill(old_model_dir: str | Path, source_adapter_dir: str | Path, new_model
 
 
 def _student_completions(model_dir, adapter_dir, prompts, dtype: str, device: str, gen: dict) -> list[Completion]:
-    model, tokenizer = load_model(model_dir, adapter_dir, dtype=dtype, device=device)
+    model, tokenizer = load_for_generation(model_dir, adapter_dir, dtype=dtype, device=device)
     return greedy_completions(model, tokenizer, prompts, **gen)

@@ -194,16 +194,25 @@ def eval_dtype(dtype: str, device: torch.device) -> str:
     return str(resolve_dtype("auto", device)).replace("torch.", "")
 
 
-def _load_for_eval(model_dir: str | Path, adapter_dir: str | Path | None, dtype: str, device: str):
-    """The model to evaluate in the evaluation dtype; an adapter stays a PEFT adapter (not merged: merging
-    into bf16 weights would round small deltas away)."""
-    model = load_causal_lm(model_dir, dtype=eval_dtype(dtype, resolve_device(device)), device=device)
+def load_for_generation(model_dir: str | Path, adapter_dir: str | Path | None = None, *, dtype: str = "auto",
+                        device: str = "auto"):
+    """``(model, tokenizer)`` for generation: a base model (+ adapter, kept a PEFT adapter, not merged: merging
+    into bf16 weights would round small deltas away), frozen, eval mode, left padding. ``dtype`` as
+    :func:`~lorasuite_core.training.train.load_causal_lm` takes it."""
+    model = load_causal_lm(model_dir, dtype=dtype, device=device)
     if adapter_dir is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(check_adapter_dir(adapter_dir)), is_trainable=False)
     model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
     return model, load_tokenizer(model_dir, padding_side="left")
+
+
+def _load_for_eval(model_dir: str | Path, adapter_dir: str | Path | None, dtype: str, device: str):
+    """:func:`load_for_generation` in the evaluation dtype (:func:`eval_dtype`)."""
+    return load_for_generation(model_dir, adapter_dir, dtype=eval_dtype(dtype, resolve_device(device)), device=device)
 
 
 def model_eos_ids(model, tokenizer) -> list[int]:

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.training.distill import Completion, Prompt, accuracy, greedy_completions, load_model, teacher_agreement
+from lorasuite_core.training.distill import Completion, Prompt, accuracy, greedy_completions, teacher_agreement
+from lorasuite_core.training.evaluation import load_for_generation
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def quality_gate(new_model_dir: str | Path, adapter_dir: str | Path, prompts: Se
         raise ValueError(f"{len(teacher_completions)} teacher completions for {len(prompts)} held-out prompts")
     if answers is not None and len(answers) != len(prompts):
         raise ValueError(f"{len(answers)} gold answers for {len(prompts)} held-out prompts")
-    model, tokenizer = load_model(new_model_dir, adapter_dir, dtype=dtype, device=device)
+    model, tokenizer = load_for_generation(new_model_dir, adapter_dir, dtype=dtype, device=device)
     gen = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
     student = list(student_completions) if student_completions is not None else \
         greedy_completions(model, tokenizer, prompts, **gen)
