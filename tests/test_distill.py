@@ -47,7 +47,7 @@ def test_read_prompts_formats_and_errors(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps([{"instruction": "Q one?"}, {"prompt": "Q two?"}]))
     assert [p.text for p in D.read_prompts(str(tmp_path / "p.json"))] == ["Q one?", "Q two?"]
     bad = {"bad.jsonl": ('{"prompt": "ok"}\n{"question": "no field"}\n', r"bad\.jsonl: line 2 has neither"),
-           "broken.jsonl": ('{"prompt": \n', r"broken\.jsonl: line 1 is not valid JSON"),
+           "broken.jsonl": ('{"prompt": \n', r"broken\.jsonl: line 1 is not JSON"),
            "empty.txt": ("\n\n", r"empty\.txt holds no prompts"),
            "obj.json": ('{"prompt": "x"}', r"obj\.json: a \.json prompt file must hold a list"),
            "p.csv": ("a,b\n", r"p\.csv: use \.txt")}
@@ -57,6 +57,12 @@ def test_read_prompts_formats_and_errors(tmp_path):
             D.read_prompts(str(tmp_path / name))
     with pytest.raises(LorasuiteError, match=r"missing\.txt does not exist"):
         D.read_prompts(str(tmp_path / "missing.txt"))
+    (tmp_path / "bin.txt").write_bytes(bytes(range(256)))
+    with pytest.raises(LorasuiteError, match=r"bin\.txt (is not UTF-8|holds NUL)"):
+        D.read_prompts(str(tmp_path / "bin.txt"))
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(LorasuiteError, match=r"dir\.jsonl is a directory"):
+        D.read_prompts(str(tmp_path / "dir.jsonl"))
 
 
 def test_split_heldout_is_seeded_and_disjoint():

@@ -73,6 +73,7 @@ Models and adapters are read from safetensors only; ``trust_remote_code`` is Fal
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -80,12 +81,12 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.io import storage
+from lorasuite_core.io import storage, textfile
 from lorasuite_core.models.tokens import token_surfaces
 from lorasuite_core.training.evaluation import (ANSWER_SENTENCE, STOP_MARKERS, answers_match, extract_final_number,
                                                 generation_finished, load_for_generation, model_eos_ids,
@@ -133,58 +134,55 @@ def prompts_from_samples(samples: Iterable[Sample]) -> list[Prompt]:
 
 def _record_prompt(record: Any, where: str) -> Prompt:
     if not isinstance(record, dict):
-        raise ValueError(f"{where} is not a JSON object")
+        raise LorasuiteError(f"{where} is not a JSON object")
     if record.get("prompt") is not None and str(record["prompt"]).strip():
         return Prompt(str(record["prompt"]).strip())
     if record.get("instruction") is not None and str(record["instruction"]).strip():
         extra = record.get("input")
         return Prompt(str(record["instruction"]).strip(), "" if extra is None else str(extra).strip())
-    raise ValueError(f"{where} has neither a 'prompt' nor an 'instruction' field")
+    raise LorasuiteError(f"{where} has neither a 'prompt' nor an 'instruction' field")
 
 
-def parse_prompts(text: str, suffix: str) -> list[Prompt]:
-    """Prompts of a file's text by its suffix (``.txt``, ``.jsonl``, ``.json``); ValueError names the line."""
-    if suffix == ".txt":
-        return [Prompt(line.strip()) for line in text.splitlines() if line.strip()]
-    if suffix == ".jsonl":
-        prompts = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"line {number} is not valid JSON ({exc.msg})") from None
-            prompts.append(_record_prompt(record, f"line {number}"))
-        return prompts
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"invalid JSON at line {exc.lineno} ({exc.msg})") from None
-    if not isinstance(records, list):
-        raise ValueError("a .json prompt file must hold a list of objects")
-    return [_record_prompt(r, f"record {i}") for i, r in enumerate(records)]
+PROMPT_LINE_LIMIT = 1 << 20   # characters of one prompt line / JSONL record
+
+
+def _stream_prompts(handle, suffix: str, what: str) -> Iterator[Prompt]:
+    """Prompts of an open file by its suffix (``.txt``, ``.jsonl``, ``.json``); LorasuiteError names the line."""
+    if suffix == ".json":
+        try:
+            records = json.loads(handle.read())
+        except json.JSONDecodeError as exc:
+            raise LorasuiteError(f"{what}: invalid JSON at line {exc.lineno} ({exc.msg})") from None
+        if not isinstance(records, list):
+            raise LorasuiteError(f"{what}: a .json prompt file must hold a list of objects")
+        yield from (_record_prompt(r, f"{what}: record {i}") for i, r in enumerate(records))
+    elif suffix == ".jsonl":
+        for number, record in textfile.jsonl_records(handle, PROMPT_LINE_LIMIT, what):
+            yield _record_prompt(record, f"{what}: line {number}")
+    else:
+        for number, line, whole in textfile.lines(handle, PROMPT_LINE_LIMIT, what):
+            if not whole:
+                raise LorasuiteError(f"{what}: line {number} is longer than {PROMPT_LINE_LIMIT} characters")
+            if line.strip():
+                yield Prompt(line.strip())
 
 
 def read_prompts(ref: str, limit: int | None = None) -> list[Prompt]:
     """Unlabelled prompts from a local path or URI: ``.txt`` (one a line), ``.jsonl`` or ``.json``.
 
     Records carry ``prompt``, or math_10k ``instruction`` (+ ``input``); other fields are ignored.
-    Every problem is a :class:`LorasuiteError` naming the file.
+    ``.txt`` and ``.jsonl`` are streamed and reading stops after ``limit`` prompts. Every problem is a
+    :class:`LorasuiteError` naming the file (and the line).
     """
-    safe = storage.redact_uri(str(ref))
+    what = f"prompt file {storage.redact_uri(str(ref))}"
     suffix = next((s for s in PROMPT_SUFFIXES if str(ref).lower().endswith(s)), None)
     if suffix is None:
-        raise LorasuiteError(f"prompt file {safe}: use .txt (one prompt a line), .jsonl or .json")
-    try:
-        prompts = parse_prompts(storage.read_text(ref), suffix)
-    except FileNotFoundError:
-        raise LorasuiteError(f"prompt file {safe} does not exist") from None
-    except ValueError as exc:  # UnicodeDecodeError included
-        raise LorasuiteError(f"prompt file {safe}: {storage.redact_text(str(exc))}") from None
+        raise LorasuiteError(f"{what}: use .txt (one prompt a line), .jsonl or .json")
+    with textfile.open_text(ref, what) as handle:
+        prompts = list(itertools.islice(_stream_prompts(handle, suffix, what), limit))
     if not prompts:
-        raise LorasuiteError(f"prompt file {safe} holds no prompts")
-    return prompts[:limit] if limit is not None else prompts
+        raise LorasuiteError(f"{what} holds no prompts")
+    return prompts
 
 
 def split_heldout(prompts: Sequence[Prompt], n_heldout: int, seed: int = 0) -> tuple[list[Prompt], list[Prompt]]:

@@ -63,9 +63,6 @@ from __future__ import annotations
 
 import contextlib
 
-import io
-import itertools
-import json
 import logging
 from dataclasses import dataclass
 from importlib import resources
@@ -77,6 +74,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.io import textfile
 from lorasuite_core.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -91,7 +89,6 @@ CHARS_PER_TOKEN = 8
 MAX_TOKENS_PER_TEXT = 256
 JSONL_LINE_FACTOR = 64
 DEFAULT_CALIBRATION_TOKENS = 2048
-_SKIP_PIECE = 1 << 16
 
 
 def calibration_text_cap(max_tokens: int = DEFAULT_CALIBRATION_TOKENS) -> int:
@@ -99,48 +96,14 @@ def calibration_text_cap(max_tokens: int = DEFAULT_CALIBRATION_TOKENS) -> int:
     return CHARS_PER_TOKEN * max(max_tokens, MAX_TOKENS_PER_TEXT)
 
 
-def _refuse_nul(text: str, what: str) -> None:
-    if "\0" in text:
-        raise LorasuiteError(f"{what} holds NUL bytes: a binary file, not text")
-
-
-def _lines(handle, limit: int, what: str) -> Iterator[tuple[int, str, bool]]:
-    """``(number, first <= limit characters, whole line?)`` per line; a longer line's tail is skipped in pieces."""
-    for number in itertools.count(1):
-        line = handle.readline(limit)
-        if not line:
-            return
-        _refuse_nul(line, what)
-        skipped = 0
-        if not line.endswith("\n") and len(line) == limit:
-            while True:
-                piece = handle.readline(_SKIP_PIECE)
-                _refuse_nul(piece, what)
-                skipped += len(piece.rstrip("\n"))
-                if not piece or piece.endswith("\n") or len(piece) < _SKIP_PIECE:
-                    break
-        yield number, line, skipped == 0
-
-
-def _calibration_texts(handle, path: str, cap: int) -> Iterator[str]:
-    what = f"calibration data {path!r}"
-    if path.endswith(".txt"):
-        for _number, line, _whole in _lines(handle, cap, what):
+def _calibration_texts(handle, what: str, txt: bool, cap: int) -> Iterator[str]:
+    if txt:
+        for _number, line, _whole in textfile.lines(handle, cap, what):   # a long line is cut, not refused
             for part in line.splitlines():
                 if part.strip():
                     yield part.strip()
         return
-    limit = JSONL_LINE_FACTOR * cap
-    for number, line, whole in _lines(handle, limit, what):
-        if not whole:
-            raise LorasuiteError(f"{what}: line {number} is longer than {limit} characters; split it into shorter "
-                                 f"records (long lines of a .txt file are cut, not refused)")
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LorasuiteError(f"{what}: line {number} is not JSON ({exc.msg})") from None
+    for number, record in textfile.jsonl_records(handle, JSONL_LINE_FACTOR * cap, what):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise LorasuiteError(f"{what}: line {number} has no string field 'text'")
         if record["text"].strip():
@@ -155,36 +118,21 @@ def read_calibration_file(path: str, max_tokens: int = DEFAULT_CALIBRATION_TOKEN
     """
     from lorasuite_core.io import storage
 
-    shown = storage.redact_uri(str(path))
+    what = f"calibration data {storage.redact_uri(str(path))!r}"
     if not str(path).endswith((".txt", ".jsonl")):
-        raise LorasuiteError(f"calibration data {shown!r}: expected a .txt or .jsonl file")
+        raise LorasuiteError(f"{what}: expected a .txt or .jsonl file")
     cap = calibration_text_cap(max_tokens)
     wanted = CHARS_PER_TOKEN * max_tokens
     texts: list[str] = []
-    try:
-        fs, location = storage.resolve(path)
-        if fs.isdir(location):
-            raise LorasuiteError(f"calibration data {shown!r} is a directory, not a .txt or .jsonl file")
-        with fs.open(location, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="strict") as handle:
-            collected = 0
-            for text in _calibration_texts(handle, shown, cap):
-                texts.append(text)
-                collected += min(len(text), MAX_TOKENS_PER_TEXT)
-                if collected >= wanted:
-                    break
-    except FileNotFoundError:
-        raise LorasuiteError(f"calibration data {shown!r} does not exist") from None
-    except UnicodeDecodeError as exc:
-        raise LorasuiteError(f"calibration data {shown!r} is not UTF-8 text ({exc.reason}): "
-                             f"a binary file?") from None
-    except IsADirectoryError:
-        raise LorasuiteError(f"calibration data {shown!r} is a directory, not a .txt or .jsonl file") from None
-    except (LorasuiteError, KeyboardInterrupt):
-        raise
-    except OSError as exc:
-        raise LorasuiteError(f"calibration data {shown!r} cannot be read: {storage.describe_error(exc)}") from None
+    with textfile.open_text(path, what) as handle:
+        collected = 0
+        for text in _calibration_texts(handle, what, str(path).endswith(".txt"), cap):
+            texts.append(text)
+            collected += min(len(text), MAX_TOKENS_PER_TEXT)
+            if collected >= wanted:
+                break
     if not texts:
-        raise LorasuiteError(f"calibration data {shown!r} holds no text")
+        raise LorasuiteError(f"{what} holds no text")
     return texts
 
 
