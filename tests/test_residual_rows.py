@@ -7,7 +7,7 @@ import torch
 
 from lorasuite_core.models.loading import load_base_model
 from lorasuite_core.testing.upgrade import UpgradeSpec, make_tiny_model_dir, upgrade_model_dir
-from lorasuite_core.transfer.residual import first_layer_inputs, residual_transfer
+from lorasuite_core.transfer.residual import residual_transfer
 from lorasuite_core.transfer.vocab import shared_vocabulary
 
 
@@ -15,7 +15,7 @@ from lorasuite_core.transfer.vocab import shared_vocabulary
 def test_gathered_rows_equal_the_full_effective_embeddings(family, tmp_path):
     model = load_base_model(make_tiny_model_dir(family, tmp_path / family, seed=2))
     ids = np.array([7, 3, 3, 40, 0, 11], dtype=np.int64)          # unordered, repeated
-    rows = first_layer_inputs(model, ids)
+    rows = model.effective_embeddings(ids)
     assert rows.dtype == torch.float64 and rows.shape == (6, model.dims.hidden)
     assert torch.equal(rows, model.effective_embeddings()[torch.as_tensor(ids)])
 

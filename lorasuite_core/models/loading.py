@@ -168,13 +168,19 @@ class SafetensorsWeights:
     def __contains__(self, name: str) -> bool:
         return name in self.shard_of
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``name`` in its stored dtype; with ``rows`` (int64 ids) only those rows, read from the
+        row range [min, max] of the file (a safetensors slice: the other rows are never paged in)."""
         if name not in self.shard_of:
             raise LorasuiteError(f"weight {name!r} not found in {self.model_dir}")
         path = self.model_dir / self.shard_of[name]
         try:
             with safe_open(path, framework="pt") as f:
-                tensor = f.get_tensor(name)
+                if rows is None:
+                    tensor = f.get_tensor(name)
+                else:
+                    lo, hi = int(rows.min()), int(rows.max()) + 1
+                    tensor = f.get_slice(name)[lo:hi][rows - lo]
         except (SafetensorError, OSError, ValueError) as exc:
             raise LorasuiteError(f"corrupt safetensors file {path}: {exc}") from exc
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -193,8 +199,8 @@ class LoadedModel:
     dims: Dims
     weights: SafetensorsWeights = field(repr=False)
 
-    def weight(self, name: str) -> torch.Tensor:
-        return self.weights.get(name).to(torch.float64)
+    def weight(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.weights.get(name, rows).to(torch.float64)
 
     def layer_weight(self, layer: int, path: str, suffix: str = "weight") -> torch.Tensor:
         return self.weight(self.family.layer_weight(layer, path, suffix))
@@ -215,10 +221,14 @@ class LoadedModel:
     def embedding_scale(self) -> float:
         return self.dims.hidden ** 0.5 if self.family.embedding_scale == "sqrt_hidden" else 1.0
 
-    def effective_embeddings(self) -> torch.Tensor:
+    def effective_embeddings(self, ids=None) -> torch.Tensor:
         """What the first layer receives for each token id (vocab × hidden, float64): the embedding
-        rows times the family's scale, through the family's embedding norm where it has one."""
-        E = self.weight(self.family.embedding) * self.embedding_scale
+        rows times the family's scale, through the family's embedding norm where it has one.
+
+        ``ids`` (any integer sequence): only those rows (len(ids) × hidden), read alone from the
+        checkpoint; the operations are row-wise, so the values equal the full table's rows."""
+        rows = None if ids is None else torch.as_tensor(ids, dtype=torch.long)
+        E = self.weight(self.family.embedding, rows) * self.embedding_scale
         norm = self.family.embedding_norm
         if norm is None:
             return E

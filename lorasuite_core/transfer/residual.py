@@ -30,7 +30,7 @@ in families with a norm after the sub-block — into the input of that post-norm
 Its overall scale is immaterial: the per-head / per-neuron least-squares maps absorb it.
 
 Cost. Only the rows of the n ≤ MAX_FIT_TOKENS fitted tokens are gathered (in the checkpoint's
-dtype) and turned into float64 first-layer inputs (:func:`first_layer_inputs`): never the
+dtype) and turned into float64 first-layer inputs (``LoadedModel.effective_embeddings(ids)``): never the
 vocab × hidden float64 matrices (151,936 × 1,536 · 8 bytes = 1.9 GB for Qwen2.5-1.5B). The
 three Grams G_n = E_nᵀE_n (D × D), G_o = E_oᵀE_o (d × d) and C = E_nᵀE_o (D × d) are formed
 once in float64 (n·(D² + d² + D·d) multiply-adds) and both solves use them; the two fits
@@ -40,12 +40,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.models.loading import LoadedModel, apply_norm
+from lorasuite_core.models.loading import LoadedModel
 from lorasuite_core.transfer.vocab import SharedVocabulary
 
 TINY_GAIN = 1e-12
@@ -77,44 +75,6 @@ def _lstsq_rank_limited(gram: torch.Tensor, cross: torch.Tensor, rank: int) -> t
     return V_k @ ((V_k.T @ cross) / eigenvalues[:keep, None])
 
 
-def embedding_rows(model: LoadedModel, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``index`` of the embedding table in its stored dtype, reading only the row range
-    [min, max] of the checkpoint (a safetensors slice: the file's other rows are never paged in)."""
-    name = model.family.embedding
-    if name not in model.weights.shard_of:
-        raise LorasuiteError(f"weight {name!r} not found in {model.weights.model_dir}")
-    path = model.weights.model_dir / model.weights.shard_of[name]
-    lo, hi = int(index.min()), int(index.max()) + 1
-    try:
-        with safe_open(path, framework="pt") as f:
-            rows = f.get_slice(name)[lo:hi][index - lo]
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise LorasuiteError(f"corrupt safetensors file {path}: {exc}") from exc
-    if rows.is_floating_point() and not torch.isfinite(rows).all():
-        raise LorasuiteError(f"model {model.weights.model_dir}: weight {name} holds NaN or Inf")
-    return rows
-
-
-def first_layer_inputs(model: LoadedModel, ids: np.ndarray) -> torch.Tensor:
-    """``model.effective_embeddings()[ids]`` (len(ids) × hidden, float64) from the gathered rows only.
-
-    The same row-wise operations as :meth:`LoadedModel.effective_embeddings` (scale, then the
-    embedding norm where the family has one) applied after gathering, so the values are equal;
-    only the rows' range of the table is read (:func:`embedding_rows`), in its stored dtype. A model object
-    that offers only ``effective_embeddings()`` is indexed after the fact.
-    """
-    index = torch.as_tensor(ids, dtype=torch.long)
-    if not hasattr(model, "weights"):
-        return model.effective_embeddings()[index]
-    E = embedding_rows(model, index).to(torch.float64) * model.embedding_scale
-    norm = model.family.embedding_norm
-    if norm is None:
-        return E
-    gain = model.weight(f"{norm}.weight") + model.family.norm_weight_offset
-    bias = model.weight(f"{norm}.bias") if f"{norm}.bias" in model.weights else None
-    return apply_norm(E, model.family.norm_kind, gain, bias, model.dims.norm_eps)
-
-
 def residual_transfer(old: LoadedModel, new: LoadedModel, shared: SharedVocabulary) -> ResidualTransfer:
     d = old.dims.hidden
     if len(shared) < d:
@@ -123,8 +83,8 @@ def residual_transfer(old: LoadedModel, new: LoadedModel, shared: SharedVocabula
             f"hidden size {d}: the residual-stream transfer matrix would be underdetermined"
         )
     fit = slice(0, MAX_FIT_TOKENS)    # ids are in merge order: the most frequent tokens come first
-    E_o = first_layer_inputs(old, shared.old_ids[fit])     # n × d, float64
-    E_n = first_layer_inputs(new, shared.new_ids[fit])     # n × D, float64
+    E_o = old.effective_embeddings(shared.old_ids[fit])    # n × d, float64 (only these rows read)
+    E_n = new.effective_embeddings(shared.new_ids[fit])    # n × D, float64
     rank = min(d, new.dims.hidden)
     cross = E_n.T @ E_o                                    # D × d
     # contiguous: a transposed view multiplies in another BLAS order than the same matrix
