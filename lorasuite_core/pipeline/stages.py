@@ -62,7 +62,8 @@ from lorasuite_core.transfer.cka import minibatch_cka
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.transfer.layer_mapping import fixed_mapping, map_layers
 from lorasuite_core.pipeline.layer_results import load_layer_result, save_layer_result
-from lorasuite_core.models.loading import LoadedModel, LoraAdapter, load_base_model, load_lora_adapter, resolve_local_dir
+from lorasuite_core.models.loading import (ADALORA_INIT_R, LoadedModel, LoraAdapter, adapter_variant, load_base_model,
+                                           load_lora_adapter, resolve_local_dir)
 from lorasuite_core.transfer.adapter import (REPORT_NAME, PairAnalysis, adapter_config, adapter_tensors,
                       build_report, check_adapter_fits, effective_head_mapping, head_mapping_entries, combine_layers, match_layer_pair, sources_by_new_layer,
                       transfer_new_layer, write_adapter_dir)
@@ -317,6 +318,7 @@ class TrainJob(Schema):
     rank: int = 0
     alpha: float = 0.0
     targets: list[str] = []
+    use_dora: bool = False
 
 
 class EvalJob(Schema):
@@ -423,13 +425,20 @@ def _distill_key_parts(plan: PairPlan, adapter_identity: str, options: Migration
 
 
 def _vanilla_job(plan: PairPlan, adapter: LoraAdapter, options: MigrationOptions, data: str) -> TrainJob:
-    rank = int(adapter.config.get("r", 8))
+    """The source adapter's kind, rank, alpha and targets: a DoRA source gets a fresh DoRA, an AdaLoRA
+    source a fresh LoRA at its initial rank ``init_r`` (AdaLoRA's budget schedule is a function of the
+    original run's step count, which the adapter does not record)."""
+    variant = adapter_variant(adapter.config)
+    rank = int(adapter.config.get("init_r", ADALORA_INIT_R) if variant == "adalora" else adapter.config.get("r", 8))
     alpha = float(adapter.config.get("lora_alpha", rank))
     targets = sorted(adapter.target_names)
+    use_dora = variant == "dora"
     key = stage_key("vanilla", model=plan.new_identity, data=data, samples=options.lft_samples,
-                    epochs=options.lft_epochs, seed=options.seed, rank=rank, alpha=alpha, targets=targets)
+                    epochs=options.lft_epochs, seed=options.seed, rank=rank, alpha=alpha, targets=targets,
+                    use_dora=use_dora)
     return TrainJob(key=key, data=options.lft_data, samples=options.lft_samples, lr=3e-4,
-                    epochs=options.lft_epochs, seed=options.seed, rank=rank, alpha=alpha, targets=targets)
+                    epochs=options.lft_epochs, seed=options.seed, rank=rank, alpha=alpha, targets=targets,
+                    use_dora=use_dora)
 
 
 def _eval_jobs(plan: PairPlan, adapter_identity: str, migrated_key: str, lft: TrainJob | None,
@@ -618,7 +627,7 @@ def quality_gate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, final_
 
 
 def vanilla_baseline(store: StageStore, plan: PairPlan, adapter: AdapterPlan) -> StageResult:
-    """A fresh LoRA (same rank, alpha, targets, data and epochs) trained on the new model."""
+    """A fresh LoRA (same kind, rank, alpha, targets, data and epochs: :func:`_vanilla_job`) trained on the new model."""
     from lorasuite_core.training.train import TrainConfig, train_lora
 
     job = adapter.vanilla
@@ -627,9 +636,9 @@ def vanilla_baseline(store: StageStore, plan: PairPlan, adapter: AdapterPlan) ->
         samples = load_samples(job.data, job.samples, "train", job.seed)
         config = TrainConfig(lr=job.lr, epochs=job.epochs, seed=job.seed, show_progress=False)
         result = train_lora(resolve_local_dir(plan.new_model, "model"), samples, out, rank=job.rank,
-                            alpha=job.alpha, targets=job.targets, config=config)
+                            alpha=job.alpha, targets=job.targets, config=config, use_dora=job.use_dora)
         _restore_base_reference(out, plan.new_model)
-        return _train_facts(result)
+        return {**_train_facts(result), "kind": "dora" if job.use_dora else "lora", "rank": job.rank}
 
     return store.run("vanilla", job.key, compute)
 

@@ -261,25 +261,25 @@ def _groups(batches: list[list[int]], grad_accum: int) -> Iterator[list[list[int
 
 # --------------------------------------------------------------------------- model preparation
 
-def _lora_config(rank: int, alpha: float, targets: Sequence[str]):
+def _lora_config(rank: int, alpha: float, targets: Sequence[str], use_dora: bool = False):
     from peft import LoraConfig
 
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
-                      task_type="CAUSAL_LM")
+                      task_type="CAUSAL_LM", use_dora=use_dora)
 
 
 def prepare_fresh_lora(model_dir: str | Path, *, rank: int = 16, alpha: float = 32,
                        targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0, dtype: str = "auto",
-                       device: str = "auto"):
-    """Base model + new PEFT LoRA (seeded init); returns ``(peft_model, tokenizer)``."""
+                       device: str = "auto", use_dora: bool = False):
+    """Base model + new PEFT LoRA (DoRA with ``use_dora``; seeded init); returns ``(peft_model, tokenizer)``."""
     from peft import get_peft_model
 
     model = load_causal_lm(model_dir, dtype=dtype, device=device)
     check_targets(model, targets)
     torch.manual_seed(seed)
-    peft_model = get_peft_model(model, _lora_config(rank, alpha, targets))
+    peft_model = get_peft_model(model, _lora_config(rank, alpha, targets, use_dora))
     return peft_model, load_tokenizer(model_dir)
 
 
@@ -430,12 +430,14 @@ def _finish(peft_model, out_dir, config: TrainConfig, losses: list[float], n_sam
 
 def train_lora(model_dir: str | Path, samples: Sequence[Sample], out_dir: str | Path, *, rank: int = 16,
                alpha: float = 32, targets: Sequence[str] = DEFAULT_TARGETS,
-               config: TrainConfig | None = None) -> TrainResult:
-    """Train a fresh LoRA adapter on ``model_dir`` and save it (PEFT safetensors) to ``out_dir``."""
+               config: TrainConfig | None = None, use_dora: bool = False) -> TrainResult:
+    """Train a fresh LoRA (DoRA with ``use_dora``) adapter on ``model_dir`` and save it (PEFT safetensors) to ``out_dir``."""
     config = config or TrainConfig()
     peft_model, tokenizer = prepare_fresh_lora(model_dir, rank=rank, alpha=alpha, targets=targets,
-                                               seed=config.seed, dtype=config.dtype, device=config.device)
-    logger.info("training fresh LoRA r=%d alpha=%s on %s with %d samples", rank, alpha, model_dir, len(samples))
+                                               seed=config.seed, dtype=config.dtype, device=config.device,
+                                               use_dora=use_dora)
+    logger.info("training fresh %s r=%d alpha=%s on %s with %d samples", "DoRA" if use_dora else "LoRA", rank, alpha,
+                model_dir, len(samples))
     return _run_training(peft_model, tokenizer, samples, out_dir, config)
 
 
