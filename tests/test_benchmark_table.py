@@ -137,6 +137,13 @@ def test_qwen_distill_targets(bench):
     stages["eval_vanilla_lora_100"] = _wilson(80, 200)                                      # now clearly below
     assert bench.distill_targets(stages, "qwen")[2].startswith("- transfer + distill-100 above vanilla LoRA-100 "
                                                                "outside the CI: met")
+    del stages["train_full"]                                       # not run: estimated from vanilla's steps
+    stages["train_vanilla_100"] = {"cpu_seconds": 1300.0, "steps": 13}
+    stages["train_old_adapter"] = {"steps": 50, "n_samples": 400}
+    assert bench.distill_targets(stages, "qwen")[3] == (
+        "- transfer + distill-100 time ≤ 10% of full retraining (estimated: full retraining not run): NOT met (CPU "
+        "seconds: transfer 200 + distill 700 (whole stage) = 18.0% of an estimated 5000 for 50 steps (400 samples) at "
+        "vanilla LoRA-100's 100 CPU s per step on the same model)")
 
 
 def test_cross_distill_is_held_against_the_like_for_like_labelled_row_when_measured(bench):
