@@ -73,8 +73,8 @@ def test_transfer_matrices_are_contiguous_like_reloaded_ones():
         def __init__(self, E):
             self.E, self.dims = E, type("D", (), {"hidden": E.shape[1]})
 
-        def effective_embeddings(self):
-            return self.E
+        def effective_embeddings(self, ids=None):
+            return self.E if ids is None else self.E[torch.as_tensor(ids)]
 
     ids = np.arange(12, dtype=np.int64)
     rt = residual_transfer(Toy(E_o), Toy(E_n), SharedVocabulary(ids, ids))

@@ -22,7 +22,7 @@ CASES = {
     "qwen2": {"tie_word_embeddings": True},     # biases on q/k/v; lm_head is the embedding
     "gemma3": {"num_hidden_layers": 5},         # sliding (window 4) and full layers, scaled embeddings
     "gpt_neox": {},                             # parallel residual, partial rotary
-    "bloom": {},                                # ALiBi bias, embedding LayerNorm, fused QKV
+    "bloom": {"num_hidden_layers": 4},          # ALiBi bias, embedding LayerNorm, fused QKV; takes output[0]
 }
 
 

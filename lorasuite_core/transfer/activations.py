@@ -219,10 +219,10 @@ class _AllLayersSeen(Exception):
 class _LayerInputs(nn.Module):
     """Stands in for decoder layer ``index`` while the model's own forward prepares the layers' inputs.
 
-    It hands its input on unchanged (some models take ``output[0]`` of a layer, so what later
-    stand-ins receive may be a slice; only layer 0's input and every layer's other arguments
-    -- masks, rotary tables, ALiBi biases, computed before the layer loop -- are kept), and the
-    last one stops the forward."""
+    It hands its input on as a 1-tuple, which a model that takes ``output[0]`` of a layer (BLOOM)
+    unpacks and one that takes the output whole passes to the next stand-in as is; only layer 0's
+    input and every layer's other arguments -- masks, rotary tables, ALiBi biases, computed before
+    the layer loop -- are kept. The last stand-in stops the forward."""
 
     def __init__(self, index: int, calls: list, last: bool):
         super().__init__()
@@ -232,7 +232,7 @@ class _LayerInputs(nn.Module):
         self.calls.append((self.index, hidden_states, args, kwargs))
         if self.last:
             raise _AllLayersSeen
-        return hidden_states
+        return (hidden_states,)
 
 
 def _checkpoint_tensors(base: LoadedModel, prefix: str, names: list[str]) -> dict[str, torch.Tensor]:
