@@ -669,9 +669,11 @@ def targets(stages: dict, pair: str) -> list[str]:
     def check(label, ok):
         lines.append(f"- {label}: {'met' if ok else 'NOT met' if ok is not None else 'not measured'}")
 
-    for lft in (r for r in rows(stages) if r == "lorasuite_lft_100" or SHORT_ROW.match(r)
-                and r.startswith("lorasuite_lft_100")):
-        vanilla = "vanilla_lora_100" + lft[len("lorasuite_lft_100"):]          # the same number of epochs
+    graph_epochs = stages.get("lft_100_graph", {}).get("options", {}).get("lft_epochs", 1)
+    for lft in (r for r in rows(stages, pair) if r == "lorasuite_lft_100" or SHORT_ROW.match(r)
+                and r.startswith("lorasuite_lft_100") or r == "lorasuite_lft_100_graph"):
+        vanilla = ("vanilla_lora_100" + lft[len("lorasuite_lft_100"):] if lft != "lorasuite_lft_100_graph"
+                   else f"vanilla_lora_100_{graph_epochs}ep")                  # the same number of epochs
         a, b = acc(lft), acc(vanilla)
         check(f"LoRASuite + LFT-100 above vanilla LoRA-100 ({lft} vs {vanilla})", None if None in (a, b) else a > b)
         if pair == "within":
