@@ -304,3 +304,22 @@ def test_synthesis_filters_evaluation_prompts_and_near_duplicates(teacher, monke
     monkeypatch.setattr(D, "_sample_continuations", lambda *args: [evaluation[0]])
     with pytest.raises(LorasuiteError, match="no usable prompt"):
         D.synthesise_prompts(model, tokenizer, seeds, 2, exclude=evaluation, config=D.SynthesisConfig(max_rounds=2))
+
+
+def test_synthesis_budget_grows_with_the_number_asked(monkeypatch):
+    """A teacher that keeps one candidate in ten still gets enough rounds: ceil(12 n / batch) by default."""
+    calls = []
+
+    def one_in_ten(model, tokenizer, requests, config, torch_seed):
+        calls.append(len(requests))
+        return [f" How many pens does pupil {len(calls)}-{i} hold now?" if i % 10 == 0 else "no question here"
+                for i in range(len(requests))]
+
+    monkeypatch.setattr(D, "_sample_continuations", one_in_ten)
+    config = D.SynthesisConfig(batch_size=10, near_duplicate=0.99)
+    kept = D.synthesise_prompts(None, None, ["How many apples are left?"], 30, config=config)
+    assert len(kept) == 30 and len(calls) == 30                     # one kept per round of 10; budget 36 rounds
+    calls.clear()
+    monkeypatch.setattr(D, "_sample_continuations", lambda *a: ["nothing"] * 10)
+    with pytest.raises(LorasuiteError, match="no usable prompt .* in 36 rounds"):
+        D.synthesise_prompts(None, None, ["How many apples are left?"], 30, config=config)

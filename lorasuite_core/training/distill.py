@@ -66,7 +66,8 @@ after its last ``?`` (a prompt must look like a question; configurable), kept wi
 and dropped when it is an exact or near duplicate -- word-trigram Jaccard similarity at or above
 ``near_duplicate`` after lower-casing and stripping punctuation -- of any seed, any excluded
 (evaluation) prompt, or any prompt already accepted.  Rounds repeat until ``n`` prompts are kept or
-``max_rounds`` have run.
+``ceil(candidates_per_prompt · n / batch_size)`` rounds (or ``max_rounds``) have run: the
+budget grows with ``n``, since a small teacher may keep only one candidate in ten.
 
 Models and adapters are read from safetensors only; ``trust_remote_code`` is False.
 """
@@ -76,6 +77,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -327,19 +329,21 @@ class SynthesisConfig:
     """How :func:`synthesise_prompts` asks, samples and filters."""
 
     shots: int = 3
-    batch_size: int = 8
+    batch_size: int = 16
     max_new_tokens: int = 96
     temperature: float = 0.8
     top_p: float = 0.95
-    max_rounds: int = 20
+    candidates_per_prompt: int = 12   # sampling budget: rounds = ceil(this x n / batch_size) ...
+    max_rounds: int | None = None     # ... unless given
     min_chars: int = 20
     max_chars: int = 500
     require_question: bool = True
     near_duplicate: float = 0.7
 
     def __post_init__(self) -> None:
-        for name in ("shots", "batch_size", "max_new_tokens", "max_rounds", "min_chars", "max_chars"):
-            if getattr(self, name) < 1:
+        for name in ("shots", "batch_size", "max_new_tokens", "candidates_per_prompt", "min_chars", "max_chars",
+                     "max_rounds"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"SynthesisConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"need temperature > 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
@@ -393,7 +397,10 @@ def synthesise_prompts(model, tokenizer, seeds: Sequence[Prompt | str], n: int, 
     for item in exclude:
         seen.add(item.text if isinstance(item, Prompt) else str(item))
     kept: list[Prompt] = []
-    for round_ in range(config.max_rounds):
+    rounds = config.max_rounds or math.ceil(config.candidates_per_prompt * n / config.batch_size)
+    for round_ in range(rounds):
+        if round_ and round_ % 10 == 0:
+            logger.info("prompt synthesis: %d of %d prompts after %d of at most %d rounds", len(kept), n, round_, rounds)
         rng = random.Random(f"synth:{seed}:{round_}")
         requests = [fewshot_request(rng.sample(seeds, min(config.shots, len(seeds))))
                     for _ in range(config.batch_size)]
@@ -407,9 +414,8 @@ def synthesise_prompts(model, tokenizer, seeds: Sequence[Prompt | str], n: int, 
                 return kept
     if not kept:
         raise LorasuiteError(f"the teacher wrote no usable prompt from {len(seeds)} seed prompts in "
-                             f"{config.max_rounds} rounds; give unlabelled prompts instead")
-    logger.warning("prompt synthesis kept %d of the %d prompts asked for after %d rounds", len(kept), n,
-                   config.max_rounds)
+                             f"{rounds} rounds; give unlabelled prompts instead")
+    logger.warning("prompt synthesis kept %d of the %d prompts asked for after %d rounds", len(kept), n, rounds)
     return kept
 
 
