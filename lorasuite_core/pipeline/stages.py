@@ -292,8 +292,7 @@ def head_similarity(store: StageStore, plan: PairPlan, vocabulary_uri: str, tran
         for i, j in mapping:
             analysis.matches[i] = match_layer_pair(old, new, rt, i, j, plan.analysis.head_mapping)
         save_matches(analysis.matches, out)
-        return {"layer_mapping": [[i, j] for i, j in mapping], "head_mapping_used": heads_used,
-                "head_mapping": head_mapping_entries(analysis),
+        return {"layer_mapping": [[i, j] for i, j in mapping], "head_mapping": head_mapping_entries(analysis),
                 "shared_vocabulary_size": len(analysis.shared), "calibration": analysis.calibration}
 
     return store.run("head_similarity", plan.stage_keys["head_similarity"], compute)
