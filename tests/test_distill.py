@@ -150,6 +150,7 @@ def test_kl_through_a_renumbered_vocabulary(tmp_path):
     """New tokenizer: ids permuted + added tokens. Targets are the student's own encoding of the teacher's
     text; on canonical completions every position aligns and the KL of an exact upgrade is ~0; a generated
     byte that is not valid UTF-8 ends the aligned part of its example."""
+    from lorasuite_core.models.tokens import _byte_level_decoder, token_surfaces
     from lorasuite_core.testing.upgrade import UpgradeSpec
     from lorasuite_core.transfer.vocab import shared_vocabulary
 
@@ -178,12 +179,32 @@ def test_kl_through_a_renumbered_vocabulary(tmp_path):
     assert batch["input_ids"].max() < student.get_base_model().config.vocab_size
 
     generated = D.greedy_completions(teacher_model, teacher_tok, prompts, **GEN)   # tiny random model: byte soup
+    parted = 0
     for example, completion in zip(D.distillation_examples(student_tok, teacher_tok, prompts, generated, 256,
-                                                           token_map), generated):
+                                                           token_map), generated, strict=True):
         target = [label for label in example["labels"] if label != -100][:-1]
         assert target == student_tok(completion.text, add_special_tokens=False)["input_ids"]
+        t_bytes, s_bytes = (token_surfaces(tok, ids) for tok, ids in ((teacher_tok, completion.ids), (student_tok, target)))
+        same = b"".join(t_bytes) == b"".join(s_bytes)
         pairs = example.get("kl_pairs", [])
-        assert all(token_map.student_of(completion.ids[i]) == target[j] for i, j in pairs if j < len(target))
+        n = len(pairs) - same                           # the EOS pair only where both spell the same bytes
+        # one tokenizer renumbered: the segmentations agree token for token up to where the spellings part
+        assert n >= 1 and pairs[:n] == [(k, k) for k in range(n)]
+        assert [token_map.student_of(t) for t in completion.ids[:n]] == target[:n]
+        assert b"".join(t_bytes[:n]) == b"".join(s_bytes[:n])
+        if not same:   # ... and the first teacher token not compared is where they part
+            parted += 1
+            head = b"".join(t_bytes[:n + 1])
+            assert head != b"".join(s_bytes)[:len(head)]
+    assert parted >= 1   # the generated completions do exercise a spelling that parts
+
+    # "a" + an incomplete 4-byte sequence (3 bytes) + "x": the student reads U+FFFD, also 3 bytes, so "x" starts
+    # at the same offset and maps -- yet the bytes before it differ, so it predicts a different event
+    to_char = {b: c for c, b in _byte_level_decoder().items()}
+    ids = teacher_tok.convert_tokens_to_ids(["a", *(to_char[b] for b in b"\xf0\x9f\x98"), "x"])
+    student_ids = student_tok(teacher_tok.decode(ids), add_special_tokens=False)["input_ids"]
+    assert len(student_ids) == len(ids) and token_map.student_of(ids[-1]) == student_ids[-1]
+    assert D.aligned_positions(teacher_tok, ids, student_tok, student_ids, token_map) == [(0, 0)]
 
 
 def _toy_tokenizers():

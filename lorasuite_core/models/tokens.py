@@ -10,6 +10,7 @@ tokenizations of one text be compared by byte offsets.
 from __future__ import annotations
 
 import re
+import weakref
 from functools import lru_cache
 from typing import Sequence
 
@@ -32,7 +33,24 @@ def _byte_level_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars)}
 
 
+_KINDS: "weakref.WeakKeyDictionary[object, str]" = weakref.WeakKeyDictionary()
+
+
 def decoder_kind(tokenizer) -> str:
+    """"byte_level" (GPT-2's byte alphabet) or "metaspace" (SentencePiece spelling), once per tokenizer."""
+    try:
+        return _KINDS[tokenizer]
+    except (KeyError, TypeError):   # TypeError: an object that takes no weak reference
+        pass
+    kind = _decoder_kind(tokenizer)
+    try:
+        _KINDS[tokenizer] = kind
+    except TypeError:
+        pass
+    return kind
+
+
+def _decoder_kind(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return "metaspace"
