@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from lorasuite_core.pipeline import stages
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.testing.upgrade import make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.training import distill as D
 from lorasuite_core.training.gate import QualityGateFailed
 from lorasuite_core.training.task_data import generate_problems
 from tests.distill_setup import EXACT
@@ -44,6 +45,15 @@ def test_distilled_lft_from_unlabelled_prompts_and_the_gate(exact):
     assert gate["passed"] and gate["student_agreement"] == 1.0 and gate["n"] == 4
     assert gate["student_agreement"] >= gate["bare_agreement"] + 0.05
     assert report["options"]["lft_mode"] == "distill" and report["steps"]["gate"]["cache"] == "computed"
+    # the gate reused distillation's held-out completions: they are what generating them afresh gives
+    assert gate["reused_completions"] is True
+    [heldout_file] = (root / "store").rglob(stages.HELDOUT)
+    prompts, teacher, student = stages._read_heldout(heldout_file)
+    assert len(prompts) == 4 and teacher is not None and student is not None
+    for model_dir, adapter_dir, stored in ((exact["old"], exact["adapter"], teacher),
+                                           (exact["new"], heldout_file.parent, student)):
+        model, tokenizer = D.load_for_generation(model_dir, adapter_dir)
+        assert D.greedy_completions(model, tokenizer, prompts) == stored
     trained = load_file(root / "out" / "adapter_model.safetensors")
     migrated_only = stages.migrate_in_process(exact["old"], exact["new"], exact["adapter"], root / "transfer",
                                               MigrationOptions(lft=False), SMALL, store_root=str(root / "store"))
@@ -97,3 +107,21 @@ def test_seed_prompts_are_synthesised_by_the_teacher_excluding_evaluation_prompt
                       "seed": 7, "exclude": [s.instruction for s in eval_samples]}]
     lft = report["light_finetune"]
     assert lft["prompt_source"] == "synthesised" and lft["n_prompts"] == 5 and lft["n_heldout"] == 3
+
+
+def test_held_out_records_round_trip_and_malformed_ones_are_one_line_errors(tmp_path):
+    from lorasuite_core.errors import LorasuiteError
+
+    prompts = [D.Prompt("What is 2 plus 3?"), D.Prompt("Add", "4 and 5")]
+    teacher = [D.Completion(" 5", (20,)), D.Completion(" 9", (21, 22))]
+    student = [D.Completion(" 5", (30,)), D.Completion(" 8", (31,))]
+    path = tmp_path / stages.HELDOUT
+    stages._write_heldout(path, prompts, teacher, student)
+    assert stages._read_heldout(path) == (prompts, teacher, student)
+    path.write_text(json.dumps([{"instruction": "What is 2 plus 3?"}]))          # prompts only: generate the rest
+    assert stages._read_heldout(path) == ([D.Prompt("What is 2 plus 3?")], None, None)
+    for bad in ("{", "[]", '[{"input": "x"}]', '[{"instruction": "q", "teacher": {"text": "t", "ids": ["1"]}}]'):
+        path.write_text(bad)
+        with pytest.raises(LorasuiteError, match=r"^distillation's held-out prompts .*: ") as info:
+            stages._read_heldout(path)
+        assert "\n" not in str(info.value)

@@ -595,8 +595,48 @@ def _distill(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated: 
     report = D.distill(teacher_dir, source_dir, resolve_local_dir(plan.new_model, "model"), migrated, out, train,
                        heldout=heldout, config=D.DistillConfig(kl_weight=o.lft_kl_weight, train=config),
                        shared_ids=(vocabulary.old_ids.tolist(), vocabulary.new_ids.tolist()), prompt_source=source)
-    (out / HELDOUT).write_text(json.dumps([{"instruction": p.instruction, "input": p.input} for p in heldout]))
+    _write_heldout(out / HELDOUT, heldout, report.heldout_teacher, report.heldout_student)
     return {"lft_mode": "distill", **report.to_dict()}
+
+
+def _write_heldout(path: Path, prompts: list, teacher: list, student: list) -> None:
+    """Distillation's held-out prompts with the teacher's and the distilled student's greedy completions on them
+    (generated as the gate generates them), so the gate only has the bare model left to generate."""
+    as_dict = lambda c: {"text": c.text, "ids": list(c.ids)}
+    path.write_text(json.dumps([{"instruction": p.instruction, "input": p.input, "teacher": as_dict(t),
+                                 "student": as_dict(s)} for p, t, s in zip(prompts, teacher, student, strict=True)]))
+
+
+def _read_heldout(path: Path) -> tuple[list, list | None, list | None]:
+    """``(prompts, teacher completions, student completions)`` of :func:`_write_heldout` (completions None in a
+    record written without them); a malformed file is a one-line error, not a traceback."""
+    from lorasuite_core.training import distill as D
+
+    def completion(record: dict, key: str):
+        value = record.get(key)
+        if value is None:
+            return None
+        if not (isinstance(value, dict) and isinstance(value.get("text"), str) and isinstance(value.get("ids"), list)
+                and all(isinstance(i, int) and not isinstance(i, bool) for i in value["ids"])):
+            raise ValueError(f"{key} is not a {{text, ids}} completion")
+        return D.Completion(value["text"], tuple(value["ids"]))
+
+    try:
+        records = json.loads(path.read_text())
+        if not isinstance(records, list) or not records:
+            raise ValueError("not a non-empty list")
+        prompts, teacher, student = [], [], []
+        for record in records:
+            if not isinstance(record, dict) or not isinstance(record.get("instruction"), str) \
+                    or not isinstance(record.get("input", ""), str):
+                raise ValueError("a record without a string instruction")
+            prompts.append(D.Prompt(record["instruction"], record.get("input", "")))
+            teacher.append(completion(record, "teacher"))
+            student.append(completion(record, "student"))
+    except (OSError, ValueError) as exc:
+        raise LorasuiteError(f"distillation's held-out prompts {path}: {exc}") from None
+    whole = lambda items: items if all(c is not None for c in items) else None
+    return prompts, whole(teacher), whole(student)
 
 
 def quality_gate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, final_uri: str) -> StageResult:
@@ -610,15 +650,23 @@ def quality_gate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, final_
     def compute(out: Path) -> dict:
         final = store.local_dir(final_uri)
         prompts, answers = _heldout_eval(o)
+        teacher_completions = student_completions = None
+        if (final / HELDOUT).exists():   # a distilled adapter: its held-out prompts, already generated on
+            stored_prompts, teacher_completions, student_completions = _read_heldout(final / HELDOUT)
+            if prompts and stored_prompts != prompts:   # (the eval data's, when given: the same prompts)
+                raise LorasuiteError(f"distillation's held-out prompts in {final} are not the evaluation data's "
+                                     f"first {o.gate_prompts}")
+            prompts = stored_prompts
         if not prompts:
-            prompts = [D.Prompt(**p) for p in json.loads((final / HELDOUT).read_text())]
-        teacher, tokenizer = D.load_for_generation(resolve_local_dir(plan.old_model, "model"),
-                                          resolve_local_dir(adapter.adapter, "adapter"))
-        teacher_completions = D.greedy_completions(teacher, tokenizer, prompts)
-        del teacher
+            raise LorasuiteError("quality gate: no held-out prompts (no evaluation data and no distillation)")
+        if teacher_completions is None:
+            teacher, tokenizer = D.load_for_generation(resolve_local_dir(plan.old_model, "model"),
+                                                       resolve_local_dir(adapter.adapter, "adapter"))
+            teacher_completions = D.greedy_completions(teacher, tokenizer, prompts)
+            del teacher
         result = run_gate(resolve_local_dir(plan.new_model, "model"), final, prompts, teacher_completions,
-                          answers=answers, margin=o.gate_margin)
-        return result.to_dict()
+                          answers=answers, margin=o.gate_margin, student_completions=student_completions)
+        return {**result.to_dict(), "reused_completions": student_completions is not None}
 
     stored = store.run("gate", adapter.gate_key, compute)
     check_gate(GateResult(**{k: stored.facts[k] for k in GateResult.__dataclass_fields__ if k in stored.facts}))
