@@ -35,8 +35,19 @@ later writes. Artifacts a recorded stage produced but that are gone from the wor
 rebuilt when a new row needs them (``rebuilt_<stage>``, with a check that the retraining reproduced the recorded
 final loss). ``--markdown`` renders the table.
 
-Differences between two rows are stated with Newcombe's interval for a difference of proportions (from the two
-Wilson intervals); a difference whose 95% interval contains 0 is "inside the noise".
+Differences between two rows are stated with Newcombe's interval for a difference of proportions, built from the
+two rows' Wilson intervals; a difference whose 95% interval contains 0 is "inside the noise". Rows evaluated on the
+same test problems are paired (each row records which problems it solved), so the interval is the paired one
+(Newcombe 1998, "paired data", method 10): with r problems both rows solve, s only the first, t only the second and
+u neither (n in all), p1 = (r+s)/n, p2 = (r+t)/n, Wilson limits l_i, u_i, and the correlation of the two
+proportions estimated from A = r·u − s·t as psi = (A − n/2)/√((r+s)(t+u)(r+t)(s+u)) when A > n/2, A/√(…) when
+A < 0, else 0 (0 also when a margin is empty),
+
+    d = p1 − p2,  low = d − √((p1−l1)² − 2·psi·(p1−l1)(u2−p2) + (u2−p2)²),
+                  high = d + √((p2−l2)² − 2·psi·(p2−l2)(u1−p1) + (u1−p1)²).
+
+psi = 0 gives the interval for independent samples (Newcombe 1998, method 10 of the independent case), which is
+used where a row lacks its per-problem results; rows that agree on most problems get a much narrower interval.
 
 Usage
   python benchmarks/migration_benchmark.py --pair cross                  # N = 2000, 500 test problems
@@ -699,9 +710,37 @@ def targets(stages: dict, pair: str) -> list[str]:
     return lines
 
 
+def paired_counts(a: dict, b: dict) -> tuple[int, int, int, int] | None:
+    """``(r, s, t, u)`` -- problems both rows solved, only ``a``, only ``b``, neither -- from their
+    ``correct_mask``; None unless both rows have one, over the same number of problems."""
+    ma, mb = a.get("correct_mask"), b.get("correct_mask")
+    if not (isinstance(ma, str) and isinstance(mb, str) and ma and len(ma) == len(mb)):
+        return None
+    pairs = list(zip(ma, mb))
+    return tuple(pairs.count(k) for k in (("1", "1"), ("1", "0"), ("0", "1"), ("0", "0")))  # type: ignore[return-value]
+
+
+def paired_interval(r: int, s: int, t: int, u: int) -> tuple[float, float, float]:
+    """``(d, low, high)`` for p1 - p2 on paired data (Newcombe 1998, paired method 10; the module docstring)."""
+    from lorasuite_core.training.evaluation import wilson_interval
+
+    n = r + s + t + u
+    p1, p2 = (r + s) / n, (r + t) / n
+    (l1, u1), (l2, u2) = wilson_interval(r + s, n), wilson_interval(r + t, n)
+    margins = (r + s) * (t + u) * (r + t) * (s + u)
+    A = r * u - s * t
+    psi = 0.0 if margins == 0 else (A - n / 2) / margins ** 0.5 if A > n / 2 else A / margins ** 0.5 if A < 0 else 0.0
+    d = p1 - p2
+    low = d - max((p1 - l1) ** 2 - 2 * psi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0) ** 0.5
+    high = d + max((p2 - l2) ** 2 - 2 * psi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2, 0.0) ** 0.5
+    return d, low, high
+
+
 def diff_ci(a: dict, b: dict) -> tuple[float, float, float]:
-    """``(d, low, high)``: accuracy difference a - b with Newcombe's 95% interval (method 10: from the two Wilson
-    intervals, as if the samples were independent; the rows share their test problems, so it is conservative)."""
+    """``(d, low, high)``: accuracy difference a - b with Newcombe's 95% interval, paired where both rows say
+    which problems they solved (:func:`paired_interval`), else from the two Wilson intervals as independent."""
+    if (counts := paired_counts(a, b)) is not None:
+        return paired_interval(*counts)
     p1, l1, u1 = a["accuracy"], a["ci_low"], a["ci_high"]
     p2, l2, u2 = b["accuracy"], b["ci_low"], b["ci_high"]
     d = p1 - p2
@@ -912,7 +951,8 @@ def markdown() -> str:
             out += ["", f"Still missing (not yet run): {', '.join(missing)}."]
         out += ["", "Targets:"] + targets(stages, cfg["pair"]) + [""]
         if pair in ("cross", "qwen"):
-            out += ["Ablations (one analysis option changed; Newcombe 95% interval of the accuracy difference):"]
+            out += ["Ablations (one analysis option changed; Newcombe 95% interval of the accuracy difference, paired on the "
+                    "same test problems):"]
             out += ablation_lines(stages) + [""]
         if distill_lines(stages):
             out += ["Distillation (the report's light_finetune):"] + distill_lines(stages) + [""]

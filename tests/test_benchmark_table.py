@@ -118,6 +118,50 @@ def test_newcombe_interval_of_a_difference(bench):
     assert 0.05 < low < 0.06 and 0.24 < high < 0.25
 
 
+def _masks(r: int, s: int, t: int, u: int) -> tuple[dict, dict]:
+    """Two evaluated rows over the same n problems with the paired counts (r, s, t, u)."""
+    a = "1" * r + "1" * s + "0" * t + "0" * u
+    b = "1" * r + "0" * s + "1" * t + "0" * u
+    return ({**_wilson(r + s, len(a)), "correct_mask": a}, {**_wilson(r + t, len(b)), "correct_mask": b})
+
+
+def test_paired_interval_is_the_independent_one_when_the_rows_are_uncorrelated(bench):
+    a, b = _masks(54, 66, 36, 44)        # r·u − s·t = 0: no correlation, psi = 0
+    assert bench.paired_counts(a, b) == (54, 66, 36, 44)
+    unpaired = bench.diff_ci({k: v for k, v in a.items() if k != "correct_mask"}, b)
+    assert bench.diff_ci(a, b) == pytest.approx(unpaired, abs=1e-12)
+    assert unpaired == pytest.approx(bench.diff_ci(*map(_wilson_only, (a, b))))
+
+
+def _wilson_only(row: dict) -> dict:
+    return {k: row[k] for k in ("accuracy", "ci_low", "ci_high")}
+
+
+def test_paired_interval_narrows_when_the_rows_agree(bench):
+    same = _masks(150, 0, 0, 50)          # the same problems solved: no difference, and nothing to doubt it
+    d, low, high = bench.diff_ci(*same)
+    assert d == 0 and -0.02 < low <= 0 <= high < 0.02
+    a, b = _masks(110, 10, 0, 80)         # a solves 10 problems more, b none a does not: outside the noise
+    d, low, high = bench.diff_ci(a, b)
+    _, ind_low, ind_high = bench.diff_ci(*map(_wilson_only, (a, b)))
+    assert d == pytest.approx(0.05) and 0 < low < d < high and ind_low < 0 < ind_high
+    assert high - low < 0.5 * (ind_high - ind_low)
+
+
+def test_paired_interval_covers_the_true_difference_95_percent_of_the_time(bench):
+    """Seeded simulation: 2000 paired samples of n = 200 with P(both, a only, b only, neither) = (.5, .1, .05, .35);
+    the paired interval covers the true difference 0.05 close to 95% of the time, the independent one (it ignores
+    the correlation) nearly always -- it is too wide."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    counts = rng.multinomial(200, [0.5, 0.1, 0.05, 0.35], size=2000)
+    paired = np.mean([(lambda d, lo, hi: lo <= 0.05 <= hi)(*bench.paired_interval(*map(int, c))) for c in counts])
+    independent = np.mean([(lambda d, lo, hi: lo <= 0.05 <= hi)(*bench.diff_ci(
+        *map(_wilson_only, _masks(*map(int, c))))) for c in counts])
+    assert 0.93 <= paired <= 0.97 and independent > 0.99
+
+
 def test_qwen_distill_targets(bench):
     stages = {"eval_lorasuite_distill_100": _wilson(120, 200), "eval_lorasuite_lft_100": _wilson(110, 200),
               "eval_old_adapter": _wilson(130, 200), "eval_vanilla_lora_100": _wilson(105, 200),
