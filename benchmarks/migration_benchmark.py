@@ -48,6 +48,8 @@ A < 0, else 0 (0 also when a margin is empty),
 
 psi = 0 gives the interval for independent samples (Newcombe 1998, method 10 of the independent case), which is
 used where a row lacks its per-problem results; rows that agree on most problems get a much narrower interval.
+The interval covers the sampling of test problems only: each row is one training run (seed 0), so how much a row
+would move with another training seed is not in it.
 
 Usage
   python benchmarks/migration_benchmark.py --pair cross                  # N = 2000, 500 test problems
@@ -949,7 +951,9 @@ def markdown() -> str:
         missing = [r for r in rows(stages, pair) if f"eval_{r}" not in stages]
         if missing:
             out += ["", f"Still missing (not yet run): {', '.join(missing)}."]
-        out += ["", "Targets:"] + targets(stages, cfg["pair"]) + [""]
+        out += ["", "Targets (95% intervals of differences, paired on the same test problems, cover the choice of test "
+                    "problems only: every row is one training run with seed 0, so run-to-run variation of training is "
+                    "not in them):"] + targets(stages, cfg["pair"]) + [""]
         if pair in ("cross", "qwen"):
             out += ["Ablations (one analysis option changed; Newcombe 95% interval of the accuracy difference, paired on the "
                     "same test problems):"]
