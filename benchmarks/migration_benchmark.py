@@ -583,6 +583,9 @@ def run_pair(pair: str, args) -> None:
     if pair == "within":
         res.get("drift_diagnosis", stage_drift_diagnosis, old_dir, str(work / "derived" / "upgraded"), new_dir,
                 old_adapter, migrated, str(work / "migrated-exact"), DIAGNOSIS_PROBLEMS, seed + 1)
+    for s in args.distill_seeds:  # distill-100 again with another training seed: run-to-run variation
+        name, out = f"lorasuite_distill_100_seed{s}", str(work / f"distill-100-seed{s}")
+        row(name, new_dir, out, graph(f"distill_100_seed{s}", out, dict(opts["distill"], seed=s)), needs=old_adapter_ready)
     if args.retime_transfer:  # the transfer once more, alone on the machine with all cores (the ≤ 2 min target)
         res.get("transfer_retimed", stage_migrate, old_dir, new_dir, old_adapter, str(work / "migrated-retimed"))
     for epochs in args.short_lft_epochs:  # a cheaper LFT (and vanilla LoRA) beside the configured one
@@ -603,6 +606,8 @@ def run_pair(pair: str, args) -> None:
 
 
 SHORT_ROW = re.compile(r"^(?P<base>lorasuite_lft_100|vanilla_lora_100)_(?P<epochs>\d+)ep$")
+#: distill-100 repeated with another training seed (``--distill-seeds``): the run-to-run variation of training.
+SEED_ROW = re.compile(r"^lorasuite_distill_100_seed(?P<seed>\d+)$")
 
 
 #: Row -> the stage-graph migration that produced it (its stage name in the results).
@@ -614,11 +619,21 @@ GRAPH_STAGE = {"lorasuite_lft_100_graph": "lft_100_graph", "lorasuite_distill_10
 
 def rows(stages: dict, pair: str | None = None) -> list[str]:
     """The pair's rows (measured or not; without a pair the base rows) and any other measured row, in
-    :data:`ROW_ORDER`, each followed by its fewer-epoch variants (``--short-lft-epochs``) when measured."""
+    :data:`ROW_ORDER`, each followed by its fewer-epoch variants (``--short-lft-epochs``) and, for distill-100, its
+    other training seeds (``--distill-seeds``) when measured."""
     wanted = PAIR_ROWS.get(pair, BASE_ROWS + ("full_retrain",))
     fixed = [r for r in ROW_ORDER if r in wanted or f"eval_{r}" in stages]
-    short = sorted(n[len("eval_"):] for n in stages if n.startswith("eval_") and SHORT_ROW.match(n[len("eval_"):]))
-    return [r for base in fixed for r in [base] + [s for s in short if SHORT_ROW.match(s)["base"] == base]]
+    measured = [n[len("eval_"):] for n in stages if n.startswith("eval_")]
+    short = sorted(r for r in measured if SHORT_ROW.match(r))
+    seeds = sorted((r for r in measured if SEED_ROW.match(r)), key=lambda r: int(SEED_ROW.match(r)["seed"]))
+    follow = lambda base: [r for r in short if SHORT_ROW.match(r)["base"] == base] + \
+        (seeds if base == "lorasuite_distill_100" else [])
+    return [r for base in fixed for r in [base] + follow(base)]
+
+
+def graph_stage(row: str) -> str | None:
+    """The stage-graph migration that produced ``row`` (its stage name in the results), if one did."""
+    return GRAPH_STAGE.get(row) or (row[len("lorasuite_"):] if SEED_ROW.match(row) else None)
 
 
 def lone_stage(stages: dict, name: str) -> str:
@@ -634,8 +649,7 @@ def row_stages(stages: dict, row: str) -> dict[str, str]:
     LFT row is the transfer (from an empty store) plus its own LFT step; an ablation row is its whole migration
     (the pair stages its option does not change come from the pair's store).
     """
-    if row in GRAPH_STAGE:
-        stage = GRAPH_STAGE[row]
+    if (stage := graph_stage(row)) is not None:
         return {"migrate": stage} if row.startswith("ablation_") else {"transfer": "transfer", "lft": f"{stage}.lft_seconds"}
     if row == "lorasuite_lft_100" and "lft_seconds" in stages.get("lft_100", {}):    # the qwen pair: graph LFT
         return {"transfer": "transfer", "lft": "lft_100.lft_seconds"}
@@ -851,7 +865,8 @@ def ablation_lines(stages: dict) -> list[str]:
 def distill_lines(stages: dict) -> list[str]:
     """Per stage-graph LFT row: what the report says about its LFT (teacher agreement on held-out prompts)."""
     lines = []
-    for row, stage in GRAPH_STAGE.items():
+    seeds = sorted(n[len("eval_"):] for n in stages if n.startswith("eval_") and SEED_ROW.match(n[len("eval_"):]))
+    for row, stage in [*GRAPH_STAGE.items(), *((r, graph_stage(r)) for r in seeds)]:
         lft = stages.get(stage, {}).get("light_finetune")
         if not lft or lft.get("lft_mode") != "distill":
             continue
@@ -859,6 +874,19 @@ def distill_lines(stages: dict) -> list[str]:
                      f"{_fmt(lft.get('teacher_agreement_before'), 3)} → {_fmt(lft.get('teacher_agreement_after'), 3)} "
                      f"on {lft.get('n_heldout')} prompts, KL on {lft.get('kl_examples')} examples, "
                      f"{_fmt(lft.get('seconds'), 0)} s")
+    return lines
+
+
+def seed_lines(stages: dict) -> list[str]:
+    """distill-100 against itself trained with another seed: how far one row moves from run to run of training,
+    the scale the ablation differences (each one run) are to be read against."""
+    base = stages.get("eval_lorasuite_distill_100")
+    lines = []
+    for row in rows(stages):
+        if SEED_ROW.match(row) and base is not None and f"eval_{row}" in stages:
+            other = stages[f"eval_{row}"]
+            lines.append(f"- distill-100, training seed 0 -> {SEED_ROW.match(row)['seed']} ({row} vs lorasuite_distill_100): "
+                         f"{base['accuracy']:.3f} → {other['accuracy']:.3f}; {_diff_text(other, base)}")
     return lines
 
 
@@ -958,6 +986,9 @@ def markdown() -> str:
             out += ["Ablations (one analysis option changed; Newcombe 95% interval of the accuracy difference, paired on the "
                     "same test problems):"]
             out += ablation_lines(stages) + [""]
+        if seed_lines(stages):
+            out += ["Run-to-run variation of training (the same row, another seed: its shuffling, held-out split and "
+                    "initialisation of new modules; read the ablation differences against it):"] + seed_lines(stages) + [""]
         if distill_lines(stages):
             out += ["Distillation (the report's light_finetune):"] + distill_lines(stages) + [""]
         if rebuilt_lines(stages):
@@ -968,6 +999,16 @@ def markdown() -> str:
             if name in stages:
                 out += transfer_stage_lines(name, stages[name]["steps"])
     return "\n".join(out)
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(e) for e in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated training seeds >= 1 (0 is the main row), got {text!r}")
+    return seeds
 
 
 def _epoch_list(text: str) -> list[int]:
@@ -1003,6 +1044,9 @@ def main() -> None:
                    help="also run LFT and vanilla LoRA with these (fewer) epochs, e.g. 1: rows lorasuite_lft_100_<E>ep and "
                         "vanilla_lora_100_<E>ep, timed against the lone transfer and full retraining when re-timed "
                         "(run them alone on the machine)")
+    p.add_argument("--distill-seeds", type=_seed_list, default=[],
+                   help="also run distill-100 with these training seeds, e.g. 1: rows lorasuite_distill_100_seed<S> "
+                        "(the run-to-run variation the single-run rows and ablations are read against)")
     p.add_argument("--cpt-steps", type=int, default=40)
     p.add_argument("--eval-batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)

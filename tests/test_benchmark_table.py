@@ -235,3 +235,22 @@ def test_rebuilt_outputs_say_whether_training_reproduced(bench):
                                             "reproduces_recorded_final_loss": True}}
     assert bench.rebuilt_lines(stages) == ["- train_old_adapter rebuilt in 3000 s, the recorded final loss reproduced "
                                            "exactly"]
+
+
+def test_distill_seed_rows_follow_distill_100_and_state_the_run_to_run_difference(bench):
+    seed1, seed0 = _masks(150, 20, 30, 0)       # of the same 200 problems seed 0 solves 180, seed 1 170
+    stages = {"eval_lorasuite_distill_100": seed0, "eval_lorasuite_distill_100_seed1": seed1,
+              "eval_lorasuite_distill_100_seed12": seed1,
+              "transfer": {"seconds": 300.0}, "distill_100_seed1": {"seconds": 900.0, "lft_seconds": 500.0}}
+    listed = bench.rows(stages, "qwen")
+    at = listed.index("lorasuite_distill_100")
+    assert listed[at + 1:at + 3] == ["lorasuite_distill_100_seed1", "lorasuite_distill_100_seed12"]
+    assert bench._row_stage_seconds(stages, "lorasuite_distill_100_seed1") == {"transfer": 300.0, "lft": 500.0}
+    first = bench.seed_lines(stages)[0]
+    assert first.startswith("- distill-100, training seed 0 -> 1 (lorasuite_distill_100_seed1 vs lorasuite_distill_100): "
+                            "0.900 → 0.850; difference -0.050, 95% CI [")
+    d, low, high = bench.diff_ci(seed1, seed0)
+    assert first.endswith(f"[{low:+.3f}, {high:+.3f}], inside the noise") and low < 0 < high
+    assert bench._seed_list("1,2") == [1, 2]
+    with pytest.raises(Exception, match="training seeds >= 1"):
+        bench._seed_list("0")
