@@ -301,6 +301,29 @@ def test_synthesis_is_deterministic_by_seed_and_excludes_given_prompts(teacher):
     assert fresh and not any(taken.contains(p.text) for p in fresh)
 
 
+def test_prompts_are_written_by_the_teachers_base_model(pair, teacher):
+    """The adapter disabled: the teacher writes exactly what its old model alone writes (a task adapter would
+    answer the seed questions instead); ``with_adapter`` writes with it."""
+    from dataclasses import replace
+
+    from lorasuite_core.training.evaluation import load_for_generation
+
+    model, tokenizer = teacher
+    base, _ = load_for_generation(pair["old"], dtype="float32", device="cpu")
+    seeds = D.prompts_from_samples(generate_problems(3, "train", 0))
+    written = D.synthesise_prompts(model, tokenizer, seeds, 4, seed=0, config=PERMISSIVE)
+    assert written == D.synthesise_prompts(base, tokenizer, seeds, 4, seed=0, config=PERMISSIVE)
+    with_adapter = replace(PERMISSIVE, with_adapter=True)
+    assert D.synthesise_prompts(model, tokenizer, seeds, 4, seed=0, config=with_adapter) != written
+
+
+def test_a_candidate_ends_where_the_writer_starts_the_next_list_item():
+    config = D.SynthesisConfig()
+    text = " Tim had 24 marbles and gave 2 away. How many are left? Question: Ann has 3 pens. How many now?\nmore"
+    assert D.clean_candidate(text, config) == "Tim had 24 marbles and gave 2 away. How many are left?"
+    assert D.clean_candidate(" 39 - 6 = 33. The answer is 33.", config) is None    # an answer, not a question
+
+
 def test_synthesis_filters_evaluation_prompts_and_near_duplicates(teacher, monkeypatch):
     model, tokenizer = teacher
     seeds = [D.Prompt("Tom has 3 apples and buys 4 more. How many apples does Tom have now?")]

@@ -418,6 +418,7 @@ def _distill_key_parts(plan: PairPlan, adapter_identity: str, options: Migration
     return {"lft_mode": "distill", "teacher": [plan.old_identity, adapter_identity],
             "prompts": data_identity(options.lft_prompts, "LFT prompts") if options.lft_prompts else None,
             "seeds": data_identity(options.lft_seed_prompts, "seed prompts") if options.lft_seed_prompts else None,
+            **({"synthesis": SYNTHESIS_VERSION} if options.lft_seed_prompts else {}),
             "kl_weight": options.lft_kl_weight, "heldout_n": options.gate_prompts,
             "heldout": data_identity(options.eval_data, "evaluation data") if options.eval_data else None,
             "vocabulary": plan.stage_keys["vocabulary"]}
@@ -546,6 +547,8 @@ def light_finetune(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migr
 
 
 HELDOUT = "heldout_prompts.json"
+#: Version of prompt synthesis in distilled LFT's stage key (2: the teacher's base model writes the prompts).
+SYNTHESIS_VERSION = 2
 
 
 def _prompts(ref: str, limit: int | None, seed: int) -> list:

@@ -10,7 +10,8 @@ Data flow
 1. Prompts ``x_1 .. x_n`` without answers: :func:`read_prompts` reads a ``.txt`` file (one prompt a
    line), JSONL/JSON records with ``prompt``, or math_10k records (``instruction`` + optional
    ``input``; any ``output``/``answer`` is ignored), from a local path or any storage URI.  Or
-   :func:`synthesise_prompts` has the teacher write new prompts in the style of a few seeds (below).
+   :func:`synthesise_prompts` has the teacher's base model write new prompts in the style of a few
+   seeds (below).
 2. Targets: the teacher's greedy completion ``y_i = argmax-decode T(. | P(x_i))`` with the built-in
    prompt template ``P`` (:func:`~lorasuite_core.training.task_data.format_prompt`, the template the
    adapters were trained with), cut as evaluation scores it: at the first stop marker, and right
@@ -58,11 +59,17 @@ Data flow
 
 Prompt synthesis (:func:`synthesise_prompts`)
 ---------------------------------------------
-Each request shows the teacher ``k`` seed prompts drawn with ``random.Random(f"synth:{seed}:{r}")``
-as a list (``"Question: <seed>\\n"`` lines) and ends in ``"Question:"``; the teacher samples the next
-line (temperature, top-p; ``torch.manual_seed`` set from ``seed`` and the round before every
-``generate``, so the result is a function of the seed).  A candidate is whitespace-normalised, cut
-after its last ``?`` (a prompt must look like a question; configurable), kept within length bounds,
+The writer is the teacher's base model -- the old model with the old adapter disabled
+(``SynthesisConfig.with_adapter`` False, the default): an adapter trained to answer the task answers
+a list of its questions too (Qwen2.5-Coder-0.5B with its task adapter wrote 0 usable prompts in 384
+candidates, "39 - 6 = 33. ... The answer is 38."), while the base model continues the list.  The
+adapter only decides the targets (step 2).  Each request shows the writer ``k`` seed prompts drawn
+with ``random.Random(f"synth:{seed}:{r}")`` as a list (``"Question: <seed>\\n"`` lines) and ends in
+``"Question:"``; the writer samples the next line (temperature, top-p; ``torch.manual_seed`` set from
+``seed`` and the round before every ``generate``, so the result is a function of the seed).  A
+candidate is whitespace-normalised, cut where the writer starts a next list item (``"Question:"``
+inside the line), cut after its last ``?`` (a prompt must look like a question; configurable), kept
+within length bounds,
 and dropped when it is an exact or near duplicate -- word-trigram Jaccard similarity at or above
 ``near_duplicate`` after lower-casing and stripping punctuation -- of any seed, any excluded
 (evaluation) prompt, or any prompt already accepted.  Rounds repeat until ``n`` prompts are kept or
@@ -74,6 +81,7 @@ Models and adapters are read from safetensors only; ``trust_remote_code`` is Fal
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -339,6 +347,7 @@ class SynthesisConfig:
     max_chars: int = 500
     require_question: bool = True
     near_duplicate: float = 0.7
+    with_adapter: bool = False        # write with the teacher's adapter enabled (default: its base model)
 
     def __post_init__(self) -> None:
         for name in ("shots", "batch_size", "max_new_tokens", "candidates_per_prompt", "min_chars", "max_chars",
@@ -355,8 +364,9 @@ def fewshot_request(shots: Sequence[Prompt]) -> str:
 
 
 def clean_candidate(text: str, config: SynthesisConfig) -> str | None:
-    """The first line, whitespace-normalised, cut after its last '?'; None when it fails a filter."""
-    line = " ".join(text.split("\n", 1)[0].split())
+    """The first line, whitespace-normalised, up to a next list item, cut after its last '?'; None when it fails
+    a filter."""
+    line = " ".join(text.split("\n", 1)[0].split()).split(_LIST_LEAD, 1)[0].strip()
     if config.require_question:
         if "?" not in line:
             return None
@@ -378,13 +388,16 @@ def _sample_continuations(model, tokenizer, requests: Sequence[str], config: Syn
                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=model_eos_ids(model, tokenizer),
                                   stop_strings=["\n"])
     torch.manual_seed(torch_seed)
-    output = model.generate(**encoded, generation_config=generation, tokenizer=tokenizer)
+    plain = not config.with_adapter and hasattr(model, "disable_adapter")   # a PeftModel: write with its base
+    with model.disable_adapter() if plain else contextlib.nullcontext():
+        output = model.generate(**encoded, generation_config=generation, tokenizer=tokenizer)
     return tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def synthesise_prompts(model, tokenizer, seeds: Sequence[Prompt | str], n: int, *, seed: int = 0,
                        exclude: Iterable[Prompt | str] = (), config: SynthesisConfig | None = None) -> list[Prompt]:
-    """``n`` new prompts the teacher writes in the style of ``seeds`` (deterministic by ``seed``).
+    """``n`` new prompts in the style of ``seeds`` (deterministic by ``seed``), written by ``model`` -- the
+    teacher -- with its adapter disabled unless ``config.with_adapter`` (the module docstring).
 
     None is an exact or near duplicate of a seed, of an ``exclude``d (evaluation) prompt, or of
     another.  Fewer than ``n`` after ``max_rounds`` is logged; none at all is a LorasuiteError.
@@ -413,7 +426,7 @@ def synthesise_prompts(model, tokenizer, seeds: Sequence[Prompt | str], n: int, 
             if len(kept) == n:
                 return kept
     if not kept:
-        raise LorasuiteError(f"the teacher wrote no usable prompt from {len(seeds)} seed prompts in "
+        raise LorasuiteError(f"the teacher's model wrote no usable prompt from {len(seeds)} seed prompts in "
                              f"{rounds} rounds; give unlabelled prompts instead")
     logger.warning("prompt synthesis kept %d of the %d prompts asked for after %d rounds", len(kept), n, rounds)
     return kept
