@@ -702,7 +702,10 @@ def targets(stages: dict, pair: str) -> list[str]:
         vanilla = ("vanilla_lora_100" + lft[len("lorasuite_lft_100"):] if lft != "lorasuite_lft_100_graph"
                    else f"vanilla_lora_100_{graph_epochs}ep")                  # the same number of epochs
         a, b = acc(lft), acc(vanilla)
+        ea, eb = stages.get(f"eval_{lft}"), stages.get(f"eval_{vanilla}")
         check(f"LoRASuite + LFT-100 above vanilla LoRA-100 ({lft} vs {vanilla})", None if None in (a, b) else a > b)
+        if ea and eb:
+            lines[-1] += f" ({a:.3f} vs {b:.3f}; {_diff_text(ea, eb)})"
         if pair == "within":
             c = acc("full_retrain")
             check(f"LoRASuite + LFT-100 at or above full retraining ({lft})", None if None in (a, c) else a >= c)
