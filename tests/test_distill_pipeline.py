@@ -82,7 +82,8 @@ def test_the_gate_refuses_an_adapter_no_better_than_the_bare_model(exact):
 
 
 def test_seed_prompts_are_synthesised_by_the_teacher_excluding_evaluation_prompts(exact, monkeypatch):
-    """The stage's wiring of synthesis: n = lft_samples (held out: the evaluation data), the seed, the exclusions."""
+    """The stage's wiring of synthesis: n = lft_samples (held out: the evaluation data), the seed, the exclusions,
+    and the writer: the old model without the adapter."""
     from lorasuite_core.training import distill
 
     root = exact["root"]
@@ -95,7 +96,8 @@ def test_seed_prompts_are_synthesised_by_the_teacher_excluding_evaluation_prompt
     calls = []
 
     def synthesise(model, tokenizer, seed_prompts, n, *, seed=0, exclude=(), config=None):
-        calls.append({"seeds": [p.text for p in seed_prompts], "n": n, "seed": seed, "exclude": list(exclude)})
+        calls.append({"seeds": [p.text for p in seed_prompts], "n": n, "seed": seed, "exclude": list(exclude),
+                      "writer_has_adapter": hasattr(model, "peft_config")})
         return [distill.Prompt(s.instruction) for s in generate_problems(n, "train", seed=9)]
 
     monkeypatch.setattr(distill, "synthesise_prompts", synthesise)
@@ -104,7 +106,7 @@ def test_seed_prompts_are_synthesised_by_the_teacher_excluding_evaluation_prompt
     report = stages.migrate_in_process(exact["old"], exact["new"], exact["adapter"], root / "from-seeds", options,
                                        SMALL, store_root=str(root / "store"))
     assert calls == [{"seeds": ["What is 2 plus 3?", "How many apples are left if 4 of 9 are eaten?"], "n": 5,
-                      "seed": 7, "exclude": [s.instruction for s in eval_samples]}]
+                      "seed": 7, "exclude": [s.instruction for s in eval_samples], "writer_has_adapter": False}]
     lft = report["light_finetune"]
     assert lft["prompt_source"] == "synthesised" and lft["n_prompts"] == 5 and lft["n_heldout"] == 3
 

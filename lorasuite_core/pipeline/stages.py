@@ -580,7 +580,7 @@ def _distill(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated: 
     heldout, _ = _heldout_eval(o)
     wanted = o.lft_samples + (0 if heldout else o.gate_prompts)
     if o.lft_seed_prompts and not o.lft_prompts:
-        model, tokenizer = D.load_for_generation(teacher_dir, source_dir, dtype="float32")
+        model, tokenizer = D.load_for_generation(teacher_dir, dtype="float32")   # the writer: the teacher's base
         seeds = _prompts(o.lft_seed_prompts, None, o.seed)
         prompts = D.synthesise_prompts(model, tokenizer, seeds, wanted, seed=o.seed, exclude=[p.text for p in heldout])
         del model
