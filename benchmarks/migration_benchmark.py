@@ -1004,24 +1004,21 @@ def markdown() -> str:
     return "\n".join(out)
 
 
-def _seed_list(text: str) -> list[int]:
-    try:
-        seeds = [int(e) for e in text.split(",")]
-    except ValueError:
-        seeds = []
-    if not seeds or min(seeds) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated training seeds >= 1 (0 is the main row), got {text!r}")
-    return seeds
+def _positive_ints(what: str):
+    """An argparse type: comma-separated integers >= 1 (``what`` names them in the error)."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(e) for e in text.split(",")]
+        except ValueError:
+            values = []
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+        return values
+    return parse
 
 
-def _epoch_list(text: str) -> list[int]:
-    try:
-        epochs = [int(e) for e in text.split(",")]
-    except ValueError:
-        epochs = []
-    if not epochs or min(epochs) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated epoch counts >= 1, got {text!r}")
-    return epochs
+_seed_list = _positive_ints("training seeds >= 1 (0 is the main row)")
+_epoch_list = _positive_ints("epoch counts >= 1")
 
 
 def main() -> None:
