@@ -113,10 +113,19 @@ def _gate_cell(entry: Mapping[str, Any]) -> str:
             f"(margin {gate['margin']:g}, n={gate['n']})")
 
 
+def _fidelity_cell(entry: Mapping[str, Any]) -> str:
+    """``transfer 0.12, lft 0.87``: the share of the teacher gap each adapter closes (n/a: no gap)."""
+    scores = (entry.get("summary") or {}).get("fidelity")
+    if not scores:
+        return "-"
+    return ", ".join(f"{name} {'n/a' if value is None else f'{value:.3f}'}" for name, value in scores.items())
+
+
 def fleet_summary_artifact(entries: list[Mapping[str, Any]]) -> None:
     rows = [{"adapter": e["name"], "status": e["status"], "output": redact_uri(e["output"]),
-             "quality gate": _gate_cell(e), "reason": e.get("error") or e.get("note")} for e in entries]
-    columns = ["adapter", "status", "output", "quality gate", "reason"]
+             "fidelity": _fidelity_cell(e), "quality gate": _gate_cell(e), "reason": e.get("error") or e.get("note")}
+            for e in entries]
+    columns = ["adapter", "status", "output", "fidelity", "quality gate", "reason"]
     create_markdown_artifact("## Fleet migration\n\n" + markdown_table(rows, columns),
                              key=artifact_key("fleet-summary"), description="status of every fleet entry")
 

@@ -41,7 +41,7 @@ from lorasuite_core.io.storage import check_replaceable, describe_error, redact_
 from . import artifacts
 from .settings import resolve_store_root
 
-ENTRY_STEPS = ("transfer", "write", "lft", "vanilla_baseline", "gate", "eval")
+ENTRY_STEPS = ("transfer", "write", "lft", "vanilla_baseline", "fidelity", "gate", "eval")
 
 
 # --------------------------------------------------------------------------- timing
@@ -129,7 +129,8 @@ class EntryRun:
     def planned_waves(self) -> int:
         plan = self.plan
         train = bool(plan and (plan.lft or plan.vanilla))
-        return 4 + int(train) + int(bool(plan and plan.gate_key)) + int(bool(plan and plan.evals))
+        return 4 + int(train) + int(bool(plan and plan.fidelity_key)) + int(bool(plan and plan.gate_key)) \
+            + int(bool(plan and plan.evals))
 
     def progress(self) -> float:
         return 1.0 if not self.live else min(1.0, self.waves / self.planned_waves())
@@ -214,7 +215,7 @@ class PipelineRun:
     def migrate(self, entries: list[EntryRun], pair: PairRun, *, overwrite: bool,
                 on_progress: Callable[[float], None] | None = None) -> None:
         submitters = {"load": self._plan, "transfer": self._transfer, "write": self._assemble,
-                      "train": self._train, "gate": self._gate, "eval": self._evaluate,
+                      "train": self._train, "fidelity": self._fidelity, "gate": self._gate, "eval": self._evaluate,
                       "publish": lambda e, p: self._publish(e, p, overwrite)}
         for step in ENTRY_WAVES:
             self._wave(entries, pair, step, submitters[step])
@@ -284,6 +285,12 @@ class PipelineRun:
             collectors.append(self._collect_into(e, "vanilla_baseline", "vanilla", future))
         return (lambda: [collect() for collect in collectors]) if collectors else None
 
+    def _fidelity(self, e: EntryRun, pair: PairRun):
+        if not e.plan.fidelity_key:
+            return None
+        future = self.t.fidelity.submit(self.store, pair.plan, e.plan, e.stored["migrated"], e.stored.get("lft"))
+        return self._collect_into(e, "fidelity", "fidelity", future)
+
     def _gate(self, e: EntryRun, pair: PairRun):
         if not e.plan.gate_key:
             return None
@@ -342,6 +349,7 @@ class PipelineRun:
             "seconds": round(sum(s["seconds"] for s in steps.values()), 2),
             "steps": steps,
             "evaluation": {row: f["accuracy"] for row, f in e.evals.items()},
+            **({"fidelity": e.stored["fidelity"].facts["fidelity"]} if "fidelity" in e.stored else {}),
             **({"quality_gate": e.stored["gate"].facts} if "gate" in e.stored else {}),
         }
 

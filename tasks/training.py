@@ -1,4 +1,4 @@
-"""Optional per-adapter tasks: light fine-tuning, a vanilla LoRA baseline, the quality gate, evaluation rows.
+"""Optional per-adapter tasks: light fine-tuning, a vanilla LoRA baseline, fidelity, the quality gate, evaluation rows.
 
 Thin wrappers over :func:`lorasuite_core.pipeline.stages.light_finetune`, ``vanilla_baseline`` and
 ``evaluate`` (which call :mod:`lorasuite_core.training.train` / :mod:`lorasuite_core.training.evaluation`).
@@ -44,3 +44,12 @@ def evaluate(store: str, plan: PairPlan, adapter: AdapterPlan, job: EvalJob,
 def quality_gate(store: str, plan: PairPlan, adapter: AdapterPlan, final: StageResult) -> StageResult:
     """The quality gate: teacher agreement on held-out prompts against the bare new model's (fails the entry)."""
     return run_stage(stages.quality_gate, StageStore.at(store), plan, adapter, final.uri, torch_model=True)
+
+
+@task(**stage_task_options("fidelity", heavy=True),
+      task_run_name="fidelity-{adapter.name}")
+def fidelity(store: str, plan: PairPlan, adapter: AdapterPlan, migrated: StageResult,
+             lft: StageResult | None = None) -> StageResult:
+    """Fidelity of the migrated adapter (and of its LFT): the share of the teacher gap it closes."""
+    return run_stage(stages.fidelity, StageStore.at(store), plan, adapter, migrated.uri,
+                     lft.uri if lft is not None else None, torch_model=True)

@@ -47,6 +47,12 @@ def test_distilled_lft_from_unlabelled_prompts_and_the_gate(exact):
     assert report["options"]["lft_mode"] == "distill" and report["steps"]["gate"]["cache"] == "computed"
     # the gate reused distillation's held-out completions: they are what generating them afresh gives
     assert gate["reused_completions"] is True
+    # fidelity after the transfer and after LFT, on distillation's held-out prompts and teacher answers
+    fidelity = report["fidelity"]
+    assert fidelity["prompts"] == "distillation" and fidelity["reused_completions"] is True and fidelity["n"] == 4
+    assert set(fidelity["fidelity"]) == {"transfer", "lft"} and gate["fidelity"] == fidelity["fidelity"]
+    assert fidelity["fidelity"]["transfer"] == pytest.approx(1.0, abs=1e-3)   # an exact upgrade
+    assert fidelity["fidelity"]["lft"] == pytest.approx(1.0, abs=0.05)        # lr 1e-5 barely moves it
     [heldout_file] = (root / "store").rglob(stages.HELDOUT)
     prompts, teacher, student = stages._read_heldout(heldout_file)
     assert len(prompts) == 4 and teacher is not None and student is not None

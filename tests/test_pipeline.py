@@ -185,6 +185,7 @@ def test_fleet_adapters_are_exact_and_carry_lft_and_evaluation(fleet_run, pair):
     assert "new model + migrated + LFT" in found["lorasuite-evaluation-a0"].data
     assert found["lorasuite-fleet-progress"].data == 100.0
     assert "not trained on this model" in found["lorasuite-fleet-summary"].data
+    assert "| fidelity |" in found["lorasuite-fleet-summary"].data and "transfer 1.000" in found["lorasuite-fleet-summary"].data
 
 
 def test_second_migration_of_the_pair_reuses_the_analysis(fleet_run, pair, tmp_path):
@@ -196,6 +197,8 @@ def test_second_migration_of_the_pair_reuses_the_analysis(fleet_run, pair, tmp_p
     steps = out["summary"]["steps"]
     report = published_report(f"{base}/single/a3")
     assert report["steps"] == steps
+    assert out["summary"]["fidelity"] == report["fidelity"]["fidelity"]              # the CLI/flow summary shows it
+    assert out["summary"]["fidelity"]["transfer"] == pytest.approx(1.0, abs=1e-3)   # a function-preserving upgrade
     assert all(steps[stage]["cache"] == "reused" for stage in ANALYSIS)
     assert steps["transfer"]["cache"] == "computed"
     assert steps["activations"]["seconds"] < first["activations"]["seconds"]

@@ -90,8 +90,13 @@ class MigrationOptions(_Options):
         False, description="quality gate: publish only when the adapter agrees with the teacher on held-out prompts "
                            "better than the bare new model by --gate-margin (and is not less accurate with --eval-data)")
     gate_margin: float = Field(0.05, ge=-1, le=1, description="quality gate: required agreement over the bare model")
-    gate_prompts: int = Field(32, ge=1, description="quality gate / distill: held-out prompts (the first N of "
-                                                    "--eval-data, else split off the LFT prompts)")
+    gate_prompts: int = Field(32, ge=1, description="quality gate / distill / fidelity: held-out prompts (the first N "
+                                                    "of --eval-data, else split off the LFT prompts)")
+    fidelity: bool = Field(
+        True, description="measure fidelity: the share of the gap between the bare new model and the teacher (old "
+                          "model + old adapter) that the migrated adapter closes, in nats per character of the "
+                          "teacher's answers to held-out prompts (distillation's, else --eval-data's, else the "
+                          "calibration texts)")
 
     def check_single(self) -> "MigrationOptions":
         """For one adapter (CLI, flow, in process): ``lft`` true needs LFT data.

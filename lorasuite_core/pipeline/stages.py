@@ -27,6 +27,7 @@ Per adapter::
     assemble         (analysis, adapter, mode, refs)    PEFT directory + migration_report.json
     light_finetune   (migrated, data, hyper-parameters) LFT of the migrated adapter      [optional]
     vanilla_baseline (new model, data, hyper-parameters) fresh LoRA for comparison       [optional]
+    fidelity         (migrated, LFT, teacher, prompts)  share of the teacher gap closed  [default on]
     evaluate         (model, adapter entry, data, n)    accuracy                         [optional]
     publish          not stored: copy to the output, report patched, completion manifest last
 
@@ -88,7 +89,7 @@ PAIR_GRAPH: dict[str, tuple[str, ...]] = {
 }
 PAIR_STAGES = tuple(PAIR_GRAPH)
 #: The per-adapter waves, in order (the flows run each wave for all entries before the next).
-ENTRY_WAVES = ("load", "transfer", "write", "train", "gate", "eval", "publish")
+ENTRY_WAVES = ("load", "transfer", "write", "train", "fidelity", "gate", "eval", "publish")
 PUBLISHED_EXTRA = ("training_summary.json",)
 
 
@@ -344,6 +345,7 @@ class AdapterPlan(Schema):
     lft: TrainJob | None = None
     vanilla: TrainJob | None = None
     gate_key: str | None = None          # the quality gate's entry, when the options ask for it
+    fidelity_key: str | None = None      # the fidelity stage's entry, when the options ask for it
     evals: list[EvalJob] = []
     seconds: float = 0.0                 # time taken to load, check and plan
 
@@ -406,9 +408,28 @@ def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: 
         held_out = data_identity(options.eval_data, "evaluation data") if options.eval_data else "lft-heldout"
         gate_key = stage_key("gate", adapter=lft.key if lft else migrated_key, teacher=[plan.old_identity, identity],
                              heldout=held_out, n=options.gate_prompts, margin=options.gate_margin, seed=options.seed)
+    fidelity_key = None
+    if options.fidelity:
+        fidelity_key = stage_key("fidelity", adapters=[migrated_key, lft.key if lft else None],
+                                 teacher=[plan.old_identity, identity], prompts=_fidelity_source(plan, options, lft),
+                                 n=options.gate_prompts, seed=options.seed, version=FIDELITY_VERSION)
     return AdapterPlan(name=name, adapter=adapter_ref, adapter_identity=identity, options=options,
                        modules=len(adapter.factors), layers=layers, migrated_key=migrated_key,
-                       lft=lft, vanilla=vanilla, gate_key=gate_key, evals=evals, seconds=time.perf_counter() - start)
+                       lft=lft, vanilla=vanilla, gate_key=gate_key, fidelity_key=fidelity_key, evals=evals,
+                       seconds=time.perf_counter() - start)
+
+
+#: Version of the fidelity measurement in its stage key.
+FIDELITY_VERSION = 1
+
+
+def _fidelity_source(plan: PairPlan, options: MigrationOptions, lft: TrainJob | None) -> str:
+    """Where fidelity's held-out prompts come from (see :func:`fidelity`), as part of its key."""
+    if lft is not None and options.lft_mode == "distill":
+        return "distillation"
+    if options.eval_data:
+        return data_identity(options.eval_data, "evaluation data")
+    return f"calibration:{plan.calibration_identity}"
 
 
 def _distill_key_parts(plan: PairPlan, adapter_identity: str, options: MigrationOptions) -> dict[str, Any]:
@@ -676,6 +697,52 @@ def quality_gate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, final_
     return stored
 
 
+def _fidelity_prompts(plan: PairPlan, adapter: AdapterPlan, lft_dir: Path | None) -> tuple[list, list | None]:
+    """Held-out prompts and, where distillation generated them, the teacher's completions (else None)."""
+    from lorasuite_core.training import distill as D
+
+    o = adapter.options
+    if lft_dir is not None and (lft_dir / HELDOUT).exists():
+        prompts, teacher, _ = _read_heldout(lft_dir / HELDOUT)
+        return prompts, teacher
+    prompts, _ = _heldout_eval(o)
+    if not prompts:
+        texts = calibration_texts(plan.calibration_data, plan.max_calibration_tokens)[:o.gate_prompts]
+        prompts = [D.Prompt(text[:FIDELITY_PROMPT_CHARS]) for text in texts]
+    return prompts, None
+
+
+#: Characters of a calibration text kept as a fidelity prompt (the teacher then continues it).
+FIDELITY_PROMPT_CHARS = 400
+
+
+def fidelity(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated_uri: str,
+             lft_uri: str | None = None) -> StageResult:
+    """Fidelity (:mod:`lorasuite_core.training.fidelity`) of the migrated adapter ("transfer") and of its LFT ("lft")
+    on held-out prompts: distillation's, with the teacher's completions it already generated; else the
+    evaluation data's first ``gate_prompts``; else the first ``gate_prompts`` calibration texts (cut to
+    :data:`FIDELITY_PROMPT_CHARS`), which the teacher answers here."""
+    from lorasuite_core.training import distill as D
+    from lorasuite_core.training.fidelity import measure_fidelity
+
+    def compute(out: Path) -> dict:
+        lft_dir = store.local_dir(lft_uri) if lft_uri else None
+        prompts, teacher = _fidelity_prompts(plan, adapter, lft_dir)
+        old_dir, source_dir = resolve_local_dir(plan.old_model, "model"), resolve_local_dir(adapter.adapter, "adapter")
+        if teacher is None:
+            model, tokenizer = D.load_for_generation(old_dir, source_dir, dtype="float32")
+            teacher = D.greedy_completions(model, tokenizer, prompts)
+            del model
+        adapters = {"transfer": store.local_dir(migrated_uri), **({"lft": lft_dir} if lft_dir else {})}
+        result = measure_fidelity(old_dir, source_dir, resolve_local_dir(plan.new_model, "model"), adapters,
+                                  prompts, [c.text for c in teacher])
+        reused = lft_dir is not None and (lft_dir / HELDOUT).exists()
+        source = "distillation" if reused else "evaluation data" if adapter.options.eval_data else "calibration texts"
+        return {**result.to_dict(), "prompts": source, "reused_completions": reused}
+
+    return store.run("fidelity", adapter.fidelity_key, compute)
+
+
 def vanilla_baseline(store: StageStore, plan: PairPlan, adapter: AdapterPlan) -> StageResult:
     """A fresh LoRA (same kind, rank, alpha, targets, data and epochs: :func:`_vanilla_job`) trained on the new model."""
     from lorasuite_core.training.train import TrainConfig, train_lora
@@ -758,8 +825,11 @@ def report_updates(plan: PairPlan, entry: AdapterPlan, stored: dict[str, StageRe
         updates["light_finetune"] = {k: v for k, v in stored["lft"].facts.items() if k != "losses"}
     if "vanilla" in stored:
         updates["vanilla_baseline"] = {k: v for k, v in stored["vanilla"].facts.items() if k != "losses"}
+    if "fidelity" in stored:
+        updates["fidelity"] = dict(stored["fidelity"].facts)
     if "gate" in stored:
-        updates["quality_gate"] = dict(stored["gate"].facts)
+        updates["quality_gate"] = {**stored["gate"].facts,
+                                   **({"fidelity": stored["fidelity"].facts["fidelity"]} if "fidelity" in stored else {})}
     if evals:
         updates["evaluation"] = {row: {k: f[k] for k in ("accuracy", "ci_low", "ci_high", "n", "correct")}
                                  for row, f in evals.items()}
@@ -809,6 +879,10 @@ def migrate_in_process(old_model: str, new_model: str, adapter: str, output: str
             if entry.vanilla:
                 stored["vanilla"] = vanilla_baseline(store, plan, entry)
                 steps["vanilla_baseline"] = _step(stored["vanilla"])
+        elif wave == "fidelity" and entry.fidelity_key:
+            stored["fidelity"] = fidelity(store, plan, entry, stored["migrated"].uri,
+                                          stored["lft"].uri if "lft" in stored else None)
+            steps["fidelity"] = _step(stored["fidelity"])
         elif wave == "gate" and entry.gate_key:
             stored["gate"] = quality_gate(store, plan, entry, (stored.get("lft") or stored["migrated"]).uri)
             steps["gate"] = _step(stored["gate"])
