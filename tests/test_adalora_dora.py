@@ -102,7 +102,7 @@ def make_adalora_adapter(model_dir, out_dir, seed=0, init_r=6):
 
 def migrate(old, new, adapter, out):
     return main(["-q", "migrate", "--old-model", str(old), "--new-model", str(new), "--adapter", str(adapter),
-                 "--output", str(out), "--no-lft", "--max-calibration-tokens", "512"])
+                 "--output", str(out), "--no-lft", "--no-fidelity", "--max-calibration-tokens", "512"])
 
 
 EXACT_DORA = {

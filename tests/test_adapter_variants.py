@@ -30,7 +30,7 @@ COMBINED = UpgradeSpec(fold_norms=True, rotate_residual=True, widen_residual=8, 
 
 def migrate(old, new, adapter, out, *extra):
     return main(["-q", "migrate", "--old-model", str(old), "--new-model", str(new), "--adapter", str(adapter),
-                 "--output", str(out), "--no-lft", "--max-calibration-tokens", "512", *extra])
+                 "--output", str(out), "--no-lft", "--no-fidelity", "--max-calibration-tokens", "512", *extra])
 
 
 def patterned_adapter(model_dir, out_dir):
