@@ -17,7 +17,7 @@ GEN = {"max_new_tokens": 16, "batch_size": 8}
 
 
 def lft_config(**overrides):
-    base = dict(device="cpu", dtype="float32", batch_size=4, max_length=256, show_progress=False)
+    base = dict(device="cpu", dtype="float32", autocast="off", batch_size=4, max_length=256, show_progress=False)
     return default_lft_config(**{**base, **overrides})
 
 

@@ -397,7 +397,8 @@ def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: 
         data = data_identity(options.lft_data, "LFT data") if options.lft_data else None
         lft = TrainJob(key=stage_key("lft", migrated=migrated_key, model=plan.new_identity, data=data,
                                      samples=options.lft_samples, lr=options.lft_lr, epochs=options.lft_epochs,
-                                     seed=options.seed, **_distill_key_parts(plan, identity, options)),
+                                     seed=options.seed, compute=_training_compute(),
+                                     **_distill_key_parts(plan, identity, options)),
                        data=options.lft_data, samples=options.lft_samples, lr=options.lft_lr,
                        epochs=options.lft_epochs, seed=options.seed)
         if options.runs_vanilla:
@@ -432,6 +433,14 @@ def _fidelity_source(plan: PairPlan, options: MigrationOptions, lft: TrainJob | 
     return f"calibration:{plan.calibration_identity}"
 
 
+def _training_compute() -> str:
+    """The dtype LFT and baseline training multiply in here (bf16 autocast where the hardware has it): it changes
+    the trained weights, so it is part of their stage keys."""
+    from lorasuite_core.training.train import training_compute_dtype
+
+    return training_compute_dtype()
+
+
 def _distill_key_parts(plan: PairPlan, adapter_identity: str, options: MigrationOptions) -> dict[str, Any]:
     """What a distilled LFT depends on beyond labelled LFT: the teacher, the prompts, the KL weight, held-out set."""
     if options.lft_mode != "distill":
@@ -456,7 +465,7 @@ def _vanilla_job(plan: PairPlan, adapter: LoraAdapter, options: MigrationOptions
     use_dora = variant == "dora"
     key = stage_key("vanilla", model=plan.new_identity, data=data, samples=options.lft_samples,
                     epochs=options.lft_epochs, seed=options.seed, rank=rank, alpha=alpha, targets=targets,
-                    use_dora=use_dora)
+                    use_dora=use_dora, compute=_training_compute())
     return TrainJob(key=key, data=options.lft_data, samples=options.lft_samples, lr=3e-4,
                     epochs=options.lft_epochs, seed=options.seed, rank=rank, alpha=alpha, targets=targets,
                     use_dora=use_dora)

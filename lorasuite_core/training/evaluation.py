@@ -67,8 +67,9 @@ import torch
 from tqdm.auto import tqdm
 
 from lorasuite_core.training.task_data import Sample, format_prompt
-from lorasuite_core.training.train import (check_adapter_dir, cuda_peak_mb, load_causal_lm, load_tokenizer,
-                                           process_peak_rss_mb, reset_cuda_peak, resolve_device, resolve_dtype)
+from lorasuite_core.training.train import (check_adapter_dir, cpu_supports_bf16, cuda_peak_mb, load_causal_lm,
+                                           load_tokenizer, process_peak_rss_mb, reset_cuda_peak, resolve_device,
+                                           resolve_dtype)
 
 logger = logging.getLogger(__name__)
 
@@ -169,19 +170,6 @@ class EvalResult:
         if not with_predictions:
             data.pop("predictions")
         return data
-
-
-def cpu_supports_bf16() -> bool:
-    """True when this CPU has bf16 matrix instructions (AVX512-BF16 or AMX), so bf16 matmuls beat fp32."""
-    cpu = getattr(torch, "cpu", None)
-    probes = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if any(callable(probe) for probe in probes):
-        return any(bool(probe()) for probe in probes if callable(probe))
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def eval_dtype(dtype: str, device: torch.device) -> str:

@@ -28,6 +28,16 @@ Devices/dtypes: ``device="auto"`` picks CUDA when available; ``dtype="auto"``
 picks bfloat16 on CUDA devices that support it, float32 otherwise.  PEFT keeps
 the adapter weights in float32 even over a bf16 base (``autocast_adapter_dtype``).
 
+Mixed precision: with float32 weights, ``autocast="auto"`` runs each micro-batch's
+forward pass under ``torch.autocast(dtype=bfloat16)`` where the device multiplies
+bf16 natively (CPUs with AVX512-BF16 or AMX, bf16-capable CUDA), fp32 elsewhere;
+``"bf16"`` forces it, ``"off"`` keeps fp32.  Weights, gradients, the optimizer
+state and the loss reduction stay float32 (the loss is computed from float32
+logits, the backward pass runs outside the autocast region); only the matrix
+products round their inputs to bf16.  :func:`training_compute_dtype` names the
+result ("bfloat16" / "float32"), which the pipeline puts in the LFT and baseline
+stage keys since it changes the trained weights.
+
 Safety: models and adapters are read from safetensors only
 (``use_safetensors=True``; an adapter without ``adapter_model.safetensors`` is
 refused) and ``trust_remote_code`` is always False.
@@ -65,6 +75,9 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
+AUTOCAST_CHOICES = ("auto", "bf16", "off")
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of one training run (defaults: vanilla LoRA as in LLM-Adapters, scaled down)."""
@@ -82,6 +95,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     weight_decay: float = 0.0
     show_progress: bool = True
+    autocast: str = "auto"  # "auto": bf16 autocast where the device has bf16 matmul; "bf16"; "off"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_length", "grad_accum"):
@@ -93,6 +107,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.lr_schedule not in ("linear", "constant"):
             raise ValueError(f"TrainConfig.lr_schedule must be 'linear' or 'constant', got {self.lr_schedule!r}")
+        if self.autocast not in AUTOCAST_CHOICES:
+            raise ValueError(f"TrainConfig.autocast must be one of {AUTOCAST_CHOICES}, got {self.autocast!r}")
 
 
 def default_lft_config(**overrides: Any) -> TrainConfig:
@@ -114,6 +130,7 @@ class TrainResult:
     peak_cuda_mb: float | None
     device: str
     dtype: str
+    compute_dtype: str = "float32"   # the matrix products' dtype: "bfloat16" under autocast
     losses: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,6 +157,43 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use 'auto' or one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has bf16 matrix instructions (AVX512-BF16 or AMX), so bf16 matmuls beat fp32."""
+    cpu = getattr(torch, "cpu", None)
+    probes = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(callable(probe) for probe in probes):
+        return any(bool(probe()) for probe in probes if callable(probe))
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def device_has_bf16(device: torch.device) -> bool:
+    """bf16 matrix products in hardware: AVX512-BF16/AMX CPUs, bf16-capable CUDA."""
+    if device.type == "cpu":
+        return cpu_supports_bf16()
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def autocast_dtype(autocast: str, device: torch.device, weights: torch.dtype) -> torch.dtype | None:
+    """The autocast dtype of a training step (None: plain fp32/weights' dtype); see the module docstring."""
+    if autocast == "off" or weights != torch.float32:
+        return None
+    if autocast == "bf16" or device_has_bf16(device):
+        return torch.bfloat16
+    return None
+
+
+def training_compute_dtype(autocast: str = "auto", device: str = "auto", dtype: str = "auto") -> str:
+    """What a training run with these settings multiplies in, by name: part of the LFT/baseline stage keys."""
+    resolved = resolve_device(device)
+    weights = resolve_dtype(dtype, resolved)
+    mixed = autocast_dtype(autocast, resolved, weights)
+    return str(mixed or weights).replace("torch.", "")
 
 
 def process_peak_rss_mb() -> float:
@@ -339,18 +393,21 @@ def labelled_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
 
 
 def _train_step(model, group: list[list[int]], examples, pad_id: int, device: torch.device,
-                loss_fn: LossFn | None = None) -> float:
+                loss_fn: LossFn | None = None, mixed: torch.dtype | None = None) -> float:
     """Forward/backward over the micro-batches of one optimizer step; returns their mean loss.
 
     ``loss_fn(model, chunk)`` (chunk: that micro-batch's example dicts) replaces the labelled cross-entropy.
+    ``mixed``: the forward pass runs under ``torch.autocast`` with that dtype; the backward pass outside it.
     """
     total = 0.0
     for indices in group:
         chunk = [examples[i] for i in indices]
-        if loss_fn is not None:
-            loss = loss_fn(model, chunk)
-        else:
-            loss = labelled_token_loss(model, {k: v.to(device) for k, v in collate(chunk, pad_id).items()})
+        with torch.autocast(device.type, dtype=mixed or torch.float32, enabled=mixed is not None):
+            if loss_fn is not None:
+                loss = loss_fn(model, chunk)
+            else:
+                loss = labelled_token_loss(model, {k: v.to(device) for k, v in collate(chunk, pad_id).items()})
+        loss = loss.float()
         if not torch.isfinite(loss):
             raise ValueError(f"non-finite training loss {loss.item()}; lower the learning rate or check the data")
         (loss / len(group)).backward()
@@ -373,10 +430,11 @@ def _optimise(peft_model, tokenizer, examples, params, config: TrainConfig, devi
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = _scheduler(optimizer, config, steps_per_epoch * config.epochs)
     losses: list[float] = []
+    mixed = autocast_dtype(config.autocast, device, params[0].dtype)
     progress = tqdm(total=steps_per_epoch * config.epochs, desc="train", disable=not config.show_progress)
     for _epoch in range(config.epochs):
         for group in _groups(_batches(len(examples), config.batch_size, generator), config.grad_accum):
-            losses.append(_train_step(peft_model, group, examples, tokenizer.pad_token_id, device, loss_fn))
+            losses.append(_train_step(peft_model, group, examples, tokenizer.pad_token_id, device, loss_fn, mixed))
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
@@ -418,7 +476,9 @@ def _finish(peft_model, out_dir, config: TrainConfig, losses: list[float], n_sam
                          final_loss=losses[-1], n_samples=n_samples,
                          trainable_params=sum(p.numel() for p in params), peak_rss_mb=process_peak_rss_mb(),
                          peak_cuda_mb=cuda_peak_mb(device), device=str(device),
-                         dtype=str(next(peft_model.parameters()).dtype).replace("torch.", ""), losses=losses)
+                         dtype=str(next(peft_model.parameters()).dtype).replace("torch.", ""),
+                         compute_dtype=str(autocast_dtype(config.autocast, device, params[0].dtype)
+                                           or params[0].dtype).replace("torch.", ""), losses=losses)
     summary = {"result": result.to_dict(), "config": asdict(config)}
     (out_path / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     logger.info("saved adapter to %s (%d steps, final loss %.4f, %.1fs)", out_path, result.steps,
