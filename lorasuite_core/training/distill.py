@@ -283,10 +283,11 @@ def _completion(tokenizer, row: list[int], stop_ids: set[int]) -> Completion:
 
 
 def greedy_completions(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int = 128,
-                       batch_size: int = 16) -> list[Completion]:
+                       batch_size: int = 16, adapter_names: Sequence[str] | None = None) -> list[Completion]:
     """Greedy completions of ``prompts`` in the built-in template: evaluation's greedy loop
     (:func:`~lorasuite_core.training.evaluation.greedy_generate_ids`: length-sorted batches, KV cache,
-    a row leaves its batch once its text is fully scored), cut and kept with their token ids."""
+    a row leaves its batch once its text is fully scored), cut and kept with their token ids.
+    ``adapter_names``: one per prompt, for a model holding several adapters (mixed-adapter batches)."""
     from lorasuite_core.training.evaluation import greedy_generate_ids
 
     if max_new_tokens < 1 or batch_size < 1:
@@ -294,8 +295,29 @@ def greedy_completions(model, tokenizer, prompts: Sequence[Prompt], *, max_new_t
     eos = model_eos_ids(model, tokenizer)
     stop_ids = set(eos) | {tokenizer.pad_token_id}
     rows = greedy_generate_ids(model, tokenizer, [p.formatted() for p in prompts], max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, stop=generation_finished, eos_token_ids=eos)
+                               batch_size=batch_size, stop=generation_finished, eos_token_ids=eos,
+                               adapter_names=adapter_names)
     return [_completion(tokenizer, row, stop_ids) for row in rows]
+
+
+def teacher_completions(old_model_dir: str | Path, prompts_by_adapter: dict[str, tuple[str | Path, Sequence[Prompt]]],
+                        *, max_new_tokens: int = 128, batch_size: int = 16, dtype: str = "auto",
+                        device: str = "auto") -> dict[str, list[Completion]]:
+    """Every teacher's greedy completions at once: name -> (adapter directory, prompts) of adapters of one old
+    model; one base model holds all adapters and their prompts share batches (PEFT mixed-adapter batches).
+    Equal to :func:`greedy_completions` with each adapter loaded alone."""
+    from lorasuite_core.training.evaluation import load_adapters_for_generation
+
+    model, tokenizer = load_adapters_for_generation(
+        old_model_dir, {name: adapter for name, (adapter, _) in prompts_by_adapter.items()}, dtype=dtype, device=device)
+    prompts = [p for _, ps in prompts_by_adapter.values() for p in ps]
+    names = [name for name, (_, ps) in prompts_by_adapter.items() for _ in ps]
+    completions = greedy_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                     adapter_names=names)
+    result: dict[str, list[Completion]] = {name: [] for name in prompts_by_adapter}
+    for name, completion in zip(names, completions, strict=True):
+        result[name].append(completion)
+    return result
 
 
 # --------------------------------------------------------------------------- agreement

@@ -182,8 +182,24 @@ def eval_dtype(dtype: str, device: torch.device) -> str:
     return str(resolve_dtype("auto", device)).replace("torch.", "")
 
 
+def load_adapters_for_generation(model_dir: str | Path, adapters: dict[str, str | Path], *, dtype: str = "auto",
+                                 device: str = "auto"):
+    """``(model, tokenizer)``: one base model holding every adapter of ``adapters`` (name -> directory) under its
+    name, frozen, for mixed-adapter generation (:func:`greedy_generate_ids` with ``adapter_names``)."""
+    if not adapters:
+        raise ValueError("no adapters given")
+    names = list(adapters)
+    model, tokenizer = load_for_generation(model_dir, adapters[names[0]], dtype=dtype, device=device,
+                                           adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(check_adapter_dir(adapters[name])), adapter_name=name, is_trainable=False)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model, tokenizer
+
+
 def load_for_generation(model_dir: str | Path, adapter_dir: str | Path | None = None, *, dtype: str = "auto",
-                        device: str = "auto"):
+                        device: str = "auto", adapter_name: str = "default"):
     """``(model, tokenizer)`` for generation: a base model (+ adapter, kept a PEFT adapter, not merged: merging
     into bf16 weights would round small deltas away), frozen, eval mode, left padding. ``dtype`` as
     :func:`~lorasuite_core.training.train.load_causal_lm` takes it."""
@@ -191,7 +207,8 @@ def load_for_generation(model_dir: str | Path, adapter_dir: str | Path | None = 
     if adapter_dir is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(check_adapter_dir(adapter_dir)), is_trainable=False)
+        model = PeftModel.from_pretrained(model, str(check_adapter_dir(adapter_dir)), is_trainable=False,
+                                          adapter_name=adapter_name)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -266,8 +283,11 @@ def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[
 
 
 def _greedy_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
-                  stop: Callable[[str], bool] | None, eos_ids: Sequence[int], stats: GenerationStats) -> list[list[int]]:
-    """Greedy continuations of one batch; finished rows are dropped from the batch (and its KV cache)."""
+                  stop: Callable[[str], bool] | None, eos_ids: Sequence[int], stats: GenerationStats,
+                  adapter_names: Sequence[str] | None = None) -> list[list[int]]:
+    """Greedy continuations of one batch; finished rows are dropped from the batch (and its KV cache).
+
+    ``adapter_names`` (one per row): PEFT's mixed-adapter batch, each row through its own adapter."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     input_ids, mask = _left_pad(prompt_ids, pad_id, device)
@@ -281,6 +301,8 @@ def _greedy_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new
     stats.padded_prompt_tokens += int(mask.numel())
     cache, step_input, started = None, input_ids, time.perf_counter()
     for step in range(max_new_tokens):
+        if adapter_names is not None:
+            extra["adapter_names"] = [adapter_names[index] for index in active]
         out = model(input_ids=step_input, attention_mask=mask, position_ids=positions, use_cache=True,
                     **{cache_name: cache}, **extra)
         cache = out.cache if cache_name == "cache" else out.past_key_values
@@ -317,10 +339,17 @@ def _greedy_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new
 
 def greedy_generate_ids(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
                         stop: Callable[[str], bool] | None = None, eos_token_ids: Sequence[int] | None = None,
-                        stats: GenerationStats | None = None, show_progress: bool = False) -> list[list[int]]:
-    """Generated token ids per prompt, in input order (a final EOS id included); see :func:`greedy_generate`."""
+                        stats: GenerationStats | None = None, show_progress: bool = False,
+                        adapter_names: Sequence[str] | None = None) -> list[list[int]]:
+    """Generated token ids per prompt, in input order (a final EOS id included); see :func:`greedy_generate`.
+
+    ``adapter_names``: one PEFT adapter name per prompt ("__base__": none) for a model holding several adapters;
+    rows of different adapters share batches (PEFT's mixed-adapter batches), so one pass over the base weights
+    serves every adapter."""
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise ValueError(f"{len(adapter_names)} adapter names for {len(prompts)} prompts")
     stats = stats if stats is not None else GenerationStats()
     eos_ids = list(eos_token_ids) if eos_token_ids is not None else model_eos_ids(model, tokenizer)
     if not eos_ids:
@@ -332,7 +361,7 @@ def greedy_generate_ids(model, tokenizer, prompts: Sequence[str], *, max_new_tok
         for begin in tqdm(range(0, len(order), batch_size), desc="generate", disable=not show_progress):
             indices = order[begin:begin + batch_size]
             generated = _greedy_batch(model, tokenizer, [encoded[i] for i in indices], max_new_tokens, stop, eos_ids,
-                                      stats)
+                                      stats, None if adapter_names is None else [adapter_names[i] for i in indices])
             for i, ids in zip(indices, generated, strict=True):
                 results[i] = ids
     return results
