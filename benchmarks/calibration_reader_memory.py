@@ -4,7 +4,7 @@ Measures the peak RSS (``/usr/bin/time -v``, "Maximum resident set size") of a f
 process that imports ``lorasuite_core.transfer.activations`` and calls ``read_calibration_file`` on one
 file, optionally followed by what the activations stage does next with the texts: tokenising
 each with offsets, truncated to 256 tokens (``_token_ends`` with a small byte-level BPE tokenizer
-from ``lorasuite_core.testing.upgrade.make_tokenizer``).  ``--reader-from REV`` loads ``activations.py``
+from ``lorasuite_core.testing.tokenizer.make_tokenizer``).  ``--reader-from REV`` loads ``activations.py``
 as it was at git revision ``REV`` (the "before" measurement); the default is the working tree.
 The import-only baseline (torch etc.) is measured the same way, so the reader's own share is
 ``peak - baseline``.
@@ -52,7 +52,7 @@ def _child(args) -> None:
     module = _load_reader(args.rev)
     tokenizer = None
     if args.tokenize:
-        from lorasuite_core.testing.upgrade import make_tokenizer
+        from lorasuite_core.testing.tokenizer import make_tokenizer
 
         tokenizer = make_tokenizer("byte_bpe", tempfile.mkdtemp())
     if args.baseline:

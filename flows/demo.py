@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from lorasuite_core.pipeline.stages import migrate_in_process
-from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.testing.adapter import make_random_lora_adapter
+from lorasuite_core.testing.model import make_tiny_model_dir
+from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 from lorasuite_core.testing.verification import logits_over_shared_vocab, relative_max_error
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from lorasuite_core.pipeline import stages
 from lorasuite_core.pipeline.options import AnalysisOptions
-from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.testing.adapter import make_random_lora_adapter
+from lorasuite_core.testing.model import make_tiny_model_dir
+from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 
 EXACT = UpgradeSpec(permute_heads=True, permute_neurons=True, extra_neurons=8)
 

@@ -147,7 +147,9 @@ def _s3_dir(fs, uri: str) -> str:
 @pytest.mark.parametrize("kind", ["binary", "directory"])
 def test_cli_reports_bad_calibration_data_on_one_line(tmp_path, capsys, kind):
     from flows.cli import main
-    from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+    from lorasuite_core.testing.adapter import make_random_lora_adapter
+    from lorasuite_core.testing.model import make_tiny_model_dir
+    from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 
     old = make_tiny_model_dir("llama", tmp_path / "old", seed=3)
     new = upgrade_model_dir(old, tmp_path / "new", UpgradeSpec(permute_heads=True))

@@ -9,7 +9,9 @@ from safetensors.torch import load_file, save_file
 
 from lorasuite_core.pipeline import stages
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
-from lorasuite_core.testing.upgrade import make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.testing.adapter import make_random_lora_adapter
+from lorasuite_core.testing.model import make_tiny_model_dir
+from lorasuite_core.testing.upgrade import upgrade_model_dir
 from lorasuite_core.training import distill as D
 from lorasuite_core.training.gate import QualityGateFailed
 from lorasuite_core.training.task_data import generate_problems

@@ -18,7 +18,8 @@ from lorasuite_core.transfer.adapter import PairAnalysis, _source_factors, layer
 from lorasuite_core.transfer.refactor import LowRank, refactorise
 from lorasuite_core.transfer.residual import input_offset, residual_transfer
 from lorasuite_core.transfer.unit_maps import INPUT_ROLES
-from lorasuite_core.testing.upgrade import UpgradeSpec, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.testing.model import make_tiny_model_dir
+from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 from lorasuite_core.transfer.vocab import shared_vocabulary
 
 

@@ -24,7 +24,9 @@ from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.pipeline.manifest import ManifestError
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions, validate
 from lorasuite_core.pipeline.stages import migrate_in_process
-from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.testing.adapter import make_random_lora_adapter
+from lorasuite_core.testing.model import make_tiny_model_dir
+from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 from tests.exactness import logits_over_shared_vocab, relative_max_error
 from tests.s3_server import s3_endpoint  # noqa: F401 - pytest fixture
 

@@ -128,7 +128,7 @@ def test_labelled_token_loss_equals_the_models_own_loss(family, overrides, tmp_p
     from peft import get_peft_model
 
     from lorasuite_core.training.train import _lora_config, labelled_token_loss, load_causal_lm
-    from lorasuite_core.testing.upgrade import make_tiny_model_dir
+    from lorasuite_core.testing.model import make_tiny_model_dir
 
     model_dir = make_tiny_model_dir(family, tmp_path / family, **overrides)
     model = load_causal_lm(model_dir, dtype="float32", device="cpu")
