@@ -64,9 +64,10 @@ from lorasuite_core.transfer.layer_mapping import fixed_mapping, map_layers
 from lorasuite_core.pipeline.layer_results import load_layer_result, save_layer_result
 from lorasuite_core.models.loading import (ADALORA_INIT_R, LoadedModel, LoraAdapter, adapter_variant, load_base_model,
                                            load_lora_adapter, resolve_local_dir)
-from lorasuite_core.transfer.adapter import (REPORT_NAME, PairAnalysis, adapter_config, adapter_tensors,
-                      build_report, check_adapter_fits, effective_head_mapping, head_mapping_entries, combine_layers, match_layer_pair, sources_by_new_layer,
-                      transfer_new_layer, write_adapter_dir)
+from lorasuite_core.models.writing import REPORT_NAME, adapter_config, adapter_tensors, write_adapter_dir
+from lorasuite_core.report.migration import build_report, head_mapping_entries
+from lorasuite_core.transfer.adapter import (PairAnalysis, check_adapter_fits, effective_head_mapping, combine_layers,
+                                             match_layer_pair, sources_by_new_layer, transfer_new_layer)
 from lorasuite_core.transfer.residual import ResidualTransfer, residual_transfer
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.stage_store import (ADAPTER_PATTERNS, StageResult, StageStore, artifact_identity, data_identity,
