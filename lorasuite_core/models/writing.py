@@ -1,11 +1,11 @@
 """Writing a migrated adapter as a PEFT directory: ``adapter_config.json``, ``adapter_model.safetensors``
 and the migration report, atomically.
 
-The config is the old adapter's, with the new model's targets: ``r`` / ``lora_alpha`` are the most
-common rank and alpha, the others go to ``rank_pattern`` / ``alpha_pattern``; ``layers_to_transform``
-lists the layers holding modules (None: all) and ``exclude_modules`` the (layer, target) pairs PEFT would
-otherwise create freshly.  AdaLoRA keeps its rank budget and writes each module's rank as PEFT's
-boolean ``rank_pattern`` mask over ``init_r``.  Tensors use PEFT's saved keys: ``lora_A`` /
+The config is the old adapter's, with the new model's targets; ``layers_to_transform`` lists the
+layers holding modules (None: all) and ``exclude_modules`` the (layer, target) pairs PEFT would
+otherwise create freshly.  The rank fields come from the adapter's variant
+(:meth:`~lorasuite_core.models.variants.base.AdapterVariant.rank_config`: LoRA's ``r`` /
+``lora_alpha`` / patterns, AdaLoRA's ``rank_pattern`` masks over ``init_r``).  Tensors use PEFT's saved keys: ``lora_A`` /
 ``lora_B`` ``.weight`` (+ ``lora_magnitude_vector`` for DoRA); AdaLoRA's ``lora_A``, ``lora_B``,
 ``lora_E`` without ``.weight``.
 
@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import save_file
 
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.models.loading import ADALORA_INIT_R, LoadedModel, adapter_variant
+from lorasuite_core.models.loading import LoadedModel
+from lorasuite_core.models.variants import variant_of
 
 REPORT_NAME = "migration_report.json"
 
@@ -42,33 +43,19 @@ class WrittenModule(Protocol):
 
 
 class WrittenAdapter(Protocol):
-    """A migrated adapter as the writer reads it (``transfer.adapter.WrittenAdapter``)."""
+    """A migrated adapter as the writer reads it (``transfer.adapter.MigratedAdapter``)."""
     modules: Sequence[WrittenModule]
 
 
 def adapter_config(old_config: dict, new: LoadedModel, migrated: WrittenAdapter) -> dict:
-    if adapter_variant(old_config) == "adalora":
-        return _adalora_config(old_config, new, migrated)
+    """The old config with the new model's targets, layers and exclusions; the rank fields from the variant."""
     config = dict(old_config)
-    ranks = [m.rank for m in migrated.modules]
-    alphas = [m.alpha for m in migrated.modules]
-    r = max(set(ranks), key=ranks.count)
-    alpha = max(set(alphas), key=alphas.count)
-    rank_pattern, alpha_pattern = {}, {}
-    for m in migrated.modules:
-        key = new.family.module_key(m.layer, m.name).replace(".", r"\.")
-        if m.rank != r:
-            rank_pattern[key] = m.rank
-        if m.alpha != alpha:
-            alpha_pattern[key] = m.alpha
+    rank_fields = variant_of(old_config).rank_config(old_config, new.family, migrated.modules)
     layers = sorted({m.layer for m in migrated.modules})
     config.update(
         base_model_name_or_path=new.source,
         target_modules=sorted({m.name for m in migrated.modules}),
-        r=r,
-        lora_alpha=alpha,
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
+        **rank_fields,
         layers_to_transform=None if layers == list(range(new.dims.num_layers)) else layers,
         layers_pattern=None,
         exclude_modules=_excluded_modules(new, migrated, layers),
@@ -84,31 +71,6 @@ def _excluded_modules(new: LoadedModel, migrated: WrittenAdapter, layers: list[i
     names = sorted({m.name for m in migrated.modules})
     missing = [new.family.module_key(j, name) for j in layers for name in names if (j, name) not in have]
     return missing or None
-
-
-def _adalora_config(old_config: dict, new: LoadedModel, migrated: WrittenAdapter) -> dict:
-    """The old AdaLoRA config (rank budget: init_r, target_r, tinit, tfinal, deltaT, beta1, beta2,
-    orth_reg_weight, total_step, lora_alpha) with the new model's targets and ``rank_pattern``:
-    {"<module path>.lora_E": [True]*r + [False]*(init_r − r)}, PEFT's saved masks, whenever a
-    module's rank differs from init_r (PEFT then resizes each module to its r before loading)."""
-    config = dict(old_config)
-    init_r = int(config.get("init_r") or ADALORA_INIT_R)
-    too_big = [m for m in migrated.modules if m.rank > init_r]
-    if too_big:
-        raise LorasuiteError(f"AdaLoRA module {too_big[0].name} has rank {too_big[0].rank} above init_r {init_r}")
-    pattern = {f"{new.family.module_key(m.layer, m.name)}.lora_E": [True] * m.rank + [False] * (init_r - m.rank)
-               for m in migrated.modules}
-    layers = sorted({m.layer for m in migrated.modules})
-    config.update(
-        base_model_name_or_path=new.source,
-        target_modules=sorted({m.name for m in migrated.modules}),
-        rank_pattern=pattern if any(m.rank != init_r for m in migrated.modules) else None,
-        layers_to_transform=None if layers == list(range(new.dims.num_layers)) else layers,
-        layers_pattern=None,
-        exclude_modules=_excluded_modules(new, migrated, layers),
-        revision=None,
-    )
-    return config
 
 
 def adapter_tensors(new: LoadedModel, migrated: WrittenAdapter) -> dict[str, torch.Tensor]:

@@ -62,7 +62,7 @@ from lorasuite_core.transfer.cka import minibatch_cka
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.transfer.layer_mapping import fixed_mapping, map_layers
 from lorasuite_core.pipeline.layer_results import load_layer_result, save_layer_result
-from lorasuite_core.models.loading import (ADALORA_INIT_R, LoadedModel, LoraAdapter, adapter_variant, load_base_model,
+from lorasuite_core.models.loading import (LoadedModel, LoraAdapter, load_base_model,
                                            load_lora_adapter, resolve_local_dir)
 from lorasuite_core.models.writing import REPORT_NAME, adapter_config, adapter_tensors, write_adapter_dir
 from lorasuite_core.report.migration import build_report, head_mapping_entries
@@ -429,11 +429,10 @@ def _vanilla_job(plan: PairPlan, adapter: LoraAdapter, options: MigrationOptions
     """The source adapter's kind, rank, alpha and targets: a DoRA source gets a fresh DoRA, an AdaLoRA
     source a fresh LoRA at its initial rank ``init_r`` (AdaLoRA's budget schedule is a function of the
     original run's step count, which the adapter does not record)."""
-    variant = adapter_variant(adapter.config)
-    rank = int(adapter.config.get("init_r", ADALORA_INIT_R) if variant == "adalora" else adapter.config.get("r", 8))
+    rank = adapter.variant.baseline_rank(adapter.config)
     alpha = float(adapter.config.get("lora_alpha", rank))
     targets = sorted(adapter.target_names)
-    use_dora = variant == "dora"
+    use_dora = adapter.variant.baseline_use_dora
     key = stage_key("vanilla", model=plan.new_identity, data=data, samples=options.lft_samples,
                     epochs=options.lft_epochs, seed=options.seed, rank=rank, alpha=alpha, targets=targets,
                     use_dora=use_dora)

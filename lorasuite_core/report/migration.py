@@ -56,7 +56,7 @@ def build_report(old, new, adapter, analysis: PairAnalysis, migrated: MigratedAd
         "algorithm_version": ALGORITHM_VERSION,
         "old_model": _model_identity(old),
         "new_model": _model_identity(new),
-        "adapter": {"source": adapter.source, "modules": len(adapter.factors), "variant": adapter.variant},
+        "adapter": {"source": adapter.source, "modules": len(adapter.factors), "variant": adapter.variant.name},
         "options": {"head_transform": head_transform, "layer_offset": layer_offset},
         "shared_vocabulary_size": len(analysis.shared),
         "transfer_matrix": {

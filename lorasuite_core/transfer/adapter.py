@@ -23,7 +23,7 @@ disjoint column blocks, [L_q R_q; L_k R_k; L_v R_v] = L R with L the interleaved
 [L_q 0 0; 0 L_k 0; 0 0 L_v] and R = [R_q; R_k; R_v]. The LayerNorm-offset diagnostic uses
 ‖ΔW c‖ = ‖L (R c)‖ and ‖ΔW‖_F² = ⟨LᵀL, R Rᵀ⟩_F.
 
-Variants (the adapter's ``variant``, from its config). LoRA and DoRA re-factorise to
+Variants (the adapter's ``variant``, :mod:`lorasuite_core.models.variants`). LoRA and DoRA re-factorise to
 s B A = ΔW with B = U√Σ, A = √ΣVᵀ; DoRA also carries its effective change and fits the new
 magnitude vector (dora.py: m'_o = ⟨D_o, V_o⟩, exact where the row normalisation commutes with
 the upgrade, the residual reported otherwise). AdaLoRA re-factorises to PEFT's SVD form
@@ -53,7 +53,8 @@ from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.transfer.dora import carry_dense, effective_change, fit_magnitude
 from lorasuite_core.transfer.layer_weights import (canonical_deltas, dropped_roles, expected_shape, join_fused, layer_weights,
                                                    module_deltas, split_fused)
-from lorasuite_core.models.loading import LoadedModel, LoraAdapter, LoraFactors
+from lorasuite_core.models.loading import LoadedModel, LoraAdapter
+from lorasuite_core.models.variants.base import LoraFactors
 from lorasuite_core.transfer.matching import LayerMatch, match_layer
 from lorasuite_core.transfer.refactor import LowRank, Refactorised, refactorise
 from lorasuite_core.transfer.residual import ResidualTransfer, input_map, input_offset, output_map
@@ -199,7 +200,7 @@ def transfer_layer_pair(old, new, analysis: PairAnalysis, adapter: LoraAdapter, 
     carried = transfer.run(deltas)
     fit = dict(transfer.fit)
     changes = {}
-    if adapter.variant == "dora":
+    if adapter.variant.has_magnitude:
         changes = {role: carry_dense(transfer, role, E) for role, E in _dora_changes(old, adapter, i).items()
                    if role in transfer.new_w}
     offsets = _offset_effects(old, new, deltas, maps, i, j)
@@ -268,9 +269,9 @@ def transfer_new_layer(old, new, analysis: PairAnalysis, adapter: LoraAdapter, j
     modules = []
     for name, delta in sorted(module_factors(new.family, new.dims, summed).items()):
         source = _source_factors(old, new, adapter, name, sources)
-        factors = refactorise(delta, source.rank, source.scaling, singular_values=adapter.variant == "adalora")
+        factors = refactorise(delta, source.rank, source.scaling, singular_values=adapter.variant.svd_form)
         module = MigratedModule(j, name, factors, source.rank, source.alpha, sources)
-        if adapter.variant == "dora":
+        if adapter.variant.has_magnitude:
             W = new.layer_weight(j, new.family.modules[name].path)
             fit = fit_magnitude(W, factors.delta(source.scaling), W + module_changes[name],
                                 new.family.module_key(j, name))
