@@ -169,11 +169,12 @@ def stage_train(model_dir: str, out_dir: str, n: int, seed: int, rank: int, epoc
 def stage_lft(model_dir: str, adapter_dir: str, out_dir: str, n: int, seed: int, epochs: int) -> dict:
     _threads()
     from lorasuite_core.training.task_data import generate_problems
+    from lorasuite_core.pipeline.options import MigrationOptions
     from lorasuite_core.training.train import default_lft_config, light_finetune
 
     samples = generate_problems(n, "train", seed)
     result = light_finetune(model_dir, adapter_dir, samples, out_dir,
-                            config=default_lft_config(epochs=epochs, batch_size=8, seed=seed))
+                            config=default_lft_config(MigrationOptions().lft_lr, epochs=epochs, batch_size=8, seed=seed))
     return _train_dict(result)
 
 

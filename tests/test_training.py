@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lorasuite_core.pipeline.options import MigrationOptions
 from lorasuite_core.training.task_data import Sample, format_prompt, generate_problems
 from lorasuite_core.training.train import (ADAPTER_WEIGHTS, SUMMARY_FILE, TrainConfig, build_example, collate,
                                      default_lft_config, light_finetune, load_for_light_finetune, load_tokenizer,
@@ -104,7 +105,8 @@ def test_lft_starts_exactly_from_given_adapter(tiny_model_dir, source_adapter):
 
 
 def test_light_finetune_updates_adapter_and_lowers_loss(tiny_model_dir, source_adapter, samples, tmp_path):
-    config = default_lft_config(epochs=3, batch_size=4, max_length=160, device="cpu", show_progress=False)
+    config = default_lft_config(MigrationOptions().lft_lr, epochs=3, batch_size=4, max_length=160, device="cpu",
+                                show_progress=False)
     assert config.lr == 9e-4 and config.warmup_ratio == 0.0
     result = light_finetune(tiny_model_dir, source_adapter, samples, tmp_path / "lft", config=config)
     before, after = lora_tensors(source_adapter), lora_tensors(tmp_path / "lft")
