@@ -56,7 +56,7 @@ def permuted(tmp_path_factory):
 def _migrate(permuted, name: str, analysis: AnalysisOptions) -> tuple[dict, float]:
     root, old, new, adapter = permuted
     out = root / name
-    report = migrate_in_process(old, new, adapter, out, analysis=analysis, store_root=str(root / "store"))
+    report = migrate_in_process(old, new, adapter, out, analysis=analysis, cache_root=str(root / "store"))
     ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0)).tolist()
     reference, migrated = logits_over_shared_vocab(old, new, ids, old_adapter=adapter, new_adapter=out)
     return report, relative_max_error(reference, migrated)

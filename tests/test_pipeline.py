@@ -204,7 +204,7 @@ def test_second_migration_of_the_pair_reuses_the_analysis(fleet_run, pair, tmp_p
     assert sum(steps[s]["seconds"] for s in ANALYSIS) < sum(first[s]["seconds"] for s in ANALYSIS)
 
     # the same stage graph run in process over a fresh store: computed afresh, bit-identical
-    migrate_in_process(*refs, tmp_path / "reference", analysis=SMALL, store_root=str(tmp_path / "ref"))
+    migrate_in_process(*refs, tmp_path / "reference", analysis=SMALL, cache_root=str(tmp_path / "ref"))
     assert same_adapter_bytes(tmp_path / "reference", storage.materialize_dir(f"{base}/single/a3", require_complete=True))
 
 
@@ -238,7 +238,7 @@ def test_failed_layer_is_retried_or_rerun_to_a_bit_identical_adapter(harness, pa
     run_migrate_adapter(old, new, adapter, str(tmp_path / "retried"), analysis=SMALL, cache_root=cache)
     assert calls == {"all": 4, "failed": 1}
     migrate_in_process(old, new, adapter, tmp_path / "reference-a0", analysis=SMALL,
-                       store_root=str(tmp_path / "ref"))
+                       cache_root=str(tmp_path / "ref"))
     assert same_adapter_bytes(tmp_path / "reference-a0", tmp_path / "retried")
 
     adapter = str(pair["adapters"]["a2"])
@@ -251,7 +251,7 @@ def test_failed_layer_is_retried_or_rerun_to_a_bit_identical_adapter(harness, pa
                               cache_root=cache)
     assert calls["all"] == 1 and out["summary"]["steps"]["transfer"]["cache"] == "computed"
     migrate_in_process(old, new, adapter, tmp_path / "reference-a2", analysis=SMALL,
-                       store_root=str(tmp_path / "ref"))
+                       cache_root=str(tmp_path / "ref"))
     assert same_adapter_bytes(tmp_path / "reference-a2", tmp_path / "rerun")
 
 
