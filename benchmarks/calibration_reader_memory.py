@@ -4,7 +4,7 @@ Measures the peak RSS (``/usr/bin/time -v``, "Maximum resident set size") of a f
 process that imports ``lorasuite_core.transfer.activations`` and calls ``read_calibration_file`` on one
 file, optionally followed by what the activations stage does next with the texts: tokenising
 each with offsets, truncated to 256 tokens (``_token_ends`` with a small byte-level BPE tokenizer
-from ``lorasuite_core.testing.upgrade.make_tokenizer``).  ``--reader-from REV`` loads ``activations.py``
+from ``lorasuite_core.testing.tokenizer.make_tokenizer``).  ``--reader-from REV`` loads ``activations.py``
 as it was at git revision ``REV`` (the "before" measurement); the default is the working tree.
 The import-only baseline (torch etc.) is measured the same way, so the reader's own share is
 ``peak - baseline``.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import platform
@@ -52,14 +53,17 @@ def _child(args) -> None:
     module = _load_reader(args.rev)
     tokenizer = None
     if args.tokenize:
-        from lorasuite_core.testing.upgrade import make_tokenizer
+        from lorasuite_core.testing.tokenizer import make_tokenizer
 
         tokenizer = make_tokenizer("byte_bpe", tempfile.mkdtemp())
     if args.baseline:
         print(json.dumps({"texts": 0}))
         return
     start = time.perf_counter()
-    texts = module.read_calibration_file(args.file)
+    # the budget of the recorded runs (the options' default max_calibration_tokens); passed only where the
+    # reader at --reader-from takes it (it became a required parameter)
+    budget = {"max_tokens": 2048} if "max_tokens" in inspect.signature(module.read_calibration_file).parameters else {}
+    texts = module.read_calibration_file(args.file, **budget)
     read_s = time.perf_counter() - start
     tokens = 0
     if tokenizer is not None:

@@ -34,7 +34,8 @@ import torch
 import lorasuite_core
 from _common import merge_json
 from lorasuite_core.models.families import family_for_model_type
-from lorasuite_core.models.loading import Dims, LoraAdapter, LoraFactors
+from lorasuite_core.models.loading import Dims, LoraAdapter
+from lorasuite_core.models.variants.base import LoraFactors
 from lorasuite_core.transfer.matching import LayerMatch
 from lorasuite_core.transfer.adapter import PairAnalysis, transfer_new_layer
 from lorasuite_core.transfer.residual import ResidualTransfer

@@ -169,29 +169,30 @@ def stage_train(model_dir: str, out_dir: str, n: int, seed: int, rank: int, epoc
 def stage_lft(model_dir: str, adapter_dir: str, out_dir: str, n: int, seed: int, epochs: int) -> dict:
     _threads()
     from lorasuite_core.training.task_data import generate_problems
+    from lorasuite_core.pipeline.options import MigrationOptions
     from lorasuite_core.training.train import default_lft_config, light_finetune
 
     samples = generate_problems(n, "train", seed)
     result = light_finetune(model_dir, adapter_dir, samples, out_dir,
-                            config=default_lft_config(epochs=epochs, batch_size=8, seed=seed))
+                            config=default_lft_config(MigrationOptions().lft_lr, epochs=epochs, batch_size=8, seed=seed))
     return _train_dict(result)
 
 
-def stage_migrate(old_dir: str, new_dir: str, adapter_dir: str, out_dir: str, store_root: str | None = None) -> dict:
-    """Transfer only. Without ``store_root``, timed from an empty temporary store; with one (the pair's store, empty
+def stage_migrate(old_dir: str, new_dir: str, adapter_dir: str, out_dir: str, cache_root: str | None = None) -> dict:
+    """Transfer only. Without ``cache_root``, timed from an empty temporary store; with one (the pair's store, empty
     when this is its first migration), the pair analysis it computes is kept for the other rows
     (``pair_stages_reused`` lists what an earlier, interrupted run had already stored)."""
     import tempfile
 
     with contextlib.ExitStack() as stack:
-        store = store_root or stack.enter_context(tempfile.TemporaryDirectory(prefix="lorasuite-bench-store-"))
+        store = cache_root or stack.enter_context(tempfile.TemporaryDirectory(prefix="lorasuite-bench-store-"))
         result = stage_graph_migrate(old_dir, new_dir, adapter_dir, out_dir, store, {}, {})
     for key in ("options", "analysis", "light_finetune", "lft_seconds", "out_dir"):
         result.pop(key, None)
     return result
 
 
-def stage_graph_migrate(old_dir: str, new_dir: str, adapter_dir: str, out_dir: str, store_root: str,
+def stage_graph_migrate(old_dir: str, new_dir: str, adapter_dir: str, out_dir: str, cache_root: str,
                         migration: dict, analysis: dict) -> dict:
     """One migration through the stage graph with ``MigrationOptions(**migration)``, ``AnalysisOptions(**analysis)``.
 
@@ -210,7 +211,7 @@ def stage_graph_migrate(old_dir: str, new_dir: str, adapter_dir: str, out_dir: s
     start = time.perf_counter()
     shutil.rmtree(out_dir, ignore_errors=True)
     report = migrate_in_process(old_dir, new_dir, adapter_dir, out_dir, MigrationOptions(**migration),
-                                AnalysisOptions(**analysis), store_root=store_root)
+                                AnalysisOptions(**analysis), cache_root=cache_root)
     steps = report["steps"]
     return {"seconds": time.perf_counter() - start, "threads": torch.get_num_threads(),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

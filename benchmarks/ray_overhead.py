@@ -48,7 +48,9 @@ def child(manifest: str, cache: str, overwrite: bool) -> None:
 def build(root: Path, adapters: int) -> Path:
     import yaml
 
-    from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+    from lorasuite_core.testing.adapter import make_random_lora_adapter
+    from lorasuite_core.testing.model import make_tiny_model_dir
+    from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 
     old = make_tiny_model_dir("llama", root / "old", seed=1)
     new = upgrade_model_dir(old, root / "new", UpgradeSpec(permute_heads=True, identity_layers=(1,)))

@@ -2,12 +2,12 @@
 
 Part (a), ``qwen``: Qwen2.5-Coder-0.5B-Instruct -> Qwen2.5-Coder-1.5B-Instruct (the converted fp32
 safetensors directories from ``lorasuite models fetch``), a rank-16 LoRA (alpha 32) on all seven
-targets made by ``lorasuite_core.testing.upgrade.make_random_lora_adapter`` (random non-zero A and B).
+targets made by ``lorasuite_core.testing.adapter.make_random_lora_adapter`` (random non-zero A and B).
 
 Part (b), ``synthetic``: Llama-2-7B -> Llama-3-8B-shaped llama checkpoints with random weights and
 ``--layers`` decoder layers (old: d 4096, 32 heads of 128, 32 kv heads, ffn 11008; new: d 4096, 32
 heads, 8 kv heads, ffn 14336; both an 8192-token byte-level BPE vocabulary from
-``upgrade.make_tokenizer`` padded with reserved tokens, untied lm_head).  Weights are written
+``testing.tokenizer.make_tokenizer`` padded with reserved tokens, untied lm_head).  Weights are written
 tensor by tensor, one safetensors shard per decoder layer (N(0, 1/in) entries, norms near 1), so
 writing a checkpoint never holds more than one layer; the adapter is the same rank-16 kind.
 
@@ -113,7 +113,7 @@ def _last_json(stdout: str):
 
 
 def make_adapter(model_dir: Path, out: Path) -> Path:
-    from lorasuite_core.testing.upgrade import make_random_lora_adapter
+    from lorasuite_core.testing.adapter import make_random_lora_adapter
 
     if not (out / "adapter_model.safetensors").is_file():
         t = time.perf_counter()
@@ -220,7 +220,7 @@ def write_synthetic_model(out: Path, shape: dict, layers: int, seed: int) -> Pat
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from lorasuite_core.testing.upgrade import make_tokenizer
+    from lorasuite_core.testing.tokenizer import make_tokenizer
 
     if (out / "model.safetensors.index.json").is_file():
         return out
@@ -290,7 +290,7 @@ def part_qwen(args) -> None:
     entry = run_migrate(QWEN_OLD, QWEN_NEW, adapter, work / args.label, repo=Path(args.repo).resolve(),
                         threads=args.threads, timeout=args.timeout)
     entry["pair"] = {"old": str(QWEN_OLD), "new": str(QWEN_NEW)}
-    entry["adapter"] = {"rank": RANK, "alpha": ALPHA, "targets": TARGETS, "made_by": "upgrade.make_random_lora_adapter"}
+    entry["adapter"] = {"rank": RANK, "alpha": ALPHA, "targets": TARGETS, "made_by": "testing.adapter.make_random_lora_adapter"}
     entry["machine"] = _machine()
     entry["benchmark_command"] = " ".join([".venv/bin/python", "benchmarks/scale_benchmark.py", *sys.argv[1:]])
     _merge(RESULTS / "scale_qwen.json", {"before_issue_898f7d4": QWEN_BEFORE_ISSUE, args.label: entry})
@@ -312,7 +312,7 @@ def part_synthetic(args) -> None:
                          "new": {**NEW_8B, "num_hidden_layers": layers, "vocab_size": SYNTH_VOCAB},
                          "weights": "random N(0, 1/in), float32, one shard per layer"}
         entry["adapter"] = {"rank": RANK, "alpha": ALPHA, "targets": TARGETS,
-                            "made_by": "upgrade.make_random_lora_adapter"}
+                            "made_by": "testing.adapter.make_random_lora_adapter"}
         entry["machine"] = _machine()
         entry["benchmark_command"] = " ".join([".venv/bin/python", "benchmarks/scale_benchmark.py", *sys.argv[1:]])
         _merge(RESULTS / "scale_synthetic.json", {f"{args.label}/L{layers}": entry})

@@ -50,7 +50,7 @@ def project_dir(directory: str | None = None, variable_directory: str | None = N
 
 def prepare_project(directory: str | None = None, variable_directory: str | None = None,
                     cache_root: str | None = None) -> dict[str, str]:
-    """Change into the project directory and export the stage store root; returns both."""
+    """Change into the project directory and export the cache root; returns both."""
     from prefect.deployments.steps import set_working_directory
     from prefect.logging import get_logger
 

@@ -142,7 +142,7 @@ def _run_demo(args) -> dict:
 
 
 def _run_train(args) -> dict:
-    from lorasuite_core.transfer.adapter import check_output_dir
+    from lorasuite_core.models.writing import check_output_dir
     from lorasuite_core.training.samples import load_samples
     from lorasuite_core.training.train import TrainConfig, train_lora
 

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from lorasuite_core.pipeline.stages import migrate_in_process
-from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.testing.adapter import make_random_lora_adapter
+from lorasuite_core.testing.model import make_tiny_model_dir
+from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 from lorasuite_core.testing.verification import logits_over_shared_vocab, relative_max_error
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ def run_synthetic_demo(workdir: str | Path, *, family: str = "llama", progress: 
     spec = dict(DEMO_SPEC, **({} if family == "gpt_neox" else WIDENING))
     new = upgrade_model_dir(old, workdir / "new-model", UpgradeSpec(**spec))
     out = workdir / "migrated-adapter"
-    report = migrate_in_process(old, new, adapter, out, store_root=str(workdir / "stage-store"))
+    report = migrate_in_process(old, new, adapter, out, cache_root=str(workdir / "stage-store"))
     ids = torch.randint(0, 200, (4, 16), generator=torch.Generator().manual_seed(0)).tolist()
     reference, migrated = logits_over_shared_vocab(old, new, ids, old_adapter=adapter, new_adapter=out)
     _, without = logits_over_shared_vocab(old, new, ids, old_adapter=adapter)

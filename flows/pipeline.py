@@ -2,7 +2,7 @@
 
 Design
 ------
-* :class:`PipelineRun` holds one flow run's stage store root (see :mod:`flows.settings`) and
+* :class:`PipelineRun` holds one flow run's cache root (see :mod:`flows.settings`) and
   calls the tasks of :mod:`tasks` directly.
 * :meth:`PipelineRun.analyse_pair` identifies the pair, submits the six analysis tasks as a
   graph (the vocabulary/transfer-matrix branch runs beside the activations/CKA/mapping branch),
@@ -39,7 +39,7 @@ from lorasuite_core.pipeline.stages import (ENTRY_WAVES, PAIR_GRAPH, PAIR_STAGES
 from lorasuite_core.io.storage import check_replaceable, describe_error, redact_uri
 
 from . import artifacts
-from .settings import resolve_store_root
+from .settings import resolve_cache_root
 
 ENTRY_STEPS = ("transfer", "write", "lft", "vanilla_baseline", "fidelity", "gate", "eval")
 
@@ -163,7 +163,7 @@ class PipelineRun:
     """One flow run's storage, and configured tasks; see the module docstring."""
 
     def __init__(self, cache_root: str | None):
-        self.store = resolve_store_root(cache_root)
+        self.store = resolve_cache_root(cache_root)
         self.t = tasks
         self.log = get_run_logger()
         self.log.info("stage store: %s", redact_uri(self.store))

@@ -1,7 +1,8 @@
 """Where a run keeps its stage entries, and how its tasks run.
 
-* **Stage store root**: the flow parameter ``cache_root``, else ``$LORASUITE_CACHE_ROOT``, else
-  ``~/.cache/lorasuite/pipeline`` (:func:`lorasuite_core.pipeline.stage_store.default_store_root`).
+* **Cache root** (where the stage store keeps its entries): the flow parameter ``cache_root``, else
+  ``$LORASUITE_CACHE_ROOT``, else ``~/.cache/lorasuite/pipeline``
+  (:func:`lorasuite_core.pipeline.stage_store.configured_cache_root`).
   A local directory or any fsspec URI (``s3://bucket/prefix``).  It is the only cache: Prefect
   result persistence is off for every task and flow (see :mod:`tasks._support`), so nothing of
   Prefect's is stored there or read back.
@@ -11,12 +12,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lorasuite_core.pipeline.stage_store import default_store_root
+from lorasuite_core.pipeline.stage_store import configured_cache_root
 
 
-def resolve_store_root(cache_root: str | None) -> str:
-    """The stage store root of a run: ``cache_root`` or the default, local paths made absolute."""
-    root = cache_root or default_store_root()
+def resolve_cache_root(cache_root: str | None) -> str:
+    """The cache root of a run: ``cache_root`` or the configured one, local paths made absolute."""
+    root = cache_root or configured_cache_root()
     if "://" not in root:
         root = str(Path(root).expanduser().resolve())
     return root

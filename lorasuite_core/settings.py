@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     max_parallel_tasks: int | None = Field(None, ge=1)
     fleet_manifest: str | None = None
 
-    def stage_store_root(self) -> str:
+    def cache_root_uri(self) -> str:
         root = self.cache_root.strip()
         return root if "://" in root else str(Path(root).expanduser())
 

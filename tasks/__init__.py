@@ -7,7 +7,7 @@ Design
   computed or reused.  ``lorasuite_core`` never imports Prefect.
 * Stage tasks exchange :class:`~lorasuite_core.pipeline.stage_store.StageResult` objects — a store URI
   and small JSON facts — never tensors; the arrays live in safetensors files of the stage
-  store (local directory by default, object storage when the store root is an ``s3://`` URI).
+  store (local directory by default, object storage when the cache root is an ``s3://`` URI).
 * Caching: the stage store is the only cache; the key is the stage key (model identities from
   file listings, calibration hash, ``ALGORITHM_VERSION``, options, upstream keys).  Prefect's
   task caching and result persistence are off (no result record is ever written or read:

@@ -1,6 +1,6 @@
 """Pair-analysis tasks: thin wrappers over :mod:`lorasuite_core.pipeline.stages`, one per stage.
 
-Each takes the store root (``store``: local path or URI), the :class:`~lorasuite_core.pipeline.stages.PairPlan`
+Each takes the cache root (``store``: local path or URI), the :class:`~lorasuite_core.pipeline.stages.PairPlan`
 from :func:`identify_pair` and the :class:`~lorasuite_core.pipeline.stage_store.StageResult` of the
 stages it reads, and returns its own StageResult (a URI and small facts; the arrays stay in
 the store).  The stage store is the only cache (see :mod:`tasks._support`).

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from lorasuite_core.pipeline import stages
 from lorasuite_core.pipeline.options import AnalysisOptions
-from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.testing.adapter import make_random_lora_adapter
+from lorasuite_core.testing.model import make_tiny_model_dir
+from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 
 EXACT = UpgradeSpec(permute_heads=True, permute_neurons=True, extra_neurons=8)
 
@@ -17,7 +19,7 @@ def build_exact_pair(root: Path, spec: UpgradeSpec = EXACT) -> dict[str, Path]:
     adapter = make_random_lora_adapter(old, root / "adapter", rank=4, alpha=8, seed=3)
     try:
         stages.migrate_in_process(str(old), str(new), str(adapter), str(root / "migrated"), None,
-                                  AnalysisOptions(max_calibration_tokens=256), store_root=str(root / "store"))
+                                  AnalysisOptions(max_calibration_tokens=256), cache_root=str(root / "store"))
     finally:
         stages.clear_memo()
     return {"old": old, "new": new, "adapter": adapter, "migrated": root / "migrated"}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lorasuite_core.models.loading import load_base_model
-from lorasuite_core.testing.upgrade import make_tiny_model_dir
+from lorasuite_core.testing.model import make_tiny_model_dir
 from lorasuite_core.transfer.activations import (_paired_texts, builtin_calibration_texts, length_batches,
                                                  paired_activations, whole_model_states)
 

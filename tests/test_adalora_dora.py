@@ -27,7 +27,9 @@ from transformers import AutoModelForCausalLM
 from flows.cli import main
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.models.loading import load_base_model, load_lora_adapter
-from lorasuite_core.testing.upgrade import DEFAULT_LORA_TARGETS, UpgradeSpec, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.testing.adapter import DEFAULT_LORA_TARGETS
+from lorasuite_core.testing.model import make_tiny_model_dir
+from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 from lorasuite_core.transfer.dora import fit_magnitude
 from tests.exactness import logits_over_shared_vocab, relative_max_error
 

@@ -14,7 +14,7 @@ import torch
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.models.families import all_families, family_for_model_type
 from lorasuite_core.models.loading import load_base_model
-from lorasuite_core.testing.upgrade import make_tiny_model_dir
+from lorasuite_core.testing.model import make_tiny_model_dir
 from lorasuite_core.testing.verification import load_model
 from lorasuite_core.transfer.layer_weights import layer_weights
 

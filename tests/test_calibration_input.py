@@ -17,9 +17,11 @@ import pytest
 from lorasuite_core.transfer.activations import (CHARS_PER_TOKEN, JSONL_LINE_FACTOR, MAX_TOKENS_PER_TEXT,
                                         calibration_text_cap, read_calibration_file)
 from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.pipeline.options import AnalysisOptions
 from lorasuite_core.pipeline.stage_store import texts_identity
 from tests.s3_server import s3_endpoint  # noqa: F401  (fixture)
 
+TOKENS = AnalysisOptions().max_calibration_tokens     # the options schema's default budget
 WORDS = "alpha beta gamma delta residual stream layer token ".split()
 
 
@@ -45,13 +47,13 @@ def test_a_50_mib_single_line_is_capped_with_bounded_memory(tmp_path):
         import json, resource
         from lorasuite_core.transfer.activations import read_calibration_file
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        texts = read_calibration_file({str(path)!r})
+        texts = read_calibration_file({str(path)!r}, {TOKENS})
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(json.dumps({{"growth_kib": after - before, "lengths": [len(t) for t in texts], "head": texts[0][:40]}}))
     """)
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300)
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    cap = calibration_text_cap()
+    cap = calibration_text_cap(TOKENS)
     assert result["lengths"] == [len(BLOCK[:cap].strip())]     # the first cap characters, stripped
     assert result["head"] == " ".join(WORDS)[:40]
     # the old reader held the file as bytes, str, splitlines and strip copies: >= 150 MiB here
@@ -62,16 +64,16 @@ def test_reading_stops_once_the_budget_is_covered_and_depends_only_on_what_is_us
     lines = _lines(5000)
     full, short = tmp_path / "full.txt", tmp_path / "short.txt"
     full.write_text("\n".join(lines) + "\n")
-    texts = read_calibration_file(str(full))
-    wanted = CHARS_PER_TOKEN * 2048
+    texts = read_calibration_file(str(full), TOKENS)
+    wanted = CHARS_PER_TOKEN * TOKENS
     used = -(-wanted // min(100, MAX_TOKENS_PER_TEXT))   # 100-character lines: ceil(wanted / 100)
     assert texts == lines[:used]
-    assert read_calibration_file(str(full)) == texts                        # deterministic
+    assert read_calibration_file(str(full), TOKENS) == texts                # deterministic
     short.write_text("\n".join(lines[:used]) + "\n")
-    assert texts_identity(read_calibration_file(str(short))) == texts_identity(texts)
+    assert texts_identity(read_calibration_file(str(short), TOKENS)) == texts_identity(texts)
     with open(full, "ab") as handle:                                        # never read: past the stop
         handle.write(b"\xff\xfe\x00 garbage after the budget\n")
-    assert read_calibration_file(str(full)) == texts
+    assert read_calibration_file(str(full), TOKENS) == texts
     bigger = read_calibration_file(str(full.with_name("full.txt")), max_tokens=4096)
     assert bigger == lines[: 2 * used]
 
@@ -79,7 +81,7 @@ def test_reading_stops_once_the_budget_is_covered_and_depends_only_on_what_is_us
 def test_small_files_are_read_whole_as_before(tmp_path):
     path = tmp_path / "calib.txt"
     path.write_text("  first sample \r\n\nsecond\rthird\u2028fourth\n\n")
-    assert read_calibration_file(str(path)) == ["first sample", "second", "third", "fourth"]
+    assert read_calibration_file(str(path), TOKENS) == ["first sample", "second", "third", "fourth"]
 
 
 def test_jsonl_text_field_is_read_and_capped(tmp_path):
@@ -91,11 +93,11 @@ def test_jsonl_text_field_is_read_and_capped(tmp_path):
 
 
 def test_jsonl_line_longer_than_the_line_cap_is_refused_by_number(tmp_path):
-    cap = calibration_text_cap()
+    cap = calibration_text_cap(TOKENS)
     path = tmp_path / "calib.jsonl"
     path.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"text": "y" * (JSONL_LINE_FACTOR * cap)}) + "\n")
     with pytest.raises(LorasuiteError, match=r"line 2 is longer than \d+ characters") as info:
-        read_calibration_file(str(path))
+        read_calibration_file(str(path), TOKENS)
     assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
@@ -108,17 +110,17 @@ def test_binary_file_is_a_one_line_error_naming_it(tmp_path, content, needle):
     path = tmp_path / ("calib.jsonl" if content.startswith(b"{") else "calib.txt")
     path.write_bytes(content)
     with pytest.raises(LorasuiteError, match=needle) as info:
-        read_calibration_file(str(path))
+        read_calibration_file(str(path), TOKENS)
     assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
 def test_directory_or_missing_file_is_a_one_line_error(tmp_path):
     (tmp_path / "calib.txt").mkdir()
     with pytest.raises(LorasuiteError, match="is a directory") as info:
-        read_calibration_file(str(tmp_path / "calib.txt"))
+        read_calibration_file(str(tmp_path / "calib.txt"), TOKENS)
     assert str(tmp_path / "calib.txt") in str(info.value)
     with pytest.raises(LorasuiteError, match="does not exist"):
-        read_calibration_file(str(tmp_path / "missing.jsonl"))
+        read_calibration_file(str(tmp_path / "missing.jsonl"), TOKENS)
 
 
 def test_s3_calibration_file_is_streamed_and_capped(tmp_path, s3_endpoint):
@@ -129,10 +131,10 @@ def test_s3_calibration_file_is_streamed_and_capped(tmp_path, s3_endpoint):
     uri = s3_endpoint.unique_uri("calibration") + "/calib.txt"
     fs, path = storage.resolve(uri)
     fs.put_file(str(local), path)
-    assert read_calibration_file(uri) == read_calibration_file(str(local))
-    assert read_calibration_file(uri) == [BLOCK[: calibration_text_cap()].strip()]
+    assert read_calibration_file(uri, TOKENS) == read_calibration_file(str(local), TOKENS)
+    assert read_calibration_file(uri, TOKENS) == [BLOCK[: calibration_text_cap(TOKENS)].strip()]
     with pytest.raises(LorasuiteError, match="is a directory"):
-        read_calibration_file(_s3_dir(fs, uri))
+        read_calibration_file(_s3_dir(fs, uri), TOKENS)
 
 
 def _s3_dir(fs, uri: str) -> str:
@@ -147,7 +149,9 @@ def _s3_dir(fs, uri: str) -> str:
 @pytest.mark.parametrize("kind", ["binary", "directory"])
 def test_cli_reports_bad_calibration_data_on_one_line(tmp_path, capsys, kind):
     from flows.cli import main
-    from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+    from lorasuite_core.testing.adapter import make_random_lora_adapter
+    from lorasuite_core.testing.model import make_tiny_model_dir
+    from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 
     old = make_tiny_model_dir("llama", tmp_path / "old", seed=3)
     new = upgrade_model_dir(old, tmp_path / "new", UpgradeSpec(permute_heads=True))

@@ -20,7 +20,9 @@ import psutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.testing.adapter import make_random_lora_adapter
+from lorasuite_core.testing.model import make_tiny_model_dir
+from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 
 SERVER_MARK = "prefect.server.api.server:create_app"
 

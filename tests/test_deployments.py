@@ -124,7 +124,9 @@ def test_fleet_progress_advances_through_the_analysis(prefect_server, tmp_path, 
     """A real fleet run: the progress artifact takes 40/6 % per finished analysis stage, then the entries."""
     from flows import artifacts
     from flows.migration import migrate_fleet
-    from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+    from lorasuite_core.testing.adapter import make_random_lora_adapter
+    from lorasuite_core.testing.model import make_tiny_model_dir
+    from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 
     old = make_tiny_model_dir("llama", tmp_path / "old", seed=3)
     new = upgrade_model_dir(old, tmp_path / "new", UpgradeSpec(permute_heads=True))

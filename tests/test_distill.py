@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.pipeline.options import MigrationOptions
 from lorasuite_core.training import distill as D
 from lorasuite_core.training.task_data import generate_problems
 from lorasuite_core.training.train import ADAPTER_WEIGHTS, collate, default_lft_config, load_for_light_finetune
@@ -17,7 +18,8 @@ GEN = {"max_new_tokens": 16, "batch_size": 8}
 
 
 def lft_config(**overrides):
-    base = dict(device="cpu", dtype="float32", autocast="off", batch_size=4, max_length=256, show_progress=False)
+    base = dict(lr=MigrationOptions().lft_lr, device="cpu", dtype="float32", autocast="off", batch_size=4, max_length=256,
+                show_progress=False)
     return default_lft_config(**{**base, **overrides})
 
 

@@ -9,7 +9,9 @@ from safetensors.torch import load_file, save_file
 
 from lorasuite_core.pipeline import stages
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
-from lorasuite_core.testing.upgrade import make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.testing.adapter import make_random_lora_adapter
+from lorasuite_core.testing.model import make_tiny_model_dir
+from lorasuite_core.testing.upgrade import upgrade_model_dir
 from lorasuite_core.training import distill as D
 from lorasuite_core.training.gate import QualityGateFailed
 from lorasuite_core.training.task_data import generate_problems
@@ -36,7 +38,7 @@ def test_distilled_lft_from_unlabelled_prompts_and_the_gate(exact):
     options = MigrationOptions(lft_mode="distill", lft_prompts=str(exact["prompts"]), lft_samples=8, lft_lr=1e-5,
                                gate=True, gate_prompts=4)
     report = stages.migrate_in_process(exact["old"], exact["new"], exact["adapter"], root / "out", options, SMALL,
-                                       store_root=str(root / "store"))
+                                       cache_root=str(root / "store"))
     lft = report["light_finetune"]
     assert lft["lft_mode"] == "distill" and lft["prompt_source"] == "file"
     assert lft["n_prompts"] == 8 and lft["n_heldout"] == 4
@@ -62,7 +64,7 @@ def test_distilled_lft_from_unlabelled_prompts_and_the_gate(exact):
         assert D.greedy_completions(model, tokenizer, prompts) == stored
     trained = load_file(root / "out" / "adapter_model.safetensors")
     migrated_only = stages.migrate_in_process(exact["old"], exact["new"], exact["adapter"], root / "transfer",
-                                              MigrationOptions(lft=False), SMALL, store_root=str(root / "store"))
+                                              MigrationOptions(lft=False), SMALL, cache_root=str(root / "store"))
     assert migrated_only["steps"]["vocabulary"]["cache"] == "reused"
     transfer = load_file(root / "transfer" / "adapter_model.safetensors")
     assert any(not torch.equal(trained[k], transfer[k]) for k in transfer if "lora_B" in k)   # it did train
@@ -83,7 +85,7 @@ def test_the_gate_refuses_an_adapter_no_better_than_the_bare_model(exact):
     with pytest.raises(QualityGateFailed, match=r"quality gate failed: below the bare model \+ margin: teacher "
                                                 r"agreement 1\.000 \(bare new model 1\.000, margin 0\.05"):
         stages.migrate_in_process(exact["old"], exact["new"], zeroed, root / "refused", options, SMALL,
-                                  store_root=str(root / "store"))
+                                  cache_root=str(root / "store"))
     assert not (root / "refused").exists()                   # nothing published
 
 
@@ -110,7 +112,7 @@ def test_seed_prompts_are_synthesised_by_the_teacher_excluding_evaluation_prompt
     options = MigrationOptions(lft_mode="distill", lft_seed_prompts=str(seeds), lft_samples=5, lft_lr=1e-5,
                                eval_data=str(eval_data), gate_prompts=3, seed=7)
     report = stages.migrate_in_process(exact["old"], exact["new"], exact["adapter"], root / "from-seeds", options,
-                                       SMALL, store_root=str(root / "store"))
+                                       SMALL, cache_root=str(root / "store"))
     assert calls == [{"seeds": ["What is 2 plus 3?", "How many apples are left if 4 of 9 are eaten?"], "n": 5,
                       "seed": 7, "exclude": [s.instruction for s in eval_samples], "writer_has_adapter": False}]
     lft = report["light_finetune"]

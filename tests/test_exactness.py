@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from flows.cli import main
-from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.testing.adapter import make_random_lora_adapter
+from lorasuite_core.testing.model import make_tiny_model_dir
+from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 from tests.exactness import logits_over_shared_vocab, relative_max_error
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

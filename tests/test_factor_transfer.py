@@ -13,12 +13,14 @@ import pytest
 import torch
 
 from lorasuite_core.transfer.layer_weights import canonical_deltas, layer_weights, module_deltas
-from lorasuite_core.models.loading import LoraAdapter, LoraFactors, load_base_model
+from lorasuite_core.models.loading import LoraAdapter, load_base_model
+from lorasuite_core.models.variants.base import LoraFactors
 from lorasuite_core.transfer.adapter import PairAnalysis, _source_factors, layer_pair_maps, match_layer_pair, transfer_new_layer
 from lorasuite_core.transfer.refactor import LowRank, refactorise
 from lorasuite_core.transfer.residual import input_offset, residual_transfer
 from lorasuite_core.transfer.unit_maps import INPUT_ROLES
-from lorasuite_core.testing.upgrade import UpgradeSpec, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.testing.model import make_tiny_model_dir
+from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 from lorasuite_core.transfer.vocab import shared_vocabulary
 
 

@@ -19,7 +19,9 @@ from safetensors.torch import load_file, save_file
 from lorasuite_core.pipeline import stages
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.stages import migrate_in_process
-from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.testing.adapter import make_random_lora_adapter
+from lorasuite_core.testing.model import make_tiny_model_dir
+from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 from lorasuite_core.training.distill import Prompt, greedy_completions
 from lorasuite_core.training.evaluation import load_for_generation
 from lorasuite_core.training.fidelity import completion_nll, fidelity_of, measure_fidelity, per_character, scoring_examples
@@ -78,7 +80,7 @@ def migrated(tiny):
     new = upgrade_model_dir(model_dir, root / "new", UpgradeSpec(rotate_residual=True, permute_heads=True))
     adapter = make_random_lora_adapter(model_dir, root / "adapter", rank=4, alpha=8, seed=11)
     report = migrate_in_process(model_dir, new, adapter, root / "out", MigrationOptions(lft=False, gate_prompts=4),
-                                AnalysisOptions(max_calibration_tokens=256), store_root=str(root / "store"))
+                                AnalysisOptions(max_calibration_tokens=256), cache_root=str(root / "store"))
     yield model_dir, new, adapter, root, report
     stages.clear_memo()
 
@@ -107,7 +109,7 @@ def test_another_adapters_teacher_is_not_matched(migrated, tmp_path):
 def test_fidelity_off_and_fleet_cell(migrated, tmp_path):
     old, new, adapter, root, _ = migrated
     report = migrate_in_process(old, new, adapter, tmp_path / "out", MigrationOptions(lft=False, fidelity=False),
-                                AnalysisOptions(max_calibration_tokens=256), store_root=str(root / "store"))
+                                AnalysisOptions(max_calibration_tokens=256), cache_root=str(root / "store"))
     assert "fidelity" not in report and "fidelity" not in report["steps"]
     from flows.artifacts import _fidelity_cell
 

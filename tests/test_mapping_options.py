@@ -10,7 +10,9 @@ from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.pipeline import stages
 from lorasuite_core.pipeline.options import AnalysisOptions, HeadMapping, LayerMapping
 from lorasuite_core.pipeline.stages import migrate_in_process
-from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.testing.adapter import make_random_lora_adapter
+from lorasuite_core.testing.model import make_tiny_model_dir
+from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 from lorasuite_core.transfer.layer_mapping import LAYER_MAPPINGS, fixed_mapping
 from lorasuite_core.transfer.matching import HEAD_MAPPINGS
 from tests.exactness import logits_over_shared_vocab, relative_max_error
@@ -54,7 +56,7 @@ def permuted(tmp_path_factory):
 def _migrate(permuted, name: str, analysis: AnalysisOptions) -> tuple[dict, float]:
     root, old, new, adapter = permuted
     out = root / name
-    report = migrate_in_process(old, new, adapter, out, analysis=analysis, store_root=str(root / "store"))
+    report = migrate_in_process(old, new, adapter, out, analysis=analysis, cache_root=str(root / "store"))
     ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0)).tolist()
     reference, migrated = logits_over_shared_vocab(old, new, ids, old_adapter=adapter, new_adapter=out)
     return report, relative_max_error(reference, migrated)

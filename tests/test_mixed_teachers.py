@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from lorasuite_core.testing.upgrade import make_random_lora_adapter, make_tiny_model_dir
+from lorasuite_core.testing.adapter import make_random_lora_adapter
+from lorasuite_core.testing.model import make_tiny_model_dir
 from lorasuite_core.training import distill as D
 from lorasuite_core.training.task_data import generate_problems
 

@@ -24,7 +24,9 @@ from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.pipeline.manifest import ManifestError
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions, validate
 from lorasuite_core.pipeline.stages import migrate_in_process
-from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.testing.adapter import make_random_lora_adapter
+from lorasuite_core.testing.model import make_tiny_model_dir
+from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 from tests.exactness import logits_over_shared_vocab, relative_max_error
 from tests.s3_server import s3_endpoint  # noqa: F401 - pytest fixture
 
@@ -205,7 +207,7 @@ def test_second_migration_of_the_pair_reuses_the_analysis(fleet_run, pair, tmp_p
     assert sum(steps[s]["seconds"] for s in ANALYSIS) < sum(first[s]["seconds"] for s in ANALYSIS)
 
     # the same stage graph run in process over a fresh store: computed afresh, bit-identical
-    migrate_in_process(*refs, tmp_path / "reference", analysis=SMALL, store_root=str(tmp_path / "ref"))
+    migrate_in_process(*refs, tmp_path / "reference", analysis=SMALL, cache_root=str(tmp_path / "ref"))
     assert same_adapter_bytes(tmp_path / "reference", storage.materialize_dir(f"{base}/single/a3", require_complete=True))
 
 
@@ -239,7 +241,7 @@ def test_failed_layer_is_retried_or_rerun_to_a_bit_identical_adapter(harness, pa
     run_migrate_adapter(old, new, adapter, str(tmp_path / "retried"), analysis=SMALL, cache_root=cache)
     assert calls == {"all": 4, "failed": 1}
     migrate_in_process(old, new, adapter, tmp_path / "reference-a0", analysis=SMALL,
-                       store_root=str(tmp_path / "ref"))
+                       cache_root=str(tmp_path / "ref"))
     assert same_adapter_bytes(tmp_path / "reference-a0", tmp_path / "retried")
 
     adapter = str(pair["adapters"]["a2"])
@@ -252,7 +254,7 @@ def test_failed_layer_is_retried_or_rerun_to_a_bit_identical_adapter(harness, pa
                               cache_root=cache)
     assert calls["all"] == 1 and out["summary"]["steps"]["transfer"]["cache"] == "computed"
     migrate_in_process(old, new, adapter, tmp_path / "reference-a2", analysis=SMALL,
-                       store_root=str(tmp_path / "ref"))
+                       cache_root=str(tmp_path / "ref"))
     assert same_adapter_bytes(tmp_path / "reference-a2", tmp_path / "rerun")
 
 

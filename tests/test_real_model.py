@@ -14,9 +14,11 @@ import torch
 
 from flows.cli import main
 from lorasuite_core.models.model_fetch import fetch_model
+from lorasuite_core.pipeline.options import MigrationOptions
 from lorasuite_core.training.task_data import generate_problems
 from lorasuite_core.training.train import default_lft_config, light_finetune
-from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, upgrade_model_dir
+from lorasuite_core.testing.adapter import make_random_lora_adapter
+from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 from tests.exactness import logits_over_shared_vocab, relative_max_error
 
 pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("prefect_server")]
@@ -49,6 +51,6 @@ def test_real_model_migration_is_exact_and_fine_tunes(smollm2, tmp_path):
     assert relative_max_error(reference, bare) > 1e-2
 
     result = light_finetune(new, out, generate_problems(8, "train", 0), tmp_path / "lft",
-                            config=default_lft_config(batch_size=4, max_length=128, show_progress=False))
+                            config=default_lft_config(MigrationOptions().lft_lr, batch_size=4, max_length=128, show_progress=False))
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert (tmp_path / "lft" / "adapter_model.safetensors").is_file()

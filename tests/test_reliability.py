@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 from lorasuite_core.io import storage
 from flows.cli import main
 from lorasuite_core.pipeline.stage_store import FACTS_FILE
-from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.testing.adapter import make_random_lora_adapter
+from lorasuite_core.testing.model import make_tiny_model_dir
+from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 from tests.drop_proxy import DroppingProxy
 from tests.s3_server import s3_endpoint, s3fs_filesystem  # noqa: F401  (fixture)
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lorasuite_core.models.loading import load_base_model
-from lorasuite_core.testing.upgrade import UpgradeSpec, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.testing.model import make_tiny_model_dir
+from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 from lorasuite_core.transfer.residual import residual_transfer
 from lorasuite_core.transfer.vocab import shared_vocabulary
 

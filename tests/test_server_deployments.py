@@ -28,7 +28,9 @@ import pytest
 import yaml
 
 from deployments import local
-from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.testing.adapter import make_random_lora_adapter
+from lorasuite_core.testing.model import make_tiny_model_dir
+from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = 128

@@ -16,13 +16,13 @@ def test_defaults_and_variables_reach_every_reader(monkeypatch, tmp_path):
     for name in ("CACHE_ROOT", "DOWNLOAD_DIR", "CACHE_DIR", "MODELS_DIR", "CACHE", "LOG_DIR"):
         monkeypatch.delenv(f"LORASUITE_{name}", raising=False)
     home = Path.home() / ".cache" / "lorasuite"
-    assert stage_store.default_store_root() == str(home / "pipeline")
+    assert stage_store.configured_cache_root() == str(home / "pipeline")
     assert storage.default_cache_root() == home / "materialized"
     assert model_fetch.default_cache_dir() == home / "models"
     monkeypatch.setenv("LORASUITE_CACHE_ROOT", "s3://bucket/cache")
     monkeypatch.setenv("LORASUITE_DOWNLOAD_DIR", str(tmp_path / "dl"))
     monkeypatch.setenv("LORASUITE_MODELS_DIR", str(tmp_path / "models"))
-    assert stage_store.default_store_root() == "s3://bucket/cache"
+    assert stage_store.configured_cache_root() == "s3://bucket/cache"
     assert storage.default_cache_root() == tmp_path / "dl"
     assert model_fetch.default_cache_dir() == tmp_path / "models"
 

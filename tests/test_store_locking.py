@@ -1,4 +1,4 @@
-"""Concurrent runs on one stage-store root compute each stage once (reliability issue, finding A).
+"""Concurrent runs on one cache root compute each stage once (reliability issue, finding A).
 
 Real processes (multiprocessing, spawn) race on one entry of a local root and of an S3 root
 (moto's server on 127.0.0.1): the compute function appends a line to a log file and sleeps, so

@@ -15,7 +15,7 @@ from lorasuite_core.transfer.activations import (
     whole_model_states,
 )
 from lorasuite_core.models.loading import LoadedModel, load_base_model
-from lorasuite_core.testing.upgrade import make_tiny_model_dir
+from lorasuite_core.testing.model import make_tiny_model_dir
 
 CASES = {
     "llama": {},

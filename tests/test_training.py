@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lorasuite_core.pipeline.options import MigrationOptions
 from lorasuite_core.training.task_data import Sample, format_prompt, generate_problems
 from lorasuite_core.training.train import (ADAPTER_WEIGHTS, SUMMARY_FILE, TrainConfig, build_example, collate,
                                      default_lft_config, light_finetune, load_for_light_finetune, load_tokenizer,
@@ -104,7 +105,8 @@ def test_lft_starts_exactly_from_given_adapter(tiny_model_dir, source_adapter):
 
 
 def test_light_finetune_updates_adapter_and_lowers_loss(tiny_model_dir, source_adapter, samples, tmp_path):
-    config = default_lft_config(epochs=3, batch_size=4, max_length=160, device="cpu", show_progress=False)
+    config = default_lft_config(MigrationOptions().lft_lr, epochs=3, batch_size=4, max_length=160, device="cpu",
+                                show_progress=False)
     assert config.lr == 9e-4 and config.warmup_ratio == 0.0
     result = light_finetune(tiny_model_dir, source_adapter, samples, tmp_path / "lft", config=config)
     before, after = lora_tensors(source_adapter), lora_tensors(tmp_path / "lft")
@@ -128,7 +130,7 @@ def test_labelled_token_loss_equals_the_models_own_loss(family, overrides, tmp_p
     from peft import get_peft_model
 
     from lorasuite_core.training.train import _lora_config, labelled_token_loss, load_causal_lm
-    from lorasuite_core.testing.upgrade import make_tiny_model_dir
+    from lorasuite_core.testing.model import make_tiny_model_dir
 
     model_dir = make_tiny_model_dir(family, tmp_path / family, **overrides)
     model = load_causal_lm(model_dir, dtype="float32", device="cpu")

@@ -1,4 +1,4 @@
-"""Tests of the ground-truth generator ``lorasuite_core.testing.upgrade`` itself.
+"""Tests of the ground-truth generator ``lorasuite_core.testing`` (tokenizer, model, upgrade, adapter) itself.
 
 Every allowed ``UpgradeSpec`` field alone, and all of them combined, must give a new model whose
 logits (fed the ids mapped through ``token_map``, columns taken at ``token_map``) equal the old
@@ -15,14 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorasuite_core.testing.upgrade import (
-    FAMILIES,
-    UpgradeSpec,
-    make_random_lora_adapter,
-    make_tiny_model_dir,
-    make_tokenizer,
-    upgrade_model_dir,
-)
+from lorasuite_core.testing.adapter import make_random_lora_adapter
+from lorasuite_core.testing.model import FAMILIES, make_tiny_model_dir
+from lorasuite_core.testing.tokenizer import make_tokenizer
+from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 from lorasuite_core.testing.verification import load_model, logits_over_shared_vocab, relative_max_error, sequence_logits
 
 TOL = 1e-5

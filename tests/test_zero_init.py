@@ -19,10 +19,13 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from lorasuite_core.models.loading import load_base_model, load_lora_adapter
-from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
+from lorasuite_core.testing.adapter import make_random_lora_adapter
+from lorasuite_core.testing.model import make_tiny_model_dir
+from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 from lorasuite_core.testing.verification import load_model, logits_over_shared_vocab, relative_max_error, sequence_logits
-from lorasuite_core.transfer.adapter import (PairAnalysis, adapter_config, adapter_tensors, combine_layers, match_layer_pair,
-                                             sources_by_new_layer, transfer_new_layer, write_adapter_dir)
+from lorasuite_core.models.writing import adapter_config, adapter_tensors, write_adapter_dir
+from lorasuite_core.transfer.adapter import (PairAnalysis, combine_layers, match_layer_pair, sources_by_new_layer,
+                                             transfer_new_layer)
 from lorasuite_core.transfer.residual import residual_transfer
 from lorasuite_core.transfer.vocab import shared_vocabulary
 from tests.test_adalora_dora import make_adalora_adapter, make_dora_adapter

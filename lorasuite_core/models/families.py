@@ -90,6 +90,10 @@ class Family:
     def layer_weight(self, layer: int, path: str, suffix: str = "weight") -> str:
         return f"{self.layer_prefix.format(layer=layer)}{path}.{suffix}"
 
+    def module_key(self, layer: int, name: str) -> str:
+        """The full module path of PEFT module ``name`` on ``layer`` (e.g. ``model.layers.3.self_attn.q_proj``)."""
+        return f"{self.layer_prefix.format(layer=layer)}{self.modules[name].path}"
+
     def module_by_role(self, role: str) -> ModuleSpec | None:
         for spec in self.modules.values():
             if spec.role == role:

@@ -7,20 +7,9 @@ read lazily, one shard at a time, through ``safe_open``; nothing is ever unpickl
 ``trust_remote_code`` stays off.
 
 An adapter is a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors). It is
-parsed into per-(layer, module) factors ``A`` (r × in) and ``B`` (out × r) with the scaling
-``alpha / r`` (or ``alpha / sqrt(r)`` under rsLoRA) that PEFT applies, honouring
-``rank_pattern`` / ``alpha_pattern``; every variant is read so that PEFT's delta is
-``ΔW = scaling · B A``:
-
-    LoRA     ΔW = (alpha / r) B A
-    DoRA     the same ΔW, plus the magnitude m (out,): PEFT's weight is
-             W' = diag(m / ‖W + ΔW‖_row) (W + ΔW), the norm of each output row over the input
-             dimension (``DoraLinearLayer.get_weight_norm``); m is kept in ``magnitude``
-    AdaLoRA  ΔW = c P diag(E) Q with P = lora_B (out × r), E = lora_E (r × 1), Q = lora_A
-             (r × in) and c = alpha / (ranknum + 1e-5) (``SVDLinear``); ranknum is init_r for
-             every module (PEFT restores it after pruning by ``rank_pattern``, whose boolean
-             masks give the pruned ranks the tensors were saved with). Read as B = P,
-             A = diag(E) Q, scaling = c; rank-0 modules (fully pruned) carry nothing and are skipped.
+parsed into per-(layer, module) factors ``A`` (r × in) and ``B`` (out × r) with the scaling PEFT
+applies, so that PEFT's delta is ``ΔW = scaling · B A`` (``LoraFactors``); how each variant
+(LoRA, DoRA, AdaLoRA) is read is in its module under :mod:`lorasuite_core.models.variants`.
 """
 from __future__ import annotations
 
@@ -37,6 +26,8 @@ from safetensors import SafetensorError, safe_open
 
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.models.families import Family, family_for_model_type
+from lorasuite_core.models.variants import VARIANTS, supported_labels, variant_of
+from lorasuite_core.models.variants.base import AdapterVariant, LoraFactors
 
 log = logging.getLogger(__name__)
 
@@ -272,22 +263,6 @@ def load_base_model(uri: str | Path) -> LoadedModel:
     return LoadedModel(str(uri), local, config, family, _dims_from_config(config, family, str(uri)), weights)
 
 
-@dataclass(frozen=True)
-class LoraFactors:
-    A: torch.Tensor      # r × in
-    B: torch.Tensor      # out × r
-    scaling: float       # PEFT's alpha / r (or alpha / sqrt(r) with rsLoRA; AdaLoRA alpha / (init_r + 1e-5))
-    alpha: float
-    magnitude: torch.Tensor | None = None   # DoRA's lora_magnitude_vector (out,), float64
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
-    def delta(self) -> torch.Tensor:
-        return self.scaling * (self.B.double() @ self.A.double())
-
-
 @dataclass
 class LoraAdapter:
     source: str
@@ -300,33 +275,23 @@ class LoraAdapter:
         return {name for _, name in self.factors}
 
     @property
-    def variant(self) -> str:
-        """"lora", "dora" or "adalora" (from adapter_config.json)."""
-        return adapter_variant(self.config)
+    def variant(self) -> AdapterVariant:
+        """The adapter's method (LoRA, DoRA or AdaLoRA), from adapter_config.json."""
+        return variant_of(self.config)
 
 
-VARIANT_PARTS = {"lora": {"A", "B"}, "dora": {"A", "B", "magnitude_vector"}, "adalora": {"A", "B", "E"}}
 UNSUPPORTED_LORA_OPTIONS = {"lora_bias": "LoRA bias terms"}
-ADALORA_INIT_R = 12          # PEFT's AdaLoraConfig default
-ADALORA_EPS = 1e-5           # SVDLinear divides by ranknum + 1e-5
-
-
-def adapter_variant(config: dict[str, Any]) -> str:
-    if str(config.get("peft_type", "")).upper() == "ADALORA":
-        return "adalora"
-    return "dora" if config.get("use_dora") else "lora"
 
 
 def _check_lora_config(config: dict[str, Any], uri: str) -> None:
     peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type not in ("LORA", "ADALORA"):
+    if peft_type not in {v.peft_type for v in VARIANTS.values()}:
         raise LorasuiteError(f"adapter {uri}: peft_type {config.get('peft_type')!r} is not supported "
-                             "(LoRA, DoRA or AdaLoRA)")
+                             f"({supported_labels()})")
     for key, label in UNSUPPORTED_LORA_OPTIONS.items():
         if config.get(key):
             raise LorasuiteError(f"adapter {uri}: {label} ({key}=true) is not supported yet")
-    if peft_type == "ADALORA" and config.get("use_dora"):
-        raise LorasuiteError(f"adapter {uri}: AdaLoRA with use_dora=true is not an adapter PEFT can build")
+    variant_of(config).check_config(config, uri)
 
 
 def _check_target_names(config: dict[str, Any], family: Family, uri: str) -> None:
@@ -341,19 +306,8 @@ def _check_target_names(config: dict[str, Any], family: Family, uri: str) -> Non
         )
 
 
-def _alpha_for(module_key: str, config: dict[str, Any], rank: int) -> float:
-    from peft.utils.other import get_pattern_key
-
-    patterns = config.get("alpha_pattern") or {}
-    key = get_pattern_key(list(patterns), module_key)
-    return float(patterns.get(key, config.get("lora_alpha", rank)))
-
-
-def _scaling(alpha: float, rank: int, config: dict[str, Any]) -> float:
-    return alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
-
-
-LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>A|B|E|magnitude_vector)"
+LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>"
+                      + "|".join(sorted(set().union(*(v.parts for v in VARIANTS.values())))) + ")"
                       r"(?:\.(?!weight$)[^.]+)?(?:\.weight)?$")
 
 
@@ -396,14 +350,14 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _collect_factors(tensors, config, family, uri) -> dict[tuple[int, str], LoraFactors]:
-    variant = adapter_variant(config)
-    wanted = VARIANT_PARTS[variant]
+    variant = variant_of(config)
+    wanted = variant.parts
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = LORA_KEY.match(key)
         if not match or match.group("ab") not in wanted:
             names = "/".join(f"lora_{p}" for p in sorted(wanted))
-            raise LorasuiteError(f"adapter {uri}: unexpected tensor {key!r} (a {variant} adapter holds {names})")
+            raise LorasuiteError(f"adapter {uri}: unexpected tensor {key!r} (a {variant.name} adapter holds {names})")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise LorasuiteError(f"adapter {uri}: tensor {key} holds NaN or Inf")
         parts.setdefault(match.group("module"), {})[match.group("ab")] = tensor
@@ -416,26 +370,8 @@ def _collect_factors(tensors, config, family, uri) -> dict[tuple[int, str], Lora
         A, B = ab["A"].double(), ab["B"].double()
         if A.shape[0] != B.shape[1]:
             raise LorasuiteError(f"adapter {uri}: {module} has lora_A rank {A.shape[0]} but lora_B rank {B.shape[1]}")
-        if variant == "adalora":
-            if A.shape[0] == 0:
-                continue                     # fully pruned: ΔW = 0
-            factors[(layer, name)] = _adalora_factors(A, B, ab["E"].double(), config, module, uri)
-            continue
-        alpha = _alpha_for(module, config, A.shape[0])
-        magnitude = ab["magnitude_vector"].double() if variant == "dora" else None
-        if magnitude is not None and magnitude.shape != (B.shape[0],):
-            raise LorasuiteError(f"adapter {uri}: {module} has lora_magnitude_vector of shape {tuple(magnitude.shape)} "
-                                 f"but {B.shape[0]} output rows")
-        factors[(layer, name)] = LoraFactors(A, B, _scaling(alpha, A.shape[0], config), alpha, magnitude)
+        read = variant.read_module(A, B, ab, config, module, uri)
+        if read is not None:                 # None: nothing to carry (a fully pruned AdaLoRA module)
+            factors[(layer, name)] = read
     return factors
 
-
-def _adalora_factors(P: torch.Tensor, B: torch.Tensor, E: torch.Tensor, config, module: str, uri: str) -> LoraFactors:
-    """ΔW = alpha / (init_r + 1e-5) · B diag(E) P, read as B · (diag(E) P) (module docstring)."""
-    r = P.shape[0]
-    if E.numel() != r:
-        raise LorasuiteError(f"adapter {uri}: {module} has lora_E of {E.numel()} values but rank {r}")
-    alpha = float(config.get("lora_alpha") or 0)
-    init_r = int(config.get("init_r") or ADALORA_INIT_R)
-    scaling = (alpha if alpha > 0 else float(r)) / (init_r + ADALORA_EPS)
-    return LoraFactors(E.reshape(r, 1) * P, B, scaling, alpha)

@@ -102,11 +102,11 @@ LEASE_TTL_S = 120.0
 LEASE_POLL_S = 2.0
 
 
-def default_store_root() -> str:
+def configured_cache_root() -> str:
     """``$LORASUITE_CACHE_ROOT`` or ``~/.cache/lorasuite/pipeline`` (:mod:`lorasuite_core.settings`)."""
     from lorasuite_core.settings import settings
 
-    return settings().stage_store_root()
+    return settings().cache_root_uri()
 
 
 # --------------------------------------------------------------------------- identities
@@ -331,7 +331,7 @@ class StageStore:
 
     @classmethod
     def at(cls, root: str | None) -> "StageStore":
-        return cls(root or default_store_root())
+        return cls(root or configured_cache_root())
 
     def location(self, stage: str, key: str) -> str:
         return storage.join_uri(self.root, stage, key)

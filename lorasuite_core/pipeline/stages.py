@@ -63,15 +63,16 @@ from lorasuite_core.transfer.cka import minibatch_cka
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.transfer.layer_mapping import fixed_mapping, map_layers
 from lorasuite_core.pipeline.layer_results import load_layer_result, save_layer_result
-from lorasuite_core.models.loading import (ADALORA_INIT_R, LoadedModel, LoraAdapter, adapter_variant, load_base_model,
+from lorasuite_core.models.loading import (LoadedModel, LoraAdapter, load_base_model,
                                            load_lora_adapter, resolve_local_dir)
-from lorasuite_core.transfer.adapter import (REPORT_NAME, PairAnalysis, adapter_config, adapter_tensors,
-                      build_report, check_adapter_fits, effective_head_mapping, head_mapping_entries, combine_layers, match_layer_pair, sources_by_new_layer,
-                      transfer_new_layer, write_adapter_dir)
+from lorasuite_core.models.writing import REPORT_NAME, adapter_config, adapter_tensors, write_adapter_dir
+from lorasuite_core.report.migration import build_report, head_mapping_entries
+from lorasuite_core.transfer.adapter import (PairAnalysis, check_adapter_fits, effective_head_mapping, combine_layers,
+                                             match_layer_pair, sources_by_new_layer, transfer_new_layer)
 from lorasuite_core.transfer.residual import ResidualTransfer, residual_transfer
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.stage_store import (ADAPTER_PATTERNS, StageResult, StageStore, artifact_identity, data_identity,
-                          default_store_root, stage_key, texts_identity)
+                          configured_cache_root, stage_key, texts_identity)
 from lorasuite_core.transfer.vocab import SharedVocabulary, shared_vocabulary
 
 log = logging.getLogger(__name__)
@@ -363,7 +364,7 @@ def run_inputs(old_model: str, new_model: str, adapter: str, options: MigrationO
             "LFT prompts": options.lft_prompts, "seed prompts": options.lft_seed_prompts,
             "evaluation data": options.eval_data,
             "calibration data": analysis.calibration_data if analysis else None,
-            "cache root": cache_root or default_store_root()}
+            "cache root": cache_root or configured_cache_root()}
 
 
 def check_adapter(old_model: str, adapter_ref: str) -> None:
@@ -458,11 +459,10 @@ def _vanilla_job(plan: PairPlan, adapter: LoraAdapter, options: MigrationOptions
     """The source adapter's kind, rank, alpha and targets: a DoRA source gets a fresh DoRA, an AdaLoRA
     source a fresh LoRA at its initial rank ``init_r`` (AdaLoRA's budget schedule is a function of the
     original run's step count, which the adapter does not record)."""
-    variant = adapter_variant(adapter.config)
-    rank = int(adapter.config.get("init_r", ADALORA_INIT_R) if variant == "adalora" else adapter.config.get("r", 8))
+    rank = adapter.variant.baseline_rank(adapter.config)
     alpha = float(adapter.config.get("lora_alpha", rank))
     targets = sorted(adapter.target_names)
-    use_dora = variant == "dora"
+    use_dora = adapter.variant.baseline_use_dora
     key = stage_key("vanilla", model=plan.new_identity, data=data, samples=options.lft_samples,
                     epochs=options.lft_epochs, seed=options.seed, rank=rank, alpha=alpha, targets=targets,
                     use_dora=use_dora, compute=_training_compute())
@@ -822,12 +822,12 @@ def pair_stage_functions() -> dict[str, Any]:
 
 
 def report_updates(plan: PairPlan, entry: AdapterPlan, stored: dict[str, StageResult],
-                   evals: dict[str, dict[str, Any]], steps: dict[str, Any], store_root: str,
+                   evals: dict[str, dict[str, Any]], steps: dict[str, Any], cache_root: str,
                    **pipeline: Any) -> dict[str, Any]:
     """What the published migration_report.json gets on top of the assembled report."""
     options = {**entry.options.model_dump(mode="json"), **plan.analysis.model_dump(mode="json")}
     updates: dict[str, Any] = {"steps": steps, "pipeline": {
-        **pipeline, "stage_store": storage.redact_uri(store_root),
+        **pipeline, "stage_store": storage.redact_uri(cache_root),
         "keys": {**plan.stage_keys, "migrated": entry.migrated_key}},
         "options": {k: storage.redact_uri(v) if isinstance(v, str) else v for k, v in options.items()}}
     if "lft" in stored:
@@ -847,10 +847,10 @@ def report_updates(plan: PairPlan, entry: AdapterPlan, stored: dict[str, StageRe
 
 def migrate_in_process(old_model: str, new_model: str, adapter: str, output: str,
                        options: MigrationOptions | None = None, analysis: AnalysisOptions | None = None, *,
-                       store_root: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+                       cache_root: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Run the stage graph sequentially in this process (no Prefect) and publish to ``output``.
 
-    The same functions, over the same store (``store_root``, default the configured stage
+    The same functions, over the same store (``cache_root``, default the configured stage
     store), in the order of :data:`PAIR_GRAPH` and :data:`ENTRY_WAVES` the flows use; returns
     the published report.
     """
@@ -858,9 +858,9 @@ def migrate_in_process(old_model: str, new_model: str, adapter: str, output: str
     analysis = analysis or AnalysisOptions()
     old_model, new_model, adapter, output = map(str, (old_model, new_model, adapter, output))
     storage.check_replaceable(output, output_status(output, run_inputs(
-        old_model, new_model, adapter, options, analysis, store_root)), overwrite)
+        old_model, new_model, adapter, options, analysis, cache_root)), overwrite)
     check_adapter(old_model, adapter)
-    store = StageStore.at(store_root)
+    store = StageStore.at(cache_root)
     plan = plan_pair(old_model, new_model, analysis)
     functions = pair_stage_functions()
     r: dict[str, StageResult] = {}

@@ -102,7 +102,7 @@ from lorasuite_core.training.evaluation import (ANSWER_SENTENCE, STOP_MARKERS, a
                                                 generation_finished, load_for_generation, model_eos_ids,
                                                 truncate_generation)
 from lorasuite_core.training.task_data import Sample, format_prompt
-from lorasuite_core.training.train import (TrainConfig, TrainResult, collate, default_lft_config,
+from lorasuite_core.training.train import (TrainConfig, TrainResult, collate,
                                            finetune_examples, labelled_logits,
                                            load_for_light_finetune, load_tokenizer)
 
@@ -636,7 +636,7 @@ class DistillTraining:
 
 def distill_finetune(new_model_dir: str | Path, migrated_adapter_dir: str | Path, prompts: Sequence[Prompt],
                      teacher_completions: Sequence[Completion], out_dir: str | Path, *,
-                     config: TrainConfig | None = None, teacher=None, teacher_tokenizer=None,
+                     config: TrainConfig, teacher=None, teacher_tokenizer=None,
                      token_map: TokenMap | None = None, kl_weight: float = 1.0,
                      kl_temperature: float = 1.0) -> DistillTraining:
     """Train the migrated adapter on ``(prompt, teacher completion)`` pairs, + token KL where ``token_map`` allows.
@@ -644,7 +644,6 @@ def distill_finetune(new_model_dir: str | Path, migrated_adapter_dir: str | Path
     ``teacher``/``teacher_tokenizer``: the loaded teacher (needed for the KL term; the tokenizer also
     for aligning). Without them, or without ``token_map``, or with ``kl_weight == 0``: sequence-level only.
     """
-    config = config or default_lft_config()
     if kl_weight < 0 or kl_temperature <= 0:
         raise ValueError(f"need kl_weight >= 0 and kl_temperature > 0, got {kl_weight}, {kl_temperature}")
     torch.manual_seed(config.seed)
@@ -685,15 +684,15 @@ def _kl_note(teacher, token_map: TokenMap | None, kl_weight: float, aligned: int
 
 # --------------------------------------------------------------------------- end to end
 
-@dataclass
+@dataclass(kw_only=True)
 class DistillConfig:
-    """Knobs of :func:`distill` (``train``: the LFT loop's own config)."""
+    """Knobs of :func:`distill` (``train``: the LFT loop's own config, :func:`default_lft_config`)."""
 
+    train: TrainConfig
     kl_weight: float = 1.0
     kl_temperature: float = 1.0
     max_new_tokens: int = 128
     generation_batch_size: int = 16
-    train: TrainConfig = field(default_factory=default_lft_config)
 
 
 @dataclass
@@ -725,14 +724,13 @@ class DistillReport:
 
 def distill(old_model_dir: str | Path, source_adapter_dir: str | Path, new_model_dir: str | Path,
             migrated_adapter_dir: str | Path, out_dir: str | Path, prompts: Sequence[Prompt], *,
-            heldout: Sequence[Prompt], config: DistillConfig | None = None,
+            heldout: Sequence[Prompt], config: DistillConfig,
             shared_ids: tuple[Sequence[int], Sequence[int]] | None = None,
             prompt_source: str = "file") -> DistillReport:
     """Teacher completions, student agreement before, distillation into ``out_dir``, agreement after.
 
     ``shared_ids``: (old ids, new ids) of the shared vocabulary, for the KL term when the vocabularies differ.
     """
-    config = config or DistillConfig()
     if not prompts or not heldout:
         raise ValueError(f"distillation needs prompts and held-out prompts, got {len(prompts)} and {len(heldout)}")
     start = time.perf_counter()

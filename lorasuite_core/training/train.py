@@ -7,7 +7,7 @@ Design
 * :func:`light_finetune` is the LoRASuite LFT step: it starts from a *given*
   (migrated) adapter's A/B matrices, loaded by :func:`load_for_light_finetune`
   with ``PeftModel.from_pretrained(..., is_trainable=True)``, and trains them
-  for a few hundred samples (default lr 9e-4, no warmup).
+  for a few hundred samples (no warmup; the learning rate is the caller's: the options' ``lft_lr``).
 * Both share one small, explicit training loop (:func:`_run_training`) instead
   of ``transformers.Trainer``: fewer moving parts, exact control of
   determinism, and loss masking that is easy to test.
@@ -111,9 +111,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.autocast must be one of {AUTOCAST_CHOICES}, got {self.autocast!r}")
 
 
-def default_lft_config(**overrides: Any) -> TrainConfig:
-    """LFT defaults (LoRASuite): lr 9e-4, no warmup; ``overrides`` replace any field."""
-    return replace(TrainConfig(lr=9e-4, warmup_ratio=0.0), **overrides)
+def default_lft_config(lr: float, **overrides: Any) -> TrainConfig:
+    """The LFT config (LoRASuite): learning rate ``lr`` (its default is the options schema's ``lft_lr``),
+    no warmup; ``overrides`` replace any other field."""
+    return replace(TrainConfig(lr=lr, warmup_ratio=0.0), **overrides)
 
 
 @dataclass
@@ -502,9 +503,8 @@ def train_lora(model_dir: str | Path, samples: Sequence[Sample], out_dir: str | 
 
 
 def light_finetune(model_dir: str | Path, adapter_dir: str | Path, samples: Sequence[Sample],
-                   out_dir: str | Path, *, config: TrainConfig | None = None) -> TrainResult:
-    """LFT: continue training the given (migrated) adapter on ``model_dir``; default lr 9e-4, no warmup."""
-    config = config or default_lft_config()
+                   out_dir: str | Path, *, config: TrainConfig) -> TrainResult:
+    """LFT: continue training the given (migrated) adapter on ``model_dir`` (``config``: :func:`default_lft_config`)."""
     torch.manual_seed(config.seed)
     peft_model, tokenizer = load_for_light_finetune(model_dir, adapter_dir, dtype=config.dtype,
                                                     device=config.device)

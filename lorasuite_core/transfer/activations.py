@@ -40,7 +40,7 @@ checkpoint the skeleton cannot be filled from, falls back to the whole model in 
 with the reason); that path too loads one model at a time.
 
 Calibration files (:func:`read_calibration_file`) are streamed, never read whole, and only as
-much text as a token budget ``B`` (``max_calibration_tokens``) can use is kept:
+much text as a token budget ``B`` (a parameter: the options' ``max_calibration_tokens``) can use is kept:
 
 * each text is tokenised to at most ``T = MAX_TOKENS_PER_TEXT`` (256) tokens, so a sample is
   cut to its first ``cap = CHARS_PER_TOKEN · max(B, T)`` characters (8 characters per token,
@@ -88,10 +88,9 @@ def builtin_calibration_texts() -> list[str]:
 CHARS_PER_TOKEN = 8
 MAX_TOKENS_PER_TEXT = 256
 JSONL_LINE_FACTOR = 64
-DEFAULT_CALIBRATION_TOKENS = 2048
 
 
-def calibration_text_cap(max_tokens: int = DEFAULT_CALIBRATION_TOKENS) -> int:
+def calibration_text_cap(max_tokens: int) -> int:
     """Characters kept of one calibration sample for a budget of ``max_tokens`` paired positions."""
     return CHARS_PER_TOKEN * max(max_tokens, MAX_TOKENS_PER_TEXT)
 
@@ -110,7 +109,7 @@ def _calibration_texts(handle, what: str, txt: bool, cap: int) -> Iterator[str]:
             yield record["text"][:cap]
 
 
-def read_calibration_file(path: str, max_tokens: int = DEFAULT_CALIBRATION_TOKENS) -> list[str]:
+def read_calibration_file(path: str, max_tokens: int) -> list[str]:
     """.txt: one sample per line; .jsonl: a ``text`` field per line; streamed and capped for ``max_tokens``.
 
     See the module docstring: samples are cut to :func:`calibration_text_cap` characters and

@@ -11,9 +11,10 @@ tasks and by :func:`lorasuite_core.pipeline.stages.migrate_in_process` sequentia
       layer_mapping   monotone DP on the update CKA                          layer_mapping.py
       head_similarity per mapped pair: head + neuron matching                matching.py
     adapter transfer
-      transfer        per mapped pair: canonical deltas carried over         transfer.py
+      transfer        per mapped pair: canonical deltas carried over         unit_maps.py
       refactorise     QR + small SVD back to each module's rank              refactor.py
-      write           PEFT directory + migration_report.json, atomically
+      write           PEFT directory, atomically                             models/writing.py
+                      + migration_report.json                                report/migration.py
 
 Deltas stay in factor form ΔW = L R (refactor.LowRank) from the old adapter (L = s B, R = A)
 to the re-factorisation; no dense out × in delta is formed. A fused module splits by rows of
@@ -22,7 +23,7 @@ disjoint column blocks, [L_q R_q; L_k R_k; L_v R_v] = L R with L the interleaved
 [L_q 0 0; 0 L_k 0; 0 0 L_v] and R = [R_q; R_k; R_v]. The LayerNorm-offset diagnostic uses
 ‖ΔW c‖ = ‖L (R c)‖ and ‖ΔW‖_F² = ⟨LᵀL, R Rᵀ⟩_F.
 
-Variants (the adapter's ``variant``, from its config). LoRA and DoRA re-factorise to
+Variants (the adapter's ``variant``, :mod:`lorasuite_core.models.variants`). LoRA and DoRA re-factorise to
 s B A = ΔW with B = U√Σ, A = √ΣVᵀ; DoRA also carries its effective change and fits the new
 magnitude vector (dora.py: m'_o = ⟨D_o, V_o⟩, exact where the row normalisation commutes with
 the upgrade, the residual reported otherwise). AdaLoRA re-factorises to PEFT's SVD form
@@ -40,26 +41,20 @@ zero-output layer's o/down): PEFT's DoRA would divide 0 by 0 there.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from lorasuite_core import ALGORITHM_VERSION, __version__
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.transfer.dora import carry_dense, effective_change, fit_magnitude
 from lorasuite_core.transfer.layer_weights import (canonical_deltas, dropped_roles, expected_shape, join_fused, layer_weights,
                                                    module_deltas, split_fused)
-from lorasuite_core.models.loading import ADALORA_INIT_R, LoadedModel, LoraAdapter, LoraFactors, adapter_variant
+from lorasuite_core.models.loading import LoadedModel, LoraAdapter
+from lorasuite_core.models.variants.base import LoraFactors
 from lorasuite_core.transfer.matching import LayerMatch, match_layer
 from lorasuite_core.transfer.refactor import LowRank, Refactorised, refactorise
 from lorasuite_core.transfer.residual import ResidualTransfer, input_map, input_offset, output_map
@@ -67,7 +62,6 @@ from lorasuite_core.transfer.unit_maps import LayerTransfer
 from lorasuite_core.transfer.vocab import SharedVocabulary
 
 log = logging.getLogger(__name__)
-REPORT_NAME = "migration_report.json"
 
 
 # ----------------------------------------------------------------------------- pair analysis
@@ -206,7 +200,7 @@ def transfer_layer_pair(old, new, analysis: PairAnalysis, adapter: LoraAdapter, 
     carried = transfer.run(deltas)
     fit = dict(transfer.fit)
     changes = {}
-    if adapter.variant == "dora":
+    if adapter.variant.has_magnitude:
         changes = {role: carry_dense(transfer, role, E) for role, E in _dora_changes(old, adapter, i).items()
                    if role in transfer.new_w}
     offsets = _offset_effects(old, new, deltas, maps, i, j)
@@ -275,12 +269,12 @@ def transfer_new_layer(old, new, analysis: PairAnalysis, adapter: LoraAdapter, j
     modules = []
     for name, delta in sorted(module_factors(new.family, new.dims, summed).items()):
         source = _source_factors(old, new, adapter, name, sources)
-        factors = refactorise(delta, source.rank, source.scaling, singular_values=adapter.variant == "adalora")
+        factors = refactorise(delta, source.rank, source.scaling, singular_values=adapter.variant.svd_form)
         module = MigratedModule(j, name, factors, source.rank, source.alpha, sources)
-        if adapter.variant == "dora":
+        if adapter.variant.has_magnitude:
             W = new.layer_weight(j, new.family.modules[name].path)
             fit = fit_magnitude(W, factors.delta(source.scaling), W + module_changes[name],
-                                _module_key(new.family, j, name))
+                                new.family.module_key(j, name))
             module.magnitude, module.magnitude_fit = fit.magnitude, fit.report()
         modules.append(module)
     return NewLayerResult(modules, unit_fit, offsets, roles)
@@ -343,192 +337,3 @@ def zero_init_modules(new: LoadedModel, modules: list[MigratedModule], seed: int
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-def _module_key(family, layer: int, name: str) -> str:
-    return f"{family.layer_prefix.format(layer=layer)}{family.modules[name].path}"
-
-
-def adapter_config(old_config: dict, new: LoadedModel, migrated: MigratedAdapter) -> dict:
-    if adapter_variant(old_config) == "adalora":
-        return _adalora_config(old_config, new, migrated)
-    config = dict(old_config)
-    ranks = [m.rank for m in migrated.modules]
-    alphas = [m.alpha for m in migrated.modules]
-    r = max(set(ranks), key=ranks.count)
-    alpha = max(set(alphas), key=alphas.count)
-    rank_pattern, alpha_pattern = {}, {}
-    for m in migrated.modules:
-        key = _module_key(new.family, m.layer, m.name).replace(".", r"\.")
-        if m.rank != r:
-            rank_pattern[key] = m.rank
-        if m.alpha != alpha:
-            alpha_pattern[key] = m.alpha
-    layers = sorted({m.layer for m in migrated.modules})
-    config.update(
-        base_model_name_or_path=new.source,
-        target_modules=sorted({m.name for m in migrated.modules}),
-        r=r,
-        lora_alpha=alpha,
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
-        layers_to_transform=None if layers == list(range(new.dims.num_layers)) else layers,
-        layers_pattern=None,
-        exclude_modules=_excluded_modules(new, migrated, layers),
-        revision=None,
-    )
-    return config
-
-
-def _excluded_modules(new: LoadedModel, migrated: MigratedAdapter, layers: list[int]) -> list[str] | None:
-    """Full paths of the (layer, target) pairs PEFT would otherwise create freshly (target_modules ×
-    layers_to_transform minus the migrated modules): a fresh DoRA module on an all-zero weight row is NaN."""
-    have = {(m.layer, m.name) for m in migrated.modules}
-    names = sorted({m.name for m in migrated.modules})
-    missing = [_module_key(new.family, j, name) for j in layers for name in names if (j, name) not in have]
-    return missing or None
-
-
-def _adalora_config(old_config: dict, new: LoadedModel, migrated: MigratedAdapter) -> dict:
-    """The old AdaLoRA config (rank budget: init_r, target_r, tinit, tfinal, deltaT, beta1, beta2,
-    orth_reg_weight, total_step, lora_alpha) with the new model's targets and ``rank_pattern``:
-    {"<module path>.lora_E": [True]*r + [False]*(init_r − r)}, PEFT's saved masks, whenever a
-    module's rank differs from init_r (PEFT then resizes each module to its r before loading)."""
-    config = dict(old_config)
-    init_r = int(config.get("init_r") or ADALORA_INIT_R)
-    too_big = [m for m in migrated.modules if m.rank > init_r]
-    if too_big:
-        raise LorasuiteError(f"AdaLoRA module {too_big[0].name} has rank {too_big[0].rank} above init_r {init_r}")
-    pattern = {f"{_module_key(new.family, m.layer, m.name)}.lora_E": [True] * m.rank + [False] * (init_r - m.rank)
-               for m in migrated.modules}
-    layers = sorted({m.layer for m in migrated.modules})
-    config.update(
-        base_model_name_or_path=new.source,
-        target_modules=sorted({m.name for m in migrated.modules}),
-        rank_pattern=pattern if any(m.rank != init_r for m in migrated.modules) else None,
-        layers_to_transform=None if layers == list(range(new.dims.num_layers)) else layers,
-        layers_pattern=None,
-        exclude_modules=_excluded_modules(new, migrated, layers),
-        revision=None,
-    )
-    return config
-
-
-def adapter_tensors(new: LoadedModel, migrated: MigratedAdapter) -> dict[str, torch.Tensor]:
-    """PEFT's saved keys: lora_A/lora_B ``.weight`` (+ ``lora_magnitude_vector`` for DoRA);
-    AdaLoRA's parameters lora_A, lora_B, lora_E without ``.weight``."""
-    tensors = {}
-    for m in migrated.modules:
-        key = f"base_model.model.{_module_key(new.family, m.layer, m.name)}"
-        if m.factors.E is not None:
-            tensors[f"{key}.lora_A"] = m.factors.A.contiguous()
-            tensors[f"{key}.lora_B"] = m.factors.B.contiguous()
-            tensors[f"{key}.lora_E"] = m.factors.E.contiguous()
-            continue
-        tensors[f"{key}.lora_A.weight"] = m.factors.A.contiguous()
-        tensors[f"{key}.lora_B.weight"] = m.factors.B.contiguous()
-        if m.magnitude is not None:
-            tensors[f"{key}.lora_magnitude_vector"] = m.magnitude.contiguous()
-    return tensors
-
-
-def check_output_dir(out: str | Path, overwrite: bool) -> None:
-    from lorasuite_core.io.storage import check_output_location
-
-    check_output_location(out, {})   # never empty, the working directory or one of its parents
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise LorasuiteError(f"output {out} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise LorasuiteError(f"output {out} exists and is not empty; pass --overwrite to replace it")
-
-
-def write_adapter_dir(out: str | Path, config: dict, tensors: dict, report: dict, overwrite: bool) -> Path:
-    """Write into a sibling temporary directory, then move it into place: never half-written."""
-    out = Path(out)
-    check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        save_file(tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"})
-        (staging / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def _model_identity(model: LoadedModel) -> dict:
-    from lorasuite_core.io.storage import dir_fingerprint
-
-    d = model.dims
-    return {
-        "source": model.source,
-        "fingerprint": dir_fingerprint(str(model.local_dir)),
-        "model_type": model.config.get("model_type"),
-        "family": model.family.name,
-        "hidden_size": d.hidden,
-        "num_layers": d.num_layers,
-        "num_heads": d.num_heads,
-        "num_kv_heads": d.num_kv_heads,
-        "head_dim": d.head_dim,
-        "intermediate_size": d.intermediate,
-    }
-
-
-def head_mapping_entries(analysis: PairAnalysis) -> dict[str, dict[str, Any]]:
-    """Per new layer: the old layer, head/kv assignments and similarities (the report's head_mapping)."""
-    heads = {}
-    for i, j in analysis.layer_mapping:
-        m = analysis.matches[i]
-        heads[str(j)] = {
-            "old_layer": i,
-            "query_heads": [[a, b] for a, b in m.head_pairs],
-            "kv_heads": [[a, b] for a, b in m.kv_pairs],
-            "head_similarity": [round(float(m.head_similarity[a, b]), 6) for a, b in m.head_pairs],
-            "neuron_similarity_mean": round(m.neuron_similarity_mean, 6),
-        }
-    return heads
-
-
-def build_report(old, new, adapter, analysis: PairAnalysis, migrated: MigratedAdapter, head_transform: str,
-                 layer_offset: int | None, steps: dict[str, dict[str, Any]]) -> dict:
-    heads = head_mapping_entries(analysis)
-    return {
-        "lorasuite_version": __version__,
-        "algorithm_version": ALGORITHM_VERSION,
-        "old_model": _model_identity(old),
-        "new_model": _model_identity(new),
-        "adapter": {"source": adapter.source, "modules": len(adapter.factors), "variant": adapter.variant},
-        "options": {"head_transform": head_transform, "layer_offset": layer_offset},
-        "shared_vocabulary_size": len(analysis.shared),
-        "transfer_matrix": {
-            "fit_residual_old": analysis.residual.fit_residual_old,
-            "fit_residual_new": analysis.residual.fit_residual_new,
-            "scale": analysis.residual.scale,
-        },
-        "calibration": analysis.calibration,
-        "cka": analysis.cka_updates.round(6).tolist(),
-        "cka_hidden_states": analysis.cka_states.round(6).tolist(),
-        "layer_mapping": [[i, j] for i, j in analysis.layer_mapping],
-        "head_mapping": heads,
-        "unit_fit_residual": migrated.unit_fit,
-        "refactorisation_residual": {
-            _module_key(new.family, m.layer, m.name): m.factors.residual for m in migrated.modules
-        },
-        "dropped_roles": migrated.dropped,
-        "layernorm_offset_effect": migrated.input_offsets,
-        "dora_magnitude_residual": {
-            _module_key(new.family, m.layer, m.name): m.magnitude_fit for m in migrated.modules
-            if m.magnitude_fit and m.old_layers
-        },
-        "zero_initialised_layers": migrated.zero_init_layers,
-        "steps": steps,
-    }
