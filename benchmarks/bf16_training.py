@@ -55,7 +55,8 @@ def stage_steps(model_dir: str, n_steps: int) -> dict:
     import torch
 
     from lorasuite_core.training.task_data import generate_problems
-    from lorasuite_core.training.train import _train_step, autocast_dtype, build_examples, prepare_fresh_lora
+    from lorasuite_core.training.devices import autocast_dtype
+    from lorasuite_core.training.train import _train_step, build_examples, prepare_fresh_lora
 
     model, tokenizer = prepare_fresh_lora(model_dir, rank=16, alpha=32, targets=TARGETS, seed=0, device="cpu")
     examples = build_examples(tokenizer, generate_problems(8, "train", 0), 256)
@@ -101,7 +102,7 @@ def machine() -> dict:
         for _ in range(5):
             a @ b
         rates[str(dtype).replace("torch.", "")] = round(5 * 2 * 2048 ** 3 / (time.perf_counter() - start) / 1e9, 1)
-    from lorasuite_core.training.train import cpu_supports_bf16
+    from lorasuite_core.training.devices import cpu_supports_bf16
 
     return {"cpu": name, "cores": torch.get_num_threads(), "bf16_matmul": cpu_supports_bf16(),
             "gemm_gflops": rates, "torch": torch.__version__, "python": platform.python_version(),

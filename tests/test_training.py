@@ -153,7 +153,7 @@ def test_labelled_token_loss_equals_the_models_own_loss(family, overrides, tmp_p
 def test_bf16_autocast_training_matches_fp32_within_tolerance(tiny_model_dir, samples, tmp_path, monkeypatch):
     """bf16 autocast rounds the matrix products' inputs only: the trained adapter stays within bf16 rounding of the
     fp32 one (relative Frobenius error of each tensor's update), losses agree to a few 1e-3, weights stay fp32."""
-    from lorasuite_core.training.train import autocast_dtype, training_compute_dtype
+    from lorasuite_core.training.devices import autocast_dtype, training_compute_dtype
 
     runs = {mode: train_lora(tiny_model_dir, samples, tmp_path / mode, rank=4, alpha=8, targets=TARGETS,
                              config=quick_config(epochs=2, lr=1e-2, autocast=mode))
@@ -173,9 +173,9 @@ def test_bf16_autocast_training_matches_fp32_within_tolerance(tiny_model_dir, sa
     # "auto" follows the hardware, fp16/bf16 weights never get autocast on top, and the name goes into stage keys
     cpu = torch.device("cpu")
     assert autocast_dtype("off", cpu, torch.float32) is None and autocast_dtype("bf16", cpu, torch.bfloat16) is None
-    from lorasuite_core.training import train as train_module
+    from lorasuite_core.training import devices
 
     for has_bf16, expected in ((True, torch.bfloat16), (False, None)):
-        monkeypatch.setattr(train_module, "cpu_supports_bf16", lambda: has_bf16)
+        monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: has_bf16)
         assert autocast_dtype("auto", cpu, torch.float32) is expected
         assert training_compute_dtype("auto", "cpu") == ("bfloat16" if has_bf16 else "float32")

@@ -437,7 +437,7 @@ def _fidelity_source(plan: PairPlan, options: MigrationOptions, lft: TrainJob | 
 def _training_compute() -> str:
     """The dtype LFT and baseline training multiply in here (bf16 autocast where the hardware has it): it changes
     the trained weights, so it is part of their stage keys."""
-    from lorasuite_core.training.train import training_compute_dtype
+    from lorasuite_core.training.devices import training_compute_dtype
 
     return training_compute_dtype()
 
@@ -482,7 +482,7 @@ def _eval_jobs(plan: PairPlan, adapter_identity: str, migrated_key: str, lft: Tr
     if vanilla:
         rows.append(("new model + vanilla LoRA", "new", "vanilla", plan.new_identity, vanilla.key))
     from lorasuite_core.training.evaluation import eval_dtype
-    from lorasuite_core.training.train import resolve_device
+    from lorasuite_core.training.devices import resolve_device
 
     dtype = eval_dtype("auto", resolve_device("auto"))      # bf16 where the CPU has it: part of the result
     return [EvalJob(row=row, model=model, adapter=kind,

@@ -67,9 +67,9 @@ import torch
 from tqdm.auto import tqdm
 
 from lorasuite_core.training.task_data import Sample, format_prompt
-from lorasuite_core.training.train import (check_adapter_dir, cpu_supports_bf16, cuda_peak_mb, load_causal_lm,
-                                           load_tokenizer, process_peak_rss_mb, reset_cuda_peak, resolve_device,
-                                           resolve_dtype)
+from lorasuite_core.training.devices import (cpu_supports_bf16, cuda_peak_mb, process_peak_rss_mb, reset_cuda_peak,
+                                             resolve_device, resolve_dtype)
+from lorasuite_core.training.train import check_adapter_dir, load_causal_lm, load_tokenizer
 
 logger = logging.getLogger(__name__)
 

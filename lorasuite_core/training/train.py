@@ -24,19 +24,13 @@ Determinism: ``torch.manual_seed(seed)`` right before the adapter is created
 the per-epoch shuffling.  Same seed, same data, same device => identical
 adapter weights.
 
-Devices/dtypes: ``device="auto"`` picks CUDA when available; ``dtype="auto"``
-picks bfloat16 on CUDA devices that support it, float32 otherwise.  PEFT keeps
-the adapter weights in float32 even over a bf16 base (``autocast_adapter_dtype``).
-
-Mixed precision: with float32 weights, ``autocast="auto"`` runs each micro-batch's
-forward pass under ``torch.autocast(dtype=bfloat16)`` where the device multiplies
-bf16 natively (CPUs with AVX512-BF16 or AMX, bf16-capable CUDA), fp32 elsewhere;
-``"bf16"`` forces it, ``"off"`` keeps fp32.  Weights, gradients, the optimizer
-state and the loss reduction stay float32 (the loss is computed from float32
-logits, the backward pass runs outside the autocast region); only the matrix
-products round their inputs to bf16.  :func:`training_compute_dtype` names the
-result ("bfloat16" / "float32"), which the pipeline puts in the LFT and baseline
-stage keys since it changes the trained weights.
+Devices, dtypes, memory: :mod:`lorasuite_core.training.devices`.  With float32 weights each
+micro-batch's forward pass runs under ``torch.autocast(dtype=bfloat16)`` where the hardware multiplies
+bf16 natively (``TrainConfig.autocast`` "auto"; "bf16" forces it, "off" keeps fp32).  Weights,
+gradients, the optimizer state and the loss reduction stay float32 (the loss is computed from float32
+logits, the backward pass runs outside the autocast region); only the matrix products round their
+inputs to bf16.  PEFT keeps the adapter weights in float32 even over a bf16 base.  The pipeline puts
+the compute dtype in the LFT and baseline stage keys, since it changes the trained weights.
 
 Safety: models and adapters are read from safetensors only
 (``use_safetensors=True``; an adapter without ``adapter_model.safetensors`` is
@@ -52,8 +46,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -62,6 +54,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from lorasuite_core.training.devices import (autocast_dtype, cuda_peak_mb, process_peak_rss_mb, reset_cuda_peak,
+                                             resolve_device, resolve_dtype)
 from lorasuite_core.training.task_data import Sample, format_prompt
 
 logger = logging.getLogger(__name__)
@@ -71,8 +65,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SUMMARY_FILE = "training_summary.json"
 LossFn = Callable[[Any, list[dict]], torch.Tensor]  # (model, micro-batch example dicts) -> scalar loss
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
 
 
 AUTOCAST_CHOICES = ("auto", "bf16", "off")
@@ -140,79 +132,7 @@ class TrainResult:
         return data
 
 
-# --------------------------------------------------------------------------- devices, memory, loading
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda when available else cpu; anything else is passed to ``torch.device``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bfloat16 on bf16-capable CUDA, else float32; or an explicit name (float32/bf16/fp16)."""
-    if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use 'auto' or one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
-def cpu_supports_bf16() -> bool:
-    """True when this CPU has bf16 matrix instructions (AVX512-BF16 or AMX), so bf16 matmuls beat fp32."""
-    cpu = getattr(torch, "cpu", None)
-    probes = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if any(callable(probe) for probe in probes):
-        return any(bool(probe()) for probe in probes if callable(probe))
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def device_has_bf16(device: torch.device) -> bool:
-    """bf16 matrix products in hardware: AVX512-BF16/AMX CPUs, bf16-capable CUDA."""
-    if device.type == "cpu":
-        return cpu_supports_bf16()
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-
-def autocast_dtype(autocast: str, device: torch.device, weights: torch.dtype) -> torch.dtype | None:
-    """The autocast dtype of a training step (None: plain fp32/weights' dtype); see the module docstring."""
-    if autocast == "off" or weights != torch.float32:
-        return None
-    if autocast == "bf16" or device_has_bf16(device):
-        return torch.bfloat16
-    return None
-
-
-def training_compute_dtype(autocast: str = "auto", device: str = "auto", dtype: str = "auto") -> str:
-    """What a training run with these settings multiplies in, by name: part of the LFT/baseline stage keys."""
-    resolved = resolve_device(device)
-    weights = resolve_dtype(dtype, resolved)
-    mixed = autocast_dtype(autocast, resolved, weights)
-    return str(mixed or weights).replace("torch.", "")
-
-
-def process_peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (OS high-water mark)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
-
-
-def reset_cuda_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def cuda_peak_mb(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    return torch.cuda.max_memory_allocated(device) / 2**20
-
+# --------------------------------------------------------------------------- loading
 
 def load_tokenizer(model_dir: str | Path, padding_side: str = "right"):
     """Tokenizer of ``model_dir`` with a pad token (falls back to EOS) and the given padding side."""
