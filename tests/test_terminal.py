@@ -166,6 +166,11 @@ def events_into(handler: logging.Handler, *calls) -> None:
         logger.level, logger.propagate = previous
 
 
+def fail_computing(stage: str) -> None:
+    with terminal.computing(stage):
+        raise RuntimeError("layer failed")
+
+
 def test_a_fleet_stage_is_one_line_over_its_adapters_and_the_unfinished_are_said():
     plain = io.StringIO()
     handler = terminal.TerminalHandler(plain)
@@ -194,5 +199,8 @@ def test_the_bar_names_the_stage_and_counts_a_fleets_layers():
     assert re.search(r"\rtransfer \|[^\r]*\| 1/3 layers of 2 adapters \[", shown), shown
     assert re.search(r"\rtransfer \|[^\r]*\| 2/3 layers of 2 adapters \[", shown), shown
     assert "\n" not in shown                   # no line until the stage is done
+    with pytest.raises(RuntimeError):          # a layer fails (its retry would start it again): no line
+        events_into(handler, (fail_computing, "layer"))
+    assert "\n" not in screen.getvalue() and handler.board.running == {"transfer": 0}
     handler.finish()
     assert screen.getvalue().endswith("transfer ............   1.00 s (2 of 3 layers of 2 adapters)\n")

@@ -6,6 +6,7 @@ Design
   the logger ``lorasuite_core.progress`` carrying an :class:`Event` (``record.progress``):
 
   - ``started``: a stage starts computing (:meth:`~lorasuite_core.pipeline.stage_store.StageStore.run`);
+    ``failed``: that computation raised (a retry starts it again);
   - ``finished``: a stage entry was computed or reused, with its seconds (the same place);
   - ``expected``: ``count`` more entries of a per-adapter stage will come
     (:func:`~lorasuite_core.pipeline.stages.plan_adapter`: one per layer to transfer, one write…);
@@ -32,8 +33,10 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Iterator
 
 LOGGER = logging.getLogger("lorasuite_core.progress")
 NAMES = {"layer": "transfer", "migrated": "write", "vanilla": "vanilla_baseline"}
@@ -47,7 +50,7 @@ REFRESH_S = 0.5
 
 @dataclass(frozen=True)
 class Event:
-    kind: str                  # started | finished | expected | advanced
+    kind: str                  # started | failed | finished | expected | advanced
     stage: str                 # a report step name (see NAMES)
     seconds: float = 0.0
     reused: bool = False
@@ -67,6 +70,20 @@ def _emit(event: Event, message: str, *args) -> None:
 def started(stage: str) -> None:
     name = step_name(stage)
     _emit(Event("started", name), "%s: computing", name)
+
+
+@contextmanager
+def computing(stage: str) -> Iterator[None]:
+    """``started`` on entry; ``failed`` when the body raises (``finished`` is the caller's, once stored)."""
+    started(stage)
+    start = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        name = step_name(stage)
+        _emit(Event("failed", name, seconds=time.perf_counter() - start), "%s: failed after %.2f s", name,
+              time.perf_counter() - start)
+        raise
 
 
 def finished(stage: str, seconds: float, reused: bool) -> None:
@@ -146,9 +163,12 @@ class _Board:
         elif event.kind == "advanced":
             self.counts[name] = (event.count, event.total, event.unit)
             self.current = name
+        elif event.kind == "failed":
+            self._ended(name)
+            self._settle(name)
         elif event.kind == "finished":
-            if self.running.get(name):
-                self.running[name] -= 1
+            if not event.reused:               # a reused entry was never started
+                self._ended(name)
             tally = self.tallies.get(name)
             if tally is None:
                 self.counts.pop(name, None)
@@ -162,10 +182,17 @@ class _Board:
                 if tally.done >= tally.expected:
                     del self.tallies[name]
                     lines = [tally.line(name)]
-            if self.current == name and name not in self.tallies and not self.running.get(name):
-                self.current = next((s for s in reversed(self.running) if self.running[s]), None)
+            self._settle(name)
             return lines
         return []
+
+    def _ended(self, name: str) -> None:
+        self.running[name] = max(0, self.running.get(name, 0) - 1)
+
+    def _settle(self, name: str) -> None:
+        """The bar moves on from ``name`` once it has nothing running and nothing more to come."""
+        if self.current == name and name not in self.tallies and not self.running.get(name):
+            self.current = next((s for s in reversed(self.running) if self.running[s]), None)
 
     def progress(self) -> tuple[str, int, int | None, str]:
         """What the bar shows: the stage that runs, units done, units in all (None: unknown), unit."""

@@ -451,8 +451,7 @@ class StageStore:
                 log.warning("%s: discarding cache entry %s (%s); recomputing", stage, storage.redact_uri(uri),
                             problem)
                 storage.remove_dir(uri)
-            terminal.started(stage)
-            with tempfile.TemporaryDirectory(prefix=f"lorasuite-{stage}-") as tmp:
+            with terminal.computing(stage), tempfile.TemporaryDirectory(prefix=f"lorasuite-{stage}-") as tmp:
                 facts = compute(Path(tmp))
                 (Path(tmp) / FACTS_FILE).write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
                 storage.publish_dir_atomic(tmp, uri, overwrite=True)
