@@ -133,6 +133,8 @@ def _run_migrate_fleet(args) -> dict:
     from .entrypoints import run_migrate_fleet
 
     result = run_migrate_fleet(args.manifest, overwrite=args.overwrite, cache_root=args.cache_root)
+    for failed in result.get("failed", []):
+        log.warning("adapter %s failed at %s", failed["name"], failed["error"])
     summary = {key: result[key] for key in ("published", "skipped", "failed") if key in result}
     return {"summary": summary, "exit_code": 1 if result.get("failed") else 0}
 

@@ -6,8 +6,8 @@
 * Stderr on a TTY gets one progress bar naming the running stage and counting its layers; stderr
   that is not a TTY gets the plain lines only.
 * A FutureWarning raised by a library during a run lands in the log file, not on the terminal.
-* The terminal sums a per-adapter stage over a fleet's adapters into one line, and says what
-  never finished.
+* The terminal sums a per-adapter stage over a fleet's adapters into one line, says what never
+  finished, and names a failed fleet entry.
 """
 from __future__ import annotations
 
@@ -146,6 +146,29 @@ def test_a_tty_gets_one_progress_bar_over_the_layers(pair, tmp_path, monkeypatch
     kept = [segment.rsplit("\r", 1)[-1] for segment in shown.split("\n")]
     assert set(stage_lines("\n".join(kept))) == set(STAGES), shown
     assert all(LINE.match(line) or line.startswith("log file: ") for line in kept if line.strip()), kept
+
+
+@needs_prefect
+def test_a_fleet_prints_each_stage_once_over_its_adapters_and_names_a_failed_one(pair, tmp_path, capsys,
+                                                                                 monkeypatch):
+    old, new, adapter = pair
+    second = make_random_lora_adapter(old, tmp_path / "second", rank=4, alpha=8, seed=33)
+    manifest = tmp_path / "fleet.json"
+    manifest.write_text(json.dumps({
+        "old_model": str(old), "new_model": str(new), "output_root": str(tmp_path / "out"),
+        "analysis": {"max_calibration_tokens": 256},
+        "adapters": [{"name": "a", "adapter": str(adapter)}, {"name": "b", "adapter": str(second)},
+                     {"name": "gone", "adapter": str(tmp_path / "missing")}]}))
+    monkeypatch.setenv("LORASUITE_LOG_DIR", str(tmp_path / "logs"))
+    assert main(["migrate-fleet", "--manifest", str(manifest), "--cache-root", str(tmp_path / "cache")]) == 1
+    err = capsys.readouterr().err
+    lines = stage_lines(err)
+    assert set(lines) == set(STAGES), err
+    assert re.fullmatch(r"\d+ layers of 2 adapters", lines["transfer"].group(4)), err
+    assert lines["write"].group(4) == lines["publish"].group(4) == "2 adapters", err
+    failed = [line for line in err.splitlines() if line.startswith("warning: adapter gone failed at load: ")]
+    assert len(failed) == 1 and "missing" in failed[0], err
+    assert not HEX64.search(err), err
 
 
 # --------------------------------------------------------------------------- the handler alone
