@@ -99,12 +99,17 @@ def _configure_logging(args):
 
     register_secrets_in(*(v for v in vars(args).values() if isinstance(v, str)))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")   # no telemetry from the embedded API
+    os.environ.setdefault("DO_NOT_TRACK", "1")   # nor from the client (and no first-run notice on the terminal)
     path = logsetup.configure(args.command, verbose=args.verbose, quiet=args.quiet)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()     # transformers' own lines: through logging, so the log file only
+    hf_logging.enable_propagation()
+    if not args.verbose:                     # one progress bar: lorasuite's
+        hf_logging.disable_progress_bar()
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")   # read when datasets is imported
     if args.quiet:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
     return path
 
@@ -128,6 +133,8 @@ def _run_migrate_fleet(args) -> dict:
     from .entrypoints import run_migrate_fleet
 
     result = run_migrate_fleet(args.manifest, overwrite=args.overwrite, cache_root=args.cache_root)
+    for failed in result.get("failed", []):
+        log.warning("adapter %s failed at %s", failed["name"], failed["error"])
     summary = {key: result[key] for key in ("published", "skipped", "failed") if key in result}
     return {"summary": summary, "exit_code": 1 if result.get("failed") else 0}
 
@@ -195,6 +202,16 @@ def _library_call(fn, *args, **kwargs):
 COMMANDS = {"migrate": _run_migrate, "migrate-fleet": _run_migrate_fleet, "demo": _run_demo, "train": _run_train, "eval": _run_eval, "models": _run_models}
 
 
+def _run_command(args):
+    """The command; then the terminal's last stage lines and its progress bar closed, before any final line."""
+    from lorasuite_core.io.logsetup import finish_terminal
+
+    try:
+        return COMMANDS[args.command](args)
+    finally:
+        finish_terminal()
+
+
 def _error_line(exc: BaseException) -> str:
     from lorasuite_core.io.storage import describe_error, redact_text
 
@@ -213,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log_file = _configure_logging(args)
     try:
-        result = COMMANDS[args.command](args)
+        result = _run_command(args)
     except (LorasuiteError, OSError) as exc:
         log.info("failed", exc_info=True, extra=FILE_ONLY)
         print(f"lorasuite: error: {_error_line(exc)}", file=sys.stderr)

@@ -12,8 +12,10 @@
   and storage errors have already been retried with backoff by ``lorasuite_core.io.storage``.
 * Logging: :func:`forward_core_logs` hands ``lorasuite_core`` records to Prefect's API log
   handlers while inside a run (what ``PREFECT_LOGGING_EXTRA_LOGGERS`` does, minus the warnings
-  outside runs), so the numerics' own lines land in the run's log; :func:`log_stage` reports,
-  through the run logger, whether a stage was computed or reused.  URIs are logged redacted.
+  outside runs), so the numerics' own lines land in the run's log — among them the one line per stage
+  (time, computed or reused) that :class:`~lorasuite_core.pipeline.stage_store.StageStore` writes for
+  the terminal as well, the same line as in process; :func:`log_stage` adds, at DEBUG, where the
+  entry is.  URIs are logged redacted.
 * :data:`TORCH_MODEL_LOCK` serialises, within one worker process, the tasks that load a whole
   torch model (activations, LFT, baseline training, evaluation): transformers sets
   process-global torch defaults while loading, and one device runs one such job at a time.
@@ -72,14 +74,14 @@ class _RunLogForwarder(logging.Handler):
             handler.handle(record)
 
 
-_FORWARDER = _RunLogForwarder()
+_FORWARDER = _RunLogForwarder(logging.INFO)   # the core loggers are at DEBUG for the log file; the run log: INFO
 
 
 def forward_core_logs() -> None:
     """Send ``lorasuite_core`` records to the current run's log; idempotent.
 
-    Levels are left alone: the ``lorasuite_core`` logger's effective level decides (INFO under
-    ``lorasuite migrate``, WARNING under ``-q`` and under Prefect's default logging config, whose
+    Records below INFO are not forwarded; above that the ``lorasuite_core`` logger's effective level
+    decides (DEBUG under ``lorasuite migrate``, WARNING under Prefect's default logging config, whose
     root logger is at WARNING; a worker that wants the INFO lines sets a ``lorasuite_core`` level
     in its logging config, ``PREFECT_LOGGING_SETTINGS_PATH``).
     """
@@ -90,9 +92,9 @@ def forward_core_logs() -> None:
 
 
 def log_stage(result: StageResult) -> StageResult:
-    """One line in the run log: computed or reused, where, how long."""
+    """A DEBUG line in the run log: where the entry is (its time and cache status: the store's own line)."""
     verb = "reused" if result.reused else "computed"
-    get_run_logger().info("%s %s: %s (%.2fs)", verb, result.stage, redact_uri(result.uri), result.seconds)
+    get_run_logger().debug("%s %s: %s (%.2fs)", verb, result.stage, redact_uri(result.uri), result.seconds)
     return result
 
 

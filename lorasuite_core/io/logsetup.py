@@ -6,10 +6,17 @@ Design
   ``$LORASUITE_LOG_DIR/<UTC time>-<command>-<pid>.log`` (default ``~/.cache/lorasuite/logs``),
   tracebacks included; the CLI names the file in its last log line and, for an unexpected error,
   in its error line.  Files older than :data:`KEEP_DAYS` (14) days are removed.
-* **Terminal.** Only records of the ``lorasuite*`` loggers (INFO, WARNING under ``-q``): progress
-  and one-line warnings.  Prefect's own console output (run banners, task tracebacks, the
-  temporary server's chatter) is not shown, so a failure ends with exactly one
-  ``lorasuite: error: …`` line.  ``--verbose`` shows everything at DEBUG.
+* **Terminal.** Only records of the ``lorasuite*`` loggers (INFO, WARNING under ``-q``), as bare
+  messages (``warning: …`` for a warning): one line per stage with its time and one progress bar
+  (:class:`lorasuite_core.io.terminal.TerminalHandler`), one-line warnings.  Prefect's own console
+  output (run banners, task tracebacks, the temporary server's chatter) is not shown, so a failure
+  ends with exactly one ``lorasuite: error: …`` line.  Content hashes and store paths are DEBUG
+  lines (the ``lorasuite*`` loggers are at DEBUG, so the log file has them): the terminal shows
+  them under ``--verbose``, which shows everything at DEBUG, in the log file's format.
+* **Warnings.** ``warnings`` go through logging (``logging.captureWarnings``, logger ``py.warnings``):
+  into the log file, never onto the terminal as long as they are deprecation notices
+  (:class:`DeprecationNoise`: FutureWarning, DeprecationWarning, PendingDeprecationWarning of
+  transformers, Prefect, PEFT…), not even under ``--verbose``.
 * **Prefect.** The same configuration is handed to Prefect through ``PREFECT_LOGGING_SETTINGS_PATH``
   (a JSON file, valid YAML), extended with Prefect's API handlers so flow and task run logs still
   reach the Prefect server (UI).  This module only writes that file; it never imports Prefect.
@@ -23,10 +30,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
 from lorasuite_core.io.storage import redact_text
+from lorasuite_core.io.terminal import TerminalHandler
 
 KEEP_DAYS = 14
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -60,6 +69,24 @@ class OnlyLorasuite(logging.Filter):
         return record.name == "lorasuite" or record.name.startswith(("lorasuite.", "lorasuite_core"))
 
 
+DEPRECATION = re.compile(r"\b\w*(FutureWarning|DeprecationWarning)\b:")
+
+
+class DeprecationNoise(logging.Filter):
+    """Drops a captured deprecation warning (``py.warnings``: ``file:line: FutureWarning: …``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "py.warnings" and DEPRECATION.search(str(record.msg)))
+
+
+class TerminalFormatter(RedactingFormatter):
+    """The bare message; ``warning: …`` / ``error: …`` above INFO."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno <= logging.INFO else f"{record.levelname.lower()}: {text}"
+
+
 def log_path(command: str) -> Path:
     from lorasuite_core.settings import settings
 
@@ -80,11 +107,11 @@ def logging_config(path: Path, *, verbose: bool, quiet: bool, prefect: bool) -> 
     handlers = {
         "file": {"class": "logging.FileHandler", "filename": str(path), "formatter": "file", "level": "DEBUG",
                  "encoding": "utf-8"},
-        "terminal": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "file",
-                     "level": terminal_level, "filters": [] if verbose else ["ours"]},
+        "terminal": {"class": "lorasuite_core.io.terminal.TerminalHandler", "stream": "ext://sys.stderr",
+                     "formatter": "file" if verbose else "terminal", "level": terminal_level,
+                     "filters": ["noise"] if verbose else ["ours", "noise"]},
     }
-    loggers = {"lorasuite_core": {"level": "DEBUG" if verbose else "INFO"},
-               "lorasuite": {"level": "DEBUG" if verbose else "INFO"}}
+    loggers = {"lorasuite_core": {"level": "DEBUG"}, "lorasuite": {"level": "DEBUG"}}   # the file gets DEBUG
     for noisy in ("httpx", "httpcore", "urllib3", "botocore", "s3fs", "fsspec", "aiosqlite", "asyncio"):
         loggers[noisy] = {"level": "DEBUG" if verbose else "WARNING"}
     if prefect:
@@ -105,8 +132,10 @@ def logging_config(path: Path, *, verbose: bool, quiet: bool, prefect: bool) -> 
         })
     return {
         "version": 1, "disable_existing_loggers": False,
-        "filters": {"ours": {"()": f"{__name__}.OnlyLorasuite"}, "redact": {"()": f"{__name__}.RedactSecrets"}},
-        "formatters": {"file": {"()": f"{__name__}.RedactingFormatter", "format": FORMAT}},
+        "filters": {"ours": {"()": f"{__name__}.OnlyLorasuite"}, "redact": {"()": f"{__name__}.RedactSecrets"},
+                    "noise": {"()": f"{__name__}.DeprecationNoise"}},
+        "formatters": {"file": {"()": f"{__name__}.RedactingFormatter", "format": FORMAT},
+                       "terminal": {"()": f"{__name__}.TerminalFormatter", "format": "%(message)s"}},
         "handlers": handlers, "loggers": loggers,
         "root": {"level": "INFO", "handlers": ["file", "terminal"]},
     }
@@ -129,18 +158,23 @@ def configure(command: str, *, verbose: bool = False, quiet: bool = False) -> Pa
         root.removeHandler(handler)
         handler.close()
     _INSTALLED.clear()
-    formatter = RedactingFormatter(FORMAT)
     file_handler = logging.FileHandler(path, encoding="utf-8")
     file_handler.setLevel(logging.DEBUG)
-    terminal = logging.StreamHandler()
+    file_handler.setFormatter(RedactingFormatter(FORMAT))
+    terminal = TerminalHandler()
     terminal.setLevel(config["handlers"]["terminal"]["level"])
+    terminal.setFormatter(RedactingFormatter(FORMAT) if verbose else TerminalFormatter("%(message)s"))
     if not verbose:
         terminal.addFilter(OnlyLorasuite())
+    terminal.addFilter(DeprecationNoise())
     for handler in (file_handler, terminal):
-        handler.setFormatter(formatter)
         root.addHandler(handler)
         _INSTALLED.append(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # library warnings: the log file (DeprecationNoise keeps them off the terminal); off and on again, as a host
+    # (pytest) may have put its own warnings.showwarning back since an earlier call
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
     for name, spec in config["loggers"].items():
         logging.getLogger(name).setLevel(spec["level"])
     CURRENT["log"] = path
@@ -149,3 +183,10 @@ def configure(command: str, *, verbose: bool = False, quiet: bool = False) -> Pa
         settings.write_text(json.dumps(logging_config(path, verbose=verbose, quiet=quiet, prefect=True), indent=1))
         os.environ["PREFECT_LOGGING_SETTINGS_PATH"] = str(settings)
     return path
+
+
+def finish_terminal() -> None:
+    """End of a command: the terminal's last stage lines, its progress bar removed (before a final line)."""
+    for handler in _INSTALLED:
+        if isinstance(handler, TerminalHandler):
+            handler.finish()

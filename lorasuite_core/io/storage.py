@@ -583,7 +583,7 @@ def materialize_dir(uri: str | os.PathLike, local_cache_root: str | os.PathLike 
     if target.is_dir():
         problem = verify_local_dir(target, only_downloadable=True) if (target / COMPLETE_MARKER).is_file() else None
         if problem is None:
-            logger.info("materialize %s: cache hit %s", safe_uri, target)
+            logger.debug("materialize %s: cache hit %s", safe_uri, target)
             return target
         logger.warning("materialize %s: cached copy %s is corrupt (%s); downloading again", safe_uri, target, problem)
         _discard_dir(target)
@@ -605,7 +605,7 @@ def _download_into_cache(fs, path: str, uri: str, selected: dict[str, dict[str, 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name[:16]}.tmp-", dir=target.parent))
     total = sum(int(info.get("size") or 0) for info in selected.values())
-    logger.info("materialize %s: downloading %d file(s), %d bytes", redact_uri(uri), len(selected), total)
+    logger.debug("materialize %s: downloading %d file(s), %d bytes", redact_uri(uri), len(selected), total)
     try:
         for rel in sorted(selected):
             local_file = staging / rel
@@ -691,7 +691,7 @@ def _promote_cache_dir(staging: Path, target: Path) -> Path:
         if target.is_dir():  # a concurrent download won the race; use its copy
             return target
         raise
-    logger.info("materialized into %s", target)
+    logger.debug("materialized into %s", target)
     return target
 
 
@@ -743,7 +743,7 @@ def is_complete(uri: str | os.PathLike, *, storage_options=None, retry: RetryPol
     for entry in marker["files"]:
         info = files.get(entry.get("path"))
         if info is None or int(info.get("size") or 0) != entry.get("size"):
-            logger.info("%s: %s missing or of unexpected size", redact_uri(str(uri)), entry.get("path"))
+            logger.debug("%s: %s missing or of unexpected size", redact_uri(str(uri)), entry.get("path"))
             return False
     return True
 
@@ -771,7 +771,7 @@ def publish_dir_atomic(local_dir: str | os.PathLike, dest_uri: str | os.PathLike
         _publish_local(source, Path(path), marker)
     else:
         _publish_remote(fs, path, str(dest_uri), source, marker, state, retry)
-    logger.info("published %d file(s), %d bytes to %s",
+    logger.debug("published %d file(s), %d bytes to %s",
                 marker["file_count"], marker["total_bytes"], redact_uri(str(dest_uri)))
     return str(dest_uri)
 

@@ -207,7 +207,7 @@ class FleetManifest(_Strict):
         except IsADirectoryError:
             raise ManifestError(f"{source}: is a directory, expected a manifest file") from None
         manifest = cls.loads(text, source)
-        logger.info("loaded fleet manifest %s: %d adapter(s)", source, len(manifest.adapters))
+        logger.debug("loaded fleet manifest %s: %d adapter(s)", source, len(manifest.adapters))
         return manifest
 
 

@@ -28,6 +28,10 @@ Design
   publishes it and returns its facts (``reused=False``).  An entry that exists
   but is corrupt or incomplete (sha256 mismatch, unreadable header, missing
   manifest) is discarded with one warning line and recomputed.
+* **Progress.** :meth:`StageStore.run` is where every stage reports to the terminal
+  (:mod:`lorasuite_core.io.terminal`): started when it computes, finished (computed or reused, with
+  its seconds) — the one place both the in-process path and the Prefect tasks go through.  The
+  entry's location (content hash included) is a DEBUG line: the log file and ``-v`` only.
 * **One computation per entry.** "check -> compute -> publish" runs under a
   per-(stage, key) lock, and the entry is checked again once the lock is held,
   so concurrent runs on one root compute each stage once: the first computes,
@@ -83,7 +87,7 @@ import filelock
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorasuite_core import ALGORITHM_VERSION
-from lorasuite_core.io import storage
+from lorasuite_core.io import storage, terminal
 from lorasuite_core.training.samples import BUILTIN
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.models.loading import HUB_ID, resolve_local_dir
@@ -389,7 +393,8 @@ class StageStore:
             try:
                 lock.acquire(timeout=0)
             except filelock.Timeout:
-                log.info("waiting for another run computing %s (lock %s)", stage, where)
+                log.info("waiting for another run computing %s", stage)
+                log.debug("%s: lock %s", stage, where)
                 started = time.monotonic()
                 try:
                     lock.acquire(timeout=-1 if self.lock_timeout_s is None else self.lock_timeout_s)
@@ -408,8 +413,9 @@ class StageStore:
             if acquired:
                 break
             if not announced:
-                log.info("waiting for another run computing %s (lease %s held by %s pid %s)", stage,
-                         storage.redact_uri(where), holder.get("host", "?"), holder.get("pid", "?"))
+                log.info("waiting for another run computing %s (held by %s pid %s)", stage,
+                         holder.get("host", "?"), holder.get("pid", "?"))
+                log.debug("%s: lease %s", stage, storage.redact_uri(where))
                 announced = True
             waited = time.monotonic() - started
             if self.lock_timeout_s is not None and waited > self.lock_timeout_s:
@@ -423,9 +429,10 @@ class StageStore:
 
     def _reused(self, stage: str, key: str, uri: str, start: float) -> StageResult:
         facts = self.facts(uri)
-        log.info("%s: reusing %s", stage, storage.redact_uri(uri))
-        return StageResult(stage=stage, key=key, uri=uri, reused=True, seconds=time.perf_counter() - start,
-                           facts=facts)
+        seconds = time.perf_counter() - start
+        log.debug("%s: reusing %s", stage, storage.redact_uri(uri))
+        terminal.finished(stage, seconds, reused=True)
+        return StageResult(stage=stage, key=key, uri=uri, reused=True, seconds=seconds, facts=facts)
 
     def run(self, stage: str, key: str, compute: Callable[[Path], dict[str, Any]]) -> StageResult:
         """Reuse the verified entry ``(stage, key)`` or compute it with ``compute(tmp_dir) -> facts``.
@@ -444,10 +451,11 @@ class StageStore:
                 log.warning("%s: discarding cache entry %s (%s); recomputing", stage, storage.redact_uri(uri),
                             problem)
                 storage.remove_dir(uri)
-            with tempfile.TemporaryDirectory(prefix=f"lorasuite-{stage}-") as tmp:
+            with terminal.computing(stage), tempfile.TemporaryDirectory(prefix=f"lorasuite-{stage}-") as tmp:
                 facts = compute(Path(tmp))
                 (Path(tmp) / FACTS_FILE).write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
                 storage.publish_dir_atomic(tmp, uri, overwrite=True)
         seconds = time.perf_counter() - start
-        log.info("%s: computed and stored %s in %.2fs", stage, storage.redact_uri(uri), seconds)
+        log.debug("%s: computed and stored %s in %.2fs", stage, storage.redact_uri(uri), seconds)
+        terminal.finished(stage, seconds, reused=False)
         return StageResult(stage=stage, key=key, uri=uri, reused=False, seconds=seconds, facts=facts)

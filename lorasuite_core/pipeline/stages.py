@@ -38,6 +38,11 @@ these functions as tasks, and :func:`migrate_in_process` — used by the synthet
 benchmark's timed transfer and the tests' references — calls the same functions in the same
 order over the same store, without Prefect.  Loaded models, adapters and analyses are
 memoised per process by identity, because a worker runs many per-layer jobs of one pair.
+
+Progress (:mod:`lorasuite_core.io.terminal`): every stored stage reports its time from
+:meth:`StageStore.run`; besides, :func:`plan_adapter` announces how many per-adapter entries will
+come (layers, write, LFT, evaluation rows, publish), ``head_similarity`` each matched layer pair,
+and :func:`publish` its time.
 """
 from __future__ import annotations
 
@@ -56,7 +61,7 @@ from pydantic import BaseModel as Schema  # the stage plans' schema base
 from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
-from lorasuite_core.io import storage
+from lorasuite_core.io import storage, terminal
 from lorasuite_core.transfer.activations import PairedActivations, builtin_calibration_texts, paired_activations, read_calibration_file
 from lorasuite_core.pipeline.analysis_store import load_matches, save_matches
 from lorasuite_core.transfer.cka import minibatch_cka
@@ -291,8 +296,9 @@ def head_similarity(store: StageStore, plan: PairPlan, vocabulary_uri: str, tran
             log.info("head mapping %s -> %s: the %s family fixes each head's index (%s)", plan.analysis.head_mapping,
                      heads_used, (old if old.family.head_index_fixed else new).family.name,
                      (old if old.family.head_index_fixed else new).family.position_encoding)
-        for i, j in mapping:
+        for done, (i, j) in enumerate(mapping, start=1):
             analysis.matches[i] = match_layer_pair(old, new, rt, i, j, plan.analysis.head_mapping)
+            terminal.advanced("head_similarity", done, len(mapping), "layer pairs")
         save_matches(analysis.matches, out)
         return {"layer_mapping": [[i, j] for i, j in mapping], "head_mapping": head_mapping_entries(analysis),
                 "shared_vocabulary_size": len(analysis.shared), "calibration": analysis.calibration}
@@ -415,6 +421,10 @@ def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: 
         fidelity_key = stage_key("fidelity", adapters=[migrated_key, lft.key if lft else None],
                                  teacher=[plan.old_identity, identity], prompts=_fidelity_source(plan, options, lft),
                                  n=options.gate_prompts, seed=options.seed, version=FIDELITY_VERSION)
+    for stage, count in (("layer", len(layers)), ("migrated", 1), ("lft", int(bool(lft))),
+                         ("vanilla", int(bool(vanilla))), ("fidelity", int(bool(fidelity_key))),
+                         ("gate", int(bool(gate_key))), ("eval", len(evals)), ("publish", 1)):
+        terminal.expected(stage, count)          # the terminal sums each per-adapter stage into one line
     return AdapterPlan(name=name, adapter=adapter_ref, adapter_identity=identity, options=options,
                        modules=len(adapter.factors), layers=layers, migrated_key=migrated_key,
                        lft=lft, vanilla=vanilla, gate_key=gate_key, fidelity_key=fidelity_key, evals=evals,
@@ -800,6 +810,7 @@ def evaluate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, job: EvalJ
 def publish(store: StageStore, source_uri: str, output: str, report_updates: dict[str, Any], *,
             overwrite: bool = False) -> str:
     """Copy a finished adapter entry to ``output`` with its report updated; atomically, manifest last."""
+    start = time.perf_counter()
     source = store.local_dir(source_uri)
     with tempfile.TemporaryDirectory(prefix="lorasuite-publish-") as tmp:
         staged = Path(tmp)
@@ -809,7 +820,9 @@ def publish(store: StageStore, source_uri: str, output: str, report_updates: dic
         report = json.loads((source / REPORT_NAME).read_text())
         report.update(report_updates)
         (staged / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        return storage.publish_dir_atomic(staged, output, overwrite=overwrite)
+        published = storage.publish_dir_atomic(staged, output, overwrite=overwrite)
+    terminal.finished("publish", time.perf_counter() - start, reused=False)
+    return published
 
 
 # --------------------------------------------------------------------------- the graph, in process

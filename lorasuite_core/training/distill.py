@@ -661,7 +661,7 @@ def distill_finetune(new_model_dir: str | Path, migrated_adapter_dir: str | Path
                                 teacher_pad_id=(teacher_tokenizer or tokenizer).pad_token_id)
     positions = sum(len(e.get("kl_pairs", ())) for e in examples)
     targets = sum(label != -100 for e in examples for label in e["labels"])
-    logger.info("distilling into %s on %s: %d prompts, KL on %d of %d target positions (%d examples)",
+    logger.debug("distilling into %s on %s: %d prompts, KL on %d of %d target positions (%d examples)",
                 migrated_adapter_dir, new_model_dir, len(examples), 0 if note else positions, targets, aligned)
     result = finetune_examples(student, tokenizer, examples, out_dir, config=config, loss_fn=loss_fn)
     return DistillTraining(mode=MODE_SEQUENCE if note else MODE_KL, n_prompts=len(examples),

@@ -423,6 +423,6 @@ def _summarise(predictions: list[Prediction], start: float, model, keep_predicti
                         seconds=time.perf_counter() - start, peak_rss_mb=process_peak_rss_mb(),
                         peak_cuda_mb=cuda_peak_mb(next(model.parameters()).device),
                         predictions=predictions if keep_predictions else None)
-    logger.info("accuracy %.4f (%d/%d, 95%% CI %.3f-%.3f) in %.1fs", result.accuracy, correct, n, low, high,
+    logger.debug("accuracy %.4f (%d/%d, 95%% CI %.3f-%.3f) in %.1fs", result.accuracy, correct, n, low, high,
                 result.seconds)
     return result

@@ -123,7 +123,7 @@ def measure_fidelity(old_model_dir: str | Path, source_adapter_dir: str | Path, 
         raise ValueError("fidelity needs at least one adapter on the new model")
     result = Fidelity(n=len(prompts), characters=sum(len(t) for t in teacher_texts), old=old, teacher=teacher,
                       new=new, adapters=scored)
-    logger.info("fidelity on %d held-out prompts: %s (nats/char: teacher %.3f, new %.3f, %s)", result.n,
+    logger.debug("fidelity on %d held-out prompts: %s (nats/char: teacher %.3f, new %.3f, %s)", result.n,
                 ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in result.fidelity.items()),
                 teacher, new, ", ".join(f"{k} {v:.3f}" for k, v in scored.items()))
     return result

@@ -314,7 +314,7 @@ def load_math10k(path: str | Path, *, storage_options: dict[str, Any] | None = N
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     samples = records_to_samples(dataset, source=path_str)
-    logger.info("loaded %d samples from %s", len(samples), path_str)
+    logger.debug("loaded %d samples from %s", len(samples), path_str)
     return samples
 
 

@@ -402,7 +402,7 @@ def _finish(peft_model, out_dir, config: TrainConfig, losses: list[float], n_sam
                                            or params[0].dtype).replace("torch.", ""), losses=losses)
     summary = {"result": result.to_dict(), "config": asdict(config)}
     (out_path / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    logger.info("saved adapter to %s (%d steps, final loss %.4f, %.1fs)", out_path, result.steps,
+    logger.debug("saved adapter to %s (%d steps, final loss %.4f, %.1fs)", out_path, result.steps,
                 result.final_loss, result.seconds)
     return result
 
@@ -417,7 +417,7 @@ def train_lora(model_dir: str | Path, samples: Sequence[Sample], out_dir: str | 
     peft_model, tokenizer = prepare_fresh_lora(model_dir, rank=rank, alpha=alpha, targets=targets,
                                                seed=config.seed, dtype=config.dtype, device=config.device,
                                                use_dora=use_dora)
-    logger.info("training fresh %s r=%d alpha=%s on %s with %d samples", "DoRA" if use_dora else "LoRA", rank, alpha,
+    logger.debug("training fresh %s r=%d alpha=%s on %s with %d samples", "DoRA" if use_dora else "LoRA", rank, alpha,
                 model_dir, len(samples))
     return _run_training(peft_model, tokenizer, samples, out_dir, config)
 
@@ -428,7 +428,7 @@ def light_finetune(model_dir: str | Path, adapter_dir: str | Path, samples: Sequ
     torch.manual_seed(config.seed)
     peft_model, tokenizer = load_for_light_finetune(model_dir, adapter_dir, dtype=config.dtype,
                                                     device=config.device)
-    logger.info("light fine-tuning %s on %s with %d samples", adapter_dir, model_dir, len(samples))
+    logger.debug("light fine-tuning %s on %s with %d samples", adapter_dir, model_dir, len(samples))
     return _run_training(peft_model, tokenizer, samples, out_dir, config)
 
 

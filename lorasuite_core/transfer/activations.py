@@ -420,5 +420,5 @@ def paired_activations(
     for base, ids, pos in ((old, 0, 1), (new, 2, 3)):       # one model at a time
         states.append(_sorted_states(base, [p[ids] for p in pairs], [p[pos] for p in pairs], batch_size,
                                      batch_tokens, progress)[:, :max_tokens])
-    log.info("paired %d token positions from %d texts", total, len(pairs))
+    log.debug("paired %d token positions from %d texts", total, len(pairs))
     return PairedActivations(old_states=states[0].numpy(), new_states=states[1].numpy(), num_texts=len(pairs))
