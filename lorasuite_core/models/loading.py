@@ -349,6 +349,30 @@ def _alpha_for(module_key: str, config: dict[str, Any], rank: int) -> float:
     return float(patterns.get(key, config.get("lora_alpha", rank)))
 
 
+def _rank_for(module_key: str, config: dict[str, Any]) -> int | None:
+    """The rank PEFT builds ``module_key`` with: its ``rank_pattern`` entry, else ``r`` (None: unset)."""
+    from peft.utils.other import get_pattern_key
+
+    patterns = config.get("rank_pattern") or {}
+    key = get_pattern_key(list(patterns), module_key)
+    rank = patterns.get(key, config.get("r"))
+    return rank if isinstance(rank, int) and not isinstance(rank, bool) else None
+
+
+def _check_rank(module: str, rank: int, config: dict[str, Any], variant: str, uri: str) -> None:
+    """The tensors' rank is the one the config declares (PEFT would build other shapes and refuse to load):
+    LoRA/DoRA ``r`` or ``rank_pattern``; AdaLoRA at most ``init_r`` (its masks prune below it)."""
+    if variant == "adalora":
+        init_r = int(config.get("init_r") or ADALORA_INIT_R)
+        if rank > init_r:
+            raise LorasuiteError(f"adapter {uri}: {module} has rank {rank} but adapter_config.json says init_r = {init_r}")
+        return
+    declared = _rank_for(module, config)
+    if declared != rank:
+        raise LorasuiteError(f"adapter {uri}: {module} has rank {rank} in its tensors but adapter_config.json "
+                             f"says r = {declared}")
+
+
 def _scaling(alpha: float, rank: int, config: dict[str, Any]) -> float:
     return alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
 
@@ -404,7 +428,12 @@ def _collect_factors(tensors, config, family, uri) -> dict[tuple[int, str], Lora
         if not match or match.group("ab") not in wanted:
             names = "/".join(f"lora_{p}" for p in sorted(wanted))
             raise LorasuiteError(f"adapter {uri}: unexpected tensor {key!r} (a {variant} adapter holds {names})")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not tensor.is_floating_point():
+            raise LorasuiteError(f"adapter {uri}: tensor {key} is {str(tensor.dtype).replace('torch.', '')}, not "
+                                 "floating point (quantised LoRA weights are not supported)")
+        if match.group("ab") in ("A", "B") and tensor.dim() != 2:
+            raise LorasuiteError(f"adapter {uri}: tensor {key} has shape {tuple(tensor.shape)}, expected a matrix")
+        if not torch.isfinite(tensor).all():
             raise LorasuiteError(f"adapter {uri}: tensor {key} holds NaN or Inf")
         parts.setdefault(match.group("module"), {})[match.group("ab")] = tensor
     factors = {}
@@ -416,6 +445,7 @@ def _collect_factors(tensors, config, family, uri) -> dict[tuple[int, str], Lora
         A, B = ab["A"].double(), ab["B"].double()
         if A.shape[0] != B.shape[1]:
             raise LorasuiteError(f"adapter {uri}: {module} has lora_A rank {A.shape[0]} but lora_B rank {B.shape[1]}")
+        _check_rank(module, A.shape[0], config, variant, uri)
         if variant == "adalora":
             if A.shape[0] == 0:
                 continue                     # fully pruned: ΔW = 0

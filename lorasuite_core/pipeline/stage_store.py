@@ -70,7 +70,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -84,6 +83,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lorasuite_core import ALGORITHM_VERSION
 from lorasuite_core.io import storage
+from lorasuite_core.io.tempdirs import private_tempdir
 from lorasuite_core.training.samples import BUILTIN
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.models.loading import HUB_ID, resolve_local_dir
@@ -444,7 +444,7 @@ class StageStore:
                 log.warning("%s: discarding cache entry %s (%s); recomputing", stage, storage.redact_uri(uri),
                             problem)
                 storage.remove_dir(uri)
-            with tempfile.TemporaryDirectory(prefix=f"lorasuite-{stage}-") as tmp:
+            with private_tempdir(stage) as tmp:
                 facts = compute(Path(tmp))
                 (Path(tmp) / FACTS_FILE).write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
                 storage.publish_dir_atomic(tmp, uri, overwrite=True)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -56,6 +55,7 @@ from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from lorasuite_core.io import storage
+from lorasuite_core.io.tempdirs import private_tempdir
 from lorasuite_core.transfer.activations import PairedActivations, builtin_calibration_texts, paired_activations, read_calibration_file
 from lorasuite_core.pipeline.analysis_store import load_matches, save_matches
 from lorasuite_core.transfer.cka import minibatch_cka
@@ -348,7 +348,8 @@ class AdapterPlan(Schema):
     seconds: float = 0.0                 # time taken to load, check and plan
 
 
-def output_status(output: str, inputs: dict[str, str | None]) -> Literal["empty", "complete", "partial", "foreign"]:
+def output_status(output: str, inputs: dict[str, str | None]) -> Literal["empty", "complete", "corrupt", "partial",
+                                                                         "foreign"]:
     """Refuse an output that would destroy an input; else the destination's state (see storage.output_state)."""
     storage.check_output_location(output, inputs)
     return storage.output_state(output)
@@ -725,8 +726,7 @@ def publish(store: StageStore, source_uri: str, output: str, report_updates: dic
             overwrite: bool = False) -> str:
     """Copy a finished adapter entry to ``output`` with its report updated; atomically, manifest last."""
     source = store.local_dir(source_uri)
-    with tempfile.TemporaryDirectory(prefix="lorasuite-publish-") as tmp:
-        staged = Path(tmp)
+    with private_tempdir("publish") as staged:
         for name in ("adapter_config.json", "adapter_model.safetensors", *PUBLISHED_EXTRA):
             if (source / name).is_file():
                 shutil.copy2(source / name, staged / name)
@@ -778,8 +778,7 @@ def migrate_in_process(old_model: str, new_model: str, adapter: str, output: str
     options = (options or MigrationOptions()).check_single()
     analysis = analysis or AnalysisOptions()
     old_model, new_model, adapter, output = map(str, (old_model, new_model, adapter, output))
-    storage.check_replaceable(output, output_status(output, run_inputs(
-        old_model, new_model, adapter, options, analysis, store_root)), overwrite)
+    storage.check_output(output, run_inputs(old_model, new_model, adapter, options, analysis, store_root), overwrite)
     check_adapter(old_model, adapter)
     store = StageStore.at(store_root)
     plan = plan_pair(old_model, new_model, analysis)
