@@ -15,7 +15,7 @@ import pytest
 CORE = Path(__file__).resolve().parents[1] / "lorasuite_core"
 # rank of each part: a module may import parts of strictly lower rank, and its own part
 RANK = {"errors": 0, "__init__": 0, "settings": 0.5, "io": 1, "models": 2,
-        "transfer": 3, "training": 3, "report": 3, "pipeline": 4, "testing": 4}
+        "transfer": 3, "training": 3, "report": 3, "serving": 3, "pipeline": 4, "testing": 4}
 FORBIDDEN_TOP = {"prefect", "prefect_ray", "flows", "tasks", "deployments"}
 
 

@@ -45,6 +45,7 @@ HeadTransform = Literal["lstsq", "paper"]
 LayerMapping = Literal["cka", "sequential", "first", "last"]
 HeadMapping = Literal["hungarian", "identity"]
 LftMode = Literal["labelled", "distill"]
+ServingEngine = Literal["vllm"]
 
 
 class _Options(BaseModel):
@@ -92,6 +93,10 @@ class MigrationOptions(_Options):
     gate_margin: float = Field(0.05, ge=-1, le=1, description="quality gate: required agreement over the bare model")
     gate_prompts: int = Field(32, ge=1, description="quality gate / distill: held-out prompts (the first N of "
                                                     "--eval-data, else split off the LFT prompts)")
+    serving: ServingEngine | None = Field(
+        None, description="vllm: publish the plain-LoRA form vLLM, LoRAX and TGI serve exactly (one rank, an allowed "
+                          "max_lora_rank, zero-padded; AdaLoRA's E folded into A; non-LoRA weights left out); "
+                          "unset: PEFT's form (the report's serving section says what each engine accepts)")
 
     def check_single(self) -> "MigrationOptions":
         """For one adapter (CLI, flow, in process): ``lft`` true needs LFT data.

@@ -365,11 +365,16 @@ def run_inputs(old_model: str, new_model: str, adapter: str, options: MigrationO
             "cache root": cache_root or default_store_root()}
 
 
-def check_adapter(old_model: str, adapter_ref: str) -> None:
-    """Before any analysis: the adapter loads (LoRA, finite tensors, known targets) and fits the old model."""
+def check_adapter(old_model: str, adapter_ref: str, serving: str | None = None) -> None:
+    """Before any analysis: the adapter loads (LoRA, finite tensors, known targets) and fits the old model;
+    with ``serving`` it is not DoRA (which no serving engine applies, :mod:`lorasuite_core.serving`)."""
     old_identity = artifact_identity(old_model, "model")
     identity = artifact_identity(adapter_ref, "adapter", ADAPTER_PATTERNS)
-    check_adapter_fits(_adapter(adapter_ref, identity, old_model, old_identity), _model(old_model, old_identity))
+    adapter = _adapter(adapter_ref, identity, old_model, old_identity)
+    check_adapter_fits(adapter, _model(old_model, old_identity))
+    if serving and adapter.variant == "dora":
+        raise LorasuiteError(f"adapter {adapter_ref} is DoRA, which {serving} cannot serve (nor do LoRAX/TGI apply its "
+                             f"magnitude vector); drop --serving {serving} to migrate it for PEFT")
 
 
 def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: str,
@@ -723,8 +728,14 @@ def evaluate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, job: EvalJ
 
 
 def publish(store: StageStore, source_uri: str, output: str, report_updates: dict[str, Any], *,
-            overwrite: bool = False) -> str:
-    """Copy a finished adapter entry to ``output`` with its report updated; atomically, manifest last."""
+            overwrite: bool = False, serving: str | None = None) -> str:
+    """Copy a finished adapter entry to ``output`` with its report updated; atomically, manifest last.
+
+    The report's ``serving`` says what vLLM, LoRAX and TGI accept of the published adapter
+    (:func:`lorasuite_core.serving.check_serving`); ``serving="vllm"`` publishes the exact plain-LoRA
+    export instead (:func:`lorasuite_core.serving.export_plain_lora`, recorded as ``serving_export``)."""
+    from lorasuite_core.serving import check_serving, export_plain_lora
+
     source = store.local_dir(source_uri)
     with private_tempdir("publish") as staged:
         for name in ("adapter_config.json", "adapter_model.safetensors", *PUBLISHED_EXTRA):
@@ -732,6 +743,15 @@ def publish(store: StageStore, source_uri: str, output: str, report_updates: dic
                 shutil.copy2(source / name, staged / name)
         report = json.loads((source / REPORT_NAME).read_text())
         report.update(report_updates)
+        if serving:
+            exported = staged.parent / f"{staged.name}-{serving}"
+            report["serving_export"] = export_plain_lora(staged, exported)
+            shutil.rmtree(staged)
+            exported.rename(staged)
+        report["serving"] = check_serving(staged)
+        for engine, verdict in report["serving"].items():
+            if not verdict["servable"]:
+                log.info("%s would not serve %s as published: %s", engine, output, "; ".join(verdict["problems"]))
         (staged / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
         return storage.publish_dir_atomic(staged, output, overwrite=overwrite)
 
@@ -779,7 +799,7 @@ def migrate_in_process(old_model: str, new_model: str, adapter: str, output: str
     analysis = analysis or AnalysisOptions()
     old_model, new_model, adapter, output = map(str, (old_model, new_model, adapter, output))
     storage.check_output(output, run_inputs(old_model, new_model, adapter, options, analysis, store_root), overwrite)
-    check_adapter(old_model, adapter)
+    check_adapter(old_model, adapter, options.serving)
     store = StageStore.at(store_root)
     plan = plan_pair(old_model, new_model, analysis)
     functions = pair_stage_functions()
@@ -819,7 +839,7 @@ def migrate_in_process(old_model: str, new_model: str, adapter: str, output: str
         elif wave == "publish":
             final = stored.get("lft") or stored["migrated"]
             publish(store, final.uri, output, report_updates(plan, entry, stored, evals, steps, store.root),
-                    overwrite=overwrite)
+                    overwrite=overwrite, serving=options.serving)
     return json.loads((Path(storage.resolve(output)[1]) / REPORT_NAME).read_text()) \
         if not storage.is_remote(output) else storage.read_json(storage.join_uri(output, REPORT_NAME))
 
