@@ -152,7 +152,7 @@ def _data_input(ref: str | None) -> str | None:
 def _run_train(args) -> dict:
     from lorasuite_core.io.storage import check_output, publishing
     from lorasuite_core.training.samples import load_samples
-    from lorasuite_core.training.train import TrainConfig, train_lora
+    from lorasuite_core.training.train import SUMMARY_FILE, TrainConfig, train_lora
 
     check_output(args.output, {"model": args.model, "training data": _data_input(args.data)}, args.overwrite)
     samples = load_samples(args.data, args.samples, seed=args.seed, default_count=2000)
@@ -162,6 +162,10 @@ def _run_train(args) -> dict:
     with publishing(args.output, overwrite=args.overwrite, kind="train") as staged:
         result = _library_call(train_lora, args.model, samples, staged, rank=args.rank, alpha=args.alpha,
                                targets=targets, config=config)
+        summary_file = staged / SUMMARY_FILE            # name the published place, not the staging directory
+        written = json.loads(summary_file.read_text())
+        written["result"]["out_dir"] = args.output
+        summary_file.write_text(json.dumps(written, indent=2))
     summary = {k: v for k, v in result.to_dict().items() if k != "losses"}
     return {"summary": {**summary, "out_dir": args.output}}
 

@@ -97,6 +97,7 @@ def test_train_publishes_atomically_and_overwrite_replaces_only_ours(model, tmp_
     published = listing(out)
     assert {"adapter_config.json", "adapter_model.safetensors", storage.COMPLETE_MARKER} <= set(published)
     assert storage.output_state(out) == "complete"
+    assert json.loads(published["training_summary.json"])["result"]["out_dir"] == str(out)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adapter.")]      # no staging left
     capsys.readouterr()
     assert train(model, out) == 2
