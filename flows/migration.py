@@ -6,9 +6,13 @@
   short by a crash is replaced on a plain rerun); anything else there is refused.
 * ``migrate-fleet`` — a fleet manifest (YAML/JSON, local path or URI): the pair analysis runs
   once, every adapter fans out.  Entries fail independently and the result lists which failed
-  and why, and the run ends Failed when any entry failed (the others are still published); an
-  entry whose output already holds a finished publication is skipped, so a scheduled rerun
-  only does what is missing.  A progress artifact follows the entries.
+  and why, and the run ends Failed when any entry failed (the others are still published): the
+  message names them, each failed entry is a Failed task run named after it, and the state's data
+  is a :class:`RunFailed` carrying the summary; a user error of the whole run (a bad manifest)
+  ends Failed with its one line too.  Neither logs an engine traceback
+  (:class:`_ReportedFailureFilter`).  An entry whose output already holds a finished, verified
+  publication is skipped, so a scheduled rerun only does what is missing.  A progress artifact
+  follows the analysis and the entries and ends saying Completed or Failed.
 * ``on-base-model-release`` — a new base model supersedes ``previous_model``: if the fleet
   manifest's adapters were trained on ``previous_model``, migrate all of them to
   ``new_model`` (outputs under ``output_root`` if given, else the manifest's); otherwise do
