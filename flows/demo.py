@@ -27,13 +27,19 @@ WIDENING = dict(widen_residual=32, kv_replication=2, extra_query_heads_per_group
 
 
 DEMO_MARKER = "_LORASUITE_DEMO.json"
+#: What the real demo writes in its working directory (a directory of an earlier version, without the
+#: marker, holding only these is taken as the demo's; nothing is deleted there).
+REAL_DEMO_NAMES = ("old-adapter-*", "migrated-adapter", "distilled-adapter", "lft-prompts-*.txt", ".*.tmp-*")
 
 
 def claim_workdir(workdir: str | Path, *, fresh: bool) -> Path:
     """The demo's pre-run check (:func:`storage.check_output_location`'s rules): the working directory
     is not the current directory or above it, and is new, empty or an earlier demo's (it carries
     :data:`DEMO_MARKER`, written first); anything else is refused, never deleted.  ``fresh``: an
-    earlier demo's directory is emptied (the synthetic demo starts from scratch)."""
+    earlier demo's directory is emptied (the synthetic demo starts from scratch); without ``fresh`` (the
+    real demo, which deletes nothing) a directory holding only :data:`REAL_DEMO_NAMES` is accepted too."""
+    import fnmatch
+
     from lorasuite_core.io.storage import UnsafeOutputError, check_output_location, write_text_atomic
 
     workdir = Path(workdir).expanduser()
@@ -41,7 +47,9 @@ def claim_workdir(workdir: str | Path, *, fresh: bool) -> Path:
     if workdir.is_symlink() or workdir.is_file():
         raise UnsafeOutputError(f"demo workdir {workdir} exists and is not a directory")
     if workdir.is_dir() and any(workdir.iterdir()):
-        if not (workdir / DEMO_MARKER).is_file():
+        earlier = not fresh and all(any(fnmatch.fnmatch(p.name, pattern) for pattern in REAL_DEMO_NAMES)
+                                    for p in workdir.iterdir())
+        if not (workdir / DEMO_MARKER).is_file() and not earlier:
             raise UnsafeOutputError(f"demo workdir {workdir} exists and was not made by lorasuite demo; "
                                     "refusing to write there (choose another --workdir or empty it yourself)")
         if fresh:
@@ -105,7 +113,10 @@ def run_real_demo(workdir: str | Path, *, train_samples: int = 200, lft_samples:
     workdir = claim_workdir(workdir, fresh=False)
     old, new = fetch_model("smollm2-135m-instruct"), fetch_model("gemma3-270m")
     adapter = workdir / f"old-adapter-{train_samples}"
-    if output_state(adapter) != "complete":
+    state = output_state(adapter)
+    if state == "foreign" and (adapter / "adapter_model.safetensors").is_file():
+        log.info("reusing the old adapter %s of an earlier demo (no completion manifest)", adapter)
+    elif state != "complete":
         log.info("training the old adapter on %d samples", train_samples)
         with publishing(adapter, kind="train") as staged:
             train_lora(old, generate_problems(train_samples, "train", 0), staged, rank=16, alpha=32,

@@ -141,6 +141,17 @@ def test_no_subcommand_writes_into_or_above_an_input(model, tmp_path, capsys, mo
     assert main(["-q", "demo", "--synthetic", "--workdir", "."]) == 2
     assert "current directory" in error_line(capsys)
     assert listing(workdir) == {"keep.txt": b"mine"}
+    # an earlier version's real-demo directory (only the demo's own names, no marker) is reused, never emptied
+    from flows.demo import DEMO_MARKER, claim_workdir
+
+    earlier = tmp_path / "runs-demo"
+    (earlier / "old-adapter-200").mkdir(parents=True)
+    (earlier / "old-adapter-200" / "adapter_model.safetensors").write_bytes(b"weights")
+    with pytest.raises(storage.UnsafeOutputError, match="not made by lorasuite demo"):
+        claim_workdir(earlier, fresh=True)
+    assert claim_workdir(earlier, fresh=False) == earlier
+    assert listing(earlier) == {"old-adapter-200/adapter_model.safetensors": b"weights",
+                                DEMO_MARKER: b'{"lorasuite_format": "lorasuite.demo-workdir/v1"}\n'}
 
 
 # --------------------------------------------------------------------------- finding 4: verification
