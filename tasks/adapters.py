@@ -60,11 +60,11 @@ def assemble(store: str, plan: PairPlan, analysis: StageResult, adapter: Adapter
 
 @task(name="publish", **NO_RECORDS, task_run_name="publish-{name}")
 def publish(store: str, name: str, source: StageResult, output: str, report_updates: dict[str, Any],
-            overwrite: bool = False, serving: str | None = None) -> str:
+            overwrite: bool = False, serving: str | None = None, base_model: str | None = None) -> str:
     """Copy the finished adapter to ``output``: data under a temporary prefix, completion manifest last."""
     forward_core_logs()
     published = stages.publish(StageStore.at(store), source.uri, output, report_updates, overwrite=overwrite,
-                               serving=serving)
+                               serving=serving, base_model=base_model)
     get_run_logger().info("published %s to %s", name, redact_uri(published))
     return published
 

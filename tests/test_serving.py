@@ -125,7 +125,7 @@ def test_adalora_folds_into_plain_lora_and_dora_is_refused(model, tmp_path):
     assert all(v["servable"] for v in check_serving(tmp_path / "vllm").values())
 
     dora = peft_adapter(model, tmp_path / "dora", LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
-    with pytest.raises(LorasuiteError, match="vLLM cannot serve DoRA"):
+    with pytest.raises(LorasuiteError, match="vLLM cannot serve DoRA.*vllm-lora"):
         export_plain_lora(dora, tmp_path / "no")
 
 
@@ -154,5 +154,48 @@ def test_migrate_records_serving_and_exports_for_vllm(tmp_path, capsys, prefect_
     adapter = dora
     capsys.readouterr()
     assert migrate(tmp_path / "dora-out", "--serving", "vllm") == 2
-    assert "DoRA, which vllm cannot serve" in capsys.readouterr().err
+    assert "DoRA, which vLLM cannot serve" in capsys.readouterr().err
     assert not (tmp_path / "dora-out").exists()
+    assert migrate(tmp_path / "dora-lora", "--serving", "vllm-lora") == 0
+    report = json.loads((tmp_path / "dora-lora" / "migration_report.json").read_text())
+    assert report["serving_export"]["source_variant"] == "dora" and "max" in report["serving_export"]["dora_residual"]
+    assert report["serving"]["vllm"]["servable"], report["serving"]
+
+
+def test_dora_is_approximated_by_plain_lora_with_its_residual(model, tmp_path):
+    from safetensors import safe_open
+
+    dora = peft_adapter(model, tmp_path / "dora", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                             use_dora=True))
+    random_magnitude = shutil.copytree(dora, tmp_path / "dora-random")
+    tensors = load_file(dora / "adapter_model.safetensors")
+    with safe_open(model / "model.safetensors", framework="pt") as base:
+        for key in [k for k in tensors if k.endswith("lora_magnitude_vector")]:
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_magnitude_vector")
+            W = base.get_tensor(f"{module}.weight").double()
+            A = tensors[f"base_model.model.{module}.lora_A.weight"].double()
+            B = tensors[f"base_model.model.{module}.lora_B.weight"].double()
+            tensors[key] = (W + 2.0 * B @ A).norm(dim=1).float()      # c = m / ||W + sBA|| = 1: ΔW = s B A
+    save_file(tensors, dora / "adapter_model.safetensors")
+
+    facts = export_plain_lora(dora, tmp_path / "exact", dora_base_model=model)
+    assert facts["source_variant"] == "dora" and facts["rank"] == 8 and facts["dora_residual"]["max"] < 1e-5
+    torch.testing.assert_close(logits(model, tmp_path / "exact"), logits(model, dora), rtol=1e-4, atol=1e-5)
+    assert all(v["servable"] for v in check_serving(tmp_path / "exact").values())
+
+    facts = export_plain_lora(random_magnitude, tmp_path / "approx", dora_base_model=model)
+    residuals = facts["dora_residual"]["modules"]
+    assert facts["dora_residual"]["max"] == max(residuals.values()) > 1e-2
+    # the reported residual is the one of the factors written: recompute one module's
+    module = sorted(residuals)[0]
+    written = load_file(tmp_path / "approx" / "adapter_model.safetensors")
+    source = load_file(random_magnitude / "adapter_model.safetensors")
+    with safe_open(model / "model.safetensors", framework="pt") as base:
+        W = base.get_tensor(f"{module}.weight").double()
+    A = source[f"base_model.model.{module}.lora_A.weight"].double()
+    B = source[f"base_model.model.{module}.lora_B.weight"].double()
+    m = source[f"base_model.model.{module}.lora_magnitude_vector"].double()
+    adapted = W + 2.0 * B @ A
+    delta = (m / adapted.norm(dim=1)).unsqueeze(1) * adapted - W
+    approx = written[f"base_model.model.{module}.lora_B.weight"].double() @ written[f"base_model.model.{module}.lora_A.weight"].double()
+    assert abs(float((delta - approx).norm() / delta.norm()) - residuals[module]) < 1e-5

@@ -372,9 +372,10 @@ def check_adapter(old_model: str, adapter_ref: str, serving: str | None = None) 
     identity = artifact_identity(adapter_ref, "adapter", ADAPTER_PATTERNS)
     adapter = _adapter(adapter_ref, identity, old_model, old_identity)
     check_adapter_fits(adapter, _model(old_model, old_identity))
-    if serving and adapter.variant == "dora":
-        raise LorasuiteError(f"adapter {adapter_ref} is DoRA, which {serving} cannot serve (nor do LoRAX/TGI apply its "
-                             f"magnitude vector); drop --serving {serving} to migrate it for PEFT")
+    if serving == "vllm" and adapter.variant == "dora":
+        raise LorasuiteError(f"adapter {adapter_ref} is DoRA, which vLLM cannot serve (nor do LoRAX/TGI apply its "
+                             "magnitude vector); drop --serving vllm to migrate it for PEFT, or --serving vllm-lora for "
+                             "a plain-LoRA approximation with its residual reported")
 
 
 def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: str,
@@ -728,12 +729,14 @@ def evaluate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, job: EvalJ
 
 
 def publish(store: StageStore, source_uri: str, output: str, report_updates: dict[str, Any], *,
-            overwrite: bool = False, serving: str | None = None) -> str:
+            overwrite: bool = False, serving: str | None = None, base_model: str | None = None) -> str:
     """Copy a finished adapter entry to ``output`` with its report updated; atomically, manifest last.
 
     The report's ``serving`` says what vLLM, LoRAX and TGI accept of the published adapter
     (:func:`lorasuite_core.serving.check_serving`); ``serving="vllm"`` publishes the exact plain-LoRA
-    export instead (:func:`lorasuite_core.serving.export_plain_lora`, recorded as ``serving_export``)."""
+    export instead (:func:`lorasuite_core.serving.export_plain_lora`, recorded as ``serving_export``);
+    ``"vllm-lora"`` also approximates a DoRA adapter on ``base_model`` (the new model) by plain LoRA, its
+    residual reported."""
     from lorasuite_core.serving import check_serving, export_plain_lora
 
     source = store.local_dir(source_uri)
@@ -745,7 +748,8 @@ def publish(store: StageStore, source_uri: str, output: str, report_updates: dic
         report.update(report_updates)
         if serving:
             exported = staged.parent / f"{staged.name}-{serving}"
-            report["serving_export"] = export_plain_lora(staged, exported)
+            report["serving_export"] = export_plain_lora(
+                staged, exported, dora_base_model=base_model if serving == "vllm-lora" else None)
             shutil.rmtree(staged)
             exported.rename(staged)
         report["serving"] = check_serving(staged)
@@ -839,7 +843,7 @@ def migrate_in_process(old_model: str, new_model: str, adapter: str, output: str
         elif wave == "publish":
             final = stored.get("lft") or stored["migrated"]
             publish(store, final.uri, output, report_updates(plan, entry, stored, evals, steps, store.root),
-                    overwrite=overwrite, serving=options.serving)
+                    overwrite=overwrite, serving=options.serving, base_model=new_model)
     return json.loads((Path(storage.resolve(output)[1]) / REPORT_NAME).read_text()) \
         if not storage.is_remote(output) else storage.read_json(storage.join_uri(output, REPORT_NAME))
 
