@@ -9,8 +9,10 @@ Design / data flow of ``up`` (each step idempotent; a second ``up`` reuses what 
 
 1. **Server**: ``prefect server start --host 127.0.0.1 --port PORT`` as a detached background process
    (own session, survives the command), ``PREFECT_HOME`` = ``HOME/prefect`` (its sqlite database,
-   profiles), ``PREFECT_SERVER_ANALYTICS_ENABLED=false``; output in ``HOME/server.log``, pid in
-   ``HOME/server.pid``.  Ready when ``/api/health`` answers (up to ``--timeout`` s).
+   profiles), ``PREFECT_SERVER_ANALYTICS_ENABLED=false``, and the UI's API address derived from PORT
+   (``PREFECT_UI_API_URL``, ``PREFECT_SERVER_API_PORT``, :func:`server_env`); output in
+   ``HOME/server.log``, pid in ``HOME/server.pid``.  Ready when ``/api/health`` answers (up to
+   ``--timeout`` s).
 2. **Pools**: ``lorasuite-process`` (type ``process``, Prefect's default job template) through the
    client, an existing pool left as it is; ``--gpu`` adds ``lorasuite-gpu`` (same type, its runs get
    ``PREFECT_TASK_RUNNER_THREAD_POOL_MAX_WORKERS=4``).
@@ -74,6 +76,16 @@ def stack_env(home: Path, url: str | None) -> dict[str, str]:
     return env
 
 
+def server_env(home: Path, port: int) -> dict[str, str]:
+    """The server's environment: every address derived from ``port``.  The UI asks ``/ui-settings`` where
+    the API is, and the server answers ``PREFECT_UI_API_URL``, else ``PREFECT_SERVER_API_HOST/PORT``
+    (default 4200), not the ``--port`` it was started with: without these, ``make serve PORT=4321``
+    served a UI that called port 4200."""
+    url = api_url(port)
+    return {**stack_env(home, None), "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
+            "PREFECT_UI_API_URL": url, "PREFECT_UI_URL": url.removesuffix("/api")}
+
+
 def _pid(path: Path) -> int | None:
     try:
         pid = int(path.read_text().strip())
@@ -118,7 +130,7 @@ def start_server(home: Path, port: int, timeout: float, ui: bool = True) -> str:
         if healthy(url):
             raise LorasuiteError(f"port {port} already serves a Prefect API not started here; choose --port")
         command = [*_prefect(), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-        pid = _spawn("server", command + ([] if ui else ["--no-ui"]), home, stack_env(home, None))
+        pid = _spawn("server", command + ([] if ui else ["--no-ui"]), home, server_env(home, port))
         print(f"prefect server starting (pid {pid}, log {home / 'server.log'})", flush=True)
     wait_healthy(url, home, pid, timeout)
     return url
@@ -250,7 +262,7 @@ def up(home: Path, port: int, *, timeout: float = 300.0, gpu: bool = False, work
     (home / "api_url").write_text(url)
     print(f"lorasuite: deployments {', '.join(deployment_names(url))} on {url}\n"
           f"  UI: {url.removesuffix('/api')}    use it: export PREFECT_API_URL={url}\n"
-          f"  stop: python -m deployments.local down --home {home}", flush=True)
+          f"  stop: make serve-down (= .venv/bin/python -m deployments.local down --home {home})", flush=True)
     return url
 
 

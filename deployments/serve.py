@@ -25,6 +25,7 @@ never from parameters.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from prefect import serve
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
@@ -59,15 +60,60 @@ def build_deployments(fleet_manifest: str | None = None) -> list:
 
 
 def emit_release(previous_model: str, new_model: str, fleet_manifest: str):
-    """Announce a base-model release (what a model registry webhook would do)."""
-    from prefect.events import emit_event
+    """Announce a base-model release (what a model registry webhook would do); returns the Event sent.
 
-    return emit_event(event=RELEASE_EVENT, resource={"prefect.resource.id": f"lorasuite.base-model.{new_model}"},
-                      payload={"previous_model": previous_model, "new_model": new_model,
-                               "fleet_manifest": fleet_manifest})
+    Sent through an events client that is closed (flushed) before returning, not Prefect's background
+    EventsWorker, which can still hold the event when a short-lived process exits."""
+    from prefect.events import Event
+    from prefect.events.clients import get_events_client
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    event = Event(event=RELEASE_EVENT, resource={"prefect.resource.id": f"lorasuite.base-model.{new_model}"},
+                  payload={"previous_model": previous_model, "new_model": new_model, "fleet_manifest": fleet_manifest})
+
+    async def send() -> None:
+        async with get_events_client() as client:
+            await client.emit(event)
+    run_coro_as_sync(send())
+    return event
 
 
-def main(argv: list[str] | None = None) -> None:
+def release_targets() -> list[str]:
+    """``flow/deployment`` names of the enabled deployments whose triggers expect :data:`RELEASE_EVENT`."""
+    from prefect import get_client
+
+    targets = []
+    with get_client(sync_client=True) as client:
+        for automation in client.read_automations():
+            if not automation.enabled or RELEASE_EVENT not in (getattr(automation.trigger, "expect", None) or ()):
+                continue
+            for action in automation.actions:
+                if getattr(action, "type", None) == "run-deployment" and getattr(action, "deployment_id", None):
+                    deployment = client.read_deployment(action.deployment_id)
+                    targets.append(f"{client.read_flow(deployment.flow_id).name}/{deployment.name}")
+    return sorted(set(targets))
+
+
+def release(previous_model: str, new_model: str, fleet_manifest: str) -> int:
+    """``--release``: emit the event, then print its id and the deployments it triggers (one line each)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        print("lorasuite: error: PREFECT_API_URL is not set: no server would receive the event (make serve "
+              "prints the address to export)", file=sys.stderr)
+        return 2
+    event = emit_release(previous_model, new_model, fleet_manifest)
+    targets = release_targets()
+    print(f"lorasuite: emitted {RELEASE_EVENT} event {event.id} to {PREFECT_API_URL.value()}")
+    if targets:
+        print(f"lorasuite: it triggers deployment(s): {', '.join(targets)}")
+    else:
+        print("lorasuite: warning: no deployment listens to this event (make serve deploys "
+              "on-base-model-release)", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deployments.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--fleet-manifest", help="manifest of the nightly fleet run (default: Prefect Variable "
                         f"lorasuite_fleet_manifest, else ${FLEET_MANIFEST_ENV} at run time)")
@@ -75,10 +121,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="emit a base-model release event instead of serving")
     args = parser.parse_args(argv)
     if args.release:
-        emit_release(*args.release)
-        return
+        return release(*args.release)
     serve(*build_deployments(args.fleet_manifest))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

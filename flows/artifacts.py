@@ -11,7 +11,8 @@
   to the residual transfer), or ``new (no source)`` for a head the old layer has no match for
   (the new model has more heads).  The new model's head count comes from its config.
 * Fleet progress: the six pair-analysis stages fill the first :data:`ANALYSIS_SHARE` percent
-  (one step per finished stage), the adapter waves the rest.
+  (one step per finished stage), the adapter waves the rest; the description names the current
+  step and, at the end, ``Completed: ...`` or ``Failed: <reason>`` (:class:`ProgressArtifact`).
 
 Keys (lowercase, digits, dashes) group the artifacts of successive runs in the Artifacts page;
 every artifact is also attached to the run that creates it.  Model references are shown
@@ -133,21 +134,36 @@ def fleet_summary_artifact(entries: list[Mapping[str, Any]]) -> None:
 ANALYSIS_SHARE = 40.0     # percent of a fleet run's progress bar taken by the six pair-analysis stages
 
 
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return redact_uri(text if len(text) <= 300 else text[:297] + "...")
+
+
 class ProgressArtifact:
-    """A progress bar in the UI (0-100): the pair analysis up to ``ANALYSIS_SHARE``, then the entries."""
+    """A progress bar in the UI (0-100): the pair analysis up to ``ANALYSIS_SHARE``, then the entries.
+
+    It advances as each analysis stage and each adapter wave finishes, and its description says what
+    is running (``pair analysis: 3/6 stages``, ``adapters: 40%``), then how the run ended
+    (``Completed: 2 published, 0 skipped`` or ``Failed: <reason>``, with the bar where it stopped)."""
 
     def __init__(self, description: str):
-        self.id = create_progress_artifact(0.0, key=artifact_key("fleet-progress"), description=description)
+        self.title = description
+        self.id = create_progress_artifact(0.0, key=artifact_key("fleet-progress"),
+                                           description=f"{description}: starting")
         self.percent = 0.0
 
-    def update(self, percent: float) -> None:
+    def update(self, percent: float, status: str | None = None) -> None:
         self.percent = round(min(100.0, max(0.0, percent)), 1)
-        update_progress_artifact(self.id, self.percent)
+        update_progress_artifact(self.id, self.percent, description=f"{self.title}: {status}" if status else None)
 
     def analysis(self, done: int, total: int) -> None:
         """``done`` of ``total`` pair-analysis stages finished."""
-        self.update(ANALYSIS_SHARE * done / max(1, total))
+        self.update(ANALYSIS_SHARE * done / max(1, total), f"pair analysis: {done}/{total} stages")
 
     def entries(self, percent: float) -> None:
         """The adapter entries are ``percent`` done (what :meth:`PipelineRun.migrate` reports)."""
-        self.update(ANALYSIS_SHARE + (100.0 - ANALYSIS_SHARE) * percent / 100.0)
+        self.update(ANALYSIS_SHARE + (100.0 - ANALYSIS_SHARE) * percent / 100.0, f"adapters: {percent:.0f}%")
+
+    def finish(self, outcome: str) -> None:
+        """The run's end: ``Completed: ...`` fills the bar; ``Failed: ...`` leaves it where it stopped."""
+        self.update(100.0 if outcome.startswith("Completed") else self.percent, outcome)

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", required=True, help="base model directory")
     train.add_argument("--data", default="builtin:train", help="math_10k JSON/JSONL (path or URI) or builtin:train")
     train.add_argument("--samples", type=int, help="use the first N samples (built-in default 2000)")
-    train.add_argument("--output", required=True)
+    train.add_argument("--output", required=True, help="directory (or URI) for the PEFT adapter, published atomically "
+                                                        "with a completion manifest")
     train.add_argument("--rank", type=int, default=16)
     train.add_argument("--alpha", type=float, default=32)
     train.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=1)
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--overwrite", action="store_true")
+    train.add_argument("--overwrite", action="store_true", help="replace our earlier publication at --output")
 
     evaluate = sub.add_parser("eval", help="exact-match accuracy of a base model or an adapter on a data set")
     evaluate.add_argument("--model", required=True)
@@ -73,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="auto: bfloat16 on CPUs with AVX512-BF16/AMX and bf16 GPUs, else float32")
     evaluate.add_argument("--max-new-tokens", type=int, default=64)
     evaluate.add_argument("--seed", type=int, default=1)
-    evaluate.add_argument("--output", help="write the result (with per-item predictions) as JSON here")
+    evaluate.add_argument("--output", help="write the result (with per-item predictions) as JSON here (a new file, "
+                                           "or an earlier result of ours with --overwrite)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier result of ours at --output")
 
     models = sub.add_parser("models", help="real pretrained models without a hub")
     models_sub = models.add_subparsers(dest="models_command", required=True)
@@ -148,46 +151,62 @@ def _run_demo(args) -> dict:
                          eval_samples=args.eval_samples, progress=not args.quiet)
 
 
-def _run_train(args) -> dict:
-    from lorasuite_core.models.writing import check_output_dir
-    from lorasuite_core.training.samples import load_samples
-    from lorasuite_core.training.train import TrainConfig, train_lora
+def _data_input(ref: str | None) -> str | None:
+    """A data reference as an input to protect (built-in data lives nowhere on disk)."""
+    return None if not ref or ref.startswith("builtin:") else ref
 
-    check_output_dir(args.output, args.overwrite)
+
+def _run_train(args) -> dict:
+    from lorasuite_core.io.storage import check_output, publishing
+    from lorasuite_core.training.samples import load_samples
+    from lorasuite_core.training.train import SUMMARY_FILE, TrainConfig, train_lora
+
+    check_output(args.output, {"model": args.model, "training data": _data_input(args.data)}, args.overwrite)
     samples = load_samples(args.data, args.samples, seed=args.seed, default_count=2000)
     config = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                          show_progress=not args.quiet)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    result = _library_call(train_lora, args.model, samples, args.output, rank=args.rank, alpha=args.alpha,
-                           targets=targets, config=config)
-    return {"summary": {k: v for k, v in result.to_dict().items() if k != "losses"}}
+    with publishing(args.output, overwrite=args.overwrite, kind="train") as staged:
+        result = _library_call(train_lora, args.model, samples, staged, rank=args.rank, alpha=args.alpha,
+                               targets=targets, config=config)
+        summary_file = staged / SUMMARY_FILE            # name the published place, not the staging directory
+        written = json.loads(summary_file.read_text())
+        written["result"]["out_dir"] = args.output
+        summary_file.write_text(json.dumps(written, indent=2))
+    summary = {k: v for k, v in result.to_dict().items() if k != "losses"}
+    return {"summary": {**summary, "out_dir": args.output}}
 
 
 def _run_eval(args) -> dict:
-    from pathlib import Path
-
+    from lorasuite_core.io.storage import FILE_FORMAT_KEY, check_output_file, write_text_atomic
     from lorasuite_core.training.evaluation import evaluate
     from lorasuite_core.training.samples import load_samples
 
+    if args.output:
+        check_output_file(args.output, {"model": args.model, "adapter": args.adapter,
+                                        "evaluation data": _data_input(args.data)}, args.overwrite)
     samples = load_samples(args.data, args.samples, seed=args.seed, default_count=500)
     result = _library_call(evaluate, args.model, samples, adapter_dir=args.adapter, batch_size=args.batch_size,
                            dtype=args.dtype,
                            max_new_tokens=args.max_new_tokens, show_progress=not args.quiet)
     if args.output:
-        Path(args.output).write_text(json.dumps(result.to_dict(with_predictions=True), indent=2, default=str) + "\n")
+        document = {FILE_FORMAT_KEY: "lorasuite.evaluation/v1", **result.to_dict(with_predictions=True)}
+        write_text_atomic(args.output, json.dumps(document, indent=2, default=str) + "\n")
     return {"summary": result.to_dict()}
 
 
 def _run_models(args) -> dict:
     from pathlib import Path
 
-    from lorasuite_core.models.model_fetch import DEFAULT_MODELS, KNOWN_MODELS, fetch_model
+    from lorasuite_core.models.model_fetch import DEFAULT_MODELS, KNOWN_MODELS, check_fetch_location, fetch_model
 
     names = args.names or list(DEFAULT_MODELS)
     unknown = [n for n in names if n not in KNOWN_MODELS]
     if unknown:
         raise LorasuiteError(f"unknown model {unknown[0]!r}; known: {', '.join(KNOWN_MODELS)}")
     cache = Path(args.cache_dir) if args.cache_dir else None
+    for name in names:
+        check_fetch_location(name, cache)
     return {"summary": {n: str(_library_call(fetch_model, n, cache, force=args.force)) for n in names}}
 
 
@@ -229,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     log_file = _configure_logging(args)
+    from lorasuite_core.io.tempdirs import clean_stale
+
+    clean_stale()     # temporary directories of earlier runs killed with SIGKILL
     try:
         result = _run_command(args)
     except (LorasuiteError, OSError) as exc:

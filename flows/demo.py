@@ -28,10 +28,40 @@ DEMO_SPEC = dict(fold_norms=True, rotate_residual=True, permute_heads=True, perm
 WIDENING = dict(widen_residual=32, kv_replication=2, extra_query_heads_per_group=1)
 
 
+DEMO_MARKER = "_LORASUITE_DEMO.json"
+#: What the real demo writes in its working directory (a directory of an earlier version, without the
+#: marker, holding only these is taken as the demo's; nothing is deleted there).
+REAL_DEMO_NAMES = ("old-adapter-*", "migrated-adapter", "distilled-adapter", "lft-prompts-*.txt", ".*.tmp-*")
+
+
+def claim_workdir(workdir: str | Path, *, fresh: bool) -> Path:
+    """The demo's pre-run check (:func:`storage.check_output_location`'s rules): the working directory
+    is not the current directory or above it, and is new, empty or an earlier demo's (it carries
+    :data:`DEMO_MARKER`, written first); anything else is refused, never deleted.  ``fresh``: an
+    earlier demo's directory is emptied (the synthetic demo starts from scratch); without ``fresh`` (the
+    real demo, which deletes nothing) a directory holding only :data:`REAL_DEMO_NAMES` is accepted too."""
+    import fnmatch
+
+    from lorasuite_core.io.storage import UnsafeOutputError, check_output_location, write_text_atomic
+
+    workdir = Path(workdir).expanduser()
+    check_output_location(workdir, {})
+    if workdir.is_symlink() or workdir.is_file():
+        raise UnsafeOutputError(f"demo workdir {workdir} exists and is not a directory")
+    if workdir.is_dir() and any(workdir.iterdir()):
+        earlier = not fresh and all(any(fnmatch.fnmatch(p.name, pattern) for pattern in REAL_DEMO_NAMES)
+                                    for p in workdir.iterdir())
+        if not (workdir / DEMO_MARKER).is_file() and not earlier:
+            raise UnsafeOutputError(f"demo workdir {workdir} exists and was not made by lorasuite demo; "
+                                    "refusing to write there (choose another --workdir or empty it yourself)")
+        if fresh:
+            shutil.rmtree(workdir)
+    write_text_atomic(workdir / DEMO_MARKER, '{"lorasuite_format": "lorasuite.demo-workdir/v1"}\n')
+    return workdir
+
+
 def run_synthetic_demo(workdir: str | Path, *, family: str = "llama", progress: bool = True) -> dict:
-    workdir = Path(workdir)
-    if workdir.exists():
-        shutil.rmtree(workdir)
+    workdir = claim_workdir(workdir, fresh=True)
     log.info("building a tiny %s model, an adapter and an upgraded model in %s", family, workdir)
     old = make_tiny_model_dir(family, workdir / "old-model", seed=0, hidden_size=96, num_hidden_layers=4)
     adapter = make_random_lora_adapter(old, workdir / "old-adapter", rank=8, alpha=16, seed=1)
@@ -80,13 +110,19 @@ def run_real_demo(workdir: str | Path, *, train_samples: int = 200, lft_samples:
     from lorasuite_core.training.task_data import generate_problems
     from lorasuite_core.training.train import TrainConfig, train_lora
 
-    workdir = Path(workdir)
+    from lorasuite_core.io.storage import output_state, publishing, write_text_atomic
+
+    workdir = claim_workdir(workdir, fresh=False)
     old, new = fetch_model("smollm2-135m-instruct"), fetch_model("gemma3-270m")
     adapter = workdir / f"old-adapter-{train_samples}"
-    if not (adapter / "adapter_model.safetensors").is_file():
+    state = output_state(adapter)
+    if state == "foreign" and (adapter / "adapter_model.safetensors").is_file():
+        log.info("reusing the old adapter %s of an earlier demo (no completion manifest)", adapter)
+    elif state != "complete":
         log.info("training the old adapter on %d samples", train_samples)
-        train_lora(old, generate_problems(train_samples, "train", 0), adapter, rank=16, alpha=32,
-                   config=TrainConfig(lr=3e-4, batch_size=8, warmup_ratio=0.05, show_progress=progress))
+        with publishing(adapter, kind="train") as staged:
+            train_lora(old, generate_problems(train_samples, "train", 0), staged, rank=16, alpha=32,
+                       config=TrainConfig(lr=3e-4, batch_size=8, warmup_ratio=0.05, show_progress=progress))
     options = MigrationOptions(lft=True, lft_data="builtin:train", lft_samples=lft_samples, eval_data="builtin:test",
                                eval_samples=eval_samples, vanilla_baseline=True)
     result = run_migrate_adapter(str(old), str(new), str(adapter), str(workdir / "migrated-adapter"), options,
@@ -94,7 +130,7 @@ def run_real_demo(workdir: str | Path, *, train_samples: int = 200, lft_samples:
     summary = result.get("summary", result)
     # the same training problems as unlabelled prompts: distilled from the old model + old adapter, then gated
     prompts = workdir / f"lft-prompts-{lft_samples}.txt"
-    prompts.write_text("".join(s.instruction + "\n" for s in generate_problems(lft_samples, "train", 0)))
+    write_text_atomic(prompts, "".join(s.instruction + "\n" for s in generate_problems(lft_samples, "train", 0)))
     distilled = options.model_copy(update={"lft_mode": "distill", "lft_data": None, "lft_prompts": str(prompts),
                                            "vanilla_baseline": False, "gate": True})
     try:

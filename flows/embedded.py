@@ -11,7 +11,8 @@ running.  :func:`embedded_api` instead starts, for one CLI run:
 * the same ASGI app (``prefect.server.api.server:create_app`` under uvicorn, UI off) on a free
   127.0.0.1 port, as a child process that the kernel signals (``PR_SET_PDEATHSIG`` = SIGTERM)
   when the CLI dies for any reason, SIGKILL included; SIGINT/SIGTERM of the CLI stop it too;
-* on its own sqlite database in a temporary directory (removed afterwards), so overlapping runs
+* on its own sqlite database in a temporary directory (removed afterwards; one left by a run killed
+  with SIGKILL is removed by the next run, :mod:`lorasuite_core.io.tempdirs`), so overlapping runs
   never contend for one file.  Creating the schema costs ~10 s, so the first run keeps a copy of
   its freshly migrated, still empty database as a template (``~/.cache/lorasuite/prefect/
   template-<prefect version>.db``, written atomically) and later runs start from a copy of it;
@@ -31,12 +32,12 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import IO, Iterator
 
 from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.io.tempdirs import clean_stale, make_private_tempdir
 
 STARTUP_TIMEOUT_ENV = "LORASUITE_EMBEDDED_STARTUP_TIMEOUT"   # read through lorasuite_core.settings
 _PR_SET_PDEATHSIG = 1
@@ -70,7 +71,7 @@ class EmbeddedServer:
         self.timeout = float(timeout or settings().embedded_startup_timeout)
         self.log = log
         self.port = _free_port()
-        self.home = Path(tempfile.mkdtemp(prefix="lorasuite-prefect-"))
+        self.home = make_private_tempdir("prefect")    # removed by stop(), or by the next run after a kill
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.process: subprocess.Popen | None = None
 
@@ -183,6 +184,7 @@ def embedded_api(log: IO[bytes] | None = None) -> Iterator[str | None]:
         return
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
 
+    clean_stale()     # homes of runs killed with SIGKILL (no finally ran)
     server = EmbeddedServer(log=log)
     with _stop_on_signals():
         try:

@@ -12,8 +12,8 @@ from typing import Any
 
 from lorasuite_core.pipeline.manifest import FleetManifest
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
-from lorasuite_core.pipeline.stages import check_adapter, output_status, run_inputs
-from lorasuite_core.io.storage import check_not_a_file, check_replaceable
+from lorasuite_core.pipeline.stages import check_adapter, run_inputs
+from lorasuite_core.io.storage import check_not_a_file, check_output
 
 from .embedded import embedded_api
 
@@ -29,8 +29,8 @@ def run_migrate_adapter(old_model: str, new_model: str, adapter: str, output: st
     # The flow checks again (deployments call it directly); here the error comes before any run starts.
     old_model, new_model, adapter, output = map(str, (old_model, new_model, adapter, output))
     inputs = run_inputs(old_model, new_model, adapter, options, analysis, cache_root)
-    check_replaceable(output, output_status(output, inputs), overwrite)
-    check_adapter(old_model, adapter)
+    check_output(output, inputs, overwrite)
+    check_adapter(old_model, adapter, options.serving)
     with embedded_api():
         return migrate_adapter(old_model=old_model, new_model=new_model, adapter=adapter, output=output,
                                options=options, analysis=analysis, overwrite=overwrite, cache_root=cache_root)
@@ -42,14 +42,16 @@ def run_migrate_fleet(manifest_uri: str, *, overwrite: bool = False, cache_root:
     A malformed manifest raises ManifestError (a LorasuiteError naming the field) before any run.
     Failed entries do not raise: they are listed under ``failed`` with the reason.
     """
-    from .migration import migrate_fleet
+    from .migration import RunFailed, migrate_fleet
 
     fleet = FleetManifest.load(str(manifest_uri))
     check_not_a_file(fleet.output_root, "fleet output_root")
     with embedded_api():
         state = migrate_fleet(manifest=str(manifest_uri), overwrite=overwrite, cache_root=cache_root,
                               return_state=True)
-    result = state.result(raise_on_failure=False)   # a Failed fleet carries its summary as data
+    result = state.result(raise_on_failure=False)   # a Failed fleet carries RunFailed, with its summary
+    if isinstance(result, RunFailed) and result.summary is not None:
+        return result.summary
     if isinstance(result, BaseException):
         raise result
     return result

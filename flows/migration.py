@@ -6,9 +6,13 @@
   short by a crash is replaced on a plain rerun); anything else there is refused.
 * ``migrate-fleet`` — a fleet manifest (YAML/JSON, local path or URI): the pair analysis runs
   once, every adapter fans out.  Entries fail independently and the result lists which failed
-  and why, and the run ends Failed when any entry failed (the others are still published); an
-  entry whose output already holds a finished publication is skipped, so a scheduled rerun
-  only does what is missing.  A progress artifact follows the entries.
+  and why, and the run ends Failed when any entry failed (the others are still published): the
+  message names them, each failed entry is a Failed task run named after it, and the state's data
+  is a :class:`RunFailed` carrying the summary; a user error of the whole run (a bad manifest)
+  ends Failed with its one line too.  Neither logs an engine traceback
+  (:class:`_ReportedFailureFilter`).  An entry whose output already holds a finished, verified
+  publication is skipped, so a scheduled rerun only does what is missing.  A progress artifact
+  follows the analysis and the entries and ends saying Completed or Failed.
 * ``on-base-model-release`` — a new base model supersedes ``previous_model``: if the fleet
   manifest's adapters were trained on ``previous_model``, migrate all of them to
   ``new_model`` (outputs under ``output_root`` if given, else the manifest's); otherwise do
@@ -20,6 +24,7 @@ All three store stage results under ``cache_root`` (default ``$LORASUITE_CACHE_R
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Any
@@ -38,6 +43,47 @@ from tasks._support import forward_core_logs
 from . import artifacts
 from .pipeline import EntryRun, FleetResult, PipelineRun
 from .settings import task_runner
+
+
+class RunFailed(LorasuiteError):
+    """Why a fleet or release run ended Failed; :attr:`summary` is the fleet summary (None: no entry ran).
+
+    It is the Failed state's data, so the CLI gets the summary back, and what the engine re-raises
+    at the end of a worker's run (see :class:`_ReportedFailureFilter`)."""
+
+    def __init__(self, message: str, summary: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.summary = summary
+
+    def __reduce__(self):
+        return (self.__class__, (str(self), self.summary))
+
+
+class _ReportedFailureFilter(logging.Filter):
+    """Drop Prefect's "Engine execution exited with unexpected exception" record (and the engine's own
+    "Execution of flow run ... exited with unexpected exception") when the exception is a LorasuiteError.
+
+    A worker's engine re-raises the final state's exception after the run ended Failed, and logs it
+    with a traceback: for a user error (a bad fleet entry, a missing manifest) whose one-line reason is
+    already the state's message, the summary artifact and the failed entry's task run, that traceback
+    only reads as a crash.  Bugs (any other exception) keep their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, LorasuiteError) and "exited with unexpected exception" in record.getMessage())
+
+
+_FILTER = _ReportedFailureFilter()
+for _name in ("prefect.flow_runs", "prefect.engine"):
+    if _FILTER not in logging.getLogger(_name).filters:
+        logging.getLogger(_name).addFilter(_FILTER)
+
+
+def _failed(error: LorasuiteError, summary: dict[str, Any] | None = None) -> State:
+    """The run's Failed state: the one-line reason as its message, no traceback."""
+    message = " ".join(str(error).split())
+    get_run_logger().error("run failed: %s", message)
+    return Failed(message=message, data=error if isinstance(error, RunFailed) else RunFailed(message, summary))
 
 
 def _entry_name(output: str) -> str:
@@ -66,7 +112,7 @@ def migrate_adapter(
     analysis = analysis or AnalysisOptions()
     inputs = run_inputs(old_model, new_model, adapter, options, analysis, cache_root)
     replaceable(output, tasks.check_output(output, inputs), overwrite)
-    check_adapter(old_model, adapter)      # a bad adapter fails now, not after the pair analysis
+    check_adapter(old_model, adapter, options.serving)   # a bad adapter fails now, not after the pair analysis
     run = PipelineRun(cache_root)
     pair = run.analyse_pair(old_model, new_model, analysis)
     entry = EntryRun(name=_entry_name(output), adapter=adapter, output=output, options=options)
@@ -84,22 +130,29 @@ def run_fleet(fleet: FleetManifest, *, overwrite: bool, cache_root: str | None) 
                for e in fleet.adapters]
     progress = artifacts.ProgressArtifact(
         f"{len(entries)} adapter(s), {artifacts.pair_title(fleet.old_model, fleet.new_model)}")
-    check_not_a_file(fleet.output_root, "fleet output_root")
-    run.check_outputs(entries, overwrite, fleet, cache_root)
-    for e in entries:                    # a bad adapter fails its entry now, not after the pair analysis
-        if e.live:
-            try:
-                check_adapter(fleet.old_model, e.adapter)
-            except Exception as error:  # noqa: BLE001 - recorded on the entry
-                e.fail("load", error)
-    pair = None
-    if any(e.live for e in entries):
-        pair = run.analyse_pair(fleet.old_model, fleet.new_model, fleet.analysis, on_progress=progress.analysis)
-        run.migrate(entries, pair, overwrite=overwrite, on_progress=progress.entries)
-    progress.update(100.0)
+    try:
+        check_not_a_file(fleet.output_root, "fleet output_root")
+        run.check_outputs(entries, overwrite, fleet, cache_root)
+        for e in entries:                    # a bad adapter fails its entry now, not after the pair analysis
+            if e.live:
+                try:
+                    check_adapter(fleet.old_model, e.adapter, e.options.serving)
+                except Exception as error:  # noqa: BLE001 - recorded on the entry
+                    e.fail("load", error)
+        pair = None
+        if any(e.live for e in entries):
+            pair = run.analyse_pair(fleet.old_model, fleet.new_model, fleet.analysis, on_progress=progress.analysis)
+            run.migrate(entries, pair, overwrite=overwrite, on_progress=progress.entries)
+    except BaseException as error:
+        progress.finish(f"Failed: {artifacts.one_line(error)}")
+        raise
+    for e in entries:                    # each failed entry a Failed task run named after it, in the graph
+        if e.status == "failed":
+            tasks.entry_failed(e.name, e.error or "", return_state=True)
     result = FleetResult(old_model=fleet.old_model, new_model=fleet.new_model, analysis=pair.steps if pair else {},
                          entries=[e.result(run.summary(e, pair)) for e in entries])
     summary = result.summary()
+    progress.finish(fleet_message(summary))
     artifacts.fleet_summary_artifact(summary["entries"])
     log.info("fleet: %d published, %d skipped, %d failed", len(summary["published"]), len(summary["skipped"]),
              len(summary["failed"]))
@@ -113,17 +166,28 @@ def migrate_fleet(manifest: str, overwrite: bool = False, cache_root: str | None
 
     With any failed entry the run ends Failed (the summary is the state's data, the others are published)."""
     forward_core_logs()
-    fleet = FleetManifest.load(manifest)
-    return fleet_outcome(run_fleet(fleet, overwrite=overwrite, cache_root=cache_root).summary())
+    try:
+        fleet = FleetManifest.load(manifest)
+        return fleet_outcome(run_fleet(fleet, overwrite=overwrite, cache_root=cache_root).summary())
+    except LorasuiteError as error:
+        return _failed(error)
+
+
+def fleet_message(summary: dict[str, Any]) -> str:
+    """One line: ``Completed: N published, M skipped`` or ``Failed: k of n adapter(s) failed: names``."""
+    failed = summary["failed"]
+    if not failed:
+        return f"Completed: {len(summary['published'])} published, {len(summary['skipped'])} skipped"
+    names = ", ".join(f["name"] for f in failed[:5]) + (", ..." if len(failed) > 5 else "")
+    return f"Failed: {len(failed)} of {len(summary['entries'])} adapter(s) failed: {names}"
 
 
 def fleet_outcome(summary: dict[str, Any]) -> dict[str, Any] | State:
-    """The summary, or a Failed state carrying it when any entry failed (red in the UI, not green)."""
-    failed = summary["failed"]
-    if not failed:
+    """The summary, or a Failed state carrying it (as :class:`RunFailed`) when any entry failed: red in the
+    UI, the reason as the message, and no engine traceback (:class:`_ReportedFailureFilter`)."""
+    if not summary["failed"]:
         return summary
-    names = ", ".join(f["name"] for f in failed[:5]) + (", ..." if len(failed) > 5 else "")
-    return Failed(message=f"{len(failed)} of {len(summary['entries'])} adapter(s) failed: {names}", data=summary)
+    return _failed(RunFailed(fleet_message(summary).removeprefix("Failed: "), summary), summary)
 
 
 def same_reference(a: str, b: str) -> bool:
@@ -139,8 +203,19 @@ def same_reference(a: str, b: str) -> bool:
 def on_base_model_release(previous_model: str, new_model: str, fleet_manifest: str, output_root: str | None = None,
                           overwrite: bool = False, cache_root: str | None = None) -> dict[str, Any]:
     forward_core_logs()
+    try:
+        return _release(previous_model, new_model, fleet_manifest, output_root, overwrite, cache_root)
+    except LorasuiteError as error:
+        return _failed(error)
+
+
+def _release(previous_model: str, new_model: str, fleet_manifest: str, output_root: str | None,
+             overwrite: bool, cache_root: str | None) -> dict[str, Any] | State:
     log = get_run_logger()
-    release = BaseModelRelease(previous_model=previous_model, new_model=new_model, fleet_manifest=fleet_manifest)
+    try:
+        release = BaseModelRelease(previous_model=previous_model, new_model=new_model, fleet_manifest=fleet_manifest)
+    except ValueError as error:
+        raise ManifestError(f"invalid release event: {' '.join(str(error).split())}") from None
     fleet = FleetManifest.load(release.fleet_manifest)
     if not same_reference(fleet.old_model, release.previous_model):
         note = (f"fleet {redact_uri(release.fleet_manifest)} holds adapters of {redact_uri(fleet.old_model)}, "

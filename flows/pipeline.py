@@ -315,7 +315,8 @@ class PipelineRun:
     def _publish(self, e: EntryRun, pair: PairRun, overwrite: bool):
         source = e.stored.get("lft") or e.stored["migrated"]
         future = self.t.publish.submit(self.store, e.name, source, e.output, self.report_updates(e, pair),
-                                       overwrite=overwrite)
+                                       overwrite=overwrite, serving=e.options.serving,
+                                       base_model=pair.plan.new_model)
 
         def collect():
             e.published, e.status = future.result(), "published"

@@ -20,7 +20,7 @@ Design
 # and activations stages start together): resolve them once, here, before any task thread runs.
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401,E402
 
-from .adapters import assemble, check_output, plan_adapter, publish, transfer_layer
+from .adapters import assemble, check_output, entry_failed, plan_adapter, publish, transfer_layer
 from .analysis import (PAIR_TASKS, activations, cka, head_similarity, identify_pair, layer_mapping, transfer_matrix,
                        vocabulary)
 from .training import evaluate, fidelity, light_finetune, quality_gate, vanilla_baseline
@@ -29,7 +29,8 @@ ANALYSIS_TASKS = tuple(PAIR_TASKS.values())
 STORE_TASKS = ANALYSIS_TASKS + (transfer_layer, assemble, light_finetune, vanilla_baseline, fidelity, quality_gate, evaluate)
 
 __all__ = [
-    "activations", "assemble", "check_output", "cka", "evaluate", "fidelity", "head_similarity", "identify_pair",
+    "activations", "assemble", "check_output", "cka", "entry_failed", "evaluate", "fidelity", "head_similarity",
+    "identify_pair",
     "layer_mapping", "light_finetune", "plan_adapter", "publish", "quality_gate", "transfer_layer", "transfer_matrix",
     "vanilla_baseline", "vocabulary", "ANALYSIS_TASKS", "PAIR_TASKS", "STORE_TASKS",
 ]

@@ -16,6 +16,8 @@
   (time, computed or reused) that :class:`~lorasuite_core.pipeline.stage_store.StageStore` writes for
   the terminal as well, the same line as in process; :func:`log_stage` adds, at DEBUG, where the
   entry is.  URIs are logged redacted.
+* States: a stage task whose entry was reused ends ``Cached`` (type Completed, :func:`as_state`),
+  one that computed it ``Completed``: the run graph shows which stages this run did.
 * :data:`TORCH_MODEL_LOCK` serialises, within one worker process, the tasks that load a whole
   torch model (activations, LFT, baseline training, evaluation): transformers sets
   process-global torch defaults while loading, and one device runs one such job at a time.
@@ -29,6 +31,7 @@ from typing import Any, Callable
 
 from prefect import get_run_logger
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
 from lorasuite_core.errors import LorasuiteError
@@ -98,10 +101,18 @@ def log_stage(result: StageResult) -> StageResult:
     return result
 
 
-def run_stage(fn: Callable[..., StageResult], *args: Any, torch_model: bool = False) -> StageResult:
+def as_state(result: StageResult) -> StageResult | State:
+    """A reused stage ends its task run in the state ``Cached`` (type Completed, as Prefect's own cache
+    hits show), so the UI tells reused stages from computed ones; the result is the same StageResult."""
+    if not result.reused:
+        return result
+    return Completed(name="Cached", message=f"reused {result.stage} entry {redact_uri(result.uri)}", data=result)
+
+
+def run_stage(fn: Callable[..., StageResult], *args: Any, torch_model: bool = False) -> StageResult | State:
     """Call a lorasuite_core stage with core logs forwarded (and the torch-model lock if asked)."""
     forward_core_logs()
     if torch_model:
         with TORCH_MODEL_LOCK:
-            return log_stage(fn(*args))
-    return log_stage(fn(*args))
+            return as_state(log_stage(fn(*args)))
+    return as_state(log_stage(fn(*args)))

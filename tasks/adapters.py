@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.states import Failed, State
 
 from lorasuite_core.pipeline import stages
 from lorasuite_core.pipeline.stage_store import StageResult, StageStore
@@ -59,9 +60,17 @@ def assemble(store: str, plan: PairPlan, analysis: StageResult, adapter: Adapter
 
 @task(name="publish", **NO_RECORDS, task_run_name="publish-{name}")
 def publish(store: str, name: str, source: StageResult, output: str, report_updates: dict[str, Any],
-            overwrite: bool = False) -> str:
+            overwrite: bool = False, serving: str | None = None, base_model: str | None = None) -> str:
     """Copy the finished adapter to ``output``: data under a temporary prefix, completion manifest last."""
     forward_core_logs()
-    published = stages.publish(StageStore.at(store), source.uri, output, report_updates, overwrite=overwrite)
+    published = stages.publish(StageStore.at(store), source.uri, output, report_updates, overwrite=overwrite,
+                               serving=serving, base_model=base_model)
     get_run_logger().info("published %s to %s", name, redact_uri(published))
     return published
+
+
+@task(name="adapter-failed", **NO_RECORDS, task_run_name="{name}")
+def entry_failed(name: str, error: str) -> State:
+    """A fleet entry that failed, as a Failed task run named after it in the run graph (an entry can fail
+    before any of its tasks ran: a missing adapter, an unsafe output); the message is the reason."""
+    return Failed(message=f"adapter {name} failed at {error}")

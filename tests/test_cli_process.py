@@ -58,12 +58,17 @@ def servers_of(pid: int) -> list[psutil.Process]:
     return found
 
 
-def all_servers() -> set[int]:
-    """Pids of every live Prefect API server process on the machine (a test harness's included)."""
+def servers_under(root: Path) -> set[int]:
+    """Pids of the live Prefect API servers whose PREFECT_HOME lies under ``root``."""
     pids = set()
     for proc in psutil.process_iter(["cmdline", "status"]):
         if SERVER_MARK in " ".join(proc.info["cmdline"] or []) and proc.info["status"] != psutil.STATUS_ZOMBIE:
-            pids.add(proc.pid)
+            try:
+                home = proc.environ().get("PREFECT_HOME", "")
+            except psutil.Error:
+                continue
+            if home.startswith(str(root)):
+                pids.add(proc.pid)
     return pids
 
 
@@ -131,7 +136,8 @@ def reference(pair, tmp_path_factory):
 def test_killed_cli_leaves_no_server_and_reruns_bit_identical(pair, reference, tmp_path, sig):
     root, old, new, adapter = pair
     env = cli_env(tmp_path)
-    before = all_servers()
+    env["TMPDIR"] = str(tmp_path / "tmp")          # the run's temporary directories, to look at
+    (tmp_path / "tmp").mkdir()
     cache, out = tmp_path / "cache", tmp_path / "out"
     proc = subprocess.Popen(migrate_cmd(old, new, adapter, out, cache), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -148,14 +154,20 @@ def test_killed_cli_leaves_no_server_and_reruns_bit_identical(pair, reference, t
     wait_for(lambda: not server.is_running() or server.status() == psutil.STATUS_ZOMBIE, 30,
              "the embedded server to stop")
     assert not out.exists() or not (out / "adapter_model.safetensors").exists()
+    left = sorted(p.name for p in (tmp_path / "tmp").iterdir() if p.name.startswith(f"lorasuite-prefect-{proc.pid}-"))
     if sig != signal.SIGKILL:
+        assert left == []           # SIGTERM: the run removed its own
         return   # the rerun after a kill is checked once, after the harshest signal
+    assert len(left) == 1           # SIGKILL: nothing ran; the next run removes it (issue 19, finding 4)
 
     rerun = subprocess.run(migrate_cmd(old, new, adapter, out, cache), env=env, capture_output=True, text=True,
                            timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert (out / "adapter_model.safetensors").read_bytes() == (reference / "adapter_model.safetensors").read_bytes()
-    wait_for(lambda: not (all_servers() - before), 30, "every server started by the CLI runs to stop")
+    assert [p.name for p in (tmp_path / "tmp").iterdir() if p.name.startswith("lorasuite-")] == []
+    # the servers of this test's CLI runs (their PREFECT_HOME lies under its TMPDIR): other tests on the
+    # machine may start servers of their own meanwhile
+    wait_for(lambda: not servers_under(tmp_path / "tmp"), 30, "every server started by the CLI runs to stop")
 
 
 def in_private_mount(mountpoint: Path, options: str, cmd: list[str]) -> list[str]:

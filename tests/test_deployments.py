@@ -136,9 +136,13 @@ def test_fleet_progress_advances_through_the_analysis(prefect_server, tmp_path, 
                                         "analysis": {"max_calibration_tokens": 64},
                                         "adapters": [{"name": "a", "adapter": str(adapter)}]}))
     seen: list[float] = []
+    said: list[str | None] = []
     original = artifacts.update_progress_artifact
-    monkeypatch.setattr(artifacts, "update_progress_artifact", lambda id, p: (seen.append(p), original(id, p))[1])
+    monkeypatch.setattr(artifacts, "update_progress_artifact",
+                        lambda id, p, description=None: (seen.append(p), said.append(description),
+                                                         original(id, p, description))[2])
     summary = migrate_fleet(str(manifest), cache_root=str(tmp_path / "cache"))
     assert summary["published"] == ["a"]
     assert seen[:6] == [round(40 * k / 6, 1) for k in range(1, 7)]
     assert seen == sorted(seen) and seen[6] > 40 and seen[-1] == 100.0
+    assert said[0].endswith("pair analysis: 1/6 stages") and said[-1].endswith("Completed: 1 published, 0 skipped")

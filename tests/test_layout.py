@@ -16,7 +16,7 @@ CORE = Path(__file__).resolve().parents[1] / "lorasuite_core"
 # rank of each part: a module may import parts of strictly lower rank, and its own part
 # (report sits above transfer and training: the migration report is built from their results)
 RANK = {"errors": 0, "__init__": 0, "settings": 0.5, "io": 1, "models": 2,
-        "transfer": 3, "training": 3, "report": 3.5, "pipeline": 4, "testing": 4}
+        "transfer": 3, "training": 3, "report": 3.5, "serving": 3, "pipeline": 4, "testing": 4}
 FORBIDDEN_TOP = {"prefect", "prefect_ray", "flows", "tasks", "deployments"}
 
 

@@ -16,8 +16,11 @@ next to the deployed ones (its own ``-served`` names; stopping it leaves the dep
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
+import urllib.request
 import socket
 import subprocess
 import sys
@@ -81,7 +84,7 @@ def stack(tmp_path_factory):
     started = time.monotonic()
     try:
         done = subprocess.run([sys.executable, "-m", "deployments.local", "up", "--home", str(home), "--port",
-                               str(port), "--no-ui", "--cache-root", str(base / "cache")],
+                               str(port), "--cache-root", str(base / "cache")],
                               cwd=ROOT, capture_output=True, text=True, timeout=420)
         assert done.returncode == 0, done.stdout + done.stderr + _logs(home)
         print(f"stack up in {time.monotonic() - started:.0f} s")
@@ -135,6 +138,43 @@ def artifacts_of(flow_run_id) -> dict:
     return {a.key: a for a in found}
 
 
+def logs_of(flow_run_id) -> list[str]:
+    """Every log line the server holds for the flow run and its task runs."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+
+
+def task_runs_of(flow_run_id) -> dict:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: run for run in runs}
+
+
+def run_nightly_watching_progress(parameters: dict, timeout: float = 300):
+    """Start the nightly deployment and poll its progress artifact until the run is final."""
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+
+    started = run_deployment(NIGHTLY, parameters=parameters, timeout=0)
+    seen, deadline = [], time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(started.id)
+            progress = artifacts_of(started.id).get("lorasuite-fleet-progress")
+            if progress is not None and (not seen or seen[-1] != (progress.data, progress.description)):
+                seen.append((progress.data, progress.description))
+            if run.state and run.state.is_final():
+                return run, seen
+            assert time.monotonic() < deadline, f"flow run {run.name} still {run.state.name} after {timeout} s"
+            time.sleep(0.3)
+
+
 def deployments_by_name() -> dict:
     from prefect import get_client
 
@@ -165,6 +205,11 @@ def test_documented_stack_runs_the_shipped_deployments(stack, models, tmp_path):
                               str(models["new"]), str(release)], cwd=ROOT, capture_output=True, text=True,
                              timeout=120, env=dict(os.environ, PREFECT_API_URL=stack["url"]))
     assert emitted.returncode == 0, emitted.stderr
+    # finding 10: the command says which event it sent and which deployment it starts
+    assert re.search(r"emitted lorasuite\.base-model\.released event [0-9a-f-]{36} to " + re.escape(stack["url"]),
+                     emitted.stdout), emitted.stdout
+    assert "triggers deployment(s): on-base-model-release/on-base-model-release" in emitted.stdout, emitted.stdout
+    assert "EventsWorker" not in emitted.stdout + emitted.stderr
 
     # nothing configured: the night's run ends Completed, saying so
     empty = run_nightly()
@@ -174,8 +219,11 @@ def test_documented_stack_runs_the_shipped_deployments(stack, models, tmp_path):
     # configured through the Prefect Variable: the fleet runs, adapters load in PEFT
     fleet = models["manifest"]("fleet", {n: models["adapters"][n] for n in ("a0", "a1")}, tmp_path / "out")
     Variable.set("lorasuite_fleet_manifest", str(fleet), overwrite=True)
-    good = run_nightly()
+    good, progress = run_nightly_watching_progress({})
     assert good.state.is_completed(), (good.state, _logs(stack["home"]))
+    # finding 10: the progress artifact advanced during the run, then said how it ended
+    assert any(0 < value < 100 for value, _ in progress), progress
+    assert progress[-1][0] == 100.0 and progress[-1][1].endswith("Completed: 2 published, 0 skipped"), progress
     for name in ("a0", "a1"):
         assert_peft_loads(models["new"], tmp_path / "out" / name)
     assert any((stack["cache"] / "head_similarity").iterdir())        # the Variable's stage store
@@ -193,6 +241,21 @@ def test_documented_stack_runs_the_shipped_deployments(stack, models, tmp_path):
     failed = run_nightly({"manifest": str(bad)})
     assert failed.state.is_failed(), failed.state
     assert "1 of 2 adapter(s) failed: missing" in failed.state.message
+    # finding 6: the run's logs (read from the server) say why, with no engine traceback
+    lines = logs_of(failed.id)
+    assert any("1 of 2 adapter(s) failed: missing" in line for line in lines), lines
+    assert not [line for line in lines if "Traceback" in line or "Engine execution exited" in line
+                or "cannot be resolved into an exception" in line], lines
+    # finding 7: the bad entry is a Failed task run named after it, with the reason
+    runs = task_runs_of(failed.id)
+    assert runs["missing"].state.is_failed() and "load:" in runs["missing"].state.message, runs["missing"].state
+    assert runs["publish-a3"].state.is_completed()
+    # finding 8: the pair analysis, computed by the earlier fleet run of this pair, shows as Cached
+    for stage in ("vocabulary", "transfer-matrix", "activations", "cka", "layer-mapping", "head-similarity"):
+        (run,) = [r for name, r in runs.items() if name.startswith(stage + "-")]
+        assert run.state.name == "Cached", (stage, run.state)
+    progress = artifacts_of(failed.id)["lorasuite-fleet-progress"]
+    assert progress.description.endswith("Failed: 1 of 2 adapter(s) failed: missing"), progress.description
     assert_peft_loads(models["new"], tmp_path / "out-bad" / "a3")
     assert not (tmp_path / "out-bad" / "missing" / "_LORASUITE_COMPLETE.json").exists()
 
@@ -206,6 +269,17 @@ def test_documented_stack_runs_the_shipped_deployments(stack, models, tmp_path):
     assert run.state.is_completed(), run.state
     assert run.parameters["fleet_manifest"] == str(release)
     assert_peft_loads(models["new"], tmp_path / "out-release" / "a2")
+
+
+def test_ui_on_a_non_default_port_calls_its_own_api(stack):
+    """Finding 5: ``make serve PORT=N`` (``up --port N``) serves a UI whose settings name the API on N."""
+    assert not stack["url"].startswith("http://127.0.0.1:4200/")
+    base = stack["url"].removesuffix("/api")
+    with urllib.request.urlopen(f"{base}/ui-settings", timeout=30) as response:
+        settings = json.loads(response.read())
+    assert settings["api_url"] == stack["url"], settings
+    with urllib.request.urlopen(f"{base}/", timeout=30) as response:
+        assert response.status == 200 and b"<html" in response.read().lower()
 
 
 def test_serve_beside_deployed_keeps_its_own_names(stack):

@@ -42,18 +42,25 @@ Design
   partial* (:func:`output_state` ``"partial"``), which the next publication
   replaces without ``overwrite``.
 * **Ownership.** :func:`output_state` tells ``empty`` / ``complete`` (our
-  completion manifest) / ``partial`` (our in-progress marker, no manifest) /
-  ``foreign`` (anything else).  A publication replaces only what is ours:
-  ``foreign`` content is refused even with ``overwrite``; ``complete`` needs
-  ``overwrite``; ``partial`` is replaced.  :func:`check_output_location`
-  refuses an output that is empty, the current directory (or one of its
-  parents), the filesystem or bucket root, an input, a parent of an input or a
-  directory inside one.
-* **Integrity.** :func:`verify_local_dir` checks every file a completion
-  manifest lists against its size *and sha256* (memoised per process on the
-  files' size, mtime and inode, so repeated reads of one entry hash it once);
-  downloads are verified the same way, and a cached download that no longer
-  matches is discarded and fetched again.
+  completion manifest, every listed file verified by size and sha256) /
+  ``corrupt`` (our manifest, but invalid or no longer matching the files) /
+  ``partial`` (our in-progress marker, no manifest) / ``foreign`` (anything
+  else).  A publication replaces only what is ours: ``foreign`` content is
+  refused even with ``overwrite``; ``complete`` needs ``overwrite``;
+  ``partial`` and ``corrupt`` are replaced with one warning.
+  :func:`check_output_location` refuses an output that is empty, the current
+  directory (or one of its parents), the filesystem or bucket root, an input, a
+  parent of an input or a directory inside one.  :func:`check_output` (both
+  checks, directories) and :func:`check_output_file` (single JSON results,
+  ours when they carry :data:`FILE_FORMAT_KEY`) are the one pre-run check of
+  every subcommand.
+* **Integrity.** A completion manifest vouches only for the files it lists: one
+  listing none is invalid.  :func:`verify_local_dir` / :func:`verify_dir` check
+  every listed file against its size *and sha256* (locally memoised per
+  process on the files' size, mtime and inode, so repeated reads of one entry
+  hash it once); downloads are verified the same way, and a cached download
+  that no longer matches is discarded and fetched again.  Published files get
+  the mode a plain ``open`` gives (``0666 & ~umask``), not ``mkstemp``'s 0600.
 * **Fingerprints.** :func:`file_fingerprint` and :func:`dir_fingerprint` are cheap
   identities (sizes plus ETag or inode+mtime from ``fs.info`` / listings, no
   content read), usable as cache keys for "same model / same file".
@@ -64,6 +71,7 @@ Design
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -79,7 +87,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import fsspec
@@ -459,6 +467,25 @@ def read_json(uri: str | os.PathLike, *, storage_options=None, retry: RetryPolic
         raise ValueError(f"{redact_uri(str(uri))}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)   # pragma: no cover - not Linux
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(path: Path) -> None:
+    """Give a file we wrote the mode a plain ``open`` would (0666 & ~umask): ``mkstemp`` and safetensors
+    create files 0600, and copies keep that."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def _write_local_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
@@ -467,6 +494,7 @@ def _write_local_atomic(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        _follow_umask(Path(tmp_name))
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -654,8 +682,9 @@ def verify_local_dir(directory: str | os.PathLike, *, only_downloadable: bool = 
         return f"no {COMPLETE_MARKER}"
     except (OSError, ValueError) as error:
         return f"unreadable {COMPLETE_MARKER} ({type(error).__name__})"
-    if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT or not isinstance(marker.get("files"), list):
-        return f"{COMPLETE_MARKER} of unknown format"
+    problem = manifest_problem(marker)
+    if problem is not None:
+        return problem
     st = marker_file.stat()
     listed, stats = [], [(COMPLETE_MARKER, st.st_size, st.st_mtime_ns, st.st_ino)]
     for entry in marker["files"]:
@@ -716,19 +745,35 @@ def build_completion_manifest(local_dir: str | os.PathLike) -> dict[str, Any]:
     }
 
 
+def manifest_problem(data: Any) -> str | None:
+    """Why parsed JSON is not a valid completion manifest, or None: our format, and a non-empty list of
+    files (a manifest vouches only for the files it lists, so one listing none vouches for nothing),
+    each with a relative path inside the directory, a size and a sha256."""
+    if not isinstance(data, dict) or data.get("format") != MARKER_FORMAT or not isinstance(data.get("files"), list):
+        return f"{COMPLETE_MARKER} of unknown format"
+    if not data["files"]:
+        return f"{COMPLETE_MARKER} lists no files"
+    for entry in data["files"]:
+        if _listed_path(entry) is None or not isinstance(entry.get("size"), int) \
+                or not isinstance(entry.get("sha256"), str):
+            return f"{COMPLETE_MARKER} lists an invalid entry"
+    return None
+
+
 def read_completion_manifest(uri: str | os.PathLike, *, storage_options=None,
                              retry: RetryPolicy | None = None) -> dict[str, Any] | None:
     """The parsed ``_LORASUITE_COMPLETE.json`` of a directory, or None if absent/invalid."""
     try:
         data = read_json(join_uri(str(_as_uri(uri)), COMPLETE_MARKER),
                          storage_options=storage_options, retry=retry)
-    except (FileNotFoundError, NotADirectoryError):
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
     except ValueError as exc:
         logger.warning("ignoring unreadable completion manifest: %s", exc)
         return None
-    if not isinstance(data, dict) or data.get("format") != MARKER_FORMAT or not isinstance(data.get("files"), list):
-        logger.warning("ignoring completion manifest of unknown format under %s", redact_uri(str(uri)))
+    problem = manifest_problem(data)
+    if problem is not None:
+        logger.warning("ignoring invalid completion manifest under %s: %s", redact_uri(str(uri)), problem)
         return None
     return data
 
@@ -766,7 +811,7 @@ def publish_dir_atomic(local_dir: str | os.PathLike, dest_uri: str | os.PathLike
         raise ValueError(f"refusing to publish an empty directory: {source}")
     fs, path = resolve(dest_uri, storage_options)
     state = output_state(dest_uri, storage_options=storage_options, retry=retry)
-    check_replaceable(str(dest_uri), state, overwrite)
+    check_replaceable(str(dest_uri), state, overwrite, warn=False)   # the pre-run check (check_output) warned
     if is_local_fs(fs):
         _publish_local(source, Path(path), marker)
     else:
@@ -776,14 +821,29 @@ def publish_dir_atomic(local_dir: str | os.PathLike, dest_uri: str | os.PathLike
     return str(dest_uri)
 
 
+@contextlib.contextmanager
+def publishing(dest_uri: str | os.PathLike, *, overwrite: bool = False, kind: str = "publish") -> Iterator[Path]:
+    """Stage an output: the body writes into a private local directory, which is then published to
+    ``dest_uri`` atomically (:func:`publish_dir_atomic`); nothing reaches ``dest_uri`` if the body fails."""
+    from lorasuite_core.io.tempdirs import private_tempdir
+
+    with private_tempdir(kind) as staged:
+        yield staged
+        publish_dir_atomic(staged, dest_uri, overwrite=overwrite)
+
+
 def _marker_bytes(marker: dict[str, Any]) -> bytes:
     return (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode()
 
 
 def output_state(uri: str | os.PathLike, *, storage_options=None, retry: RetryPolicy | None = None) -> str:
-    """``empty`` | ``complete`` (our completion manifest) | ``partial`` (ours, cut short) | ``foreign``.
+    """``empty`` | ``complete`` | ``corrupt`` | ``partial`` | ``foreign``.
 
-    A file, or a directory holding anything but our markers and files, is ``foreign``.
+    ``complete``: our completion manifest, every file it lists present with its size and sha256
+    (:func:`verify_dir`), so a rerun or a fleet may skip it as done.  ``corrupt``: our manifest
+    (our format tag) that is invalid (lists no files) or that the files no longer match.
+    ``partial``: our in-progress marker, no manifest.  A file, or a directory holding anything else,
+    is ``foreign``.
     """
     fs, path = resolve(uri, storage_options)
     if is_local_fs(fs):
@@ -800,14 +860,59 @@ def output_state(uri: str | os.PathLike, *, storage_options=None, retry: RetryPo
             return "foreign"
         if not names:
             return "empty"
-    if COMPLETE_MARKER in names and read_completion_manifest(uri, storage_options=storage_options,
-                                                             retry=retry) is not None:
-        return "complete"
+    if COMPLETE_MARKER in names:
+        try:
+            data = read_json(join_uri(str(_as_uri(uri)), COMPLETE_MARKER), storage_options=storage_options, retry=retry)
+        except (ValueError, OSError):
+            data = None
+        if isinstance(data, dict) and data.get("format") == MARKER_FORMAT:
+            problem = verify_dir(uri, storage_options=storage_options, retry=retry)
+            if problem is None:
+                return "complete"
+            logger.info("output %s: %s", redact_uri(str(uri)), problem)
+            return "corrupt"
     return "partial" if PUBLISHING_MARKER in names else "foreign"
 
 
-def check_replaceable(uri: str, state: str, overwrite: bool) -> None:
-    """Raise DestinationExistsError unless a destination in ``state`` may be (re)written."""
+def verify_dir(uri: str | os.PathLike, *, storage_options=None, retry: RetryPolicy | None = None) -> str | None:
+    """Why a directory (local or remote) does not match its completion manifest, or None when every
+    listed file is there with its size and sha256 (remote files are streamed through the hash)."""
+    fs, path = resolve(uri, storage_options)
+    if is_local_fs(fs):
+        return verify_local_dir(path)
+    root = _strip(path)
+    try:
+        marker = json.loads(_retry(lambda: fs.cat_file(f"{root}/{COMPLETE_MARKER}"), retry, str(uri), "read"))
+    except FileNotFoundError:
+        return f"no {COMPLETE_MARKER}"
+    except ValueError as error:
+        return f"unreadable {COMPLETE_MARKER} ({type(error).__name__})"
+    problem = manifest_problem(marker)
+    if problem is not None:
+        return problem
+    files = _retry(lambda: _list_files(fs, root), retry, str(uri), "list")
+    for entry in marker["files"]:
+        rel = entry["path"]
+        info = files.get(rel)
+        if info is None:
+            return f"{rel} is listed in {COMPLETE_MARKER} but missing"
+        if int(info.get("size") or 0) != entry["size"]:
+            return f"{rel} has {info.get('size')} bytes, {COMPLETE_MARKER} lists {entry['size']}"
+
+        def digest(rel=rel) -> str:
+            hasher = hashlib.sha256()
+            with fs.open(f"{root}/{rel}", "rb") as handle:
+                for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
+                    hasher.update(chunk)
+            return hasher.hexdigest()
+        if _retry(digest, retry, join_uri(str(uri), rel), "verify") != entry["sha256"]:
+            return f"{rel} does not match its sha256 in {COMPLETE_MARKER}"
+    return None
+
+
+def check_replaceable(uri: str, state: str, overwrite: bool, *, warn: bool = True) -> None:
+    """Raise DestinationExistsError unless a destination in ``state`` may be (re)written; ``warn``: say
+    (once per run: the pre-run check says it, the publication itself does not) that ours is replaced."""
     if state == "foreign":
         raise DestinationExistsError(
             f"output {redact_uri(uri)} exists and was not written by lorasuite; refusing to replace it "
@@ -815,8 +920,50 @@ def check_replaceable(uri: str, state: str, overwrite: bool) -> None:
     if state == "complete" and not overwrite:
         raise DestinationExistsError(
             f"output {redact_uri(uri)} already holds a lorasuite publication; pass --overwrite to replace it")
-    if state == "partial":
+    if state == "partial" and warn:
         logger.warning("output %s holds an interrupted publication of ours; replacing it", redact_uri(uri))
+    if state == "corrupt" and warn:
+        logger.warning("output %s holds a publication of ours that no longer matches its completion manifest; "
+                       "replacing it", redact_uri(uri))
+
+
+def check_output(output: str | os.PathLike, inputs: dict[str, str | os.PathLike | None], overwrite: bool, *,
+                 storage_options=None) -> str:
+    """The one pre-run check of every subcommand's output directory: a safe location
+    (:func:`check_output_location`), then one that a publication may replace (:func:`check_replaceable`:
+    empty, or our own publication, with ``overwrite`` when it is finished).  Returns its state."""
+    check_output_location(output, inputs)
+    state = output_state(output, storage_options=storage_options)
+    check_replaceable(str(output), state, overwrite)
+    return state
+
+
+#: The key that marks a single JSON file as lorasuite's own output (e.g. ``lorasuite eval --output``).
+FILE_FORMAT_KEY = "lorasuite_format"
+
+
+def check_output_file(output: str | os.PathLike, inputs: dict[str, str | os.PathLike | None],
+                      overwrite: bool) -> None:
+    """The pre-run check for a single-file output: a safe location (never an input, inside or above
+    one), and either nothing there or a JSON file of ours (:data:`FILE_FORMAT_KEY`) with ``overwrite``."""
+    check_output_location(output, inputs)
+    fs, path = resolve(output)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return
+    if info.get("type") != "file":
+        raise UnsafeOutputError(f"output {redact_uri(str(output))} is a directory; name a file")
+    try:
+        data = read_json(output)
+    except (ValueError, UnicodeDecodeError):
+        data = None
+    if not (isinstance(data, dict) and str(data.get(FILE_FORMAT_KEY, "")).startswith("lorasuite.")):
+        raise DestinationExistsError(f"output {redact_uri(str(output))} exists and was not written by lorasuite; "
+                                     "refusing to replace it")
+    if not overwrite:
+        raise DestinationExistsError(f"output {redact_uri(str(output))} already holds a lorasuite result; "
+                                     "pass --overwrite to replace it")
 
 
 def _normalised_location(ref: str) -> tuple[str, str]:
@@ -871,6 +1018,7 @@ def check_output_location(output: str | os.PathLike, inputs: dict[str, str | os.
 def _copy_local_file(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(source, target)
+    _follow_umask(target)
 
 
 def _publish_local(source: Path, dest: Path, marker: dict[str, Any]) -> None:

@@ -358,7 +358,12 @@ def _collect_factors(tensors, config, family, uri) -> dict[tuple[int, str], Lora
         if not match or match.group("ab") not in wanted:
             names = "/".join(f"lora_{p}" for p in sorted(wanted))
             raise LorasuiteError(f"adapter {uri}: unexpected tensor {key!r} (a {variant.name} adapter holds {names})")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not tensor.is_floating_point():
+            raise LorasuiteError(f"adapter {uri}: tensor {key} is {str(tensor.dtype).replace('torch.', '')}, not "
+                                 "floating point (quantised LoRA weights are not supported)")
+        if match.group("ab") in ("A", "B") and tensor.dim() != 2:
+            raise LorasuiteError(f"adapter {uri}: tensor {key} has shape {tuple(tensor.shape)}, expected a matrix")
+        if not torch.isfinite(tensor).all():
             raise LorasuiteError(f"adapter {uri}: tensor {key} holds NaN or Inf")
         parts.setdefault(match.group("module"), {})[match.group("ab")] = tensor
     factors = {}
@@ -370,6 +375,7 @@ def _collect_factors(tensors, config, family, uri) -> dict[tuple[int, str], Lora
         A, B = ab["A"].double(), ab["B"].double()
         if A.shape[0] != B.shape[1]:
             raise LorasuiteError(f"adapter {uri}: {module} has lora_A rank {A.shape[0]} but lora_B rank {B.shape[1]}")
+        variant.check_rank(module, A.shape[0], config, uri)
         read = variant.read_module(A, B, ab, config, module, uri)
         if read is not None:                 # None: nothing to carry (a fully pruned AdaLoRA module)
             factors[(layer, name)] = read

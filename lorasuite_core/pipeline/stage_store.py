@@ -74,7 +74,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -88,6 +87,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lorasuite_core import ALGORITHM_VERSION
 from lorasuite_core.io import storage, terminal
+from lorasuite_core.io.tempdirs import private_tempdir
 from lorasuite_core.training.samples import BUILTIN
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.models.loading import HUB_ID, resolve_local_dir
@@ -451,7 +451,7 @@ class StageStore:
                 log.warning("%s: discarding cache entry %s (%s); recomputing", stage, storage.redact_uri(uri),
                             problem)
                 storage.remove_dir(uri)
-            with terminal.computing(stage), tempfile.TemporaryDirectory(prefix=f"lorasuite-{stage}-") as tmp:
+            with terminal.computing(stage), private_tempdir(stage) as tmp:
                 facts = compute(Path(tmp))
                 (Path(tmp) / FACTS_FILE).write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
                 storage.publish_dir_atomic(tmp, uri, overwrite=True)

@@ -49,7 +49,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -62,6 +61,7 @@ from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from lorasuite_core.io import storage, terminal
+from lorasuite_core.io.tempdirs import private_tempdir
 from lorasuite_core.transfer.activations import PairedActivations, builtin_calibration_texts, paired_activations, read_calibration_file
 from lorasuite_core.pipeline.analysis_store import load_matches, save_matches
 from lorasuite_core.transfer.cka import minibatch_cka
@@ -357,7 +357,8 @@ class AdapterPlan(Schema):
     seconds: float = 0.0                 # time taken to load, check and plan
 
 
-def output_status(output: str, inputs: dict[str, str | None]) -> Literal["empty", "complete", "partial", "foreign"]:
+def output_status(output: str, inputs: dict[str, str | None]) -> Literal["empty", "complete", "corrupt", "partial",
+                                                                         "foreign"]:
     """Refuse an output that would destroy an input; else the destination's state (see storage.output_state)."""
     storage.check_output_location(output, inputs)
     return storage.output_state(output)
@@ -373,11 +374,17 @@ def run_inputs(old_model: str, new_model: str, adapter: str, options: MigrationO
             "cache root": cache_root or configured_cache_root()}
 
 
-def check_adapter(old_model: str, adapter_ref: str) -> None:
-    """Before any analysis: the adapter loads (LoRA, finite tensors, known targets) and fits the old model."""
+def check_adapter(old_model: str, adapter_ref: str, serving: str | None = None) -> None:
+    """Before any analysis: the adapter loads (LoRA, finite tensors, known targets) and fits the old model;
+    with ``serving`` it is not DoRA (which no serving engine applies, :mod:`lorasuite_core.serving`)."""
     old_identity = artifact_identity(old_model, "model")
     identity = artifact_identity(adapter_ref, "adapter", ADAPTER_PATTERNS)
-    check_adapter_fits(_adapter(adapter_ref, identity, old_model, old_identity), _model(old_model, old_identity))
+    adapter = _adapter(adapter_ref, identity, old_model, old_identity)
+    check_adapter_fits(adapter, _model(old_model, old_identity))
+    if serving == "vllm" and adapter.variant.has_magnitude:
+        raise LorasuiteError(f"adapter {adapter_ref} is DoRA, which vLLM cannot serve (nor do LoRAX/TGI apply its "
+                             "magnitude vector); drop --serving vllm to migrate it for PEFT, or --serving vllm-lora for "
+                             "a plain-LoRA approximation with its residual reported")
 
 
 def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: str,
@@ -808,17 +815,33 @@ def evaluate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, job: EvalJ
 
 
 def publish(store: StageStore, source_uri: str, output: str, report_updates: dict[str, Any], *,
-            overwrite: bool = False) -> str:
-    """Copy a finished adapter entry to ``output`` with its report updated; atomically, manifest last."""
+            overwrite: bool = False, serving: str | None = None, base_model: str | None = None) -> str:
+    """Copy a finished adapter entry to ``output`` with its report updated; atomically, manifest last.
+
+    The report's ``serving`` says what vLLM, LoRAX and TGI accept of the published adapter
+    (:func:`lorasuite_core.serving.check_serving`); ``serving="vllm"`` publishes the exact plain-LoRA
+    export instead (:func:`lorasuite_core.serving.export_plain_lora`, recorded as ``serving_export``);
+    ``"vllm-lora"`` also approximates a DoRA adapter on ``base_model`` (the new model) by plain LoRA, its
+    residual reported."""
+    from lorasuite_core.serving import check_serving, export_plain_lora
     start = time.perf_counter()
     source = store.local_dir(source_uri)
-    with tempfile.TemporaryDirectory(prefix="lorasuite-publish-") as tmp:
-        staged = Path(tmp)
+    with private_tempdir("publish") as staged:
         for name in ("adapter_config.json", "adapter_model.safetensors", *PUBLISHED_EXTRA):
             if (source / name).is_file():
                 shutil.copy2(source / name, staged / name)
         report = json.loads((source / REPORT_NAME).read_text())
         report.update(report_updates)
+        if serving:
+            exported = staged.parent / f"{staged.name}-{serving}"
+            report["serving_export"] = export_plain_lora(
+                staged, exported, dora_base_model=base_model if serving == "vllm-lora" else None)
+            shutil.rmtree(staged)
+            exported.rename(staged)
+        report["serving"] = check_serving(staged)
+        for engine, verdict in report["serving"].items():
+            if not verdict["servable"]:
+                log.info("%s would not serve %s as published: %s", engine, output, "; ".join(verdict["problems"]))
         (staged / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
         published = storage.publish_dir_atomic(staged, output, overwrite=overwrite)
     terminal.finished("publish", time.perf_counter() - start, reused=False)
@@ -870,9 +893,8 @@ def migrate_in_process(old_model: str, new_model: str, adapter: str, output: str
     options = (options or MigrationOptions()).check_single()
     analysis = analysis or AnalysisOptions()
     old_model, new_model, adapter, output = map(str, (old_model, new_model, adapter, output))
-    storage.check_replaceable(output, output_status(output, run_inputs(
-        old_model, new_model, adapter, options, analysis, cache_root)), overwrite)
-    check_adapter(old_model, adapter)
+    storage.check_output(output, run_inputs(old_model, new_model, adapter, options, analysis, cache_root), overwrite)
+    check_adapter(old_model, adapter, options.serving)
     store = StageStore.at(cache_root)
     plan = plan_pair(old_model, new_model, analysis)
     functions = pair_stage_functions()
@@ -916,7 +938,7 @@ def migrate_in_process(old_model: str, new_model: str, adapter: str, output: str
         elif wave == "publish":
             final = stored.get("lft") or stored["migrated"]
             publish(store, final.uri, output, report_updates(plan, entry, stored, evals, steps, store.root),
-                    overwrite=overwrite)
+                    overwrite=overwrite, serving=options.serving, base_model=new_model)
     return json.loads((Path(storage.resolve(output)[1]) / REPORT_NAME).read_text()) \
         if not storage.is_remote(output) else storage.read_json(storage.join_uri(output, REPORT_NAME))
 

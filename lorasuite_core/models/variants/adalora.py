@@ -61,6 +61,12 @@ class AdaLora(AdapterVariant):
                    for m in modules}
         return {"rank_pattern": pattern if any(m.rank != init_r for m in modules) else None}
 
+    def check_rank(self, module: str, rank: int, config: dict[str, Any], uri: str) -> None:
+        """At most ``init_r``: the rank budget prunes below it."""
+        init_r = int(config.get("init_r") or INIT_R)
+        if rank > init_r:
+            raise LorasuiteError(f"adapter {uri}: {module} has rank {rank} but adapter_config.json says init_r = {init_r}")
+
     def baseline_rank(self, config: dict[str, Any]) -> int:
         return int(config.get("init_r", INIT_R))
 

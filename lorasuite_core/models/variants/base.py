@@ -67,6 +67,19 @@ class AdapterVariant:
         ``layer``, ``name``, ``rank``, ``alpha``)."""
         raise NotImplementedError
 
+    def check_rank(self, module: str, rank: int, config: dict[str, Any], uri: str) -> None:
+        """The tensors' rank is the one the config declares (PEFT would build other shapes and refuse to load):
+        ``rank_pattern``'s entry for the module, else ``r``."""
+        from peft.utils.other import get_pattern_key
+
+        from lorasuite_core.errors import LorasuiteError
+
+        patterns = config.get("rank_pattern") or {}
+        declared = patterns.get(get_pattern_key(list(patterns), module), config.get("r"))
+        if not isinstance(declared, int) or isinstance(declared, bool) or declared != rank:
+            raise LorasuiteError(f"adapter {uri}: {module} has rank {rank} in its tensors but adapter_config.json "
+                                 f"says r = {declared}")
+
     def baseline_rank(self, config: dict[str, Any]) -> int:
         """The rank of the fresh adapter the vanilla baseline trains."""
         return int(config.get("r", 8))
