@@ -311,8 +311,8 @@ def run_child(fn, *args) -> dict:
 def write_distill_prompts(path: Path, n: int, seed: int, n_heldout: int = HELDOUT_PROMPTS) -> Path:
     """The prompts of the labelled rows' ``n`` training samples, without answers, as a math_10k JSONL file the
     distillation reads; ``n_heldout`` more training-split prompts (another seed) sit at exactly the positions the
-    pipeline's held-out split (``distill.split_heldout``) draws, so it trains on the same ``n`` prompts, in order."""
-    from lorasuite_core.training.distill import split_heldout
+    pipeline's held-out split (``prompts.split_heldout``) draws, so it trains on the same ``n`` prompts, in order."""
+    from lorasuite_core.training.prompts import split_heldout
     from lorasuite_core.training.task_data import generate_problems
 
     train, extra = generate_problems(n, "train", seed), generate_problems(n_heldout, "train", seed + 1000)

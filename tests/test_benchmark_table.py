@@ -219,7 +219,7 @@ def test_ablation_lines_state_where_differences_lie_inside_the_noise(bench):
 
 
 def test_distill_prompt_file_trains_on_the_labelled_rows_prompts(bench, tmp_path):
-    from lorasuite_core.training.distill import read_prompts, split_heldout
+    from lorasuite_core.training.prompts import read_prompts, split_heldout
     from lorasuite_core.training.task_data import generate_problems
 
     path = bench.write_distill_prompts(tmp_path / "p.jsonl", 20, 3, n_heldout=6)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.pipeline.options import MigrationOptions
 from lorasuite_core.training import distill as D
+from lorasuite_core.training import prompts as P
 from lorasuite_core.training.task_data import generate_problems
 from lorasuite_core.training.train import ADAPTER_WEIGHTS, collate, default_lft_config, load_for_light_finetune
 from tests.distill_setup import build_exact_pair
@@ -37,17 +38,17 @@ def teacher(pair):
 
 def test_read_prompts_formats_and_errors(tmp_path):
     (tmp_path / "p.txt").write_text("How many apples?\n\n  Tom has 3 pens. How many now?  \n")
-    assert D.read_prompts(str(tmp_path / "p.txt")) == [D.Prompt("How many apples?"),
-                                                       D.Prompt("Tom has 3 pens. How many now?")]
+    assert P.read_prompts(str(tmp_path / "p.txt")) == [P.Prompt("How many apples?"),
+                                                       P.Prompt("Tom has 3 pens. How many now?")]
     (tmp_path / "p.jsonl").write_text('{"prompt": "What is 2 + 3?"}\n\n'
                                       '{"instruction": "Add them.", "input": "4 and 5", "answer": "9"}\n'
                                       '{"instruction": "Solve it.", "output": "ignored"}\n')
-    prompts = D.read_prompts(str(tmp_path / "p.jsonl"))
-    assert prompts == [D.Prompt("What is 2 + 3?"), D.Prompt("Add them.", "4 and 5"), D.Prompt("Solve it.")]
+    prompts = P.read_prompts(str(tmp_path / "p.jsonl"))
+    assert prompts == [P.Prompt("What is 2 + 3?"), P.Prompt("Add them.", "4 and 5"), P.Prompt("Solve it.")]
     assert "### Input:\n4 and 5" in prompts[1].formatted() and prompts[0].formatted().endswith("### Response:\n")
-    assert D.read_prompts(str(tmp_path / "p.jsonl"), limit=1) == prompts[:1]
+    assert P.read_prompts(str(tmp_path / "p.jsonl"), limit=1) == prompts[:1]
     (tmp_path / "p.json").write_text(json.dumps([{"instruction": "Q one?"}, {"prompt": "Q two?"}]))
-    assert [p.text for p in D.read_prompts(str(tmp_path / "p.json"))] == ["Q one?", "Q two?"]
+    assert [p.text for p in P.read_prompts(str(tmp_path / "p.json"))] == ["Q one?", "Q two?"]
     bad = {"bad.jsonl": ('{"prompt": "ok"}\n{"question": "no field"}\n', r"bad\.jsonl: line 2 has neither"),
            "broken.jsonl": ('{"prompt": \n', r"broken\.jsonl: line 1 is not JSON"),
            "empty.txt": ("\n\n", r"empty\.txt holds no prompts"),
@@ -56,24 +57,24 @@ def test_read_prompts_formats_and_errors(tmp_path):
     for name, (text, message) in bad.items():
         (tmp_path / name).write_text(text)
         with pytest.raises(LorasuiteError, match=message):
-            D.read_prompts(str(tmp_path / name))
+            P.read_prompts(str(tmp_path / name))
     with pytest.raises(LorasuiteError, match=r"missing\.txt does not exist"):
-        D.read_prompts(str(tmp_path / "missing.txt"))
+        P.read_prompts(str(tmp_path / "missing.txt"))
     (tmp_path / "bin.txt").write_bytes(bytes(range(256)))
     with pytest.raises(LorasuiteError, match=r"bin\.txt (is not UTF-8|holds NUL)"):
-        D.read_prompts(str(tmp_path / "bin.txt"))
+        P.read_prompts(str(tmp_path / "bin.txt"))
     (tmp_path / "dir.jsonl").mkdir()
     with pytest.raises(LorasuiteError, match=r"dir\.jsonl is a directory"):
-        D.read_prompts(str(tmp_path / "dir.jsonl"))
+        P.read_prompts(str(tmp_path / "dir.jsonl"))
 
 
 def test_split_heldout_is_seeded_and_disjoint():
-    prompts = D.prompts_from_samples(generate_problems(10, "train", 0))
-    train, heldout = D.split_heldout(prompts, 3, seed=1)
+    prompts = P.prompts_from_samples(generate_problems(10, "train", 0))
+    train, heldout = P.split_heldout(prompts, 3, seed=1)
     assert len(train) == 7 and len(heldout) == 3 and not set(train) & set(heldout)
-    assert D.split_heldout(prompts, 3, seed=1) == (train, heldout) and D.split_heldout(prompts, 3, seed=2) != (train, heldout)
+    assert P.split_heldout(prompts, 3, seed=1) == (train, heldout) and P.split_heldout(prompts, 3, seed=2) != (train, heldout)
     with pytest.raises(ValueError, match="n_heldout"):
-        D.split_heldout(prompts, 10)
+        P.split_heldout(prompts, 10)
 
 
 # --------------------------------------------------------------------------- agreement
@@ -92,7 +93,7 @@ def test_answers_agree_on_final_numbers_else_on_text():
 
 def test_greedy_completions_keep_the_generated_ids(teacher):
     model, tokenizer = teacher
-    prompts = D.prompts_from_samples(generate_problems(4, "test", 0))
+    prompts = P.prompts_from_samples(generate_problems(4, "test", 0))
     completions = D.greedy_completions(model, tokenizer, prompts, **GEN)
     assert len(completions) == 4 and all(0 < len(c.ids) <= 16 for c in completions)
     for c in completions:  # the ids decode to the scored text (byte tokens may not survive a re-encoding)
@@ -122,7 +123,7 @@ def _reference_kl(student, teacher, chunk, token_map):
 def test_kl_term_equals_its_definition(pair, teacher):
     """Student = new + migrated, KL teacher = the *bare* old model (so the KL is far from 0): loss - CE == KL."""
     teacher_model, teacher_tok = teacher
-    prompts = D.prompts_from_samples(generate_problems(3, "train", 5))
+    prompts = P.prompts_from_samples(generate_problems(3, "train", 5))
     completions = D.greedy_completions(teacher_model, teacher_tok, prompts, **GEN)
     bare_teacher, _ = D.load_for_generation(pair["old"], dtype="float32", device="cpu")
     student, student_tok = load_for_light_finetune(pair["new"], pair["migrated"], dtype="float32", device="cpu")
@@ -164,7 +165,7 @@ def test_kl_through_a_renumbered_vocabulary(tmp_path):
     shared = shared_vocabulary(teacher_tok, student_tok)
     token_map = D.TokenMap.between(teacher_tok, student_tok, (shared.old_ids, shared.new_ids))
     assert not token_map.identity and len(token_map) == len(shared) + 1  # + the EOS pair
-    prompts = D.prompts_from_samples(generate_problems(3, "train", 2))
+    prompts = P.prompts_from_samples(generate_problems(3, "train", 2))
     texts = [" the man saw the dog", " our teacher wrote 12", " a young boy paid the driver"]
     completions = [D.Completion(t, tuple(teacher_tok(t, add_special_tokens=False)["input_ids"])) for t in texts]
     chunk = D.distillation_examples(student_tok, teacher_tok, prompts, completions, 256, token_map)
@@ -238,7 +239,7 @@ def test_aligned_positions_compare_the_same_next_token_event():
 
 def test_kl_is_skipped_with_a_reason_without_a_map(pair, teacher, tmp_path):
     teacher_model, teacher_tok = teacher
-    prompts = D.prompts_from_samples(generate_problems(2, "train", 1))
+    prompts = P.prompts_from_samples(generate_problems(2, "train", 1))
     completions = D.greedy_completions(teacher_model, teacher_tok, prompts, **GEN)
     run = D.distill_finetune(pair["new"], pair["migrated"], prompts, completions, tmp_path / "seq",
                              config=lft_config(), teacher=teacher_model, teacher_tokenizer=teacher_tok,
@@ -263,7 +264,7 @@ def test_kl_is_skipped_with_a_reason_without_a_map(pair, teacher, tmp_path):
 def test_distillation_from_an_unlabelled_prompt_file_end_to_end(pair, tmp_path):
     records = [{"instruction": s.instruction, "input": s.input} for s in generate_problems(10, "train", 4)]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    prompts, heldout = D.split_heldout(D.read_prompts(str(tmp_path / "prompts.jsonl")), 4, seed=0)
+    prompts, heldout = P.split_heldout(P.read_prompts(str(tmp_path / "prompts.jsonl")), 4, seed=0)
     # Random tiny weights give flat next-token distributions: their greedy text has near-ties that the default
     # LFT step (Adam, lr 9e-4) crosses on held-out prompts (1.0 -> 0.33-0.75 measured); a real trained adapter's
     # answers do not sit on ties.  A small step still moves every LoRA weight (checked below).
@@ -284,22 +285,22 @@ def test_distillation_from_an_unlabelled_prompt_file_end_to_end(pair, tmp_path):
 
 # --------------------------------------------------------------------------- prompt synthesis
 
-PERMISSIVE = D.SynthesisConfig(require_question=False, min_chars=5, max_new_tokens=16, batch_size=4, max_rounds=3)
+PERMISSIVE = P.SynthesisConfig(require_question=False, min_chars=5, max_new_tokens=16, batch_size=4, max_rounds=3)
 
 
 def test_synthesis_is_deterministic_by_seed_and_excludes_given_prompts(teacher):
     model, tokenizer = teacher
-    seeds = D.prompts_from_samples(generate_problems(3, "train", 0))
+    seeds = P.prompts_from_samples(generate_problems(3, "train", 0))
     evaluation = [s.instruction for s in generate_problems(5, "test", 0)]
-    first = D.synthesise_prompts(model, tokenizer, seeds, 4, seed=0, exclude=evaluation, config=PERMISSIVE)
-    again = D.synthesise_prompts(model, tokenizer, seeds, 4, seed=0, exclude=evaluation, config=PERMISSIVE)
-    other = D.synthesise_prompts(model, tokenizer, seeds, 4, seed=1, exclude=evaluation, config=PERMISSIVE)
+    first = P.synthesise_prompts(model, tokenizer, seeds, 4, seed=0, exclude=evaluation, config=PERMISSIVE)
+    again = P.synthesise_prompts(model, tokenizer, seeds, 4, seed=0, exclude=evaluation, config=PERMISSIVE)
+    other = P.synthesise_prompts(model, tokenizer, seeds, 4, seed=1, exclude=evaluation, config=PERMISSIVE)
     assert len(first) == 4 and first == again and first != other
     assert len({p.text for p in first}) == 4
     # the same seed would write exactly ``first`` again: given as evaluation prompts, none of them may come back
-    fresh = D.synthesise_prompts(model, tokenizer, seeds, 4, seed=0, exclude=evaluation + [p.text for p in first],
+    fresh = P.synthesise_prompts(model, tokenizer, seeds, 4, seed=0, exclude=evaluation + [p.text for p in first],
                                  config=PERMISSIVE)
-    taken = D.NearDuplicateIndex(PERMISSIVE.near_duplicate, evaluation + [p.text for p in first + seeds])
+    taken = P.NearDuplicateIndex(PERMISSIVE.near_duplicate, evaluation + [p.text for p in first + seeds])
     assert fresh and not any(taken.contains(p.text) for p in fresh)
 
 
@@ -312,23 +313,23 @@ def test_prompts_are_written_by_the_teachers_base_model(pair, teacher):
 
     model, tokenizer = teacher
     base, _ = load_for_generation(pair["old"], dtype="float32", device="cpu")
-    seeds = D.prompts_from_samples(generate_problems(3, "train", 0))
-    written = D.synthesise_prompts(model, tokenizer, seeds, 4, seed=0, config=PERMISSIVE)
-    assert written == D.synthesise_prompts(base, tokenizer, seeds, 4, seed=0, config=PERMISSIVE)
+    seeds = P.prompts_from_samples(generate_problems(3, "train", 0))
+    written = P.synthesise_prompts(model, tokenizer, seeds, 4, seed=0, config=PERMISSIVE)
+    assert written == P.synthesise_prompts(base, tokenizer, seeds, 4, seed=0, config=PERMISSIVE)
     with_adapter = replace(PERMISSIVE, with_adapter=True)
-    assert D.synthesise_prompts(model, tokenizer, seeds, 4, seed=0, config=with_adapter) != written
+    assert P.synthesise_prompts(model, tokenizer, seeds, 4, seed=0, config=with_adapter) != written
 
 
 def test_a_candidate_ends_where_the_writer_starts_the_next_list_item():
-    config = D.SynthesisConfig()
+    config = P.SynthesisConfig()
     text = " Tim had 24 marbles and gave 2 away. How many are left? Question: Ann has 3 pens. How many now?\nmore"
-    assert D.clean_candidate(text, config) == "Tim had 24 marbles and gave 2 away. How many are left?"
-    assert D.clean_candidate(" 39 - 6 = 33. The answer is 33.", config) is None    # an answer, not a question
+    assert P.clean_candidate(text, config) == "Tim had 24 marbles and gave 2 away. How many are left?"
+    assert P.clean_candidate(" 39 - 6 = 33. The answer is 33.", config) is None    # an answer, not a question
 
 
 def test_synthesis_filters_evaluation_prompts_and_near_duplicates(teacher, monkeypatch):
     model, tokenizer = teacher
-    seeds = [D.Prompt("Tom has 3 apples and buys 4 more. How many apples does Tom have now?")]
+    seeds = [P.Prompt("Tom has 3 apples and buys 4 more. How many apples does Tom have now?")]
     evaluation = ["A hall has 5 rows of chairs with 6 chairs in each row. How many chairs are in the hall?"]
     lines = [
         evaluation[0],                                                                  # verbatim
@@ -342,14 +343,14 @@ def test_synthesis_filters_evaluation_prompts_and_near_duplicates(teacher, monke
         "Mia bakes 12 cookies and gives 5 to Omar. How many cookies are left?",         # repeat of the new one
         "A train carries 40 people and 13 get off at the station. How many people remain?",
     ]
-    monkeypatch.setattr(D, "_sample_continuations", lambda *args: list(lines))
-    kept = D.synthesise_prompts(model, tokenizer, seeds, 5, seed=0, exclude=evaluation,
-                                config=D.SynthesisConfig(max_rounds=2))
+    monkeypatch.setattr(P, "_sample_continuations", lambda *args: list(lines))
+    kept = P.synthesise_prompts(model, tokenizer, seeds, 5, seed=0, exclude=evaluation,
+                                config=P.SynthesisConfig(max_rounds=2))
     assert [p.text for p in kept] == ["Mia bakes 12 cookies and gives 5 to Omar. How many cookies are left?",
                                       "A train carries 40 people and 13 get off at the station. How many people remain?"]
-    monkeypatch.setattr(D, "_sample_continuations", lambda *args: [evaluation[0]])
+    monkeypatch.setattr(P, "_sample_continuations", lambda *args: [evaluation[0]])
     with pytest.raises(LorasuiteError, match="no usable prompt"):
-        D.synthesise_prompts(model, tokenizer, seeds, 2, exclude=evaluation, config=D.SynthesisConfig(max_rounds=2))
+        P.synthesise_prompts(model, tokenizer, seeds, 2, exclude=evaluation, config=P.SynthesisConfig(max_rounds=2))
 
 
 def test_synthesis_budget_grows_with_the_number_asked(monkeypatch):
@@ -361,11 +362,11 @@ def test_synthesis_budget_grows_with_the_number_asked(monkeypatch):
         return [f" How many pens does pupil {len(calls)}-{i} hold now?" if i % 10 == 0 else "no question here"
                 for i in range(len(requests))]
 
-    monkeypatch.setattr(D, "_sample_continuations", one_in_ten)
-    config = D.SynthesisConfig(batch_size=10, near_duplicate=0.99)
-    kept = D.synthesise_prompts(None, None, ["How many apples are left?"], 30, config=config)
+    monkeypatch.setattr(P, "_sample_continuations", one_in_ten)
+    config = P.SynthesisConfig(batch_size=10, near_duplicate=0.99)
+    kept = P.synthesise_prompts(None, None, ["How many apples are left?"], 30, config=config)
     assert len(kept) == 30 and len(calls) == 30                     # one kept per round of 10; budget 36 rounds
     calls.clear()
-    monkeypatch.setattr(D, "_sample_continuations", lambda *a: ["nothing"] * 10)
+    monkeypatch.setattr(P, "_sample_continuations", lambda *a: ["nothing"] * 10)
     with pytest.raises(LorasuiteError, match="no usable prompt .* in 36 rounds"):
-        D.synthesise_prompts(None, None, ["How many apples are left?"], 30, config=config)
+        P.synthesise_prompts(None, None, ["How many apples are left?"], 30, config=config)

@@ -13,6 +13,7 @@ from lorasuite_core.testing.adapter import make_random_lora_adapter
 from lorasuite_core.testing.model import make_tiny_model_dir
 from lorasuite_core.testing.upgrade import upgrade_model_dir
 from lorasuite_core.training import distill as D
+from lorasuite_core.training import prompts as P
 from lorasuite_core.training.gate import QualityGateFailed
 from lorasuite_core.training.task_data import generate_problems
 from tests.distill_setup import EXACT
@@ -92,7 +93,7 @@ def test_the_gate_refuses_an_adapter_no_better_than_the_bare_model(exact):
 def test_seed_prompts_are_synthesised_by_the_teacher_excluding_evaluation_prompts(exact, monkeypatch):
     """The stage's wiring of synthesis: n = lft_samples (held out: the evaluation data), the seed, the exclusions,
     and the writer: the old model without the adapter."""
-    from lorasuite_core.training import distill
+    from lorasuite_core.training import prompts
 
     root = exact["root"]
     seeds = root / "seeds.txt"
@@ -106,9 +107,9 @@ def test_seed_prompts_are_synthesised_by_the_teacher_excluding_evaluation_prompt
     def synthesise(model, tokenizer, seed_prompts, n, *, seed=0, exclude=(), config=None):
         calls.append({"seeds": [p.text for p in seed_prompts], "n": n, "seed": seed, "exclude": list(exclude),
                       "writer_has_adapter": hasattr(model, "peft_config")})
-        return [distill.Prompt(s.instruction) for s in generate_problems(n, "train", seed=9)]
+        return [prompts.Prompt(s.instruction) for s in generate_problems(n, "train", seed=9)]
 
-    monkeypatch.setattr(distill, "synthesise_prompts", synthesise)
+    monkeypatch.setattr(prompts, "synthesise_prompts", synthesise)
     options = MigrationOptions(lft_mode="distill", lft_seed_prompts=str(seeds), lft_samples=5, lft_lr=1e-5,
                                eval_data=str(eval_data), gate_prompts=3, seed=7)
     report = stages.migrate_in_process(exact["old"], exact["new"], exact["adapter"], root / "from-seeds", options,
@@ -122,14 +123,14 @@ def test_seed_prompts_are_synthesised_by_the_teacher_excluding_evaluation_prompt
 def test_held_out_records_round_trip_and_malformed_ones_are_one_line_errors(tmp_path):
     from lorasuite_core.errors import LorasuiteError
 
-    prompts = [D.Prompt("What is 2 plus 3?"), D.Prompt("Add", "4 and 5")]
+    prompts = [P.Prompt("What is 2 plus 3?"), P.Prompt("Add", "4 and 5")]
     teacher = [D.Completion(" 5", (20,)), D.Completion(" 9", (21, 22))]
     student = [D.Completion(" 5", (30,)), D.Completion(" 8", (31,))]
     path = tmp_path / stages.HELDOUT
     stages._write_heldout(path, prompts, teacher, student)
     assert stages._read_heldout(path) == (prompts, teacher, student)
     path.write_text(json.dumps([{"instruction": "What is 2 plus 3?"}]))          # prompts only: generate the rest
-    assert stages._read_heldout(path) == ([D.Prompt("What is 2 plus 3?")], None, None)
+    assert stages._read_heldout(path) == ([P.Prompt("What is 2 plus 3?")], None, None)
     for bad in ("{", "[]", '[{"input": "x"}]', '[{"instruction": "q", "teacher": {"text": "t", "ids": ["1"]}}]'):
         path.write_text(bad)
         with pytest.raises(LorasuiteError, match=r"^distillation's held-out prompts .*: ") as info:

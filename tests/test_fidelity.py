@@ -22,7 +22,8 @@ from lorasuite_core.pipeline.stages import migrate_in_process
 from lorasuite_core.testing.adapter import make_random_lora_adapter
 from lorasuite_core.testing.model import make_tiny_model_dir
 from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
-from lorasuite_core.training.distill import Prompt, greedy_completions
+from lorasuite_core.training.distill import greedy_completions
+from lorasuite_core.training.prompts import Prompt
 from lorasuite_core.training.evaluation import load_for_generation
 from lorasuite_core.training.fidelity import completion_nll, fidelity_of, measure_fidelity, per_character, scoring_examples
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.training import distill as D
+from lorasuite_core.training import prompts as P
 from lorasuite_core.training.gate import (DEFAULT_MARGIN, QualityGateFailed, check_gate, gate_decision,
                                          quality_gate)
 from lorasuite_core.training.task_data import generate_problems
@@ -53,7 +54,7 @@ def gate_setup(tmp_path_factory):
     assert any("lora_B" in k for k in tensors)
     save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in tensors.items()}, str(zeroed / ADAPTER_WEIGHTS))
     samples = generate_problems(8, "test", 0)
-    prompts = D.prompts_from_samples(samples)
+    prompts = P.prompts_from_samples(samples)
     teacher, tokenizer = D.load_for_generation(pair["old"], pair["adapter"], dtype="float32", device="cpu")
     teacher_completions = D.greedy_completions(teacher, tokenizer, prompts, **GEN)
     return {**pair, "zeroed": zeroed, "prompts": prompts, "answers": [s.answer for s in samples],

@@ -161,14 +161,3 @@ def test_base_model_release_schema():
     assert event.fleet_manifest == "s3://b/fleet.yaml"
     with pytest.raises(Exception, match="Extra inputs are not permitted"):
         BaseModelRelease.model_validate({"previous_model": "a", "new_model": "b", "fleet_manifest": "c", "x": 1})
-
-
-def test_head_transform_choices_match_the_transfer_modes():
-    from typing import get_args
-
-    from lorasuite_core.pipeline.options import HeadTransform
-
-    pytest.importorskip("torch")
-    from lorasuite_core.transfer.unit_maps import MODES
-
-    assert set(get_args(HeadTransform)) == set(MODES)

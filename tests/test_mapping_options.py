@@ -8,21 +8,13 @@ import torch
 
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.pipeline import stages
-from lorasuite_core.pipeline.options import AnalysisOptions, HeadMapping, LayerMapping
+from lorasuite_core.pipeline.options import AnalysisOptions
 from lorasuite_core.pipeline.stages import migrate_in_process
 from lorasuite_core.testing.adapter import make_random_lora_adapter
 from lorasuite_core.testing.model import make_tiny_model_dir
 from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
-from lorasuite_core.transfer.layer_mapping import LAYER_MAPPINGS, fixed_mapping
-from lorasuite_core.transfer.matching import HEAD_MAPPINGS
+from lorasuite_core.transfer.layer_mapping import fixed_mapping
 from tests.exactness import logits_over_shared_vocab, relative_max_error
-
-
-def test_schema_choices_match_the_numerics():
-    from typing import get_args
-
-    assert get_args(LayerMapping) == LAYER_MAPPINGS
-    assert get_args(HeadMapping) == HEAD_MAPPINGS
 
 
 @pytest.mark.parametrize("old, new, method, expected", [

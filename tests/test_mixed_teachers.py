@@ -12,6 +12,7 @@ import pytest
 from lorasuite_core.testing.adapter import make_random_lora_adapter
 from lorasuite_core.testing.model import make_tiny_model_dir
 from lorasuite_core.training import distill as D
+from lorasuite_core.training import prompts as P
 from lorasuite_core.training.task_data import generate_problems
 
 GEN = {"max_new_tokens": 24, "batch_size": 4}
@@ -23,7 +24,7 @@ def teachers(tmp_path_factory):
     model = make_tiny_model_dir("llama", root / "model", seed=2)
     adapters = {f"t{i}": make_random_lora_adapter(model, root / f"t{i}", rank=4, alpha=8, seed=20 + i)
                 for i in range(3)}
-    problems = D.prompts_from_samples(generate_problems(10, "train", seed=4))
+    problems = P.prompts_from_samples(generate_problems(10, "train", seed=4))
     prompts = {name: [problems[0]] + problems[1 + 3 * i:4 + 3 * i] for i, name in enumerate(adapters)}
     return model, adapters, prompts
 

@@ -109,3 +109,25 @@ def test_validation_errors_are_one_line_naming_every_field():
     assert "lft_samples: Input should be greater than or equal to 1" in text
     assert "lft_lr: Input should be greater than 0" in text
     assert "lft_sample: Extra inputs are not permitted" in text
+
+
+def test_transfer_choices_are_the_schemas_literals_and_flags():
+    """options.py restates the transfer's choices as Literals (importing them would pull in torch): they must be
+    the same tuples, in order, and the CLI offers exactly them."""
+    from typing import get_args
+
+    from lorasuite_core.pipeline.options import HeadMapping, HeadTransform, LayerMapping
+    from lorasuite_core.transfer.layer_mapping import LAYER_MAPPINGS
+    from lorasuite_core.transfer.matching import HEAD_MAPPINGS
+    from lorasuite_core.transfer.unit_maps import MODES
+
+    pairs = {"head_transform": (HeadTransform, MODES), "layer_mapping": (LayerMapping, LAYER_MAPPINGS),
+             "head_mapping": (HeadMapping, HEAD_MAPPINGS)}
+    parser = _migrate_parser()
+    migrate = parser._subparsers._group_actions[0].choices["migrate"]
+    for name, (literal, numerics) in pairs.items():
+        assert get_args(literal) == numerics, f"{name}: options.py {get_args(literal)} != transfer {numerics}"
+        model = MigrationOptions if name in MigrationOptions.model_fields else AnalysisOptions
+        assert model.model_fields[name].annotation is literal
+        action = next(a for a in migrate._actions if flag(name) in a.option_strings)
+        assert tuple(action.choices) == numerics

@@ -40,7 +40,7 @@ from pydantic.fields import FieldInfo
 from lorasuite_core.errors import LorasuiteError
 
 # The choices of lorasuite_core.transfer (unit_maps.MODES, layer_mapping.LAYER_MAPPINGS,
-# matching.HEAD_MAPPINGS; not imported here: they pull in torch; a test checks they agree).
+# matching.HEAD_MAPPINGS; not imported here: they pull in torch; tests/test_options.py checks they agree).
 HeadTransform = Literal["lstsq", "paper"]
 LayerMapping = Literal["cka", "sequential", "first", "last"]
 HeadMapping = Literal["hungarian", "identity"]

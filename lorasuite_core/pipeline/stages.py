@@ -600,26 +600,27 @@ SYNTHESIS_VERSION = 2
 
 def _prompts(ref: str, limit: int | None, seed: int) -> list:
     """Unlabelled prompts: a prompt file (.txt / .jsonl / .json, math_10k records included) or builtin:<split>."""
-    from lorasuite_core.training import distill as D
+    from lorasuite_core.training import prompts as P
     from lorasuite_core.training.samples import BUILTIN
 
     if ref.startswith(BUILTIN):
-        return D.prompts_from_samples(load_samples(ref, limit, "train", seed))
-    return D.read_prompts(ref, limit)
+        return P.prompts_from_samples(load_samples(ref, limit, "train", seed))
+    return P.read_prompts(ref, limit)
 
 
 def _heldout_eval(options: MigrationOptions) -> tuple[list, list[str] | None]:
     """The evaluation data's first ``gate_prompts`` prompts and gold answers (empty without eval data)."""
-    from lorasuite_core.training import distill as D
+    from lorasuite_core.training import prompts as P
 
     if not options.eval_data:
         return [], None
     samples = load_samples(options.eval_data, options.gate_prompts, "test", options.seed)
-    return D.prompts_from_samples(samples), [s.answer for s in samples]
+    return P.prompts_from_samples(samples), [s.answer for s in samples]
 
 
 def _distill(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated: Path, out: Path, config) -> dict:
     from lorasuite_core.training import distill as D
+    from lorasuite_core.training import prompts as P
 
     o = adapter.options
     teacher_dir = resolve_local_dir(plan.old_model, "model")
@@ -629,7 +630,7 @@ def _distill(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated: 
     if o.lft_seed_prompts and not o.lft_prompts:
         model, tokenizer = D.load_for_generation(teacher_dir, dtype="float32")   # the writer: the teacher's base
         seeds = _prompts(o.lft_seed_prompts, None, o.seed)
-        prompts = D.synthesise_prompts(model, tokenizer, seeds, wanted, seed=o.seed, exclude=[p.text for p in heldout])
+        prompts = P.synthesise_prompts(model, tokenizer, seeds, wanted, seed=o.seed, exclude=[p.text for p in heldout])
         del model
         source = "synthesised"
     else:
@@ -640,7 +641,7 @@ def _distill(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated: 
         if len(prompts) <= o.gate_prompts:
             raise LorasuiteError(f"distillation: {len(prompts)} prompts, but {o.gate_prompts} are held out "
                                  f"(--gate-prompts) and at least one must be left to train on")
-        train, heldout = D.split_heldout(prompts, o.gate_prompts, o.seed)
+        train, heldout = P.split_heldout(prompts, o.gate_prompts, o.seed)
     vocabulary = _load_vocabulary(store, store.location("vocabulary", plan.stage_keys["vocabulary"]))
     report = D.distill(teacher_dir, source_dir, resolve_local_dir(plan.new_model, "model"), migrated, out, train,
                        heldout=heldout, config=D.DistillConfig(kl_weight=o.lft_kl_weight, train=config),
@@ -661,6 +662,7 @@ def _read_heldout(path: Path) -> tuple[list, list | None, list | None]:
     """``(prompts, teacher completions, student completions)`` of :func:`_write_heldout` (completions None in a
     record written without them); a malformed file is a one-line error, not a traceback."""
     from lorasuite_core.training import distill as D
+    from lorasuite_core.training import prompts as P
 
     def completion(record: dict, key: str):
         value = record.get(key)
@@ -680,7 +682,7 @@ def _read_heldout(path: Path) -> tuple[list, list | None, list | None]:
             if not isinstance(record, dict) or not isinstance(record.get("instruction"), str) \
                     or not isinstance(record.get("input", ""), str):
                 raise ValueError("a record without a string instruction")
-            prompts.append(D.Prompt(record["instruction"], record.get("input", "")))
+            prompts.append(P.Prompt(record["instruction"], record.get("input", "")))
             teacher.append(completion(record, "teacher"))
             student.append(completion(record, "student"))
     except (OSError, ValueError) as exc:
@@ -725,7 +727,7 @@ def quality_gate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, final_
 
 def _fidelity_prompts(plan: PairPlan, adapter: AdapterPlan, lft_dir: Path | None) -> tuple[list, list | None]:
     """Held-out prompts and, where distillation generated them, the teacher's completions (else None)."""
-    from lorasuite_core.training import distill as D
+    from lorasuite_core.training import prompts as P
 
     o = adapter.options
     if lft_dir is not None and (lft_dir / HELDOUT).exists():
@@ -734,7 +736,7 @@ def _fidelity_prompts(plan: PairPlan, adapter: AdapterPlan, lft_dir: Path | None
     prompts, _ = _heldout_eval(o)
     if not prompts:
         texts = calibration_texts(plan.calibration_data, plan.max_calibration_tokens)[:o.gate_prompts]
-        prompts = [D.Prompt(text[:FIDELITY_PROMPT_CHARS]) for text in texts]
+        prompts = [P.Prompt(text[:FIDELITY_PROMPT_CHARS]) for text in texts]
     return prompts, None
 
 

@@ -62,7 +62,7 @@ def fidelity_of(bare_new: float, migrated: float, teacher: float) -> float | Non
 
 
 def scoring_examples(tokenizer, prompts: Sequence, texts: Sequence[str]) -> list[dict[str, list[int]]]:
-    """``prompt ids + completion ids`` with labels -100 over the prompt (no EOS); prompts are ``distill.Prompt``."""
+    """``prompt ids + completion ids`` with labels -100 over the prompt (no EOS); prompts are ``prompts.Prompt``."""
     if len(prompts) != len(texts):
         raise ValueError(f"{len(prompts)} prompts for {len(texts)} completions")
     examples = []

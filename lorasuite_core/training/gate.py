@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.training.distill import Completion, Prompt, accuracy, greedy_completions, teacher_agreement
+from lorasuite_core.training.distill import Completion, accuracy, greedy_completions, teacher_agreement
 from lorasuite_core.training.evaluation import load_for_generation
+from lorasuite_core.training.prompts import Prompt
 
 logger = logging.getLogger(__name__)
 
