@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lorasuite_core.pipeline.stages import migrate_in_process
+from lorasuite_core.pipeline.runner import migrate_in_process
 from lorasuite_core.testing.upgrade import UpgradeSpec, make_random_lora_adapter, make_tiny_model_dir, upgrade_model_dir
 from lorasuite_core.testing.verification import logits_over_shared_vocab, relative_max_error
 

@@ -27,12 +27,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.states import Failed, State
 
-import tasks
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.pipeline.manifest import BaseModelRelease, FleetManifest, ManifestError
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
-from lorasuite_core.pipeline.stages import check_adapter, run_inputs
-from lorasuite_core.io.storage import check_not_a_file, check_replaceable as replaceable, redact_uri
+from lorasuite_core.io.storage import check_not_a_file, redact_uri
 from tasks._support import forward_core_logs
 
 from . import artifacts
@@ -64,16 +62,12 @@ def migrate_adapter(
     forward_core_logs()
     options = (options or MigrationOptions()).check_single()
     analysis = analysis or AnalysisOptions()
-    inputs = run_inputs(old_model, new_model, adapter, options, analysis, cache_root)
-    replaceable(output, tasks.check_output(output, inputs), overwrite)
-    check_adapter(old_model, adapter)      # a bad adapter fails now, not after the pair analysis
     run = PipelineRun(cache_root)
-    pair = run.analyse_pair(old_model, new_model, analysis)
     entry = EntryRun(name=_entry_name(output), adapter=adapter, output=output, options=options)
-    run.migrate([entry], pair, overwrite=overwrite)
+    pair = run.run(old_model, new_model, analysis, [entry], overwrite=overwrite)   # checked before any analysis
     if entry.status != "published":
         raise entry.exception or LorasuiteError(f"adapter {entry.name}: {entry.error}")
-    return entry.result(run.summary(entry, pair)).model_dump()
+    return run.result(entry, run.summary(entry, pair)).model_dump()
 
 
 def run_fleet(fleet: FleetManifest, *, overwrite: bool, cache_root: str | None) -> FleetResult:
@@ -85,20 +79,11 @@ def run_fleet(fleet: FleetManifest, *, overwrite: bool, cache_root: str | None) 
     progress = artifacts.ProgressArtifact(
         f"{len(entries)} adapter(s), {artifacts.pair_title(fleet.old_model, fleet.new_model)}")
     check_not_a_file(fleet.output_root, "fleet output_root")
-    run.check_outputs(entries, overwrite, fleet, cache_root)
-    for e in entries:                    # a bad adapter fails its entry now, not after the pair analysis
-        if e.live:
-            try:
-                check_adapter(fleet.old_model, e.adapter)
-            except Exception as error:  # noqa: BLE001 - recorded on the entry
-                e.fail("load", error)
-    pair = None
-    if any(e.live for e in entries):
-        pair = run.analyse_pair(fleet.old_model, fleet.new_model, fleet.analysis, on_progress=progress.analysis)
-        run.migrate(entries, pair, overwrite=overwrite, on_progress=progress.entries)
+    pair = run.run(fleet.old_model, fleet.new_model, fleet.analysis, entries, overwrite=overwrite,
+                   skip_finished=True, progress=progress)   # every entry checked before the pair analysis
     progress.update(100.0)
-    result = FleetResult(old_model=fleet.old_model, new_model=fleet.new_model, analysis=pair.steps if pair else {},
-                         entries=[e.result(run.summary(e, pair)) for e in entries])
+    result = FleetResult(old_model=fleet.old_model, new_model=fleet.new_model, analysis=pair.steps() if pair else {},
+                         entries=[run.result(e, run.summary(e, pair)) for e in entries])
     summary = result.summary()
     artifacts.fleet_summary_artifact(summary["entries"])
     log.info("fleet: %d published, %d skipped, %d failed", len(summary["published"]), len(summary["skipped"]),
