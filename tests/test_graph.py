@@ -74,6 +74,8 @@ def test_final_is_the_lft_where_it_ran_else_the_migrated_adapter():
     assert resolve_input(FINAL, {"migrated": migrated}) is migrated
     assert resolve_input(FINAL, {"migrated": migrated, "lft": lft}) is lft
     assert resolve_input("lft", {"migrated": migrated}) is None
+    source_row = EvalJob(row="old model + source adapter", model="old", adapter="source", key="k")
+    assert resolve_input(ENTRY_GRAPH["eval"].job_input(source_row), {"migrated": migrated}) is None
     assert graph.step([migrated, lft.model_copy(update={"reused": True, "seconds": 0.5})]) == \
         {"cache": "computed", "seconds": 1.5}
     assert graph.step(lft.model_copy(update={"reused": True})) == {"cache": "reused", "seconds": 1.0}

@@ -118,10 +118,10 @@ def levels(graph: dict[str, Stage]) -> list[list[str]]:
     return [[n for n in graph if level[n] == k] for k in range(1 + max(level.values(), default=-1))]
 
 
-def resolve_input(item: str | tuple[str, ...], done: dict[str, Any], pair: dict[str, Any] | None = None) -> Any:
+def resolve_input(item: str | tuple[str, ...] | None, done: dict[str, Any], pair: dict[str, Any] | None = None) -> Any:
     """An input's value: the stage's result (a list for a fanned-out stage), the first of a tuple's
-    stages that ran, or None where it did not run for this adapter."""
-    for name in ((item,) if isinstance(item, str) else item):
+    stages that ran, or None where it did not run for this adapter (or ``item`` is None: no stage)."""
+    for name in ((item,) if isinstance(item, str) else item or ()):
         if name in done:
             return done[name]
         if pair is not None and name in pair:

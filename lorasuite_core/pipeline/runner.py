@@ -187,14 +187,14 @@ class EntryRun:
         cause = error.cause if isinstance(error, JobError) else error
         self.status, self.error, self.exception = "failed", f"{stage}: {message}", cause
 
-    def planned_waves(self) -> int:
+    def total_waves(self) -> int:
         """check, plan, the entry graph's levels with a stage that runs for this plan, publish."""
         runs = [level for level in levels(ENTRY_GRAPH)
                 if self.plan is None or any(ENTRY_GRAPH[n].when(self.plan) for n in level)]
         return 3 + len(runs)
 
     def progress(self) -> float:
-        return 1.0 if not self.live else min(1.0, self.waves / self.planned_waves())
+        return 1.0 if not self.live else min(1.0, self.waves / self.total_waves())
 
     @property
     def final(self) -> StageResult:
