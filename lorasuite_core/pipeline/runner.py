@@ -51,8 +51,12 @@ def check_entry(old_model: str, new_model: str, analysis: AnalysisOptions, adapt
     with ``overwrite`` (one cut short by a crash on a plain rerun); the adapter loads and fits the old
     model.  Returns False (nothing to do) for a finished publication when ``skip_finished`` and not
     ``overwrite`` (a fleet rerun); raises :class:`~lorasuite_core.errors.LorasuiteError` otherwise."""
-    inputs = stages.run_inputs(old_model, new_model, adapter, options, analysis, store_root)
-    status = stages.output_status(output, inputs)
+    inputs = {"old model": old_model, "new model": new_model, "adapter": adapter, "LFT data": options.lft_data,
+              "LFT prompts": options.lft_prompts, "seed prompts": options.lft_seed_prompts,
+              "evaluation data": options.eval_data, "calibration data": analysis.calibration_data,
+              "cache root": store_root}          # everything a migration reads, by name
+    storage.check_output_location(output, inputs)
+    status = storage.output_state(output)    # empty | complete (ours, finished) | partial (ours, cut short) | foreign
     if status == "complete" and skip_finished and not overwrite:
         return False
     storage.check_replaceable(output, status, overwrite)

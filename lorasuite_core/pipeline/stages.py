@@ -56,7 +56,7 @@ from lorasuite_core.transfer.adapter import (REPORT_NAME, PairAnalysis, adapter_
 from lorasuite_core.transfer.residual import ResidualTransfer, residual_transfer
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.stage_store import (ADAPTER_PATTERNS, StageResult, StageStore, artifact_identity, data_identity,
-                          default_store_root, stage_key, texts_identity)
+                          stage_key, texts_identity)
 from lorasuite_core.transfer.vocab import SharedVocabulary, shared_vocabulary
 
 log = logging.getLogger(__name__)
@@ -323,22 +323,6 @@ class AdapterPlan(Schema):
     fidelity_key: str | None = None      # the fidelity stage's entry, when the options ask for it
     evals: list[EvalJob] = []
     seconds: float = 0.0                 # time taken to load, check and plan
-
-
-def output_status(output: str, inputs: dict[str, str | None]) -> Literal["empty", "complete", "partial", "foreign"]:
-    """Refuse an output that would destroy an input; else the destination's state (see storage.output_state)."""
-    storage.check_output_location(output, inputs)
-    return storage.output_state(output)
-
-
-def run_inputs(old_model: str, new_model: str, adapter: str, options: MigrationOptions,
-               analysis: AnalysisOptions | None = None, cache_root: str | None = None) -> dict[str, str | None]:
-    """Everything a migration reads, by name, for :func:`output_status`."""
-    return {"old model": old_model, "new model": new_model, "adapter": adapter, "LFT data": options.lft_data,
-            "LFT prompts": options.lft_prompts, "seed prompts": options.lft_seed_prompts,
-            "evaluation data": options.eval_data,
-            "calibration data": analysis.calibration_data if analysis else None,
-            "cache root": cache_root or default_store_root()}
 
 
 def check_adapter(old_model: str, adapter_ref: str) -> None:
@@ -778,7 +762,7 @@ def publish(store: StageStore, source_uri: str, output: str, report_updates: dic
         return storage.publish_dir_atomic(staged, output, overwrite=overwrite)
 
 
-# --------------------------------------------------------------------------- the report, in process
+# --------------------------------------------------------------------------- the report
 
 
 def report_updates(plan: PairPlan, entry: AdapterPlan, stored: dict[str, StageResult],
