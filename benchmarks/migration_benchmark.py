@@ -25,7 +25,7 @@ Rows (same seeds everywhere; LoRA rank 16 on q, k, v, o, gate, up, down; test pr
   ablation_sequential_*     layer mapping sequential instead of CKA          (_transfer, _distill_100)
   ablation_identity_heads_* head mapping identity instead of Hungarian       (_transfer, _distill_100)
 
-Every migration runs through the one stage graph (``lorasuite_core.pipeline.stages.migrate_in_process``) over a
+Every migration runs through the one stage graph (``lorasuite_core.pipeline.runner.migrate_in_process``) over a
 per-pair stage store (``<workdir>/<pair>/store``), so the pair analysis is computed once and the distill and
 ablation rows recompute only what their options change; the report's per-stage seconds time each row. Every stage
 runs in a fresh child process (its peak RSS and CPU seconds are its own; the load average at its start and end is
@@ -206,7 +206,8 @@ def stage_graph_migrate(old_dir: str, new_dir: str, adapter_dir: str, out_dir: s
     import torch
 
     from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
-    from lorasuite_core.pipeline.stages import PAIR_STAGES, migrate_in_process
+    from lorasuite_core.pipeline.graph import PAIR_STAGES
+    from lorasuite_core.pipeline.runner import migrate_in_process
 
     start = time.perf_counter()
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -915,7 +916,7 @@ def diagnosis_lines(diag: dict) -> list[str]:
 
 def transfer_stage_lines(name: str, steps: dict) -> list[str]:
     """A transfer's stage times, split into the per-model-pair analysis (cached: paid once per fleet) and the rest."""
-    from lorasuite_core.pipeline.stages import PAIR_STAGES
+    from lorasuite_core.pipeline.graph import PAIR_STAGES
 
     seconds = {k: v["seconds"] for k, v in steps.items() if isinstance(v, dict) and v.get("seconds") is not None}
     pair = sum(v for k, v in seconds.items() if k in PAIR_STAGES)

@@ -10,7 +10,8 @@ Flows orchestrate; the work is in the tasks (``tasks/``), which wrap ``lorasuite
 * The pair analysis runs once per model pair and calibration set *across runs too*: its
   stages are cached in the stage store (``lorasuite_core.pipeline.stage_store``) under keys built from
   model identities, the calibration hash and ``ALGORITHM_VERSION``.
-* Adapters fan out wave by wave; the per-layer transfer is a mapped task (``flows/pipeline.py``).
+* Adapters go through the entry graph (``lorasuite_core/pipeline/graph.py``) level by level, run by the
+  one runner on Prefect tasks generated from the graph (``flows/pipeline.py``, ``tasks/stages.py``).
 * Artifacts: CKA heatmap, layer-mapping table, head-mapping summary, evaluation tables, fleet
   progress and summary (``flows/artifacts.py``).
 * ``run_migrate_adapter`` / ``run_migrate_fleet`` (``flows/entrypoints.py``) are the plain-Python

@@ -161,7 +161,7 @@ class ProgressArtifact:
         self.update(ANALYSIS_SHARE * done / max(1, total), f"pair analysis: {done}/{total} stages")
 
     def entries(self, percent: float) -> None:
-        """The adapter entries are ``percent`` done (what :meth:`PipelineRun.migrate` reports)."""
+        """The adapter entries are ``percent`` done (what the runner's ``migrate`` reports)."""
         self.update(ANALYSIS_SHARE + (100.0 - ANALYSIS_SHARE) * percent / 100.0, f"adapters: {percent:.0f}%")
 
     def finish(self, outcome: str) -> None:

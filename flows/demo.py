@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lorasuite_core.pipeline.stages import migrate_in_process
+from lorasuite_core.pipeline.runner import migrate_in_process
 from lorasuite_core.testing.adapter import make_random_lora_adapter
 from lorasuite_core.testing.model import make_tiny_model_dir
 from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir

@@ -12,10 +12,11 @@ from typing import Any
 
 from lorasuite_core.pipeline.manifest import FleetManifest
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
-from lorasuite_core.pipeline.stages import check_adapter, run_inputs
-from lorasuite_core.io.storage import check_not_a_file, check_output
+from lorasuite_core.pipeline.runner import check_entry
+from lorasuite_core.io.storage import check_not_a_file
 
 from .embedded import embedded_api
+from .settings import resolve_cache_root
 
 
 def run_migrate_adapter(old_model: str, new_model: str, adapter: str, output: str,
@@ -28,9 +29,8 @@ def run_migrate_adapter(old_model: str, new_model: str, adapter: str, output: st
     analysis = analysis or AnalysisOptions()
     # The flow checks again (deployments call it directly); here the error comes before any run starts.
     old_model, new_model, adapter, output = map(str, (old_model, new_model, adapter, output))
-    inputs = run_inputs(old_model, new_model, adapter, options, analysis, cache_root)
-    check_output(output, inputs, overwrite)
-    check_adapter(old_model, adapter, options.serving)
+    check_entry(old_model, new_model, analysis, adapter, output, options, resolve_cache_root(cache_root),
+                overwrite=overwrite)
     with embedded_api():
         return migrate_adapter(old_model=old_model, new_model=new_model, adapter=adapter, output=output,
                                options=options, analysis=analysis, overwrite=overwrite, cache_root=cache_root)

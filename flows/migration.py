@@ -32,12 +32,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.states import Failed, State
 
-import tasks
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.pipeline.manifest import BaseModelRelease, FleetManifest, ManifestError
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
-from lorasuite_core.pipeline.stages import check_adapter, run_inputs
-from lorasuite_core.io.storage import check_not_a_file, check_replaceable as replaceable, redact_uri
+from lorasuite_core.io.storage import check_not_a_file, redact_uri
+import tasks
 from tasks._support import forward_core_logs
 
 from . import artifacts
@@ -110,16 +109,12 @@ def migrate_adapter(
     forward_core_logs()
     options = (options or MigrationOptions()).check_single()
     analysis = analysis or AnalysisOptions()
-    inputs = run_inputs(old_model, new_model, adapter, options, analysis, cache_root)
-    replaceable(output, tasks.check_output(output, inputs), overwrite)
-    check_adapter(old_model, adapter, options.serving)   # a bad adapter fails now, not after the pair analysis
     run = PipelineRun(cache_root)
-    pair = run.analyse_pair(old_model, new_model, analysis)
     entry = EntryRun(name=_entry_name(output), adapter=adapter, output=output, options=options)
-    run.migrate([entry], pair, overwrite=overwrite)
+    pair = run.run(old_model, new_model, analysis, [entry], overwrite=overwrite)   # checked before any analysis
     if entry.status != "published":
         raise entry.exception or LorasuiteError(f"adapter {entry.name}: {entry.error}")
-    return entry.result(run.summary(entry, pair)).model_dump()
+    return run.result(entry, run.summary(entry, pair)).model_dump()
 
 
 def run_fleet(fleet: FleetManifest, *, overwrite: bool, cache_root: str | None) -> FleetResult:
@@ -132,25 +127,16 @@ def run_fleet(fleet: FleetManifest, *, overwrite: bool, cache_root: str | None) 
         f"{len(entries)} adapter(s), {artifacts.pair_title(fleet.old_model, fleet.new_model)}")
     try:
         check_not_a_file(fleet.output_root, "fleet output_root")
-        run.check_outputs(entries, overwrite, fleet, cache_root)
-        for e in entries:                    # a bad adapter fails its entry now, not after the pair analysis
-            if e.live:
-                try:
-                    check_adapter(fleet.old_model, e.adapter, e.options.serving)
-                except Exception as error:  # noqa: BLE001 - recorded on the entry
-                    e.fail("load", error)
-        pair = None
-        if any(e.live for e in entries):
-            pair = run.analyse_pair(fleet.old_model, fleet.new_model, fleet.analysis, on_progress=progress.analysis)
-            run.migrate(entries, pair, overwrite=overwrite, on_progress=progress.entries)
+        pair = run.run(fleet.old_model, fleet.new_model, fleet.analysis, entries, overwrite=overwrite,
+                       skip_finished=True, progress=progress)   # every entry checked before the pair analysis
     except BaseException as error:
         progress.finish(f"Failed: {artifacts.one_line(error)}")
         raise
     for e in entries:                    # each failed entry a Failed task run named after it, in the graph
         if e.status == "failed":
             tasks.entry_failed(e.name, e.error or "", return_state=True)
-    result = FleetResult(old_model=fleet.old_model, new_model=fleet.new_model, analysis=pair.steps if pair else {},
-                         entries=[e.result(run.summary(e, pair)) for e in entries])
+    result = FleetResult(old_model=fleet.old_model, new_model=fleet.new_model, analysis=pair.steps() if pair else {},
+                         entries=[run.result(e, run.summary(e, pair)) for e in entries])
     summary = result.summary()
     progress.finish(fleet_message(summary))
     artifacts.fleet_summary_artifact(summary["entries"])

@@ -1,10 +1,8 @@
-"""Per-adapter tasks: output check, planning, the per-layer transfer (the fan-out unit), assembly, publication.
+"""Per-adapter tasks around the entry graph: the pre-run check, planning, publication.
 
-``transfer_layer`` is mapped over an adapter's new layers (``transfer_layer.map``): each call
-carries the old layers mapped onto one new layer, sums them and re-factorises by SVD, and
-stores a :class:`~lorasuite_core.transfer.adapter.NewLayerResult`.  It is the unit that goes to GPU
-workers (tag ``lorasuite-gpu``), retried on failure, and cached by (pair analysis, adapter
-identity, layer, sources, head transform): a rerun after a failure redoes only missing layers.
+The stages between planning and publication (``transfer_layer`` mapped over the new layers,
+assembly, LFT, baseline, fidelity, gate, evaluation rows) are generated from
+:data:`lorasuite_core.pipeline.graph.ENTRY_GRAPH` (:mod:`tasks.stages`).
 """
 from __future__ import annotations
 
@@ -14,21 +12,22 @@ from prefect import get_run_logger, task
 from prefect.states import Failed, State
 
 from lorasuite_core.pipeline import stages
+from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
+from lorasuite_core.pipeline.runner import check_entry as check
 from lorasuite_core.pipeline.stage_store import StageResult, StageStore
-from lorasuite_core.pipeline.options import MigrationOptions
-from lorasuite_core.pipeline.stages import AdapterPlan, LayerJob, PairPlan
+from lorasuite_core.pipeline.stages import AdapterPlan, PairPlan
 from lorasuite_core.io.storage import redact_uri
 
-from ._support import NO_RECORDS, forward_core_logs, run_stage, stage_task_options
+from ._support import NO_RECORDS, forward_core_logs
 
 
-@task(name="check-output", **NO_RECORDS)
-def check_output(output: str, inputs: dict[str, str | None]) -> str:
-    """``empty``, ``complete`` (our finished publication), ``partial`` (ours, interrupted) or ``foreign``.
-
-    Raises UnsafeOutputError for an output that would overwrite an input or the working directory.
-    """
-    return stages.output_status(output, inputs)
+@task(name="check-entry", **NO_RECORDS)
+def check_entry(old_model: str, new_model: str, analysis: AnalysisOptions, adapter: str, output: str,
+                options: MigrationOptions, cache_root: str, *, overwrite: bool, skip_finished: bool = False) -> bool:
+    """:func:`lorasuite_core.pipeline.runner.check_entry`: output safety, then the adapter loads and fits."""
+    forward_core_logs()
+    return check(old_model, new_model, analysis, adapter, output, options, cache_root, overwrite=overwrite,
+                 skip_finished=skip_finished)
 
 
 @task(name="plan-adapter", **NO_RECORDS, task_run_name="plan-{name}")
@@ -40,22 +39,6 @@ def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter: str,
     get_run_logger().info("adapter %s (%s): %d modules, %d new layers to transfer", name, redact_uri(adapter),
                           planned.modules, len(planned.layers))
     return planned
-
-
-@task(**stage_task_options("layer", heavy=True),
-      task_run_name="transfer-{adapter.name}-layer-{job.new_layer}")
-def transfer_layer(store: str, plan: PairPlan, analysis: StageResult, adapter: AdapterPlan,
-                   job: LayerJob) -> StageResult:
-    """Matching applied, deltas carried and summed, SVD re-factorisation — for one new layer."""
-    return run_stage(stages.transfer_layer, StageStore.at(store), plan, analysis.uri, adapter, job)
-
-
-@task(**stage_task_options("migrated"),
-      task_run_name="assemble-{adapter.name}")
-def assemble(store: str, plan: PairPlan, analysis: StageResult, adapter: AdapterPlan,
-             layers: list[StageResult]) -> StageResult:
-    """PEFT adapter directory and migration report from the per-layer results."""
-    return run_stage(stages.assemble, StageStore.at(store), plan, analysis.uri, adapter, [r.uri for r in layers])
 
 
 @task(name="publish", **NO_RECORDS, task_run_name="publish-{name}")

@@ -71,7 +71,7 @@ def test_drift_diagnosis_counts_stated_answers(bench):
 
 
 def test_transfer_stage_times_split_into_pair_analysis_and_per_adapter_work(bench):
-    from lorasuite_core.pipeline.stages import PAIR_STAGES
+    from lorasuite_core.pipeline.graph import PAIR_STAGES
 
     steps = {name: {"cache": "computed", "seconds": 10.0} for name in PAIR_STAGES}
     steps.update(load={"seconds": 6.0}, transfer={"seconds": 29.0}, write={"seconds": 0.4})

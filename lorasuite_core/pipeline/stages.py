@@ -9,35 +9,20 @@ on any worker, and be reused when its entry already exists.  Arrays live in the 
 files (safetensors); stages exchange only :class:`~lorasuite_core.pipeline.stage_store.StageResult`
 (URI + small facts).  Never imports Prefect.
 
-Pair analysis (adapter-independent; computed once per model pair and calibration set)::
+The pair-analysis stages (``vocabulary`` ... ``head_similarity``) are computed once per model pair
+and calibration set; the per-adapter stages (``transfer_layer``, the fan-out unit, ``assemble``,
+``light_finetune``, ``vanilla_baseline``, ``fidelity``, ``quality_gate``, ``evaluate``) after
+:func:`plan_adapter`, and :func:`publish` last (not stored: copy, report patched, manifest last).
 
-    plan_pair        identities of both models and of the calibration text; every stage key
-    vocabulary       (old, new)                         shared token ids
-    transfer_matrix  (vocabulary)                       residual maps P, Q
-    activations      (old, new, calibration, budget)    paired hidden states
-    cka              (activations)                      CKA of layer updates and of states
-    layer_mapping    (cka, offset)                      monotone old -> new layer map
-    head_similarity  (transfer_matrix, layer_mapping)   head/neuron matching of every mapped pair;
-                                                        writes the whole PairAnalysis (analysis_store)
-
-Per adapter::
-
-    plan_adapter     load + fit check, adapter identity, the per-new-layer jobs and every key
-    transfer_layer   (analysis, adapter, new layer, sources, mode)   one NewLayerResult  [fan-out unit]
-    assemble         (analysis, adapter, mode, refs)    PEFT directory + migration_report.json
-    light_finetune   (migrated, data, hyper-parameters) LFT of the migrated adapter      [optional]
-    vanilla_baseline (new model, data, hyper-parameters) fresh LoRA for comparison       [optional]
-    fidelity         (migrated, LFT, teacher, prompts)  share of the teacher gap closed  [default on]
-    evaluate         (model, adapter entry, data, n)    accuracy                         [optional]
-    publish          not stored: copy to the output, report patched, completion manifest last
+Which stage reads which, when each runs and the order: :mod:`lorasuite_core.pipeline.graph`, the
+one place they are declared; :mod:`lorasuite_core.pipeline.runner` walks that graph in process
+(:func:`migrate_in_process`: the synthetic demo, the benchmarks, the tests' references) and the
+flows walk it with Prefect tasks generated from the same table (``tasks/stages.py``).
 
 Keys (:func:`~lorasuite_core.pipeline.stage_store.stage_key`) chain: a stage's key includes the keys
 of the entries it reads, so an adapter produced from reused entries is bit-identical to one
-computed afresh.  There is one stage graph: the Prefect flows (``flows/pipeline.py``) submit
-these functions as tasks, and :func:`migrate_in_process` — used by the synthetic demo, the
-benchmark's timed transfer and the tests' references — calls the same functions in the same
-order over the same store, without Prefect.  Loaded models, adapters and analyses are
-memoised per process by identity, because a worker runs many per-layer jobs of one pair.
+computed afresh.  Loaded models, adapters and analyses are memoised per process by identity,
+because a worker runs many per-layer jobs of one pair.
 
 Progress (:mod:`lorasuite_core.io.terminal`): every stored stage reports its time from
 :meth:`StageStore.run`; besides, :func:`plan_adapter` announces how many per-adapter entries will
@@ -77,25 +62,11 @@ from lorasuite_core.transfer.adapter import (PairAnalysis, check_adapter_fits, e
 from lorasuite_core.transfer.residual import ResidualTransfer, residual_transfer
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.stage_store import (ADAPTER_PATTERNS, StageResult, StageStore, artifact_identity, data_identity,
-                          configured_cache_root, stage_key, texts_identity)
+                          stage_key, texts_identity)
 from lorasuite_core.transfer.vocab import SharedVocabulary, shared_vocabulary
 
 log = logging.getLogger(__name__)
 
-#: The pair-analysis graph, declared once: each stage and the stages whose entries it reads, in
-#: a topological order.  A stage function takes ``(store, plan, *upstream_uris)`` in this order;
-#: :func:`migrate_in_process` calls them and the flows submit their tasks from this table.
-PAIR_GRAPH: dict[str, tuple[str, ...]] = {
-    "vocabulary": (),
-    "activations": (),
-    "transfer_matrix": ("vocabulary",),
-    "cka": ("activations",),
-    "layer_mapping": ("cka",),
-    "head_similarity": ("vocabulary", "transfer_matrix", "activations", "cka", "layer_mapping"),
-}
-PAIR_STAGES = tuple(PAIR_GRAPH)
-#: The per-adapter waves, in order (the flows run each wave for all entries before the next).
-ENTRY_WAVES = ("load", "transfer", "write", "train", "fidelity", "gate", "eval", "publish")
 PUBLISHED_EXTRA = ("training_summary.json",)
 
 
@@ -314,6 +285,10 @@ class LayerJob(Schema):
     sources: list[int]
     key: str
 
+    @property
+    def label(self) -> str:
+        return f"new layer {self.new_layer}"
+
 
 class TrainJob(Schema):
     key: str
@@ -355,23 +330,6 @@ class AdapterPlan(Schema):
     fidelity_key: str | None = None      # the fidelity stage's entry, when the options ask for it
     evals: list[EvalJob] = []
     seconds: float = 0.0                 # time taken to load, check and plan
-
-
-def output_status(output: str, inputs: dict[str, str | None]) -> Literal["empty", "complete", "corrupt", "partial",
-                                                                         "foreign"]:
-    """Refuse an output that would destroy an input; else the destination's state (see storage.output_state)."""
-    storage.check_output_location(output, inputs)
-    return storage.output_state(output)
-
-
-def run_inputs(old_model: str, new_model: str, adapter: str, options: MigrationOptions,
-               analysis: AnalysisOptions | None = None, cache_root: str | None = None) -> dict[str, str | None]:
-    """Everything a migration reads, by name, for :func:`output_status`."""
-    return {"old model": old_model, "new model": new_model, "adapter": adapter, "LFT data": options.lft_data,
-            "LFT prompts": options.lft_prompts, "seed prompts": options.lft_seed_prompts,
-            "evaluation data": options.eval_data,
-            "calibration data": analysis.calibration_data if analysis else None,
-            "cache root": cache_root or configured_cache_root()}
 
 
 def check_adapter(old_model: str, adapter_ref: str, serving: str | None = None) -> None:
@@ -511,8 +469,8 @@ def _eval_jobs(plan: PairPlan, adapter_identity: str, migrated_key: str, lft: Tr
 # --------------------------------------------------------------------------- per adapter: work
 
 
-def transfer_layer(store: StageStore, plan: PairPlan, analysis_uri: str, adapter: AdapterPlan,
-                   job: LayerJob) -> StageResult:
+def transfer_layer(store: StageStore, plan: PairPlan, adapter: AdapterPlan, job: LayerJob,
+                   analysis_uri: str) -> StageResult:
     """The unit of per-layer work: carry every old layer mapped onto ``job.new_layer``, re-factorise."""
 
     def compute(out: Path) -> dict:
@@ -527,7 +485,7 @@ def transfer_layer(store: StageStore, plan: PairPlan, analysis_uri: str, adapter
     return store.run("layer", job.key, compute)
 
 
-def assemble(store: StageStore, plan: PairPlan, analysis_uri: str, adapter: AdapterPlan,
+def assemble(store: StageStore, plan: PairPlan, adapter: AdapterPlan, analysis_uri: str,
              layer_uris: list[str]) -> StageResult:
     """Combine the per-layer results (in new-layer order) into a PEFT directory with its report."""
 
@@ -850,13 +808,7 @@ def publish(store: StageStore, source_uri: str, output: str, report_updates: dic
     return published
 
 
-# --------------------------------------------------------------------------- the graph, in process
-
-
-def pair_stage_functions() -> dict[str, Any]:
-    """Stage name -> function, for :data:`PAIR_GRAPH` (the tasks wrap exactly these)."""
-    return {"vocabulary": vocabulary, "activations": activations, "transfer_matrix": transfer_matrix,
-            "cka": cka, "layer_mapping": layer_mapping, "head_similarity": head_similarity}
+# --------------------------------------------------------------------------- the report
 
 
 def report_updates(plan: PairPlan, entry: AdapterPlan, stored: dict[str, StageResult],
@@ -886,66 +838,7 @@ def report_updates(plan: PairPlan, entry: AdapterPlan, stored: dict[str, StageRe
 def migrate_in_process(old_model: str, new_model: str, adapter: str, output: str,
                        options: MigrationOptions | None = None, analysis: AnalysisOptions | None = None, *,
                        cache_root: str | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Run the stage graph sequentially in this process (no Prefect) and publish to ``output``.
+    """:func:`lorasuite_core.pipeline.runner.migrate_in_process`: both stage graphs run here, without Prefect."""
+    from lorasuite_core.pipeline.runner import migrate_in_process as run
 
-    The same functions, over the same store (``cache_root``, default the configured stage
-    store), in the order of :data:`PAIR_GRAPH` and :data:`ENTRY_WAVES` the flows use; returns
-    the published report.
-    """
-    options = (options or MigrationOptions()).check_single()
-    analysis = analysis or AnalysisOptions()
-    old_model, new_model, adapter, output = map(str, (old_model, new_model, adapter, output))
-    storage.check_output(output, run_inputs(old_model, new_model, adapter, options, analysis, cache_root), overwrite)
-    check_adapter(old_model, adapter, options.serving)
-    store = StageStore.at(cache_root)
-    plan = plan_pair(old_model, new_model, analysis)
-    functions = pair_stage_functions()
-    r: dict[str, StageResult] = {}
-    for stage, upstream in PAIR_GRAPH.items():
-        r[stage] = functions[stage](store, plan, *(r[u].uri for u in upstream))
-    steps: dict[str, Any] = {}
-    stored: dict[str, StageResult] = {}
-    evals: dict[str, dict[str, Any]] = {}
-    entry: AdapterPlan | None = None
-    for wave in ENTRY_WAVES:
-        if wave == "load":
-            entry = plan_adapter(plan, r["head_similarity"], Path(output).name or "adapter", adapter, options)
-            steps["load"] = {"cache": "computed", "seconds": round(entry.seconds, 4)}
-            steps.update({stage: _step(r[stage]) for stage in PAIR_STAGES})
-        elif wave == "transfer":
-            layers = [transfer_layer(store, plan, r["head_similarity"].uri, entry, job) for job in entry.layers]
-            steps["transfer"] = _step(*layers)
-        elif wave == "write":
-            stored["migrated"] = assemble(store, plan, r["head_similarity"].uri, entry, [l.uri for l in layers])
-            steps["write"] = _step(stored["migrated"])
-        elif wave == "train":
-            if entry.lft:
-                stored["lft"] = light_finetune(store, plan, entry, stored["migrated"].uri)
-                steps["lft"] = _step(stored["lft"])
-            if entry.vanilla:
-                stored["vanilla"] = vanilla_baseline(store, plan, entry)
-                steps["vanilla_baseline"] = _step(stored["vanilla"])
-        elif wave == "fidelity" and entry.fidelity_key:
-            stored["fidelity"] = fidelity(store, plan, entry, stored["migrated"].uri,
-                                          stored["lft"].uri if "lft" in stored else None)
-            steps["fidelity"] = _step(stored["fidelity"])
-        elif wave == "gate" and entry.gate_key:
-            stored["gate"] = quality_gate(store, plan, entry, (stored.get("lft") or stored["migrated"]).uri)
-            steps["gate"] = _step(stored["gate"])
-        elif wave == "eval" and entry.evals:
-            results = [evaluate(store, plan, entry, job, stored[job.adapter].uri if job.adapter in stored else None)
-                       for job in entry.evals]
-            evals = {job.row: result.facts for job, result in zip(entry.evals, results)}
-            steps["eval"] = _step(*results)
-        elif wave == "publish":
-            final = stored.get("lft") or stored["migrated"]
-            publish(store, final.uri, output, report_updates(plan, entry, stored, evals, steps, store.root),
-                    overwrite=overwrite, serving=options.serving, base_model=new_model)
-    return json.loads((Path(storage.resolve(output)[1]) / REPORT_NAME).read_text()) \
-        if not storage.is_remote(output) else storage.read_json(storage.join_uri(output, REPORT_NAME))
-
-
-def _step(*results: StageResult) -> dict[str, Any]:
-    """A report step from one or several stage results (per-layer parts summed)."""
-    cache = "computed" if any(not r.reused for r in results) else "reused"
-    return {"cache": cache, "seconds": round(sum(r.seconds for r in results), 4)}
+    return run(old_model, new_model, adapter, output, options, analysis, cache_root=cache_root, overwrite=overwrite)

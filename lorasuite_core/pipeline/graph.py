@@ -1,0 +1,143 @@
+"""The two stage graphs of a migration, declared once, as data; :mod:`.runner` walks them.
+
+Design
+------
+A :class:`Stage` names its function (in :mod:`.stages`), the stages whose entries it reads
+(``inputs``, in the order of the function's arguments), when it runs (``when``, a predicate on the
+:class:`~lorasuite_core.pipeline.stages.AdapterPlan`) and whether it fans out (``fan_out``: one
+call per job of the plan).  The stage order of a migration is this file, top to bottom::
+
+    plan_pair                            identities and keys          (stages.plan_pair)
+    PAIR_GRAPH                           six analysis stages, once per model pair and calibration set
+    per adapter:
+      check_entry                        output safety + adapter check (runner.check_entry)
+      plan_adapter                       load, fit check, jobs, keys   (stages.plan_adapter)
+      ENTRY_GRAPH                        transfer ... eval
+      publish(FINAL)                     copy to the output, report patched, manifest last
+
+Calling convention: a pair stage is called ``fn(store, pair_plan, *inputs)``; an entry stage
+``fn(store, pair_plan, adapter_plan, [job,] *inputs)``, where each input is the URI of the
+upstream entry, a list of URIs for a fanned-out upstream, and ``None`` for an upstream that does
+not run for this adapter.  An entry stage may read pair stages (``head_similarity``: the whole
+:class:`~lorasuite_core.transfer.adapter.PairAnalysis`).  An input written as a tuple
+(:data:`FINAL`) is the first of its stages that ran.
+
+Waves: the runner runs the entry graph level by level (a stage's level is one more than that of
+the latest stage it reads or follows, ``after``), every live adapter's stages of a level before
+waiting on any, so adapters and their layers run side by side.  Stages that load a whole torch
+model (``torch_model``) never overlap the per-layer numerics: transformers sets process-global
+torch defaults while it loads, which is why the vanilla baseline follows assembly and evaluation
+follows the gate (an adapter that fails the gate is not evaluated).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import stages
+from .stage_store import StageResult
+from .stages import AdapterPlan, EvalJob
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node of a stage graph; see the module docstring."""
+
+    fn: Callable[..., StageResult]
+    inputs: tuple[str | tuple[str, ...], ...] = ()
+    when: Callable[[AdapterPlan], bool] = lambda plan: True
+    fan_out: Callable[[AdapterPlan], list] | None = None       # one call per job
+    job_input: Callable[[Any], str | None] | None = None        # a fanned-out job's own input stage
+    after: tuple[str, ...] = ()                                 # order only: runs after these
+    step: str = ""                                              # the report's ``steps`` key
+    task: str = ""                                              # the task's (and store entry's) name
+    run_name: str | None = None                                 # a pattern over the task's arguments
+    gpu: bool = False                                           # tagged for accelerator workers
+    torch_model: bool = False                                   # loads a whole torch model (one at a time)
+
+
+def _pair(fn, inputs=(), task="", **kw) -> Stage:
+    return Stage(fn, inputs, step=fn.__name__, task=task or fn.__name__, **kw)
+
+
+#: The pair analysis (adapter-independent): computed once per model pair and calibration set.
+PAIR_GRAPH: dict[str, Stage] = {
+    "vocabulary": _pair(stages.vocabulary),
+    "activations": _pair(stages.activations, gpu=True, torch_model=True),
+    "transfer_matrix": _pair(stages.transfer_matrix, ("vocabulary",)),
+    "cka": _pair(stages.cka, ("activations",)),
+    "layer_mapping": _pair(stages.layer_mapping, ("cka",)),
+    "head_similarity": _pair(stages.head_similarity,
+                             ("vocabulary", "transfer_matrix", "activations", "cka", "layer_mapping")),
+}
+PAIR_STAGES = tuple(PAIR_GRAPH)
+
+#: The adapter an entry publishes and the gate judges: its light fine-tune where one ran, else the migrated one.
+FINAL = ("lft", "migrated")
+
+
+def _eval_adapter(job: EvalJob) -> str | None:
+    """The stage whose entry an evaluation row loads (``source``: the entry's own adapter, no stage)."""
+    return None if job.adapter in (None, "source") else job.adapter
+
+
+#: Per adapter, after :func:`~lorasuite_core.pipeline.stages.plan_adapter` and before publishing :data:`FINAL`.
+ENTRY_GRAPH: dict[str, Stage] = {
+    "transfer": Stage(stages.transfer_layer, ("head_similarity",), fan_out=lambda plan: plan.layers,
+                      step="transfer", task="layer", run_name="transfer-{adapter.name}-layer-{job.new_layer}",
+                      gpu=True),
+    "migrated": Stage(stages.assemble, ("head_similarity", "transfer"), step="write", task="migrated",
+                      run_name="assemble-{adapter.name}"),
+    "lft": Stage(stages.light_finetune, ("migrated",), when=lambda plan: plan.lft is not None, step="lft",
+                 task="lft", run_name="lft-{adapter.name}", gpu=True, torch_model=True),
+    "vanilla": Stage(stages.vanilla_baseline, (), when=lambda plan: plan.vanilla is not None, after=("migrated",),
+                     step="vanilla_baseline", task="vanilla", run_name="vanilla-baseline-{adapter.name}",
+                     gpu=True, torch_model=True),
+    "fidelity": Stage(stages.fidelity, ("migrated", "lft"), when=lambda plan: plan.fidelity_key is not None,
+                      step="fidelity", task="fidelity", run_name="fidelity-{adapter.name}", gpu=True, torch_model=True),
+    "gate": Stage(stages.quality_gate, (FINAL,), when=lambda plan: plan.gate_key is not None, step="gate",
+                  task="gate", run_name="quality-gate-{adapter.name}", gpu=True, torch_model=True),
+    "eval": Stage(stages.evaluate, (), when=lambda plan: bool(plan.evals), fan_out=lambda plan: plan.evals,
+                  job_input=_eval_adapter, after=("gate",), step="eval", task="eval",
+                  run_name="eval-{adapter.name}-{job.label}", gpu=True, torch_model=True),
+}
+ENTRY_STAGES = tuple(ENTRY_GRAPH)
+
+
+def upstream(stage: Stage) -> list[str]:
+    """Every stage ``stage`` reads or follows (the alternatives of a tuple input included)."""
+    names = [name for item in stage.inputs for name in ((item,) if isinstance(item, str) else item)]
+    return names + list(stage.after)
+
+
+def levels(graph: dict[str, Stage]) -> list[list[str]]:
+    """The graph's stages by level (0: reads nothing of this graph); declaration order within a level."""
+    level: dict[str, int] = {}
+    for name, stage in graph.items():
+        level[name] = 1 + max((level[u] for u in upstream(stage) if u in graph), default=-1)
+    return [[n for n in graph if level[n] == k] for k in range(1 + max(level.values(), default=-1))]
+
+
+def resolve_input(item: str | tuple[str, ...] | None, done: dict[str, Any], pair: dict[str, Any] | None = None) -> Any:
+    """An input's value: the stage's result (a list for a fanned-out stage), the first of a tuple's
+    stages that ran, or None where it did not run for this adapter (or ``item`` is None: no stage)."""
+    for name in ((item,) if isinstance(item, str) else item or ()):
+        if name in done:
+            return done[name]
+        if pair is not None and name in pair:
+            return pair[name]
+    return None
+
+
+def as_uris(value: Any) -> Any:
+    """Stage results handed on as their store URIs (lists element-wise, None kept)."""
+    if isinstance(value, (list, tuple)):
+        return [as_uris(v) for v in value]
+    return value.uri if isinstance(value, StageResult) else value
+
+
+def step(results: StageResult | list[StageResult]) -> dict[str, Any]:
+    """A report step, ``{"cache": "computed" | "reused", "seconds"}``: per-layer and per-row parts summed."""
+    results = results if isinstance(results, list) else [results]
+    cache = "computed" if any(not r.reused for r in results) else "reused"
+    return {"cache": cache, "seconds": round(sum(r.seconds for r in results), 4)}

@@ -1,0 +1,385 @@
+"""The one runner: the pair graph once, then the entry graph for every adapter, on an executor.
+
+Design
+------
+:class:`Runner` walks :data:`~lorasuite_core.pipeline.graph.PAIR_GRAPH` and
+:data:`~lorasuite_core.pipeline.graph.ENTRY_GRAPH` (the stage order lives in :mod:`.graph`)
+through an :class:`Executor`, which starts one call and later hands back its result:
+
+* :class:`InProcess` calls the stage functions here, one after the other (``migrate_in_process``:
+  the synthetic demo, benchmarks, the tests' references);
+* ``flows.pipeline.PrefectExecutor`` submits the Prefect tasks generated from the same table.
+
+An entry goes: :func:`check_entry` (the one pre-run check: the output is safe to write and not
+finished already, the adapter loads and fits the old model), ``plan_adapter``, the entry graph
+level by level, ``publish`` of :data:`~lorasuite_core.pipeline.graph.FINAL`.  Each of these waves
+starts the work of every live entry before waiting on any, so entries (and their layers) run side
+by side.  A failure fails only its entry, recorded as ``"<stage>: <message>"`` with the original
+exception; the pair analysis is submitted as a whole (its branches run side by side) and a failure
+there raises, since no adapter can move without it.
+
+Report ``steps``: per stage ``{"cache": "computed" | "reused", "seconds"}``
+(:func:`~lorasuite_core.pipeline.graph.step`): reused means a complete, verified store entry
+found by the stage itself; seconds are the time spent inside the stage in this run, per-layer and
+per-row parts summed; orchestration overhead is not counted.  Progress (``on_progress``) is the
+share of each entry's planned waves done, from the graph and the entry's plan.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.io import storage
+
+from . import stages
+from .graph import ENTRY_GRAPH, FINAL, PAIR_GRAPH, Stage, as_uris, levels, resolve_input, step
+from .options import AnalysisOptions, MigrationOptions
+from .stage_store import StageResult, StageStore
+from .stages import REPORT_NAME, AdapterPlan, PairPlan
+
+
+# --------------------------------------------------------------------------- the one pre-run check
+
+
+def check_entry(old_model: str, new_model: str, analysis: AnalysisOptions, adapter: str, output: str,
+                options: MigrationOptions, cache_root: str, *, overwrite: bool, skip_finished: bool = False) -> bool:
+    """Before any analysis: the output may not be an input (or inside / above one, or the working
+    directory); foreign content there is refused; an earlier publication of ours is replaced only
+    with ``overwrite`` (one cut short by a crash, or no longer matching its manifest, on a plain rerun);
+    the adapter loads and fits the old model (and is not DoRA when ``options.serving`` is ``vllm``).  Returns False (nothing to do) for a finished publication when ``skip_finished`` and not
+    ``overwrite`` (a fleet rerun); raises :class:`~lorasuite_core.errors.LorasuiteError` otherwise."""
+    inputs = {"old model": old_model, "new model": new_model, "adapter": adapter, "LFT data": options.lft_data,
+              "LFT prompts": options.lft_prompts, "seed prompts": options.lft_seed_prompts,
+              "evaluation data": options.eval_data, "calibration data": analysis.calibration_data,
+              "cache root": cache_root}          # everything a migration reads, by name
+    storage.check_output_location(output, inputs)
+    status = storage.output_state(output)    # empty | complete (ours, verified) | partial | corrupt | foreign
+    if status == "complete" and skip_finished and not overwrite:
+        return False
+    storage.check_replaceable(output, status, overwrite)
+    stages.check_adapter(old_model, adapter, options.serving)
+    return True
+
+
+# --------------------------------------------------------------------------- executors
+
+
+class Executor(Protocol):
+    """Starts calls and hands back their results (raising their errors); see the module docstring."""
+
+    def check(self, *args: Any, **kwargs: Any) -> Any: ...                       # check_entry
+    def plan_pair(self, old_model: str, new_model: str, analysis: AnalysisOptions) -> PairPlan: ...
+    def stage(self, name: str, stage: Stage, store: str, plan: PairPlan, adapter: AdapterPlan | None = None,
+              job: Any = None, inputs: tuple = ()) -> Any: ...
+    def plan_adapter(self, plan: PairPlan, analysis: Any, name: str, adapter: str,
+                     options: MigrationOptions) -> Any: ...
+    def publish(self, store: str, name: str, final: Any, output: str, updates: dict[str, Any],
+                overwrite: bool, serving: str | None, base_model: str) -> Any: ...
+    def result(self, handle: Any) -> Any: ...
+    def report_facts(self) -> dict[str, Any]: ...                                # the report's "pipeline" extras
+
+
+@dataclass
+class _Done:
+    value: Any = None
+    error: BaseException | None = None
+
+
+def _now(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> _Done:
+    try:
+        return _Done(fn(*args, **kwargs))
+    except Exception as error:  # noqa: BLE001 - handed back by result()
+        return _Done(error=error)
+
+
+def _value(item: Any) -> Any:
+    if isinstance(item, _Done):
+        return InProcess.result(item)
+    return [_value(i) for i in item] if isinstance(item, (list, tuple)) else item
+
+
+class InProcess:
+    """Plain calls, here and now, in submission order (no Prefect)."""
+
+    def check(self, *args: Any, **kwargs: Any) -> _Done:
+        return _now(check_entry, *args, **kwargs)
+
+    def plan_pair(self, old_model: str, new_model: str, analysis: AnalysisOptions) -> PairPlan:
+        return stages.plan_pair(old_model, new_model, analysis)
+
+    def stage(self, name: str, stage: Stage, store: str, plan: PairPlan, adapter: AdapterPlan | None = None,
+              job: Any = None, inputs: tuple = ()) -> _Done:
+        return _now(call, stage, store, plan, adapter, job, tuple(_value(i) for i in inputs))
+
+    def plan_adapter(self, plan: PairPlan, analysis: Any, name: str, adapter: str, options: MigrationOptions) -> _Done:
+        return _now(stages.plan_adapter, plan, _value(analysis), name, adapter, options)
+
+    def publish(self, store: str, name: str, final: Any, output: str, updates: dict[str, Any],
+                overwrite: bool, serving: str | None, base_model: str) -> _Done:
+        return _now(stages.publish, StageStore.at(store), _value(final).uri, output, updates, overwrite=overwrite,
+                    serving=serving, base_model=base_model)
+
+    @staticmethod
+    def result(handle: _Done) -> Any:
+        if handle.error is not None:
+            raise handle.error
+        return handle.value
+
+    def report_facts(self) -> dict[str, Any]:
+        return {}
+
+
+def call(stage: Stage, store: str, plan: PairPlan, adapter: AdapterPlan | None = None, job: Any = None,
+         inputs: tuple = ()) -> StageResult:
+    """One stage call, by the graph's calling convention (what both executors run)."""
+    context = (() if adapter is None else (adapter,)) + (() if stage.fan_out is None else (job,))
+    return stage.fn(StageStore.at(store), plan, *context, *as_uris(list(inputs)))
+
+
+# --------------------------------------------------------------------------- runs
+
+
+class JobError(Exception):
+    """One job of a fanned-out stage failed (after its retries); :attr:`cause` is the original error."""
+
+    def __init__(self, label: str, cause: BaseException):
+        detail = str(cause) if isinstance(cause, LorasuiteError) else storage.describe_error(cause)
+        super().__init__(f"{label}: {detail}")
+        self.label, self.cause = label, cause
+
+
+@dataclass
+class PairRun:
+    """The pair analysis: its plan and, per stage, the pending call then its result."""
+
+    plan: PairPlan
+    out: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def analysis(self) -> StageResult:
+        return self.out["head_similarity"]
+
+    def steps(self) -> dict[str, dict[str, Any]]:
+        return {name: step(self.out[name]) for name in PAIR_GRAPH}
+
+
+@dataclass
+class EntryRun:
+    """One adapter's way through the entry graph."""
+
+    name: str
+    adapter: str
+    output: str
+    options: MigrationOptions
+    status: str = "running"          # running | published | skipped | failed
+    error: str | None = None         # failed: "<stage>: <message>"
+    note: str | None = None          # skipped: why
+    exception: BaseException | None = field(default=None, repr=False)
+    plan: AdapterPlan | None = None
+    out: dict[str, Any] = field(default_factory=dict)    # entry stage -> pending call, then its result
+    published: str | None = None
+    waves: int = 0                   # waves done
+
+    @property
+    def live(self) -> bool:
+        return self.status == "running"
+
+    def fail(self, stage: str, error: BaseException) -> None:
+        message = str(error) if isinstance(error, (LorasuiteError, JobError)) else storage.describe_error(error)
+        cause = error.cause if isinstance(error, JobError) else error
+        self.status, self.error, self.exception = "failed", f"{stage}: {message}", cause
+
+    def total_waves(self) -> int:
+        """check, plan, the entry graph's levels with a stage that runs for this plan, publish."""
+        runs = [level for level in levels(ENTRY_GRAPH)
+                if self.plan is None or any(ENTRY_GRAPH[n].when(self.plan) for n in level)]
+        return 3 + len(runs)
+
+    def progress(self) -> float:
+        return 1.0 if not self.live else min(1.0, self.waves / self.total_waves())
+
+    @property
+    def final(self) -> StageResult:
+        return resolve_input(FINAL, self.out)
+
+    @property
+    def evals(self) -> dict[str, dict[str, Any]]:
+        """Evaluation row -> its facts (accuracy, CI, n)."""
+        return {job.row: r.facts for job, r in zip(self.plan.evals, self.out.get("eval", []))} if self.plan else {}
+
+    def steps(self, pair: PairRun) -> dict[str, dict[str, Any]]:
+        return {"load": {"cache": "computed", "seconds": round(self.plan.seconds, 4)}, **pair.steps(),
+                **{stage.step: step(self.out[name]) for name, stage in ENTRY_GRAPH.items() if name in self.out}}
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+class Runner:
+    """Walks the pair graph, then the entry graph of every entry, on one executor and one stage store."""
+
+    def __init__(self, executor: Executor, cache_root: str):
+        self.x, self.store = executor, cache_root
+
+    def run(self, old_model: str, new_model: str, analysis: AnalysisOptions, entries: list[EntryRun], *,
+            overwrite: bool = False, skip_finished: bool = False, progress: Any = None,
+            on_pair: Callable[[PairRun], None] | None = None) -> PairRun | None:
+        """Check every entry, analyse the pair if any is left, migrate and publish; None: nothing to run.
+        ``progress``: an object with ``analysis(done, total)`` and ``entries(percent)`` (or None);
+        ``on_pair``: called with the finished pair analysis."""
+        self.check(old_model, new_model, analysis, entries, overwrite=overwrite, skip_finished=skip_finished)
+        if not any(e.live for e in entries):
+            return None
+        pair = self.analyse_pair(old_model, new_model, analysis, progress.analysis if progress else None)
+        if on_pair:
+            on_pair(pair)
+        self.migrate(entries, pair, overwrite=overwrite, on_progress=progress.entries if progress else None)
+        return pair
+
+    def check(self, old_model: str, new_model: str, analysis: AnalysisOptions, entries: list[EntryRun], *,
+              overwrite: bool, skip_finished: bool) -> None:
+        """:func:`check_entry` for every entry, side by side; a finished one is skipped (``skip_finished``)."""
+        def submit(e: EntryRun):
+            handle = self.x.check(old_model, new_model, analysis, e.adapter, e.output, e.options, self.store,
+                                  overwrite=overwrite, skip_finished=skip_finished)
+
+            def collect():
+                if not self.x.result(handle):
+                    e.status = "skipped"
+                    e.note = f"already published at {storage.redact_uri(e.output)} (pass overwrite to redo)"
+            return collect
+        self._wave(entries, "check", lambda e: [("check", submit(e))])
+
+    def analyse_pair(self, old_model: str, new_model: str, analysis: AnalysisOptions,
+                     on_progress: Callable[[int, int], None] | None = None) -> PairRun:
+        """Submit the pair graph whole (a stage waits on its inputs), then collect it in order."""
+        pair = PairRun(self.x.plan_pair(old_model, new_model, analysis))
+        names = list(PAIR_GRAPH)
+        for name in names:
+            stage = PAIR_GRAPH[name]
+            pair.out[name] = self.x.stage(name, stage, self.store, pair.plan,
+                                          inputs=tuple(resolve_input(i, pair.out) for i in stage.inputs))
+        for done, name in enumerate(names, start=1):
+            pair.out[name] = self.x.result(pair.out[name])
+            if on_progress:
+                on_progress(done, len(names))
+        return pair
+
+    def migrate(self, entries: list[EntryRun], pair: PairRun, *, overwrite: bool,
+                on_progress: Callable[[float], None] | None = None) -> None:
+        """plan_adapter, the entry graph level by level, publish: each a wave over the live entries."""
+        def report(percent_of: list[EntryRun]) -> None:
+            if on_progress:
+                on_progress(100.0 * sum(e.progress() for e in percent_of) / len(percent_of))
+
+        self._wave(entries, "load", lambda e: [("load", self._plan(e, pair))])
+        report(entries)
+        for level in levels(ENTRY_GRAPH):
+            self._wave(entries, ENTRY_GRAPH[level[0]].step, lambda e: self._level(e, pair, level))
+            report(entries)
+        self._wave(entries, "publish", lambda e: [("publish", self._publish(e, pair, overwrite))])
+        report(entries)
+
+    # ----------------------------------------------------------------- waves
+
+    def _wave(self, entries: list[EntryRun], label: str,
+              submit: Callable[[EntryRun], list[tuple[str, Callable[[], None]]]]) -> None:
+        """Submit for every live entry, then collect each: ``submit`` returns ``(stage, collector)`` pairs.
+        An error fails its entry only (a submission error as ``label``); an entry that ran anything did a wave."""
+        collectors: dict[str, list[tuple[str, Callable[[], None]]]] = {}
+        for e in entries:
+            if e.live:
+                try:
+                    collectors[e.name] = submit(e)
+                except Exception as error:  # noqa: BLE001 - a submission error fails this entry only
+                    e.fail(label, error)
+        for e in entries:
+            ran = False
+            for stage, collect in collectors.get(e.name, []):
+                if not e.live:
+                    break
+                try:
+                    collect()
+                    ran = True
+                except Exception as error:  # noqa: BLE001 - recorded on the entry
+                    e.fail(stage, error)
+            if ran and e.live:
+                e.waves += 1
+
+    def _plan(self, e: EntryRun, pair: PairRun) -> Callable[[], None]:
+        handle = self.x.plan_adapter(pair.plan, pair.analysis, e.name, e.adapter, e.options)
+
+        def collect():
+            e.plan = self.x.result(handle)
+        return collect
+
+    def _level(self, e: EntryRun, pair: PairRun, level: list[str]) -> list[tuple[str, Callable[[], None]]]:
+        """Submit the stages of ``level`` that run for this entry; their collectors, by report step."""
+        collectors = []
+        for name in level:
+            stage = ENTRY_GRAPH[name]
+            if not stage.when(e.plan):
+                continue
+            inputs = tuple(resolve_input(i, e.out, pair.out) for i in stage.inputs)
+            if stage.fan_out is None:
+                handle = self.x.stage(name, stage, self.store, pair.plan, e.plan, None, inputs)
+                collectors.append((stage.step, self._collector(e, name, handle)))
+                continue
+            jobs = stage.fan_out(e.plan)
+            handles = [self.x.stage(name, stage, self.store, pair.plan, e.plan, job,
+                                    inputs + ((resolve_input(stage.job_input(job), e.out),) if stage.job_input else ()))
+                       for job in jobs]
+            collectors.append((stage.step, self._fan_in(e, name, jobs, handles)))
+        return collectors
+
+    def _collector(self, e: EntryRun, name: str, handle: Any) -> Callable[[], None]:
+        def collect():
+            e.out[name] = self.x.result(handle)
+        return collect
+
+    def _fan_in(self, e: EntryRun, name: str, jobs: list, handles: list) -> Callable[[], None]:
+        def collect():
+            results, first_error = [], None
+            for job, handle in zip(jobs, handles):
+                try:
+                    results.append(self.x.result(handle))
+                except Exception as error:  # noqa: BLE001 - wait for every job, report the first failure
+                    first_error = first_error or JobError(job.label, error)
+            if first_error:
+                raise first_error
+            e.out[name] = results
+        return collect
+
+    def _publish(self, e: EntryRun, pair: PairRun, overwrite: bool) -> Callable[[], None]:
+        updates = stages.report_updates(pair.plan, e.plan, e.out, e.evals, e.steps(pair), self.store,
+                                        **self.x.report_facts())
+        handle = self.x.publish(self.store, e.name, e.final, e.output, updates, overwrite, e.options.serving,
+                                pair.plan.new_model)
+
+        def collect():
+            e.published, e.status = self.x.result(handle), "published"
+        return collect
+
+
+# --------------------------------------------------------------------------- in process
+
+
+def migrate_in_process(old_model: str, new_model: str, adapter: str, output: str,
+                       options: MigrationOptions | None = None, analysis: AnalysisOptions | None = None, *,
+                       cache_root: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Run both graphs here, sequentially (no Prefect), over ``cache_root`` (default: the configured
+    cache root) and publish to ``output``; returns the published report, or raises the error of the
+    stage that failed."""
+    options = (options or MigrationOptions()).check_single()
+    old_model, new_model, adapter, output = map(str, (old_model, new_model, adapter, output))
+    entry = EntryRun(name=Path(output).name or "adapter", adapter=adapter, output=output, options=options)
+    Runner(InProcess(), StageStore.at(cache_root).root).run(old_model, new_model, analysis or AnalysisOptions(),
+                                                            [entry], overwrite=overwrite)
+    if entry.status != "published":
+        raise entry.exception or LorasuiteError(f"adapter {entry.name}: {entry.error}")
+    if storage.is_remote(output):
+        return storage.read_json(storage.join_uri(output, REPORT_NAME))
+    return json.loads((Path(storage.resolve(output)[1]) / REPORT_NAME).read_text())
