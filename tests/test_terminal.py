@@ -168,7 +168,7 @@ def test_a_fleet_prints_each_stage_once_over_its_adapters_and_names_a_failed_one
     assert set(lines) == set(STAGES), err
     assert re.fullmatch(r"\d+ layers of 2 adapters", lines["transfer"].group(4)), err
     assert lines["write"].group(4) == lines["publish"].group(4) == "2 adapters", err
-    failed = [line for line in err.splitlines() if line.startswith("warning: adapter gone failed at load: ")]
+    failed = [line for line in err.splitlines() if line.startswith("warning: adapter gone failed at check: ")]
     assert len(failed) == 1 and "missing" in failed[0], err
     assert not HEX64.search(err), err
 
