@@ -28,7 +28,8 @@ from lorasuite_core.pipeline.graph import PAIR_STAGES, Stage
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.runner import EntryRun, PairRun, Runner
 from lorasuite_core.pipeline.stage_store import StageStore
-from lorasuite_core.pipeline.stages import AdapterPlan, PairPlan, cka_of_updates
+from lorasuite_core.pipeline.pair_stages import cka_of_updates
+from lorasuite_core.pipeline.plans import AdapterPlan, PairPlan
 from lorasuite_core.io.storage import redact_uri
 
 from . import artifacts

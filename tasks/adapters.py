@@ -11,11 +11,11 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.states import Failed, State
 
-from lorasuite_core.pipeline import stages
+from lorasuite_core.pipeline import plans, stages
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.runner import check_entry as check
 from lorasuite_core.pipeline.stage_store import StageResult, StageStore
-from lorasuite_core.pipeline.stages import AdapterPlan, PairPlan
+from lorasuite_core.pipeline.plans import AdapterPlan, PairPlan
 from lorasuite_core.io.storage import redact_uri
 
 from ._support import NO_RECORDS, forward_core_logs
@@ -35,7 +35,7 @@ def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter: str,
                  options: MigrationOptions) -> AdapterPlan:
     """Load the adapter, check it was trained on the old model, list its per-layer jobs and keys."""
     forward_core_logs()
-    planned = stages.plan_adapter(plan, analysis, name, adapter, options)
+    planned = plans.plan_adapter(plan, analysis, name, adapter, options)
     get_run_logger().info("adapter %s (%s): %d modules, %d new layers to transfer", name, redact_uri(adapter),
                           planned.modules, len(planned.layers))
     return planned

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from lorasuite_core.pipeline import stages
+from lorasuite_core.pipeline import plans
 from lorasuite_core.pipeline.options import AnalysisOptions
-from lorasuite_core.pipeline.stages import PairPlan
+from lorasuite_core.pipeline.plans import PairPlan
 from lorasuite_core.io.storage import redact_uri
 
 from ._support import NO_RECORDS, forward_core_logs
@@ -19,7 +19,7 @@ from ._support import NO_RECORDS, forward_core_logs
 def identify_pair(old_model: str, new_model: str, analysis: AnalysisOptions) -> PairPlan:
     """Identities of both models and of the calibration text (listings, not tensors); every stage key."""
     forward_core_logs()
-    plan = stages.plan_pair(old_model, new_model, analysis)
+    plan = plans.plan_pair(old_model, new_model, analysis)
     get_run_logger().info("pair %s -> %s: analysis key %s", redact_uri(old_model), redact_uri(new_model),
                           plan.stage_keys["head_similarity"][:16])
     return plan

@@ -17,7 +17,7 @@ from prefect import Task, task
 from lorasuite_core.pipeline.graph import ENTRY_GRAPH, PAIR_GRAPH, Stage
 from lorasuite_core.pipeline.runner import call
 from lorasuite_core.pipeline.stage_store import StageResult
-from lorasuite_core.pipeline.stages import AdapterPlan, PairPlan
+from lorasuite_core.pipeline.plans import AdapterPlan, PairPlan
 
 from ._support import run_stage, stage_task_options
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorasuite_core.pipeline import stages
+from lorasuite_core.pipeline import pair_stages, stages
 from lorasuite_core.pipeline.options import AnalysisOptions
 from lorasuite_core.testing.adapter import make_random_lora_adapter
 from lorasuite_core.testing.model import make_tiny_model_dir
@@ -21,5 +21,5 @@ def build_exact_pair(root: Path, spec: UpgradeSpec = EXACT) -> dict[str, Path]:
         stages.migrate_in_process(str(old), str(new), str(adapter), str(root / "migrated"), None,
                                   AnalysisOptions(max_calibration_tokens=256), cache_root=str(root / "store"))
     finally:
-        stages.clear_memo()
+        pair_stages.clear_memo()
     return {"old": old, "new": new, "adapter": adapter, "migrated": root / "migrated"}

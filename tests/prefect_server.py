@@ -23,7 +23,7 @@ def prefect_server(tmp_path_factory):
         with prefect_test_harness(server_startup_timeout=240):
             yield root
     finally:
-        from lorasuite_core.pipeline import stages
+        from lorasuite_core.pipeline import pair_stages
 
-        stages.clear_memo()
+        pair_stages.clear_memo()
         patch.undo()

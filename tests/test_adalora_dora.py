@@ -281,21 +281,22 @@ def test_variant_tensors_checked_and_round_trip_through_layer_results(tmp_path):
 def test_vanilla_baseline_is_the_source_adapters_kind(tmp_path):
     """The baseline a DoRA source is held against is a fresh DoRA (it trains and loads in PEFT as one); an
     AdaLoRA source's is a LoRA at its initial rank; each kind has its own stage key."""
-    from lorasuite_core.pipeline import stages
+    from lorasuite_core.pipeline import plans
+    from lorasuite_core.pipeline.options import AnalysisOptions
     from lorasuite_core.pipeline.options import MigrationOptions
     from lorasuite_core.training.task_data import generate_problems
     from lorasuite_core.training.train import TrainConfig, train_lora
 
     model = make_tiny_model_dir("llama", tmp_path / "model", seed=35)
     family = load_base_model(model).family
-    plan = stages.PairPlan(old_model=str(model), new_model=str(model), old_identity="o", new_identity="n",
-                           analysis=stages.AnalysisOptions(), calibration_identity="c", stage_keys={})
+    plan = plans.PairPlan(old_model=str(model), new_model=str(model), old_identity="o", new_identity="n",
+                           analysis=AnalysisOptions(), calibration_identity="c", stage_keys={})
     options = MigrationOptions(lft_data="builtin:train")
     dora = load_lora_adapter(make_dora_adapter(model, tmp_path / "dora", seed=4, rank=4), family)
     adalora = load_lora_adapter(make_adalora_adapter(model, tmp_path / "ada", seed=5, init_r=6), family)
     plain = load_lora_adapter(make_dora_adapter(model, tmp_path / "plain", seed=4, rank=4), family)
     plain.config["use_dora"] = False
-    jobs = {name: stages._vanilla_job(plan, a, options, "d") for name, a in
+    jobs = {name: plans._vanilla_job(plan, a, options, "d") for name, a in
             (("dora", dora), ("adalora", adalora), ("lora", plain))}
     assert (jobs["dora"].use_dora, jobs["dora"].rank) == (True, 4)
     assert (jobs["adalora"].use_dora, jobs["adalora"].rank) == (False, 6)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorasuite_core.pipeline import stages
+from lorasuite_core.pipeline import pair_stages, stages
+from lorasuite_core.training import heldout
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.testing.adapter import make_random_lora_adapter
 from lorasuite_core.testing.model import make_tiny_model_dir
@@ -30,7 +31,7 @@ def exact(tmp_path_factory):
     prompts = root / "prompts.txt"           # unlabelled: prompts only, no answers
     prompts.write_text("\n".join(s.instruction for s in generate_problems(12, "train", seed=2)) + "\n")
     yield {"root": root, "old": old, "new": new, "adapter": adapter, "prompts": prompts}
-    stages.clear_memo()
+    pair_stages.clear_memo()
 
 
 def test_distilled_lft_from_unlabelled_prompts_and_the_gate(exact):
@@ -56,8 +57,8 @@ def test_distilled_lft_from_unlabelled_prompts_and_the_gate(exact):
     assert set(fidelity["fidelity"]) == {"transfer", "lft"} and gate["fidelity"] == fidelity["fidelity"]
     assert fidelity["fidelity"]["transfer"] == pytest.approx(1.0, abs=1e-3)   # an exact upgrade
     assert fidelity["fidelity"]["lft"] == pytest.approx(1.0, abs=0.05)        # lr 1e-5 barely moves it
-    [heldout_file] = (root / "store").rglob(stages.HELDOUT)
-    prompts, teacher, student = stages._read_heldout(heldout_file)
+    [heldout_file] = (root / "store").rglob(heldout.HELDOUT)
+    prompts, teacher, student = heldout.read_heldout(heldout_file)
     assert len(prompts) == 4 and teacher is not None and student is not None
     for model_dir, adapter_dir, stored in ((exact["old"], exact["adapter"], teacher),
                                            (exact["new"], heldout_file.parent, student)):
@@ -126,13 +127,13 @@ def test_held_out_records_round_trip_and_malformed_ones_are_one_line_errors(tmp_
     prompts = [P.Prompt("What is 2 plus 3?"), P.Prompt("Add", "4 and 5")]
     teacher = [D.Completion(" 5", (20,)), D.Completion(" 9", (21, 22))]
     student = [D.Completion(" 5", (30,)), D.Completion(" 8", (31,))]
-    path = tmp_path / stages.HELDOUT
-    stages._write_heldout(path, prompts, teacher, student)
-    assert stages._read_heldout(path) == (prompts, teacher, student)
+    path = tmp_path / heldout.HELDOUT
+    heldout.write_heldout(path, prompts, teacher, student)
+    assert heldout.read_heldout(path) == (prompts, teacher, student)
     path.write_text(json.dumps([{"instruction": "What is 2 plus 3?"}]))          # prompts only: generate the rest
-    assert stages._read_heldout(path) == ([P.Prompt("What is 2 plus 3?")], None, None)
+    assert heldout.read_heldout(path) == ([P.Prompt("What is 2 plus 3?")], None, None)
     for bad in ("{", "[]", '[{"input": "x"}]', '[{"instruction": "q", "teacher": {"text": "t", "ids": ["1"]}}]'):
         path.write_text(bad)
         with pytest.raises(LorasuiteError, match=r"^distillation's held-out prompts .*: ") as info:
-            stages._read_heldout(path)
+            heldout.read_heldout(path)
         assert "\n" not in str(info.value)

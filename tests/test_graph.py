@@ -7,10 +7,10 @@ from typing import get_args
 
 import pytest
 
-from lorasuite_core.pipeline import graph, stages
+from lorasuite_core.pipeline import graph, pair_stages, stages
 from lorasuite_core.pipeline.graph import ENTRY_GRAPH, FINAL, PAIR_GRAPH, levels, resolve_input, upstream
 from lorasuite_core.pipeline.stage_store import StageResult
-from lorasuite_core.pipeline.stages import EvalJob
+from lorasuite_core.pipeline.plans import EvalJob
 
 BOTH = {**PAIR_GRAPH, **ENTRY_GRAPH}
 
@@ -42,7 +42,8 @@ def test_every_eval_row_reads_an_existing_stage_or_the_source_adapter():
 @pytest.mark.parametrize("name", list(BOTH))
 def test_every_stage_function_takes_the_graphs_arguments(name):
     stage = BOTH[name]
-    assert getattr(stages, stage.fn.__name__) is stage.fn, "a stage function lives in lorasuite_core.pipeline.stages"
+    home = pair_stages if name in PAIR_GRAPH else stages      # pair stages / per-adapter stages
+    assert getattr(home, stage.fn.__name__) is stage.fn, f"a stage function lives in {home.__name__}"
     params = list(inspect.signature(stage.fn).parameters)
     assert params[:2] == ["store", "plan"]
     context = [] if name in PAIR_GRAPH else ["adapter"] + (["job"] if stage.fan_out else [])

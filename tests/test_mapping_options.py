@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.pipeline import stages
+from lorasuite_core.pipeline import pair_stages
 from lorasuite_core.pipeline.options import AnalysisOptions
 from lorasuite_core.pipeline.stages import migrate_in_process
 from lorasuite_core.testing.adapter import make_random_lora_adapter
@@ -55,7 +55,7 @@ def _migrate(permuted, name: str, analysis: AnalysisOptions) -> tuple[dict, floa
 
 
 def test_head_and_layer_mapping_switches_change_the_migration_and_are_reported(permuted):
-    stages.clear_memo()
+    pair_stages.clear_memo()
     exact, error = _migrate(permuted, "default", AnalysisOptions(max_calibration_tokens=128))
     assert error < 1e-4
     assert exact["options"]["layer_mapping"] == "cka" and exact["options"]["head_mapping"] == "hungarian"

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from lorasuite_core.pipeline import stages
+from lorasuite_core.pipeline import pair_stages, stages
 from lorasuite_core.io import storage
 from lorasuite_core.training import task_data
 from lorasuite_core.errors import LorasuiteError
@@ -48,7 +48,7 @@ def harness(prefect_server, tmp_path_factory):
     try:
         yield
     finally:
-        stages.clear_memo()
+        pair_stages.clear_memo()
         patch.undo()
 
 

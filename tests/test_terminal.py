@@ -107,7 +107,7 @@ def test_one_line_per_stage_with_its_time_hashes_and_paths_only_with_verbose(pai
 def test_library_future_warning_goes_to_the_log_file_only(pair, tmp_path, capsys, monkeypatch):
     from transformers import AutoTokenizer
 
-    from lorasuite_core.pipeline import stages
+    from lorasuite_core.pipeline import pair_stages
 
     original = AutoTokenizer.from_pretrained
     text = "`from_pretrained(..., legacy=True)` is deprecated and will be removed in v99"
@@ -118,7 +118,7 @@ def test_library_future_warning_goes_to_the_log_file_only(pair, tmp_path, capsys
 
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", deprecated)
     monkeypatch.setenv("LORASUITE_LOG_DIR", str(tmp_path / "logs"))
-    stages.clear_memo()                       # the tokenizers are loaded again, in the vocabulary task
+    pair_stages.clear_memo()                       # the tokenizers are loaded again, in the vocabulary task
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         assert main(migrate_args(pair, tmp_path / "out", tmp_path / "cache")) == 0

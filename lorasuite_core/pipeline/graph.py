@@ -2,16 +2,16 @@
 
 Design
 ------
-A :class:`Stage` names its function (in :mod:`.stages`), the stages whose entries it reads
+A :class:`Stage` names its function (in :mod:`.pair_stages` or :mod:`.stages`), the stages whose entries it reads
 (``inputs``, in the order of the function's arguments), when it runs (``when``, a predicate on the
-:class:`~lorasuite_core.pipeline.stages.AdapterPlan`) and whether it fans out (``fan_out``: one
+:class:`~lorasuite_core.pipeline.plans.AdapterPlan`) and whether it fans out (``fan_out``: one
 call per job of the plan).  The stage order of a migration is this file, top to bottom::
 
-    plan_pair                            identities and keys          (stages.plan_pair)
+    plan_pair                            identities and keys          (plans.plan_pair)
     PAIR_GRAPH                           six analysis stages, once per model pair and calibration set
     per adapter:
       check_entry                        output safety + adapter check (runner.check_entry)
-      plan_adapter                       load, fit check, jobs, keys   (stages.plan_adapter)
+      plan_adapter                       load, fit check, jobs, keys   (plans.plan_adapter)
       ENTRY_GRAPH                        transfer ... eval
       publish(FINAL)                     copy to the output, report patched, manifest last
 
@@ -34,9 +34,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import stages
+from . import pair_stages, stages
 from .stage_store import StageResult
-from .stages import AdapterPlan, EvalJob
+from .plans import AdapterPlan, EvalJob
 
 
 @dataclass(frozen=True)
@@ -62,12 +62,12 @@ def _pair(fn, inputs=(), task="", **kw) -> Stage:
 
 #: The pair analysis (adapter-independent): computed once per model pair and calibration set.
 PAIR_GRAPH: dict[str, Stage] = {
-    "vocabulary": _pair(stages.vocabulary),
-    "activations": _pair(stages.activations, gpu=True, torch_model=True),
-    "transfer_matrix": _pair(stages.transfer_matrix, ("vocabulary",)),
-    "cka": _pair(stages.cka, ("activations",)),
-    "layer_mapping": _pair(stages.layer_mapping, ("cka",)),
-    "head_similarity": _pair(stages.head_similarity,
+    "vocabulary": _pair(pair_stages.vocabulary),
+    "activations": _pair(pair_stages.activations, gpu=True, torch_model=True),
+    "transfer_matrix": _pair(pair_stages.transfer_matrix, ("vocabulary",)),
+    "cka": _pair(pair_stages.cka, ("activations",)),
+    "layer_mapping": _pair(pair_stages.layer_mapping, ("cka",)),
+    "head_similarity": _pair(pair_stages.head_similarity,
                              ("vocabulary", "transfer_matrix", "activations", "cka", "layer_mapping")),
 }
 PAIR_STAGES = tuple(PAIR_GRAPH)
@@ -81,7 +81,7 @@ def _eval_adapter(job: EvalJob) -> str | None:
     return None if job.adapter in (None, "source") else job.adapter
 
 
-#: Per adapter, after :func:`~lorasuite_core.pipeline.stages.plan_adapter` and before publishing :data:`FINAL`.
+#: Per adapter, after :func:`~lorasuite_core.pipeline.plans.plan_adapter` and before publishing :data:`FINAL`.
 ENTRY_GRAPH: dict[str, Stage] = {
     "transfer": Stage(stages.transfer_layer, ("head_similarity",), fan_out=lambda plan: plan.layers,
                       step="transfer", task="layer", run_name="transfer-{adapter.name}-layer-{job.new_layer}",

@@ -34,11 +34,12 @@ from typing import Any, Callable, Protocol
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.io import storage
 
-from . import stages
+from . import plans, stages
 from .graph import ENTRY_GRAPH, FINAL, PAIR_GRAPH, Stage, as_uris, levels, resolve_input, step
 from .options import AnalysisOptions, MigrationOptions
 from .stage_store import StageResult, StageStore
-from .stages import REPORT_NAME, AdapterPlan, PairPlan
+from .plans import AdapterPlan, PairPlan
+from .stages import REPORT_NAME
 
 
 # --------------------------------------------------------------------------- the one pre-run check
@@ -60,7 +61,7 @@ def check_entry(old_model: str, new_model: str, analysis: AnalysisOptions, adapt
     if status == "complete" and skip_finished and not overwrite:
         return False
     storage.check_replaceable(output, status, overwrite)
-    stages.check_adapter(old_model, adapter, options.serving)
+    plans.check_adapter(old_model, adapter, options.serving)
     return True
 
 
@@ -108,14 +109,14 @@ class InProcess:
         return _now(check_entry, *args, **kwargs)
 
     def plan_pair(self, old_model: str, new_model: str, analysis: AnalysisOptions) -> PairPlan:
-        return stages.plan_pair(old_model, new_model, analysis)
+        return plans.plan_pair(old_model, new_model, analysis)
 
     def stage(self, name: str, stage: Stage, store: str, plan: PairPlan, adapter: AdapterPlan | None = None,
               job: Any = None, inputs: tuple = ()) -> _Done:
         return _now(call, stage, store, plan, adapter, job, tuple(_value(i) for i in inputs))
 
     def plan_adapter(self, plan: PairPlan, analysis: Any, name: str, adapter: str, options: MigrationOptions) -> _Done:
-        return _now(stages.plan_adapter, plan, _value(analysis), name, adapter, options)
+        return _now(plans.plan_adapter, plan, _value(analysis), name, adapter, options)
 
     def publish(self, store: str, name: str, final: Any, output: str, updates: dict[str, Any],
                 overwrite: bool, serving: str | None, base_model: str) -> _Done:

@@ -1,33 +1,23 @@
-"""Migration stages as plain functions over references and store entries (wrapped by ``tasks/``).
+"""The per-adapter stages as plain functions over references and store entries (wrapped by ``tasks/``).
 
 Design
 ------
-The sequential :func:`lorasuite_core.transfer.adapter.migrate` is cut into stages whose inputs and
-outputs are *references* — model/adapter/data paths or URIs and entries of a
+Inputs and outputs are *references* — model/adapter/data paths or URIs and entries of a
 :class:`~lorasuite_core.pipeline.stage_store.StageStore` — so that each stage can run as its own job,
-on any worker, and be reused when its entry already exists.  Arrays live in the entries'
-files (safetensors); stages exchange only :class:`~lorasuite_core.pipeline.stage_store.StageResult`
+on any worker, and be reused when its entry already exists.  Arrays live in the entries' files
+(safetensors); stages exchange only :class:`~lorasuite_core.pipeline.stage_store.StageResult`
 (URI + small facts).  Never imports Prefect.
 
-The pair-analysis stages (``vocabulary`` ... ``head_similarity``) are computed once per model pair
-and calibration set; the per-adapter stages (``transfer_layer``, the fan-out unit, ``assemble``,
-``light_finetune``, ``vanilla_baseline``, ``fidelity``, ``quality_gate``, ``evaluate``) after
-:func:`plan_adapter`, and :func:`publish` last (not stored: copy, report patched, manifest last).
-
-Which stage reads which, when each runs and the order: :mod:`lorasuite_core.pipeline.graph`, the
-one place they are declared; :mod:`lorasuite_core.pipeline.runner` walks that graph in process
-(:func:`migrate_in_process`: the synthetic demo, the benchmarks, the tests' references) and the
+After :func:`~lorasuite_core.pipeline.plans.plan_adapter` and the pair analysis
+(:mod:`~lorasuite_core.pipeline.pair_stages`): ``transfer_layer`` (the fan-out unit), ``assemble``,
+``light_finetune``, ``vanilla_baseline``, ``fidelity``, ``quality_gate``, ``evaluate``, and
+:func:`publish` last (not stored: copy, report patched, manifest last).  Which stage reads which, when
+each runs and the order: :mod:`lorasuite_core.pipeline.graph`, the one place they are declared;
+:mod:`lorasuite_core.pipeline.runner` walks that graph in process (:func:`migrate_in_process`) and the
 flows walk it with Prefect tasks generated from the same table (``tasks/stages.py``).
 
-Keys (:func:`~lorasuite_core.pipeline.stage_store.stage_key`) chain: a stage's key includes the keys
-of the entries it reads, so an adapter produced from reused entries is bit-identical to one
-computed afresh.  Loaded models, adapters and analyses are memoised per process by identity,
-because a worker runs many per-layer jobs of one pair.
-
 Progress (:mod:`lorasuite_core.io.terminal`): every stored stage reports its time from
-:meth:`StageStore.run`; besides, :func:`plan_adapter` announces how many per-adapter entries will
-come (layers, write, LFT, evaluation rows, publish), ``head_similarity`` each matched layer pair,
-and :func:`publish` its time.
+:meth:`StageStore.run`; :func:`publish` reports its own.
 """
 from __future__ import annotations
 
@@ -35,435 +25,28 @@ import json
 import logging
 import shutil
 import time
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import torch
-from pydantic import BaseModel as Schema  # the stage plans' schema base
-from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
-from safetensors.torch import load_file, save_file
 
 from lorasuite_core.io import storage, terminal
 from lorasuite_core.io.tempdirs import private_tempdir
-from lorasuite_core.transfer.activations import PairedActivations, builtin_calibration_texts, paired_activations, read_calibration_file
-from lorasuite_core.pipeline.analysis_store import load_matches, save_matches
-from lorasuite_core.transfer.cka import minibatch_cka
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.transfer.layer_mapping import fixed_mapping, map_layers
 from lorasuite_core.pipeline.layer_results import load_layer_result, save_layer_result
-from lorasuite_core.models.loading import (LoadedModel, LoraAdapter, load_base_model,
-                                           load_lora_adapter, resolve_local_dir)
+from lorasuite_core.models.loading import resolve_local_dir
 from lorasuite_core.models.writing import REPORT_NAME, adapter_config, adapter_tensors, write_adapter_dir
-from lorasuite_core.report.migration import build_report, head_mapping_entries
-from lorasuite_core.transfer.adapter import (PairAnalysis, check_adapter_fits, effective_head_mapping, combine_layers,
-                                             match_layer_pair, sources_by_new_layer, transfer_new_layer)
-from lorasuite_core.transfer.residual import ResidualTransfer, residual_transfer
+from lorasuite_core.report.migration import build_report
+from lorasuite_core.transfer.adapter import effective_head_mapping, combine_layers, transfer_new_layer
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
-from lorasuite_core.pipeline.stage_store import (ADAPTER_PATTERNS, StageResult, StageStore, artifact_identity, data_identity,
-                          stage_key, texts_identity)
-from lorasuite_core.transfer.vocab import SharedVocabulary, shared_vocabulary
+from lorasuite_core.pipeline.stage_store import StageResult, StageStore
+
+from lorasuite_core.pipeline.plans import AdapterPlan, EvalJob, LayerJob, PairPlan, _adapter, calibration_texts
+from lorasuite_core.pipeline.pair_stages import _load_vocabulary, pair_analysis
+from lorasuite_core.training.heldout import HELDOUT, read_heldout, write_heldout
 
 log = logging.getLogger(__name__)
 
 PUBLISHED_EXTRA = ("training_summary.json",)
-
-
-# --------------------------------------------------------------------------- memoised loading
-
-
-@lru_cache(maxsize=8)
-def _model(ref: str, identity: str) -> LoadedModel:
-    return load_base_model(ref)
-
-
-@lru_cache(maxsize=16)
-def _adapter(ref: str, identity: str, old_ref: str, old_identity: str) -> LoraAdapter:
-    try:
-        return load_lora_adapter(ref, _model(old_ref, old_identity).family)
-    except FileNotFoundError:
-        raise LorasuiteError(f"adapter {storage.redact_uri(ref)} does not exist") from None
-
-
-@lru_cache(maxsize=4)
-def _analysis(root: str, analysis_uri: str, vocabulary_uri: str, transfer_uri: str, cka_uri: str) -> PairAnalysis:
-    store = StageStore.at(root)
-    matrices = _load_numpy(store, cka_uri, "cka.safetensors")
-    facts = store.facts(analysis_uri)
-    return PairAnalysis(_load_vocabulary(store, vocabulary_uri), _load_transfer(store, transfer_uri),
-                        matrices["cka_updates"], matrices["cka_states"],
-                        [(int(i), int(j)) for i, j in facts["layer_mapping"]],
-                        load_matches(store.local_dir(analysis_uri)), calibration=facts["calibration"])
-
-
-def pair_analysis(store: StageStore, plan: PairPlan, analysis_uri: str) -> PairAnalysis:
-    """The pair's analysis from the entries that hold it (each array once; see analysis_store)."""
-    where = {stage: store.location(stage, plan.stage_keys[stage]) for stage in ("vocabulary", "transfer_matrix", "cka")}
-    return _analysis(store.root, analysis_uri, where["vocabulary"], where["transfer_matrix"], where["cka"])
-
-
-def clear_memo() -> None:
-    """Forget memoised models, adapters and analyses (tests, long-lived workers)."""
-    for cached in (_model, _adapter, _analysis):
-        cached.cache_clear()
-
-
-# --------------------------------------------------------------------------- pair analysis
-
-
-class PairPlan(Schema):
-    """Both models, the calibration set and the key of every pair-analysis stage."""
-
-    old_model: str
-    new_model: str
-    old_identity: str
-    new_identity: str
-    analysis: AnalysisOptions
-    calibration_identity: str
-    stage_keys: dict[str, str]
-
-    @property
-    def calibration_data(self) -> str | None:
-        return self.analysis.calibration_data
-
-    @property
-    def max_calibration_tokens(self) -> int:
-        return self.analysis.max_calibration_tokens
-
-    @property
-    def layer_offset(self) -> int | None:
-        return self.analysis.layer_offset
-
-    def old(self) -> LoadedModel:
-        return _model(self.old_model, self.old_identity)
-
-    def new(self) -> LoadedModel:
-        return _model(self.new_model, self.new_identity)
-
-
-def calibration_texts(ref: str | None, max_tokens: int) -> list[str]:
-    """The calibration samples: read, streamed and capped for a budget of ``max_tokens`` paired tokens."""
-    return read_calibration_file(ref, max_tokens) if ref else builtin_calibration_texts()
-
-
-def plan_pair(old_model: str, new_model: str, analysis: AnalysisOptions | None = None) -> PairPlan:
-    """Identify both models (file listings, not tensors) and the calibration text; derive the keys."""
-    analysis = analysis or AnalysisOptions()
-    calibration_data, max_calibration_tokens = analysis.calibration_data, analysis.max_calibration_tokens
-    layer_offset = analysis.layer_offset
-    old_id = artifact_identity(old_model, "model")
-    new_id = artifact_identity(new_model, "model")
-    calibration = texts_identity(calibration_texts(calibration_data, max_calibration_tokens))
-    keys = {"vocabulary": stage_key("vocabulary", old=old_id, new=new_id)}
-    keys["transfer_matrix"] = stage_key("transfer_matrix", vocabulary=keys["vocabulary"])
-    keys["activations"] = stage_key("activations", old=old_id, new=new_id, calibration=calibration,
-                                    max_tokens=max_calibration_tokens)
-    keys["cka"] = stage_key("cka", activations=keys["activations"])
-    keys["layer_mapping"] = stage_key("layer_mapping", cka=keys["cka"], offset=layer_offset,
-                                      method=analysis.layer_mapping)
-    keys["head_similarity"] = stage_key("head_similarity", transfer_matrix=keys["transfer_matrix"],
-                                        layer_mapping=keys["layer_mapping"], activations=keys["activations"],
-                                        layout="matches", heads=analysis.head_mapping)
-    return PairPlan(old_model=old_model, new_model=new_model, old_identity=old_id, new_identity=new_id,
-                    analysis=analysis, calibration_identity=calibration, stage_keys=keys)
-
-
-def _load_vocabulary(store: StageStore, uri: str) -> SharedVocabulary:
-    arrays = load_file(store.local_dir(uri) / "vocabulary.safetensors")
-    return SharedVocabulary(arrays["old_ids"].numpy(), arrays["new_ids"].numpy())
-
-
-def _load_transfer(store: StageStore, uri: str) -> ResidualTransfer:
-    arrays = load_file(store.local_dir(uri) / "transfer_matrix.safetensors")
-    facts = store.facts(uri)
-    return ResidualTransfer(arrays["P"], arrays["Q"], facts["scale"], facts["fit_residual_old"], facts["fit_residual_new"])
-
-
-def _load_numpy(store: StageStore, uri: str, name: str) -> dict[str, np.ndarray]:
-    return load_numpy(store.local_dir(uri) / name)
-
-
-def vocabulary(store: StageStore, plan: PairPlan) -> StageResult:
-    def compute(out: Path) -> dict:
-        shared = shared_vocabulary(plan.old().tokenizer(), plan.new().tokenizer())
-        save_file({"old_ids": torch.from_numpy(shared.old_ids), "new_ids": torch.from_numpy(shared.new_ids)},
-                  out / "vocabulary.safetensors")
-        return {"shared_vocabulary_size": len(shared)}
-
-    return store.run("vocabulary", plan.stage_keys["vocabulary"], compute)
-
-
-def transfer_matrix(store: StageStore, plan: PairPlan, vocabulary_uri: str) -> StageResult:
-    def compute(out: Path) -> dict:
-        rt = residual_transfer(plan.old(), plan.new(), _load_vocabulary(store, vocabulary_uri))
-        save_file({"P": rt.P.contiguous(), "Q": rt.Q.contiguous()}, out / "transfer_matrix.safetensors")
-        return {"scale": rt.scale, "fit_residual_old": rt.fit_residual_old, "fit_residual_new": rt.fit_residual_new}
-
-    return store.run("transfer_matrix", plan.stage_keys["transfer_matrix"], compute)
-
-
-def activations(store: StageStore, plan: PairPlan) -> StageResult:
-    def compute(out: Path) -> dict:
-        texts = calibration_texts(plan.calibration_data, plan.max_calibration_tokens)
-        if texts_identity(texts) != plan.calibration_identity:
-            raise LorasuiteError(f"calibration data {plan.calibration_data} changed during the run; rerun")
-        acts = paired_activations(plan.old(), plan.new(), texts, max_tokens=plan.max_calibration_tokens,
-                                  progress=False)
-        for which, model, states in (("old", plan.old(), acts.old_states), ("new", plan.new(), acts.new_states)):
-            if not np.isfinite(states).all():
-                for name in model.weights.shard_of:   # name the culprit: get() refuses a non-finite weight
-                    model.weights.get(name)
-                raise LorasuiteError(f"{which} model {storage.redact_uri(model.source)} gives NaN or Inf hidden "
-                                     "states on the calibration text")
-        save_numpy({"old_states": np.ascontiguousarray(acts.old_states),
-                    "new_states": np.ascontiguousarray(acts.new_states)}, out / "activations.safetensors")
-        return {"texts": acts.num_texts, "paired_tokens": acts.num_tokens}
-
-    return store.run("activations", plan.stage_keys["activations"], compute)
-
-
-def cka(store: StageStore, plan: PairPlan, activations_uri: str) -> StageResult:
-    def compute(out: Path) -> dict:
-        states = _load_numpy(store, activations_uri, "activations.safetensors")
-        old, new = states["old_states"], states["new_states"]
-        updates = minibatch_cka(PairedActivations.updates(old), PairedActivations.updates(new))
-        hidden = minibatch_cka(old, new)
-        save_numpy({"cka_updates": np.ascontiguousarray(updates), "cka_states": np.ascontiguousarray(hidden)},
-                   out / "cka.safetensors")
-        return {"shape": list(updates.shape)}
-
-    return store.run("cka", plan.stage_keys["cka"], compute)
-
-
-def cka_of_updates(store: StageStore, cka_uri: str) -> np.ndarray:
-    """The L_old x L_new CKA of layer updates, from the cka entry (for reports and artifacts)."""
-    return _load_numpy(store, cka_uri, "cka.safetensors")["cka_updates"]
-
-
-def layer_mapping(store: StageStore, plan: PairPlan, cka_uri: str) -> StageResult:
-    def compute(out: Path) -> dict:
-        updates = _load_numpy(store, cka_uri, "cka.safetensors")["cka_updates"]
-        method = plan.analysis.layer_mapping
-        mapping = map_layers(updates, plan.layer_offset) if method == "cka" else fixed_mapping(*updates.shape, method)
-        return {"layer_mapping": [[i, j] for i, j in mapping]}
-
-    return store.run("layer_mapping", plan.stage_keys["layer_mapping"], compute)
-
-
-def head_similarity(store: StageStore, plan: PairPlan, vocabulary_uri: str, transfer_uri: str,
-                    activations_uri: str, cka_uri: str, mapping_uri: str) -> StageResult:
-    """Match heads and neurons of every mapped layer pair; store the complete PairAnalysis."""
-
-    def compute(out: Path) -> dict:
-        old, new = plan.old(), plan.new()
-        rt = _load_transfer(store, transfer_uri)
-        matrices = _load_numpy(store, cka_uri, "cka.safetensors")
-        mapping = [(int(i), int(j)) for i, j in store.facts(mapping_uri)["layer_mapping"]]
-        analysis = PairAnalysis(_load_vocabulary(store, vocabulary_uri), rt, matrices["cka_updates"],
-                                matrices["cka_states"], mapping, calibration=store.facts(activations_uri))
-        heads_used = effective_head_mapping(old, new, plan.analysis.head_mapping)
-        if heads_used != plan.analysis.head_mapping:
-            log.info("head mapping %s -> %s: the %s family fixes each head's index (%s)", plan.analysis.head_mapping,
-                     heads_used, (old if old.family.head_index_fixed else new).family.name,
-                     (old if old.family.head_index_fixed else new).family.position_encoding)
-        for done, (i, j) in enumerate(mapping, start=1):
-            analysis.matches[i] = match_layer_pair(old, new, rt, i, j, plan.analysis.head_mapping)
-            terminal.advanced("head_similarity", done, len(mapping), "layer pairs")
-        save_matches(analysis.matches, out)
-        return {"layer_mapping": [[i, j] for i, j in mapping], "head_mapping": head_mapping_entries(analysis),
-                "shared_vocabulary_size": len(analysis.shared), "calibration": analysis.calibration}
-
-    return store.run("head_similarity", plan.stage_keys["head_similarity"], compute)
-
-
-# --------------------------------------------------------------------------- per adapter: plan
-
-
-class LayerJob(Schema):
-    new_layer: int
-    sources: list[int]
-    key: str
-
-    @property
-    def label(self) -> str:
-        return f"new layer {self.new_layer}"
-
-
-class TrainJob(Schema):
-    key: str
-    data: str | None
-    samples: int
-    lr: float
-    epochs: int
-    seed: int
-    rank: int = 0
-    alpha: float = 0.0
-    targets: list[str] = []
-    use_dora: bool = False
-
-
-class EvalJob(Schema):
-    """One row of the evaluation table: a model with (or without) one adapter."""
-
-    row: str
-    model: Literal["old", "new"]
-    adapter: Literal["source", "migrated", "lft", "vanilla"] | None
-    key: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.model}-{self.adapter or 'bare'}"
-
-
-class AdapterPlan(Schema):
-    name: str
-    adapter: str
-    adapter_identity: str
-    options: MigrationOptions
-    modules: int
-    layers: list[LayerJob]
-    migrated_key: str
-    lft: TrainJob | None = None
-    vanilla: TrainJob | None = None
-    gate_key: str | None = None          # the quality gate's entry, when the options ask for it
-    fidelity_key: str | None = None      # the fidelity stage's entry, when the options ask for it
-    evals: list[EvalJob] = []
-    seconds: float = 0.0                 # time taken to load, check and plan
-
-
-def check_adapter(old_model: str, adapter_ref: str, serving: str | None = None) -> None:
-    """Before any analysis: the adapter loads (LoRA, finite tensors, known targets) and fits the old model;
-    with ``serving`` it is not DoRA (which no serving engine applies, :mod:`lorasuite_core.serving`)."""
-    old_identity = artifact_identity(old_model, "model")
-    identity = artifact_identity(adapter_ref, "adapter", ADAPTER_PATTERNS)
-    adapter = _adapter(adapter_ref, identity, old_model, old_identity)
-    check_adapter_fits(adapter, _model(old_model, old_identity))
-    if serving == "vllm" and adapter.variant.has_magnitude:
-        raise LorasuiteError(f"adapter {adapter_ref} is DoRA, which vLLM cannot serve (nor do LoRAX/TGI apply its "
-                             "magnitude vector); drop --serving vllm to migrate it for PEFT, or --serving vllm-lora for "
-                             "a plain-LoRA approximation with its residual reported")
-
-
-def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: str,
-                 options: MigrationOptions) -> AdapterPlan:
-    """Load and check the adapter against the old model; list its per-layer jobs and every key."""
-    start = time.perf_counter()
-    old = plan.old()
-    identity = artifact_identity(adapter_ref, "adapter", ADAPTER_PATTERNS)
-    adapter = _adapter(adapter_ref, identity, plan.old_model, plan.old_identity)
-    check_adapter_fits(adapter, old)
-    mapping = [(int(i), int(j)) for i, j in analysis.facts["layer_mapping"]]
-    sources = sources_by_new_layer(mapping, {layer for layer, _ in adapter.factors})
-    mode = options.head_transform
-    layers = [LayerJob(new_layer=j, sources=sources[j],
-                       key=stage_key("layer", analysis=analysis.key, adapter=identity, new_layer=j,
-                                     sources=sources[j], mode=mode))
-              for j in sorted(sources)]
-    zero_init = options.adds_zero_init
-    migrated_key = stage_key("migrated", analysis=analysis.key, adapter=identity, mode=mode, layers=[l.key for l in layers],
-                             refs=[plan.old_model, plan.new_model, adapter_ref], offset=plan.layer_offset,
-                             **({"zero_init": True, "seed": options.seed} if zero_init else {}))
-    lft = vanilla = None
-    if options.runs_lft:
-        data = data_identity(options.lft_data, "LFT data") if options.lft_data else None
-        lft = TrainJob(key=stage_key("lft", migrated=migrated_key, model=plan.new_identity, data=data,
-                                     samples=options.lft_samples, lr=options.lft_lr, epochs=options.lft_epochs,
-                                     seed=options.seed, compute=_training_compute(),
-                                     **_distill_key_parts(plan, identity, options)),
-                       data=options.lft_data, samples=options.lft_samples, lr=options.lft_lr,
-                       epochs=options.lft_epochs, seed=options.seed)
-        if options.runs_vanilla:
-            vanilla = _vanilla_job(plan, adapter, options, data)
-    evals = _eval_jobs(plan, identity, migrated_key, lft, vanilla, options) if options.eval_data else []
-    gate_key = None
-    if options.gate:
-        held_out = data_identity(options.eval_data, "evaluation data") if options.eval_data else "lft-heldout"
-        gate_key = stage_key("gate", adapter=lft.key if lft else migrated_key, teacher=[plan.old_identity, identity],
-                             heldout=held_out, n=options.gate_prompts, margin=options.gate_margin, seed=options.seed)
-    fidelity_key = None
-    if options.fidelity:
-        fidelity_key = stage_key("fidelity", adapters=[migrated_key, lft.key if lft else None],
-                                 teacher=[plan.old_identity, identity], prompts=_fidelity_source(plan, options, lft),
-                                 n=options.gate_prompts, seed=options.seed, version=FIDELITY_VERSION)
-    for stage, count in (("layer", len(layers)), ("migrated", 1), ("lft", int(bool(lft))),
-                         ("vanilla", int(bool(vanilla))), ("fidelity", int(bool(fidelity_key))),
-                         ("gate", int(bool(gate_key))), ("eval", len(evals)), ("publish", 1)):
-        terminal.expected(stage, count)          # the terminal sums each per-adapter stage into one line
-    return AdapterPlan(name=name, adapter=adapter_ref, adapter_identity=identity, options=options,
-                       modules=len(adapter.factors), layers=layers, migrated_key=migrated_key,
-                       lft=lft, vanilla=vanilla, gate_key=gate_key, fidelity_key=fidelity_key, evals=evals,
-                       seconds=time.perf_counter() - start)
-
-
-#: Version of the fidelity measurement in its stage key.
-FIDELITY_VERSION = 1
-
-
-def _fidelity_source(plan: PairPlan, options: MigrationOptions, lft: TrainJob | None) -> str:
-    """Where fidelity's held-out prompts come from (see :func:`fidelity`), as part of its key."""
-    if lft is not None and options.lft_mode == "distill":
-        return "distillation"
-    if options.eval_data:
-        return data_identity(options.eval_data, "evaluation data")
-    return f"calibration:{plan.calibration_identity}"
-
-
-def _training_compute() -> str:
-    """The dtype LFT and baseline training multiply in here (bf16 autocast where the hardware has it): it changes
-    the trained weights, so it is part of their stage keys."""
-    from lorasuite_core.training.devices import training_compute_dtype
-
-    return training_compute_dtype()
-
-
-def _distill_key_parts(plan: PairPlan, adapter_identity: str, options: MigrationOptions) -> dict[str, Any]:
-    """What a distilled LFT depends on beyond labelled LFT: the teacher, the prompts, the KL weight, held-out set."""
-    if options.lft_mode != "distill":
-        return {}
-    return {"lft_mode": "distill", "teacher": [plan.old_identity, adapter_identity],
-            "prompts": data_identity(options.lft_prompts, "LFT prompts") if options.lft_prompts else None,
-            "seeds": data_identity(options.lft_seed_prompts, "seed prompts") if options.lft_seed_prompts else None,
-            **({"synthesis": SYNTHESIS_VERSION} if options.lft_seed_prompts else {}),
-            "kl_weight": options.lft_kl_weight, "heldout_n": options.gate_prompts,
-            "heldout": data_identity(options.eval_data, "evaluation data") if options.eval_data else None,
-            "vocabulary": plan.stage_keys["vocabulary"]}
-
-
-def _vanilla_job(plan: PairPlan, adapter: LoraAdapter, options: MigrationOptions, data: str) -> TrainJob:
-    """The source adapter's kind, rank, alpha and targets: a DoRA source gets a fresh DoRA, an AdaLoRA
-    source a fresh LoRA at its initial rank ``init_r`` (AdaLoRA's budget schedule is a function of the
-    original run's step count, which the adapter does not record)."""
-    rank = adapter.variant.baseline_rank(adapter.config)
-    alpha = float(adapter.config.get("lora_alpha", rank))
-    targets = sorted(adapter.target_names)
-    use_dora = adapter.variant.baseline_use_dora
-    key = stage_key("vanilla", model=plan.new_identity, data=data, samples=options.lft_samples,
-                    epochs=options.lft_epochs, seed=options.seed, rank=rank, alpha=alpha, targets=targets,
-                    use_dora=use_dora, compute=_training_compute())
-    return TrainJob(key=key, data=options.lft_data, samples=options.lft_samples, lr=3e-4,
-                    epochs=options.lft_epochs, seed=options.seed, rank=rank, alpha=alpha, targets=targets,
-                    use_dora=use_dora)
-
-
-def _eval_jobs(plan: PairPlan, adapter_identity: str, migrated_key: str, lft: TrainJob | None,
-               vanilla: TrainJob | None, options: MigrationOptions) -> list[EvalJob]:
-    data = data_identity(options.eval_data, "evaluation data")
-    rows = [("old model + source adapter", "old", "source", plan.old_identity, adapter_identity),
-            ("new model, no adapter", "new", None, plan.new_identity, None),
-            ("new model + migrated (transfer)", "new", "migrated", plan.new_identity, migrated_key)]
-    if lft:
-        rows.append(("new model + migrated + LFT", "new", "lft", plan.new_identity, lft.key))
-    if vanilla:
-        rows.append(("new model + vanilla LoRA", "new", "vanilla", plan.new_identity, vanilla.key))
-    from lorasuite_core.training.evaluation import eval_dtype
-    from lorasuite_core.training.devices import resolve_device
-
-    dtype = eval_dtype("auto", resolve_device("auto"))      # bf16 where the CPU has it: part of the result
-    return [EvalJob(row=row, model=model, adapter=kind,
-                    key=stage_key("eval", model=model_id, adapter=adapter_key, data=data, n=options.eval_samples,
-                                  seed=options.seed, generation="greedy-loop", dtype=dtype))
-            for row, model, kind, model_id, adapter_key in rows]
 
 
 # --------------------------------------------------------------------------- per adapter: work
@@ -551,9 +134,6 @@ def light_finetune(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migr
     return store.run("lft", job.key, compute)
 
 
-HELDOUT = "heldout_prompts.json"
-#: Version of prompt synthesis in distilled LFT's stage key (2: the teacher's base model writes the prompts).
-SYNTHESIS_VERSION = 2
 
 
 def _prompts(ref: str, limit: int | None, seed: int) -> list:
@@ -604,49 +184,8 @@ def _distill(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated: 
     report = D.distill(teacher_dir, source_dir, resolve_local_dir(plan.new_model, "model"), migrated, out, train,
                        heldout=heldout, config=D.DistillConfig(kl_weight=o.lft_kl_weight, train=config),
                        shared_ids=(vocabulary.old_ids.tolist(), vocabulary.new_ids.tolist()), prompt_source=source)
-    _write_heldout(out / HELDOUT, heldout, report.heldout_teacher, report.heldout_student)
+    write_heldout(out / HELDOUT, heldout, report.heldout_teacher, report.heldout_student)
     return {"lft_mode": "distill", **report.to_dict()}
-
-
-def _write_heldout(path: Path, prompts: list, teacher: list, student: list) -> None:
-    """Distillation's held-out prompts with the teacher's and the distilled student's greedy completions on them
-    (generated as the gate generates them), so the gate only has the bare model left to generate."""
-    as_dict = lambda c: {"text": c.text, "ids": list(c.ids)}
-    path.write_text(json.dumps([{"instruction": p.instruction, "input": p.input, "teacher": as_dict(t),
-                                 "student": as_dict(s)} for p, t, s in zip(prompts, teacher, student, strict=True)]))
-
-
-def _read_heldout(path: Path) -> tuple[list, list | None, list | None]:
-    """``(prompts, teacher completions, student completions)`` of :func:`_write_heldout` (completions None in a
-    record written without them); a malformed file is a one-line error, not a traceback."""
-    from lorasuite_core.training import distill as D
-    from lorasuite_core.training import prompts as P
-
-    def completion(record: dict, key: str):
-        value = record.get(key)
-        if value is None:
-            return None
-        if not (isinstance(value, dict) and isinstance(value.get("text"), str) and isinstance(value.get("ids"), list)
-                and all(isinstance(i, int) and not isinstance(i, bool) for i in value["ids"])):
-            raise ValueError(f"{key} is not a {{text, ids}} completion")
-        return D.Completion(value["text"], tuple(value["ids"]))
-
-    try:
-        records = json.loads(path.read_text())
-        if not isinstance(records, list) or not records:
-            raise ValueError("not a non-empty list")
-        prompts, teacher, student = [], [], []
-        for record in records:
-            if not isinstance(record, dict) or not isinstance(record.get("instruction"), str) \
-                    or not isinstance(record.get("input", ""), str):
-                raise ValueError("a record without a string instruction")
-            prompts.append(P.Prompt(record["instruction"], record.get("input", "")))
-            teacher.append(completion(record, "teacher"))
-            student.append(completion(record, "student"))
-    except (OSError, ValueError) as exc:
-        raise LorasuiteError(f"distillation's held-out prompts {path}: {exc}") from None
-    whole = lambda items: items if all(c is not None for c in items) else None
-    return prompts, whole(teacher), whole(student)
 
 
 def quality_gate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, final_uri: str) -> StageResult:
@@ -662,7 +201,7 @@ def quality_gate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, final_
         prompts, answers = _heldout_eval(o)
         teacher_completions = student_completions = None
         if (final / HELDOUT).exists():   # a distilled adapter: its held-out prompts, already generated on
-            stored_prompts, teacher_completions, student_completions = _read_heldout(final / HELDOUT)
+            stored_prompts, teacher_completions, student_completions = read_heldout(final / HELDOUT)
             if prompts and stored_prompts != prompts:   # (the eval data's, when given: the same prompts)
                 raise LorasuiteError(f"distillation's held-out prompts in {final} are not the evaluation data's "
                                      f"first {o.gate_prompts}")
@@ -689,7 +228,7 @@ def _fidelity_prompts(plan: PairPlan, adapter: AdapterPlan, lft_dir: Path | None
 
     o = adapter.options
     if lft_dir is not None and (lft_dir / HELDOUT).exists():
-        prompts, teacher, _ = _read_heldout(lft_dir / HELDOUT)
+        prompts, teacher, _ = read_heldout(lft_dir / HELDOUT)
         return prompts, teacher
     prompts, _ = _heldout_eval(o)
     if not prompts:
