@@ -13,7 +13,7 @@ from typing import Any
 from lorasuite_core.pipeline.manifest import FleetManifest
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.stages import check_adapter, run_inputs
-from lorasuite_core.io.storage import check_not_a_file, check_output
+from lorasuite_core.io.outputs import check_not_a_file, check_output
 
 from .embedded import embedded_api
 

@@ -37,7 +37,8 @@ from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.pipeline.manifest import BaseModelRelease, FleetManifest, ManifestError
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.stages import check_adapter, run_inputs
-from lorasuite_core.io.storage import check_not_a_file, check_replaceable as replaceable, redact_uri
+from lorasuite_core.io.outputs import check_not_a_file, check_replaceable as replaceable
+from lorasuite_core.io.uris import redact_uri
 from tasks._support import forward_core_logs
 
 from . import artifacts

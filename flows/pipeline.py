@@ -36,7 +36,8 @@ from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.stage_store import StageResult, StageStore
 from lorasuite_core.pipeline.stages import (ENTRY_WAVES, PAIR_GRAPH, PAIR_STAGES, AdapterPlan, PairPlan, cka_of_updates,
                                             report_updates, run_inputs)
-from lorasuite_core.io.storage import check_replaceable, describe_error, redact_uri
+from lorasuite_core.io.outputs import check_replaceable
+from lorasuite_core.io.uris import describe_error, redact_uri
 
 from . import artifacts
 from .settings import resolve_cache_root

@@ -17,7 +17,7 @@ from lorasuite_core.pipeline import stages
 from lorasuite_core.pipeline.stage_store import StageResult, StageStore
 from lorasuite_core.pipeline.options import MigrationOptions
 from lorasuite_core.pipeline.stages import AdapterPlan, LayerJob, PairPlan
-from lorasuite_core.io.storage import redact_uri
+from lorasuite_core.io.uris import redact_uri
 
 from ._support import NO_RECORDS, forward_core_logs, run_stage, stage_task_options
 

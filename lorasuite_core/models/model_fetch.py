@@ -254,10 +254,10 @@ _OWN_NAMES = (".lock", WHEELS_DIR, HF_DIR, HF_DIR + ".partial", MARKER_FILE, MAR
 
 
 def check_fetch_location(name: str, cache_dir: Path | None = None) -> Path:
-    """The pre-run check of ``models fetch`` (the same rules as every output, :func:`storage.check_output_location`):
+    """The pre-run check of ``models fetch`` (the same rules as every output, :func:`outputs.check_output_location`):
     ``<cache_dir>/<name>`` is not the working directory or above it, and holds nothing but what a fetch
     writes, since a fetch replaces ``hf/`` and, with ``force``, the GGUF.  Returns the directory."""
-    from lorasuite_core.io.storage import UnsafeOutputError, check_output_location
+    from lorasuite_core.io.outputs import UnsafeOutputError, check_output_location
 
     root = Path(cache_dir or default_cache_dir()).expanduser() / name
     check_output_location(root, {})

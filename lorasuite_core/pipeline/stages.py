@@ -60,7 +60,11 @@ from pydantic import BaseModel as Schema  # the stage plans' schema base
 from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
-from lorasuite_core.io import storage, terminal
+from lorasuite_core.io import terminal
+from lorasuite_core.io.files import read_json
+from lorasuite_core.io.outputs import check_output, check_output_location, output_state
+from lorasuite_core.io.publish import publish_dir_atomic
+from lorasuite_core.io.uris import is_remote, join_uri, redact_uri, resolve
 from lorasuite_core.io.tempdirs import private_tempdir
 from lorasuite_core.transfer.activations import PairedActivations, builtin_calibration_texts, paired_activations, read_calibration_file
 from lorasuite_core.pipeline.analysis_store import load_matches, save_matches
@@ -112,7 +116,7 @@ def _adapter(ref: str, identity: str, old_ref: str, old_identity: str) -> LoraAd
     try:
         return load_lora_adapter(ref, _model(old_ref, old_identity).family)
     except FileNotFoundError:
-        raise LorasuiteError(f"adapter {storage.redact_uri(ref)} does not exist") from None
+        raise LorasuiteError(f"adapter {redact_uri(ref)} does not exist") from None
 
 
 @lru_cache(maxsize=4)
@@ -243,7 +247,7 @@ def activations(store: StageStore, plan: PairPlan) -> StageResult:
             if not np.isfinite(states).all():
                 for name in model.weights.shard_of:   # name the culprit: get() refuses a non-finite weight
                     model.weights.get(name)
-                raise LorasuiteError(f"{which} model {storage.redact_uri(model.source)} gives NaN or Inf hidden "
+                raise LorasuiteError(f"{which} model {redact_uri(model.source)} gives NaN or Inf hidden "
                                      "states on the calibration text")
         save_numpy({"old_states": np.ascontiguousarray(acts.old_states),
                     "new_states": np.ascontiguousarray(acts.new_states)}, out / "activations.safetensors")
@@ -359,9 +363,9 @@ class AdapterPlan(Schema):
 
 def output_status(output: str, inputs: dict[str, str | None]) -> Literal["empty", "complete", "corrupt", "partial",
                                                                          "foreign"]:
-    """Refuse an output that would destroy an input; else the destination's state (see storage.output_state)."""
-    storage.check_output_location(output, inputs)
-    return storage.output_state(output)
+    """Refuse an output that would destroy an input; else the destination's state (see output_state)."""
+    check_output_location(output, inputs)
+    return output_state(output)
 
 
 def run_inputs(old_model: str, new_model: str, adapter: str, options: MigrationOptions,
@@ -845,7 +849,7 @@ def publish(store: StageStore, source_uri: str, output: str, report_updates: dic
             if not verdict["servable"]:
                 log.info("%s would not serve %s as published: %s", engine, output, "; ".join(verdict["problems"]))
         (staged / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        published = storage.publish_dir_atomic(staged, output, overwrite=overwrite)
+        published = publish_dir_atomic(staged, output, overwrite=overwrite)
     terminal.finished("publish", time.perf_counter() - start, reused=False)
     return published
 
@@ -865,9 +869,9 @@ def report_updates(plan: PairPlan, entry: AdapterPlan, stored: dict[str, StageRe
     """What the published migration_report.json gets on top of the assembled report."""
     options = {**entry.options.model_dump(mode="json"), **plan.analysis.model_dump(mode="json")}
     updates: dict[str, Any] = {"steps": steps, "pipeline": {
-        **pipeline, "stage_store": storage.redact_uri(cache_root),
+        **pipeline, "stage_store": redact_uri(cache_root),
         "keys": {**plan.stage_keys, "migrated": entry.migrated_key}},
-        "options": {k: storage.redact_uri(v) if isinstance(v, str) else v for k, v in options.items()}}
+        "options": {k: redact_uri(v) if isinstance(v, str) else v for k, v in options.items()}}
     if "lft" in stored:
         updates["light_finetune"] = {k: v for k, v in stored["lft"].facts.items() if k != "losses"}
     if "vanilla" in stored:
@@ -895,7 +899,7 @@ def migrate_in_process(old_model: str, new_model: str, adapter: str, output: str
     options = (options or MigrationOptions()).check_single()
     analysis = analysis or AnalysisOptions()
     old_model, new_model, adapter, output = map(str, (old_model, new_model, adapter, output))
-    storage.check_output(output, run_inputs(old_model, new_model, adapter, options, analysis, cache_root), overwrite)
+    check_output(output, run_inputs(old_model, new_model, adapter, options, analysis, cache_root), overwrite)
     check_adapter(old_model, adapter, options.serving)
     store = StageStore.at(cache_root)
     plan = plan_pair(old_model, new_model, analysis)
@@ -941,8 +945,8 @@ def migrate_in_process(old_model: str, new_model: str, adapter: str, output: str
             final = stored.get("lft") or stored["migrated"]
             publish(store, final.uri, output, report_updates(plan, entry, stored, evals, steps, store.root),
                     overwrite=overwrite, serving=options.serving, base_model=new_model)
-    return json.loads((Path(storage.resolve(output)[1]) / REPORT_NAME).read_text()) \
-        if not storage.is_remote(output) else storage.read_json(storage.join_uri(output, REPORT_NAME))
+    return json.loads((Path(resolve(output)[1]) / REPORT_NAME).read_text()) \
+        if not is_remote(output) else read_json(join_uri(output, REPORT_NAME))
 
 
 def _step(*results: StageResult) -> dict[str, Any]:
