@@ -54,7 +54,7 @@ def configured_manifest(manifest: str | None = None) -> tuple[str | None, str]:
                   "else $LORASUITE_FLEET_MANIFEST, else runs/fleets/nightly.yaml); nothing configured: a no-op.")
 def migrate_fleet_nightly(manifest: str | None = None, overwrite: bool = False,
                           cache_root: str | None = None) -> dict[str, Any] | State:
-    from lorasuite_core.io.storage import redact_uri
+    from lorasuite_core.io.uris import redact_uri
 
     log = get_run_logger()
     found, source = configured_manifest(manifest)

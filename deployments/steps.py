@@ -54,7 +54,7 @@ def prepare_project(directory: str | None = None, variable_directory: str | None
     from prefect.deployments.steps import set_working_directory
     from prefect.logging import get_logger
 
-    from lorasuite_core.io.storage import redact_uri
+    from lorasuite_core.io.uris import redact_uri
 
     path = project_dir(directory, variable_directory)
     set_working_directory(str(path))

@@ -29,7 +29,7 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 
 from lorasuite_core.report.render import cka_heatmap_png, evaluation_table, layer_mapping_table, markdown_table
 from lorasuite_core.pipeline.stage_store import StageResult
-from lorasuite_core.io.storage import redact_uri
+from lorasuite_core.io.uris import redact_uri
 
 
 def artifact_key(*parts: str) -> str:

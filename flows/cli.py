@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _configure_logging(args):
     from lorasuite_core.io import logsetup
-    from lorasuite_core.io.storage import register_secrets_in
+    from lorasuite_core.io.uris import register_secrets_in
 
     register_secrets_in(*(v for v in vars(args).values() if isinstance(v, str)))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")   # no telemetry from the embedded API
@@ -157,7 +157,8 @@ def _data_input(ref: str | None) -> str | None:
 
 
 def _run_train(args) -> dict:
-    from lorasuite_core.io.storage import check_output, publishing
+    from lorasuite_core.io.outputs import check_output
+    from lorasuite_core.io.publish import publishing
     from lorasuite_core.training.samples import load_samples
     from lorasuite_core.training.train import SUMMARY_FILE, TrainConfig, train_lora
 
@@ -178,7 +179,8 @@ def _run_train(args) -> dict:
 
 
 def _run_eval(args) -> dict:
-    from lorasuite_core.io.storage import FILE_FORMAT_KEY, check_output_file, write_text_atomic
+    from lorasuite_core.io.files import write_text_atomic
+    from lorasuite_core.io.outputs import FILE_FORMAT_KEY, check_output_file
     from lorasuite_core.training.evaluation import evaluate
     from lorasuite_core.training.samples import load_samples
 
@@ -232,7 +234,7 @@ def _run_command(args):
 
 
 def _error_line(exc: BaseException) -> str:
-    from lorasuite_core.io.storage import describe_error, redact_text
+    from lorasuite_core.io.uris import describe_error, redact_text
 
     if isinstance(exc, LorasuiteError):
         return redact_text(" ".join(str(exc).split()))

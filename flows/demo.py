@@ -35,14 +35,15 @@ REAL_DEMO_NAMES = ("old-adapter-*", "migrated-adapter", "distilled-adapter", "lf
 
 
 def claim_workdir(workdir: str | Path, *, fresh: bool) -> Path:
-    """The demo's pre-run check (:func:`storage.check_output_location`'s rules): the working directory
+    """The demo's pre-run check (:func:`outputs.check_output_location`'s rules): the working directory
     is not the current directory or above it, and is new, empty or an earlier demo's (it carries
     :data:`DEMO_MARKER`, written first); anything else is refused, never deleted.  ``fresh``: an
     earlier demo's directory is emptied (the synthetic demo starts from scratch); without ``fresh`` (the
     real demo, which deletes nothing) a directory holding only :data:`REAL_DEMO_NAMES` is accepted too."""
     import fnmatch
 
-    from lorasuite_core.io.storage import UnsafeOutputError, check_output_location, write_text_atomic
+    from lorasuite_core.io.files import write_text_atomic
+    from lorasuite_core.io.outputs import UnsafeOutputError, check_output_location
 
     workdir = Path(workdir).expanduser()
     check_output_location(workdir, {})
@@ -110,7 +111,9 @@ def run_real_demo(workdir: str | Path, *, train_samples: int = 200, lft_samples:
     from lorasuite_core.training.task_data import generate_problems
     from lorasuite_core.training.train import TrainConfig, train_lora
 
-    from lorasuite_core.io.storage import output_state, publishing, write_text_atomic
+    from lorasuite_core.io.files import write_text_atomic
+    from lorasuite_core.io.outputs import output_state
+    from lorasuite_core.io.publish import publishing
 
     workdir = claim_workdir(workdir, fresh=False)
     old, new = fetch_model("smollm2-135m-instruct"), fetch_model("gemma3-270m")

@@ -13,7 +13,7 @@ from typing import Any
 from lorasuite_core.pipeline.manifest import FleetManifest
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.runner import check_entry
-from lorasuite_core.io.storage import check_not_a_file
+from lorasuite_core.io.outputs import check_not_a_file
 
 from .embedded import embedded_api
 from .settings import resolve_cache_root

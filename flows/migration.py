@@ -35,7 +35,8 @@ from prefect.states import Failed, State
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.pipeline.manifest import BaseModelRelease, FleetManifest, ManifestError
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
-from lorasuite_core.io.storage import check_not_a_file, redact_uri
+from lorasuite_core.io.outputs import check_not_a_file
+from lorasuite_core.io.uris import redact_uri
 import tasks
 from tasks._support import forward_core_logs
 

@@ -30,7 +30,7 @@ from lorasuite_core.pipeline.runner import EntryRun, PairRun, Runner
 from lorasuite_core.pipeline.stage_store import StageStore
 from lorasuite_core.pipeline.pair_stages import cka_of_updates
 from lorasuite_core.pipeline.plans import AdapterPlan, PairPlan
-from lorasuite_core.io.storage import redact_uri
+from lorasuite_core.io.uris import redact_uri
 
 from . import artifacts
 from .settings import resolve_cache_root

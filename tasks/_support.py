@@ -9,7 +9,7 @@
   storage.
 * Retries: heavy tasks retry twice with exponential backoff (1 s, 2 s), except on a
   :class:`~lorasuite_core.errors.LorasuiteError` — bad input does not get better by retrying,
-  and storage errors have already been retried with backoff by ``lorasuite_core.io.storage``.
+  and storage errors have already been retried with backoff by ``lorasuite_core.io.retry``.
 * Logging: :func:`forward_core_logs` hands ``lorasuite_core`` records to Prefect's API log
   handlers while inside a run (what ``PREFECT_LOGGING_EXTRA_LOGGERS`` does, minus the warnings
   outside runs), so the numerics' own lines land in the run's log — among them the one line per stage
@@ -36,7 +36,7 @@ from prefect.tasks import exponential_backoff
 
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.pipeline.stage_store import StageResult
-from lorasuite_core.io.storage import redact_uri
+from lorasuite_core.io.uris import redact_uri
 
 GPU_TAG = "lorasuite-gpu"
 CORE_LOGGER = "lorasuite_core"

@@ -16,7 +16,7 @@ from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.runner import check_entry as check
 from lorasuite_core.pipeline.stage_store import StageResult, StageStore
 from lorasuite_core.pipeline.plans import AdapterPlan, PairPlan
-from lorasuite_core.io.storage import redact_uri
+from lorasuite_core.io.uris import redact_uri
 
 from ._support import NO_RECORDS, forward_core_logs
 

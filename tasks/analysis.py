@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 from lorasuite_core.pipeline import plans
 from lorasuite_core.pipeline.options import AnalysisOptions
 from lorasuite_core.pipeline.plans import PairPlan
-from lorasuite_core.io.storage import redact_uri
+from lorasuite_core.io.uris import redact_uri
 
 from ._support import NO_RECORDS, forward_core_logs
 

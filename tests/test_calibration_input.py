@@ -124,12 +124,12 @@ def test_directory_or_missing_file_is_a_one_line_error(tmp_path):
 
 
 def test_s3_calibration_file_is_streamed_and_capped(tmp_path, s3_endpoint):
-    from lorasuite_core.io import storage
+    from lorasuite_core.io import uris
 
     local = tmp_path / "one-line.txt"
     _write_single_line(local, 8)
     uri = s3_endpoint.unique_uri("calibration") + "/calib.txt"
-    fs, path = storage.resolve(uri)
+    fs, path = uris.resolve(uri)
     fs.put_file(str(local), path)
     assert read_calibration_file(uri, TOKENS) == read_calibration_file(str(local), TOKENS)
     assert read_calibration_file(uri, TOKENS) == [BLOCK[: calibration_text_cap(TOKENS)].strip()]
@@ -138,10 +138,10 @@ def test_s3_calibration_file_is_streamed_and_capped(tmp_path, s3_endpoint):
 
 
 def _s3_dir(fs, uri: str) -> str:
-    from lorasuite_core.io import storage
+    from lorasuite_core.io import uris
 
     directory = uri.rsplit("/", 1)[0] + "/folder.txt"
-    fs.pipe_file(storage.resolve(directory + "/inside.txt")[1], b"text\n")
+    fs.pipe_file(uris.resolve(directory + "/inside.txt")[1], b"text\n")
     return directory
 
 

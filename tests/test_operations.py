@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flows.cli import main
-from lorasuite_core.io import storage, tempdirs
+from lorasuite_core.io import completion, outputs, publish, tempdirs
 from lorasuite_core.pipeline.stage_store import StageStore
 from lorasuite_core.testing.adapter import make_random_lora_adapter
 from lorasuite_core.testing.model import make_tiny_model_dir
@@ -73,7 +73,7 @@ def test_eval_output_is_never_an_input_and_replaces_only_our_result(model, tmp_p
     out = tmp_path / "result.json"
     assert evaluate(model, out) == 0
     first = json.loads(out.read_text())
-    assert first[storage.FILE_FORMAT_KEY] == "lorasuite.evaluation/v1" and first["n"] == 2
+    assert first[outputs.FILE_FORMAT_KEY] == "lorasuite.evaluation/v1" and first["n"] == 2
     capsys.readouterr()
     assert evaluate(model, out) == 2
     assert "--overwrite" in error_line(capsys)
@@ -96,8 +96,8 @@ def test_train_publishes_atomically_and_overwrite_replaces_only_ours(model, tmp_
     out = tmp_path / "adapter"
     assert train(model, out) == 0
     published = listing(out)
-    assert {"adapter_config.json", "adapter_model.safetensors", storage.COMPLETE_MARKER} <= set(published)
-    assert storage.output_state(out) == "complete"
+    assert {"adapter_config.json", "adapter_model.safetensors", completion.COMPLETE_MARKER} <= set(published)
+    assert outputs.output_state(out) == "complete"
     assert json.loads(published["training_summary.json"])["result"]["out_dir"] == str(out)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adapter.")]      # no staging left
     capsys.readouterr()
@@ -105,7 +105,7 @@ def test_train_publishes_atomically_and_overwrite_replaces_only_ours(model, tmp_
     assert "--overwrite" in error_line(capsys)
     assert train(model, out, "--overwrite", "--seed", "1") == 0
     assert listing(out)["adapter_model.safetensors"] != published["adapter_model.safetensors"]
-    assert storage.output_state(out) == "complete"
+    assert outputs.output_state(out) == "complete"
 
 
 # --------------------------------------------------------------------------- finding 3: outputs vs inputs
@@ -148,7 +148,7 @@ def test_no_subcommand_writes_into_or_above_an_input(model, tmp_path, capsys, mo
     earlier = tmp_path / "runs-demo"
     (earlier / "old-adapter-200").mkdir(parents=True)
     (earlier / "old-adapter-200" / "adapter_model.safetensors").write_bytes(b"weights")
-    with pytest.raises(storage.UnsafeOutputError, match="not made by lorasuite demo"):
+    with pytest.raises(outputs.UnsafeOutputError, match="not made by lorasuite demo"):
         claim_workdir(earlier, fresh=True)
     assert claim_workdir(earlier, fresh=False) == earlier
     assert listing(earlier) == {"old-adapter-200/adapter_model.safetensors": b"weights",
@@ -163,31 +163,31 @@ def _publish(tmp_path: Path, dest: Path) -> None:
     source.mkdir(exist_ok=True)
     (source / "adapter_config.json").write_text('{"r": 4}')
     (source / "adapter_model.safetensors").write_bytes(os.urandom(8192))
-    storage.publish_dir_atomic(source, dest, overwrite=True)
+    publish.publish_dir_atomic(source, dest, overwrite=True)
 
 
 def test_manifest_must_list_files_and_publications_are_sha256_verified(model, tmp_path, capsys, caplog):
     dest = tmp_path / "out"
     _publish(tmp_path, dest)
-    assert storage.output_state(dest) == "complete"
+    assert outputs.output_state(dest) == "complete"
     # corrupted in place, same size: only the sha256 tells
     with open(dest / "adapter_model.safetensors", "r+b") as handle:
         handle.seek(100)
         handle.write(os.urandom(4096))
-    assert storage.verify_local_dir(dest) == f"adapter_model.safetensors does not match its sha256 in {storage.COMPLETE_MARKER}"
-    assert storage.output_state(dest) == "corrupt"
+    assert completion.verify_local_dir(dest) == f"adapter_model.safetensors does not match its sha256 in {completion.COMPLETE_MARKER}"
+    assert outputs.output_state(dest) == "corrupt"
     # a manifest listing no files vouches for nothing
     _publish(tmp_path, dest)
-    marker = json.loads((dest / storage.COMPLETE_MARKER).read_text())
-    (dest / storage.COMPLETE_MARKER).write_text(json.dumps({**marker, "files": []}))
-    assert storage.verify_local_dir(dest) == f"{storage.COMPLETE_MARKER} lists no files"
-    assert storage.output_state(dest) == "corrupt"
+    marker = json.loads((dest / completion.COMPLETE_MARKER).read_text())
+    (dest / completion.COMPLETE_MARKER).write_text(json.dumps({**marker, "files": []}))
+    assert completion.verify_local_dir(dest) == f"{completion.COMPLETE_MARKER} lists no files"
+    assert outputs.output_state(dest) == "corrupt"
     # ... also in the stage store: the entry is recomputed, not trusted
     store = StageStore(str(tmp_path / "store"))
     first = store.run("demo", "k" * 16, lambda out: {"answer": 1})
     entry = Path(first.uri)
-    marker = json.loads((entry / storage.COMPLETE_MARKER).read_text())
-    (entry / storage.COMPLETE_MARKER).write_text(json.dumps({**marker, "files": []}))
+    marker = json.loads((entry / completion.COMPLETE_MARKER).read_text())
+    (entry / completion.COMPLETE_MARKER).write_text(json.dumps({**marker, "files": []}))
     assert store.run("demo", "k" * 16, lambda out: {"answer": 2}).facts == {"answer": 2}
 
     # a plain rerun of train replaces a corrupt publication of ours, with one warning
@@ -201,7 +201,7 @@ def test_manifest_must_list_files_and_publications_are_sha256_verified(model, tm
         assert train(model, out) == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "no longer matches" in r.getMessage()]
     assert len(warnings) == 1, warnings
-    assert storage.output_state(out) == "complete"
+    assert outputs.output_state(out) == "complete"
 
 
 def test_corrupt_publication_is_not_skipped_by_a_fleet(tmp_path, capsys, prefect_server):
@@ -220,7 +220,7 @@ def test_corrupt_publication_is_not_skipped_by_a_fleet(tmp_path, capsys, prefect
     assert main(["-q", "migrate-fleet", "--manifest", str(manifest), "--cache-root", str(tmp_path / "cache")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["published"] == ["bot"] and summary["skipped"] == []
-    assert storage.output_state(tmp_path / "out" / "bot") == "complete"
+    assert outputs.output_state(tmp_path / "out" / "bot") == "complete"
     assert "migration_report.json" in listing(tmp_path / "out" / "bot")
 
 
@@ -272,10 +272,10 @@ def test_published_file_modes_follow_the_umask(tmp_path, umask):
         source.mkdir()
         save_file({"a": torch.zeros(2)}, source / "adapter_model.safetensors")   # safetensors writes 0600
         (source / "adapter_config.json").write_text("{}")
-        storage.publish_dir_atomic(source, tmp_path / "out")
+        publish.publish_dir_atomic(source, tmp_path / "out")
     finally:
         os.umask(previous)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
     assert modes == {name: 0o666 & ~umask for name in
-                     ("adapter_model.safetensors", "adapter_config.json", storage.COMPLETE_MARKER)}
+                     ("adapter_model.safetensors", "adapter_config.json", completion.COMPLETE_MARKER)}
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask

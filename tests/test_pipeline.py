@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from lorasuite_core.pipeline import pair_stages, stages
-from lorasuite_core.io import storage
+from lorasuite_core.io import completion, files, materialize, publish, retry, uris
 from lorasuite_core.training import task_data
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.pipeline.manifest import ManifestError
@@ -72,12 +72,12 @@ def fleet_run(harness, s3_endpoint, pair):  # noqa: F811 - fixture
     from flows import run_migrate_fleet
 
     base = s3_endpoint.unique_uri("fleet")
-    storage.publish_dir_atomic(pair["old"], f"{base}/models/old")
-    storage.publish_dir_atomic(pair["new"], f"{base}/models/new")
+    publish.publish_dir_atomic(pair["old"], f"{base}/models/old")
+    publish.publish_dir_atomic(pair["new"], f"{base}/models/new")
     for name, path in pair["adapters"].items():
-        storage.publish_dir_atomic(path, f"{base}/adapters/{name}")
+        publish.publish_dir_atomic(path, f"{base}/adapters/{name}")
     for name in ("lft.jsonl", "eval.jsonl"):
-        storage.write_bytes_atomic(f"{base}/data/{name}", (pair["root"] / name).read_bytes())
+        files.write_bytes_atomic(f"{base}/data/{name}", (pair["root"] / name).read_bytes())
     manifest = {
         "old_model": f"{base}/models/old", "new_model": f"{base}/models/new", "output_root": f"{base}/out",
         "analysis": {"max_calibration_tokens": TOKENS},
@@ -91,13 +91,13 @@ def fleet_run(harness, s3_endpoint, pair):  # noqa: F811 - fixture
             {"name": "foreign", "adapter": f"{base}/adapters/foreign"},
         ],
     }
-    storage.write_text_atomic(f"{base}/fleet.yaml", yaml.safe_dump(manifest))
+    files.write_text_atomic(f"{base}/fleet.yaml", yaml.safe_dump(manifest))
     result = run_migrate_fleet(f"{base}/fleet.yaml", cache_root=f"{base}/cache")
     return {"base": base, "result": result}
 
 
 def published_report(uri: str) -> dict:
-    return storage.read_json(storage.join_uri(uri, "migration_report.json"))
+    return files.read_json(uris.join_uri(uri, "migration_report.json"))
 
 
 def same_adapter_bytes(a, b) -> bool:
@@ -147,13 +147,13 @@ def test_fleet_analyses_the_pair_once_and_publishes_every_good_adapter(fleet_run
     for stage in ("vocabulary", "transfer-matrix", "activations", "cka", "layer-mapping", "head-similarity"):
         assert sum(name.startswith(f"{stage}-") for name in names) == 1, stage
     assert sum(name.startswith("transfer-a1-layer-") for name in names) == 3   # one mapped task per new layer
-    fs, _ = storage.resolve(base)
+    fs, _ = uris.resolve(base)
     for stage in ("activations", "cka", "head_similarity"):
         assert len(fs.ls(f"{base}/cache/{stage}")) == 1
 
-    new_local = storage.materialize_dir(f"{base}/models/new")
+    new_local = materialize.materialize_dir(f"{base}/models/new")
     for name in result["published"]:
-        local = storage.materialize_dir(f"{base}/out/{name}", require_complete=True)
+        local = materialize.materialize_dir(f"{base}/out/{name}", require_complete=True)
         assert {"adapter_config.json", "adapter_model.safetensors", "migration_report.json"} <= {p.name for p in local.iterdir()}
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
@@ -165,8 +165,8 @@ def test_fleet_analyses_the_pair_once_and_publishes_every_good_adapter(fleet_run
 
 def test_fleet_adapters_are_exact_and_carry_lft_and_evaluation(fleet_run, pair):
     base = fleet_run["base"]
-    old_local, new_local = pair["old"], storage.materialize_dir(f"{base}/models/new")
-    migrated = storage.materialize_dir(f"{base}/out/a1", require_complete=True)
+    old_local, new_local = pair["old"], materialize.materialize_dir(f"{base}/models/new")
+    migrated = materialize.materialize_dir(f"{base}/out/a1", require_complete=True)
     ids = [[3, 17, 42, 7, 99, 12], [5, 6, 7, 8]]
     reference, moved = logits_over_shared_vocab(old_local, new_local, ids, old_adapter=pair["adapters"]["a1"],
                                                 new_adapter=migrated)
@@ -176,9 +176,9 @@ def test_fleet_adapters_are_exact_and_carry_lft_and_evaluation(fleet_run, pair):
     assert set(report["evaluation"]) == {"old model + source adapter", "new model, no adapter",
                                          "new model + migrated (transfer)", "new model + migrated + LFT"}
     assert report["light_finetune"]["n_samples"] == 4 and report["steps"]["lft"]["cache"] == "computed"
-    config = storage.read_json(f"{base}/out/a0/adapter_config.json")
+    config = files.read_json(f"{base}/out/a0/adapter_config.json")
     assert config["base_model_name_or_path"] == f"{base}/models/new"
-    assert storage.dir_is_empty(f"{base}/out/missing") and storage.dir_is_empty(f"{base}/out/foreign")
+    assert files.dir_is_empty(f"{base}/out/missing") and files.dir_is_empty(f"{base}/out/foreign")
 
     found = artifacts_of(report["pipeline"]["flow_run_id"])
     assert "data:image/png;base64," in found["lorasuite-cka-heatmap"].data
@@ -208,7 +208,7 @@ def test_second_migration_of_the_pair_reuses_the_analysis(fleet_run, pair, tmp_p
 
     # the same stage graph run in process over a fresh store: computed afresh, bit-identical
     migrate_in_process(*refs, tmp_path / "reference", analysis=SMALL, cache_root=str(tmp_path / "ref"))
-    assert same_adapter_bytes(tmp_path / "reference", storage.materialize_dir(f"{base}/single/a3", require_complete=True))
+    assert same_adapter_bytes(tmp_path / "reference", materialize.materialize_dir(f"{base}/single/a3", require_complete=True))
 
 
 # --------------------------------------------------------------------------- failures
@@ -262,25 +262,25 @@ def test_upload_failure_retries_then_fails_without_a_partial_adapter(harness, pa
     from flows import run_migrate_adapter
 
     output = s3_endpoint.unique_uri("unreachable") + "/adapter"
-    real_stage = storage._stage_remote
+    real_stage = publish._stage_remote
     attempts = []
 
-    def upload_then_lose_connection(fs, source, staging, uri, marker, retry):
+    def upload_then_lose_connection(fs, source, staging, uri, marker, policy):
         first = marker["files"][0]["path"]
         fs.put_file(str(source / first), f"{staging}/{first}")     # something lands under the temporary prefix
 
         def put_rest():
             attempts.append(1)
             raise ConnectionError("connection reset by peer (simulated)")
-        storage._retry(put_rest, storage.RetryPolicy(attempts=3, base_delay=0.05), uri, "upload")
+        retry.retry_call(put_rest, retry.RetryPolicy(attempts=3, base_delay=0.05), uri, "upload")
 
-    monkeypatch.setattr(storage, "_stage_remote", upload_then_lose_connection)
-    with pytest.raises(storage.StorageUnavailableError, match=r"storage unavailable: .* after 3 attempt\(s\)"):
+    monkeypatch.setattr(publish, "_stage_remote", upload_then_lose_connection)
+    with pytest.raises(retry.StorageUnavailableError, match=r"storage unavailable: .* after 3 attempt\(s\)"):
         run_migrate_adapter(str(pair["old"]), str(pair["new"]), str(pair["adapters"]["a0"]), output,
                             analysis=SMALL, cache_root=str(pair["cache"]))
-    monkeypatch.setattr(storage, "_stage_remote", real_stage)
+    monkeypatch.setattr(publish, "_stage_remote", real_stage)
     assert len(attempts) == 3
-    fs, path = storage.resolve(output)
+    fs, path = uris.resolve(output)
     parent = path.rsplit("/", 1)[0]
     fs.invalidate_cache()
     assert fs.find(parent) == []                                      # no adapter, no temporary prefix
@@ -320,7 +320,7 @@ def test_release_migrates_the_fleet_of_the_predecessor_only(harness, pair, tmp_p
     done = on_base_model_release(str(pair["old"]) + "/", str(pair["new"]), str(manifest),
                                  output_root=str(tmp_path / "released"), cache_root=str(pair["cache"]))
     assert done["published"] == ["a0"] and done["failed"] == []
-    assert storage.is_complete(tmp_path / "released" / "a0")
+    assert completion.is_complete(tmp_path / "released" / "a0")
     assert set(done["analysis"]) == set(ANALYSIS)
     again = on_base_model_release(str(pair["old"]), str(pair["new"]), str(manifest),
                                   output_root=str(tmp_path / "released"), cache_root=str(pair["cache"]))

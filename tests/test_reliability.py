@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from lorasuite_core.io import storage
+from lorasuite_core.io import completion, outputs, publish, retry, uris
 from flows.cli import main
 from lorasuite_core.pipeline.stage_store import FACTS_FILE
 from lorasuite_core.testing.adapter import make_random_lora_adapter
@@ -145,7 +145,7 @@ def test_overwrite_replaces_only_our_publication(pair, tmp_path, capsys):
     ours = tmp_path / "ours"
     assert migrate(old, new, adapter, ours, cache) == 0
     published = listing(ours)
-    assert storage.COMPLETE_MARKER in published
+    assert completion.COMPLETE_MARKER in published
     assert migrate(old, new, adapter, ours, cache) == 2
     assert "--overwrite" in last_error_line(capsys)
     assert migrate(old, new, adapter, ours, cache, "--overwrite") == 0
@@ -185,8 +185,8 @@ def test_tampered_and_corrupt_cache_entries_are_recomputed(pair, tmp_path, capsy
     assert again.keys() == clean.keys()
     assert all(again[k].isfinite().all() and (again[k] == clean[k]).all() for k in clean)
     # the entries were recomputed in place and verify again
-    assert storage.verify_local_dir(entries["migrated"]) is None
-    assert storage.verify_local_dir(entries["head_similarity"]) is None
+    assert completion.verify_local_dir(entries["migrated"]) is None
+    assert completion.verify_local_dir(entries["head_similarity"]) is None
 
 
 def test_entry_without_manifest_is_discarded(tmp_path, caplog):
@@ -214,26 +214,26 @@ def test_publication_cut_short_mid_copy_is_replaced_on_a_plain_rerun(s3_endpoint
     (source / "adapter_model.safetensors").write_bytes(os.urandom(2048))
     (source / "migration_report.json").write_text("{}")
     dest = s3_endpoint.unique_uri("crash") + "/bot"
-    fast = storage.RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.02)
+    fast = retry.RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.02)
     with DroppingProxy(s3_endpoint.url, drop_after_copies=1) as proxy:
         options = {**s3_endpoint.storage_options,
                    "client_kwargs": {**s3_endpoint.storage_options["client_kwargs"], "endpoint_url": proxy.url},
                    "config_kwargs": {"retries": {"max_attempts": 1}}, "skip_instance_cache": True}
-        with pytest.raises(storage.StorageError):
-            storage.publish_dir_atomic(source, dest, storage_options=options, retry=fast)
+        with pytest.raises(uris.StorageError):
+            publish.publish_dir_atomic(source, dest, storage_options=options, retry=fast)
         assert proxy.dropped > 0
     fs = s3fs_filesystem(s3_endpoint)
     left = sorted(p.rsplit("/", 1)[-1] for p in fs.find(dest.removeprefix("s3://")))
-    assert storage.PUBLISHING_MARKER in left and storage.COMPLETE_MARKER not in left
+    assert completion.PUBLISHING_MARKER in left and completion.COMPLETE_MARKER not in left
     assert "adapter_config.json" in left          # one object made it: the crash the issue describes
-    assert storage.output_state(dest, storage_options=s3_endpoint.storage_options) == "partial"
+    assert outputs.output_state(dest, storage_options=s3_endpoint.storage_options) == "partial"
     # a plain rerun (no overwrite) recognises the interrupted publication as ours and replaces it
-    storage.publish_dir_atomic(source, dest, storage_options=s3_endpoint.storage_options)
-    assert storage.output_state(dest, storage_options=s3_endpoint.storage_options) == "complete"
+    publish.publish_dir_atomic(source, dest, storage_options=s3_endpoint.storage_options)
+    assert outputs.output_state(dest, storage_options=s3_endpoint.storage_options) == "complete"
     fs.invalidate_cache()
     final = sorted(p.rsplit("/", 1)[-1] for p in fs.find(dest.removeprefix("s3://")))
     assert final == sorted(["adapter_config.json", "adapter_model.safetensors", "migration_report.json",
-                            storage.COMPLETE_MARKER])
+                            completion.COMPLETE_MARKER])
 
 
 def test_foreign_remote_content_is_refused_even_with_overwrite(s3_endpoint, tmp_path):  # noqa: F811
@@ -244,19 +244,19 @@ def test_foreign_remote_content_is_refused_even_with_overwrite(s3_endpoint, tmp_
     fs = s3fs_filesystem(s3_endpoint)
     fs.pipe_file(dest.removeprefix("s3://") + "/precious.txt", b"keep")
     for overwrite in (False, True):
-        with pytest.raises(storage.DestinationExistsError, match="not written by lorasuite"):
-            storage.publish_dir_atomic(source, dest, overwrite=overwrite, storage_options=s3_endpoint.storage_options)
+        with pytest.raises(outputs.DestinationExistsError, match="not written by lorasuite"):
+            publish.publish_dir_atomic(source, dest, overwrite=overwrite, storage_options=s3_endpoint.storage_options)
     assert fs.cat_file(dest.removeprefix("s3://") + "/precious.txt") == b"keep"
 
 
 def test_output_checks_compare_remote_prefixes():
-    check = storage.check_output_location
+    check = outputs.check_output_location
     check("s3://bucket/out/a", {"model": "s3://bucket/models/a", "other": "s3://other/out/a"})
-    with pytest.raises(storage.UnsafeOutputError, match="model or a directory above it"):
+    with pytest.raises(outputs.UnsafeOutputError, match="model or a directory above it"):
         check("s3://bucket/models/", {"model": "s3://bucket/models/a"})
-    with pytest.raises(storage.UnsafeOutputError, match="inside the model"):
+    with pytest.raises(outputs.UnsafeOutputError, match="inside the model"):
         check("s3://bucket/models/a/migrated", {"model": "s3://bucket/models/a"})
-    with pytest.raises(storage.UnsafeOutputError, match="bucket root"):
+    with pytest.raises(outputs.UnsafeOutputError, match="bucket root"):
         check("s3://bucket", {})
     check("s3://bucket/models/ab", {"model": "s3://bucket/models/a"})   # a sibling sharing a name prefix
 

@@ -7,7 +7,7 @@ import pytest
 
 from lorasuite_core.models import model_fetch
 from lorasuite_core.pipeline import stage_store
-from lorasuite_core.io import storage
+from lorasuite_core.io import materialize
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.settings import settings
 
@@ -17,18 +17,18 @@ def test_defaults_and_variables_reach_every_reader(monkeypatch, tmp_path):
         monkeypatch.delenv(f"LORASUITE_{name}", raising=False)
     home = Path.home() / ".cache" / "lorasuite"
     assert stage_store.configured_cache_root() == str(home / "pipeline")
-    assert storage.default_cache_root() == home / "materialized"
+    assert materialize.default_download_dir() == home / "materialized"
     assert model_fetch.default_cache_dir() == home / "models"
     monkeypatch.setenv("LORASUITE_CACHE_ROOT", "s3://bucket/cache")
     monkeypatch.setenv("LORASUITE_DOWNLOAD_DIR", str(tmp_path / "dl"))
     monkeypatch.setenv("LORASUITE_MODELS_DIR", str(tmp_path / "models"))
     assert stage_store.configured_cache_root() == "s3://bucket/cache"
-    assert storage.default_cache_root() == tmp_path / "dl"
+    assert materialize.default_download_dir() == tmp_path / "dl"
     assert model_fetch.default_cache_dir() == tmp_path / "models"
 
 
 @pytest.mark.parametrize("old, new, reader", [
-    ("LORASUITE_CACHE_DIR", "LORASUITE_DOWNLOAD_DIR", storage.default_cache_root),
+    ("LORASUITE_CACHE_DIR", "LORASUITE_DOWNLOAD_DIR", materialize.default_download_dir),
     ("LORASUITE_CACHE", "LORASUITE_MODELS_DIR", model_fetch.default_cache_dir),
 ])
 def test_old_variable_names_still_work(monkeypatch, tmp_path, old, new, reader):

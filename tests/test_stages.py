@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorasuite_core.io import storage
+from lorasuite_core.io import completion
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.pipeline.layer_results import load_layer_result, save_layer_result
 from lorasuite_core.pipeline.manifest import FleetManifest, ManifestError
@@ -44,7 +44,7 @@ def test_stage_store_computes_once_then_reuses(tmp_path):
     first, second = store.run("demo", key, compute), store.run("demo", key, compute)
     assert (first.reused, second.reused, len(calls)) == (False, True, 1)
     assert first.facts == second.facts == {"answer": 42}
-    assert storage.is_complete(first.uri) and (store.local_dir(first.uri) / "data.json").is_file()
+    assert completion.is_complete(first.uri) and (store.local_dir(first.uri) / "data.json").is_file()
     assert json.loads((store.local_dir(first.uri) / FACTS_FILE).read_text()) == {"answer": 42}
     assert stage_key("demo", model="m2") != key and stage_key("other", model="m1") != key
 

@@ -1,4 +1,5 @@
-"""Tests for lorasuite_core.io.storage: local disk and a real local S3 server (moto)."""
+"""Tests for the storage modules of lorasuite_core.io (uris, retry, files, completion, fingerprints,
+materialize, outputs, publish): local disk and a real local S3 server (moto)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from lorasuite_core.io import storage
-from lorasuite_core.io.storage import (
-    COMPLETE_MARKER,
-    DestinationExistsError,
-    IncompleteArtifactError,
-    IntegrityError,
-    RetryPolicy,
-    StorageUnavailableError,
-    UnsafeArtifactError,
-)
+from lorasuite_core.io import completion, files, fingerprints, materialize, publish, retry, uris
+from lorasuite_core.io.completion import COMPLETE_MARKER
+from lorasuite_core.io.materialize import IncompleteArtifactError, IntegrityError, UnsafeArtifactError
+from lorasuite_core.io.outputs import DestinationExistsError
+from lorasuite_core.io.retry import RetryPolicy, StorageUnavailableError
 
 from tests.s3_server import s3_endpoint, s3fs_filesystem  # noqa: F401 - pytest fixture
 
@@ -66,8 +62,8 @@ def test_with_retries_retries_then_succeeds(caplog):
             raise ConnectionError("transient")
         return "ok"
 
-    with caplog.at_level(logging.WARNING, logger="lorasuite_core.io.storage"):
-        assert storage.with_retries(flaky, attempts=4, base_delay=0.001, uri="s3://b/k") == "ok"
+    with caplog.at_level(logging.WARNING, logger="lorasuite_core.io.retry"):
+        assert retry.with_retries(flaky, attempts=4, base_delay=0.001, uri="s3://b/k") == "ok"
     assert len(calls) == 3
     assert sum("retrying" in r.getMessage() for r in caplog.records) == 2
 
@@ -80,7 +76,7 @@ def test_with_retries_gives_up_with_storage_unavailable():
         raise TimeoutError("still down")
 
     with pytest.raises(StorageUnavailableError) as info:
-        storage.with_retries(broken, attempts=5, base_delay=0.001, max_delay=0.002, uri="s3://b/k")
+        retry.with_retries(broken, attempts=5, base_delay=0.001, max_delay=0.002, uri="s3://b/k")
     assert len(calls) == 5
     assert info.value.attempts == 5 and info.value.uri == "s3://b/k"
     assert isinstance(info.value.__cause__, TimeoutError)
@@ -98,7 +94,7 @@ def test_with_retries_does_not_retry_answers_or_bugs(error):
         raise error
 
     with pytest.raises(type(error)):
-        storage.with_retries(fails, attempts=4, base_delay=0.001)
+        retry.with_retries(fails, attempts=4, base_delay=0.001)
     assert len(calls) == 1
 
 
@@ -106,13 +102,13 @@ def test_secrets_are_redacted_from_retry_logs_and_errors(caplog):
     def leaky():
         raise OSError("GET https://h/b/k?X-Amz-Signature=SECRETSIG&X-Amz-Credential=AKIAABCDEFGHIJKLMNOP failed")
 
-    with caplog.at_level(logging.WARNING, logger="lorasuite_core.io.storage"):
+    with caplog.at_level(logging.WARNING, logger="lorasuite_core.io.retry"):
         with pytest.raises(StorageUnavailableError) as info:
-            storage.with_retries(leaky, attempts=2, base_delay=0.001, uri="https://user:pw@h/b/k?token=abc")
+            retry.with_retries(leaky, attempts=2, base_delay=0.001, uri="https://user:pw@h/b/k?token=abc")
     logged = " ".join(r.getMessage() for r in caplog.records) + str(info.value)
     for secret in ("SECRETSIG", "AKIAABCDEFGHIJKLMNOP", "pw@", "token=abc"):
         assert secret not in logged
-    assert storage.redact_uri("s3://k:s@bucket/p?sig=1") == "s3://***@bucket/p?<redacted>"
+    assert uris.redact_uri("s3://k:s@bucket/p?sig=1") == "s3://***@bucket/p?<redacted>"
 
 
 # --------------------------------------------------------------------------- local
@@ -120,48 +116,48 @@ def test_secrets_are_redacted_from_retry_logs_and_errors(caplog):
 
 def test_local_text_roundtrip(tmp_path):
     target = tmp_path / "deep" / "dir" / "f.json"
-    storage.write_text_atomic(target, json.dumps({"a": 1}))
-    assert storage.read_json(target) == {"a": 1}
-    storage.write_text_atomic(str(target), "{\"a\": 2}")
-    assert storage.read_text(f"file://{target}") == "{\"a\": 2}"
+    files.write_text_atomic(target, json.dumps({"a": 1}))
+    assert files.read_json(target) == {"a": 1}
+    files.write_text_atomic(str(target), "{\"a\": 2}")
+    assert files.read_text(f"file://{target}") == "{\"a\": 2}"
     assert [p.name for p in target.parent.iterdir()] == ["f.json"]
 
 
 def test_local_publish_roundtrip_and_completion(tmp_path):
     source = make_adapter_dir(tmp_path / "src")
     dest = tmp_path / "out" / "bot"
-    assert not storage.is_complete(dest)
-    assert storage.publish_dir_atomic(source, str(dest)) == str(dest)
+    assert not completion.is_complete(dest)
+    assert publish.publish_dir_atomic(source, str(dest)) == str(dest)
     assert (dest / "sub" / "vocab.txt").read_text() == "a\nb\n"
-    assert storage.is_complete(dest)
+    assert completion.is_complete(dest)
     marker = json.loads((dest / COMPLETE_MARKER).read_text())
     listed = {entry["path"]: entry for entry in marker["files"]}
-    assert listed["adapter_model.safetensors"]["sha256"] == storage.sha256_file(source / "adapter_model.safetensors")
+    assert listed["adapter_model.safetensors"]["sha256"] == files.sha256_file(source / "adapter_model.safetensors")
     assert listed["sub/vocab.txt"]["size"] == 4
     assert sorted(p.name for p in dest.parent.iterdir()) == ["bot"]  # no temp siblings
     (dest / "sub" / "vocab.txt").write_text("changed size")
-    assert not storage.is_complete(dest)
+    assert not completion.is_complete(dest)
 
 
 def test_local_publish_refuses_non_empty_destination_and_overwrites_on_request(tmp_path):
     dest = tmp_path / "out"
-    storage.publish_dir_atomic(make_adapter_dir(tmp_path / "v1"), dest)
+    publish.publish_dir_atomic(make_adapter_dir(tmp_path / "v1"), dest)
     (dest / "stale.json").write_text("{}")
     newer = tmp_path / "v2"
     newer.mkdir()
     (newer / "adapter_config.json").write_text("{\"r\": 16}")
     with pytest.raises(DestinationExistsError, match="already holds a lorasuite publication"):
-        storage.publish_dir_atomic(newer, dest)
+        publish.publish_dir_atomic(newer, dest)
     assert (dest / "adapter_model.safetensors").exists()
-    storage.publish_dir_atomic(newer, dest, overwrite=True)
+    publish.publish_dir_atomic(newer, dest, overwrite=True)
     assert sorted(p.name for p in dest.iterdir()) == [COMPLETE_MARKER, "adapter_config.json"]
-    assert storage.is_complete(dest)
+    assert completion.is_complete(dest)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "v1", "v2"]
 
 
 def test_local_publish_failure_leaves_no_trace(tmp_path, monkeypatch):
     source = make_adapter_dir(tmp_path / "src")
-    real_copy, calls = storage._copy_local_file, []
+    real_copy, calls = publish._copy_local_file, []
 
     def copy_then_fail(src, dst):
         calls.append(src)
@@ -169,29 +165,29 @@ def test_local_publish_failure_leaves_no_trace(tmp_path, monkeypatch):
             raise OSError("disk full (injected)")
         real_copy(src, dst)
 
-    monkeypatch.setattr(storage, "_copy_local_file", copy_then_fail)
+    monkeypatch.setattr(publish, "_copy_local_file", copy_then_fail)
     with pytest.raises(OSError, match="injected"):
-        storage.publish_dir_atomic(source, tmp_path / "out" / "bot")
+        publish.publish_dir_atomic(source, tmp_path / "out" / "bot")
     assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_local_materialize_returns_path_as_is(tmp_path):
     source = make_adapter_dir(tmp_path / "src")
-    assert storage.materialize_dir(str(source)) == source
+    assert materialize.materialize_dir(str(source)) == source
     with pytest.raises(FileNotFoundError):
-        storage.materialize_dir(tmp_path / "missing")
+        materialize.materialize_dir(tmp_path / "missing")
 
 
 def test_local_fingerprints_change_with_content(tmp_path):
     source = make_adapter_dir(tmp_path / "src")
     weights = source / "adapter_model.safetensors"
-    file_before, dir_before = storage.file_fingerprint(weights), storage.dir_fingerprint(source)
-    assert storage.file_fingerprint(weights) == file_before
+    file_before, dir_before = fingerprints.file_fingerprint(weights), fingerprints.dir_fingerprint(source)
+    assert fingerprints.file_fingerprint(weights) == file_before
     (source / "notes.log").write_text("ignored by the default patterns")
-    assert storage.dir_fingerprint(source) == dir_before
+    assert fingerprints.dir_fingerprint(source) == dir_before
     weights.write_bytes(b"\x01" * 80)
-    assert storage.file_fingerprint(weights) != file_before
-    assert storage.dir_fingerprint(source) != dir_before
+    assert fingerprints.file_fingerprint(weights) != file_before
+    assert fingerprints.dir_fingerprint(source) != dir_before
 
 
 # --------------------------------------------------------------------------- S3
@@ -199,44 +195,44 @@ def test_local_fingerprints_change_with_content(tmp_path):
 
 def test_s3_text_roundtrip(s3_endpoint):
     uri = s3_endpoint.unique_uri("text") + "/manifest.json"
-    storage.write_text_atomic(uri, json.dumps({"x": [1, 2]}))
-    assert storage.read_json(uri) == {"x": [1, 2]}
-    assert storage.read_text(uri, storage_options=s3_endpoint.storage_options) == '{"x": [1, 2]}'
+    files.write_text_atomic(uri, json.dumps({"x": [1, 2]}))
+    assert files.read_json(uri) == {"x": [1, 2]}
+    assert files.read_text(uri, storage_options=s3_endpoint.storage_options) == '{"x": [1, 2]}'
     with pytest.raises(FileNotFoundError):
-        storage.read_text(uri + ".missing", retry=FAST)
+        files.read_text(uri + ".missing", retry=FAST)
 
 
 def test_s3_publish_then_materialize_with_cache(s3_endpoint, tmp_path, monkeypatch):
     source = make_adapter_dir(tmp_path / "src")
     dest = s3_endpoint.unique_uri("pub") + "/bot"
-    storage.publish_dir_atomic(source, dest)
-    assert storage.is_complete(dest)
+    publish.publish_dir_atomic(source, dest)
+    assert completion.is_complete(dest)
     assert f"{dest.removeprefix('s3://')}/training_args.bin" in remote_keys(s3_endpoint, dest)
     assert not [k for k in remote_keys(s3_endpoint, dest, with_siblings=True) if ".tmp-" in k]
 
     cache = tmp_path / "cache"
-    local = storage.materialize_dir(dest, cache)
+    local = materialize.materialize_dir(dest, cache)
     assert local.parent == cache
     names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
     assert names == sorted([COMPLETE_MARKER, "README.md", "adapter_config.json", "adapter_model.safetensors",
                             "chat_template.jinja", "sub/vocab.txt", "tokenizer.model"])
     assert (local / "adapter_model.safetensors").read_bytes() == (source / "adapter_model.safetensors").read_bytes()
 
-    fs, _ = storage.resolve(dest)
+    fs, _ = uris.resolve(dest)
     monkeypatch.setattr(fs, "get_file", lambda *a, **k: pytest.fail("cache hit must not download"))
-    assert storage.materialize_dir(dest, cache) == local
+    assert materialize.materialize_dir(dest, cache) == local
     monkeypatch.undo()
 
     s3fs_filesystem(s3_endpoint).pipe_file(dest.removeprefix("s3://") + "/README.md", b"# changed\n")
     with pytest.raises(IntegrityError, match="README.md"):
-        storage.materialize_dir(dest, cache)
+        materialize.materialize_dir(dest, cache)
     assert sorted(p.name for p in cache.iterdir()) == [local.name]
 
 
 def test_s3_publish_failure_midway_leaves_destination_and_staging_empty(s3_endpoint, tmp_path, monkeypatch):
     source = make_adapter_dir(tmp_path / "src")
     dest = s3_endpoint.unique_uri("fail") + "/bot"
-    fs, _ = storage.resolve(dest)
+    fs, _ = uris.resolve(dest)
     real_put, calls = fs.put_file, []
 
     def put_then_fail(lpath, rpath, *args, **kwargs):
@@ -247,16 +243,16 @@ def test_s3_publish_failure_midway_leaves_destination_and_staging_empty(s3_endpo
 
     monkeypatch.setattr(fs, "put_file", put_then_fail)
     with pytest.raises(RuntimeError, match="injected"):
-        storage.publish_dir_atomic(source, dest)
+        publish.publish_dir_atomic(source, dest)
     assert ".tmp-" in calls[0]
     assert remote_keys(s3_endpoint, dest, with_siblings=True) == []
-    assert not storage.is_complete(dest)
+    assert not completion.is_complete(dest)
 
 
 def test_s3_publish_persistent_errors_raise_unavailable_and_clean_up(s3_endpoint, tmp_path, monkeypatch):
     source = make_adapter_dir(tmp_path / "src")
     dest = s3_endpoint.unique_uri("down") + "/bot"
-    fs, _ = storage.resolve(dest)
+    fs, _ = uris.resolve(dest)
     real_put, calls = fs.put_file, []
 
     def flaky_put(lpath, rpath, *args, **kwargs):
@@ -267,7 +263,7 @@ def test_s3_publish_persistent_errors_raise_unavailable_and_clean_up(s3_endpoint
 
     monkeypatch.setattr(fs, "put_file", flaky_put)
     with pytest.raises(StorageUnavailableError, match="after 3 attempt"):
-        storage.publish_dir_atomic(source, dest, retry=FAST)
+        publish.publish_dir_atomic(source, dest, retry=FAST)
     assert len(calls) == 2 + FAST.attempts
     assert remote_keys(s3_endpoint, dest, with_siblings=True) == []
 
@@ -275,38 +271,38 @@ def test_s3_publish_persistent_errors_raise_unavailable_and_clean_up(s3_endpoint
 def test_s3_readers_see_incomplete_until_manifest_is_written(s3_endpoint, tmp_path, monkeypatch):
     source = make_adapter_dir(tmp_path / "src")
     dest = s3_endpoint.unique_uri("race") + "/bot"
-    real_write_marker, seen = storage._write_marker, {}
+    real_write_marker, seen = publish._write_marker, {}
 
-    def observe_then_write(fs, dest_path, uri, marker, retry):
-        seen["complete"] = storage.is_complete(dest)
+    def observe_then_write(fs, dest_path, uri, marker, policy):
+        seen["complete"] = completion.is_complete(dest)
         seen["keys"] = remote_keys(s3_endpoint, dest)
-        real_write_marker(fs, dest_path, uri, marker, retry)
+        real_write_marker(fs, dest_path, uri, marker, policy)
 
-    monkeypatch.setattr(storage, "_write_marker", observe_then_write)
-    storage.publish_dir_atomic(source, dest)
+    monkeypatch.setattr(publish, "_write_marker", observe_then_write)
+    publish.publish_dir_atomic(source, dest)
     assert seen["complete"] is False
     # the six files plus our in-progress claim, no completion manifest yet
     assert len(seen["keys"]) == 8 and not any(k.endswith(COMPLETE_MARKER) for k in seen["keys"])
-    assert any(k.endswith(storage.PUBLISHING_MARKER) for k in seen["keys"])
-    assert storage.is_complete(dest)
-    assert not any(k.endswith(storage.PUBLISHING_MARKER) for k in remote_keys(s3_endpoint, dest))
+    assert any(k.endswith(completion.PUBLISHING_MARKER) for k in seen["keys"])
+    assert completion.is_complete(dest)
+    assert not any(k.endswith(completion.PUBLISHING_MARKER) for k in remote_keys(s3_endpoint, dest))
     assert not [k for k in remote_keys(s3_endpoint, dest, with_siblings=True) if ".tmp-" in k]
 
 
 def test_s3_overwrite_refusal_and_replacement(s3_endpoint, tmp_path):
     dest = s3_endpoint.unique_uri("over") + "/bot"
-    storage.publish_dir_atomic(make_adapter_dir(tmp_path / "v1"), dest)
+    publish.publish_dir_atomic(make_adapter_dir(tmp_path / "v1"), dest)
     newer = tmp_path / "v2"
     newer.mkdir()
     (newer / "adapter_config.json").write_text('{"r": 16}')
     with pytest.raises(DestinationExistsError, match="already holds a lorasuite publication"):
-        storage.publish_dir_atomic(newer, dest)
-    assert storage.is_complete(dest)
-    storage.publish_dir_atomic(newer, dest, overwrite=True)
+        publish.publish_dir_atomic(newer, dest)
+    assert completion.is_complete(dest)
+    publish.publish_dir_atomic(newer, dest, overwrite=True)
     prefix = dest.removeprefix("s3://")
     assert remote_keys(s3_endpoint, dest) == [f"{prefix}/{COMPLETE_MARKER}", f"{prefix}/adapter_config.json"]
-    assert storage.is_complete(dest)
-    assert storage.read_json(dest + "/adapter_config.json") == {"r": 16}
+    assert completion.is_complete(dest)
+    assert files.read_json(dest + "/adapter_config.json") == {"r": 16}
 
 
 def test_s3_pickle_only_directory_is_refused(s3_endpoint, tmp_path):
@@ -316,9 +312,9 @@ def test_s3_pickle_only_directory_is_refused(s3_endpoint, tmp_path):
     fs.pipe_file(uri.removeprefix("s3://") + "/pytorch_model.bin", b"pickle")
     cache = tmp_path / "cache"
     with pytest.raises(UnsafeArtifactError, match="safetensors is required"):
-        storage.materialize_dir(uri, cache)
+        materialize.materialize_dir(uri, cache)
     with pytest.raises(IncompleteArtifactError, match="not \\(yet\\) completely published"):
-        storage.materialize_dir(uri, cache, require_complete=True)
+        materialize.materialize_dir(uri, cache, require_complete=True)
     assert not cache.exists() or not any(cache.iterdir())
 
 
@@ -328,11 +324,11 @@ def test_s3_fingerprints_change_when_an_object_changes(s3_endpoint):
     key = uri.removeprefix("s3://") + "/model.safetensors"
     fs.pipe_file(key, b"A" * 32)
     fs.pipe_file(uri.removeprefix("s3://") + "/config.json", b"{}")
-    file_before, dir_before = storage.file_fingerprint(uri + "/model.safetensors"), storage.dir_fingerprint(uri)
-    assert storage.dir_fingerprint(uri) == dir_before
+    file_before, dir_before = fingerprints.file_fingerprint(uri + "/model.safetensors"), fingerprints.dir_fingerprint(uri)
+    assert fingerprints.dir_fingerprint(uri) == dir_before
     fs.pipe_file(key, b"B" * 32)  # same size, new content => new ETag
-    assert storage.file_fingerprint(uri + "/model.safetensors") != file_before
-    assert storage.dir_fingerprint(uri) != dir_before
+    assert fingerprints.file_fingerprint(uri + "/model.safetensors") != file_before
+    assert fingerprints.dir_fingerprint(uri) != dir_before
 
 
 def test_unreachable_endpoint_raises_storage_unavailable(s3_endpoint, tmp_path):
@@ -341,12 +337,12 @@ def test_unreachable_endpoint_raises_storage_unavailable(s3_endpoint, tmp_path):
         "config_kwargs": {"connect_timeout": 1, "retries": {"total_max_attempts": 1}},
     }
     with pytest.raises(StorageUnavailableError) as info:
-        storage.read_text("s3://lorasuite-test/any/file.json", storage_options=options, retry=FAST)
+        files.read_text("s3://lorasuite-test/any/file.json", storage_options=options, retry=FAST)
     assert info.value.attempts == FAST.attempts
     assert "s3://lorasuite-test/any/file.json" in str(info.value)
     assert "testing-secret" not in str(info.value)
     with pytest.raises(StorageUnavailableError):
-        storage.publish_dir_atomic(make_adapter_dir(tmp_path / "src"), "s3://lorasuite-test/x",
+        publish.publish_dir_atomic(make_adapter_dir(tmp_path / "src"), "s3://lorasuite-test/x",
                                    storage_options=options, retry=FAST)
 
 
@@ -387,8 +383,8 @@ def test_one_retry_layer_one_request_per_attempt(monkeypatch):
         counts = []
         for attempts in (1, 3):
             connections.clear()
-            with pytest.raises(storage.StorageUnavailableError, match=rf"after {attempts} attempt\(s\)"):
-                storage.read_bytes("s3://bucket/key.json", retry=storage.RetryPolicy(attempts=attempts, base_delay=0.01))
+            with pytest.raises(retry.StorageUnavailableError, match=rf"after {attempts} attempt\(s\)"):
+                files.read_bytes("s3://bucket/key.json", retry=retry.RetryPolicy(attempts=attempts, base_delay=0.01))
             counts.append(len(connections))
     finally:
         listener.close()

@@ -86,9 +86,9 @@ def test_two_processes_on_one_s3_root_compute_once_with_renewed_lease(tmp_path, 
     store = StageStore(root, **options)
     assert store.is_complete(STAGE, KEY)
     assert "took over" not in logs and "lost the lease" not in logs
-    from lorasuite_core.io import storage
+    from lorasuite_core.io import uris
 
-    fs, lease_path = storage.resolve(store.lock_location(STAGE, KEY))
+    fs, lease_path = uris.resolve(store.lock_location(STAGE, KEY))
     assert not fs.exists(lease_path), "the holder deletes its lease after publishing"
 
 
@@ -102,12 +102,12 @@ def _dead_pid() -> int:
 
 @pytest.mark.parametrize("expires_in", [-30.0, 1.5])
 def test_stale_s3_lease_of_a_gone_holder_is_taken_over(tmp_path, s3_endpoint, caplog, expires_in):
-    from lorasuite_core.io import storage
+    from lorasuite_core.io import files, uris
 
     store = StageStore(s3_endpoint.unique_uri("stale"), lease_ttl_s=30.0, lease_poll_s=0.1)
     lease_uri = store.lock_location(STAGE, KEY)
     assert lease_uri.endswith(f"/.leases/{STAGE}/{KEY}.json")
-    storage.write_text_atomic(lease_uri, json.dumps({
+    files.write_text_atomic(lease_uri, json.dumps({
         "owner": "gone", "host": "elsewhere", "pid": _dead_pid(), "stage": STAGE, "key": KEY,
         "renewed_at": time.time() - 60, "expires_at": time.time() + expires_in, "ttl_s": 30.0}))
     calls = tmp_path / "calls.txt"
@@ -123,15 +123,15 @@ def test_stale_s3_lease_of_a_gone_holder_is_taken_over(tmp_path, s3_endpoint, ca
         assert waited >= expires_in - 0.2
     else:
         assert "waiting for another run" not in caplog.text
-    fs, path = storage.resolve(lease_uri)
+    fs, path = uris.resolve(lease_uri)
     assert not fs.exists(path)
 
 
 def test_live_s3_lease_is_waited_for_until_the_timeout(s3_endpoint):
-    from lorasuite_core.io import storage
+    from lorasuite_core.io import files
 
     store = StageStore(s3_endpoint.unique_uri("live"), lease_poll_s=0.1, lock_timeout_s=0.5)
-    storage.write_text_atomic(store.lock_location(STAGE, KEY), json.dumps(
+    files.write_text_atomic(store.lock_location(STAGE, KEY), json.dumps(
         {"owner": "alive", "host": "elsewhere", "pid": 1, "expires_at": time.time() + 300}))
     with pytest.raises(LorasuiteError, match=r"gave up after \d+s waiting for another run computing demo"):
         store.run(STAGE, KEY, _compute_factory(Path(os.devnull), 0.0))

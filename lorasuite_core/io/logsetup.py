@@ -22,7 +22,7 @@ Design
   reach the Prefect server (UI).  This module only writes that file; it never imports Prefect.
 * **Secrets.** Every handler formats through :class:`RedactingFormatter` or the
   :class:`RedactSecrets` filter, which pass the whole text — message and traceback — through
-  :func:`lorasuite_core.io.storage.redact_text` (URL user-info, query strings, access-key ids and the
+  :func:`lorasuite_core.io.uris.redact_text` (URL user-info, query strings, access-key ids and the
   values of the AWS secret variables and of credentials seen in URIs).
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ import re
 import time
 from pathlib import Path
 
-from lorasuite_core.io.storage import redact_text
+from lorasuite_core.io.uris import redact_text
 from lorasuite_core.io.terminal import TerminalHandler
 
 KEEP_DAYS = 14

@@ -25,10 +25,10 @@ SKIP_PIECE = 1 << 16
 @contextlib.contextmanager
 def open_text(ref: str, what: str) -> Iterator[io.TextIOBase]:
     """A UTF-8 text handle on ``ref``; errors while opening *or reading* are one LorasuiteError."""
-    from lorasuite_core.io import storage
+    from lorasuite_core.io.uris import describe_error, resolve
 
     try:
-        fs, location = storage.resolve(ref)
+        fs, location = resolve(ref)
         if fs.isdir(location):
             raise LorasuiteError(f"{what} is a directory, not a file")
         with fs.open(location, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="strict") as handle:
@@ -42,7 +42,7 @@ def open_text(ref: str, what: str) -> Iterator[io.TextIOBase]:
     except (LorasuiteError, KeyboardInterrupt):
         raise
     except OSError as exc:
-        raise LorasuiteError(f"{what} cannot be read: {storage.describe_error(exc)}") from None
+        raise LorasuiteError(f"{what} cannot be read: {describe_error(exc)}") from None
 
 
 def refuse_nul(text: str, what: str) -> None:

@@ -41,7 +41,7 @@ def resolve_local_dir(uri: str | Path, what: str) -> Path:
     if text.startswith("file://"):
         text = text[len("file://"):]
     if "://" in text:
-        from lorasuite_core.io.storage import materialize_dir
+        from lorasuite_core.io.materialize import materialize_dir
 
         return Path(materialize_dir(text))
     path = Path(text).expanduser()

@@ -92,7 +92,7 @@ def adapter_tensors(new: LoadedModel, migrated: WrittenAdapter) -> dict[str, tor
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> None:
-    from lorasuite_core.io.storage import check_output_location
+    from lorasuite_core.io.outputs import check_output_location
 
     check_output_location(out, {})   # never empty, the working directory or one of its parents
     path = Path(out)

@@ -3,7 +3,7 @@
 Design
 ------
 A *fleet manifest* is a small YAML or JSON document (local path or any fsspec URI,
-read through :mod:`lorasuite_core.io.storage`) describing one base-model upgrade and
+read through :mod:`lorasuite_core.io.files`) describing one base-model upgrade and
 the adapters to carry across it::
 
     old_model: s3://bucket/models/old      # local path, fsspec URI or hub id
@@ -197,11 +197,12 @@ class FleetManifest(_Strict):
     @classmethod
     def load(cls, uri: str, *, storage_options: dict | None = None) -> "FleetManifest":
         """Read a manifest from a local path or fsspec URI and validate it."""
-        from lorasuite_core.io import storage
+        from lorasuite_core.io.files import read_text
+        from lorasuite_core.io.uris import redact_uri
 
-        source = storage.redact_uri(str(uri))
+        source = redact_uri(str(uri))
         try:
-            text = storage.read_text(uri, storage_options=storage_options)
+            text = read_text(uri, storage_options=storage_options)
         except FileNotFoundError:
             raise ManifestError(f"{source}: manifest file not found") from None
         except IsADirectoryError:

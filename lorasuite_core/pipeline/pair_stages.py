@@ -18,7 +18,8 @@ import torch
 from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
-from lorasuite_core.io import storage, terminal
+from lorasuite_core.io import terminal
+from lorasuite_core.io.uris import redact_uri
 from lorasuite_core.transfer.activations import PairedActivations, paired_activations
 from lorasuite_core.pipeline.analysis_store import load_matches, save_matches
 from lorasuite_core.transfer.cka import minibatch_cka
@@ -103,7 +104,7 @@ def activations(store: StageStore, plan: PairPlan) -> StageResult:
             if not np.isfinite(states).all():
                 for name in model.weights.shard_of:   # name the culprit: get() refuses a non-finite weight
                     model.weights.get(name)
-                raise LorasuiteError(f"{which} model {storage.redact_uri(model.source)} gives NaN or Inf hidden "
+                raise LorasuiteError(f"{which} model {redact_uri(model.source)} gives NaN or Inf hidden "
                                      "states on the calibration text")
         save_numpy({"old_states": np.ascontiguousarray(acts.old_states),
                     "new_states": np.ascontiguousarray(acts.new_states)}, out / "activations.safetensors")

@@ -22,7 +22,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel as Schema  # the stage plans' schema base
 
-from lorasuite_core.io import storage, terminal
+from lorasuite_core.io import terminal
+from lorasuite_core.io.uris import redact_uri
 from lorasuite_core.transfer.activations import builtin_calibration_texts, read_calibration_file
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.models.loading import LoadedModel, LoraAdapter, load_base_model, load_lora_adapter
@@ -50,7 +51,7 @@ def _adapter(ref: str, identity: str, old_ref: str, old_identity: str) -> LoraAd
     try:
         return load_lora_adapter(ref, _model(old_ref, old_identity).family)
     except FileNotFoundError:
-        raise LorasuiteError(f"adapter {storage.redact_uri(ref)} does not exist") from None
+        raise LorasuiteError(f"adapter {redact_uri(ref)} does not exist") from None
 
 
 # --------------------------------------------------------------------------- the pair

@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.io import storage
+from lorasuite_core.io.files import read_json
+from lorasuite_core.io.outputs import check_output_location, check_replaceable, output_state
+from lorasuite_core.io.uris import describe_error, is_remote, join_uri, redact_uri, resolve
 
 from . import plans, stages
 from .graph import ENTRY_GRAPH, FINAL, PAIR_GRAPH, Stage, as_uris, levels, resolve_input, step
@@ -56,11 +58,11 @@ def check_entry(old_model: str, new_model: str, analysis: AnalysisOptions, adapt
               "LFT prompts": options.lft_prompts, "seed prompts": options.lft_seed_prompts,
               "evaluation data": options.eval_data, "calibration data": analysis.calibration_data,
               "cache root": cache_root}          # everything a migration reads, by name
-    storage.check_output_location(output, inputs)
-    status = storage.output_state(output)    # empty | complete (ours, verified) | partial | corrupt | foreign
+    check_output_location(output, inputs)
+    status = output_state(output)    # empty | complete (ours, verified) | partial | corrupt | foreign
     if status == "complete" and skip_finished and not overwrite:
         return False
-    storage.check_replaceable(output, status, overwrite)
+    check_replaceable(output, status, overwrite)
     plans.check_adapter(old_model, adapter, options.serving)
     return True
 
@@ -147,7 +149,7 @@ class JobError(Exception):
     """One job of a fanned-out stage failed (after its retries); :attr:`cause` is the original error."""
 
     def __init__(self, label: str, cause: BaseException):
-        detail = str(cause) if isinstance(cause, LorasuiteError) else storage.describe_error(cause)
+        detail = str(cause) if isinstance(cause, LorasuiteError) else describe_error(cause)
         super().__init__(f"{label}: {detail}")
         self.label, self.cause = label, cause
 
@@ -189,7 +191,7 @@ class EntryRun:
         return self.status == "running"
 
     def fail(self, stage: str, error: BaseException) -> None:
-        message = str(error) if isinstance(error, (LorasuiteError, JobError)) else storage.describe_error(error)
+        message = str(error) if isinstance(error, (LorasuiteError, JobError)) else describe_error(error)
         cause = error.cause if isinstance(error, JobError) else error
         self.status, self.error, self.exception = "failed", f"{stage}: {message}", cause
 
@@ -250,7 +252,7 @@ class Runner:
             def collect():
                 if not self.x.result(handle):
                     e.status = "skipped"
-                    e.note = f"already published at {storage.redact_uri(e.output)} (pass overwrite to redo)"
+                    e.note = f"already published at {redact_uri(e.output)} (pass overwrite to redo)"
             return collect
         self._wave(entries, "check", lambda e: [("check", submit(e))])
 
@@ -381,6 +383,6 @@ def migrate_in_process(old_model: str, new_model: str, adapter: str, output: str
                                                             [entry], overwrite=overwrite)
     if entry.status != "published":
         raise entry.exception or LorasuiteError(f"adapter {entry.name}: {entry.error}")
-    if storage.is_remote(output):
-        return storage.read_json(storage.join_uri(output, REPORT_NAME))
-    return json.loads((Path(storage.resolve(output)[1]) / REPORT_NAME).read_text())
+    if is_remote(output):
+        return read_json(join_uri(output, REPORT_NAME))
+    return json.loads((Path(resolve(output)[1]) / REPORT_NAME).read_text())

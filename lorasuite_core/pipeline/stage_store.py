@@ -4,9 +4,9 @@ Design
 ------
 * **Identities, not tensors.** A model or adapter is identified by
   :func:`artifact_identity`: a hash of its file listing (names, sizes, ETags or
-  inode+mtime — :func:`lorasuite_core.io.storage.dir_fingerprint`), never of its
+  inode+mtime — :func:`lorasuite_core.io.fingerprints.dir_fingerprint`), never of its
   weights; a hub id is identified by its downloaded snapshot.  A data file by
-  :func:`lorasuite_core.io.storage.file_fingerprint`; calibration text by the
+  :func:`lorasuite_core.io.fingerprints.file_fingerprint`; calibration text by the
   sha256 of its content (:func:`texts_identity`).
 * **Keys.** :func:`stage_key` hashes the stage name, ``ALGORITHM_VERSION``,
   :data:`STORE_FORMAT` and the stage's inputs — identities, options and the keys
@@ -16,7 +16,7 @@ Design
 * **Entries.** The output of stage ``s`` with key ``k`` is the directory
   ``<root>/<s>/<k>/``: array files (safetensors), other files, and ``_stage.json``
   (small JSON facts handed to later stages).  It is published with
-  :func:`lorasuite_core.io.storage.publish_dir_atomic` (data first, completion
+  :func:`lorasuite_core.io.publish.publish_dir_atomic` (data first, completion
   manifest with every file's size and sha256 last), so a writer that dies
   half-way leaves nothing a reader would use.
 * **Integrity.** An entry counts only when every file matches its size and
@@ -63,7 +63,7 @@ Design
   object store the lease is best effort: were two runs ever to hold it (an
   expired lease whose holder was in fact alive, or a store that ignores
   conditional writes), both compute the same content and publish it with
-  :func:`lorasuite_core.io.storage.publish_dir_atomic`.
+  :func:`lorasuite_core.io.publish.publish_dir_atomic`.
 * **Root.** A local directory or any fsspec URI (``s3://bucket/prefix``):
   ``$LORASUITE_CACHE_ROOT``, else ``~/.cache/lorasuite/pipeline``.
 """
@@ -86,7 +86,13 @@ import filelock
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorasuite_core import ALGORITHM_VERSION
-from lorasuite_core.io import storage, terminal
+from lorasuite_core.io import terminal
+from lorasuite_core.io.completion import verify_local_dir
+from lorasuite_core.io.files import remove_dir
+from lorasuite_core.io.fingerprints import dir_fingerprint, file_fingerprint
+from lorasuite_core.io.materialize import IncompleteArtifactError, IntegrityError, materialize_dir
+from lorasuite_core.io.publish import publish_dir_atomic
+from lorasuite_core.io.uris import describe_error, is_remote, join_uri, redact_uri, resolve
 from lorasuite_core.io.tempdirs import private_tempdir
 from lorasuite_core.training.samples import BUILTIN
 from lorasuite_core.errors import LorasuiteError
@@ -125,9 +131,9 @@ def artifact_identity(ref: str, what: str, patterns: Iterable[str] = MODEL_PATTE
     text = str(ref)
     location = str(resolve_local_dir(text, what)) if _is_hub_id(text) else text
     try:
-        return storage.dir_fingerprint(location, patterns)
+        return dir_fingerprint(location, patterns)
     except (FileNotFoundError, NotADirectoryError):
-        raise LorasuiteError(f"{what} {storage.redact_uri(text)} does not exist or holds no files") from None
+        raise LorasuiteError(f"{what} {redact_uri(text)} does not exist or holds no files") from None
 
 
 def data_identity(ref: str | None, what: str = "data file") -> str:
@@ -137,9 +143,9 @@ def data_identity(ref: str | None, what: str = "data file") -> str:
     if ref.startswith(BUILTIN):
         return ref
     try:
-        return storage.file_fingerprint(ref)
+        return file_fingerprint(ref)
     except (FileNotFoundError, IsADirectoryError):
-        raise LorasuiteError(f"{what} {storage.redact_uri(str(ref))} does not exist or is not a file") from None
+        raise LorasuiteError(f"{what} {redact_uri(str(ref))} does not exist or is not a file") from None
 
 
 def texts_identity(texts: list[str]) -> str:
@@ -258,7 +264,7 @@ class _Lease:
         except _LeaseConflict:             # another waiter took it over first
             return False, holder
         log.warning("%s: took over the expired lease %s of %s (pid %s, expired %.0fs ago)", self.stage,
-                    storage.redact_uri(self.uri), holder.get("host", "?"), holder.get("pid", "?"),
+                    redact_uri(self.uri), holder.get("host", "?"), holder.get("pid", "?"),
                     time.time() - float(holder.get("expires_at", 0)))
         return True, {}
 
@@ -268,7 +274,7 @@ class _Lease:
             return True
         except _LeaseConflict:
             log.warning("%s: lost the lease %s to another run (renewal came too late); finishing anyway",
-                        self.stage, storage.redact_uri(self.uri))
+                        self.stage, redact_uri(self.uri))
             return False
 
     def _renew_loop(self) -> None:
@@ -277,8 +283,8 @@ class _Lease:
                 if not self.renew():
                     return
             except Exception as error:  # noqa: BLE001 - keep trying until the lease expires
-                log.warning("%s: could not renew the lease %s: %s", self.stage, storage.redact_uri(self.uri),
-                            storage.describe_error(error))
+                log.warning("%s: could not renew the lease %s: %s", self.stage, redact_uri(self.uri),
+                            describe_error(error))
 
     def start_renewing(self) -> None:
         self._renewer = threading.Thread(target=self._renew_loop, name=f"lease-{self.stage}", daemon=True)
@@ -295,7 +301,7 @@ class _Lease:
                 self.fs.invalidate_cache(self.path)
         except Exception as error:  # noqa: BLE001 - an unreleased lease only expires
             log.warning("%s: could not release the lease %s (it expires in %.0fs): %s", self.stage,
-                        storage.redact_uri(self.uri), self.ttl_s, storage.describe_error(error))
+                        redact_uri(self.uri), self.ttl_s, describe_error(error))
 
 
 def _holder(data: bytes) -> dict[str, Any]:
@@ -338,7 +344,7 @@ class StageStore:
         return cls(root or configured_cache_root())
 
     def location(self, stage: str, key: str) -> str:
-        return storage.join_uri(self.root, stage, key)
+        return join_uri(self.root, stage, key)
 
     def is_complete(self, stage: str, key: str) -> bool:
         return self.problem(self.location(stage, key)) is None
@@ -348,18 +354,18 @@ class StageStore:
 
     def problem(self, uri: str) -> str | None:
         """None for a complete, verified entry; :data:`ABSENT` when nothing is there; else what is wrong."""
-        if not storage.is_remote(uri):
-            path = Path(storage.resolve(uri)[1])
+        if not is_remote(uri):
+            path = Path(resolve(uri)[1])
             if not path.exists():
                 return ABSENT
             if not path.is_dir():
                 return "not a directory"
-            return storage.verify_local_dir(path)
+            return verify_local_dir(path)
         try:
-            storage.materialize_dir(uri, require_complete=True)
+            materialize_dir(uri, require_complete=True)
         except FileNotFoundError:
             return ABSENT
-        except (storage.IncompleteArtifactError, storage.IntegrityError) as error:
+        except (IncompleteArtifactError, IntegrityError) as error:
             return str(error)
         return None
 
@@ -368,26 +374,26 @@ class StageStore:
         problem = self.problem(uri)
         if problem is not None:
             what = "is missing" if problem == ABSENT else f"is corrupt or incomplete ({problem})"
-            raise LorasuiteError(f"stage entry {storage.redact_uri(uri)} {what}; rerun the migration")
-        if not storage.is_remote(uri):
-            return Path(storage.resolve(uri)[1])
-        return storage.materialize_dir(uri, require_complete=True)
+            raise LorasuiteError(f"stage entry {redact_uri(uri)} {what}; rerun the migration")
+        if not is_remote(uri):
+            return Path(resolve(uri)[1])
+        return materialize_dir(uri, require_complete=True)
 
     def lock_location(self, stage: str, key: str) -> str:
         """The lock file (local root) or lease object (object store) guarding entry ``(stage, key)``."""
-        if storage.is_remote(self.root):
-            return storage.join_uri(self.root, LEASES_DIR, stage, f"{key}.json")
-        return str(Path(storage.resolve(self.root)[1]) / LOCKS_DIR / f"{stage}-{key}.lock")
+        if is_remote(self.root):
+            return join_uri(self.root, LEASES_DIR, stage, f"{key}.json")
+        return str(Path(resolve(self.root)[1]) / LOCKS_DIR / f"{stage}-{key}.lock")
 
     def _waited_too_long(self, stage: str, where: str, waited: float) -> LorasuiteError:
         return LorasuiteError(f"gave up after {waited:.0f}s waiting for another run computing {stage} "
-                              f"(lock {storage.redact_uri(where)}); raise the lock timeout or remove a stuck lock")
+                              f"(lock {redact_uri(where)}); raise the lock timeout or remove a stuck lock")
 
     @contextmanager
     def exclusive(self, stage: str, key: str) -> Iterator[None]:
         """Hold the per-(stage, key) lock; waits (one INFO line) while another run holds it."""
         where = self.lock_location(stage, key)
-        if not storage.is_remote(self.root):
+        if not is_remote(self.root):
             Path(where).parent.mkdir(parents=True, exist_ok=True)
             lock = filelock.FileLock(where)
             try:
@@ -405,7 +411,7 @@ class StageStore:
             finally:
                 lock.release()
             return
-        fs, path = storage.resolve(where)
+        fs, path = resolve(where)
         lease = _Lease(fs, path, where, stage, key, self.lease_ttl_s)
         started, announced = time.monotonic(), False
         while True:
@@ -415,7 +421,7 @@ class StageStore:
             if not announced:
                 log.info("waiting for another run computing %s (held by %s pid %s)", stage,
                          holder.get("host", "?"), holder.get("pid", "?"))
-                log.debug("%s: lease %s", stage, storage.redact_uri(where))
+                log.debug("%s: lease %s", stage, redact_uri(where))
                 announced = True
             waited = time.monotonic() - started
             if self.lock_timeout_s is not None and waited > self.lock_timeout_s:
@@ -430,7 +436,7 @@ class StageStore:
     def _reused(self, stage: str, key: str, uri: str, start: float) -> StageResult:
         facts = self.facts(uri)
         seconds = time.perf_counter() - start
-        log.debug("%s: reusing %s", stage, storage.redact_uri(uri))
+        log.debug("%s: reusing %s", stage, redact_uri(uri))
         terminal.finished(stage, seconds, reused=True)
         return StageResult(stage=stage, key=key, uri=uri, reused=True, seconds=seconds, facts=facts)
 
@@ -448,14 +454,14 @@ class StageStore:
             if problem is None:                      # another run published it while we waited
                 return self._reused(stage, key, uri, start)
             if problem != ABSENT:
-                log.warning("%s: discarding cache entry %s (%s); recomputing", stage, storage.redact_uri(uri),
+                log.warning("%s: discarding cache entry %s (%s); recomputing", stage, redact_uri(uri),
                             problem)
-                storage.remove_dir(uri)
+                remove_dir(uri)
             with terminal.computing(stage), private_tempdir(stage) as tmp:
                 facts = compute(Path(tmp))
                 (Path(tmp) / FACTS_FILE).write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
-                storage.publish_dir_atomic(tmp, uri, overwrite=True)
+                publish_dir_atomic(tmp, uri, overwrite=True)
         seconds = time.perf_counter() - start
-        log.debug("%s: computed and stored %s in %.2fs", stage, storage.redact_uri(uri), seconds)
+        log.debug("%s: computed and stored %s in %.2fs", stage, redact_uri(uri), seconds)
         terminal.finished(stage, seconds, reused=False)
         return StageResult(stage=stage, key=key, uri=uri, reused=False, seconds=seconds, facts=facts)

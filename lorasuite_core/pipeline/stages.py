@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 
-from lorasuite_core.io import storage, terminal
+from lorasuite_core.io import terminal
+from lorasuite_core.io.publish import publish_dir_atomic
+from lorasuite_core.io.uris import redact_uri
 from lorasuite_core.io.tempdirs import private_tempdir
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.pipeline.layer_results import load_layer_result, save_layer_result
@@ -342,7 +344,7 @@ def publish(store: StageStore, source_uri: str, output: str, report_updates: dic
             if not verdict["servable"]:
                 log.info("%s would not serve %s as published: %s", engine, output, "; ".join(verdict["problems"]))
         (staged / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        published = storage.publish_dir_atomic(staged, output, overwrite=overwrite)
+        published = publish_dir_atomic(staged, output, overwrite=overwrite)
     terminal.finished("publish", time.perf_counter() - start, reused=False)
     return published
 
@@ -356,9 +358,9 @@ def report_updates(plan: PairPlan, entry: AdapterPlan, stored: dict[str, StageRe
     """What the published migration_report.json gets on top of the assembled report."""
     options = {**entry.options.model_dump(mode="json"), **plan.analysis.model_dump(mode="json")}
     updates: dict[str, Any] = {"steps": steps, "pipeline": {
-        **pipeline, "stage_store": storage.redact_uri(cache_root),
+        **pipeline, "stage_store": redact_uri(cache_root),
         "keys": {**plan.stage_keys, "migrated": entry.migrated_key}},
-        "options": {k: storage.redact_uri(v) if isinstance(v, str) else v for k, v in options.items()}}
+        "options": {k: redact_uri(v) if isinstance(v, str) else v for k, v in options.items()}}
     if "lft" in stored:
         updates["light_finetune"] = {k: v for k, v in stored["lft"].facts.items() if k != "losses"}
     if "vanilla" in stored:

@@ -16,7 +16,7 @@ from lorasuite_core.transfer.adapter import MigratedAdapter, PairAnalysis
 
 
 def _model_identity(model: LoadedModel) -> dict:
-    from lorasuite_core.io.storage import dir_fingerprint
+    from lorasuite_core.io.fingerprints import dir_fingerprint
 
     d = model.dims
     return {

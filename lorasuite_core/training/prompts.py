@@ -45,7 +45,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.io import storage, textfile
+from lorasuite_core.io import textfile
+from lorasuite_core.io.uris import redact_uri
 from lorasuite_core.training.evaluation import model_eos_ids
 from lorasuite_core.training.task_data import Sample, format_prompt
 
@@ -125,7 +126,7 @@ def read_prompts(ref: str, limit: int | None = None) -> list[Prompt]:
     ``.txt`` and ``.jsonl`` are streamed and reading stops after ``limit`` prompts. Every problem is a
     :class:`LorasuiteError` naming the file (and the line).
     """
-    what = f"prompt file {storage.redact_uri(str(ref))}"
+    what = f"prompt file {redact_uri(str(ref))}"
     suffix = next((s for s in PROMPT_SUFFIXES if str(ref).lower().endswith(s)), None)
     if suffix is None:
         raise LorasuiteError(f"{what}: use .txt (one prompt a line), .jsonl or .json")

@@ -11,7 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from lorasuite_core.io import storage
+from lorasuite_core.io.files import read_bytes
+from lorasuite_core.io.uris import is_remote, redact_text, redact_uri, resolve
 from lorasuite_core.errors import LorasuiteError
 
 BUILTIN = "builtin:"
@@ -26,20 +27,20 @@ def load_samples(ref: str | None, limit: int | None = None, *, split: Literal["t
         if split not in ("train", "test"):
             raise LorasuiteError(f"data {ref!r}: the built-in splits are builtin:train and builtin:test")
         return generate_problems(limit or default_count, split, seed)
-    safe = storage.redact_uri(ref)
+    safe = redact_uri(ref)
     try:
-        if not storage.is_remote(ref):
-            samples = load_math10k(storage.resolve(ref)[1], limit=limit)
+        if not is_remote(ref):
+            samples = load_math10k(resolve(ref)[1], limit=limit)
         else:
             suffix = ".jsonl" if ref.lower().endswith(".jsonl") else ".json"
             with tempfile.TemporaryDirectory(prefix="lorasuite-data-") as tmp:
                 local = Path(tmp) / f"data{suffix}"
-                local.write_bytes(storage.read_bytes(ref))
+                local.write_bytes(read_bytes(ref))
                 samples = load_math10k(local, limit=limit)
     except FileNotFoundError:
         raise LorasuiteError(f"data file {safe} does not exist") from None
     except ValueError as exc:
-        raise LorasuiteError(f"data file {safe}: {storage.redact_text(str(exc))}") from None
+        raise LorasuiteError(f"data file {safe}: {redact_text(str(exc))}") from None
     if not samples:
         raise LorasuiteError(f"data file {safe} holds no samples")
     return samples

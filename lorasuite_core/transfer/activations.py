@@ -115,9 +115,9 @@ def read_calibration_file(path: str, max_tokens: int) -> list[str]:
     See the module docstring: samples are cut to :func:`calibration_text_cap` characters and
     reading stops once the texts can give ``max_tokens`` paired positions.
     """
-    from lorasuite_core.io import storage
+    from lorasuite_core.io.uris import redact_uri
 
-    what = f"calibration data {storage.redact_uri(str(path))!r}"
+    what = f"calibration data {redact_uri(str(path))!r}"
     if not str(path).endswith((".txt", ".jsonl")):
         raise LorasuiteError(f"{what}: expected a .txt or .jsonl file")
     cap = calibration_text_cap(max_tokens)
