@@ -43,7 +43,7 @@ TEST_SEED = 1
 
 
 def _config(mode: str, seed: int):
-    from lorasuite_core.training.train import TrainConfig
+    from lorasuite_core.training.config import TrainConfig
 
     return TrainConfig(lr=3e-4, epochs=EPOCHS, batch_size=8, seed=seed, warmup_ratio=0.05, autocast=mode,
                        show_progress=False)

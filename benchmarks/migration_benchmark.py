@@ -158,7 +158,8 @@ def stage_derive_within_model(old_dir: str, out_dir: str, cpt_steps: int, seed: 
 def stage_train(model_dir: str, out_dir: str, n: int, seed: int, rank: int, epochs: int) -> dict:
     _threads()
     from lorasuite_core.training.task_data import generate_problems
-    from lorasuite_core.training.train import TrainConfig, train_lora
+    from lorasuite_core.training.config import TrainConfig
+    from lorasuite_core.training.train import train_lora
 
     samples = generate_problems(n, "train", seed)
     config = TrainConfig(lr=3e-4, epochs=epochs, batch_size=8, seed=seed, warmup_ratio=0.05)
@@ -170,7 +171,8 @@ def stage_lft(model_dir: str, adapter_dir: str, out_dir: str, n: int, seed: int,
     _threads()
     from lorasuite_core.training.task_data import generate_problems
     from lorasuite_core.pipeline.options import MigrationOptions
-    from lorasuite_core.training.train import default_lft_config, light_finetune
+    from lorasuite_core.training.config import default_lft_config
+    from lorasuite_core.training.train import light_finetune
 
     samples = generate_problems(n, "train", seed)
     result = light_finetune(model_dir, adapter_dir, samples, out_dir,

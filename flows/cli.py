@@ -35,7 +35,17 @@ def _add_migrate_arguments(p: argparse.ArgumentParser) -> None:
     add_arguments(p.add_argument_group("pair analysis options"), AnalysisOptions)
 
 
+#: The fields of lorasuite_core.training.config that become flags of ``train`` and ``eval``.
+LORA_FLAGS = ("rank", "alpha", "targets")
+TRAIN_FLAGS = ("lr", "epochs", "batch_size", "max_length", "warmup_ratio", "grad_accum", "lr_schedule",
+               "max_grad_norm", "weight_decay", "seed", "autocast", "dtype", "device")
+EVAL_FLAGS = ("batch_size", "max_new_tokens", "dtype", "device")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from lorasuite_core.pipeline.options import add_config_arguments
+    from lorasuite_core.training.config import EvalConfig, LoraShape, TrainConfig
+
     parser = argparse.ArgumentParser(prog="lorasuite", description="Migrate LoRA adapters to an upgraded base model.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
@@ -55,28 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--samples", type=int, help="use the first N samples (built-in default 2000)")
     train.add_argument("--output", required=True, help="directory (or URI) for the PEFT adapter, published atomically "
                                                         "with a completion manifest")
-    train.add_argument("--rank", type=int, default=16)
-    train.add_argument("--alpha", type=float, default=32)
-    train.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    train.add_argument("--lr", type=float, default=3e-4)
-    train.add_argument("--epochs", type=int, default=1)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--seed", type=int, default=0)
     train.add_argument("--overwrite", action="store_true", help="replace our earlier publication at --output")
+    add_config_arguments(train.add_argument_group("adapter"), LoraShape, LORA_FLAGS)
+    add_config_arguments(train.add_argument_group("training"), TrainConfig, TRAIN_FLAGS)
 
     evaluate = sub.add_parser("eval", help="exact-match accuracy of a base model or an adapter on a data set")
-    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--model", required=True, help="base model directory")
     evaluate.add_argument("--adapter", help="PEFT adapter (omit to evaluate the base model)")
     evaluate.add_argument("--data", default="builtin:test", help="math_10k JSON/JSONL (path or URI) or builtin:test")
     evaluate.add_argument("--samples", type=int, help="use the first N samples (built-in default 500)")
-    evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                          help="auto: bfloat16 on CPUs with AVX512-BF16/AMX and bf16 GPUs, else float32")
-    evaluate.add_argument("--max-new-tokens", type=int, default=64)
-    evaluate.add_argument("--seed", type=int, default=1)
+    evaluate.add_argument("--seed", type=int, default=1, help="seed of the built-in problems (default 1)")
     evaluate.add_argument("--output", help="write the result (with per-item predictions) as JSON here (a new file, "
                                            "or an earlier result of ours with --overwrite)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier result of ours at --output")
+    add_config_arguments(evaluate.add_argument_group("evaluation"), EvalConfig, EVAL_FLAGS)
 
     models = sub.add_parser("models", help="real pretrained models without a hub")
     models_sub = models.add_subparsers(dest="models_command", required=True)
@@ -160,16 +162,17 @@ def _run_train(args) -> dict:
     from lorasuite_core.io.outputs import check_output
     from lorasuite_core.io.publish import publishing
     from lorasuite_core.training.samples import load_samples
-    from lorasuite_core.training.train import SUMMARY_FILE, TrainConfig, train_lora
+    from lorasuite_core.pipeline.options import config_from_arguments
+    from lorasuite_core.training.config import LoraShape, TrainConfig
+    from lorasuite_core.training.train import SUMMARY_FILE, train_lora
 
     check_output(args.output, {"model": args.model, "training data": _data_input(args.data)}, args.overwrite)
-    samples = load_samples(args.data, args.samples, seed=args.seed, default_count=2000)
-    config = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                         show_progress=not args.quiet)
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    config = config_from_arguments(args, TrainConfig, TRAIN_FLAGS, show_progress=not args.quiet)
+    shape = config_from_arguments(args, LoraShape, LORA_FLAGS)
+    samples = load_samples(args.data, args.samples, seed=config.seed, default_count=2000)
     with publishing(args.output, overwrite=args.overwrite, kind="train") as staged:
-        result = _library_call(train_lora, args.model, samples, staged, rank=args.rank, alpha=args.alpha,
-                               targets=targets, config=config)
+        result = _library_call(train_lora, args.model, samples, staged, rank=shape.rank, alpha=shape.alpha,
+                               targets=shape.target_list, config=config)
         summary_file = staged / SUMMARY_FILE            # name the published place, not the staging directory
         written = json.loads(summary_file.read_text())
         written["result"]["out_dir"] = args.output
@@ -179,8 +182,12 @@ def _run_train(args) -> dict:
 
 
 def _run_eval(args) -> dict:
+    from dataclasses import asdict
+
     from lorasuite_core.io.files import write_text_atomic
     from lorasuite_core.io.outputs import FILE_FORMAT_KEY, check_output_file
+    from lorasuite_core.pipeline.options import config_from_arguments
+    from lorasuite_core.training.config import EvalConfig
     from lorasuite_core.training.evaluation import evaluate
     from lorasuite_core.training.samples import load_samples
 
@@ -188,9 +195,9 @@ def _run_eval(args) -> dict:
         check_output_file(args.output, {"model": args.model, "adapter": args.adapter,
                                         "evaluation data": _data_input(args.data)}, args.overwrite)
     samples = load_samples(args.data, args.samples, seed=args.seed, default_count=500)
-    result = _library_call(evaluate, args.model, samples, adapter_dir=args.adapter, batch_size=args.batch_size,
-                           dtype=args.dtype,
-                           max_new_tokens=args.max_new_tokens, show_progress=not args.quiet)
+    config = config_from_arguments(args, EvalConfig, EVAL_FLAGS)
+    result = _library_call(evaluate, args.model, samples, adapter_dir=args.adapter, **asdict(config),
+                           show_progress=not args.quiet)
     if args.output:
         document = {FILE_FORMAT_KEY: "lorasuite.evaluation/v1", **result.to_dict(with_predictions=True)}
         write_text_atomic(args.output, json.dumps(document, indent=2, default=str) + "\n")

@@ -109,7 +109,8 @@ def run_real_demo(workdir: str | Path, *, train_samples: int = 200, lft_samples:
 
     from lorasuite_core.models.model_fetch import fetch_model
     from lorasuite_core.training.task_data import generate_problems
-    from lorasuite_core.training.train import TrainConfig, train_lora
+    from lorasuite_core.training.config import TrainConfig
+    from lorasuite_core.training.train import train_lora
 
     from lorasuite_core.io.files import write_text_atomic
     from lorasuite_core.io.outputs import output_state

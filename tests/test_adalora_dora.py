@@ -285,7 +285,8 @@ def test_vanilla_baseline_is_the_source_adapters_kind(tmp_path):
     from lorasuite_core.pipeline.options import AnalysisOptions
     from lorasuite_core.pipeline.options import MigrationOptions
     from lorasuite_core.training.task_data import generate_problems
-    from lorasuite_core.training.train import TrainConfig, train_lora
+    from lorasuite_core.training.config import TrainConfig
+    from lorasuite_core.training.train import train_lora
 
     model = make_tiny_model_dir("llama", tmp_path / "model", seed=35)
     family = load_base_model(model).family

@@ -12,7 +12,8 @@ from lorasuite_core.pipeline.options import MigrationOptions
 from lorasuite_core.training import distill as D
 from lorasuite_core.training import prompts as P
 from lorasuite_core.training.task_data import generate_problems
-from lorasuite_core.training.train import ADAPTER_WEIGHTS, collate, default_lft_config, load_for_light_finetune
+from lorasuite_core.training.config import default_lft_config
+from lorasuite_core.training.train import ADAPTER_WEIGHTS, collate, load_for_light_finetune
 from tests.distill_setup import build_exact_pair
 
 GEN = {"max_new_tokens": 16, "batch_size": 8}

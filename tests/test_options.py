@@ -131,3 +131,32 @@ def test_transfer_choices_are_the_schemas_literals_and_flags():
         assert model.model_fields[name].annotation is literal
         action = next(a for a in migrate._actions if flag(name) in a.option_strings)
         assert tuple(action.choices) == numerics
+
+
+def test_train_and_eval_flags_come_from_their_configs():
+    """Every flag of ``train``/``eval`` beyond the references is a field of lorasuite_core.training.config: its help
+    names the field's default, an unset flag is that default, a value the config refuses is one error line."""
+    import argparse
+    import dataclasses
+
+    from flows.cli import EVAL_FLAGS, LORA_FLAGS, TRAIN_FLAGS, build_parser
+    from lorasuite_core.errors import LorasuiteError
+    from lorasuite_core.pipeline.options import config_from_arguments
+    from lorasuite_core.training.config import EvalConfig, LoraShape, TrainConfig
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command, configs in (("train", ((TrainConfig, TRAIN_FLAGS), (LoraShape, LORA_FLAGS))),
+                             ("eval", ((EvalConfig, EVAL_FLAGS),))):
+        actions = {a.dest: a for a in sub.choices[command]._actions}
+        for config, names in configs:
+            defaults = {f.name: f.default for f in dataclasses.fields(config)}
+            for name in names:
+                assert f"(default {defaults[name]})" in actions[name].help and actions[name].default is None, name
+    args = parser.parse_args(["train", "--model", "m", "--output", "o", "--epochs", "3"])
+    config = config_from_arguments(args, TrainConfig, TRAIN_FLAGS, show_progress=False)
+    assert config == TrainConfig(epochs=3, show_progress=False)      # everything else is TrainConfig's default
+    assert config_from_arguments(args, LoraShape, LORA_FLAGS) == LoraShape()
+    bad = parser.parse_args(["train", "--model", "m", "--output", "o", "--lr-schedule", "cosine"])
+    with pytest.raises(LorasuiteError, match="--lr-schedule must be 'linear' or 'constant'"):
+        config_from_arguments(bad, TrainConfig, TRAIN_FLAGS)

@@ -16,7 +16,8 @@ from flows.cli import main
 from lorasuite_core.models.model_fetch import fetch_model
 from lorasuite_core.pipeline.options import MigrationOptions
 from lorasuite_core.training.task_data import generate_problems
-from lorasuite_core.training.train import default_lft_config, light_finetune
+from lorasuite_core.training.config import default_lft_config
+from lorasuite_core.training.train import light_finetune
 from lorasuite_core.testing.adapter import make_random_lora_adapter
 from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 from tests.exactness import logits_over_shared_vocab, relative_max_error

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 
 from lorasuite_core.pipeline.options import MigrationOptions
 from lorasuite_core.training.task_data import Sample, format_prompt, generate_problems
-from lorasuite_core.training.train import (ADAPTER_WEIGHTS, SUMMARY_FILE, TrainConfig, build_example, collate,
-                                     default_lft_config, light_finetune, load_for_light_finetune, load_tokenizer,
-                                     prepare_fresh_lora, train_lora)
+from lorasuite_core.training.config import TrainConfig, default_lft_config
+from lorasuite_core.training.train import (ADAPTER_WEIGHTS, SUMMARY_FILE, build_example, collate, light_finetune,
+                                           load_for_light_finetune, load_tokenizer, prepare_fresh_lora, train_lora)
 from tests.tiny_llama import build_tiny_model
 
 TARGETS = ("q_proj", "v_proj", "down_proj")

@@ -14,6 +14,9 @@ Derived, never restated:
 * CLI flags (:func:`add_arguments` / :func:`from_arguments`): ``--field-name`` per field, the
   type and the choices from the annotation, the help from the field's description plus its
   default; a boolean is ``--x/--no-x``.  An unset flag is the schema's default.
+* ``lorasuite train`` / ``lorasuite eval`` flags: from the training and evaluation configs
+  (:mod:`lorasuite_core.training.config`, plain dataclasses: :func:`add_config_arguments` /
+  :func:`config_from_arguments`), with the same rules.
 * Flow parameters: the flows take ``options: MigrationOptions`` and ``analysis:
   AnalysisOptions``, which Prefect shows as a form in the UI and validates.
 * Fleet manifests: ``defaults`` is a :class:`MigrationOptions`, ``analysis`` an
@@ -30,6 +33,7 @@ entry without LFT data is transferred only.  Every validation error becomes one 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import types
 import typing
 from typing import Any, Literal, get_args, get_origin
@@ -226,6 +230,36 @@ def add_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]) -> No
             kwargs["type"] = kind
             kwargs["metavar"] = "N" if kind is int else "X"
         parser.add_argument(flag(name), **kwargs)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config: type, names: typing.Sequence[str]) -> None:
+    """One flag per named field of the dataclass ``config`` (``lorasuite_core.training.config``): the type and
+    the default from the field, the help from its ``metadata["help"]``; unset flags stay None (the field's
+    default applies, :func:`config_from_arguments`)."""
+    hints = typing.get_type_hints(config)
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    for name in names:
+        kind, default = _plain(hints[name]), fields[name].default
+        kwargs: dict[str, Any] = {"dest": name, "default": None,
+                                  "help": f"{fields[name].metadata.get('help', '')} (default {default})"}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind in (int, float):
+            kwargs["type"], kwargs["metavar"] = kind, "N" if kind is int else "X"
+        parser.add_argument(flag(name), **kwargs)
+
+
+def config_from_arguments(args: argparse.Namespace, config: type, names: typing.Sequence[str], **fixed: Any) -> Any:
+    """``config`` from the flags given (unset ones: the field's default) and ``fixed``; a value the config
+    refuses is one LorasuiteError line naming the flag."""
+    values = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    try:
+        return config(**values, **fixed)
+    except ValueError as error:
+        message = str(error)
+        for name in sorted(names, key=len, reverse=True):      # lr_schedule before lr
+            message = message.replace(f"{config.__name__}.{name}", flag(name))
+        raise LorasuiteError(f"invalid option: {message}") from None
 
 
 def from_arguments(args: argparse.Namespace, model: type[BaseModel]) -> Any:

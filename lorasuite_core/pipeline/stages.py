@@ -115,7 +115,8 @@ def _restore_base_reference(adapter_dir: Path, base_model: str) -> None:
 def light_finetune(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated_uri: str) -> StageResult:
     """LFT of the migrated adapter on the new model: labelled (lorasuite_core.training.train.light_finetune)
     or distilled from the teacher, the old model + the old adapter (lorasuite_core.training.distill)."""
-    from lorasuite_core.training.train import default_lft_config, light_finetune as run_lft
+    from lorasuite_core.training.config import default_lft_config
+    from lorasuite_core.training.train import light_finetune as run_lft
 
     job = adapter.lft
 
@@ -272,7 +273,8 @@ def fidelity(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated_u
 
 def vanilla_baseline(store: StageStore, plan: PairPlan, adapter: AdapterPlan) -> StageResult:
     """A fresh LoRA (same kind, rank, alpha, targets, data and epochs: :func:`_vanilla_job`) trained on the new model."""
-    from lorasuite_core.training.train import TrainConfig, train_lora
+    from lorasuite_core.training.config import TrainConfig
+    from lorasuite_core.training.train import train_lora
 
     job = adapter.vanilla
 

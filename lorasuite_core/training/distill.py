@@ -72,8 +72,8 @@ from lorasuite_core.training.evaluation import (ANSWER_SENTENCE, STOP_MARKERS, a
                                                 generation_finished, load_for_generation, model_eos_ids,
                                                 truncate_generation)
 from lorasuite_core.training.prompts import Prompt
-from lorasuite_core.training.train import (TrainConfig, TrainResult, collate,
-                                           finetune_examples, labelled_logits,
+from lorasuite_core.training.config import TrainConfig
+from lorasuite_core.training.train import (TrainResult, collate, finetune_examples, labelled_logits,
                                            load_for_light_finetune, load_tokenizer)
 
 logger = logging.getLogger(__name__)

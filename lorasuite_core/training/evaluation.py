@@ -66,12 +66,14 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from lorasuite_core.training.config import EvalConfig
 from lorasuite_core.training.task_data import Sample, format_prompt
 from lorasuite_core.training.devices import (cpu_supports_bf16, cuda_peak_mb, process_peak_rss_mb, reset_cuda_peak,
                                              resolve_device, resolve_dtype)
 from lorasuite_core.training.train import check_adapter_dir, load_causal_lm, load_tokenizer
 
 logger = logging.getLogger(__name__)
+EVAL = EvalConfig()   # the defaults of an evaluation, declared once
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 STOP_MARKERS = ("### Instruction", "### Input", "### Response", "Below is an instruction")
@@ -395,7 +397,8 @@ def score_generation(index: int, generation: str, gold: str) -> Prediction:
 
 
 def evaluate(model_dir: str | Path, samples: Sequence[Sample], *, adapter_dir: str | Path | None = None,
-             batch_size: int = 64, max_new_tokens: int = 64, dtype: str = "auto", device: str = "auto",
+             batch_size: int = EVAL.batch_size, max_new_tokens: int = EVAL.max_new_tokens, dtype: str = EVAL.dtype,
+             device: str = EVAL.device,
              keep_predictions: bool = True, show_progress: bool = True) -> EvalResult:
     """Exact-match accuracy (final number) of greedy generations on ``samples`` (``dtype``: see :func:`eval_dtype`)."""
     if not samples:

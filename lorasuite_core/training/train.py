@@ -47,7 +47,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -56,57 +56,15 @@ from tqdm.auto import tqdm
 
 from lorasuite_core.training.devices import (autocast_dtype, cuda_peak_mb, process_peak_rss_mb, reset_cuda_peak,
                                              resolve_device, resolve_dtype)
+from lorasuite_core.training.config import DEFAULT_TARGETS, LORA_SHAPE, TrainConfig
 from lorasuite_core.training.task_data import Sample, format_prompt
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SUMMARY_FILE = "training_summary.json"
 LossFn = Callable[[Any, list[dict]], torch.Tensor]  # (model, micro-batch example dicts) -> scalar loss
-
-
-AUTOCAST_CHOICES = ("auto", "bf16", "off")
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one training run (defaults: vanilla LoRA as in LLM-Adapters, scaled down)."""
-
-    lr: float = 3e-4
-    epochs: int = 1
-    batch_size: int = 4
-    max_length: int = 256
-    warmup_ratio: float = 0.0
-    seed: int = 0
-    grad_accum: int = 1
-    dtype: str = "auto"  # "auto": bf16 on CUDA with bf16 support, else fp32
-    device: str = "auto"  # "auto": cuda if available, else cpu
-    lr_schedule: str = "linear"  # "linear" (decay to 0 after warmup) or "constant"
-    max_grad_norm: float | None = 1.0
-    weight_decay: float = 0.0
-    show_progress: bool = True
-    autocast: str = "auto"  # "auto": bf16 autocast where the device has bf16 matmul; "bf16"; "off"
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "max_length", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.lr_schedule not in ("linear", "constant"):
-            raise ValueError(f"TrainConfig.lr_schedule must be 'linear' or 'constant', got {self.lr_schedule!r}")
-        if self.autocast not in AUTOCAST_CHOICES:
-            raise ValueError(f"TrainConfig.autocast must be one of {AUTOCAST_CHOICES}, got {self.autocast!r}")
-
-
-def default_lft_config(lr: float, **overrides: Any) -> TrainConfig:
-    """The LFT config (LoRASuite): learning rate ``lr`` (its default is the options schema's ``lft_lr``),
-    no warmup; ``overrides`` replace any other field."""
-    return replace(TrainConfig(lr=lr, warmup_ratio=0.0), **overrides)
 
 
 @dataclass
@@ -245,7 +203,7 @@ def _lora_config(rank: int, alpha: float, targets: Sequence[str], use_dora: bool
                       task_type="CAUSAL_LM", use_dora=use_dora)
 
 
-def prepare_fresh_lora(model_dir: str | Path, *, rank: int = 16, alpha: float = 32,
+def prepare_fresh_lora(model_dir: str | Path, *, rank: int = LORA_SHAPE.rank, alpha: float = LORA_SHAPE.alpha,
                        targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0, dtype: str = "auto",
                        device: str = "auto", use_dora: bool = False):
     """Base model + new PEFT LoRA (DoRA with ``use_dora``; seeded init); returns ``(peft_model, tokenizer)``."""
@@ -409,8 +367,8 @@ def _finish(peft_model, out_dir, config: TrainConfig, losses: list[float], n_sam
 
 # --------------------------------------------------------------------------- public entry points
 
-def train_lora(model_dir: str | Path, samples: Sequence[Sample], out_dir: str | Path, *, rank: int = 16,
-               alpha: float = 32, targets: Sequence[str] = DEFAULT_TARGETS,
+def train_lora(model_dir: str | Path, samples: Sequence[Sample], out_dir: str | Path, *, rank: int = LORA_SHAPE.rank,
+               alpha: float = LORA_SHAPE.alpha, targets: Sequence[str] = DEFAULT_TARGETS,
                config: TrainConfig | None = None, use_dora: bool = False) -> TrainResult:
     """Train a fresh LoRA (DoRA with ``use_dora``) adapter on ``model_dir`` and save it (PEFT safetensors) to ``out_dir``."""
     config = config or TrainConfig()
