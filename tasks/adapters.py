@@ -11,6 +11,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.states import Failed, State
 
+from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.pipeline import plans, stages
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.runner import check_entry as check
@@ -23,11 +24,18 @@ from ._support import NO_RECORDS, forward_core_logs
 
 @task(name="check-entry", **NO_RECORDS)
 def check_entry(old_model: str, new_model: str, analysis: AnalysisOptions, adapter: str, output: str,
-                options: MigrationOptions, cache_root: str, *, overwrite: bool, skip_finished: bool = False) -> bool:
-    """:func:`lorasuite_core.pipeline.runner.check_entry`: output safety, then the adapter loads and fits."""
+                options: MigrationOptions, cache_root: str, *, overwrite: bool,
+                skip_finished: bool = False) -> bool | State:
+    """:func:`lorasuite_core.pipeline.runner.check_entry`: output safety, then the adapter loads and fits.
+
+    A user error (bad adapter, unsafe output) ends the task Failed with its one line as the message and the
+    error as its data, so the runner fails the entry with it, and the run log holds no traceback."""
     forward_core_logs()
-    return check(old_model, new_model, analysis, adapter, output, options, cache_root, overwrite=overwrite,
-                 skip_finished=skip_finished)
+    try:
+        return check(old_model, new_model, analysis, adapter, output, options, cache_root, overwrite=overwrite,
+                     skip_finished=skip_finished)
+    except LorasuiteError as error:
+        return Failed(message=" ".join(str(error).split()), data=error)
 
 
 @task(name="plan-adapter", **NO_RECORDS, task_run_name="plan-{name}")

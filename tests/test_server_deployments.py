@@ -248,7 +248,7 @@ def test_documented_stack_runs_the_shipped_deployments(stack, models, tmp_path):
                 or "cannot be resolved into an exception" in line], lines
     # finding 7: the bad entry is a Failed task run named after it, with the reason
     runs = task_runs_of(failed.id)
-    assert runs["missing"].state.is_failed() and "load:" in runs["missing"].state.message, runs["missing"].state
+    assert runs["missing"].state.is_failed() and "check:" in runs["missing"].state.message, runs["missing"].state
     assert runs["publish-a3"].state.is_completed()
     # finding 8: the pair analysis, computed by the earlier fleet run of this pair, shows as Cached
     for stage in ("vocabulary", "transfer-matrix", "activations", "cka", "layer-mapping", "head-similarity"):

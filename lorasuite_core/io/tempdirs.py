@@ -81,5 +81,5 @@ def clean_stale(root: str | os.PathLike | None = None) -> int:
         if not path.exists():
             removed += 1
     if removed:
-        log.info("removed %d temporary director%s left by killed runs", removed, "y" if removed == 1 else "ies")
+        log.debug("removed %d temporary director%s left by killed runs", removed, "y" if removed == 1 else "ies")
     return removed
