@@ -34,10 +34,11 @@ import types
 import typing
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 from pydantic.fields import FieldInfo
 
 from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.training.skills import check_data_ref
 
 # The choices of lorasuite_core.transfer (unit_maps.MODES, layer_mapping.LAYER_MAPPINGS,
 # matching.HEAD_MAPPINGS; not imported here: they pull in torch; a test checks they agree).
@@ -63,11 +64,11 @@ class MigrationOptions(_Options):
         "labelled", description="labelled: train on the LFT data's answers; distill: train on the teacher's (old "
                                 "model + old adapter) greedy answers to unlabelled prompts")
     lft_data: str | None = Field(
-        None, description="LFT data: math_10k JSON/JSONL (local or fsspec URI) or builtin:train (distill: its "
-                          "prompts, answers ignored)")
+        None, description="LFT data: math_10k JSON/JSONL (local or fsspec URI), builtin:train or "
+                          "task:NAME:SPLIT[:COUNT] (distill: its prompts, answers ignored)")
     lft_prompts: str | None = Field(
         None, description="distill: unlabelled prompts, .txt (one per line) or JSONL ('prompt', or math_10k "
-                          "'instruction'/'input')")
+                          "'instruction'/'input'), or task:NAME:SPLIT[:COUNT]")
     lft_seed_prompts: str | None = Field(
         None, description="distill: a few seed prompts (same formats); the old model (the teacher without its "
                           "adapter) writes --lft-samples new ones in their style")
@@ -78,7 +79,7 @@ class MigrationOptions(_Options):
     lft_epochs: int = Field(1, ge=1, description="LFT epochs")
     eval_data: str | None = Field(
         None, description="evaluate every row (old adapter, bare new model, migrated, LFT) on this data: "
-                          "math_10k JSON/JSONL or builtin:test")
+                          "math_10k JSON/JSONL, builtin:test or task:NAME:SPLIT[:COUNT]")
     eval_samples: int | None = Field(None, ge=1, description="evaluate on the first N samples")
     vanilla_baseline: bool = Field(
         False, description="also train a fresh LoRA on the LFT samples and evaluate it (needs LFT and eval data)")
@@ -92,6 +93,11 @@ class MigrationOptions(_Options):
     gate_margin: float = Field(0.05, ge=-1, le=1, description="quality gate: required agreement over the bare model")
     gate_prompts: int = Field(32, ge=1, description="quality gate / distill: held-out prompts (the first N of "
                                                     "--eval-data, else split off the LFT prompts)")
+
+    @field_validator("lft_data", "lft_prompts", "lft_seed_prompts", "eval_data")
+    @classmethod
+    def _task_spec_parses(cls, value: str | None) -> str | None:
+        return check_data_ref(value)
 
     def check_single(self) -> "MigrationOptions":
         """For one adapter (CLI, flow, in process): ``lft`` true needs LFT data.

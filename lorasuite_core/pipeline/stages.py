@@ -552,11 +552,13 @@ SYNTHESIS_VERSION = 2
 
 
 def _prompts(ref: str, limit: int | None, seed: int) -> list:
-    """Unlabelled prompts: a prompt file (.txt / .jsonl / .json, math_10k records included) or builtin:<split>."""
+    """Unlabelled prompts: a prompt file (.txt / .jsonl / .json, math_10k records included), builtin:<split> or a
+    task: spec."""
     from lorasuite_core.training import distill as D
     from lorasuite_core.training.samples import BUILTIN
+    from lorasuite_core.training.skills import TASK
 
-    if ref.startswith(BUILTIN):
+    if ref.startswith((BUILTIN, TASK)):
         return D.prompts_from_samples(load_samples(ref, limit, "train", seed))
     return D.read_prompts(ref, limit)
 
