@@ -72,7 +72,7 @@ class TrainConfig:
     lr: float = 3e-4
     epochs: int = 1
     batch_size: int = 4
-    max_length: int = 256
+    max_length: int = 1024  # tokens; a BFCL sample (its functions as JSON in the prompt) reaches ~1000
     warmup_ratio: float = 0.0
     seed: int = 0
     grad_accum: int = 1
