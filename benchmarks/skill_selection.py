@@ -6,7 +6,8 @@ Rows (per model and skill): ``bare`` -- the base model alone; ``lora-N`` (``--lo
 (rank 16 on q, k, v, o, gate, up, down; alpha 32; lr ``--lora-lr``; 1 epoch; the training seed) trained on
 ``task:SKILL:train:N`` and evaluated the same way.  Every row is lorasuite's own evaluation
 (``lorasuite_core.training.evaluation.evaluate``: greedy, the skill's stop rule, budget and scorer) on
-``task:SKILL:test:T`` (seed ``--seed``), with its 95% Wilson interval, wall seconds and a few generations.
+``task:SKILL:test:T`` (seed ``--seed``), with its 95% Wilson interval, wall seconds and every
+generation (its first 300 characters).
 
 Resumable: every finished row is merged into the JSON at once (``_common.merge_json``) and skipped on a
 rerun; the Markdown is rewritten from the JSON.  Run as::
@@ -36,7 +37,6 @@ from lorasuite_core.training import skills  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "skill_selection.json"
 MARKDOWN = ROOT / "benchmarks" / "SKILL_SELECTION.md"
-EXAMPLES = 3
 
 
 def cpu_model() -> str:
@@ -55,14 +55,22 @@ def model_dir(name: str) -> Path:
     return Path(fetch_model(name))
 
 
-def run_row(model: Path, skill: str, args, lora: int | None) -> dict:
+def label(name: str) -> str:
+    """A model's row label: its known name, or its directory's name (the parent's for a fetched ``.../hf``)."""
+    path = Path(name)
+    if not path.is_dir():
+        return name
+    return path.resolve().parent.name if path.name == "hf" else path.name
+
+
+def run_row(model: Path, name: str, skill: str, args, lora: int | None) -> dict:
     import torch
 
     from lorasuite_core.training.evaluation import evaluate
     from lorasuite_core.training.train import TrainConfig, train_lora
 
     test = skills.load_task_samples(f"task:{skill}:test:{args.test_samples}", None, args.seed, args.test_samples)
-    entry: dict = {"model": model.name, "skill": skill, "row": "bare" if lora is None else f"lora-{lora}",
+    entry: dict = {"model": name, "skill": skill, "row": "bare" if lora is None else f"lora-{lora}",
                    "test": f"task:{skill}:test:{args.test_samples}", "seed": args.seed,
                    "torch_threads": torch.get_num_threads(), "loadavg_start": loadavg()}
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -83,8 +91,8 @@ def run_row(model: Path, skill: str, args, lora: int | None) -> dict:
     entry["wall_s"] = round(time.perf_counter() - start, 1)
     entry["cpu_s"] = round(time.process_time() - cpu_start, 1)
     entry["loadavg_end"] = loadavg()
-    entry["examples"] = [{"gold": p.gold, "predicted": p.predicted, "correct": p.correct,
-                          "generation": p.generation[:200]} for p in result.predictions[:EXAMPLES]]
+    entry["predictions"] = [{"gold": p.gold, "predicted": p.predicted, "correct": p.correct,
+                             "generation": p.generation[:300]} for p in result.predictions]
     return entry
 
 
@@ -125,12 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         model = model_dir(name)
         for lora in [None, *args.lora]:
             for skill in args.skills:
-                key = f"{model.name}/{skill}/{'bare' if lora is None else f'lora-{lora}'}"
+                key = f"{label(name)}/{skill}/{'bare' if lora is None else f'lora-{lora}'}"
                 data = merge_json(args.output, {})
                 if key in data:
                     continue
                 print(f"[skill-selection] {key} ...", flush=True)
-                entry = run_row(model, skill, args, lora)
+                entry = run_row(model, label(name), skill, args, lora)
                 print(f"[skill-selection] {key}: {entry['accuracy']:.3f} ({entry['correct']}/{entry['n']}) "
                       f"in {entry['wall_s']} s", flush=True)
                 write_markdown(merge_json(args.output, {key: entry}), args.markdown)

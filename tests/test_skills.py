@@ -88,6 +88,9 @@ def test_answer_sentence_extraction():
     assert base.extract_answer("Let me see.\nThe answer is **mother-in-law**.\nMore text") == "mother-in-law"
     assert base.extract_answer("grandfather\n\nBecause ...") == "grandfather"
     assert base.extract_answer("The answer is: 3a0.") == "3a0"
+    assert base.extract_answer("The answer is: The answer is father.\n") == "father"
+    assert base.extract_answer("The answer is James River. The answer is James River. The") == "James River"
+    assert base.extract_answer("The answer is 3.5.") == "3.5"
     assert base.extract_answer("  \n") is None
     assert base.answer_finished("The answer is 12.\n") and not base.answer_finished("The answer is 12")
 

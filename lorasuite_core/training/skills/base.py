@@ -8,8 +8,9 @@ Design
 * Answer sentence: skills whose target is a short answer train on ``"The answer is X."`` and
   their instruction ends with :data:`FORMAT_LINE`, so a bare model is told the format.  The
   scored answer (:func:`extract_answer`) is, in the generation cut at the first stop marker of
-  evaluation, the text after the first "answer is" up to the end of its line (a trailing period,
-  quotes, ``*`` and backticks stripped); without such a sentence, the first non-empty line.
+  evaluation, the text after the first "answer is" up to the end of its sentence (a period
+  followed by white space) or line, a repeated "The answer is" dropped (quotes, ``*`` and
+  backticks stripped); without such a sentence, the first non-empty line.
   :func:`answer_finished` stops a row once that line is complete (or at a stop marker).
 * Hash partition (:func:`bucket`): a generated item belongs to the split that the sha256 of its
   question text names -- buckets 0-1 of 10 test, 2 validation, 3-9 train -- so one question can
@@ -25,6 +26,7 @@ from lorasuite_core.training.task_data import Sample
 
 FORMAT_LINE = "End your reply with: The answer is <answer>."
 _ANSWER = re.compile(r"answer is\s*:?[ \t]*([^\n]*)", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"\.\s")   # "X. The answer is X. ..." -> X (a decimal point has no space after it)
 _BUCKETS = {"test": (0, 1), "validation": (2,), "train": (3, 4, 5, 6, 7, 8, 9)}
 
 
@@ -50,7 +52,10 @@ def extract_answer(generation: str) -> str | None:
     text = cut_at_stop_marker(generation)
     match = _ANSWER.search(text)
     if match:
-        return clean_answer(match.group(1))
+        answer = match.group(1)
+        while (again := _ANSWER.match(answer.strip().removeprefix("The ").removeprefix("the "))) is not None:
+            answer = again.group(1)   # "The answer is: The answer is X." -> X
+        return clean_answer(_SENTENCE_END.split(answer, maxsplit=1)[0])
     lines = [line for line in text.splitlines() if line.strip()]
     return clean_answer(lines[0]) if lines else None
 
