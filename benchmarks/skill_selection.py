@@ -37,6 +37,7 @@ from lorasuite_core.training import skills  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "skill_selection.json"
 MARKDOWN = ROOT / "benchmarks" / "SKILL_SELECTION.md"
+FINDINGS = "## Findings"
 
 
 def cpu_model() -> str:
@@ -109,7 +110,10 @@ def write_markdown(data: dict, path: Path) -> None:
     for r in rows:
         lines.append(f"| {r['model']} | {r['skill']} | {r['row']} | {r['accuracy']:.3f} | "
                      f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['n']} | {r['wall_s']} |")
-    path.write_text("\n".join(lines) + "\n")
+    kept = ""   # a hand-written findings section survives regeneration
+    if path.is_file() and FINDINGS in path.read_text():
+        kept = "\n" + FINDINGS + path.read_text().split(FINDINGS, 1)[1]
+    path.write_text("\n".join(lines) + "\n" + kept)
 
 
 def main(argv: list[str] | None = None) -> int:
