@@ -45,6 +45,7 @@ SKILLS: dict[str, tuple[str, dict[str, Any]]] = {
                              {"dataset": "family_relationships"}),
     "letter_counting": ("lorasuite_core.training.skills.reasoning:ReasoningGymSkill", {"dataset": "letter_counting"}),
     "base_conversion": ("lorasuite_core.training.skills.reasoning:ReasoningGymSkill", {"dataset": "base_conversion"}),
+    "spell_backward": ("lorasuite_core.training.skills.reasoning:ReasoningGymSkill", {"dataset": "spell_backward"}),
     "bfcl": ("lorasuite_core.training.skills.bfcl:FunctionCallingSkill", {}),
     "knowledge": ("lorasuite_core.training.skills.knowledge:KnowledgeSkill", {}),
 }
