@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a fresh LoRA adapter (the vanilla baseline)")
     train.add_argument("--model", required=True, help="base model directory")
-    train.add_argument("--data", default="builtin:train", help="math_10k JSON/JSONL (path or URI) or builtin:train")
+    train.add_argument("--data", default="builtin:train",
+                       help="math_10k JSON/JSONL (path or URI), builtin:train or task:NAME:SPLIT[:COUNT]")
     train.add_argument("--samples", type=int, help="use the first N samples (built-in default 2000)")
     train.add_argument("--output", required=True, help="directory (or URI) for the PEFT adapter, published atomically "
                                                         "with a completion manifest")
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="exact-match accuracy of a base model or an adapter on a data set")
     evaluate.add_argument("--model", required=True, help="base model directory")
     evaluate.add_argument("--adapter", help="PEFT adapter (omit to evaluate the base model)")
-    evaluate.add_argument("--data", default="builtin:test", help="math_10k JSON/JSONL (path or URI) or builtin:test")
+    evaluate.add_argument("--data", default="builtin:test",
+                          help="math_10k JSON/JSONL (path or URI), builtin:test or task:NAME:SPLIT[:COUNT]")
     evaluate.add_argument("--samples", type=int, help="use the first N samples (built-in default 500)")
     evaluate.add_argument("--seed", type=int, default=1, help="seed of the built-in problems (default 1)")
     evaluate.add_argument("--output", help="write the result (with per-item predictions) as JSON here (a new file, "

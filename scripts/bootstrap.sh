@@ -21,5 +21,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 echo "[bootstrap] installing lorasuite and its dependencies"
 .venv/bin/python -m pip install --quiet -e ".[test,ray]"
+# the BFCL data files only (read as JSON by lorasuite_core/training/skills/bfcl.py): without its pinned
+# dependencies (numpy==1.26.4, filelock==3.20.0, model-provider clients), which would clash with ours
+.venv/bin/python -m pip install --quiet --no-deps "bfcl-eval==2026.3.23"
 touch .venv/.lorasuite-installed
 echo "[bootstrap] done: .venv/bin/lorasuite"

@@ -152,7 +152,8 @@ def test_train_and_eval_flags_come_from_their_configs():
         for config, names in configs:
             defaults = {f.name: f.default for f in dataclasses.fields(config)}
             for name in names:
-                assert f"(default {defaults[name]})" in actions[name].help and actions[name].default is None, name
+                said = "(default" if defaults[name] is None else f"(default {defaults[name]})"   # None: the help says
+                assert said in actions[name].help and actions[name].default is None, name
     args = parser.parse_args(["train", "--model", "m", "--output", "o", "--epochs", "3"])
     config = config_from_arguments(args, TrainConfig, TRAIN_FLAGS, show_progress=False)
     assert config == TrainConfig(epochs=3, show_progress=False)      # everything else is TrainConfig's default

@@ -38,10 +38,11 @@ import types
 import typing
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 from pydantic.fields import FieldInfo
 
 from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.training.skills import check_data_ref
 
 # The choices of lorasuite_core.transfer (unit_maps.MODES, layer_mapping.LAYER_MAPPINGS,
 # matching.HEAD_MAPPINGS; not imported here: they pull in torch; tests/test_options.py checks they agree).
@@ -68,11 +69,11 @@ class MigrationOptions(_Options):
         "labelled", description="labelled: train on the LFT data's answers; distill: train on the teacher's (old "
                                 "model + old adapter) greedy answers to unlabelled prompts")
     lft_data: str | None = Field(
-        None, description="LFT data: math_10k JSON/JSONL (local or fsspec URI) or builtin:train (distill: its "
-                          "prompts, answers ignored)")
+        None, description="LFT data: math_10k JSON/JSONL (local or fsspec URI), builtin:train or "
+                          "task:NAME:SPLIT[:COUNT] (distill: its prompts, answers ignored)")
     lft_prompts: str | None = Field(
         None, description="distill: unlabelled prompts, .txt (one per line) or JSONL ('prompt', or math_10k "
-                          "'instruction'/'input')")
+                          "'instruction'/'input'), or task:NAME:SPLIT[:COUNT]")
     lft_seed_prompts: str | None = Field(
         None, description="distill: a few seed prompts (same formats); the old model (the teacher without its "
                           "adapter) writes --lft-samples new ones in their style")
@@ -83,7 +84,7 @@ class MigrationOptions(_Options):
     lft_epochs: int = Field(1, ge=1, description="LFT epochs")
     eval_data: str | None = Field(
         None, description="evaluate every row (old adapter, bare new model, migrated, LFT) on this data: "
-                          "math_10k JSON/JSONL or builtin:test")
+                          "math_10k JSON/JSONL, builtin:test or task:NAME:SPLIT[:COUNT]")
     eval_samples: int | None = Field(None, ge=1, description="evaluate on the first N samples")
     vanilla_baseline: bool = Field(
         False, description="also train a fresh LoRA on the LFT samples and evaluate it (needs LFT and eval data)")
@@ -107,6 +108,11 @@ class MigrationOptions(_Options):
                           "max_lora_rank, zero-padded; AdaLoRA's E folded into A; non-LoRA weights left out; DoRA "
                           "refused); vllm-lora: the same, a DoRA adapter approximated by plain LoRA with its residual "
                           "reported; unset: PEFT's form (the report's serving section says what each engine accepts)")
+
+    @field_validator("lft_data", "lft_prompts", "lft_seed_prompts", "eval_data")
+    @classmethod
+    def _task_spec_parses(cls, value: str | None) -> str | None:
+        return check_data_ref(value)
 
     def check_single(self) -> "MigrationOptions":
         """For one adapter (CLI, flow, in process): ``lft`` true needs LFT data.
@@ -240,8 +246,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type, names: t
     fields = {f.name: f for f in dataclasses.fields(config)}
     for name in names:
         kind, default = _plain(hints[name]), fields[name].default
-        kwargs: dict[str, Any] = {"dest": name, "default": None,
-                                  "help": f"{fields[name].metadata.get('help', '')} (default {default})"}
+        shown = "" if default is None else f" (default {default})"
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": fields[name].metadata.get("help", "") + shown}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind in (int, float):

@@ -95,6 +95,7 @@ from lorasuite_core.io.publish import publish_dir_atomic
 from lorasuite_core.io.uris import describe_error, is_remote, join_uri, redact_uri, resolve
 from lorasuite_core.io.tempdirs import private_tempdir
 from lorasuite_core.training.samples import BUILTIN
+from lorasuite_core.training.skills import TASK, data_identity as task_identity
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.models.loading import HUB_ID, resolve_local_dir
 
@@ -137,11 +138,17 @@ def artifact_identity(ref: str, what: str, patterns: Iterable[str] = MODEL_PATTE
 
 
 def data_identity(ref: str | None, what: str = "data file") -> str:
-    """Identity of a data file (its size and ETag/mtime); the spec itself for generated problems."""
+    """Identity of a data file (its size and ETag/mtime); the spec itself for generated problems, with the
+    skill's data version for a task: spec."""
     if ref is None:
         return "builtin"
     if ref.startswith(BUILTIN):
         return ref
+    if ref.startswith(TASK):
+        try:
+            return task_identity(ref)
+        except ValueError as exc:
+            raise LorasuiteError(str(exc)) from None
     try:
         return file_fingerprint(ref)
     except (FileNotFoundError, IsADirectoryError):

@@ -140,11 +140,13 @@ def light_finetune(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migr
 
 
 def _prompts(ref: str, limit: int | None, seed: int) -> list:
-    """Unlabelled prompts: a prompt file (.txt / .jsonl / .json, math_10k records included) or builtin:<split>."""
+    """Unlabelled prompts: a prompt file (.txt / .jsonl / .json, math_10k records included), builtin:<split> or a
+    task: spec."""
     from lorasuite_core.training import prompts as P
     from lorasuite_core.training.samples import BUILTIN
+    from lorasuite_core.training.skills import TASK
 
-    if ref.startswith(BUILTIN):
+    if ref.startswith((BUILTIN, TASK)):
         return P.prompts_from_samples(load_samples(ref, limit, "train", seed))
     return P.read_prompts(ref, limit)
 

@@ -30,7 +30,8 @@ class TrainConfig:
     lr: float = field(default=3e-4, metadata=_help("learning rate"))
     epochs: int = field(default=1, metadata=_help("passes over the training samples"))
     batch_size: int = field(default=4, metadata=_help("samples per micro-batch"))
-    max_length: int = field(default=256, metadata=_help("tokens per sample (prompt + answer); longer ones are cut"))
+    max_length: int = field(default=1024, metadata=_help("tokens per sample (prompt + answer); longer ones are cut "
+                                                         "(a BFCL sample, its functions as JSON, reaches ~1000)"))
     warmup_ratio: float = field(default=0.0, metadata=_help("share of the steps with a linear warm-up"))
     seed: int = field(default=0, metadata=_help("seed of the adapter's initialisation and the shuffling"))
     grad_accum: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
@@ -85,7 +86,8 @@ class EvalConfig:
     """One evaluation: greedy generation in batches, scored exactly."""
 
     batch_size: int = field(default=64, metadata=_help("prompts generated side by side"))
-    max_new_tokens: int = field(default=64, metadata=_help("tokens generated per prompt at most"))
+    max_new_tokens: int | None = field(default=None, metadata=_help("tokens generated per prompt at most (default: "
+                                                                    "each task's budget; arithmetic 64)"))
     dtype: str = field(default="auto", metadata=_help("auto (bf16 on CPUs with AVX512-BF16/AMX and bf16 GPUs, else "
                                                       "float32), float32, bfloat16"))
     device: str = field(default="auto", metadata=_help("auto (CUDA when available), cpu, cuda, cuda:N"))

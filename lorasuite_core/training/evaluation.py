@@ -1,4 +1,4 @@
-"""Accuracy of a base model (optionally + LoRA adapter) on arithmetic word problems.
+"""Accuracy of a base model (optionally + LoRA adapter) on a task's samples (arithmetic by default).
 
 Design
 ------
@@ -37,7 +37,10 @@ Design
   evaluation does this: training and the exactness-sensitive transfer paths stay float32.
   bf16 changes greedy outputs a little (ties and near-ties), not accuracies beyond their
   95% interval (benchmarks/EVAL_THROUGHPUT.md measures it on Qwen2.5-Coder-1.5B).
-* Scoring: the generation is first cut at the first stop marker (a new
+* Skills: each sample is scored by its skill's scorer (``Sample.task``, the registry of
+  :mod:`lorasuite_core.training.skills`), generated with that skill's stop rule and token budget;
+  a sample without a task (a user's math_10k file, ``builtin:``) is arithmetic, scored as below.
+* Scoring (arithmetic): the generation is first cut at the first stop marker (a new
   ``### Instruction`` block, ...) and right after the first ``"The answer is N"``
   sentence, so text a base model rambles on with afterwards cannot change the
   score; then :func:`extract_final_number` takes the *last* number left
@@ -397,23 +400,34 @@ def score_generation(index: int, generation: str, gold: str) -> Prediction:
 
 
 def evaluate(model_dir: str | Path, samples: Sequence[Sample], *, adapter_dir: str | Path | None = None,
-             batch_size: int = EVAL.batch_size, max_new_tokens: int = EVAL.max_new_tokens, dtype: str = EVAL.dtype,
+             batch_size: int = EVAL.batch_size, max_new_tokens: int | None = EVAL.max_new_tokens, dtype: str = EVAL.dtype,
              device: str = EVAL.device,
              keep_predictions: bool = True, show_progress: bool = True) -> EvalResult:
-    """Exact-match accuracy (final number) of greedy generations on ``samples`` (``dtype``: see :func:`eval_dtype`)."""
+    """Accuracy of greedy generations on ``samples``, each scored by its skill (``Sample.task``; none: the
+    final number, :func:`score_generation`), generated with the skill's stop rule and, unless
+    ``max_new_tokens`` is given, its token budget (``dtype``: see :func:`eval_dtype`)."""
+    from lorasuite_core.training.skills import skill_of
+
     if not samples:
         raise ValueError("no evaluation samples given")
-    if batch_size < 1 or max_new_tokens < 1:
+    if batch_size < 1 or (max_new_tokens is not None and max_new_tokens < 1):
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+    groups: dict[str, list[int]] = {}
+    for index, sample in enumerate(samples):
+        groups.setdefault(skill_of(sample).name, []).append(index)
     start = time.perf_counter()
     model, tokenizer = _load_for_eval(model_dir, adapter_dir, dtype, device)
     reset_cuda_peak(next(model.parameters()).device)
     stats = GenerationStats()
-    generations = greedy_generate(model, tokenizer, [format_prompt(s) for s in samples], max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size, stop=generation_finished, stats=stats,
-                                  show_progress=show_progress)
-    predictions = [score_generation(i, g, s.answer) for i, (g, s) in enumerate(zip(generations, samples, strict=True))]
-    result = _summarise(predictions, start, model, keep_predictions)
+    predictions: list[Prediction | None] = [None] * len(samples)
+    for indices in groups.values():   # one pass per skill: its stop rule, budget and scorer
+        skill = skill_of(samples[indices[0]])
+        generations = greedy_generate(model, tokenizer, [format_prompt(samples[i]) for i in indices],
+                                      max_new_tokens=max_new_tokens or skill.max_new_tokens, batch_size=batch_size,
+                                      stop=skill.finished, stats=stats, show_progress=show_progress)
+        for i, generation in zip(indices, generations, strict=True):
+            predictions[i] = skill.score(i, generation, samples[i])
+    result = _summarise(predictions, start, model, keep_predictions)  # type: ignore[arg-type]
     result.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     result.batch_size, result.generation = batch_size, asdict(stats)
     return result

@@ -2,7 +2,8 @@
 
 A data reference is a math_10k-layout JSON/JSONL file (local path or any fsspec URI),
 ``builtin:train`` / ``builtin:test`` for the deterministic arithmetic word problems (train
-and test templates are disjoint), or None for the built-in problems of the given split.
+and test templates are disjoint), ``task:NAME:SPLIT[:COUNT]`` for a registered skill
+(:mod:`lorasuite_core.training.skills`), or None for the built-in problems of the given split.
 Errors become one-line ``LorasuiteError``s with credentials redacted from URIs.
 """
 from __future__ import annotations
@@ -20,8 +21,14 @@ BUILTIN = "builtin:"
 
 def load_samples(ref: str | None, limit: int | None = None, *, split: Literal["train", "test"] = "train",
                  seed: int = 0, default_count: int = 100) -> list:
+    from lorasuite_core.training import skills
     from lorasuite_core.training.task_data import generate_problems, load_math10k
 
+    if skills.is_task_spec(ref):
+        try:
+            return skills.load_task_samples(ref, limit, seed, default_count)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise LorasuiteError(str(exc)) from None
     if ref is None or ref.startswith(BUILTIN):
         split = ref[len(BUILTIN):] if ref else split
         if split not in ("train", "test"):

@@ -46,6 +46,7 @@ from typing import Any, Iterable, Literal, Sequence
 logger = logging.getLogger(__name__)
 
 Split = Literal["train", "test"]
+VALIDATION_GUARD = 2000  # validation problems never repeat one of the first this many train problems
 REQUIRED_FIELDS = ("instruction", "output", "answer")
 OPTIONAL_FIELDS = ("input",)
 _MAX_DRAWS = 10_000
@@ -60,6 +61,7 @@ class Sample:
     output: str
     answer: str
     meta: dict[str, Any] | None = field(default=None, compare=False)
+    task: str | None = field(default=None, compare=False)  # the registered skill that made it (scores it)
 
     def to_record(self) -> dict[str, str]:
         """The four math_10k fields (``meta`` dropped), ready for JSON."""
@@ -255,15 +257,32 @@ def generate_problems(n: int, split: Split = "train", seed: int = 0) -> list[Sam
     Templates are cycled in a seeded random order so every template is used
     (nearly) equally often; all randomness flows from ``random.Random(seed)``.
     """
+    return _generate(n, templates_for(split), f"{split}:{seed}")
+
+
+def _generate(n: int, templates: Sequence[Template], stream: str) -> list[Sample]:
+    """``n`` problems from ``templates``, all randomness from ``random.Random(stream)``."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    templates = templates_for(split)
-    rng = random.Random(f"{split}:{seed}")
+    rng = random.Random(stream)
     samples: list[Sample] = []
     while len(samples) < n:
         order = list(templates)
         rng.shuffle(order)
         samples.extend(_render(t, rng) for t in order[: n - len(samples)])
+    return samples
+
+
+def generate_validation_problems(n: int, seed: int = 0) -> list[Sample]:
+    """``n`` validation problems: train templates, their own stream (``"validation:{seed}"``), none
+    equal to one of the first :data:`VALIDATION_GUARD` train problems of the same seed (nor to a test
+    problem: the test templates are disjoint)."""
+    seen = {s.instruction for s in generate_problems(VALIDATION_GUARD, "train", seed)}
+    samples: list[Sample] = []
+    draw = n
+    while len(samples) < n:
+        samples = [s for s in _generate(draw, TRAIN_TEMPLATES, f"validation:{seed}") if s.instruction not in seen][:n]
+        draw = 2 * draw + 16
     return samples
 
 
