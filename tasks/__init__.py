@@ -2,7 +2,8 @@
 
 Design
 ------
-* A task does no numerics: it calls one ``lorasuite_core.pipeline.stages`` function, forwards the
+* A task does no numerics: it calls one stage function (``lorasuite_core.pipeline.pair_stages`` or
+  ``lorasuite_core.pipeline.stages``), forwards the
   core's log lines to the run log and reports, through the run logger, whether the stage was
   computed or reused.  ``lorasuite_core`` never imports Prefect.
 * Stage tasks exchange :class:`~lorasuite_core.pipeline.stage_store.StageResult` objects — a store URI
