@@ -43,7 +43,7 @@ def test_real_model_migration_is_exact_and_fine_tunes(smollm2, tmp_path):
     adapter = make_random_lora_adapter(smollm2, tmp_path / "adapter", rank=8, alpha=16, seed=1)
     out = tmp_path / "migrated"
     code = main(["-q", "migrate", "--old-model", str(smollm2), "--new-model", str(new), "--adapter", str(adapter),
-                 "--output", str(out), "--no-lft", "--max-calibration-tokens", "384"])
+                 "--output", str(out), "--no-lft", "--max-calibration-tokens", "384", "--gate-prompts", "4"])
     assert code == 0
     ids = [[504, 3458, 314, 253, 1789, 282, 1345, 30, 378, 1345, 314, 216, 33, 1016, 216, 34]]
     reference, migrated = logits_over_shared_vocab(smollm2, new, ids, old_adapter=adapter, new_adapter=out)
