@@ -2,7 +2,7 @@
 # Fidelity of a transfer-only migration on the real Qwen pair: a fresh arithmetic LoRA-100 on the 0.5B,
 # migrated to the 1.5B without LFT; the report's fidelity on 32 evaluation prompts (issue 22, item 1).
 set -euo pipefail
-cd /work/main
+cd "$(dirname "$0")/.."
 M=~/.cache/lorasuite/models
 W=${WORKDIR:-runs/fidelity-qwen}; mkdir -p $W
 lscpu | grep "Model name" > $W/cpu.txt; uptime >> $W/cpu.txt
