@@ -101,14 +101,18 @@ def check_replaceable(uri: str, state: str, overwrite: bool, *, warn: bool = Tru
 
 
 def check_output(output: str | os.PathLike, inputs: dict[str, str | os.PathLike | None], overwrite: bool, *,
-                 storage_options=None) -> str:
+                 skip_finished: bool = False, storage_options=None) -> bool:
     """The one pre-run check of every subcommand's output directory: a safe location
     (:func:`check_output_location`), then one that a publication may replace (:func:`check_replaceable`:
-    empty, or our own publication, with ``overwrite`` when it is finished).  Returns its state."""
+    empty, or our own publication, with ``overwrite`` when it is finished).  Returns whether there is work
+    to do: False only for a finished (verified) publication with ``skip_finished`` and not ``overwrite``
+    (a fleet rerun skips it)."""
     check_output_location(output, inputs)
     state = output_state(output, storage_options=storage_options)
+    if state == "complete" and skip_finished and not overwrite:
+        return False
     check_replaceable(str(output), state, overwrite)
-    return state
+    return True
 
 
 def check_output_file(output: str | os.PathLike, inputs: dict[str, str | os.PathLike | None],

@@ -33,7 +33,7 @@ from typing import Any, Callable, Protocol
 
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.io.files import read_json
-from lorasuite_core.io.outputs import check_output_location, check_replaceable, output_state
+from lorasuite_core.io.outputs import check_output
 from lorasuite_core.io.uris import describe_error, is_remote, join_uri, redact_uri, resolve
 
 from . import plans, stages
@@ -58,11 +58,8 @@ def check_entry(old_model: str, new_model: str, analysis: AnalysisOptions, adapt
               "LFT prompts": options.lft_prompts, "seed prompts": options.lft_seed_prompts,
               "evaluation data": options.eval_data, "calibration data": analysis.calibration_data,
               "cache root": cache_root}          # everything a migration reads, by name
-    check_output_location(output, inputs)
-    status = output_state(output)    # empty | complete (ours, verified) | partial | corrupt | foreign
-    if status == "complete" and skip_finished and not overwrite:
+    if not check_output(output, inputs, overwrite, skip_finished=skip_finished):
         return False
-    check_replaceable(output, status, overwrite)
     plans.check_adapter(old_model, adapter, options.serving)
     return True
 
