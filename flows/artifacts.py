@@ -122,11 +122,25 @@ def _fidelity_cell(entry: Mapping[str, Any]) -> str:
     return ", ".join(f"{name} {'n/a' if value is None else f'{value:.3f}'}" for name, value in scores.items())
 
 
+def _route_cell(entry: Mapping[str, Any]) -> str:
+    """``auto: transfer (copy agreement 0.250 F 0.000; transfer agreement 1.000 F 1.000)``: the route, the one chosen
+    and every candidate's numbers where scored."""
+    route = (entry.get("summary") or {}).get("route")
+    if not route:
+        return "-"
+    number = lambda v: "n/a" if v is None else f"{v:.3f}"
+    scored = [f"{c['route']} agreement {number(c['teacher_agreement'])} F {number(c.get('fidelity'))}"
+              + ("" if c.get("passed", True) else " (below the gate)")
+              for c in route["candidates"] if "teacher_agreement" in c]
+    head = route["route"] if route["route"] == route["chosen"] else f"{route['route']}: {route['chosen']}"
+    return head + (f" ({'; '.join(scored)})" if scored else "")
+
+
 def fleet_summary_artifact(entries: list[Mapping[str, Any]]) -> None:
-    rows = [{"adapter": e["name"], "status": e["status"], "output": redact_uri(e["output"]),
+    rows = [{"adapter": e["name"], "status": e["status"], "output": redact_uri(e["output"]), "route": _route_cell(e),
              "fidelity": _fidelity_cell(e), "quality gate": _gate_cell(e), "reason": e.get("error") or e.get("note")}
             for e in entries]
-    columns = ["adapter", "status", "output", "fidelity", "quality gate", "reason"]
+    columns = ["adapter", "status", "output", "route", "fidelity", "quality gate", "reason"]
     create_markdown_artifact("## Fleet migration\n\n" + markdown_table(rows, columns),
                              key=artifact_key("fleet-summary"), description="status of every fleet entry")
 

@@ -128,7 +128,7 @@ def _run_migrate(args) -> dict:
 
     options = from_arguments(args, MigrationOptions).check_single()
     analysis = from_arguments(args, AnalysisOptions)
-    if not options.runs_lft and options.lft is None:
+    if options.route == "transfer" and not options.runs_lft and options.lft is None:
         log.warning("transfer only (no --lft-data): without light fine-tuning a migrated adapter is often little "
                     "better than the bare new model; pass --lft-data, or --no-lft to say so")
     result = run_migrate_adapter(args.old_model, args.new_model, args.adapter, args.output, options, analysis,

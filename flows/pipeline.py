@@ -30,6 +30,7 @@ from lorasuite_core.pipeline.runner import EntryRun, PairRun, Runner
 from lorasuite_core.pipeline.stage_store import StageStore
 from lorasuite_core.pipeline.pair_stages import cka_of_updates
 from lorasuite_core.pipeline.plans import AdapterPlan, PairPlan
+from lorasuite_core.pipeline.stages import route_summary
 from lorasuite_core.io.uris import redact_uri
 
 from . import artifacts
@@ -142,17 +143,19 @@ class PipelineRun:
         if e.status != "published" or pair is None:
             return {}
         steps = e.steps(pair)
-        migrated = e.out["migrated"].facts
         return {
             "output": redact_uri(e.published or e.output),
             "shared_vocabulary_size": pair.analysis.facts["shared_vocabulary_size"],
             "layer_mapping": pair.analysis.facts["layer_mapping"],
-            "max_refactorisation_residual": migrated["max_refactorisation_residual"],
+            "max_refactorisation_residual": e.out["migrated"].facts["max_refactorisation_residual"]
+            if "migrated" in e.out else None,
             "seconds": round(sum(s["seconds"] for s in steps.values()), 2),
             "steps": steps,
             "evaluation": {row: f["accuracy"] for row, f in e.evals.items()},
+            "route": route_summary(e.plan, e.out),
             **({"fidelity": e.out["fidelity"].facts["fidelity"]} if "fidelity" in e.out else {}),
             **({"quality_gate": e.out["gate"].facts} if "gate" in e.out else {}),
+            **({"quality_gate": e.out["route"].facts["gate"]} if "route" in e.out else {}),
         }
 
     @staticmethod

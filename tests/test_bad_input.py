@@ -208,3 +208,13 @@ def test_cache_root_that_is_a_file(pair, tmp_path, capsys):
     assert_fails_cleanly(capsys, run_migrate(old, new, adapter, out, "--cache-root", str(cache)), out,
                          "Not a directory")
     assert cache.read_text() == "not a directory"
+
+
+def test_copy_route_refused_on_a_shape_mismatch_before_any_analysis(pair, tmp_path, capsys):
+    root, old, _, adapter = pair
+    wider = upgrade_model_dir(old, tmp_path / "wider", UpgradeSpec(extra_neurons=8))
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    code = run_migrate(old, wider, adapter, out, "--route", "copy", "--cache-root", str(cache))
+    assert_fails_cleanly(capsys, code, out, "route copy needs the same architecture, shapes and vocabulary",
+                         "intermediate 128 vs 136", "--route transfer")
+    assert not cache.exists() or not any(p for p in cache.rglob("_stage.json")), "analysis ran before the check"

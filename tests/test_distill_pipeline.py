@@ -57,7 +57,7 @@ def test_distilled_lft_from_unlabelled_prompts_and_the_gate(exact):
     assert set(fidelity["fidelity"]) == {"transfer", "lft"} and gate["fidelity"] == fidelity["fidelity"]
     assert fidelity["fidelity"]["transfer"] == pytest.approx(1.0, abs=1e-3)   # an exact upgrade
     assert fidelity["fidelity"]["lft"] == pytest.approx(1.0, abs=0.05)        # lr 1e-5 barely moves it
-    [heldout_file] = (root / "store").rglob(heldout.HELDOUT)
+    [heldout_file] = (root / "store" / "lft").rglob(heldout.HELDOUT)
     prompts, teacher, student = heldout.read_heldout(heldout_file)
     assert len(prompts) == 4 and teacher is not None and student is not None
     for model_dir, adapter_dir, stored in ((exact["old"], exact["adapter"], teacher),

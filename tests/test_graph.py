@@ -7,7 +7,7 @@ from typing import get_args
 
 import pytest
 
-from lorasuite_core.pipeline import graph, pair_stages, stages
+from lorasuite_core.pipeline import graph, pair_stages, route_stages, stages
 from lorasuite_core.pipeline.graph import ENTRY_GRAPH, FINAL, PAIR_GRAPH, levels, resolve_input, upstream
 from lorasuite_core.pipeline.stage_store import StageResult
 from lorasuite_core.pipeline.plans import EvalJob
@@ -42,8 +42,9 @@ def test_every_eval_row_reads_an_existing_stage_or_the_source_adapter():
 @pytest.mark.parametrize("name", list(BOTH))
 def test_every_stage_function_takes_the_graphs_arguments(name):
     stage = BOTH[name]
-    home = pair_stages if name in PAIR_GRAPH else stages      # pair stages / per-adapter stages
-    assert getattr(home, stage.fn.__name__) is stage.fn, f"a stage function lives in {home.__name__}"
+    homes = (pair_stages,) if name in PAIR_GRAPH else (stages, route_stages)   # pair stages / per-adapter stages
+    assert any(getattr(home, stage.fn.__name__, None) is stage.fn for home in homes), \
+        f"a stage function lives in {' or '.join(home.__name__ for home in homes)}"
     params = list(inspect.signature(stage.fn).parameters)
     assert params[:2] == ["store", "plan"]
     context = [] if name in PAIR_GRAPH else ["adapter"] + (["job"] if stage.fan_out else [])
@@ -71,9 +72,13 @@ def test_every_stage_has_its_task(name):
 
 
 def test_final_is_the_lft_where_it_ran_else_the_migrated_adapter():
-    migrated, lft = (StageResult(stage=s, key=s, uri=f"/{s}", reused=False, seconds=1.0) for s in ("migrated", "lft"))
+    migrated, lft, route, copy, fresh = (StageResult(stage=s, key=s, uri=f"/{s}", reused=False, seconds=1.0)
+                                         for s in ("migrated", "lft", "route", "copy", "fresh_lft"))
     assert resolve_input(FINAL, {"migrated": migrated}) is migrated
     assert resolve_input(FINAL, {"migrated": migrated, "lft": lft}) is lft
+    assert resolve_input(FINAL, {"copy": copy}) is copy and resolve_input(FINAL, {"fresh_lft": fresh}) is fresh
+    assert resolve_input(FINAL, {"copy": copy, "migrated": migrated, "lft": lft, "fresh_lft": fresh, "route": route}) \
+        is route                                              # route auto: its choice
     assert resolve_input("lft", {"migrated": migrated}) is None
     source_row = EvalJob(row="old model + source adapter", model="old", adapter="source", key="k")
     assert resolve_input(ENTRY_GRAPH["eval"].job_input(source_row), {"migrated": migrated}) is None

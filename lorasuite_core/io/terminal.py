@@ -39,10 +39,12 @@ from dataclasses import dataclass, field
 from typing import IO, Iterator
 
 LOGGER = logging.getLogger("lorasuite_core.progress")
-NAMES = {"layer": "transfer", "migrated": "write", "vanilla": "vanilla_baseline"}
+NAMES = {"layer": "transfer", "migrated": "write", "vanilla": "vanilla_baseline", "fresh": "fresh_start",
+         "fresh_lft": "fresh_distill"}
 """Stage store name -> the report's step name."""
 UNITS = {"transfer": "layers", "write": "adapters", "lft": "adapters", "vanilla_baseline": "adapters",
-         "fidelity": "adapters", "gate": "adapters", "eval": "rows", "publish": "adapters"}
+         "fidelity": "adapters", "gate": "adapters", "eval": "rows", "publish": "adapters", "copy": "adapters",
+         "fresh_start": "adapters", "fresh_distill": "adapters", "route": "adapters"}
 """Per-adapter stages (one entry per unit) and what their unit is called."""
 WIDTH = 20
 REFRESH_S = 0.5

@@ -12,8 +12,13 @@ call per job of the plan).  The stage order of a migration is this file, top to 
     per adapter:
       check_entry                        output safety + adapter check (runner.check_entry)
       plan_adapter                       load, fit check, jobs, keys   (plans.plan_adapter)
-      ENTRY_GRAPH                        transfer ... eval
+      ENTRY_GRAPH                        transfer ... eval (the route's candidates, its choice: :mod:`.routes`)
       publish(FINAL)                     copy to the output, report patched, manifest last
+
+Routes (``--route``, :mod:`.routes`): each candidate route's adapter is an entry of its own stage
+(``copy``, ``migrated`` / ``lft``, ``fresh_lft``); only the stages of the planned candidates run;
+``fidelity`` scores every candidate that ran and ``route`` (``auto``) picks among them, so the stage
+keys chain as for any other stage and a rerun reuses every finished candidate.
 
 Calling convention: a pair stage is called ``fn(store, pair_plan, *inputs)``; an entry stage
 ``fn(store, pair_plan, adapter_plan, [job,] *inputs)``, where each input is the URI of the
@@ -34,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import pair_stages, stages
+from . import pair_stages, route_stages, stages
 from .stage_store import StageResult
 from .plans import AdapterPlan, EvalJob
 
@@ -72,8 +77,10 @@ PAIR_GRAPH: dict[str, Stage] = {
 }
 PAIR_STAGES = tuple(PAIR_GRAPH)
 
-#: The adapter an entry publishes and the gate judges: its light fine-tune where one ran, else the migrated one.
-FINAL = ("lft", "migrated")
+#: The adapter an entry publishes and the gate judges: the route's choice (``--route auto``), else the one
+#: candidate's (routes.candidate_stages): its light fine-tune where one ran, else the migrated one, the
+#: distilled fresh LoRA, or the copy.
+FINAL = ("route", "lft", "migrated", "fresh_lft", "copy")
 
 
 def _eval_adapter(job: EvalJob) -> str | None:
@@ -83,18 +90,29 @@ def _eval_adapter(job: EvalJob) -> str | None:
 
 #: Per adapter, after :func:`~lorasuite_core.pipeline.plans.plan_adapter` and before publishing :data:`FINAL`.
 ENTRY_GRAPH: dict[str, Stage] = {
-    "transfer": Stage(stages.transfer_layer, ("head_similarity",), fan_out=lambda plan: plan.layers,
-                      step="transfer", task="layer", run_name="transfer-{adapter.name}-layer-{job.new_layer}",
-                      gpu=True),
-    "migrated": Stage(stages.assemble, ("head_similarity", "transfer"), step="write", task="migrated",
-                      run_name="assemble-{adapter.name}"),
+    "transfer": Stage(stages.transfer_layer, ("head_similarity",), when=lambda plan: plan.transfers,
+                      fan_out=lambda plan: plan.layers, step="transfer", task="layer",
+                      run_name="transfer-{adapter.name}-layer-{job.new_layer}", gpu=True),
+    "copy": Stage(route_stages.copy_adapter, (), when=lambda plan: plan.copy_key is not None, step="copy",
+                  task="copy", run_name="copy-{adapter.name}"),
+    "migrated": Stage(stages.assemble, ("head_similarity", "transfer"), when=lambda plan: plan.writes_migrated,
+                      step="write", task="migrated", run_name="assemble-{adapter.name}"),
+    "fresh": Stage(route_stages.fresh_start, ("transfer",), when=lambda plan: plan.fresh_key is not None,
+                   step="fresh_start", task="fresh", run_name="fresh-start-{adapter.name}"),
     "lft": Stage(stages.light_finetune, ("migrated",), when=lambda plan: plan.lft is not None, step="lft",
                  task="lft", run_name="lft-{adapter.name}", gpu=True, torch_model=True),
     "vanilla": Stage(stages.vanilla_baseline, (), when=lambda plan: plan.vanilla is not None, after=("migrated",),
                      step="vanilla_baseline", task="vanilla", run_name="vanilla-baseline-{adapter.name}",
                      gpu=True, torch_model=True),
-    "fidelity": Stage(stages.fidelity, ("migrated", "lft"), when=lambda plan: plan.fidelity_key is not None,
-                      step="fidelity", task="fidelity", run_name="fidelity-{adapter.name}", gpu=True, torch_model=True),
+    "fresh_lft": Stage(route_stages.fresh_distill, ("fresh", "lft"), when=lambda plan: plan.fresh_lft is not None,
+                       step="fresh_distill", task="fresh_lft", run_name="fresh-distill-{adapter.name}", gpu=True,
+                       torch_model=True),
+    "fidelity": Stage(stages.fidelity, ("migrated", "lft", "copy", "fresh_lft"),
+                      when=lambda plan: plan.fidelity_key is not None, step="fidelity", task="fidelity",
+                      run_name="fidelity-{adapter.name}", gpu=True, torch_model=True),
+    "route": Stage(route_stages.choose_route, ("copy", "migrated", "lft", "fresh_lft", "fidelity"),
+                   when=lambda plan: plan.route_key is not None, step="route", task="route",
+                   run_name="route-{adapter.name}", gpu=True, torch_model=True),
     "gate": Stage(stages.quality_gate, (FINAL,), when=lambda plan: plan.gate_key is not None, step="gate",
                   task="gate", run_name="quality-gate-{adapter.name}", gpu=True, torch_model=True),
     "eval": Stage(stages.evaluate, (), when=lambda plan: bool(plan.evals), fan_out=lambda plan: plan.evals,

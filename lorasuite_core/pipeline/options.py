@@ -38,7 +38,7 @@ import types
 import typing
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from lorasuite_core.errors import LorasuiteError
@@ -51,6 +51,9 @@ LayerMapping = Literal["cka", "sequential", "first", "last"]
 HeadMapping = Literal["hungarian", "identity"]
 LftMode = Literal["labelled", "distill"]
 ServingEngine = Literal["vllm", "vllm-lora"]
+Route = Literal["transfer", "distill", "fresh-distill", "copy", "auto"]
+#: The routes that distil (their LFT is distilled from the teacher, ``lft_mode`` distill).
+DISTILL_ROUTES = ("distill", "fresh-distill")
 
 
 class _Options(BaseModel):
@@ -60,6 +63,12 @@ class _Options(BaseModel):
 class MigrationOptions(_Options):
     """Per-adapter options: a fleet entry's effective options, the single-adapter flow's ``options``."""
 
+    route: Route = Field(
+        "transfer", description="transfer: the LoRASuite transfer (+ LFT when LFT data is given); distill: transfer + "
+                                "distilled LFT (implies --lft-mode distill); fresh-distill: a fresh LoRA (B = 0) on the "
+                                "new model distilled the same way; copy: the adapter as is (same shapes and vocabulary "
+                                "only); auto: every candidate route, cheapest first, scored on held-out teacher "
+                                "agreement and fidelity; the best that clears the quality gate is published")
     head_transform: HeadTransform = Field(
         "lstsq", description="head alignment: lstsq (exact least squares) or paper (LoRASuite Eq. 3)")
     lft: bool | None = Field(
@@ -109,6 +118,19 @@ class MigrationOptions(_Options):
                           "refused); vllm-lora: the same, a DoRA adapter approximated by plain LoRA with its residual "
                           "reported; unset: PEFT's form (the report's serving section says what each engine accepts)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _distill_routes_distil(cls, values: Any) -> Any:
+        """``route: distill`` / ``fresh-distill`` distil: ``lft_mode`` defaults to distill there, labelled is refused."""
+        if isinstance(values, dict) and values.get("route") in DISTILL_ROUTES:
+            if values.get("lft_mode") == "labelled":
+                raise ValueError(f"route {values['route']} distils from the teacher; lft_mode labelled contradicts it")
+            if values.get("lft") is False:
+                raise ValueError(f"route {values['route']} distils from the teacher; lft false (--no-lft) "
+                                 "contradicts it")
+            values = {**values, "lft_mode": "distill"}
+        return values
+
     @field_validator("lft_data", "lft_prompts", "lft_seed_prompts", "eval_data")
     @classmethod
     def _task_spec_parses(cls, value: str | None) -> str | None:
@@ -119,17 +141,23 @@ class MigrationOptions(_Options):
 
         Not a validator: a fleet's ``defaults`` may say ``lft: true`` while the data comes per entry
         (an entry without LFT data is transferred only, see the manifest)."""
-        if self.lft and not self.has_lft_data:
+        if (self.lft or self.route in DISTILL_ROUTES) and not self.has_lft_data:
             if self.lft_mode == "distill":
-                raise LorasuiteError("distilled light fine-tuning needs prompts (--lft-prompts, --lft-seed-prompts or "
+                raise LorasuiteError(f"{'route ' + self.route if self.route in DISTILL_ROUTES else 'distilled light fine-tuning'} needs prompts (--lft-prompts, --lft-seed-prompts or "
                                      "--lft-data); --no-lft / lft: false transfers only")
             raise LorasuiteError("light fine-tuning needs LFT data (--lft-data / lft_data: 100-400 samples of the "
                                  "adapter's task, or builtin:train for the built-in arithmetic problems; or "
                                  "--lft-mode distill with unlabelled prompts); --no-lft / lft: false transfers only")
-        if self.gate and not self.eval_data and not (self.runs_lft and self.lft_mode == "distill"):
-            raise LorasuiteError("the quality gate needs held-out prompts: --eval-data, or distilled LFT "
+        if (self.gate or self.route == "auto") and not self.has_heldout:
+            what = "--route auto (scored on the quality gate's measure)" if self.route == "auto" else "the quality gate"
+            raise LorasuiteError(f"{what} needs held-out prompts: --eval-data, or distilled LFT "
                                  "(--lft-mode distill) whose prompts it splits")
         return self
+
+    @property
+    def has_heldout(self) -> bool:
+        """Held-out prompts for the gate (and ``route: auto``): the evaluation data's, or split off distillation's."""
+        return bool(self.eval_data) or (self.runs_lft and self.lft_mode == "distill")
 
     @property
     def has_lft_data(self) -> bool:

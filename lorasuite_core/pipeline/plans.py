@@ -28,6 +28,7 @@ from lorasuite_core.transfer.activations import builtin_calibration_texts, read_
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.models.loading import LoadedModel, LoraAdapter, load_base_model, load_lora_adapter
 from lorasuite_core.transfer.adapter import check_adapter_fits, sources_by_new_layer
+from lorasuite_core.pipeline import routes
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.stage_store import (ADAPTER_PATTERNS, StageResult, artifact_identity, data_identity,
                                                  stage_key, texts_identity)
@@ -145,7 +146,7 @@ class EvalJob(Schema):
 
     row: str
     model: Literal["old", "new"]
-    adapter: Literal["source", "migrated", "lft", "vanilla"] | None
+    adapter: Literal["source", "copy", "migrated", "lft", "fresh_lft", "vanilla"] | None
     key: str
 
     @property
@@ -167,6 +168,27 @@ class AdapterPlan(Schema):
     fidelity_key: str | None = None      # the fidelity stage's entry, when the options ask for it
     evals: list[EvalJob] = []
     seconds: float = 0.0                 # time taken to load, check and plan
+    candidates: dict[str, str] = {}      # candidate route -> the stage holding its adapter (routes.candidate_stages)
+    copy_key: str | None = None          # route copy: the old adapter as is
+    fresh_key: str | None = None         # route fresh-distill: the fresh start (B = 0) ...
+    fresh_lft: TrainJob | None = None    # ... and its distillation
+    route_key: str | None = None         # route auto: the choice among the candidates
+
+    @property
+    def writes_migrated(self) -> bool:
+        """The transfer's adapter is assembled (a candidate itself, or the start of its LFT)."""
+        return any(stage in ("migrated", "lft") for stage in self.candidates.values())
+
+    @property
+    def transfers(self) -> bool:
+        """The per-layer transfer runs (for the migrated adapter, or as the fresh start's template)."""
+        return self.writes_migrated or self.fresh_lft is not None
+
+    def candidate_keys(self) -> dict[str, str]:
+        """The stage holding each candidate's adapter -> that entry's key."""
+        keys = {"copy": self.copy_key, "migrated": self.migrated_key, "lft": self.lft.key if self.lft else None,
+                "fresh_lft": self.fresh_lft.key if self.fresh_lft else None}
+        return {stage: keys[stage] for stage in self.candidates.values()}
 
 
 def check_adapter(old_model: str, adapter_ref: str, serving: str | None = None) -> None:
@@ -180,6 +202,12 @@ def check_adapter(old_model: str, adapter_ref: str, serving: str | None = None) 
         raise LorasuiteError(f"adapter {adapter_ref} is DoRA, which vLLM cannot serve (nor do LoRAX/TGI apply its "
                              "magnitude vector); drop --serving vllm to migrate it for PEFT, or --serving vllm-lora for "
                              "a plain-LoRA approximation with its residual reported")
+
+
+def check_route(old_model: str, new_model: str, options: MigrationOptions) -> None:
+    """:func:`routes.check_route` on both models (configs and tokenisers, not weights)."""
+    routes.check_route(_model(old_model, artifact_identity(old_model, "model")),
+                       _model(new_model, artifact_identity(new_model, "model")), options)
 
 
 def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: str,
@@ -201,36 +229,64 @@ def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: 
     migrated_key = stage_key("migrated", analysis=analysis.key, adapter=identity, mode=mode, layers=[l.key for l in layers],
                              refs=[plan.old_model, plan.new_model, adapter_ref], offset=plan.layer_offset,
                              **({"zero_init": True, "seed": options.seed} if zero_init else {}))
-    lft = vanilla = None
-    if options.runs_lft:
-        data = data_identity(options.lft_data, "LFT data") if options.lft_data else None
-        lft = TrainJob(key=stage_key("lft", migrated=migrated_key, model=plan.new_identity, data=data,
-                                     samples=options.lft_samples, lr=options.lft_lr, epochs=options.lft_epochs,
-                                     seed=options.seed, compute=_training_compute(),
-                                     **_distill_key_parts(plan, identity, options)),
-                       data=options.lft_data, samples=options.lft_samples, lr=options.lft_lr,
-                       epochs=options.lft_epochs, seed=options.seed)
+    copy_ok = options.route == "copy" or (options.route == "auto" and routes.copy_refusal(old, plan.new()) is None)
+    candidates = routes.candidate_stages(options, copy_ok)
+    lft = vanilla = fresh_lft = None
+    data = data_identity(options.lft_data, "LFT data") if options.lft_data else None
+    if options.runs_lft and "lft" in candidates.values():
+        lft = _train_job(plan, options, data, migrated=migrated_key, **_distill_key_parts(plan, identity, options))
         if options.runs_vanilla:
             vanilla = _vanilla_job(plan, adapter, options, data)
-    evals = _eval_jobs(plan, identity, migrated_key, lft, vanilla, options) if options.eval_data else []
-    gate_key = None
-    if options.gate:
-        held_out = data_identity(options.eval_data, "evaluation data") if options.eval_data else "lft-heldout"
-        gate_key = stage_key("gate", adapter=lft.key if lft else migrated_key, teacher=[plan.old_identity, identity],
-                             heldout=held_out, n=options.gate_prompts, margin=options.gate_margin, seed=options.seed)
-    fidelity_key = None
-    if options.fidelity:
-        fidelity_key = stage_key("fidelity", adapters=[migrated_key, lft.key if lft else None],
-                                 teacher=[plan.old_identity, identity], prompts=_fidelity_source(plan, options, lft),
-                                 n=options.gate_prompts, seed=options.seed, version=FIDELITY_VERSION)
-    for stage, count in (("layer", len(layers)), ("migrated", 1), ("lft", int(bool(lft))),
-                         ("vanilla", int(bool(vanilla))), ("fidelity", int(bool(fidelity_key))),
-                         ("gate", int(bool(gate_key))), ("eval", len(evals)), ("publish", 1)):
+    copy_key = stage_key("copy", adapter=identity, new=plan.new_identity, ref=plan.new_model) if copy_ok else None
+    fresh_key = None
+    if "fresh_lft" in candidates.values():
+        fresh_key = stage_key("fresh", layers=[l.key for l in layers], model=plan.new_identity, seed=options.seed,
+                              refs=[plan.new_model, adapter_ref])
+        fresh_lft = _train_job(plan, options, data, fresh=fresh_key, **_distill_key_parts(plan, identity, options))
+    draft = AdapterPlan(name=name, adapter=adapter_ref, adapter_identity=identity, options=options,
+                        modules=len(adapter.factors), layers=layers, migrated_key=migrated_key, lft=lft,
+                        vanilla=vanilla, candidates=candidates, copy_key=copy_key, fresh_key=fresh_key,
+                        fresh_lft=fresh_lft)
+    if not draft.transfers:
+        draft.layers = []
+    keys = draft.candidate_keys()
+    teacher = [plan.old_identity, identity]
+    held_out = data_identity(options.eval_data, "evaluation data") if options.eval_data else "lft-heldout"
+    if options.gate and options.route != "auto":            # auto gates every candidate in its route stage
+        draft.gate_key = stage_key("gate", adapter=next(iter(keys.values())), teacher=teacher, heldout=held_out,
+                                   n=options.gate_prompts, margin=options.gate_margin, seed=options.seed)
+    if options.fidelity or options.route == "auto":
+        adapters = [migrated_key if draft.writes_migrated else None, lft.key if lft else None]
+        adapters += [keys[s] for s in ("copy", "fresh_lft") if s in keys]
+        draft.fidelity_key = stage_key("fidelity", adapters=adapters, teacher=teacher,
+                                       prompts=_fidelity_source(plan, options, lft or fresh_lft),
+                                       n=options.gate_prompts, seed=options.seed, version=FIDELITY_VERSION)
+    if options.route == "auto":
+        draft.route_key = stage_key("route", candidates=keys, fidelity=draft.fidelity_key, teacher=teacher,
+                                    heldout=held_out, n=options.gate_prompts, margin=options.gate_margin,
+                                    seed=options.seed, version=ROUTE_VERSION)
+    draft.evals = _eval_jobs(plan, identity, draft, options) if options.eval_data else []
+    for stage, count in (("layer", len(draft.layers)), ("migrated", int(draft.writes_migrated)),
+                         ("copy", int(bool(copy_key))), ("fresh", int(bool(fresh_key))), ("lft", int(bool(lft))),
+                         ("fresh_lft", int(bool(fresh_lft))), ("vanilla", int(bool(vanilla))),
+                         ("fidelity", int(bool(draft.fidelity_key))), ("route", int(bool(draft.route_key))),
+                         ("gate", int(bool(draft.gate_key))), ("eval", len(draft.evals)), ("publish", 1)):
         terminal.expected(stage, count)          # the terminal sums each per-adapter stage into one line
-    return AdapterPlan(name=name, adapter=adapter_ref, adapter_identity=identity, options=options,
-                       modules=len(adapter.factors), layers=layers, migrated_key=migrated_key,
-                       lft=lft, vanilla=vanilla, gate_key=gate_key, fidelity_key=fidelity_key, evals=evals,
-                       seconds=time.perf_counter() - start)
+    draft.seconds = time.perf_counter() - start
+    return draft
+
+
+#: Version of the route choice in its stage key.
+ROUTE_VERSION = 1
+
+
+def _train_job(plan: PairPlan, options: MigrationOptions, data: str | None, **start: Any) -> TrainJob:
+    """The LFT of a start (``migrated=`` the transfer's key, or ``fresh=`` the fresh start's): the options' LFT."""
+    stage = "lft" if "migrated" in start else "fresh_lft"
+    key = stage_key(stage, **start, model=plan.new_identity, data=data, samples=options.lft_samples,
+                    lr=options.lft_lr, epochs=options.lft_epochs, seed=options.seed, compute=_training_compute())
+    return TrainJob(key=key, data=options.lft_data, samples=options.lft_samples, lr=options.lft_lr,
+                    epochs=options.lft_epochs, seed=options.seed)
 
 
 #: Version of the fidelity measurement in its stage key.
@@ -283,16 +339,19 @@ def _vanilla_job(plan: PairPlan, adapter: LoraAdapter, options: MigrationOptions
                     use_dora=use_dora)
 
 
-def _eval_jobs(plan: PairPlan, adapter_identity: str, migrated_key: str, lft: TrainJob | None,
-               vanilla: TrainJob | None, options: MigrationOptions) -> list[EvalJob]:
+#: The evaluation row of each adapter stage.
+EVAL_ROWS = {"copy": "new model + old adapter copied", "migrated": "new model + migrated (transfer)",
+             "lft": "new model + migrated + LFT", "fresh_lft": "new model + fresh LoRA, distilled",
+             "vanilla": "new model + vanilla LoRA"}
+
+
+def _eval_jobs(plan: PairPlan, adapter_identity: str, entry: AdapterPlan, options: MigrationOptions) -> list[EvalJob]:
     data = data_identity(options.eval_data, "evaluation data")
     rows = [("old model + source adapter", "old", "source", plan.old_identity, adapter_identity),
-            ("new model, no adapter", "new", None, plan.new_identity, None),
-            ("new model + migrated (transfer)", "new", "migrated", plan.new_identity, migrated_key)]
-    if lft:
-        rows.append(("new model + migrated + LFT", "new", "lft", plan.new_identity, lft.key))
-    if vanilla:
-        rows.append(("new model + vanilla LoRA", "new", "vanilla", plan.new_identity, vanilla.key))
+            ("new model, no adapter", "new", None, plan.new_identity, None)]
+    keys = {**entry.candidate_keys(), **({"migrated": entry.migrated_key} if entry.writes_migrated else {}),
+            **({"vanilla": entry.vanilla.key} if entry.vanilla else {})}
+    rows += [(row, "new", stage, plan.new_identity, keys[stage]) for stage, row in EVAL_ROWS.items() if stage in keys]
     from lorasuite_core.training.evaluation import eval_dtype
     from lorasuite_core.training.devices import resolve_device
 

@@ -52,7 +52,9 @@ def check_entry(old_model: str, new_model: str, analysis: AnalysisOptions, adapt
     """Before any analysis: the output may not be an input (or inside / above one, or the working
     directory); foreign content there is refused; an earlier publication of ours is replaced only
     with ``overwrite`` (one cut short by a crash, or no longer matching its manifest, on a plain rerun);
-    the adapter loads and fits the old model (and is not DoRA when ``options.serving`` is ``vllm``).  Returns False (nothing to do) for a finished publication when ``skip_finished`` and not
+    the adapter loads and fits the old model (and is not DoRA when ``options.serving`` is ``vllm``); the route
+    can be taken (:func:`~lorasuite_core.pipeline.routes.check_route`: ``copy`` only with the same shapes and
+    vocabulary).  Returns False (nothing to do) for a finished publication when ``skip_finished`` and not
     ``overwrite`` (a fleet rerun); raises :class:`~lorasuite_core.errors.LorasuiteError` otherwise."""
     inputs = {"old model": old_model, "new model": new_model, "adapter": adapter, "LFT data": options.lft_data,
               "LFT prompts": options.lft_prompts, "seed prompts": options.lft_seed_prompts,
@@ -61,6 +63,7 @@ def check_entry(old_model: str, new_model: str, analysis: AnalysisOptions, adapt
     if not check_output(output, inputs, overwrite, skip_finished=skip_finished):
         return False
     plans.check_adapter(old_model, adapter, options.serving)
+    plans.check_route(old_model, new_model, options)
     return True
 
 

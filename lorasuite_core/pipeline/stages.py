@@ -42,9 +42,10 @@ from lorasuite_core.transfer.adapter import effective_head_mapping, combine_laye
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.stage_store import StageResult, StageStore
 
+from lorasuite_core.pipeline.routes import FIDELITY_NAME
 from lorasuite_core.pipeline.plans import AdapterPlan, EvalJob, LayerJob, PairPlan, _adapter, calibration_texts
 from lorasuite_core.pipeline.pair_stages import _load_vocabulary, pair_analysis
-from lorasuite_core.training.heldout import HELDOUT, read_heldout, write_heldout
+from lorasuite_core.training.heldout import HELDOUT, TEACHER_TARGETS, read_heldout, write_heldout
 
 log = logging.getLogger(__name__)
 
@@ -115,28 +116,31 @@ def _restore_base_reference(adapter_dir: Path, base_model: str) -> None:
 def light_finetune(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated_uri: str) -> StageResult:
     """LFT of the migrated adapter on the new model: labelled (lorasuite_core.training.train.light_finetune)
     or distilled from the teacher, the old model + the old adapter (lorasuite_core.training.distill)."""
+    return finetune(store, plan, adapter, "lft", adapter.lft, migrated_uri)
+
+
+def finetune(store: StageStore, plan: PairPlan, adapter: AdapterPlan, stage: str, job, start_uri: str,
+             reuse: Path | None = None) -> StageResult:
+    """LFT of the adapter entry ``start_uri`` by ``job`` into the entry ``(stage, job.key)``; ``reuse``: a distilled
+    entry whose teacher completions (same prompts) are read instead of generated again."""
     from lorasuite_core.training.config import default_lft_config
     from lorasuite_core.training.train import light_finetune as run_lft
 
-    job = adapter.lft
-
     def compute(out: Path) -> dict:
-        migrated = store.local_dir(migrated_uri)
+        start = store.local_dir(start_uri)
         config = default_lft_config(lr=job.lr, epochs=job.epochs, seed=job.seed, show_progress=False)
         if adapter.options.lft_mode == "distill":
-            facts = _distill(store, plan, adapter, migrated, out, config)
+            facts = _distill(store, plan, adapter, start, out, config, reuse)
         else:
             samples = load_samples(job.data, job.samples, "train", job.seed)
-            facts = _train_facts(run_lft(resolve_local_dir(plan.new_model, "model"), migrated, samples, out,
+            facts = _train_facts(run_lft(resolve_local_dir(plan.new_model, "model"), start, samples, out,
                                          config=config))
             facts["lft_mode"] = "labelled"
         _restore_base_reference(out, plan.new_model)
-        shutil.copy2(migrated / REPORT_NAME, out / REPORT_NAME)
+        shutil.copy2(start / REPORT_NAME, out / REPORT_NAME)
         return facts
 
-    return store.run("lft", job.key, compute)
-
-
+    return store.run(stage, job.key, compute)
 
 
 def _prompts(ref: str, limit: int | None, seed: int) -> list:
@@ -161,7 +165,8 @@ def _heldout_eval(options: MigrationOptions) -> tuple[list, list[str] | None]:
     return P.prompts_from_samples(samples), [s.answer for s in samples]
 
 
-def _distill(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated: Path, out: Path, config) -> dict:
+def _distill(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated: Path, out: Path, config,
+             reuse: Path | None = None) -> dict:
     from lorasuite_core.training import distill as D
     from lorasuite_core.training import prompts as P
 
@@ -170,15 +175,23 @@ def _distill(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated: 
     source_dir = resolve_local_dir(adapter.adapter, "adapter")
     heldout, _ = _heldout_eval(o)
     wanted = o.lft_samples + (0 if heldout else o.gate_prompts)
-    if o.lft_seed_prompts and not o.lft_prompts:
+    if o.lft_seed_prompts and not o.lft_prompts and not (reuse and (reuse / TEACHER_TARGETS).exists()):
         model, tokenizer = D.load_for_generation(teacher_dir, dtype="float32")   # the writer: the teacher's base
         seeds = _prompts(o.lft_seed_prompts, None, o.seed)
         prompts = P.synthesise_prompts(model, tokenizer, seeds, wanted, seed=o.seed, exclude=[p.text for p in heldout])
         del model
         source = "synthesised"
+    elif o.lft_seed_prompts and not o.lft_prompts:      # the same synthesis, already done by ``reuse``
+        prompts, source = None, "synthesised"
     else:
         prompts, source = _prompts(o.lft_prompts or o.lft_data, wanted, o.seed), "file"
-    if heldout:
+    targets = heldout_teacher = None
+    if reuse is not None and (reuse / TEACHER_TARGETS).exists() and (reuse / HELDOUT).exists():
+        train, targets, _ = read_heldout(reuse / TEACHER_TARGETS)
+        heldout, heldout_teacher, _ = read_heldout(reuse / HELDOUT)
+    elif prompts is None:
+        raise LorasuiteError(f"distillation: {reuse} holds no teacher completions to reuse")
+    elif heldout:
         train = prompts[:o.lft_samples]
     else:
         if len(prompts) <= o.gate_prompts:
@@ -188,9 +201,11 @@ def _distill(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated: 
     vocabulary = _load_vocabulary(store, store.location("vocabulary", plan.stage_keys["vocabulary"]))
     report = D.distill(teacher_dir, source_dir, resolve_local_dir(plan.new_model, "model"), migrated, out, train,
                        heldout=heldout, config=D.DistillConfig(kl_weight=o.lft_kl_weight, train=config),
-                       shared_ids=(vocabulary.old_ids.tolist(), vocabulary.new_ids.tolist()), prompt_source=source)
+                       shared_ids=(vocabulary.old_ids.tolist(), vocabulary.new_ids.tolist()), prompt_source=source,
+                       targets=targets, heldout_teacher=heldout_teacher)
     write_heldout(out / HELDOUT, heldout, report.heldout_teacher, report.heldout_student)
-    return {"lft_mode": "distill", **report.to_dict()}
+    write_heldout(out / TEACHER_TARGETS, train, report.targets)
+    return {"lft_mode": "distill", **report.to_dict(), "reused_teacher_completions": targets is not None}
 
 
 def quality_gate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, final_uri: str) -> StageResult:
@@ -227,13 +242,13 @@ def quality_gate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, final_
     return stored
 
 
-def _fidelity_prompts(plan: PairPlan, adapter: AdapterPlan, lft_dir: Path | None) -> tuple[list, list | None]:
+def _fidelity_prompts(plan: PairPlan, adapter: AdapterPlan, distilled: Path | None) -> tuple[list, list | None]:
     """Held-out prompts and, where distillation generated them, the teacher's completions (else None)."""
     from lorasuite_core.training import prompts as P
 
     o = adapter.options
-    if lft_dir is not None and (lft_dir / HELDOUT).exists():
-        prompts, teacher, _ = read_heldout(lft_dir / HELDOUT)
+    if distilled is not None:
+        prompts, teacher, _ = read_heldout(distilled / HELDOUT)
         return prompts, teacher
     prompts, _ = _heldout_eval(o)
     if not prompts:
@@ -246,27 +261,31 @@ def _fidelity_prompts(plan: PairPlan, adapter: AdapterPlan, lft_dir: Path | None
 FIDELITY_PROMPT_CHARS = 400
 
 
-def fidelity(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated_uri: str,
-             lft_uri: str | None = None) -> StageResult:
-    """Fidelity (:mod:`lorasuite_core.training.fidelity`) of the migrated adapter ("transfer") and of its LFT ("lft")
-    on held-out prompts: distillation's, with the teacher's completions it already generated; else the
-    evaluation data's first ``gate_prompts``; else the first ``gate_prompts`` calibration texts (cut to
-    :data:`FIDELITY_PROMPT_CHARS`), which the teacher answers here."""
+def fidelity(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated_uri: str | None,
+             lft_uri: str | None = None, copy_uri: str | None = None, fresh_lft_uri: str | None = None) -> StageResult:
+    """Fidelity (:mod:`lorasuite_core.training.fidelity`) of every candidate adapter that ran (the migrated one,
+    "transfer"; its LFT, "lft"; "copy"; "fresh-distill") on held-out prompts: distillation's, with the teacher's
+    completions it already generated; else the evaluation data's first ``gate_prompts``; else the first
+    ``gate_prompts`` calibration texts (cut to :data:`FIDELITY_PROMPT_CHARS`), which the teacher answers here.
+    The prompts and the teacher's completions are kept in the entry (``heldout_prompts.json``) for the route."""
     from lorasuite_core.training import distill as D
     from lorasuite_core.training.fidelity import measure_fidelity
 
     def compute(out: Path) -> dict:
-        lft_dir = store.local_dir(lft_uri) if lft_uri else None
-        prompts, teacher = _fidelity_prompts(plan, adapter, lft_dir)
+        dirs = {name: store.local_dir(uri) for name, uri in (("transfer", migrated_uri), ("lft", lft_uri),
+                                                              ("copy", copy_uri), ("fresh-distill", fresh_lft_uri))
+                if uri}
+        distilled = next((d for d in dirs.values() if (d / HELDOUT).exists()), None)
+        prompts, teacher = _fidelity_prompts(plan, adapter, distilled)
         old_dir, source_dir = resolve_local_dir(plan.old_model, "model"), resolve_local_dir(adapter.adapter, "adapter")
         if teacher is None:
             model, tokenizer = D.load_for_generation(old_dir, source_dir, dtype="float32")
             teacher = D.greedy_completions(model, tokenizer, prompts)
             del model
-        adapters = {"transfer": store.local_dir(migrated_uri), **({"lft": lft_dir} if lft_dir else {})}
-        result = measure_fidelity(old_dir, source_dir, resolve_local_dir(plan.new_model, "model"), adapters,
+        write_heldout(out / HELDOUT, prompts, teacher)
+        result = measure_fidelity(old_dir, source_dir, resolve_local_dir(plan.new_model, "model"), dirs,
                                   prompts, [c.text for c in teacher])
-        reused = lft_dir is not None and (lft_dir / HELDOUT).exists()
+        reused = distilled is not None
         source = "distillation" if reused else "evaluation data" if adapter.options.eval_data else "calibration texts"
         return {**result.to_dict(), "prompts": source, "reused_completions": reused}
 
@@ -369,15 +388,36 @@ def report_updates(plan: PairPlan, entry: AdapterPlan, stored: dict[str, StageRe
         updates["light_finetune"] = {k: v for k, v in stored["lft"].facts.items() if k != "losses"}
     if "vanilla" in stored:
         updates["vanilla_baseline"] = {k: v for k, v in stored["vanilla"].facts.items() if k != "losses"}
+    updates["route"] = route_summary(entry, stored)
     if "fidelity" in stored:
         updates["fidelity"] = dict(stored["fidelity"].facts)
+    if "route" in stored:
+        updates["quality_gate"] = dict(updates["route"]["gate"])
     if "gate" in stored:
-        updates["quality_gate"] = {**stored["gate"].facts,
-                                   **({"fidelity": stored["fidelity"].facts["fidelity"]} if "fidelity" in stored else {})}
+        updates["quality_gate"] = dict(stored["gate"].facts)
+    if "quality_gate" in updates and "fidelity" in stored:
+        updates["quality_gate"]["fidelity"] = stored["fidelity"].facts["fidelity"]
     if evals:
         updates["evaluation"] = {row: {k: f[k] for k in ("accuracy", "ci_low", "ci_high", "n", "correct")}
                                  for row, f in evals.items()}
     return updates
+
+
+def route_summary(entry: AdapterPlan, stored: dict[str, StageResult]) -> dict[str, Any]:
+    """The report's ``route``: the route asked for, the candidates (with their numbers where scored), the one chosen
+    and why (``auto``: the route stage's facts; one route: asked for)."""
+    if "route" in stored:
+        facts = stored["route"].facts
+        return {"route": "auto", **{k: facts[k] for k in ("chosen", "reason", "candidates", "gate")}}
+    [(route, stage)] = entry.candidates.items()
+    fidelity = stored["fidelity"].facts["fidelity"] if "fidelity" in stored else {}
+    name = FIDELITY_NAME[stage]
+    candidate = {"route": route, **({"fidelity": fidelity[name]} if name in fidelity else {})}
+    if "gate" in stored:
+        gate = stored["gate"].facts
+        candidate.update(passed=gate["passed"], teacher_agreement=gate["student_agreement"],
+                         bare_agreement=gate["bare_agreement"])
+    return {"route": route, "chosen": route, "reason": f"asked for (--route {route})", "candidates": [candidate]}
 
 
 def migrate_in_process(old_model: str, new_model: str, adapter: str, output: str,

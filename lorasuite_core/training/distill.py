@@ -445,11 +445,12 @@ class DistillReport:
     training: dict[str, Any]
     heldout_teacher: list[Completion] = field(default_factory=list, repr=False)
     heldout_student: list[Completion] = field(default_factory=list, repr=False)
+    targets: list[Completion] = field(default_factory=list, repr=False)     # the teacher's, on the training prompts
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.pop("heldout_teacher")
-        data.pop("heldout_student")
+        for kept in ("heldout_teacher", "heldout_student", "targets"):
+            data.pop(kept)
         data["training"] = {k: v for k, v in self.training.items() if k != "losses"}
         return data
 
@@ -458,19 +459,24 @@ def distill(old_model_dir: str | Path, source_adapter_dir: str | Path, new_model
             migrated_adapter_dir: str | Path, out_dir: str | Path, prompts: Sequence[Prompt], *,
             heldout: Sequence[Prompt], config: DistillConfig,
             shared_ids: tuple[Sequence[int], Sequence[int]] | None = None,
-            prompt_source: str = "file") -> DistillReport:
+            prompt_source: str = "file", targets: Sequence[Completion] | None = None,
+            heldout_teacher: Sequence[Completion] | None = None) -> DistillReport:
     """Teacher completions, student agreement before, distillation into ``out_dir``, agreement after.
 
     ``shared_ids``: (old ids, new ids) of the shared vocabulary, for the KL term when the vocabularies differ.
+    ``targets`` / ``heldout_teacher``: the teacher's completions on ``prompts`` / ``heldout``, already generated.
     """
+    for given, asked in ((targets, prompts), (heldout_teacher, heldout)):
+        if given is not None and len(given) != len(asked):
+            raise ValueError(f"{len(given)} teacher completions given for {len(asked)} prompts")
     if not prompts or not heldout:
         raise ValueError(f"distillation needs prompts and held-out prompts, got {len(prompts)} and {len(heldout)}")
     start = time.perf_counter()
     device, dtype = config.train.device, config.train.dtype
     gen = {"max_new_tokens": config.max_new_tokens, "batch_size": config.generation_batch_size}
     teacher, teacher_tok = load_for_generation(old_model_dir, source_adapter_dir, dtype=dtype, device=device)
-    targets = greedy_completions(teacher, teacher_tok, prompts, **gen)
-    heldout_teacher = greedy_completions(teacher, teacher_tok, heldout, **gen)
+    targets = list(targets or greedy_completions(teacher, teacher_tok, prompts, **gen))
+    heldout_teacher = list(heldout_teacher or greedy_completions(teacher, teacher_tok, heldout, **gen))
     before = _student_completions(new_model_dir, migrated_adapter_dir, heldout, dtype, device, gen)
     token_map = TokenMap.between(teacher_tok, load_tokenizer(new_model_dir), shared_ids)
     trained = distill_finetune(new_model_dir, migrated_adapter_dir, prompts, targets, out_dir, config=config.train,
@@ -485,7 +491,7 @@ def distill(old_model_dir: str | Path, source_adapter_dir: str | Path, new_model
                          teacher_agreement_before=teacher_agreement(before, heldout_teacher),
                          teacher_agreement_after=teacher_agreement(after, heldout_teacher),
                          seconds=round(time.perf_counter() - start, 4), training=trained.to_dict()["training"],
-                         heldout_teacher=heldout_teacher, heldout_student=after)
+                         heldout_teacher=heldout_teacher, heldout_student=after, targets=targets)
 
 
 def _student_completions(model_dir, adapter_dir, prompts, dtype: str, device: str, gen: dict) -> list[Completion]:

@@ -14,14 +14,20 @@ from pathlib import Path
 from lorasuite_core.errors import LorasuiteError
 
 HELDOUT = "heldout_prompts.json"
+#: The same records for distillation's training prompts, teacher completions only (a second distillation of the
+#: adapter on the same prompts, ``--route fresh-distill`` beside ``distill``, reads them instead of generating).
+TEACHER_TARGETS = "teacher_targets.json"
 
 
-def write_heldout(path: Path, prompts: list, teacher: list, student: list) -> None:
+def write_heldout(path: Path, prompts: list, teacher: list, student: list | None = None) -> None:
     """Distillation's held-out prompts with the teacher's and the distilled student's greedy completions on them
-    (generated as the gate generates them), so the gate only has the bare model left to generate."""
+    (generated as the gate generates them), so the gate only has the bare model left to generate; without
+    ``student``, the teacher's only."""
     as_dict = lambda c: {"text": c.text, "ids": list(c.ids)}
+    student = [None] * len(prompts) if student is None else student
     path.write_text(json.dumps([{"instruction": p.instruction, "input": p.input, "teacher": as_dict(t),
-                                 "student": as_dict(s)} for p, t, s in zip(prompts, teacher, student, strict=True)]))
+                                 **({"student": as_dict(s)} if s is not None else {})}
+                                for p, t, s in zip(prompts, teacher, student, strict=True)]))
 
 
 def read_heldout(path: Path) -> tuple[list, list | None, list | None]:

@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -298,12 +298,14 @@ def _most_common(values):
     return max(sorted(set(values)), key=values.count)
 
 
-def zero_init_modules(new: LoadedModel, modules: list[MigratedModule], seed: int = 0) -> list[MigratedModule]:
+def zero_init_modules(new: LoadedModel, modules: list[MigratedModule], seed: int = 0,
+                      covered: Iterable[int] | None = None) -> list[MigratedModule]:
     """Zero-delta modules (the adapter's targets, most common rank and alpha) on every new layer
-    without a migrated module, initialised as PEFT initialises a fresh module of the variant."""
+    without a migrated module (``covered``: the layers to leave out instead; ``()``: a fresh adapter on
+    every layer), initialised as PEFT initialises a fresh module of the variant."""
     if not modules:
         return []
-    covered = {m.layer for m in modules}
+    covered = {m.layer for m in modules} if covered is None else set(covered)
     names = sorted({m.name for m in modules})
     rank, alpha = _most_common([m.rank for m in modules]), _most_common([m.alpha for m in modules])
     adalora = any(m.factors.E is not None for m in modules)

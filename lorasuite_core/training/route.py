@@ -1,0 +1,139 @@
+"""The route of a migration: candidate adapters scored against the teacher, the best one that clears the gate.
+
+Candidates, cheapest first (:data:`ROUTES`): ``copy`` (the old adapter as is), ``transfer`` (the
+LoRASuite transfer, + labelled LFT where given), ``distill`` (the transfer distilled from the
+teacher), ``fresh-distill`` (a fresh LoRA, B = 0, distilled the same way).  On the quality gate's
+held-out prompts ``x_1 .. x_n`` with the teacher's completions ``t_i`` (:mod:`.gate`) each candidate
+``c`` gets::
+
+    a_c  = mean_i [answer(S_c(x_i)) == answer(t_i)]       teacher agreement of new model + c
+    a_B  = the bare new model's (generated once, shared by every candidate)
+    pass_c = gate_decision(a_c, a_B, margin)               (and accuracy >= bare with gold answers)
+    F_c  = (B0 - B1_c) / (B0 - A1)                         fidelity (:mod:`.fidelity`), None: no gap
+
+Choice, among the candidates that pass: the best agreement ``a*``; among those with ``a_c = a*``
+the best fidelity ``F*``; the *cheapest* candidate with ``a_c = a*`` and ``F_c >= F* -``
+:data:`FIDELITY_TOLERANCE` (None compares equal to None and below any number).  A costlier route is
+thus chosen only when it agrees with the teacher on more held-out prompts or closes more of the
+gap by more than the tolerance.  When none passes, :class:`RouteFailed` names the best candidate
+by the same rule (gate ignored) with its numbers; nothing is published.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.training.gate import DEFAULT_MARGIN, GateResult, gate_decision
+
+log = logging.getLogger(__name__)
+
+#: Every route, cheapest first (``auto`` tries the candidates in this order).
+ROUTES = ("copy", "transfer", "distill", "fresh-distill")
+
+#: Fidelity a costlier candidate must gain over a cheaper one at equal agreement to be chosen.
+FIDELITY_TOLERANCE = 0.01
+
+
+@dataclass
+class Candidate:
+    """One candidate's numbers: the gate's result on the held-out prompts and its fidelity."""
+
+    route: str
+    gate: GateResult
+    fidelity: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"route": self.route, "passed": self.gate.passed, "teacher_agreement": self.gate.student_agreement,
+                "bare_agreement": self.gate.bare_agreement, "accuracy": self.gate.student_accuracy,
+                "fidelity": self.fidelity, "gate": asdict(self.gate)}
+
+    def numbers(self) -> str:
+        f = "n/a" if self.fidelity is None else f"{self.fidelity:.3f}"
+        accuracy = "" if self.gate.student_accuracy is None else f", accuracy {self.gate.student_accuracy:.3f}"
+        return (f"{self.route}: teacher agreement {self.gate.student_agreement:.3f} (bare new model "
+                f"{self.gate.bare_agreement:.3f}, margin {self.gate.margin:g}, n={self.gate.n}){accuracy}, fidelity {f}")
+
+
+class RouteFailed(LorasuiteError):
+    """No candidate route cleared the quality gate; ``best`` is the best one's numbers."""
+
+    def __init__(self, best: str):
+        super().__init__(f"route auto: no candidate clears the quality gate; the best, {best}")
+        self.best = best
+
+    def __reduce__(self):  # picklable across process boundaries (Prefect workers)
+        return (type(self), (self.best,))
+
+
+def _cost(candidate: Candidate) -> int:
+    return ROUTES.index(candidate.route)
+
+
+def best(candidates: Sequence[Candidate]) -> Candidate:
+    """The module docstring's rule over ``candidates`` (any, gate ignored); ValueError when empty."""
+    if not candidates:
+        raise ValueError("no candidate routes")
+    top = max(c.gate.student_agreement for c in candidates)
+    level = [c for c in candidates if c.gate.student_agreement == top]
+    scores = [c.fidelity for c in level if c.fidelity is not None]
+    if scores:
+        level = [c for c in level if c.fidelity is not None and c.fidelity >= max(scores) - FIDELITY_TOLERANCE]
+    return min(level, key=_cost)
+
+
+def choose(candidates: Sequence[Candidate]) -> tuple[Candidate, str]:
+    """The chosen candidate and why, or :class:`RouteFailed` when none clears the gate."""
+    passed = [c for c in candidates if c.gate.passed]
+    if not passed:
+        raise RouteFailed(best(candidates).numbers())
+    chosen = best(passed)
+    others = [c.route for c in passed if c is not chosen]
+    why = (f"{chosen.numbers()}; the best of {len(passed)} candidate(s) that clear the quality gate "
+           f"(cheapest first, fidelity tolerance {FIDELITY_TOLERANCE:g})")
+    if others:
+        why += f"; also cleared: {', '.join(others)}"
+    failed = [c.route for c in candidates if not c.gate.passed]
+    if failed:
+        why += f"; below the gate: {', '.join(failed)}"
+    return chosen, why
+
+
+def score_candidates(new_model_dir: str | Path, adapters: dict[str, str | Path], prompts: Sequence,
+                     teacher: Sequence, *, answers: Sequence[str] | None = None, margin: float = DEFAULT_MARGIN,
+                     students: dict[str, Sequence] | None = None, fidelity: dict[str, float | None] | None = None,
+                     max_new_tokens: int = 128, batch_size: int = 16) -> list[Candidate]:
+    """Each named adapter on the new model against the teacher's completions (the gate's measure), in the order
+    given; the bare new model is generated once.  ``students``: completions already generated (distillation's)."""
+    from lorasuite_core.training.distill import accuracy, greedy_completions, teacher_agreement
+    from lorasuite_core.training.evaluation import load_for_generation
+
+    if not adapters or not prompts or len(teacher) != len(prompts):
+        raise ValueError(f"{len(adapters)} candidates, {len(teacher)} teacher completions for {len(prompts)} prompts")
+    gen = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    students, bare, completions = dict(students or {}), None, {}
+    for name, adapter_dir in adapters.items():
+        if name in students and bare is not None:
+            completions[name] = list(students[name])
+            continue
+        model, tokenizer = load_for_generation(new_model_dir, adapter_dir)
+        completions[name] = list(students[name]) if name in students else greedy_completions(model, tokenizer,
+                                                                                            prompts, **gen)
+        if bare is None:
+            with model.disable_adapter():
+                bare = greedy_completions(model, tokenizer, prompts, **gen)
+        del model
+    bare_agreement = teacher_agreement(bare, teacher)
+    result = []
+    for name, student in completions.items():
+        scores: dict[str, Any] = {}
+        if answers is not None:
+            scores = {"student_accuracy": accuracy(student, answers), "bare_accuracy": accuracy(bare, answers),
+                      "teacher_accuracy": accuracy(teacher, answers)}
+        gate = gate_decision(teacher_agreement(student, teacher), bare_agreement, n=len(prompts), margin=margin,
+                             **scores)
+        result.append(Candidate(name, gate, (fidelity or {}).get(name)))
+        log.info("route candidate %s", result[-1].numbers())
+    return result
