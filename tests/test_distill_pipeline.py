@@ -91,6 +91,30 @@ def test_the_gate_refuses_an_adapter_no_better_than_the_bare_model(exact):
     assert not (root / "refused").exists()                   # nothing published
 
 
+def test_the_teacher_answers_once_for_fidelity_and_the_gate(exact, monkeypatch):
+    """With evaluation data, fidelity and the gate: the teacher (old model + source adapter) generates its
+    answers once (the fidelity stage), and the gate reads them from the fidelity entry."""
+    from lorasuite_core.training import distill as D
+
+    root = exact["root"]
+    eval_data = root / "eval-once.jsonl"
+    eval_data.write_text("".join(json.dumps({"instruction": s.instruction, "input": s.input, "output": s.output,
+                                             "answer": s.answer}) + "\n" for s in generate_problems(4, "test", 7)))
+    loads = []
+    original = D.load_for_generation
+
+    def counted(model_dir, *adapters, **kwargs):
+        loads.append([str(a) for a in adapters])
+        return original(model_dir, *adapters, **kwargs)
+
+    monkeypatch.setattr(D, "load_for_generation", counted)
+    options = MigrationOptions(lft=False, gate=True, fidelity=True, eval_data=str(eval_data), gate_prompts=4)
+    report = stages.migrate_in_process(exact["old"], exact["new"], exact["adapter"], root / "once", options, SMALL,
+                                       cache_root=str(root / "store"))
+    assert loads.count([str(exact["adapter"])]) == 1        # one teacher generation, in the fidelity stage
+    assert report["quality_gate"]["passed"] and report["fidelity"]["fidelity"]["transfer"] > 0.99
+
+
 def test_seed_prompts_are_synthesised_by_the_teacher_excluding_evaluation_prompts(exact, monkeypatch):
     """The stage's wiring of synthesis: n = lft_samples (held out: the evaluation data), the seed, the exclusions,
     and the writer: the old model without the adapter."""

@@ -113,7 +113,7 @@ ENTRY_GRAPH: dict[str, Stage] = {
     "route": Stage(route_stages.choose_route, ("copy", "migrated", "lft", "fresh_lft", "fidelity"),
                    when=lambda plan: plan.route_key is not None, step="route", task="route",
                    run_name="route-{adapter.name}", gpu=True, torch_model=True),
-    "gate": Stage(stages.quality_gate, (FINAL,), when=lambda plan: plan.gate_key is not None, step="gate",
+    "gate": Stage(stages.quality_gate, (FINAL, "fidelity"), when=lambda plan: plan.gate_key is not None, step="gate",
                   task="gate", run_name="quality-gate-{adapter.name}", gpu=True, torch_model=True),
     "eval": Stage(stages.evaluate, (), when=lambda plan: bool(plan.evals), fan_out=lambda plan: plan.evals,
                   job_input=_eval_adapter, after=("gate",), step="eval", task="eval",

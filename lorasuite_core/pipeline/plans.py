@@ -289,8 +289,8 @@ def _train_job(plan: PairPlan, options: MigrationOptions, data: str | None, **st
                     epochs=options.lft_epochs, seed=options.seed)
 
 
-#: Version of the fidelity measurement in its stage key.
-FIDELITY_VERSION = 1
+#: Version of the fidelity measurement in its stage key (2: the teacher answers in the evaluation dtype, as the gate).
+FIDELITY_VERSION = 2
 
 
 def _fidelity_source(plan: PairPlan, options: MigrationOptions, lft: TrainJob | None) -> str:

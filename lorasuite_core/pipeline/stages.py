@@ -208,9 +208,12 @@ def _distill(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated: 
     return {"lft_mode": "distill", **report.to_dict(), "reused_teacher_completions": targets is not None}
 
 
-def quality_gate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, final_uri: str) -> StageResult:
+def quality_gate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, final_uri: str,
+                 fidelity_uri: str | None = None) -> StageResult:
     """Agreement with the teacher on held-out prompts, against the bare new model's; a failure raises
-    :class:`~lorasuite_core.training.gate.QualityGateFailed` with the numbers (also when reused)."""
+    :class:`~lorasuite_core.training.gate.QualityGateFailed` with the numbers (also when reused).  The teacher's
+    completions are generated once per adapter: distillation's (with the student's), else the ``fidelity``
+    entry's when it answered the same prompts, else here."""
     from lorasuite_core.training import distill as D
     from lorasuite_core.training.gate import GateResult, check_gate, quality_gate as run_gate
 
@@ -228,6 +231,9 @@ def quality_gate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, final_
             prompts = stored_prompts
         if not prompts:
             raise LorasuiteError("quality gate: no held-out prompts (no evaluation data and no distillation)")
+        if teacher_completions is None and fidelity_uri is not None:
+            kept_prompts, kept, _ = read_heldout(store.local_dir(fidelity_uri) / HELDOUT)
+            teacher_completions = kept if kept_prompts == prompts else None
         if teacher_completions is None:
             teacher, tokenizer = D.load_for_generation(resolve_local_dir(plan.old_model, "model"),
                                                        resolve_local_dir(adapter.adapter, "adapter"))
@@ -279,7 +285,7 @@ def fidelity(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated_u
         prompts, teacher = _fidelity_prompts(plan, adapter, distilled)
         old_dir, source_dir = resolve_local_dir(plan.old_model, "model"), resolve_local_dir(adapter.adapter, "adapter")
         if teacher is None:
-            model, tokenizer = D.load_for_generation(old_dir, source_dir, dtype="float32")
+            model, tokenizer = D.load_for_generation(old_dir, source_dir)     # as the gate generates (reused there)
             teacher = D.greedy_completions(model, tokenizer, prompts)
             del model
         write_heldout(out / HELDOUT, prompts, teacher)
