@@ -26,6 +26,7 @@ times) divided by the number of new layers.
 
     .venv/bin/python benchmarks/scale_benchmark.py qwen --label after
     .venv/bin/python benchmarks/scale_benchmark.py synthetic --layers 2 4 --label after
+    .venv/bin/python benchmarks/scale_benchmark.py synthetic --layers 32 --weights-dtype bfloat16 --label L32   # 7B/8B end to end
     .venv/bin/python benchmarks/scale_benchmark.py activations --label LABEL [--repo CODE]   # stage alone
 
 Each run merges its entries into ``benchmarks/results/scale_qwen.json`` / ``scale_synthetic.json``
@@ -209,8 +210,9 @@ def _machine() -> dict:
 # ------------------------------------------------------------------------------ synthetic checkpoints
 
 
-def write_synthetic_model(out: Path, shape: dict, layers: int, seed: int) -> Path:
-    """A llama checkpoint of ``shape`` with ``layers`` random layers, one safetensors shard per layer.
+def write_synthetic_model(out: Path, shape: dict, layers: int, seed: int, dtype: str = "float32") -> Path:
+    """A llama checkpoint of ``shape`` with ``layers`` random layers, one safetensors shard per layer,
+    stored in ``dtype`` (``bfloat16``: as real releases are, half the disk; drawn in float32 and rounded).
 
     Layer ``i``'s shard depends only on (``seed``, ``i``): it is written once into ``out.parent /
     pool-SEED`` and hard-linked into every depth's checkpoint, so the 2-, 4- and 8-layer models share
@@ -224,7 +226,7 @@ def write_synthetic_model(out: Path, shape: dict, layers: int, seed: int) -> Pat
 
     if (out / "model.safetensors.index.json").is_file():
         return out
-    pool = out.parent.parent / f"pool-{seed}"
+    pool = out.parent.parent / (f"pool-{seed}" if dtype == "float32" else f"pool-{seed}-{dtype}")
     pool.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer("byte_bpe", out)
@@ -233,7 +235,7 @@ def write_synthetic_model(out: Path, shape: dict, layers: int, seed: int) -> Pat
     config = LlamaConfig(vocab_size=len(tok), num_hidden_layers=layers, max_position_embeddings=4096,
                          rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, **shape)
+                         rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, dtype=dtype, **shape)
     config.save_pretrained(out)
     d, hd, h, kv, f = (shape[k] for k in ("hidden_size", "head_dim", "num_attention_heads", "num_key_value_heads",
                                           "intermediate_size"))
@@ -242,7 +244,8 @@ def write_synthetic_model(out: Path, shape: dict, layers: int, seed: int) -> Pat
         path = pool / name
         if not path.is_file():
             g = torch.Generator().manual_seed(seed * 1000 + part)
-            save_file(tensors(g), str(path.with_suffix(".tmp")), metadata={"format": "pt"})
+            stored = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in tensors(g).items()}
+            save_file(stored, str(path.with_suffix(".tmp")), metadata={"format": "pt"})
             path.with_suffix(".tmp").rename(path)
         return path
 
@@ -298,10 +301,11 @@ def part_qwen(args) -> None:
 
 def part_synthetic(args) -> None:
     for layers in args.layers:
-        work = Path(args.workdir) / "synthetic" / f"L{layers}"
+        suffix = "" if args.weights_dtype == "float32" else f"-{args.weights_dtype}"
+        work = Path(args.workdir) / "synthetic" / f"L{layers}{suffix}"
         t = time.perf_counter()
-        old = write_synthetic_model(work / "old", OLD_7B, layers, seed=1)
-        new = write_synthetic_model(work / "new", NEW_8B, layers, seed=2)
+        old = write_synthetic_model(work / "old", OLD_7B, layers, seed=1, dtype=args.weights_dtype)
+        new = write_synthetic_model(work / "new", NEW_8B, layers, seed=2, dtype=args.weights_dtype)
         adapter = make_adapter(old, work / "adapter")
         print(f"L={layers}: fixtures ready in {time.perf_counter() - t:.0f} s", flush=True)
         if args.prepare_only:
@@ -310,12 +314,12 @@ def part_synthetic(args) -> None:
                             threads=args.threads, timeout=args.timeout)
         entry["pair"] = {"old": {**OLD_7B, "num_hidden_layers": layers, "vocab_size": SYNTH_VOCAB},
                          "new": {**NEW_8B, "num_hidden_layers": layers, "vocab_size": SYNTH_VOCAB},
-                         "weights": "random N(0, 1/in), float32, one shard per layer"}
+                         "weights": f"random N(0, 1/in), {args.weights_dtype}, one shard per layer"}
         entry["adapter"] = {"rank": RANK, "alpha": ALPHA, "targets": TARGETS,
                             "made_by": "testing.adapter.make_random_lora_adapter"}
         entry["machine"] = _machine()
         entry["benchmark_command"] = " ".join([".venv/bin/python", "benchmarks/scale_benchmark.py", *sys.argv[1:]])
-        _merge(RESULTS / "scale_synthetic.json", {f"{args.label}/L{layers}": entry})
+        _merge(RESULTS / "scale_synthetic.json", {f"{args.label}/L{layers}{suffix}": entry})
 
 
 ACTIVATIONS_CHILD = """
@@ -469,6 +473,8 @@ def main() -> None:
     parser.add_argument("--repo", default=str(REPO), help="code to measure (PYTHONPATH of the child)")
     parser.add_argument("--workdir", default="/tmp/lorasuite-scale")
     parser.add_argument("--timeout", type=float, help="seconds before the child is killed")
+    parser.add_argument("--weights-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="synthetic checkpoints' stored dtype (bfloat16: as real releases, half the disk)")
     parser.add_argument("--prepare-only", action="store_true", help="write the synthetic checkpoints and adapters only")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
