@@ -1,5 +1,12 @@
 """The unit_maps entry: the unit maps of every mapped layer pair, in one head-transform mode.
 
+The maps depend on the adapter option ``head_transform`` (lstsq | paper), so the entry is keyed by
+it (:func:`~lorasuite_core.pipeline.plans.plan_pair`).  The pair stage runs once per run, in the
+mode its adapters ask for (:func:`~lorasuite_core.pipeline.runner.pair_head_transform`: theirs when
+they agree, else the default ``lstsq``); an adapter in the other mode computes its maps inside its
+own layer jobs, as before the stage existed, with the same bits.  So a single migration never
+computes maps it does not use, and a fleet in one mode computes them once.
+
 Layout, one safetensors file per mapped layer pair so that a per-layer job reads only its own:
 
 * ``maps.<i>.safetensors`` (old layer ``i``): per role ``<role>.M`` (K × h_n × h_o, float64),

@@ -10,8 +10,9 @@ tasks and by :func:`lorasuite_core.pipeline.stages.migrate_in_process` sequentia
       cka             CKA of layer updates (and of states) for all pairs     cka.py
       layer_mapping   monotone DP on the update CKA                          layer_mapping.py
       head_similarity per mapped pair: head + neuron matching                matching.py
+      unit_maps       per mapped pair and role: the unit maps M, their fit   unit_maps.py (layer_unit_maps)
     adapter transfer
-      transfer        per mapped pair: canonical deltas carried over         unit_maps.py
+      transfer        per mapped pair: canonical deltas carried through M    unit_maps.py (CarriedLayer)
       refactorise     QR + small SVD back to each module's rank              refactor.py
       write           PEFT directory, atomically                             models/writing.py
                       + migration_report.json                                report/migration.py

@@ -36,12 +36,20 @@ Two halves. The maps depend on the two base models, the residual maps, the unit 
 the mode, never on the adapter:
 
 * **compute the maps** (:func:`role_maps`): per role the matched pairs (a, b) and the K unit maps
-  M (K × h_n × h_o, float64; an output-facing role's N stored transposed, as the columns are
-  handled as rows), with ``fit``.  The costly part is the residual-side carry of the base
-  weights, W_old T_in (F × d × D for gate/up), not the h × h pseudo-inverses.
+  (K × h_n × h_o, float64), with ``fit``.  With units as rows (an output-facing role's columns
+  transposed, so N is kept as Nᵀ), X_o = W̃ (n_o × h_o × D) and X_n = W_new (n_n × h_n × D):
+
+      lstsq:  M_k = X_n[b_k] X_o[a_k]ᵀ (X_o[a_k] X_o[a_k]ᵀ)⁺     (= X_n[b_k] X_o[a_k]⁺; an h × h
+                                                                 pseudo-inverse, not an h × D SVD)
+      paper:  M_k = X_n[b_k] X_o[a_k]ᵀ
+
+  The costly part is forming W̃ = W_old T_in (F × d × D multiply-adds for gate/up, likewise
+  T_out W_old for o/down), not the h × h pseudo-inverses.
 * **apply the maps to factors** (:class:`CarriedLayer`): L_new[b] = M L[a] and R_new = R T_in,
-  or L_new = T_out L and R_new[:, b] = R[:, a] N — k columns per unit, the residual maps T
-  recomputed from P and the norm gains (an elementwise scaling, :func:`adapter.layer_pair_maps`).
+  or L_new = T_out L and R_new[:, b] = R[:, a] N — k columns per unit.  The residual maps T are
+  recomputed from P and the norm gains (an elementwise scaling, :func:`adapter.layer_pair_maps`)
+  rather than stored: four d × D float64 matrices per layer pair would be 44 MB on Qwen2.5
+  0.5B → 1.5B.  DoRA's effective change E goes through the same maps (dora.carry_dense).
 
 :class:`LayerTransfer` is both in one (the direct path); the pipeline computes the maps once
 per model pair in its ``unit_maps`` stage and each adapter only applies them
