@@ -121,7 +121,7 @@ def unit_counts(role: str, do: Dims, dn: Dims) -> tuple[int, int]:
 
 
 def _solve(X_o: torch.Tensor, X_n: torch.Tensor, pairs, mode: str, n_o: int, n_n: int) -> RoleMap:
-    """Units as rows: X_o (n_o × h_o × D), X_n (n_n × h_n × D) -> the K maps M with W̃[a] M ≈ ..., see above."""
+    """Units as rows: X_o (n_o × h_o × D), X_n (n_n × h_n × D) -> the K maps with M_k X_o[a_k] ≈ X_n[b_k] (above)."""
     pairs = torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2)
     a, b = pairs[:, 0].contiguous(), pairs[:, 1].contiguous()
     old_units = X_o[a]
