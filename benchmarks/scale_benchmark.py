@@ -75,7 +75,7 @@ QWEN_BEFORE_ISSUE = {
     "calibration": {"paired_tokens": 1405, "asked": 2048},
 }
 
-PAIR_STAGES = ("vocabulary", "transfer_matrix", "activations", "cka", "layer_mapping", "head_similarity")
+PAIR_STAGES = ("vocabulary", "transfer_matrix", "activations", "cka", "layer_mapping", "head_similarity", "unit_maps")
 
 
 def _git(repo: Path, *args: str) -> str:

@@ -10,7 +10,7 @@
   source head and their similarity cos(QK) + cos(VO), on the scale [-2, 2] (2: the same head up
   to the residual transfer), or ``new (no source)`` for a head the old layer has no match for
   (the new model has more heads).  The new model's head count comes from its config.
-* Fleet progress: the six pair-analysis stages fill the first :data:`ANALYSIS_SHARE` percent
+* Fleet progress: the pair-analysis stages fill the first :data:`ANALYSIS_SHARE` percent
   (one step per finished stage), the adapter waves the rest; the description names the current
   step and, at the end, ``Completed: ...`` or ``Failed: <reason>`` (:class:`ProgressArtifact`).
 
@@ -145,7 +145,7 @@ def fleet_summary_artifact(entries: list[Mapping[str, Any]]) -> None:
                              key=artifact_key("fleet-summary"), description="status of every fleet entry")
 
 
-ANALYSIS_SHARE = 40.0     # percent of a fleet run's progress bar taken by the six pair-analysis stages
+ANALYSIS_SHARE = 40.0     # percent of a fleet run's progress bar taken by the pair-analysis stages
 
 
 def one_line(error: BaseException) -> str:
@@ -157,7 +157,7 @@ class ProgressArtifact:
     """A progress bar in the UI (0-100): the pair analysis up to ``ANALYSIS_SHARE``, then the entries.
 
     It advances as each analysis stage and each adapter wave finishes, and its description says what
-    is running (``pair analysis: 3/6 stages``, ``adapters: 40%``), then how the run ended
+    is running (``pair analysis: 3/7 stages``, ``adapters: 40%``), then how the run ended
     (``Completed: 2 published, 0 skipped`` or ``Failed: <reason>``, with the bar where it stopped)."""
 
     def __init__(self, description: str):

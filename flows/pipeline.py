@@ -45,8 +45,9 @@ class PrefectExecutor:
     def check(self, *args: Any, **kwargs: Any) -> PrefectFuture:
         return tasks.check_entry.submit(*args, **kwargs)
 
-    def plan_pair(self, old_model: str, new_model: str, analysis: AnalysisOptions) -> PairPlan:
-        return tasks.identify_pair(old_model, new_model, analysis)
+    def plan_pair(self, old_model: str, new_model: str, analysis: AnalysisOptions,
+                  head_transform: str = "lstsq") -> PairPlan:
+        return tasks.identify_pair(old_model, new_model, analysis, head_transform)
 
     def stage(self, name: str, stage: Stage, store: str, plan: PairPlan, adapter: AdapterPlan | None = None,
               job: Any = None, inputs: tuple = ()) -> PrefectFuture:

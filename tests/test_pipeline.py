@@ -32,7 +32,7 @@ from tests.s3_server import s3_endpoint  # noqa: F401 - pytest fixture
 
 TOKENS = 256
 SMALL = AnalysisOptions(max_calibration_tokens=TOKENS)
-ANALYSIS = ("vocabulary", "transfer_matrix", "activations", "cka", "layer_mapping", "head_similarity")
+ANALYSIS = ("vocabulary", "transfer_matrix", "activations", "cka", "layer_mapping", "head_similarity", "unit_maps")
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -220,12 +220,12 @@ def failing_layer(monkeypatch, layer: int, failures: int | None):
 
     calls = {"all": 0, "failed": 0}
 
-    def flaky(old, new, analysis, adapter, j, sources, mode):
+    def flaky(old, new, analysis, adapter, j, sources, mode, unit_maps=None):
         calls["all"] += 1
         if j == layer and (failures is None or calls["failed"] < failures):
             calls["failed"] += 1
             raise RuntimeError(f"worker lost while transferring layer {j}")
-        return real(old, new, analysis, adapter, j, sources, mode)
+        return real(old, new, analysis, adapter, j, sources, mode, unit_maps)
 
     monkeypatch.setattr(stages, "transfer_new_layer", flaky)
     return calls

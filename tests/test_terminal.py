@@ -29,7 +29,7 @@ from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 
 needs_prefect = pytest.mark.usefixtures("prefect_server")
 
-PAIR_STAGES = ("vocabulary", "activations", "transfer_matrix", "cka", "layer_mapping", "head_similarity")
+PAIR_STAGES = ("vocabulary", "activations", "transfer_matrix", "cka", "layer_mapping", "head_similarity", "unit_maps")
 STAGES = PAIR_STAGES + ("transfer", "write", "fidelity", "publish")
 LINE = re.compile(r"^(\w+) \.{2,} +(\d+\.(\d+)) s(?: \((.*)\))?$")
 HEX64 = re.compile(r"[0-9a-f]{64}")

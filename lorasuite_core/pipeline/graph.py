@@ -8,7 +8,8 @@ A :class:`Stage` names its function (in :mod:`.pair_stages` or :mod:`.stages`), 
 call per job of the plan).  The stage order of a migration is this file, top to bottom::
 
     plan_pair                            identities and keys          (plans.plan_pair)
-    PAIR_GRAPH                           six analysis stages, once per model pair and calibration set
+    PAIR_GRAPH                           seven analysis stages, once per model pair, calibration set and
+                                         head transform (the unit maps)
     per adapter:
       check_entry                        output safety + adapter check (runner.check_entry)
       plan_adapter                       load, fit check, jobs, keys   (plans.plan_adapter)
@@ -74,6 +75,7 @@ PAIR_GRAPH: dict[str, Stage] = {
     "layer_mapping": _pair(pair_stages.layer_mapping, ("cka",)),
     "head_similarity": _pair(pair_stages.head_similarity,
                              ("vocabulary", "transfer_matrix", "activations", "cka", "layer_mapping")),
+    "unit_maps": _pair(pair_stages.unit_maps, ("head_similarity",)),
 }
 PAIR_STAGES = tuple(PAIR_GRAPH)
 
@@ -90,7 +92,7 @@ def _eval_adapter(job: EvalJob) -> str | None:
 
 #: Per adapter, after :func:`~lorasuite_core.pipeline.plans.plan_adapter` and before publishing :data:`FINAL`.
 ENTRY_GRAPH: dict[str, Stage] = {
-    "transfer": Stage(stages.transfer_layer, ("head_similarity",), when=lambda plan: plan.transfers,
+    "transfer": Stage(stages.transfer_layer, ("head_similarity", "unit_maps"), when=lambda plan: plan.transfers,
                       fan_out=lambda plan: plan.layers, step="transfer", task="layer",
                       run_name="transfer-{adapter.name}-layer-{job.new_layer}", gpu=True),
     "copy": Stage(route_stages.copy_adapter, (), when=lambda plan: plan.copy_key is not None, step="copy",

@@ -1,8 +1,10 @@
 """The pair-analysis stages: computed once per model pair and calibration set, shared by every adapter.
 
 ``vocabulary`` (shared tokens), ``transfer_matrix`` (residual maps), ``activations`` (paired hidden
-states on the calibration text), ``cka``, ``layer_mapping`` and ``head_similarity`` (head and neuron
-matching of every mapped layer pair; writes the whole pair analysis).  Their inputs and order:
+states on the calibration text), ``cka``, ``layer_mapping``, ``head_similarity`` (head and neuron
+matching of every mapped layer pair; writes the whole pair analysis) and ``unit_maps`` (per mapped
+layer pair and role the unit maps M and their fit, :mod:`lorasuite_core.transfer.unit_maps`, in the
+plan's ``head_transform`` mode; :mod:`.unit_map_store`).  Their inputs and order:
 :data:`lorasuite_core.pipeline.graph.PAIR_GRAPH`.  Each is a function ``(store, plan, *input_uris)``
 over the :class:`~lorasuite_core.pipeline.stage_store.StageStore`; arrays live in safetensors files of
 the entries.  :func:`pair_analysis` reads the finished analysis back (memoised per process).
@@ -22,11 +24,12 @@ from lorasuite_core.io import terminal
 from lorasuite_core.io.uris import redact_uri
 from lorasuite_core.transfer.activations import PairedActivations, paired_activations
 from lorasuite_core.pipeline.analysis_store import load_matches, save_matches
+from lorasuite_core.pipeline.unit_map_store import clear_memo as clear_unit_maps, save_unit_maps
 from lorasuite_core.transfer.cka import minibatch_cka
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.transfer.layer_mapping import fixed_mapping, map_layers
 from lorasuite_core.report.migration import head_mapping_entries
-from lorasuite_core.transfer.adapter import PairAnalysis, effective_head_mapping, match_layer_pair
+from lorasuite_core.transfer.adapter import PairAnalysis, effective_head_mapping, layer_unit_maps, match_layer_pair
 from lorasuite_core.transfer.residual import ResidualTransfer, residual_transfer
 from lorasuite_core.pipeline.stage_store import StageResult, StageStore, texts_identity
 from lorasuite_core.transfer.vocab import SharedVocabulary, shared_vocabulary
@@ -57,6 +60,7 @@ def clear_memo() -> None:
     """Forget memoised models, adapters and analyses (tests, long-lived workers)."""
     for cached in (_model, _adapter, _analysis):
         cached.cache_clear()
+    clear_unit_maps()
 
 
 def _load_vocabulary(store: StageStore, uri: str) -> SharedVocabulary:
@@ -165,3 +169,21 @@ def head_similarity(store: StageStore, plan: PairPlan, vocabulary_uri: str, tran
                 "shared_vocabulary_size": len(analysis.shared), "calibration": analysis.calibration}
 
     return store.run("head_similarity", plan.stage_keys["head_similarity"], compute)
+
+
+def unit_maps(store: StageStore, plan: PairPlan, analysis_uri: str) -> StageResult:
+    """The unit maps of every mapped layer pair and role, in ``plan.head_transform`` mode (adapter-independent:
+    each adapter's layer jobs only apply them to its factors)."""
+
+    def compute(out: Path) -> dict:
+        old, new = plan.old(), plan.new()
+        analysis = pair_analysis(store, plan, analysis_uri)
+        maps, fit = {}, {}
+        for done, (i, j) in enumerate(analysis.layer_mapping, start=1):
+            maps[(i, j)] = layer_unit_maps(old, new, analysis, i, j, plan.head_transform)
+            fit.update({f"{i}->{j}.{role}": m.fit for role, m in maps[(i, j)].items()})
+            terminal.advanced("unit_maps", done, len(analysis.layer_mapping), "layer pairs")
+        save_unit_maps(maps, plan.head_transform, out)
+        return {"mode": plan.head_transform, "layer_pairs": len(maps), "max_fit": max(fit.values(), default=0.0)}
+
+    return store.run("unit_maps", plan.stage_keys["unit_maps"], compute)

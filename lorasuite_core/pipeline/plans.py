@@ -1,7 +1,10 @@
 """Plans: what a migration will compute, and the key of every stage entry, before anything is computed.
 
 * :func:`plan_pair` identifies both models (file listings, not tensors) and the calibration text and
-  derives the keys of the pair-analysis stages (:mod:`lorasuite_core.pipeline.pair_stages`).
+  derives the keys of the pair-analysis stages (:mod:`lorasuite_core.pipeline.pair_stages`).  The
+  ``unit_maps`` stage is keyed by the pair's ``head_transform`` (the mode the maps are solved in): the
+  runner passes the mode its adapters ask for (the default where they differ); an adapter in another
+  mode computes its maps in its own layer jobs (:attr:`LayerJob.unit_maps` false), equal bit for bit.
 * :func:`plan_adapter` loads and checks one adapter against the old model and lists its per-layer jobs,
   its optional LFT / baseline / fidelity / gate / evaluation jobs and their keys
   (:mod:`lorasuite_core.pipeline.stages` runs them).  Keys chain: a stage's key includes the keys of
@@ -29,7 +32,7 @@ from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.models.loading import LoadedModel, LoraAdapter, load_base_model, load_lora_adapter
 from lorasuite_core.transfer.adapter import check_adapter_fits, sources_by_new_layer
 from lorasuite_core.pipeline import routes
-from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
+from lorasuite_core.pipeline.options import AnalysisOptions, HeadTransform, MigrationOptions
 from lorasuite_core.pipeline.stage_store import (ADAPTER_PATTERNS, StageResult, artifact_identity, data_identity,
                                                  stage_key, texts_identity)
 
@@ -68,6 +71,7 @@ class PairPlan(Schema):
     analysis: AnalysisOptions
     calibration_identity: str
     stage_keys: dict[str, str]
+    head_transform: HeadTransform = "lstsq"     # the mode of the unit_maps entry
 
     @property
     def calibration_data(self) -> str | None:
@@ -93,8 +97,10 @@ def calibration_texts(ref: str | None, max_tokens: int) -> list[str]:
     return read_calibration_file(ref, max_tokens) if ref else builtin_calibration_texts()
 
 
-def plan_pair(old_model: str, new_model: str, analysis: AnalysisOptions | None = None) -> PairPlan:
-    """Identify both models (file listings, not tensors) and the calibration text; derive the keys."""
+def plan_pair(old_model: str, new_model: str, analysis: AnalysisOptions | None = None,
+              head_transform: HeadTransform = "lstsq") -> PairPlan:
+    """Identify both models (file listings, not tensors) and the calibration text; derive the keys
+    (``head_transform``: the mode of the pair's unit maps)."""
     analysis = analysis or AnalysisOptions()
     calibration_data, max_calibration_tokens = analysis.calibration_data, analysis.max_calibration_tokens
     layer_offset = analysis.layer_offset
@@ -111,8 +117,11 @@ def plan_pair(old_model: str, new_model: str, analysis: AnalysisOptions | None =
     keys["head_similarity"] = stage_key("head_similarity", transfer_matrix=keys["transfer_matrix"],
                                         layer_mapping=keys["layer_mapping"], activations=keys["activations"],
                                         layout="matches", heads=analysis.head_mapping)
+    keys["unit_maps"] = stage_key("unit_maps", head_similarity=keys["head_similarity"], mode=head_transform,
+                                  layout="maps-per-layer")
     return PairPlan(old_model=old_model, new_model=new_model, old_identity=old_id, new_identity=new_id,
-                    analysis=analysis, calibration_identity=calibration, stage_keys=keys)
+                    analysis=analysis, calibration_identity=calibration, stage_keys=keys,
+                    head_transform=head_transform)
 
 
 # --------------------------------------------------------------------------- an adapter
@@ -122,6 +131,7 @@ class LayerJob(Schema):
     new_layer: int
     sources: list[int]
     key: str
+    unit_maps: bool = True          # load the pair's unit maps (same mode); False: compute them in the job
 
     @property
     def label(self) -> str:
@@ -221,9 +231,11 @@ def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: 
     mapping = [(int(i), int(j)) for i, j in analysis.facts["layer_mapping"]]
     sources = sources_by_new_layer(mapping, {layer for layer, _ in adapter.factors})
     mode = options.head_transform
-    layers = [LayerJob(new_layer=j, sources=sources[j],
+    cached = mode == plan.head_transform          # the pair's unit_maps entry holds this mode's maps
+    layers = [LayerJob(new_layer=j, sources=sources[j], unit_maps=cached,
                        key=stage_key("layer", analysis=analysis.key, adapter=identity, new_layer=j,
-                                     sources=sources[j], mode=mode))
+                                     sources=sources[j], mode=mode,
+                                     unit_maps=plan.stage_keys["unit_maps"] if cached else None))
               for j in sorted(sources)]
     zero_init = options.adds_zero_init
     migrated_key = stage_key("migrated", analysis=analysis.key, adapter=identity, mode=mode, layers=[l.key for l in layers],

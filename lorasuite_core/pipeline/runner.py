@@ -74,7 +74,8 @@ class Executor(Protocol):
     """Starts calls and hands back their results (raising their errors); see the module docstring."""
 
     def check(self, *args: Any, **kwargs: Any) -> Any: ...                       # check_entry
-    def plan_pair(self, old_model: str, new_model: str, analysis: AnalysisOptions) -> PairPlan: ...
+    def plan_pair(self, old_model: str, new_model: str, analysis: AnalysisOptions,
+                  head_transform: str = "lstsq") -> PairPlan: ...
     def stage(self, name: str, stage: Stage, store: str, plan: PairPlan, adapter: AdapterPlan | None = None,
               job: Any = None, inputs: tuple = ()) -> Any: ...
     def plan_adapter(self, plan: PairPlan, analysis: Any, name: str, adapter: str,
@@ -110,8 +111,9 @@ class InProcess:
     def check(self, *args: Any, **kwargs: Any) -> _Done:
         return _now(check_entry, *args, **kwargs)
 
-    def plan_pair(self, old_model: str, new_model: str, analysis: AnalysisOptions) -> PairPlan:
-        return plans.plan_pair(old_model, new_model, analysis)
+    def plan_pair(self, old_model: str, new_model: str, analysis: AnalysisOptions,
+                  head_transform: str = "lstsq") -> PairPlan:
+        return plans.plan_pair(old_model, new_model, analysis, head_transform)
 
     def stage(self, name: str, stage: Stage, store: str, plan: PairPlan, adapter: AdapterPlan | None = None,
               job: Any = None, inputs: tuple = ()) -> _Done:
@@ -221,6 +223,13 @@ class EntryRun:
 # --------------------------------------------------------------------------- the runner
 
 
+def pair_head_transform(entries: list[EntryRun]) -> str:
+    """The mode of the pair's unit maps: the one every live entry asks for, else the default (an entry in
+    another mode computes its maps in its own layer jobs, see :mod:`.plans`)."""
+    modes = {e.options.head_transform for e in entries if e.live}
+    return modes.pop() if len(modes) == 1 else MigrationOptions.model_fields["head_transform"].default
+
+
 class Runner:
     """Walks the pair graph, then the entry graph of every entry, on one executor and one stage store."""
 
@@ -236,7 +245,8 @@ class Runner:
         self.check(old_model, new_model, analysis, entries, overwrite=overwrite, skip_finished=skip_finished)
         if not any(e.live for e in entries):
             return None
-        pair = self.analyse_pair(old_model, new_model, analysis, progress.analysis if progress else None)
+        pair = self.analyse_pair(old_model, new_model, analysis, progress.analysis if progress else None,
+                                 head_transform=pair_head_transform(entries))
         if on_pair:
             on_pair(pair)
         self.migrate(entries, pair, overwrite=overwrite, on_progress=progress.entries if progress else None)
@@ -257,9 +267,11 @@ class Runner:
         self._wave(entries, "check", lambda e: [("check", submit(e))])
 
     def analyse_pair(self, old_model: str, new_model: str, analysis: AnalysisOptions,
-                     on_progress: Callable[[int, int], None] | None = None) -> PairRun:
-        """Submit the pair graph whole (a stage waits on its inputs), then collect it in order."""
-        pair = PairRun(self.x.plan_pair(old_model, new_model, analysis))
+                     on_progress: Callable[[int, int], None] | None = None, *,
+                     head_transform: str = "lstsq") -> PairRun:
+        """Submit the pair graph whole (a stage waits on its inputs), then collect it in order;
+        ``head_transform``: the mode of the pair's unit maps (:func:`pair_head_transform`)."""
+        pair = PairRun(self.x.plan_pair(old_model, new_model, analysis, head_transform))
         names = list(PAIR_GRAPH)
         for name in names:
             stage = PAIR_GRAPH[name]

@@ -45,6 +45,7 @@ from lorasuite_core.pipeline.stage_store import StageResult, StageStore
 from lorasuite_core.pipeline.routes import FIDELITY_NAME
 from lorasuite_core.pipeline.plans import AdapterPlan, EvalJob, LayerJob, PairPlan, _adapter, calibration_texts
 from lorasuite_core.pipeline.pair_stages import _load_vocabulary, pair_analysis
+from lorasuite_core.pipeline.unit_map_store import load_layer_maps
 from lorasuite_core.training.heldout import HELDOUT, TEACHER_TARGETS, read_heldout, write_heldout
 
 log = logging.getLogger(__name__)
@@ -56,15 +57,20 @@ PUBLISHED_EXTRA = ("training_summary.json",)
 
 
 def transfer_layer(store: StageStore, plan: PairPlan, adapter: AdapterPlan, job: LayerJob,
-                   analysis_uri: str) -> StageResult:
-    """The unit of per-layer work: carry every old layer mapped onto ``job.new_layer``, re-factorise."""
+                   analysis_uri: str, unit_maps_uri: str) -> StageResult:
+    """The unit of per-layer work: carry every old layer mapped onto ``job.new_layer`` through the pair's unit
+    maps (loaded, or computed here for an adapter in another mode than the pair's), re-factorise."""
 
     def compute(out: Path) -> dict:
         old, new = plan.old(), plan.new()
         analysis = pair_analysis(store, plan, analysis_uri)
         source = _adapter(adapter.adapter, adapter.adapter_identity, plan.old_model, plan.old_identity)
-        result = transfer_new_layer(old, new, analysis, source, job.new_layer, list(job.sources),
-                                    adapter.options.head_transform)
+        mode = adapter.options.head_transform
+        maps = None
+        if job.unit_maps:
+            where = store.local_dir(unit_maps_uri)
+            maps = {i: load_layer_maps(where, i, job.new_layer, mode) for i in job.sources}
+        result = transfer_new_layer(old, new, analysis, source, job.new_layer, list(job.sources), mode, maps)
         save_layer_result(result, out)
         return {"new_layer": job.new_layer, "modules": len(result.modules)}
 

@@ -10,8 +10,9 @@ tasks and by :func:`lorasuite_core.pipeline.stages.migrate_in_process` sequentia
       cka             CKA of layer updates (and of states) for all pairs     cka.py
       layer_mapping   monotone DP on the update CKA                          layer_mapping.py
       head_similarity per mapped pair: head + neuron matching                matching.py
+      unit_maps       per mapped pair and role: the unit maps M, their fit   unit_maps.py (layer_unit_maps)
     adapter transfer
-      transfer        per mapped pair: canonical deltas carried over         unit_maps.py
+      transfer        per mapped pair: canonical deltas carried through M    unit_maps.py (CarriedLayer)
       refactorise     QR + small SVD back to each module's rank              refactor.py
       write           PEFT directory, atomically                             models/writing.py
                       + migration_report.json                                report/migration.py
@@ -58,7 +59,7 @@ from lorasuite_core.models.variants.base import LoraFactors
 from lorasuite_core.transfer.matching import LayerMatch, match_layer
 from lorasuite_core.transfer.refactor import LowRank, Refactorised, refactorise
 from lorasuite_core.transfer.residual import ResidualTransfer, input_map, input_offset, output_map
-from lorasuite_core.transfer.unit_maps import LayerTransfer
+from lorasuite_core.transfer.unit_maps import CarriedLayer, RoleMap, role_maps
 from lorasuite_core.transfer.vocab import SharedVocabulary
 
 log = logging.getLogger(__name__)
@@ -188,21 +189,34 @@ def _source_factors(old: LoadedModel, new: LoadedModel, adapter: LoraAdapter, ne
     return max(candidates, key=lambda f: f.rank)
 
 
-def transfer_layer_pair(old, new, analysis: PairAnalysis, adapter: LoraAdapter, i: int, j: int, mode: str):
+def layer_unit_maps(old, new, analysis: PairAnalysis, i: int, j: int, mode: str, roles=None,
+                    maps: dict[str, torch.Tensor] | None = None) -> dict[str, RoleMap]:
+    """The unit maps of old layer i -> new layer j (unit_maps.role_maps): of ``roles``, default every role both
+    layers have.  Adapter-independent: the pipeline's ``unit_maps`` stage computes them once per model pair."""
+    maps = maps if maps is not None else layer_pair_maps(old, new, analysis.residual, i, j)
+    return role_maps(layer_weights(old, i), layer_weights(new, j), old.dims, new.dims, maps, analysis.matches[i],
+                     mode, analysis.residual.P, roles)
+
+
+def transfer_layer_pair(old, new, analysis: PairAnalysis, adapter: LoraAdapter, i: int, j: int, mode: str,
+                        unit_maps: dict[str, RoleMap] | None = None):
     """Canonical new deltas (factor form) for old layer i -> new layer j, with fit diagnostics; for a
-    DoRA adapter also the carried effective changes 𝒯(E) per canonical role (dense), else {}."""
+    DoRA adapter also the carried effective changes 𝒯(E) per canonical role (dense), else {}.
+    ``unit_maps``: this pair's maps (:func:`layer_unit_maps`, e.g. loaded from the store); None computes
+    the ones the adapter needs here (the direct path, equal bit for bit)."""
     deltas = canonical_factors(old.family, old.dims, _layer_deltas(adapter, i))
     if not deltas:
         return {}, {}, {}, set(), {}
     maps = layer_pair_maps(old, new, analysis.residual, i, j)
-    transfer = LayerTransfer(layer_weights(old, i), layer_weights(new, j), old.dims, new.dims, maps,
-                             analysis.matches[i], mode, analysis.residual.P)
+    if unit_maps is None:
+        unit_maps = layer_unit_maps(old, new, analysis, i, j, mode, list(deltas), maps)
+    transfer = CarriedLayer(unit_maps, maps, mode, analysis.residual.P)
     carried = transfer.run(deltas)
     fit = dict(transfer.fit)
     changes = {}
     if adapter.variant.has_magnitude:
         changes = {role: carry_dense(transfer, role, E) for role, E in _dora_changes(old, adapter, i).items()
-                   if role in transfer.new_w}
+                   if role in transfer.roles}
     offsets = _offset_effects(old, new, deltas, maps, i, j)
     return carried, fit, offsets, set(deltas), changes
 
@@ -249,15 +263,17 @@ class NewLayerResult:
 
 
 def transfer_new_layer(old, new, analysis: PairAnalysis, adapter: LoraAdapter, j: int, sources: list[int],
-                       mode: str) -> NewLayerResult:
-    """The unit of per-layer work: carry every old layer mapped onto new layer j, sum, re-factorise."""
+                       mode: str, unit_maps: dict[int, dict[str, RoleMap]] | None = None) -> NewLayerResult:
+    """The unit of per-layer work: carry every old layer mapped onto new layer j, sum, re-factorise.
+    ``unit_maps``: old layer -> its maps onto j (:func:`layer_unit_maps` in ``mode``); None: computed here."""
     summed: dict[str, LowRank] = {}
     changes: dict[str, torch.Tensor] = {}
     unit_fit: dict[str, float] = {}
     offsets: dict[str, float] = {}
     roles: set[str] = set()
     for i in sources:
-        carried, fit, off, old_roles, carried_changes = transfer_layer_pair(old, new, analysis, adapter, i, j, mode)
+        carried, fit, off, old_roles, carried_changes = transfer_layer_pair(old, new, analysis, adapter, i, j, mode,
+                                                                             None if unit_maps is None else unit_maps[i])
         roles |= old_roles
         for role, delta in carried.items():
             summed[role] = summed[role] + delta if role in summed else delta
