@@ -217,7 +217,8 @@ def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: 
     if options.gate:
         held_out = data_identity(options.eval_data, "evaluation data") if options.eval_data else "lft-heldout"
         gate_key = stage_key("gate", adapter=lft.key if lft else migrated_key, teacher=[plan.old_identity, identity],
-                             heldout=held_out, n=options.gate_prompts, margin=options.gate_margin, seed=options.seed)
+                             heldout=held_out, n=options.gate_prompts, margin=options.gate_margin, seed=options.seed,
+                             version=GATE_VERSION)
     fidelity_key = None
     if options.fidelity:
         fidelity_key = stage_key("fidelity", adapters=[migrated_key, lft.key if lft else None],
@@ -233,8 +234,12 @@ def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: 
                        seconds=time.perf_counter() - start)
 
 
-#: Version of the fidelity measurement in its stage key.
-FIDELITY_VERSION = 1
+#: Versions of what a stage computes, in its key.  2: a prompt of a registered skill is generated with the
+#: skill's stop rule and budget, and agreement with the teacher is judged by the skill's scorer
+#: (:func:`lorasuite_core.training.distill.answers_agree`), not the final number.
+FIDELITY_VERSION = 2
+GATE_VERSION = 2
+DISTILL_VERSION = 2
 
 
 def _fidelity_source(plan: PairPlan, options: MigrationOptions, lft: TrainJob | None) -> str:
@@ -258,7 +263,7 @@ def _distill_key_parts(plan: PairPlan, adapter_identity: str, options: Migration
     """What a distilled LFT depends on beyond labelled LFT: the teacher, the prompts, the KL weight, held-out set."""
     if options.lft_mode != "distill":
         return {}
-    return {"lft_mode": "distill", "teacher": [plan.old_identity, adapter_identity],
+    return {"lft_mode": "distill", "distill_version": DISTILL_VERSION, "teacher": [plan.old_identity, adapter_identity],
             "prompts": data_identity(options.lft_prompts, "LFT prompts") if options.lft_prompts else None,
             "seeds": data_identity(options.lft_seed_prompts, "seed prompts") if options.lft_seed_prompts else None,
             **({"synthesis": SYNTHESIS_VERSION} if options.lft_seed_prompts else {}),
