@@ -92,6 +92,53 @@ def test_answers_agree_on_final_numbers_else_on_text():
         D.teacher_agreement(["1", "2", "3"], ["1", "2"])
 
 
+def test_agreement_of_a_word_answer_skill_uses_its_scorer():
+    from lorasuite_core.training import skills
+
+    task = "family_relationships"
+    teacher = "The answer is mother."
+    assert D.answers_agree("Let me think. The answer is Mother.", teacher, task) is True    # the same word
+    assert D.answers_agree("The answer is father.", teacher, task) is False                # another word
+    assert D.answers_agree("Let me think. The answer is Mother.", teacher) is False        # the text rule: no number
+    assert D.answers_agree("The answer is mother. The answer is father.", teacher, task) is True   # first answer
+    assert D.answers_agree("", teacher, task) is False
+    assert D.answers_agree("no idea", "no  idea", task) is False   # the teacher's first line is its answer
+    assert D.teacher_agreement(["The answer is aunt.", "The answer is uncle."], [teacher, "The answer is uncle."],
+                               [task, task]) == 0.5
+    with pytest.raises(ValueError, match="1 tasks for 2"):
+        D.teacher_agreement(["a", "b"], ["a", "b"], [task])
+    # each registered skill: its own right output agrees with itself, another sample's output does not
+    for name in ("knowledge", "bfcl", "letter_counting", "arithmetic"):
+        first, second = skills.get_skill(name).samples("test", 2, 0)
+        assert D.answers_agree(first.output, first.output, name) and not D.answers_agree(second.output, first.output, name)
+    assert D.answers_agree("get_weather(city = 'Paris' , unit='C')", "get_weather(unit='c', city='paris')", "bfcl")
+    assert not D.answers_agree("get_weather(city='Paris')", "get_weather(unit='c', city='paris')", "bfcl")
+    # gold samples are scored by their skill, gold strings by the final number
+    gold = skills.get_skill(task).samples("test", 2, 0)
+    assert D.accuracy([gold[0].output, gold[0].output], gold) == (0.5 if gold[0].answer != gold[1].answer else 1.0)
+
+
+def test_task_prompts_take_their_skills_stop_rule_budget_and_cut(teacher, monkeypatch):
+    from lorasuite_core.training import skills
+
+    model, tokenizer = teacher
+    skill = skills.get_skill("family_relationships")
+    sample = skill.samples("test", 1, 0)[0]
+    prompts = [P.Prompt(sample.instruction, task=skill.name), P.Prompt(sample.instruction)]
+    assert P.prompts_from_samples([sample]) == prompts[:1] and prompts[0].sample().task == skill.name
+    task, plain = D.greedy_completions(model, tokenizer, prompts, batch_size=8)
+    assert 0 < len(task.ids) <= skill.max_new_tokens and 0 < len(plain.ids) <= D.DEFAULT_MAX_NEW_TOKENS
+    assert task.text == skill.target_text(tokenizer.decode(list(task.ids), skip_special_tokens=True))
+    # the skill's budget and stop rule (here: after 3 characters) end its prompts' rows, not the other prompt's
+    monkeypatch.setattr(skill, "max_new_tokens", 4)
+    budget, plain_again = D.greedy_completions(model, tokenizer, prompts, batch_size=8)
+    assert 0 < len(budget.ids) <= 4 and budget.ids == task.ids[:len(budget.ids)] and plain_again == plain
+    monkeypatch.setattr(skill, "finished", lambda text: len(text) >= 3)
+    short, plain_again = D.greedy_completions(model, tokenizer, prompts, batch_size=8, max_new_tokens=30)
+    assert len(tokenizer.decode(list(short.ids))) >= 3 > len(tokenizer.decode(list(short.ids[:-1])))
+    assert short.ids == task.ids[:len(short.ids)]
+
+
 def test_greedy_completions_keep_the_generated_ids(teacher):
     model, tokenizer = teacher
     prompts = P.prompts_from_samples(generate_problems(4, "test", 0))
@@ -371,3 +418,16 @@ def test_synthesis_budget_grows_with_the_number_asked(monkeypatch):
     monkeypatch.setattr(P, "_sample_continuations", lambda *a: ["nothing"] * 10)
     with pytest.raises(LorasuiteError, match="no usable prompt .* in 36 rounds"):
         P.synthesise_prompts(None, None, ["How many apples are left?"], 30, config=config)
+
+
+def test_prompts_carry_their_task(tmp_path):
+    from lorasuite_core.pipeline.stages import _prompts
+
+    assert {p.task for p in _prompts("task:family_relationships:train:3", None, 0)} == {"family_relationships"}
+    assert {p.task for p in _prompts("builtin:train", 3, 0)} == {None}          # builtin: the final-number rules
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "Who is Ann to Bob?", "task": "family_relationships"}\n{"prompt": "2+2?"}\n')
+    assert [p.task for p in P.read_prompts(str(path))] == ["family_relationships", None]
+    path.write_text('{"prompt": "q", "task": "nope"}\n')
+    with pytest.raises(LorasuiteError, match="line 1: unknown task 'nope'"):
+        P.read_prompts(str(path))

@@ -148,7 +148,7 @@ def test_seed_prompts_are_synthesised_by_the_teacher_excluding_evaluation_prompt
 def test_held_out_records_round_trip_and_malformed_ones_are_one_line_errors(tmp_path):
     from lorasuite_core.errors import LorasuiteError
 
-    prompts = [P.Prompt("What is 2 plus 3?"), P.Prompt("Add", "4 and 5")]
+    prompts = [P.Prompt("What is 2 plus 3?"), P.Prompt("Add", "4 and 5", task="arithmetic")]
     teacher = [D.Completion(" 5", (20,)), D.Completion(" 9", (21, 22))]
     student = [D.Completion(" 5", (30,)), D.Completion(" 8", (31,))]
     path = tmp_path / heldout.HELDOUT
@@ -156,7 +156,8 @@ def test_held_out_records_round_trip_and_malformed_ones_are_one_line_errors(tmp_
     assert heldout.read_heldout(path) == (prompts, teacher, student)
     path.write_text(json.dumps([{"instruction": "What is 2 plus 3?"}]))          # prompts only: generate the rest
     assert heldout.read_heldout(path) == ([P.Prompt("What is 2 plus 3?")], None, None)
-    for bad in ("{", "[]", '[{"input": "x"}]', '[{"instruction": "q", "teacher": {"text": "t", "ids": ["1"]}}]'):
+    for bad in ("{", "[]", '[{"input": "x"}]', '[{"instruction": "q", "teacher": {"text": "t", "ids": ["1"]}}]',
+                '[{"instruction": "q", "task": "no-such-skill"}]'):
         path.write_text(bad)
         with pytest.raises(LorasuiteError, match=r"^distillation's held-out prompts .*: ") as info:
             heldout.read_heldout(path)

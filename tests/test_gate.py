@@ -88,3 +88,20 @@ def test_gate_with_labelled_data_records_accuracies(gate_setup):
     assert reused.student_agreement == 1.0 and reused.bare_agreement == result.bare_agreement
     with pytest.raises(ValueError, match="3 gold answers for 8"):
         _gate(gate_setup, "migrated", answers=answers[:3])
+
+
+def test_gate_judges_a_word_answer_skill_by_its_scorer(gate_setup):
+    from lorasuite_core.training import skills
+
+    skill = skills.get_skill("family_relationships")
+    samples = skill.samples("test", 4, 0)
+    prompts = P.prompts_from_samples(samples)
+    assert all(p.task == skill.name for p in prompts)
+    teacher = [s.output for s in samples]                                  # "The answer is <word>."
+    student = [f"Let me see. The answer is {s.answer.capitalize()}." for s in samples[:3]] + ["The answer is nobody."]
+    result = quality_gate(gate_setup["new"], gate_setup["migrated"], prompts, teacher, answers=samples,
+                          student_completions=student, dtype="float32", device="cpu", batch_size=8)
+    assert result.student_agreement == 0.75            # the same word counts; the final-number rule would give 0
+    assert result.bare_agreement == 0.0 and result.passed   # the tiny bare model writes no family word
+    assert result.student_accuracy == 0.75 and result.teacher_accuracy == 1.0 and result.bare_accuracy == 0.0
+    assert D.teacher_agreement(student, teacher) == 0.0

@@ -266,7 +266,8 @@ def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: 
     held_out = data_identity(options.eval_data, "evaluation data") if options.eval_data else "lft-heldout"
     if options.gate and options.route != "auto":            # auto gates every candidate in its route stage
         draft.gate_key = stage_key("gate", adapter=next(iter(keys.values())), teacher=teacher, heldout=held_out,
-                                   n=options.gate_prompts, margin=options.gate_margin, seed=options.seed)
+                                   n=options.gate_prompts, margin=options.gate_margin, seed=options.seed,
+                                   version=GATE_VERSION)
     if options.fidelity or options.route == "auto":
         adapters = [migrated_key if draft.writes_migrated else None, lft.key if lft else None]
         adapters += [keys[s] for s in ("copy", "fresh_lft") if s in keys]
@@ -301,8 +302,13 @@ def _train_job(plan: PairPlan, options: MigrationOptions, data: str | None, **st
                     epochs=options.lft_epochs, seed=options.seed)
 
 
-#: Version of the fidelity measurement in its stage key (2: the teacher answers in the evaluation dtype, as the gate).
-FIDELITY_VERSION = 2
+#: Versions of what a stage computes, in its key.  Gate, distillation 2 and fidelity 3: a prompt of a registered
+#: skill is generated with the skill's stop rule and budget, and agreement with the teacher is judged by the
+#: skill's scorer (:func:`lorasuite_core.training.agreement.answers_agree`), not the final number; fidelity 2: the
+#: teacher answers in the evaluation dtype, as the gate (which then reuses them).
+FIDELITY_VERSION = 3
+GATE_VERSION = 2
+DISTILL_VERSION = 2
 
 
 def _fidelity_source(plan: PairPlan, options: MigrationOptions, lft: TrainJob | None) -> str:
@@ -326,7 +332,7 @@ def _distill_key_parts(plan: PairPlan, adapter_identity: str, options: Migration
     """What a distilled LFT depends on beyond labelled LFT: the teacher, the prompts, the KL weight, held-out set."""
     if options.lft_mode != "distill":
         return {}
-    return {"lft_mode": "distill", "teacher": [plan.old_identity, adapter_identity],
+    return {"lft_mode": "distill", "distill_version": DISTILL_VERSION, "teacher": [plan.old_identity, adapter_identity],
             "prompts": data_identity(options.lft_prompts, "LFT prompts") if options.lft_prompts else None,
             "seeds": data_identity(options.lft_seed_prompts, "seed prompts") if options.lft_seed_prompts else None,
             **({"synthesis": SYNTHESIS_VERSION} if options.lft_seed_prompts else {}),

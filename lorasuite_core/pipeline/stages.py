@@ -161,14 +161,15 @@ def _prompts(ref: str, limit: int | None, seed: int) -> list:
     return P.read_prompts(ref, limit)
 
 
-def _heldout_eval(options: MigrationOptions) -> tuple[list, list[str] | None]:
-    """The evaluation data's first ``gate_prompts`` prompts and gold answers (empty without eval data)."""
+def _heldout_eval(options: MigrationOptions) -> tuple[list, list | None]:
+    """The evaluation data's first ``gate_prompts`` prompts (with their task) and gold samples (empty without eval
+    data)."""
     from lorasuite_core.training import prompts as P
 
     if not options.eval_data:
         return [], None
     samples = load_samples(options.eval_data, options.gate_prompts, "test", options.seed)
-    return P.prompts_from_samples(samples), [s.answer for s in samples]
+    return P.prompts_from_samples(samples), samples
 
 
 def _distill(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated: Path, out: Path, config,

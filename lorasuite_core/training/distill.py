@@ -11,8 +11,12 @@ Data flow
    file or URI, or written by the teacher's base model in the style of a few seeds.
 2. Targets: the teacher's greedy completion ``y_i = argmax-decode T(. | P(x_i))`` with the built-in
    prompt template ``P`` (:func:`~lorasuite_core.training.task_data.format_prompt`, the template the
-   adapters were trained with), cut as evaluation scores it: at the first stop marker, and right
-   after the first complete "The answer is N" sentence (its period kept).  :func:`greedy_completions`
+   adapters were trained with), cut as evaluation scores it.  A prompt of a registered skill
+   (``Prompt.task``, from ``task:NAME:...`` data) is generated with that skill's stop rule and token
+   budget and cut by :meth:`~lorasuite_core.training.skills.base.Skill.target_text` (e.g. after the
+   answer sentence, or after the first function call); a prompt without a task (``builtin:``, a file)
+   as before: up to 128 new tokens, stopped and cut at the first stop marker and right after the first
+   complete "The answer is N" sentence (its period kept).  :func:`greedy_completions`
    keeps the teacher's *token ids* for exactly that text, not only the text: decoding then
    re-encoding is lossy (byte tokens of partial UTF-8 characters decode to U+FFFD).
 3. Sequence-level distillation (Kim & Rush 2016): the student is trained like labelled LFT on
@@ -48,9 +52,11 @@ Data flow
    a time with the teacher resident and frozen (no ``n x len x V`` cache), and only at labelled
    positions (:func:`~lorasuite_core.training.train.labelled_logits`).  Without a map the KL term is
    skipped with a logged reason.
-5. Agreement: :func:`answers_agree` compares final answers -- the last number of the scored text,
-   compared numerically (:func:`~lorasuite_core.training.evaluation.answers_match`), or, where
-   either side holds no number, the whitespace-normalised scored text itself.
+5. Agreement: :func:`answers_agree` scores a prompt of a registered skill with that skill's scorer,
+   the teacher's answer as the reference (:meth:`~lorasuite_core.training.skills.base.Skill.agrees`);
+   a prompt without a task compares final answers (:mod:`~lorasuite_core.training.agreement`) -- the last number
+   of the scored text, compared numerically (:func:`~lorasuite_core.training.evaluation.answers_match`),
+   or, where either side holds no number, the whitespace-normalised scored text itself.
    :func:`teacher_agreement` is the fraction of prompts whose final answers agree.
    :func:`distill` reports it on held-out prompts before and after training.
 
@@ -68,9 +74,9 @@ from typing import Any, Sequence
 import torch
 
 from lorasuite_core.models.tokens import token_surfaces
-from lorasuite_core.training.evaluation import (ANSWER_SENTENCE, STOP_MARKERS, answers_match, extract_final_number,
-                                                generation_finished, load_for_generation, model_eos_ids,
-                                                truncate_generation)
+from lorasuite_core.training.agreement import (_skill, accuracy, answers_agree, final_answers_agree,  # noqa: F401 (API)
+                                               scored_text, teacher_agreement)
+from lorasuite_core.training.evaluation import generation_finished, load_for_generation, model_eos_ids
 from lorasuite_core.training.prompts import Prompt
 from lorasuite_core.training.config import TrainConfig
 from lorasuite_core.training.train import (TrainResult, collate, finetune_examples, labelled_logits,
@@ -83,17 +89,6 @@ MODE_KL = "sequence+token_kl"
 
 
 # --------------------------------------------------------------------------- loading and generation
-
-def scored_text(text: str) -> str:
-    """The part of a generation evaluation scores: cut at a stop marker, and after "answer is N" (+ its period)."""
-    cut = min((text.find(m) for m in STOP_MARKERS if m in text), default=len(text))
-    text = text[:cut]
-    match = ANSWER_SENTENCE.search(text)
-    if match:
-        end = match.end() + (1 if text[match.end():match.end() + 1] == "." else 0)
-        text = text[:end]
-    return text.rstrip()
-
 
 @dataclass(frozen=True)
 class Completion:
@@ -111,33 +106,52 @@ def _cut_ids(tokenizer, ids: list[int], text: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def _completion(tokenizer, row: list[int], stop_ids: set[int]) -> Completion:
+#: Token budget of a prompt without a task (a registered skill's prompt uses the skill's ``max_new_tokens``).
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def _completion(tokenizer, row: list[int], stop_ids: set[int], cut=scored_text) -> Completion:
     end = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
     ids = row[:end]
-    text = scored_text(tokenizer.decode(ids, skip_special_tokens=True))
+    text = cut(tokenizer.decode(ids, skip_special_tokens=True))
     return Completion(text=text, ids=_cut_ids(tokenizer, ids, text))
 
 
-def greedy_completions(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int = 128,
+def greedy_completions(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int | None = None,
                        batch_size: int = 16, adapter_names: Sequence[str] | None = None) -> list[Completion]:
     """Greedy completions of ``prompts`` in the built-in template: evaluation's greedy loop
     (:func:`~lorasuite_core.training.evaluation.greedy_generate_ids`: length-sorted batches, KV cache,
     a row leaves its batch once its text is fully scored), cut and kept with their token ids.
+    Prompts are generated per task (``Prompt.task``): with the skill's stop rule, cut and, unless
+    ``max_new_tokens`` is given, its budget; without a task, the final-number rules and
+    :data:`DEFAULT_MAX_NEW_TOKENS`.
     ``adapter_names``: one per prompt, for a model holding several adapters (mixed-adapter batches)."""
     from lorasuite_core.training.evaluation import greedy_generate_ids
 
-    if max_new_tokens < 1 or batch_size < 1:
+    if (max_new_tokens is not None and max_new_tokens < 1) or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise ValueError(f"{len(adapter_names)} adapter names for {len(prompts)} prompts")
     eos = model_eos_ids(model, tokenizer)
     stop_ids = set(eos) | {tokenizer.pad_token_id}
-    rows = greedy_generate_ids(model, tokenizer, [p.formatted() for p in prompts], max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, stop=generation_finished, eos_token_ids=eos,
-                               adapter_names=adapter_names)
-    return [_completion(tokenizer, row, stop_ids) for row in rows]
+    groups: dict[str | None, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        groups.setdefault(prompt.task, []).append(index)
+    result: list[Completion | None] = [None] * len(prompts)
+    for task, indices in groups.items():   # one pass per task: its stop rule, budget and cut
+        skill = _skill(task)
+        budget = max_new_tokens or (skill.max_new_tokens if skill else DEFAULT_MAX_NEW_TOKENS)
+        rows = greedy_generate_ids(model, tokenizer, [prompts[i].formatted() for i in indices],
+                                   max_new_tokens=budget, batch_size=batch_size,
+                                   stop=skill.finished if skill else generation_finished, eos_token_ids=eos,
+                                   adapter_names=None if adapter_names is None else [adapter_names[i] for i in indices])
+        for i, row in zip(indices, rows, strict=True):
+            result[i] = _completion(tokenizer, row, stop_ids, skill.target_text if skill else scored_text)
+    return result  # type: ignore[return-value]
 
 
 def teacher_completions(old_model_dir: str | Path, prompts_by_adapter: dict[str, tuple[str | Path, Sequence[Prompt]]],
-                        *, max_new_tokens: int = 128, batch_size: int = 16, dtype: str = "auto",
+                        *, max_new_tokens: int | None = None, batch_size: int = 16, dtype: str = "auto",
                         device: str = "auto") -> dict[str, list[Completion]]:
     """Every teacher's greedy completions at once: name -> (adapter directory, prompts) of adapters of one old
     model; one base model holds all adapters and their prompts share batches (PEFT mixed-adapter batches).
@@ -154,38 +168,6 @@ def teacher_completions(old_model_dir: str | Path, prompts_by_adapter: dict[str,
     for name, completion in zip(names, completions, strict=True):
         result[name].append(completion)
     return result
-
-
-# --------------------------------------------------------------------------- agreement
-
-def _text_of(item: Completion | str) -> str:
-    return item.text if isinstance(item, Completion) else item
-
-
-def answers_agree(student: Completion | str, teacher: Completion | str) -> bool:
-    """Same final number (numerically), or -- where either has none -- the same normalised scored text."""
-    s_text, t_text = truncate_generation(_text_of(student)), truncate_generation(_text_of(teacher))
-    s_num, t_num = extract_final_number(s_text), extract_final_number(t_text)
-    if s_num is None or t_num is None:
-        return s_num is None and t_num is None and " ".join(s_text.split()) == " ".join(t_text.split())
-    return answers_match(s_num, t_num)
-
-
-def teacher_agreement(student: Sequence[Completion | str], teacher: Sequence[Completion | str]) -> float:
-    """Fraction of prompts whose student and teacher final answers agree (:func:`answers_agree`)."""
-    if len(student) != len(teacher):
-        raise ValueError(f"{len(student)} student completions for {len(teacher)} teacher completions")
-    if not teacher:
-        raise ValueError("teacher agreement needs at least one prompt")
-    return sum(answers_agree(s, t) for s, t in zip(student, teacher, strict=True)) / len(teacher)
-
-
-def accuracy(completions: Sequence[Completion | str], answers: Sequence[str]) -> float:
-    """Exact-match accuracy of the final numbers against gold ``answers``."""
-    if len(completions) != len(answers) or not answers:
-        raise ValueError(f"{len(completions)} completions for {len(answers)} answers (need >= 1 of each, equal)")
-    return sum(answers_match(extract_final_number(truncate_generation(_text_of(c))), a)
-               for c, a in zip(completions, answers, strict=True)) / len(answers)
 
 
 @dataclass(frozen=True)
@@ -423,7 +405,7 @@ class DistillConfig:
     train: TrainConfig
     kl_weight: float = 1.0
     kl_temperature: float = 1.0
-    max_new_tokens: int = 128
+    max_new_tokens: int | None = None   # None: each prompt's skill budget (DEFAULT_MAX_NEW_TOKENS without a task)
     generation_batch_size: int = 16
 
 
@@ -484,12 +466,13 @@ def distill(old_model_dir: str | Path, source_adapter_dir: str | Path, new_model
                                kl_weight=config.kl_weight, kl_temperature=config.kl_temperature)
     del teacher
     after = _student_completions(new_model_dir, out_dir, heldout, dtype, device, gen)
+    tasks = [p.task for p in heldout]
     return DistillReport(mode=trained.mode, prompt_source=prompt_source, n_prompts=trained.n_prompts,
                          n_heldout=len(heldout), kl_examples=trained.kl_examples,
                          kl_positions=trained.kl_positions, target_positions=trained.target_positions,
                          kl_note=trained.kl_note,
-                         teacher_agreement_before=teacher_agreement(before, heldout_teacher),
-                         teacher_agreement_after=teacher_agreement(after, heldout_teacher),
+                         teacher_agreement_before=teacher_agreement(before, heldout_teacher, tasks),
+                         teacher_agreement_after=teacher_agreement(after, heldout_teacher, tasks),
                          seconds=round(time.perf_counter() - start, 4), training=trained.to_dict()["training"],
                          heldout_teacher=heldout_teacher, heldout_student=after, targets=targets)
 

@@ -9,7 +9,10 @@ On held-out prompts ``x_1 .. x_n`` with the teacher's completions ``t_i`` (old m
 * with labelled evaluation data (gold answers ``g_i``) also the exact-match accuracies
   ``acc_S``, ``acc_B`` (and the teacher's ``acc_T``, for the record).
 
-``answer`` and agreement are :func:`~lorasuite_core.training.distill.answers_agree`'s.  Decision::
+``answer`` and agreement are :func:`~lorasuite_core.training.agreement.answers_agree`'s: a prompt of a
+registered skill (``Prompt.task``) is judged by that skill's scorer with the teacher's answer as the
+reference, and generated with its stop rule and budget; a prompt without a task by the final number.
+Accuracy scores gold samples by their skill's scorer (gold strings: the final number).  Decision::
 
     passed  <=>  a_S >= a_B + margin   and (labelled)  acc_S >= acc_B + accuracy_margin
 
@@ -31,7 +34,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.training.distill import Completion, accuracy, greedy_completions, teacher_agreement
+from lorasuite_core.training.agreement import accuracy, teacher_agreement
+from lorasuite_core.training.distill import Completion, greedy_completions
 from lorasuite_core.training.evaluation import load_for_generation
 from lorasuite_core.training.prompts import Prompt
 
@@ -106,14 +110,16 @@ def check_gate(result: GateResult) -> GateResult:
 
 
 def quality_gate(new_model_dir: str | Path, adapter_dir: str | Path, prompts: Sequence[Prompt],
-                 teacher_completions: Sequence[Completion | str], *, answers: Sequence[str] | None = None,
+                 teacher_completions: Sequence[Completion | str], *, answers: Sequence[Any] | None = None,
                  margin: float = DEFAULT_MARGIN, accuracy_margin: float | None = None,
-                 student_completions: Sequence[Completion | str] | None = None, max_new_tokens: int = 128,
+                 student_completions: Sequence[Completion | str] | None = None, max_new_tokens: int | None = None,
                  batch_size: int = 16, dtype: str = "auto", device: str = "auto") -> GateResult:
     """Evaluate the adapter and the bare new model on ``prompts`` against the teacher; decide (no raise).
 
     ``student_completions``: already generated ones (e.g. :class:`~lorasuite_core.training.distill.DistillReport`'s
     ``heldout_student``) are reused; the bare model is always generated, from the same loaded model.
+    ``answers``: gold samples (scored by their skill) or gold strings (the final number); ``max_new_tokens``
+    None: each prompt's skill budget (:func:`~lorasuite_core.training.distill.greedy_completions`).
     """
     if len(teacher_completions) != len(prompts) or not prompts:
         raise ValueError(f"{len(teacher_completions)} teacher completions for {len(prompts)} held-out prompts")
@@ -129,7 +135,9 @@ def quality_gate(new_model_dir: str | Path, adapter_dir: str | Path, prompts: Se
     if answers is not None:
         scores = {"student_accuracy": accuracy(student, answers), "bare_accuracy": accuracy(bare, answers),
                   "teacher_accuracy": accuracy(teacher_completions, answers)}
-    result = gate_decision(teacher_agreement(student, teacher_completions), teacher_agreement(bare, teacher_completions),
+    tasks = [p.task for p in prompts]
+    result = gate_decision(teacher_agreement(student, teacher_completions, tasks),
+                           teacher_agreement(bare, teacher_completions, tasks),
                            n=len(prompts), margin=margin, accuracy_margin=accuracy_margin, **scores)
     logger.info("quality gate %s", result.reason)
     return result

@@ -1,7 +1,7 @@
 """Distillation's held-out prompts, with the teacher's and the distilled student's completions, as a file.
 
 The distill stage writes ``heldout_prompts.json`` next to the distilled adapter: each record is a
-prompt (``instruction``, ``input``) with the teacher's and the student's greedy completions on it
+prompt (``instruction``, ``input``, ``task``: its skill or null) with the teacher's and the student's greedy completions on it
 (``{"text", "ids"}``), generated as the quality gate generates them, so the gate and the fidelity
 stage reuse them instead of generating again.  JSON only; a malformed file is one
 :class:`~lorasuite_core.errors.LorasuiteError` line.
@@ -25,7 +25,7 @@ def write_heldout(path: Path, prompts: list, teacher: list, student: list | None
     ``student``, the teacher's only."""
     as_dict = lambda c: {"text": c.text, "ids": list(c.ids)}
     student = [None] * len(prompts) if student is None else student
-    path.write_text(json.dumps([{"instruction": p.instruction, "input": p.input, "teacher": as_dict(t),
+    path.write_text(json.dumps([{"instruction": p.instruction, "input": p.input, "task": p.task, "teacher": as_dict(t),
                                  **({"student": as_dict(s)} if s is not None else {})}
                                 for p, t, s in zip(prompts, teacher, student, strict=True)]))
 
@@ -35,6 +35,7 @@ def read_heldout(path: Path) -> tuple[list, list | None, list | None]:
     record written without them); a malformed file is a one-line error, not a traceback."""
     from lorasuite_core.training import distill as D
     from lorasuite_core.training import prompts as P
+    from lorasuite_core.training.skills import SKILLS
 
     def completion(record: dict, key: str):
         value = record.get(key)
@@ -54,7 +55,10 @@ def read_heldout(path: Path) -> tuple[list, list | None, list | None]:
             if not isinstance(record, dict) or not isinstance(record.get("instruction"), str) \
                     or not isinstance(record.get("input", ""), str):
                 raise ValueError("a record without a string instruction")
-            prompts.append(P.Prompt(record["instruction"], record.get("input", "")))
+            task = record.get("task")
+            if task is not None and task not in SKILLS:
+                raise ValueError(f"unknown task {task!r}")
+            prompts.append(P.Prompt(record["instruction"], record.get("input", ""), task))
             teacher.append(completion(record, "teacher"))
             student.append(completion(record, "student"))
     except (OSError, ValueError) as exc:

@@ -61,10 +61,13 @@ _WORD = re.compile(r"[a-z0-9]+")
 
 @dataclass(frozen=True)
 class Prompt:
-    """An unlabelled task prompt: math_10k ``instruction`` and optional ``input``."""
+    """An unlabelled task prompt: math_10k ``instruction`` and optional ``input``; ``task``: the registered skill
+    (:mod:`lorasuite_core.training.skills`) whose stop rule, budget and scorer apply to it (None: the final
+    number, as for ``builtin:`` and files)."""
 
     instruction: str
     input: str = ""
+    task: str | None = None
 
     @property
     def text(self) -> str:
@@ -72,7 +75,7 @@ class Prompt:
         return f"{self.instruction}\n{self.input}" if self.input.strip() else self.instruction
 
     def sample(self, output: str = "", answer: str = "") -> Sample:
-        return Sample(instruction=self.instruction, input=self.input, output=output, answer=answer)
+        return Sample(instruction=self.instruction, input=self.input, output=output, answer=answer, task=self.task)
 
     def formatted(self) -> str:
         """The built-in template (:func:`format_prompt`) around this prompt."""
@@ -80,18 +83,28 @@ class Prompt:
 
 
 def prompts_from_samples(samples: Iterable[Sample]) -> list[Prompt]:
-    """The prompts of labelled samples (their outputs and answers dropped)."""
-    return [Prompt(s.instruction, s.input) for s in samples]
+    """The prompts of labelled samples (their outputs and answers dropped; their task kept)."""
+    return [Prompt(s.instruction, s.input, s.task) for s in samples]
+
+
+def _record_task(record: dict, where: str) -> str | None:
+    from lorasuite_core.training.skills import SKILLS, known_tasks
+
+    task = record.get("task")
+    if task is not None and task not in SKILLS:
+        raise LorasuiteError(f"{where}: unknown task {task!r}; known tasks: {known_tasks()}")
+    return task
 
 
 def _record_prompt(record: Any, where: str) -> Prompt:
     if not isinstance(record, dict):
         raise LorasuiteError(f"{where} is not a JSON object")
     if record.get("prompt") is not None and str(record["prompt"]).strip():
-        return Prompt(str(record["prompt"]).strip())
+        return Prompt(str(record["prompt"]).strip(), task=_record_task(record, where))
     if record.get("instruction") is not None and str(record["instruction"]).strip():
         extra = record.get("input")
-        return Prompt(str(record["instruction"]).strip(), "" if extra is None else str(extra).strip())
+        return Prompt(str(record["instruction"]).strip(), "" if extra is None else str(extra).strip(),
+                      _record_task(record, where))
     raise LorasuiteError(f"{where} has neither a 'prompt' nor an 'instruction' field")
 
 
@@ -122,7 +135,8 @@ def _stream_prompts(handle, suffix: str, what: str) -> Iterator[Prompt]:
 def read_prompts(ref: str, limit: int | None = None) -> list[Prompt]:
     """Unlabelled prompts from a local path or URI: ``.txt`` (one a line), ``.jsonl`` or ``.json``.
 
-    Records carry ``prompt``, or math_10k ``instruction`` (+ ``input``); other fields are ignored.
+    Records carry ``prompt``, or math_10k ``instruction`` (+ ``input``), and optionally ``task`` (a registered
+    skill's name); other fields are ignored.
     ``.txt`` and ``.jsonl`` are streamed and reading stops after ``limit`` prompts. Every problem is a
     :class:`LorasuiteError` naming the file (and the line).
     """
@@ -259,12 +273,15 @@ def synthesise_prompts(model, tokenizer, seeds: Sequence[Prompt | str], n: int, 
     teacher -- with its adapter disabled unless ``config.with_adapter`` (the module docstring).
 
     None is an exact or near duplicate of a seed, of an ``exclude``d (evaluation) prompt, or of
-    another.  Fewer than ``n`` after ``max_rounds`` is logged; none at all is a LorasuiteError.
+    another.  Fewer than ``n`` after ``max_rounds`` is logged; none at all is a LorasuiteError.  The new
+    prompts carry the seeds' task when all seeds share one.
     """
     config = config or SynthesisConfig()
     seeds = [s if isinstance(s, Prompt) else Prompt(str(s)) for s in seeds]
     if not seeds or n < 1:
         raise ValueError(f"prompt synthesis needs >= 1 seed prompt and n >= 1, got {len(seeds)} seeds, n={n}")
+    tasks = {s.task for s in seeds}
+    task = tasks.pop() if len(tasks) == 1 else None
     seen = NearDuplicateIndex(config.near_duplicate, [s.text for s in seeds])
     for item in exclude:
         seen.add(item.text if isinstance(item, Prompt) else str(item))
@@ -281,7 +298,7 @@ def synthesise_prompts(model, tokenizer, seeds: Sequence[Prompt | str], n: int, 
             if candidate is None or seen.contains(candidate):
                 continue
             seen.add(candidate)
-            kept.append(Prompt(candidate))
+            kept.append(Prompt(candidate, task=task))
             if len(kept) == n:
                 return kept
     if not kept:

@@ -104,10 +104,13 @@ def choose(candidates: Sequence[Candidate]) -> tuple[Candidate, str]:
 def score_candidates(new_model_dir: str | Path, adapters: dict[str, str | Path], prompts: Sequence,
                      teacher: Sequence, *, answers: Sequence[str] | None = None, margin: float = DEFAULT_MARGIN,
                      students: dict[str, Sequence] | None = None, fidelity: dict[str, float | None] | None = None,
-                     max_new_tokens: int = 128, batch_size: int = 16) -> list[Candidate]:
+                     max_new_tokens: int | None = None, batch_size: int = 16) -> list[Candidate]:
     """Each named adapter on the new model against the teacher's completions (the gate's measure), in the order
-    given; the bare new model is generated once.  ``students``: completions already generated (distillation's)."""
-    from lorasuite_core.training.distill import accuracy, greedy_completions, teacher_agreement
+    given; the bare new model is generated once.  ``students``: completions already generated (distillation's).
+    Generation and agreement as the gate's (:func:`~lorasuite_core.training.gate.quality_gate`): each prompt's skill
+    budget (``max_new_tokens`` None) and scorer."""
+    from lorasuite_core.training.agreement import accuracy, teacher_agreement
+    from lorasuite_core.training.distill import greedy_completions
     from lorasuite_core.training.evaluation import load_for_generation
 
     if not adapters or not prompts or len(teacher) != len(prompts):
@@ -125,14 +128,15 @@ def score_candidates(new_model_dir: str | Path, adapters: dict[str, str | Path],
             with model.disable_adapter():
                 bare = greedy_completions(model, tokenizer, prompts, **gen)
         del model
-    bare_agreement = teacher_agreement(bare, teacher)
+    tasks = [getattr(p, "task", None) for p in prompts]
+    bare_agreement = teacher_agreement(bare, teacher, tasks)
     result = []
     for name, student in completions.items():
         scores: dict[str, Any] = {}
         if answers is not None:
             scores = {"student_accuracy": accuracy(student, answers), "bare_accuracy": accuracy(bare, answers),
                       "teacher_accuracy": accuracy(teacher, answers)}
-        gate = gate_decision(teacher_agreement(student, teacher), bare_agreement, n=len(prompts), margin=margin,
+        gate = gate_decision(teacher_agreement(student, teacher, tasks), bare_agreement, n=len(prompts), margin=margin,
                              **scores)
         result.append(Candidate(name, gate, (fidelity or {}).get(name)))
         log.info("route candidate %s", result[-1].numbers())

@@ -6,7 +6,9 @@ Splits: ``train`` and ``test`` are :func:`~lorasuite_core.training.task_data.gen
 from their own stream, with every problem equal to one of the first 2000 train problems of the
 same seed left out, so it is disjoint from train (as far as any run trains) and from test.
 Scoring is evaluation's: the last number of the generation, cut after the first "The answer is N"
-(:func:`~lorasuite_core.training.evaluation.score_generation`), numerically within 1e-4.
+(:func:`~lorasuite_core.training.evaluation.score_generation`), numerically within 1e-4.  Agreement
+with a teacher (:meth:`ArithmeticSkill.agrees`) is distillation's final-number rule
+(:func:`~lorasuite_core.training.agreement.final_answers_agree`), the rule for prompts without a task.
 """
 from __future__ import annotations
 
@@ -38,3 +40,13 @@ class ArithmeticSkill(Skill):
         from lorasuite_core.training.evaluation import generation_finished
 
         return generation_finished(text)
+
+    def target_text(self, generation: str) -> str:
+        from lorasuite_core.training.agreement import scored_text
+
+        return scored_text(generation)
+
+    def agrees(self, student: str, teacher: str) -> bool:
+        from lorasuite_core.training.agreement import final_answers_agree
+
+        return final_answers_agree(student, teacher)

@@ -12,6 +12,12 @@ Design
   followed by white space) or line, a repeated "The answer is" dropped (quotes, ``*`` and
   backticks stripped); without such a sentence, the first non-empty line.
   :func:`answer_finished` stops a row once that line is complete (or at a stop marker).
+* Teacher agreement (distillation, the quality gate): :meth:`Skill.target_text` is the part of a
+  generation the scorer reads -- the distillation target -- and :meth:`Skill.agrees` scores a
+  student's generation with the skill's own scorer, the teacher's answer taking the gold answer's
+  place (:meth:`Skill.reference`: a sample whose answer is the teacher's).  Where the teacher gave
+  no answer, the two agree only when neither did and their scored texts are equal (whitespace
+  normalised).
 * Hash partition (:func:`bucket`): a generated item belongs to the split that the sha256 of its
   question text names -- buckets 0-1 of 10 test, 2 validation, 3-9 train -- so one question can
   be in one split only, whatever the seeds of the streams it was drawn from.
@@ -60,6 +66,18 @@ def extract_answer(generation: str) -> str | None:
     return clean_answer(lines[0]) if lines else None
 
 
+def answer_sentence_text(generation: str) -> str:
+    """The generation up to the end of its first answer sentence (period kept) or line; cut at a stop marker."""
+    text = cut_at_stop_marker(generation)
+    match = _ANSWER.search(text)
+    if match:
+        line_end = text.find("\n", match.start())
+        end = len(text) if line_end < 0 else line_end
+        sentence = _SENTENCE_END.search(text, match.start(1), end + 1 if line_end >= 0 else len(text))
+        text = text[:sentence.start() + 1] if sentence and sentence.start() < end else text[:end]
+    return text.rstrip()
+
+
 def answer_finished(text: str) -> bool:
     """A stop marker appeared, or the first "answer is ..." line is complete."""
     if any(marker in text for marker in stop_markers()):
@@ -106,6 +124,24 @@ class Skill:
 
     def finished(self, text: str) -> bool:
         return answer_finished(text)
+
+    def target_text(self, generation: str) -> str:
+        """The part of ``generation`` the scorer reads (a distillation target ends there)."""
+        return answer_sentence_text(generation)
+
+    def reference(self, answer: str) -> Sample:
+        """A sample whose gold answer is ``answer`` (the teacher's), for :meth:`agrees`."""
+        return self._sample("", answer)
+
+    def agrees(self, student: str, teacher: str) -> bool:
+        """The student's generation is right by this skill's scorer with the teacher's answer as the gold one;
+        where the teacher gave no answer: neither did the student and their scored texts are equal."""
+        reference = self.predicted(teacher)
+        if reference is None:
+            return self.predicted(student) is None and \
+                " ".join(self.target_text(student).split()) == " ".join(self.target_text(teacher).split())
+        answer = self.predicted(student)
+        return answer is not None and bool(self.is_correct(answer, self.reference(reference)))
 
     def score(self, index: int, generation: str, sample: Sample):
         """A :class:`~lorasuite_core.training.evaluation.Prediction` of ``generation`` against ``sample``."""

@@ -23,7 +23,9 @@ is given, every given parameter is an expected one, every parameter left out may
 its possible values), and every value is one of the possible values -- strings compared after
 BFCL's ``standardize_string`` (lowercase; spaces and ``,./-_*^`` removed), lists element-wise the
 same way, dicts key by key, numbers numerically (an int is accepted for a float), booleans only as
-booleans.
+booleans.  Agreement with a teacher (:meth:`FunctionCallingSkill.agrees`) runs the same check with
+the teacher's call as the only possible answer: the same name and parameters, each value the same
+after the normalisation above.
 """
 from __future__ import annotations
 
@@ -240,6 +242,24 @@ class FunctionCallingSkill(Skill):
         if "expected" not in meta:
             return answer is not None and answer.strip() == sample.answer.strip()
         return call_matches(parse_call(answer or ""), meta["expected"], meta["functions"])
+
+    def target_text(self, generation: str) -> str:
+        """Up to the end of the first line that parses as a call (else up to a stop marker)."""
+        text = cut_at_stop_marker(generation)
+        at = 0
+        for line in text.split("\n"):
+            at += len(line) + 1
+            if parse_call(line.strip().strip("`")) is not None:
+                return text[:at - 1].rstrip()
+        return text.rstrip()
+
+    def agrees(self, student: str, teacher: str) -> bool:
+        """BFCL's check of the student's first call with the teacher's first call as the only possible answer."""
+        _, call = first_call(teacher)
+        if call is None:
+            return super().agrees(student, teacher)
+        name, arguments = call
+        return call_matches(first_call(student)[1], {name: {k: [v] for k, v in arguments.items()}}, [])
 
     def finished(self, text: str) -> bool:
         """A stop marker, or a complete line (newline after it) that parses as a call."""

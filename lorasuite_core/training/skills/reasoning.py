@@ -13,7 +13,9 @@ A sample's instruction is the question plus :data:`~.base.FORMAT_LINE`; its targ
 ``"The answer is X."`` with reasoning-gym's answer X (short answers: no worked solution, so
 generation is cheap).  Scoring takes the answer of the answer sentence (:func:`~.base.extract_answer`)
 and calls the dataset's own ``score_answer(answer, entry)`` with the generator's entry (kept in
-``Sample.meta``); only a full score (1.0) counts as correct.
+``Sample.meta``); only a full score (1.0) counts as correct.  Agreement with a teacher
+(:meth:`~.base.Skill.agrees`) calls the same verifier with the teacher's answer as the entry's answer
+(a verifier that needs the generator's metadata, which a bare prompt lacks, falls back to equal text).
 """
 from __future__ import annotations
 
@@ -71,4 +73,7 @@ class ReasoningGymSkill(Skill):
 
     def is_correct(self, answer: str | None, sample: Sample) -> bool:
         entry = (sample.meta or {}).get("entry") or {"answer": sample.answer, "metadata": {}}
-        return float(self._scorer.score_answer(answer, entry)) >= 1.0
+        try:
+            return float(self._scorer.score_answer(answer, entry)) >= 1.0
+        except (KeyError, TypeError, ValueError):   # a verifier that needs the generator's metadata: a teacher's
+            return answer is not None and answer.strip() == sample.answer.strip()   # answer compares as text

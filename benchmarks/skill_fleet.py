@@ -1,0 +1,336 @@
+"""A fleet of real skills migrated across a base-model upgrade, against what a user would do instead (issue 20).
+
+Pairs: ``cross`` SmolLM2-135M-Instruct -> Gemma-3-270M (run here); ``qwen`` Qwen2.5-Coder-0.5B -> 1.5B (``--pair
+qwen``; too slow for this 2-core CPU at 3 seeds).  Skills: the registry's (``task:NAME:SPLIT[:COUNT]``), each
+with its old-adapter recipe in :data:`SKILLS` (N samples, epochs, learning rate).
+
+Rows per skill (test: ``task:NAME:test:T`` at seed 0 for every row; LoRA rank 16, alpha 32, q k v o gate up down):
+
+  bare_old        the old model alone (the skill-selection check: the old adapter must beat it clearly)
+  old_adapter     the old adapter on the old model; trained with ``lorasuite train`` on ``task:NAME:train:N``
+  bare_new        the new model alone
+  transfer        transfer only: ONE ``lorasuite migrate-fleet`` run migrates every skill's old adapter
+                  (one pair analysis; fidelity off)
+  distill         transfer + distill-100 through the stage graph (``migrate_in_process``, the fleet's store, so
+                  the pair analysis and the transfer are reused): ``lft_mode: distill``, prompts
+                  ``task:NAME:train:100+H`` without answers, H = 16 of them held out for teacher agreement
+  fresh_distill   a fresh LoRA (PEFT init: A random, B = 0; the source adapter's rank, alpha and targets) on the
+                  new model + the same distillation (same prompts and held-out split, teacher, KL weight, learning
+                  rate, epochs and seed): the library calls of the pipeline's distill stage
+                  (``stages._prompts``, ``prompts.split_heldout``, ``distill.distill``) with the fresh adapter
+  lft             transfer + labelled LFT on ``task:NAME:train:100`` (the stage graph)
+  vanilla         a fresh LoRA on the new model on the 100 labelled samples (1 epoch, as the pipeline's vanilla
+                  baseline) at the better of lr 3e-4 / 9e-4, chosen on ``task:NAME:validation:V`` with seed 0
+  full            ``lorasuite train`` on the new model with the old adapter's recipe (N samples)
+
+Seeds: distill, fresh_distill and vanilla at seeds 0, 1, 2 (the options' ``seed``: for a ``task:`` spec it also
+draws the 100 samples/prompts, so a seed varies the data as well as the initialisation and order); the rest seed 0.
+
+Intervals: one seed -- Wilson over the test problems; several seeds -- a bootstrap over seeds x problems (2000
+resamples of the seeds and, independently, of the problems: the mean over the resampled grid, 2.5/97.5
+percentiles).  A difference of two rows resamples the problems jointly (paired) and the seeds of each row (paired
+by seed where both rows have the same seeds); the pooled paired Newcombe interval (every seed's problems pooled,
+``migration_benchmark.paired_interval``) is given next to it.
+
+Cost: every stage runs in its own process (``run_child`` or a CLI subprocess under ``/usr/bin/time -v``): wall and
+CPU seconds, the load average, and for training the compute dtype (bf16 autocast where the CPU has bf16 matmul).
+Results are merged into ``benchmarks/results/skill_fleet_<pair>.json`` after every stage; a rerun resumes (recorded
+stages are skipped; their adapters live in ``--workdir``).  Order: every skill's old adapter, bare and transfer
+rows, then distill / fresh_distill / vanilla at seed 0, then lft, then seeds 1 and 2, then full retraining.
+
+Usage
+  LORASUITE_BENCH_THREADS=1 nice -n 19 .venv/bin/python benchmarks/skill_fleet.py --pair cross &
+  .venv/bin/python benchmarks/skill_fleet.py --pair cross --markdown       # benchmarks/SKILL_FLEET.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from _common import loadavg, merge_json, parse_time_v  # noqa: E402
+from migration_benchmark import _threads, run_child, stage_graph_migrate  # noqa: E402
+
+PAIRS = {"cross": ("smollm2-135m-instruct", "gemma3-270m"),
+         "qwen": ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct")}
+#: skill -> old adapter recipe (N samples, epochs, lr) and test problems
+SKILLS = {"arithmetic": {"n": 300, "epochs": 2, "lr": 3e-4, "test": 100},
+          "letter_counting": {"n": 300, "epochs": 2, "lr": 3e-4, "test": 100},
+          "family_relationships": {"n": 300, "epochs": 2, "lr": 3e-4, "test": 100},
+          "knowledge": {"n": 600, "epochs": 3, "lr": 1e-3, "test": 100},
+          "bfcl": {"n": 340, "epochs": 1, "lr": 3e-4, "test": 100}}
+N_100, HELD, VALIDATION, TEST_SEED = 100, 16, 50, 0
+VANILLA_LRS = (3e-4, 9e-4)
+SEEDS = (0, 1, 2)
+MULTI_SEED = ("distill", "fresh_distill", "vanilla")
+ROWS = ("bare_old", "old_adapter", "bare_new", "transfer", "distill", "fresh_distill", "lft", "vanilla", "full")
+RANK, ALPHA = 16, 32.0
+
+
+def results_path(pair: str) -> Path:
+    return ROOT / "benchmarks" / "results" / f"skill_fleet_{pair}.json"
+
+
+# ----------------------------------------------------------------------------- stages (child processes)
+
+def stage_eval(model_dir: str, adapter_dir: str | None, spec: str, seed: int) -> dict:
+    _threads()
+    from lorasuite_core.training.evaluation import evaluate
+    from lorasuite_core.training.samples import load_samples
+
+    result = evaluate(model_dir, load_samples(spec, None, seed=seed), adapter_dir=adapter_dir, batch_size=32,
+                      keep_predictions=True, show_progress=False)
+    data = result.to_dict()
+    data["correct_mask"] = "".join("1" if p.correct else "0" for p in result.predictions)
+    data["examples"] = [p.generation[:160] for p in result.predictions[:3]]
+    return data
+
+
+def stage_vanilla(model_dir: str, spec: str, out_dir: str, lr: float, seed: int) -> dict:
+    _threads()
+    from lorasuite_core.training.config import TrainConfig
+    from lorasuite_core.training.samples import load_samples
+    from lorasuite_core.training.train import DEFAULT_TARGETS, train_lora
+
+    result = train_lora(model_dir, load_samples(spec, None, seed=seed), out_dir, rank=RANK, alpha=ALPHA,
+                        targets=DEFAULT_TARGETS, config=TrainConfig(lr=lr, epochs=1, seed=seed, show_progress=False))
+    data = result.to_dict()
+    data.pop("losses", None)
+    return data
+
+
+def stage_fresh_distill(old_dir: str, source_dir: str, new_dir: str, out_dir: str, migration: dict) -> dict:
+    """The stage graph's distill step (``stages._distill``) with a fresh LoRA in place of the migrated adapter."""
+    _threads()
+    import json as _json
+    import tempfile
+
+    from lorasuite_core.pipeline.options import MigrationOptions
+    from lorasuite_core.pipeline.stages import _prompts
+    from lorasuite_core.training import distill as D
+    from lorasuite_core.training import prompts as P
+    from lorasuite_core.training.config import default_lft_config
+    from lorasuite_core.training.train import load_tokenizer, prepare_fresh_lora
+    from lorasuite_core.transfer.vocab import shared_vocabulary
+
+    start = time.perf_counter()
+    o = MigrationOptions(**migration)
+    prompts = _prompts(o.lft_prompts, o.lft_samples + o.gate_prompts, o.seed)
+    train, heldout = P.split_heldout(prompts, o.gate_prompts, o.seed)
+    source = _json.loads((Path(source_dir) / "adapter_config.json").read_text())
+    shared = shared_vocabulary(load_tokenizer(old_dir), load_tokenizer(new_dir))
+    with tempfile.TemporaryDirectory(prefix="fresh-lora-") as tmp:
+        model, _ = prepare_fresh_lora(new_dir, rank=source["r"], alpha=source["lora_alpha"],
+                                      targets=sorted(source["target_modules"]), seed=o.seed)
+        model.save_pretrained(tmp)
+        del model
+        config = default_lft_config(lr=o.lft_lr, epochs=o.lft_epochs, seed=o.seed, show_progress=False)
+        report = D.distill(old_dir, source_dir, new_dir, tmp, out_dir, train, heldout=heldout,
+                           config=D.DistillConfig(kl_weight=o.lft_kl_weight, train=config),
+                           shared_ids=(shared.old_ids.tolist(), shared.new_ids.tolist()))
+    return {"seconds": time.perf_counter() - start, "light_finetune": report.to_dict(), "options": migration}
+
+
+def run_cli(args: list[str], threads: int) -> dict:
+    """``lorasuite ARGS`` in a subprocess under ``/usr/bin/time -v``: its wall/CPU seconds and peak RSS."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    load = loadavg()
+    done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"lorasuite {shlex.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    timing = parse_time_v(done.stderr)
+    return {**timing, "cpu_seconds": timing["user_s"] + timing["system_s"], "seconds": timing["wall_s"],
+            "command": "lorasuite " + shlex.join(args), "loadavg_start": load, "loadavg_end": loadavg(),
+            "stdout_tail": done.stdout[-1500:]}
+
+
+def machine(threads: int) -> dict:
+    import torch
+
+    from lorasuite_core.training.devices import cpu_supports_bf16, training_compute_dtype
+
+    torch.set_num_threads(threads)
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    name = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        a @ b
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        rates[str(dtype).replace("torch.", "")] = round(5 * 2 * 1024 ** 3 / (time.perf_counter() - start) / 1e9, 1)
+    return {"cpu": name, "cpus": os.cpu_count(), "threads": threads, "bf16_matmul": cpu_supports_bf16(),
+            "training_compute_dtype": training_compute_dtype(), "gemm_1024_gflops": rates,
+            "torch": torch.__version__, "loadavg": loadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Run:
+    def __init__(self, args):
+        from lorasuite_core.models.model_fetch import fetch_model
+
+        self.args, self.path = args, Path(args.results or results_path(args.pair))
+        names = (args.old_model or PAIRS[args.pair][0], args.new_model or PAIRS[args.pair][1])
+        self.old, self.new = (name if Path(name).is_dir() else str(fetch_model(name)) for name in names)
+        self.work = Path(args.workdir) / args.pair
+        self.store = str(self.work / "store")
+        data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.stages: dict = data.get("stages", {})
+
+    def record(self, name: str, fn, *fn_args) -> dict:
+        if name in self.stages:
+            return self.stages[name]
+        print(f"[skill-fleet] {name} ...", flush=True)
+        result = fn(*fn_args) if fn in (run_cli,) else run_child(fn, *fn_args)
+        self.stages[name] = result
+        merge_json(self.path, {"stages": self.stages})
+        summary = {k: result[k] for k in ("accuracy", "seconds", "cpu_seconds", "final_loss") if k in result}
+        print(f"[skill-fleet] {name}: {summary}", flush=True)
+        return result
+
+    def adapter(self, skill: str, row: str, seed: int = 0) -> str:
+        return str(self.work / "adapters" / skill / f"{row}-s{seed}")
+
+    def test(self, skill: str) -> str:
+        return f"task:{skill}:test:{SKILLS[skill]['test']}"
+
+    def evaluate(self, skill: str, row: str, model: str, adapter: str | None, seed: int = 0) -> dict:
+        return self.record(f"{skill}/eval/{row}/s{seed}", stage_eval, model, adapter, self.test(skill), TEST_SEED)
+
+    def train_cli(self, skill: str, row: str, model: str) -> str:
+        recipe, out = SKILLS[skill], self.adapter(skill, row)
+        self.record(f"{skill}/train/{row}/s0", run_cli,
+                    ["train", "--model", model, "--data", f"task:{skill}:train:{recipe['n']}", "--output", out,
+                     "--overwrite", "--epochs", str(recipe["epochs"]), "--lr", str(recipe["lr"]), "--rank", str(RANK),
+                     "--alpha", str(ALPHA), "--seed", "0"], self.args.threads)
+        summary = Path(out) / "training_summary.json"
+        key = f"{skill}/train/{row}/s0"
+        if summary.is_file() and "training" not in self.stages[key]:
+            written = json.loads(summary.read_text())
+            self.stages[key]["training"] = {k: v for k, v in written.get("result", {}).items() if k != "losses"}
+            self.stages[key]["train_config"] = written.get("config")
+            merge_json(self.path, {"stages": self.stages})
+        return out
+
+    def fleet(self) -> None:
+        manifest = self.work / "fleet.json"
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps({
+            "old_model": self.old, "new_model": self.new, "output_root": str(self.work / "transfer"),
+            "defaults": {"fidelity": False},
+            "adapters": [{"name": s, "adapter": self.adapter(s, "old_adapter")} for s in self.args.skills]}, indent=2))
+        self.record("fleet/migrate", run_cli, ["migrate-fleet", "--manifest", str(manifest), "--cache-root", self.store],
+                    self.args.threads)
+
+    def distill_options(self, skill: str, seed: int) -> dict:
+        return {"lft_mode": "distill", "lft_prompts": f"task:{skill}:train:{N_100 + HELD}", "lft_samples": N_100,
+                "gate_prompts": HELD, "seed": seed, "fidelity": False}
+
+    def distill(self, skill: str, seed: int) -> None:
+        out = self.adapter(skill, "distill", seed)
+        self.record(f"{skill}/train/distill/s{seed}", stage_graph_migrate, self.old, self.new,
+                    self.adapter(skill, "old_adapter"), out, self.store, self.distill_options(skill, seed), {})
+        self.evaluate(skill, "distill", self.new, out, seed)
+
+    def fresh_distill(self, skill: str, seed: int) -> None:
+        out = self.adapter(skill, "fresh_distill", seed)
+        self.record(f"{skill}/train/fresh_distill/s{seed}", stage_fresh_distill, self.old,
+                    self.adapter(skill, "old_adapter"), self.new, out, self.distill_options(skill, seed))
+        self.evaluate(skill, "fresh_distill", self.new, out, seed)
+
+    def lft(self, skill: str) -> None:
+        out = self.adapter(skill, "lft")
+        self.record(f"{skill}/train/lft/s0", stage_graph_migrate, self.old, self.new, self.adapter(skill, "old_adapter"),
+                    out, self.store, {"lft_data": f"task:{skill}:train:{N_100}", "lft_samples": N_100,
+                                      "fidelity": False}, {})
+        self.evaluate(skill, "lft", self.new, out)
+
+    def vanilla_lr(self, skill: str) -> float:
+        """Both learning rates at seed 0, scored on the validation split; the better one (ties: the lower)."""
+        scores = {}
+        for lr in VANILLA_LRS:
+            out = self.adapter(skill, f"vanilla-lr{lr:g}")
+            self.record(f"{skill}/train/vanilla-lr{lr:g}/s0", stage_vanilla, self.new, f"task:{skill}:train:{N_100}",
+                        out, lr, 0)
+            spec = f"task:{skill}:validation:{VALIDATION}"
+            scores[lr] = self.record(f"{skill}/validation/vanilla-lr{lr:g}/s0", stage_eval, self.new, out, spec,
+                                     TEST_SEED)["accuracy"]
+        return max(VANILLA_LRS, key=lambda lr: (scores[lr], -lr))
+
+    def vanilla(self, skill: str, seed: int) -> None:
+        lr = self.vanilla_lr(skill)
+        out = self.adapter(skill, f"vanilla-lr{lr:g}", seed)
+        if seed:
+            self.record(f"{skill}/train/vanilla-lr{lr:g}/s{seed}", stage_vanilla, self.new,
+                        f"task:{skill}:train:{N_100}", out, lr, seed)
+        self.evaluate(skill, "vanilla", self.new, out, seed)
+
+    def run(self) -> None:
+        skills = self.args.skills
+        merge_json(self.path, {"command": self.args.command, "pair": self.args.pair,
+                               "models": [self.args.old_model or PAIRS[self.args.pair][0],
+                                          self.args.new_model or PAIRS[self.args.pair][1]], "skills": {s: SKILLS[s] for s in skills},
+                               "settings": {"n_100": N_100, "held_out": HELD, "validation": VALIDATION,
+                                            "test_seed": TEST_SEED, "vanilla_lrs": VANILLA_LRS, "seeds": SEEDS,
+                                            "rank": RANK, "alpha": ALPHA}})
+        if "machine" not in json.loads(self.path.read_text()):
+            merge_json(self.path, {"machine": run_child(machine, self.args.threads)})
+        for skill in skills:
+            self.train_cli(skill, "old_adapter", self.old)
+            self.evaluate(skill, "old_adapter", self.old, self.adapter(skill, "old_adapter"))
+            self.evaluate(skill, "bare_old", self.old, None)
+            self.evaluate(skill, "bare_new", self.new, None)
+        self.fleet()
+        for skill in skills:
+            self.evaluate(skill, "transfer", self.new, str(self.work / "transfer" / skill))
+        for seed in SEEDS:
+            for skill in skills:
+                self.distill(skill, seed)
+                self.fresh_distill(skill, seed)
+                self.vanilla(skill, seed)
+            if seed == 0:
+                for skill in skills:
+                    self.lft(skill)
+        if not self.args.no_full:
+            for skill in skills:
+                self.evaluate(skill, "full", self.new, self.train_cli(skill, "full", self.new))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pair", choices=sorted(PAIRS), default="cross")
+    parser.add_argument("--skills", nargs="+", choices=sorted(SKILLS),
+                        default=["arithmetic", "family_relationships", "letter_counting", "knowledge"])
+    parser.add_argument("--workdir", default=str(ROOT / "runs" / "skill-fleet"))
+    parser.add_argument("--no-full", action="store_true", help="skip the full-retraining rows")
+    parser.add_argument("--old-model", help="a model directory in place of the pair's old model (a smoke run)")
+    parser.add_argument("--new-model", help="a model directory in place of the pair's new model")
+    parser.add_argument("--results", help="results JSON in place of benchmarks/results/skill_fleet_<pair>.json")
+    parser.add_argument("--markdown", action="store_true", help="render benchmarks/SKILL_FLEET.md and stop")
+    args = parser.parse_args()
+    args.threads = int(os.environ.get("LORASUITE_BENCH_THREADS", os.cpu_count() or 1))
+    args.command = (f"LORASUITE_BENCH_THREADS={args.threads} nice -n 19 .venv/bin/python benchmarks/skill_fleet.py "
+                    + shlex.join(sys.argv[1:]))
+    if args.markdown:
+        from skill_fleet_report import write_markdown
+
+        print(write_markdown(args.pair))
+        return
+    Run(args).run()
+
+
+if __name__ == "__main__":
+    main()

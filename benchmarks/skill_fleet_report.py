@@ -1,0 +1,183 @@
+"""Tables of ``benchmarks/skill_fleet.py``: per skill, every row's mean accuracy, spread and 95% interval, its cost,
+and the differences that decide which route wins (the statistics are in ``skill_fleet.py``'s docstring)."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import numpy as np
+
+from migration_benchmark import paired_interval
+from skill_fleet import MULTI_SEED, ROOT, ROWS, SEEDS, results_path
+
+BOOTSTRAP = 2000
+LABELS = {"bare_old": "old model alone", "old_adapter": "old adapter on the old model (teacher)",
+          "bare_new": "new model alone", "transfer": "transfer only (migrate-fleet)",
+          "distill": "transfer + distill-100 (no labels)", "fresh_distill": "fresh LoRA (B = 0) + distill-100",
+          "lft": "transfer + labelled LFT-100", "vanilla": "vanilla LoRA-100 (lr on validation)",
+          "full": "full retraining on N (LoRA, old recipe)"}
+TRAIN_STAGE = {"old_adapter": "old_adapter", "distill": "distill", "fresh_distill": "fresh_distill", "lft": "lft",
+               "full": "full"}
+COMPARISONS = (("distill", "fresh_distill"), ("distill", "transfer"), ("distill", "vanilla"), ("lft", "vanilla"),
+               ("vanilla", "fresh_distill"), ("distill", "old_adapter"))
+
+
+def masks(stages: dict, skill: str, row: str) -> dict[int, np.ndarray]:
+    """seed -> the per-problem results (1 right) of ``row``'s evaluations."""
+    found = {}
+    for seed in SEEDS:
+        entry = stages.get(f"{skill}/eval/{row}/s{seed}")
+        if entry and entry.get("correct_mask"):
+            found[seed] = np.array([c == "1" for c in entry["correct_mask"]], dtype=float)
+    return found
+
+
+def _grid(m: dict[int, np.ndarray], seeds: list[int], problems: np.ndarray) -> float:
+    return float(np.stack([m[s] for s in seeds])[:, problems].mean())
+
+
+def bootstrap(m: dict[int, np.ndarray], other: dict[int, np.ndarray] | None = None, seed: int = 0):
+    """95% percentile interval of the mean (or of mean(m) - mean(other)) over seeds x problems resampled."""
+    rng = np.random.default_rng(seed)
+    keys = sorted(m)
+    n = len(next(iter(m.values())))
+    paired = other is not None and sorted(other) == keys
+    values = []
+    for _ in range(BOOTSTRAP):
+        problems = rng.integers(n, size=n)
+        pick = [keys[i] for i in rng.integers(len(keys), size=len(keys))]
+        value = _grid(m, pick, problems)
+        if other is not None:
+            okeys = sorted(other)
+            opick = pick if paired else [okeys[i] for i in rng.integers(len(okeys), size=len(okeys))]
+            value -= _grid(other, opick, problems)
+        values.append(value)
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+def pooled_newcombe(a: dict[int, np.ndarray], b: dict[int, np.ndarray]):
+    """Paired Newcombe interval on every (seed, problem) pair, for two rows with the same seeds (else None: pooling a
+    one-seed row's problems three times would count them thrice)."""
+    if sorted(a) != sorted(b):
+        return None
+    x, y = np.concatenate([a[s] for s in sorted(a)]), np.concatenate([b[s] for s in sorted(a)])
+    r, s_, t, u = (int(((x == i) & (y == j)).sum()) for i, j in ((1, 1), (1, 0), (0, 1), (0, 0)))
+    return paired_interval(r, s_, t, u)
+
+
+def row_summary(stages: dict, skill: str, row: str) -> dict | None:
+    m = masks(stages, skill, row)
+    if not m:
+        return None
+    accs = [float(v.mean()) for v in m.values()]
+    if len(m) == 1:
+        entry = stages[f"{skill}/eval/{row}/s{next(iter(m))}"]
+        low, high = entry["ci_low"], entry["ci_high"]
+    else:
+        low, high = bootstrap(m)
+    trains = [stages[k] for k in stages if k.startswith(f"{skill}/train/") and _train_row(k) == row]
+    return {"seeds": sorted(m), "mean": statistics.mean(accs), "accs": accs, "low": low, "high": high,
+            "wall": statistics.mean(t["seconds"] for t in trains) if trains else None,
+            "cpu": statistics.mean(t["cpu_seconds"] for t in trains) if trains else None,
+            "compute": sorted({_compute(t) for t in trains} - {None})}
+
+
+def _train_row(key: str) -> str:
+    name = key.split("/")[2]
+    return "vanilla" if name.startswith("vanilla-lr") else name
+
+
+def _compute(train: dict) -> str | None:
+    lft = train.get("light_finetune") or {}
+    for where in (train.get("training"), lft.get("training"), lft, train):
+        if isinstance(where, dict) and where.get("compute_dtype"):
+            return where["compute_dtype"]
+    return None
+
+
+def _fmt(x, digits=0):
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def skill_lines(stages: dict, skill: str, recipe: dict) -> list[str]:
+    lines = [f"### {skill}", "",
+             f"Old adapter: `lorasuite train` on `task:{skill}:train:{recipe['n']}`, {recipe['epochs']} epoch(s), "
+             f"lr {recipe['lr']:g}; test `task:{skill}:test:{recipe['test']}` (seed 0) for every row.", "",
+             "| row | seeds | mean accuracy | per seed | 95% interval | train wall s | train CPU s | compute |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in ROWS:
+        s = row_summary(stages, skill, row)
+        if s is None:
+            continue
+        lines.append(f"| {LABELS[row]} | {len(s['seeds'])} | {s['mean']:.3f} | "
+                     f"{', '.join(f'{a:.2f}' for a in s['accs'])} | [{s['low']:.3f}, {s['high']:.3f}] | "
+                     f"{_fmt(s['wall'])} | {_fmt(s['cpu'])} | {', '.join(s['compute']) or '–'} |")
+    lr = [k for k in stages if k.startswith(f"{skill}/validation/vanilla-lr")]
+    if lr:
+        lines += ["", "Vanilla learning rate on validation (seed 0): " + ", ".join(
+            f"lr {k.split('vanilla-lr')[1].split('/')[0]}: {stages[k]['accuracy']:.3f}" for k in sorted(lr)) + "."]
+    diffs = []
+    for a, b in COMPARISONS:
+        ma, mb = masks(stages, skill, a), masks(stages, skill, b)
+        if not ma or not mb:
+            continue
+        d = statistics.mean(float(v.mean()) for v in ma.values()) - statistics.mean(float(v.mean()) for v in mb.values())
+        low, high = bootstrap(ma, mb)
+        pooled = pooled_newcombe(ma, mb)
+        extra = f"; pooled paired Newcombe [{pooled[1]:+.3f}, {pooled[2]:+.3f}]" if pooled else ""
+        diffs.append(f"- {a} − {b}: {d:+.3f}, bootstrap (seeds × problems) [{low:+.3f}, {high:+.3f}]{extra}")
+    if diffs:
+        lines += ["", *diffs]
+    return lines + [""]
+
+
+def headline(stages: dict, skills: list[str]) -> list[str]:
+    """Per skill: the best new-model route (mean accuracy) and its margin over the runner-up, with the interval."""
+    lines = ["| skill | best route on the new model | mean | runner-up | difference [bootstrap 95%] |",
+             "|---|---|---|---|---|"]
+    for skill in skills:
+        routes = [(r, row_summary(stages, skill, r)) for r in ("transfer", "distill", "fresh_distill", "lft", "vanilla",
+                                                               "full")]
+        routes = sorted([(r, s) for r, s in routes if s], key=lambda x: -x[1]["mean"])
+        if len(routes) < 2:
+            continue
+        (best, sb), (second, ss) = routes[0], routes[1]
+        low, high = bootstrap(masks(stages, skill, best), masks(stages, skill, second))
+        lines.append(f"| {skill} | {LABELS[best]} | {sb['mean']:.3f} | {LABELS[second]} ({ss['mean']:.3f}) | "
+                     f"{sb['mean'] - ss['mean']:+.3f} [{low:+.3f}, {high:+.3f}] |")
+    return lines
+
+
+def write_markdown(pair: str) -> str:
+    data = json.loads(results_path(pair).read_text())
+    stages, m = data.get("stages", {}), data.get("machine", {})
+    skills = list(data.get("skills", {}))
+    fleet = stages.get("fleet/migrate")
+    loads = [st["loadavg_start"][0] for st in stages.values() if isinstance(st, dict) and st.get("loadavg_start")]
+    lines = [f"# A fleet of skills migrated {data['models'][0]} → {data['models'][1]} ({pair})", "",
+             "Generated by `benchmarks/skill_fleet.py --markdown` from "
+             f"`benchmarks/results/{results_path(pair).name}`; the rows, seeds and statistics are defined in the "
+             "script's docstring.", "",
+             f"- command: `{data.get('command', '?')}`",
+             f"- CPU: {m.get('cpu', '?')} ({m.get('cpus', '?')} CPUs, shared with other jobs), torch threads per stage "
+             f"{m.get('threads', '?')}, 1024² GEMM {m.get('gemm_1024_gflops', '?')} GFLOP/s at the start, bf16 matmul "
+             f"{m.get('bf16_matmul', '?')} (training compute dtype: {m.get('training_compute_dtype', '?')}), torch "
+             f"{m.get('torch', '?')}, started {m.get('date', '?')}",
+             f"- load average (1 min) at the start of the stages: {min(loads):.1f}–{max(loads):.1f}" if loads else
+             "- load average: –",
+             "- wall seconds depend on the load of the shared machine; CPU seconds much less", ""]
+    if fleet:
+        lines += [f"Fleet migration (transfer only, one pair analysis, {len(skills)} adapters): wall "
+                  f"{fleet['seconds']:.0f} s, CPU {fleet['cpu_seconds']:.0f} s, peak RSS {fleet['peak_rss_gb']} GB.", ""]
+    lines += ["## Headline", "", *headline(stages, skills), "", "## Per skill", ""]
+    for skill in skills:
+        lines += skill_lines(stages, skill, data["skills"][skill])
+    missing = [f"{s}/{r}" for s in skills for r in ROWS if not masks(stages, s, r)]
+    partial = [f"{s}/{r} ({len(masks(stages, s, r))} of {len(SEEDS)} seeds)" for s in skills for r in MULTI_SEED
+               if 0 < len(masks(stages, s, r)) < len(SEEDS)]
+    if missing or partial:
+        lines += ["## Not measured yet", "", "Rows without a result: " + (", ".join(missing) or "none") + ".",
+                  "Rows with fewer seeds: " + (", ".join(partial) or "none") + ".", ""]
+    text = "\n".join(lines)
+    (ROOT / "benchmarks" / ("SKILL_FLEET.md" if pair == "cross" else f"SKILL_FLEET_{pair.upper()}.md")).write_text(text)
+    return text
