@@ -74,3 +74,34 @@ def test_head_and_layer_mapping_switches_change_the_migration_and_are_reported(p
     assert [tuple(p) for p in first["layer_mapping"]] == [(0, 0), (1, 1), (2, 2)]
     keys = {json.dumps(r["pipeline"]["keys"], sort_keys=True) for r in (exact, identity, first)}
     assert len(keys) == 3                            # each choice has its own stage entries
+
+
+def test_bf16_calibration_forward_keeps_the_cka_layer_mapping(permuted):
+    """The activations stage multiplies in bf16 where it feeds only CKA (plans.activations_dtype): the states
+    move by bf16 rounding, the CKA by far less than the gap the layer mapping decides on, so the mapping
+    (an identity layer inserted at the front) is the float32 one."""
+    from lorasuite_core.models.loading import load_base_model
+    from lorasuite_core.transfer.activations import PairedActivations, builtin_calibration_texts, paired_activations
+    from lorasuite_core.transfer.cka import minibatch_cka
+    from lorasuite_core.transfer.layer_mapping import map_layers
+
+    _, old, new = permuted[:3]
+    old_model, new_model = load_base_model(str(old)), load_base_model(str(new))
+    runs = {dtype: paired_activations(old_model, new_model, builtin_calibration_texts(), max_tokens=256,
+                                      progress=False, compute_dtype=dtype) for dtype in (None, torch.bfloat16)}
+    exact, rounded = runs[None], runs[torch.bfloat16]
+    assert 0 < abs(rounded.new_states - exact.new_states).max() < 0.05 * abs(exact.new_states).max()
+    ckas = [minibatch_cka(PairedActivations.updates(r.old_states), PairedActivations.updates(r.new_states))
+            for r in (exact, rounded)]
+    assert abs(ckas[0] - ckas[1]).max() < 0.02
+    assert map_layers(ckas[1], None) == map_layers(ckas[0], None) == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_activations_dtype_is_float32_where_the_transfer_is_fitted_on_them(monkeypatch):
+    from lorasuite_core.pipeline import plans
+    from lorasuite_core.training import devices
+
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: True)
+    assert plans.activations_dtype(AnalysisOptions()) == "bfloat16"
+    monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: False)
+    assert plans.activations_dtype(AnalysisOptions()) == "float32"

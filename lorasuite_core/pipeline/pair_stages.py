@@ -103,7 +103,8 @@ def activations(store: StageStore, plan: PairPlan) -> StageResult:
         if texts_identity(texts) != plan.calibration_identity:
             raise LorasuiteError(f"calibration data {plan.calibration_data} changed during the run; rerun")
         acts = paired_activations(plan.old(), plan.new(), texts, max_tokens=plan.max_calibration_tokens,
-                                  progress=False)
+                                  progress=False,
+                                  compute_dtype=torch.bfloat16 if plan.activations_dtype == "bfloat16" else None)
         for which, model, states in (("old", plan.old(), acts.old_states), ("new", plan.new(), acts.new_states)):
             if not np.isfinite(states).all():
                 for name in model.weights.shard_of:   # name the culprit: get() refuses a non-finite weight
@@ -112,7 +113,7 @@ def activations(store: StageStore, plan: PairPlan) -> StageResult:
                                      "states on the calibration text")
         save_numpy({"old_states": np.ascontiguousarray(acts.old_states),
                     "new_states": np.ascontiguousarray(acts.new_states)}, out / "activations.safetensors")
-        return {"texts": acts.num_texts, "paired_tokens": acts.num_tokens}
+        return {"texts": acts.num_texts, "paired_tokens": acts.num_tokens, "compute_dtype": plan.activations_dtype}
 
     return store.run("activations", plan.stage_keys["activations"], compute)
 

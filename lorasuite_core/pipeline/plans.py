@@ -71,6 +71,7 @@ class PairPlan(Schema):
     analysis: AnalysisOptions
     calibration_identity: str
     stage_keys: dict[str, str]
+    activations_dtype: str = "float32"     # the activations stage's compute dtype (:func:`activations_dtype`)
     head_transform: HeadTransform = "lstsq"     # the mode of the unit_maps entry
 
     @property
@@ -97,6 +98,16 @@ def calibration_texts(ref: str | None, max_tokens: int) -> list[str]:
     return read_calibration_file(ref, max_tokens) if ref else builtin_calibration_texts()
 
 
+def activations_dtype(analysis: AnalysisOptions) -> str:
+    """The calibration forward passes in bfloat16 (autocast) where the CPU multiplies bf16 natively and the states
+    feed only CKA, a ranking; float32 where the transfer is fitted on them (``transfer_fit`` activations: exact
+    under function-preserving upgrades) or the CPU has no bf16 matrix unit.  Part of the activations key."""
+    from lorasuite_core.training.devices import cpu_supports_bf16
+
+    fitted = getattr(analysis, "transfer_fit", "weights") == "activations"
+    return "bfloat16" if cpu_supports_bf16() and not fitted else "float32"
+
+
 def plan_pair(old_model: str, new_model: str, analysis: AnalysisOptions | None = None,
               head_transform: HeadTransform = "lstsq") -> PairPlan:
     """Identify both models (file listings, not tensors) and the calibration text; derive the keys
@@ -109,8 +120,10 @@ def plan_pair(old_model: str, new_model: str, analysis: AnalysisOptions | None =
     calibration = texts_identity(calibration_texts(calibration_data, max_calibration_tokens))
     keys = {"vocabulary": stage_key("vocabulary", old=old_id, new=new_id)}
     keys["transfer_matrix"] = stage_key("transfer_matrix", vocabulary=keys["vocabulary"])
+    dtype = activations_dtype(analysis)
     keys["activations"] = stage_key("activations", old=old_id, new=new_id, calibration=calibration,
-                                    max_tokens=max_calibration_tokens)
+                                    max_tokens=max_calibration_tokens,
+                                    **({"compute": dtype} if dtype != "float32" else {}))
     keys["cka"] = stage_key("cka", activations=keys["activations"])
     keys["layer_mapping"] = stage_key("layer_mapping", cka=keys["cka"], offset=layer_offset,
                                       method=analysis.layer_mapping)
@@ -121,7 +134,7 @@ def plan_pair(old_model: str, new_model: str, analysis: AnalysisOptions | None =
                                   layout="maps-per-layer")
     return PairPlan(old_model=old_model, new_model=new_model, old_identity=old_id, new_identity=new_id,
                     analysis=analysis, calibration_identity=calibration, stage_keys=keys,
-                    head_transform=head_transform)
+                    head_transform=head_transform, activations_dtype=dtype)
 
 
 # --------------------------------------------------------------------------- an adapter
