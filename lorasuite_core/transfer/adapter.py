@@ -10,6 +10,7 @@ tasks and by :func:`lorasuite_core.pipeline.stages.migrate_in_process` sequentia
       cka             CKA of layer updates (and of states) for all pairs     cka.py
       layer_mapping   monotone DP on the update CKA                          layer_mapping.py
       head_similarity per mapped pair: head + neuron matching                matching.py
+                      (transfer_fit activations: residual maps per pair     activation_fit.py)
     adapter transfer
       transfer        per mapped pair: canonical deltas carried over         unit_maps.py
       refactorise     QR + small SVD back to each module's rank              refactor.py
