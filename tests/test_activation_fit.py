@@ -82,6 +82,19 @@ def test_layernorm_inputs_are_centred_and_the_bias_is_carried():
     assert _rel(T @ (b_o @ perm), b_o) < 1e-5 and abs(fit.scale - 4.0) < 1e-12
 
 
+def test_rows_read_in_other_tokens_are_trimmed_and_noisy_rows_are_not():
+    d, D = 6, 9
+    X_o, X_n, M = _widened(d=d, D=D)
+    bad = X_n.clone()
+    bad[100:130] += 0.3 * torch.randn(30, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    fit = AF.fit_pair(X_o, bad, {}, {}, "rms", "rms")
+    assert abs(fit.kept - 370 / 400) < 1e-12                       # exactly the 30 perturbed rows dropped
+    assert _rel(fit.Q, (D / d) ** 0.5 * M.T) < 1e-5
+    noisy = X_n + 0.3 * X_n.norm(dim=1, keepdim=True) / D ** 0.5 * torch.randn(
+        400, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert AF.fit_pair(X_o, noisy, {}, {}, "rms", "rms").kept == 1.0   # a real pair's spread: nothing dropped
+
+
 def test_captured_share_is_one_for_the_exact_map_and_zero_for_none():
     X_o, X_n, M = _widened()
     Z_o, _ = AF.normalised_rows(X_o, "rms")

@@ -35,6 +35,17 @@ old residual's size to the new one's, robust to the few huge rows. An input-faci
 L R T_in (R_new = R T_in), an o/down delta T_out L R, and the unit side is unchanged (unit_maps.py,
 against the weights, through these maps).
 
+Rows whose contexts differ. A position is paired where both tokenisations end a token at the
+same character, but the two models may have read that prefix in different tokens (a tokenizer
+with extra merges); such a row is not the same function of the text on both sides. Trimmed refits
+remove them: after a fit of Q̂, rows whose relative residual ‖Q̂ z_o − z_n‖ / ‖z_n‖ exceeds
+max(TRIM · median, FLOOR) (10×, 1e-4) are dropped and Q̂ refitted on the rest, until no row goes
+(at most 4 fits; the first fit is pulled by the bad rows, the next ones are not); every map is
+then fitted on the rows kept. Rows after a differently tokenised span differ too, less and less.
+Under a function-preserving upgrade the other rows fit to rounding (~1e-7), so exactly the
+differently tokenised ones go; on a real pair the median residual is large (≳ 0.3) and no row
+lies ten times above it, so nothing is dropped (``rows_kept`` in the report says how many stayed).
+
 Solves: through the Grams (normal equations, Cholesky, float64): T_inᵀ = (U_nᵀU_n + λI)⁻¹ U_nᵀU_o.
 The ridge is relative: λ = ρ · tr(AᵀA) / cols(A) with ρ = ``RIDGE`` (1e-6) unless given, i.e. ρ
 times the mean eigenvalue of the Gram. It removes the rounding noise in the directions a widened
@@ -64,6 +75,7 @@ from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.transfer.residual import _inverse_gain
 
 RIDGE = 1e-6
+TRIM, FLOOR, TRIM_ROUNDS = 10.0, 1e-4, 4
 
 
 def normalised_rows(X: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,9 +120,11 @@ class ActivationFit:
     Q: torch.Tensor                   # D × d: z_new ≈ Q z_old (normalised residual rows)
     scale: float                      # k: median rms(x_new) / rms(x_old)
     r2: dict[str, float]              # per input norm role and "residual_new_from_old", on the rows fitted
+    kept: float = 1.0                 # share of the paired rows fitted (outlier_rows)
 
     def report(self) -> dict[str, float]:
-        return {**{f"r2_{k}": round(v, 6) for k, v in self.r2.items()}, "scale": round(self.scale, 6)}
+        return {**{f"r2_{k}": round(v, 6) for k, v in self.r2.items()}, "scale": round(self.scale, 6),
+                "rows_kept": round(self.kept, 6)}
 
 
 def layer_rows(states: np.ndarray, layer: int) -> torch.Tensor:
@@ -124,6 +138,20 @@ def module_inputs(Z: torch.Tensor, gain: torch.Tensor | None, bias: torch.Tensor
     return U if bias is None else U + bias[None, :]
 
 
+def outlier_rows(Z_o: torch.Tensor, Z_n: torch.Tensor, rho: float = RIDGE) -> torch.Tensor:
+    """Rows to keep: relative residual of z_n ≈ Q̂ z_o at most max(TRIM · median, FLOOR), refitted on the
+    rows kept until none more goes (at most TRIM_ROUNDS fits; module docstring)."""
+    keep = torch.ones(Z_o.shape[0], dtype=torch.bool)
+    for _ in range(TRIM_ROUNDS):
+        Q_t = ridge(Z_o[keep], Z_n[keep], rho)
+        r = (Z_o @ Q_t - Z_n).norm(dim=1) / Z_n.norm(dim=1).clamp_min(1e-300)
+        now = keep & (r <= max(TRIM * float(r[keep].median()), FLOOR))
+        if bool((now == keep).all()):
+            break
+        keep = now
+    return keep
+
+
 def fit_pair(X_old: torch.Tensor, X_new: torch.Tensor, norms_old: dict, norms_new: dict, kind_old: str,
              kind_new: str, rho: float = RIDGE) -> ActivationFit:
     """T_in per input norm role, Q̂ and k from paired rows X_old (n × d), X_new (n × D); ``norms_*``:
@@ -132,6 +160,8 @@ def fit_pair(X_old: torch.Tensor, X_new: torch.Tensor, norms_old: dict, norms_ne
         raise LorasuiteError(f"activation fit: {X_old.shape[0]} old rows but {X_new.shape[0]} new rows")
     Z_o, s_o = normalised_rows(X_old, kind_old)
     Z_n, s_n = normalised_rows(X_new, kind_new)
+    keep = outlier_rows(Z_o, Z_n, rho)
+    Z_o, Z_n, s_o, s_n = Z_o[keep], Z_n[keep], s_o[keep], s_n[keep]
     inputs, r2 = {}, {}
     for role in INPUT_NORMS:
         U_o, U_n = module_inputs(Z_o, *norms_old.get(role, (None, None))), module_inputs(Z_n, *norms_new.get(role, (None, None)))
@@ -141,7 +171,7 @@ def fit_pair(X_old: torch.Tensor, X_new: torch.Tensor, norms_old: dict, norms_ne
     r2["residual_new_from_old"] = r_squared(Z_o, Q_t, Z_n)
     both = (s_o > 0) & (s_n > 0)
     k = float((s_n[both] / s_o[both]).median()) if bool(both.any()) else 1.0
-    return ActivationFit(inputs=inputs, Q=Q_t.T.contiguous(), scale=k, r2=r2)
+    return ActivationFit(inputs=inputs, Q=Q_t.T.contiguous(), scale=k, r2=r2, kept=float(keep.double().mean()))
 
 
 def norms_of(model, layer: int) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
@@ -202,7 +232,8 @@ def save_fits(fits: dict[tuple[int, int], ActivationFit], path) -> dict[str, dic
         for role, T in fit.inputs.items():
             arrays[f"{role}.{i}.{j}"] = T.float().contiguous()
         arrays[f"Q.{i}.{j}"] = fit.Q.float().contiguous()
-        arrays[f"stats.{i}.{j}"] = torch.tensor([fit.scale] + [fit.r2[k] for k in sorted(fit.r2)], dtype=torch.float64)
+        arrays[f"stats.{i}.{j}"] = torch.tensor([fit.scale, fit.kept] + [fit.r2[k] for k in sorted(fit.r2)],
+                                                dtype=torch.float64)
     save_file(arrays, path)
     return {f"{i}->{j}": fit.report() for (i, j), fit in fits.items()}
 
@@ -216,7 +247,7 @@ def load_fits(path) -> dict[tuple[int, int], ActivationFit]:
     for name in arrays:
         if name.startswith("Q."):
             _, i, j = name.split(".")
-            scale, *r2 = arrays[f"stats.{i}.{j}"].tolist()
+            scale, kept, *r2 = arrays[f"stats.{i}.{j}"].tolist()
             fits[(int(i), int(j))] = ActivationFit({role: arrays[f"{role}.{i}.{j}"].double() for role in INPUT_NORMS},
-                                                   arrays[name].double(), scale, dict(zip(keys, r2)))
+                                                   arrays[name].double(), scale, dict(zip(keys, r2)), kept)
     return fits
