@@ -95,6 +95,16 @@ def test_rows_read_in_other_tokens_are_trimmed_and_noisy_rows_are_not():
     assert AF.fit_pair(X_o, noisy, {}, {}, "rms", "rms").kept == 1.0   # a real pair's spread: nothing dropped
 
 
+def test_repeated_rows_count_once_and_do_not_set_the_trim():
+    X_o, X_n, _ = _widened()
+    noisy = X_n + 0.3 * X_n.norm(dim=1, keepdim=True) / 9 ** 0.5 * torch.randn(
+        400, 9, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    template_o, template_n = X_o[:1].repeat(600, 1), noisy[:1].repeat(600, 1)      # one row, 600 times
+    fit = AF.fit_pair(torch.cat([template_o, X_o]), torch.cat([template_n, noisy]), {}, {}, "rms", "rms")
+    alone = AF.fit_pair(X_o, noisy, {}, {}, "rms", "rms")
+    assert fit.kept == 1.0 and _rel(fit.Q, alone.Q) < 1e-10
+
+
 def test_captured_share_is_one_for_the_exact_map_and_zero_for_none():
     X_o, X_n, M = _widened()
     Z_o, _ = AF.normalised_rows(X_o, "rms")

@@ -46,6 +46,10 @@ Under a function-preserving upgrade the other rows fit to rounding (~1e-7), so e
 differently tokenised ones go; on a real pair the median residual is large (≳ 0.3) and no row
 lies ten times above it, so nothing is dropped (``rows_kept`` in the report says how many stayed).
 
+Repeated rows. Texts that share a prefix (the adapter's prompts in one template) give the same
+paired states again and again; each distinct row is kept once, so the template neither dominates
+the fit nor sets the trimming's median (which would then drop ordinary rows).
+
 Solves: through the Grams (normal equations, Cholesky, float64): T_inᵀ = (U_nᵀU_n + λI)⁻¹ U_nᵀU_o.
 The ridge is relative: λ = ρ · tr(AᵀA) / cols(A) with ρ = ``RIDGE`` (1e-6) unless given, i.e. ρ
 times the mean eigenvalue of the Gram. It removes the rounding noise in the directions a widened
@@ -120,7 +124,7 @@ class ActivationFit:
     Q: torch.Tensor                   # D × d: z_new ≈ Q z_old (normalised residual rows)
     scale: float                      # k: median rms(x_new) / rms(x_old)
     r2: dict[str, float]              # per input norm role and "residual_new_from_old", on the rows fitted
-    kept: float = 1.0                 # share of the paired rows fitted (outlier_rows)
+    kept: float = 1.0                 # share of the distinct paired rows fitted (outlier_rows)
 
     def report(self) -> dict[str, float]:
         return {**{f"r2_{k}": round(v, 6) for k, v in self.r2.items()}, "scale": round(self.scale, 6),
@@ -152,12 +156,20 @@ def outlier_rows(Z_o: torch.Tensor, Z_n: torch.Tensor, rho: float = RIDGE) -> to
     return keep
 
 
+def distinct_rows(X_old: torch.Tensor, X_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each paired row once: texts that share a prefix (a prompt template) repeat the same states, which would
+    weigh the fit and set the trimming's median (sorted order: least squares does not depend on it)."""
+    both = torch.unique(torch.cat([X_old.double(), X_new.double()], dim=1), dim=0)
+    return both[:, :X_old.shape[1]], both[:, X_old.shape[1]:]
+
+
 def fit_pair(X_old: torch.Tensor, X_new: torch.Tensor, norms_old: dict, norms_new: dict, kind_old: str,
              kind_new: str, rho: float = RIDGE) -> ActivationFit:
     """T_in per input norm role, Q̂ and k from paired rows X_old (n × d), X_new (n × D); ``norms_*``:
     norm role -> (gain, bias), either None."""
     if X_old.shape[0] != X_new.shape[0]:
         raise LorasuiteError(f"activation fit: {X_old.shape[0]} old rows but {X_new.shape[0]} new rows")
+    X_old, X_new = distinct_rows(X_old, X_new)
     Z_o, s_o = normalised_rows(X_old, kind_old)
     Z_n, s_n = normalised_rows(X_new, kind_new)
     keep = outlier_rows(Z_o, Z_n, rho)
