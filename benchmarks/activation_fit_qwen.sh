@@ -3,7 +3,7 @@
 # the arithmetic LoRA-100 of benchmarks/fidelity_qwen.sh migrated transfer-only with --transfer-fit weights and
 # activations (same adapter, calibration, 32 evaluation prompts: fidelity and accuracy), then the fit
 # diagnostics (benchmarks/activation_fit_diagnostics.py). WORKDIR holds the adapter and cache of
-# fidelity_qwen.sh (reused: activations, the weight-fitted transfer, the teacher's answers, the fixed eval rows).
+# fidelity_qwen.sh (reused: activations, the weight-fitted layers, the fixed eval rows).
 # CALIBRATION (optional): --calibration-data, e.g. task:arithmetic:train (the adapter's own prompts); FITS: which fits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
