@@ -141,23 +141,27 @@ def markdown() -> str:
     data = json.loads(RESULTS.read_text())
     stages, m = data["stages"], data["machine"]
     lines = ["# bf16 autocast vs fp32 for LoRA training", "",
-             f"Command: `{data['command']}`. Machine: {m['cpu']}, {m['cores']} threads, bf16 matmul "
-             f"{m['bf16_matmul']}, GEMM 2048² {m['gemm_gflops']} GFLOP/s, torch {m['torch']}, load average at the "
-             f"start {m['loadavg']}. Model {data['model']}, fresh rank-16 LoRA on {data['n_train']} built-in "
-             f"arithmetic samples, {data['epochs']} epochs; {data['test_problems']} test problems (seed "
+             f"Command: `{data['command']}`. Machine: {m['cpu']}, {m['cores']} cores, bf16 matmul "
+             f"{m['bf16_matmul']}, GEMM 2048² {m['gemm_gflops']} GFLOP/s (parent process), torch {m['torch']}, load "
+             f"average at the start {m['loadavg']}. Model {data['model']}, fresh rank-16 LoRA on {data['n_train']} "
+             f"built-in arithmetic samples, {data['epochs']} epochs; {data['test_problems']} test problems (seed "
              f"{data['test_seed']}), evaluated in the machine's evaluation dtype for both rows.", ""]
+    if data.get("notes"):
+        lines += [f"Conditions: {data['notes']}", ""]
     if "steps" in stages:
         s = stages["steps"]
         lines += [f"**Step time** (batch {s['batch']}, alternating modes in one process, median): fp32 "
                   f"{s['step_seconds']['off']} s, bf16 autocast {s['step_seconds']['bf16']} s: **{s['speedup']}x**.", ""]
-    lines += ["| seed | mode | train wall s | train CPU s | final loss | accuracy [95% CI] |", "|---|---|---|---|---|---|"]
+    lines += ["| seed | mode | train wall s | train CPU s | final loss | accuracy [95% CI] | load average (1 min) start → end |",
+              "|---|---|---|---|---|---|---|"]
     for seed in data["seeds"]:
         for mode in MODES:
             t, e = stages.get(f"train_{mode}_seed{seed}"), stages.get(f"eval_{mode}_seed{seed}")
             if t and e:
                 lines.append(f"| {seed} | {'fp32' if mode == 'off' else 'bf16 autocast'} | {t['seconds']:.0f} | "
                              f"{t['cpu_seconds']:.0f} | {t['final_loss']:.3f} | {e['accuracy']:.3f} "
-                             f"[{e['ci_low']:.3f}, {e['ci_high']:.3f}] |")
+                             f"[{e['ci_low']:.3f}, {e['ci_high']:.3f}] | {t['loadavg_start'][0]} → "
+                             f"{t['loadavg_end'][0]} |")
     lines.append("")
     for seed in data["seeds"]:
         a, b = stages.get(f"eval_bf16_seed{seed}"), stages.get(f"eval_off_seed{seed}")

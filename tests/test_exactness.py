@@ -3,7 +3,9 @@
 For each family a tiny random model with non-trivial norm weights and a LoRA adapter on all
 targets (both factors random, so the adapter moves the logits a lot) is upgraded by the
 generator in ``lorasuite_core.testing.upgrade`` — each kind of change alone, all combined, and no
-change at all — then migrated with ``lorasuite migrate --no-lft``. The migrated adapter on
+change at all — then migrated with ``lorasuite migrate --no-lft``, with the residual maps fitted on the
+weights (every case) and on the calibration activations (``--transfer-fit activations``: each family's
+all-combined case). The migrated adapter on
 the new model must reproduce the old adapter's logits on the old model over the shared
 vocabulary (ground-truth token map from the generator) to 1e-4 relative; without the
 adapter the same comparison must fail, so the check has teeth. Fidelity (on by default) is off here: it
@@ -94,13 +96,27 @@ def token_batch(old_dir, seed=0):
     return torch.randint(0, min(vocab, 300), (2, 10), generator=g).tolist()
 
 
-@pytest.mark.parametrize("family,spec", list(cases()))
-def test_migration_is_exact(family, spec, old_pairs, tmp_path):
+def fit_cases():
+    """Every case with the weight-fitted residual maps; with the activation-fitted ones (``--transfer-fit
+    activations``, lorasuite_core/transfer/activation_fit.py) every family's all-combined upgrade, which holds
+    every kind of change that family admits (each kind alone passes too; CI keeps to the combined ones)."""
+    for case in cases():
+        yield pytest.param(*case.values, "weights", id=f"{case.id}-weights")
+        if case.id.split("-", 1)[1] in ACTIVATION_KINDS:
+            yield pytest.param(*case.values, "activations", id=f"{case.id}-activations")
+
+
+ACTIVATION_KINDS = ("all_combined",)
+
+
+@pytest.mark.parametrize("family,spec,fit", list(fit_cases()))
+def test_migration_is_exact(family, spec, fit, old_pairs, tmp_path):
     old_dir, old_adapter = old_pairs(family)
     new_dir = upgrade_model_dir(old_dir, tmp_path / "new", spec)
     out = tmp_path / "migrated"
     code = main(["-q", "migrate", "--old-model", str(old_dir), "--new-model", str(new_dir), "--adapter", str(old_adapter),
-                 "--output", str(out), "--no-lft", "--no-fidelity", "--max-calibration-tokens", CALIBRATION_TOKENS])
+                 "--output", str(out), "--no-lft", "--no-fidelity", "--max-calibration-tokens", CALIBRATION_TOKENS,
+                 "--transfer-fit", fit])
     assert code == 0
     ids = token_batch(old_dir)
     reference, migrated = logits_over_shared_vocab(old_dir, new_dir, ids, old_adapter=old_adapter, new_adapter=out)
@@ -113,3 +129,4 @@ def test_migration_is_exact(family, spec, old_pairs, tmp_path):
     assert set(report["steps"]) >= {"vocabulary", "transfer_matrix", "activations", "cka", "layer_mapping",
                                     "head_similarity", "transfer"}
     assert all(step["cache"] == "computed" for step in report["steps"].values())
+    assert report["transfer_fit"]["fit"] == fit

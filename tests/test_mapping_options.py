@@ -103,5 +103,6 @@ def test_activations_dtype_is_float32_where_the_transfer_is_fitted_on_them(monke
 
     monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: True)
     assert plans.activations_dtype(AnalysisOptions()) == "bfloat16"
+    assert plans.activations_dtype(AnalysisOptions(transfer_fit="activations")) == "float32"
     monkeypatch.setattr(devices, "cpu_supports_bf16", lambda: False)
     assert plans.activations_dtype(AnalysisOptions()) == "float32"

@@ -49,6 +49,7 @@ from lorasuite_core.training.skills import check_data_ref
 HeadTransform = Literal["lstsq", "paper"]
 LayerMapping = Literal["cka", "sequential", "first", "last"]
 HeadMapping = Literal["hungarian", "identity"]
+TransferFit = Literal["weights", "activations"]
 LftMode = Literal["labelled", "distill"]
 ServingEngine = Literal["vllm", "vllm-lora"]
 Route = Literal["transfer", "distill", "fresh-distill", "copy", "auto"]
@@ -185,7 +186,8 @@ class AnalysisOptions(_Options):
 
     calibration_data: str | None = Field(
         None, min_length=1, description="calibration text: .txt (one sample per line) or .jsonl with a 'text' "
-                                        "field, local or URI; unset: the built-in text")
+                                        "field, local or URI, or task:NAME:SPLIT[:COUNT] (the task's prompts in the "
+                                        "built-in template); unset: the built-in text")
     max_calibration_tokens: int = Field(2048, ge=8, description="paired calibration tokens for the activations")
     layer_offset: int | None = Field(
         None, ge=0, description="max |new layer - old layer| drift of the layer mapping; unset: the layer-count "
@@ -196,6 +198,15 @@ class AnalysisOptions(_Options):
     head_mapping: HeadMapping = Field(
         "hungarian", description="hungarian: heads matched on their QK/VO similarity; identity: head h to head h "
                                  "(ablation)")
+    transfer_fit: TransferFit = Field(
+        "weights", description="residual-side maps of the transfer: weights (least squares on the shared token "
+                               "embeddings, one for all layers) or activations (ridge per mapped layer pair on the "
+                               "paired calibration states; give the adapter's own prompts as --calibration-data)")
+
+    @field_validator("calibration_data")
+    @classmethod
+    def _calibration_spec_parses(cls, value: str | None) -> str | None:
+        return check_data_ref(value)
 
 
 def _overrides_model() -> type[BaseModel]:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from lorasuite_core.io import terminal
 from lorasuite_core.io.uris import redact_uri
+from lorasuite_core.transfer.activation_fit import FITS, fit_mapped_pairs, load_fits, save_fits
 from lorasuite_core.transfer.activations import PairedActivations, paired_activations
 from lorasuite_core.pipeline.analysis_store import load_matches, save_matches
 from lorasuite_core.pipeline.unit_map_store import clear_memo as clear_unit_maps, save_unit_maps
@@ -29,7 +30,8 @@ from lorasuite_core.transfer.cka import minibatch_cka
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.transfer.layer_mapping import fixed_mapping, map_layers
 from lorasuite_core.report.migration import head_mapping_entries
-from lorasuite_core.transfer.adapter import PairAnalysis, effective_head_mapping, layer_unit_maps, match_layer_pair
+from lorasuite_core.transfer.adapter import (PairAnalysis, effective_head_mapping, layer_unit_maps, match_layer_pair,
+                                           pair_maps)
 from lorasuite_core.transfer.residual import ResidualTransfer, residual_transfer
 from lorasuite_core.pipeline.stage_store import StageResult, StageStore, texts_identity
 from lorasuite_core.transfer.vocab import SharedVocabulary, shared_vocabulary
@@ -47,7 +49,13 @@ def _analysis(root: str, analysis_uri: str, vocabulary_uri: str, transfer_uri: s
     return PairAnalysis(_load_vocabulary(store, vocabulary_uri), _load_transfer(store, transfer_uri),
                         matrices["cka_updates"], matrices["cka_states"],
                         [(int(i), int(j)) for i, j in facts["layer_mapping"]],
-                        load_matches(store.local_dir(analysis_uri)), calibration=facts["calibration"])
+                        load_matches(store.local_dir(analysis_uri)), calibration=facts["calibration"],
+                        activation_fits=_activation_fits(store.local_dir(analysis_uri)))
+
+
+def _activation_fits(directory: Path) -> dict:
+    """transfer_fit "activations": the fits stored beside the matches (none for "weights")."""
+    return load_fits(directory / FITS) if (directory / FITS).is_file() else {}
 
 
 def pair_analysis(store: StageStore, plan: PairPlan, analysis_uri: str) -> PairAnalysis:
@@ -162,11 +170,18 @@ def head_similarity(store: StageStore, plan: PairPlan, vocabulary_uri: str, tran
             log.info("head mapping %s -> %s: the %s family fixes each head's index (%s)", plan.analysis.head_mapping,
                      heads_used, (old if old.family.head_index_fixed else new).family.name,
                      (old if old.family.head_index_fixed else new).family.position_encoding)
+        fit_facts = {}
+        if plan.analysis.transfer_fit == "activations":        # activation_fit.py: maps per mapped pair
+            states = _load_numpy(store, activations_uri, "activations.safetensors")
+            analysis.activation_fits = fit_mapped_pairs(old, new, states["old_states"], states["new_states"], mapping)
+            fit_facts = {"transfer_fit": {"fit": "activations", "layers": save_fits(analysis.activation_fits,
+                                                                                    out / FITS)}}
         for done, (i, j) in enumerate(mapping, start=1):
-            analysis.matches[i] = match_layer_pair(old, new, rt, i, j, plan.analysis.head_mapping)
+            analysis.matches[i] = match_layer_pair(old, new, rt, i, j, plan.analysis.head_mapping,
+                                                   pair_maps(old, new, analysis, i, j))
             terminal.advanced("head_similarity", done, len(mapping), "layer pairs")
         save_matches(analysis.matches, out)
-        return {"layer_mapping": [[i, j] for i, j in mapping], "head_mapping": head_mapping_entries(analysis),
+        return {**fit_facts, "layer_mapping": [[i, j] for i, j in mapping], "head_mapping": head_mapping_entries(analysis),
                 "shared_vocabulary_size": len(analysis.shared), "calibration": analysis.calibration}
 
     return store.run("head_similarity", plan.stage_keys["head_similarity"], compute)

@@ -94,8 +94,28 @@ class PairPlan(Schema):
 
 
 def calibration_texts(ref: str | None, max_tokens: int) -> list[str]:
-    """The calibration samples: read, streamed and capped for a budget of ``max_tokens`` paired tokens."""
+    """The calibration samples: read, streamed and capped for a budget of ``max_tokens`` paired tokens; a
+    ``task:NAME:SPLIT[:COUNT]`` spec gives the task's prompts in the built-in template (the text an adapter of
+    that task reads), prompts only, no answers."""
+    from lorasuite_core.training.skills import is_task_spec
+
+    if is_task_spec(ref):
+        return _task_calibration_texts(ref, max_tokens)
     return read_calibration_file(ref, max_tokens) if ref else builtin_calibration_texts()
+
+
+def _task_calibration_texts(ref: str, max_tokens: int) -> list[str]:
+    from lorasuite_core.training.prompts import prompts_from_samples
+    from lorasuite_core.training.samples import load_samples
+    from lorasuite_core.transfer.activations import CHARS_PER_TOKEN, MAX_TOKENS_PER_TEXT
+
+    texts, collected = [], 0
+    for prompt in prompts_from_samples(load_samples(ref)):      # the same budget rule as a calibration file
+        texts.append(prompt.formatted())
+        collected += min(len(texts[-1]), MAX_TOKENS_PER_TEXT)
+        if collected >= CHARS_PER_TOKEN * max_tokens:
+            break
+    return texts
 
 
 def activations_dtype(analysis: AnalysisOptions) -> str:
@@ -104,8 +124,7 @@ def activations_dtype(analysis: AnalysisOptions) -> str:
     under function-preserving upgrades) or the CPU has no bf16 matrix unit.  Part of the activations key."""
     from lorasuite_core.training.devices import cpu_supports_bf16
 
-    fitted = getattr(analysis, "transfer_fit", "weights") == "activations"
-    return "bfloat16" if cpu_supports_bf16() and not fitted else "float32"
+    return "bfloat16" if cpu_supports_bf16() and analysis.transfer_fit != "activations" else "float32"
 
 
 def plan_pair(old_model: str, new_model: str, analysis: AnalysisOptions | None = None,
@@ -129,7 +148,8 @@ def plan_pair(old_model: str, new_model: str, analysis: AnalysisOptions | None =
                                       method=analysis.layer_mapping)
     keys["head_similarity"] = stage_key("head_similarity", transfer_matrix=keys["transfer_matrix"],
                                         layer_mapping=keys["layer_mapping"], activations=keys["activations"],
-                                        layout="matches", heads=analysis.head_mapping)
+                                        layout="matches", heads=analysis.head_mapping,
+                                        **({"fit": "activations"} if analysis.transfer_fit == "activations" else {}))
     keys["unit_maps"] = stage_key("unit_maps", head_similarity=keys["head_similarity"], mode=head_transform,
                                   layout="maps-per-layer")
     return PairPlan(old_model=old_model, new_model=new_model, old_identity=old_id, new_identity=new_id,

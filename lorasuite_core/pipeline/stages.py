@@ -95,6 +95,8 @@ def assemble(store: StageStore, plan: PairPlan, adapter: AdapterPlan, analysis_u
                               plan.layer_offset, steps)
         # differs from options.head_mapping where a family fixes each head's index (ALiBi)
         report["head_mapping_used"] = effective_head_mapping(old, new, plan.analysis.head_mapping)
+        # the residual maps' source (options.transfer_fit); with activations, the per-pair fits (activation_fit.py)
+        report["transfer_fit"] = store.facts(analysis_uri).get("transfer_fit", {"fit": plan.analysis.transfer_fit})
         write_adapter_dir(out, config, tensors, report, overwrite=True)
         return {"modules": len(migrated.modules), "dropped_roles": migrated.dropped,
                 "zero_initialised_layers": list(migrated.zero_init_layers),

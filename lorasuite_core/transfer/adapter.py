@@ -10,6 +10,7 @@ tasks and by :func:`lorasuite_core.pipeline.stages.migrate_in_process` sequentia
       cka             CKA of layer updates (and of states) for all pairs     cka.py
       layer_mapping   monotone DP on the update CKA                          layer_mapping.py
       head_similarity per mapped pair: head + neuron matching                matching.py
+                      (transfer_fit activations: residual maps per pair     activation_fit.py)
       unit_maps       per mapped pair and role: the unit maps M, their fit   unit_maps.py (layer_unit_maps)
     adapter transfer
       transfer        per mapped pair: canonical deltas carried through M    unit_maps.py (CarriedLayer)
@@ -51,6 +52,7 @@ import numpy as np
 import torch
 
 from lorasuite_core.errors import LorasuiteError
+from lorasuite_core.transfer.activation_fit import ActivationFit, layer_maps as activation_maps
 from lorasuite_core.transfer.dora import carry_dense, effective_change, fit_magnitude
 from lorasuite_core.transfer.layer_weights import (canonical_deltas, dropped_roles, expected_shape, join_fused, layer_weights,
                                                    module_deltas, split_fused)
@@ -77,6 +79,8 @@ class PairAnalysis:
     layer_mapping: list[tuple[int, int]]
     matches: dict[int, LayerMatch] = field(default_factory=dict)   # old layer -> match
     calibration: dict[str, Any] = field(default_factory=dict)
+    # transfer_fit "activations" (activation_fit.py): (old i, new j) -> its fitted residual maps
+    activation_fits: dict[tuple[int, int], ActivationFit] = field(default_factory=dict)
 
 
 def layer_pair_maps(old: LoadedModel, new: LoadedModel, rt: ResidualTransfer, i: int, j: int) -> dict[str, torch.Tensor]:
@@ -89,6 +93,12 @@ def layer_pair_maps(old: LoadedModel, new: LoadedModel, rt: ResidualTransfer, i:
     return maps
 
 
+def pair_maps(old: LoadedModel, new: LoadedModel, analysis: PairAnalysis, i: int, j: int) -> dict[str, torch.Tensor]:
+    """The maps fitted on activations for (i, j) where the analysis has them, else the weight-based ones."""
+    fit = analysis.activation_fits.get((i, j))
+    return activation_maps(old, new, fit, i, j) if fit is not None else layer_pair_maps(old, new, analysis.residual, i, j)
+
+
 def effective_head_mapping(old: LoadedModel, new: LoadedModel, head_mapping: str) -> str:
     """``head_mapping``, except that heads keep their indices where either family fixes them (ALiBi: a
     head's slope depends on its index, so moving a head changes what it computes)."""
@@ -98,9 +108,10 @@ def effective_head_mapping(old: LoadedModel, new: LoadedModel, head_mapping: str
 
 
 def match_layer_pair(old: LoadedModel, new: LoadedModel, rt: ResidualTransfer, i: int, j: int,
-                     head_mapping: str = "hungarian") -> LayerMatch:
-    """Heads and neurons of old layer ``i`` matched to new layer ``j`` (:func:`effective_head_mapping`)."""
-    maps = layer_pair_maps(old, new, rt, i, j)
+                     head_mapping: str = "hungarian", maps: dict[str, torch.Tensor] | None = None) -> LayerMatch:
+    """Heads and neurons of old layer ``i`` matched to new layer ``j`` (:func:`effective_head_mapping`),
+    through ``maps`` where given (fitted on activations), else the weight-based residual maps."""
+    maps = maps if maps is not None else layer_pair_maps(old, new, rt, i, j)
     return match_layer(layer_weights(old, i), layer_weights(new, j), old.dims, new.dims, maps,
                        effective_head_mapping(old, new, head_mapping))
 
@@ -193,7 +204,7 @@ def layer_unit_maps(old, new, analysis: PairAnalysis, i: int, j: int, mode: str,
                     maps: dict[str, torch.Tensor] | None = None) -> dict[str, RoleMap]:
     """The unit maps of old layer i -> new layer j (unit_maps.role_maps): of ``roles``, default every role both
     layers have.  Adapter-independent: the pipeline's ``unit_maps`` stage computes them once per model pair."""
-    maps = maps if maps is not None else layer_pair_maps(old, new, analysis.residual, i, j)
+    maps = maps if maps is not None else pair_maps(old, new, analysis, i, j)
     return role_maps(layer_weights(old, i), layer_weights(new, j), old.dims, new.dims, maps, analysis.matches[i],
                      mode, analysis.residual.P, roles)
 
@@ -207,7 +218,7 @@ def transfer_layer_pair(old, new, analysis: PairAnalysis, adapter: LoraAdapter, 
     deltas = canonical_factors(old.family, old.dims, _layer_deltas(adapter, i))
     if not deltas:
         return {}, {}, {}, set(), {}
-    maps = layer_pair_maps(old, new, analysis.residual, i, j)
+    maps = pair_maps(old, new, analysis, i, j)
     if unit_maps is None:
         unit_maps = layer_unit_maps(old, new, analysis, i, j, mode, list(deltas), maps)
     transfer = CarriedLayer(unit_maps, maps, mode, analysis.residual.P)
