@@ -212,12 +212,14 @@ class Run:
 
     def train_cli(self, skill: str, row: str, model: str) -> str:
         recipe, out = SKILLS[skill], self.adapter(skill, row)
-        self.record(f"{skill}/train/{row}/s0", run_cli,
+        key = f"{skill}/train/{row}/s0"
+        if key in self.stages and not (Path(out) / "adapter_model.safetensors").is_file():   # a fresh work directory:
+            self.stages[f"{key}/replaced"] = self.stages.pop(key)                         # train again, keep the record
+        self.record(key, run_cli,
                     ["train", "--model", model, "--data", f"task:{skill}:train:{recipe['n']}", "--output", out,
                      "--overwrite", "--epochs", str(recipe["epochs"]), "--lr", str(recipe["lr"]), "--rank", str(RANK),
                      "--alpha", str(ALPHA), "--seed", "0"], self.args.threads)
         summary = Path(out) / "training_summary.json"
-        key = f"{skill}/train/{row}/s0"
         if summary.is_file() and "training" not in self.stages[key]:
             written = json.loads(summary.read_text())
             self.stages[key]["training"] = {k: v for k, v in written.get("result", {}).items() if k != "losses"}

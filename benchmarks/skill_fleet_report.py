@@ -18,7 +18,7 @@ LABELS = {"bare_old": "old model alone", "old_adapter": "old adapter on the old 
           "full": "full retraining on N (LoRA, old recipe)"}
 TRAIN_STAGE = {"old_adapter": "old_adapter", "distill": "distill", "fresh_distill": "fresh_distill", "lft": "lft",
                "full": "full"}
-COMPARISONS = (("distill", "fresh_distill"), ("distill", "transfer"), ("distill", "vanilla"), ("lft", "vanilla"),
+COMPARISONS = (("old_adapter", "bare_old"), ("transfer", "bare_new"), ("distill", "fresh_distill"), ("distill", "transfer"), ("distill", "vanilla"), ("lft", "vanilla"),
                ("vanilla", "fresh_distill"), ("distill", "old_adapter"))
 
 
