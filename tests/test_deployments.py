@@ -121,8 +121,10 @@ def test_flows_take_the_thread_pool_size_from_prefects_environment_variable():
 
 
 def test_fleet_progress_advances_through_the_analysis(prefect_server, tmp_path, monkeypatch):
-    """A real fleet run: the progress artifact takes 40/6 % per finished analysis stage, then the entries."""
+    """A real fleet run: the progress artifact takes 40/n % per finished analysis stage (n pair stages), then
+    the entries."""
     from flows import artifacts
+    from lorasuite_core.pipeline.graph import PAIR_STAGES
     from flows.migration import migrate_fleet
     from lorasuite_core.testing.adapter import make_random_lora_adapter
     from lorasuite_core.testing.model import make_tiny_model_dir
@@ -143,6 +145,7 @@ def test_fleet_progress_advances_through_the_analysis(prefect_server, tmp_path, 
                                                          original(id, p, description))[2])
     summary = migrate_fleet(str(manifest), cache_root=str(tmp_path / "cache"))
     assert summary["published"] == ["a"]
-    assert seen[:6] == [round(40 * k / 6, 1) for k in range(1, 7)]
-    assert seen == sorted(seen) and seen[6] > 40 and seen[-1] == 100.0
-    assert said[0].endswith("pair analysis: 1/6 stages") and said[-1].endswith("Completed: 1 published, 0 skipped")
+    n = len(PAIR_STAGES)                                                        # 7 with unit_maps
+    assert seen[:n] == [round(40 * k / n, 1) for k in range(1, n + 1)]
+    assert seen == sorted(seen) and seen[n] > 40 and seen[-1] == 100.0
+    assert said[0].endswith(f"pair analysis: 1/{n} stages") and said[-1].endswith("Completed: 1 published, 0 skipped")
