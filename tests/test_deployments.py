@@ -3,7 +3,7 @@
 The served deployments and prefect.yaml point at the real flows and never share a name; the pull
 step resolves the project directory and stage store as documented; ``task_runner()`` follows
 ``PREFECT_TASK_RUNNER_THREAD_POOL_MAX_WORKERS`` and ``LORASUITE_TASK_RUNNER``; a fleet's progress
-artifact advances through the six analysis stages (a real fleet run on the session's test server).
+artifact advances through the pair-analysis stages (a real fleet run on the session's test server).
 The deployments on a real server: tests/test_server_deployments.py.
 """
 from __future__ import annotations
