@@ -59,3 +59,25 @@ def merge_json(path: str | Path, updates: dict) -> dict:
 def loadavg() -> list[float]:
     """The 1-, 5- and 15-minute load averages, rounded."""
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as ``lscpu`` gives it (the machine varies: record it with every result)."""
+    import subprocess
+
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+
+
+def gemm_gflops(dtype=None, n: int = 2048) -> float:
+    """GFLOP/s of an n × n matrix product in ``dtype`` (default float32) at the current torch thread count."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(3):
+        a @ b
+    return round(3 * 2 * n ** 3 / (time.perf_counter() - start) / 1e9, 1)

@@ -16,34 +16,19 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from _common import merge_json
+from _common import cpu_model, gemm_gflops, merge_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "activations_bf16.json"
 MODELS = Path(os.environ.get("LORASUITE_MODELS_DIR", Path.home() / ".cache" / "lorasuite" / "models"))
 OLD = MODELS / "qwen2.5-coder-0.5b-instruct" / "hf"
 NEW = MODELS / "qwen2.5-coder-1.5b-instruct" / "hf"
-
-
-def _cpu() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-
-
-def _gemm(dtype: torch.dtype, n: int = 2048) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(3):
-        a @ b
-    return round(3 * 2 * n ** 3 / (time.perf_counter() - start) / 1e9, 1)
 
 
 def main() -> None:
@@ -60,7 +45,7 @@ def main() -> None:
 
     old, new = load_base_model(str(OLD)), load_base_model(str(NEW))
     texts = builtin_calibration_texts()
-    gemm = {"fp32": _gemm(torch.float32), "bf16": _gemm(torch.bfloat16)}
+    gemm = {"fp32": gemm_gflops(torch.float32), "bf16": gemm_gflops(torch.bfloat16)}
     seconds: dict[str, list[float]] = {"float32": [], "bfloat16": []}
     cpu: dict[str, list[float]] = {"float32": [], "bfloat16": []}
     states = {}
@@ -82,7 +67,7 @@ def main() -> None:
         "command": f"LORASUITE_BENCH_THREADS={torch.get_num_threads()} .venv/bin/python benchmarks/activations_bf16.py "
                    f"--repeats {args.repeats} --max-tokens {args.max_tokens}",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                     "gemm_2048_gflops": gemm, "loadavg_start": [round(x, 2) for x in load_start],
                     "loadavg_end": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
                     "torch": torch.__version__},

@@ -22,33 +22,18 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
-from _common import merge_json
+from _common import cpu_model, gemm_gflops, merge_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "neuron_matching_qwen.json"
 MODELS = Path(os.environ.get("LORASUITE_MODELS_DIR", Path.home() / ".cache" / "lorasuite" / "models"))
 OLD = MODELS / "qwen2.5-coder-0.5b-instruct" / "hf"
 NEW = MODELS / "qwen2.5-coder-1.5b-instruct" / "hf"
-
-
-def _cpu() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-
-
-def _gemm_gflops(n: int = 2048) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(3):
-        a @ b
-    return round(3 * 2 * n ** 3 / (time.perf_counter() - start) / 1e9, 1)
 
 
 def main() -> None:
@@ -91,8 +76,8 @@ def main() -> None:
     merge_json(RESULTS, {
         "command": "LORASUITE_BENCH_THREADS=%s .venv/bin/python benchmarks/neuron_matching_qwen.py %s"
                    % (torch.get_num_threads(), " ".join(f"--pairs {p}" for p in (args.pairs or []))),
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "gemm_2048_fp32_gflops": _gemm_gflops(), "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "gemm_2048_fp32_gflops": gemm_gflops(), "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                     "python": platform.python_version(), "torch": torch.__version__},
         "widths": {"old_neurons": old.dims.intermediate, "new_neurons": new.dims.intermediate,
                    "old_hidden": old.dims.hidden, "new_hidden": new.dims.hidden},
