@@ -143,8 +143,14 @@ def logs_of(flow_run_id) -> list[str]:
     from prefect import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    with get_client(sync_client=True) as client:
-        return [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+    lines: list[str] = []
+    with get_client(sync_client=True) as client:      # paged: the server returns at most its default limit per call
+        while True:
+            page = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200,
+                                    offset=len(lines))
+            lines += [log.message for log in page]
+            if len(page) < 200:
+                return lines
 
 
 def task_runs_of(flow_run_id) -> dict:
