@@ -86,6 +86,22 @@ def test_candidates_of_each_route():
         [("copy", "copy"), ("transfer", "migrated"), ("distill", "lft"), ("fresh-distill", "fresh_lft")]
 
 
+def test_only_the_copy_route_opens_the_models_in_the_pre_run_check(monkeypatch, tmp_path):
+    from lorasuite_core.pipeline import plans
+
+    opened = []
+    monkeypatch.setattr(plans, "artifact_identity", lambda ref, kind, *a: opened.append(ref) or "id")
+    monkeypatch.setattr(plans, "copy_refusal", lambda *refs: "the shapes differ: hidden 8 vs 16")
+    absent = str(tmp_path / "no-such-model")
+    for route, extra in [("transfer", {}), ("distill", {"lft_prompts": "p.txt"}), ("auto", {"eval_data": "e.json"})]:
+        plans.check_route(absent, absent, MigrationOptions(route=route, **extra))
+    assert opened == []                                       # no model identified, resolved or loaded
+    with pytest.raises(LorasuiteError, match="route copy needs the same architecture, shapes and vocabulary, but "
+                                             "the shapes differ: hidden 8 vs 16"):
+        plans.check_route(absent, absent, MigrationOptions(route="copy"))
+    assert opened == [absent, absent]
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("route")

@@ -247,10 +247,17 @@ def check_adapter(old_model: str, adapter_ref: str, serving: str | None = None) 
                              "a plain-LoRA approximation with its residual reported")
 
 
+@lru_cache(maxsize=16)
+def copy_refusal(old_model: str, old_identity: str, new_model: str, new_identity: str) -> str | None:
+    """:func:`routes.copy_refusal` of the pair (configs and tokenisers, not weights), once per pair and process:
+    the pre-run check of ``--route copy`` and every ``auto`` adapter's plan share it."""
+    return routes.copy_refusal(_model(old_model, old_identity), _model(new_model, new_identity))
+
+
 def check_route(old_model: str, new_model: str, options: MigrationOptions) -> None:
-    """:func:`routes.check_route` on both models (configs and tokenisers, not weights)."""
-    routes.check_route(_model(old_model, artifact_identity(old_model, "model")),
-                       _model(new_model, artifact_identity(new_model, "model")), options)
+    """:func:`routes.check_route`; only ``copy`` identifies and opens the models (a remote one is resolved then)."""
+    routes.check_route(options, lambda: copy_refusal(old_model, artifact_identity(old_model, "model"),
+                                                     new_model, artifact_identity(new_model, "model")))
 
 
 def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: str,
@@ -274,7 +281,8 @@ def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: 
     migrated_key = stage_key("migrated", analysis=analysis.key, adapter=identity, mode=mode, layers=[l.key for l in layers],
                              refs=[plan.old_model, plan.new_model, adapter_ref], offset=plan.layer_offset,
                              **({"zero_init": True, "seed": options.seed} if zero_init else {}))
-    copy_ok = options.route == "copy" or (options.route == "auto" and routes.copy_refusal(old, plan.new()) is None)
+    copy_ok = options.route == "copy" or (options.route == "auto" and copy_refusal(
+        plan.old_model, plan.old_identity, plan.new_model, plan.new_identity) is None)
     candidates = routes.candidate_stages(options, copy_ok)
     lft = vanilla = fresh_lft = None
     data = data_identity(options.lft_data, "LFT data") if options.lft_data else None

@@ -16,6 +16,8 @@ best that clears the quality gate (:mod:`lorasuite_core.training.route`).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from lorasuite_core.errors import LorasuiteError
@@ -47,11 +49,12 @@ def copy_refusal(old: LoadedModel, new: LoadedModel) -> str | None:
                               f"{len(new_tok)} new, not all with the same ids)")
 
 
-def check_route(old: LoadedModel, new: LoadedModel, options: MigrationOptions) -> None:
-    """The route's needs, before any work: copy only where :func:`copy_refusal` finds nothing; the distill routes
-    need prompts; auto needs held-out prompts (it scores on the gate's measure)."""
+def check_route(options: MigrationOptions, refusal: Callable[[], str | None]) -> None:
+    """The route's needs, before any work: copy only where ``refusal()`` (:func:`copy_refusal` of the pair; called
+    for ``copy`` only, so no other route loads a model here) finds nothing; the distill routes need prompts; auto
+    needs held-out prompts (it scores on the gate's measure)."""
     if options.route == "copy":
-        reason = copy_refusal(old, new)
+        reason = refusal()
         if reason:
             raise LorasuiteError(f"route copy needs the same architecture, shapes and vocabulary, but {reason}; "
                                  "use --route transfer (or auto)")
