@@ -108,19 +108,31 @@ def _with_and_without(model_dir, adapter_dir, prompts, texts, dtype: str, device
     return bare, with_adapter
 
 
+def _bare_and_each(model_dir, adapters: dict[str, str | Path], prompts, texts, dtype: str,
+                   device: str) -> tuple[float, dict[str, float]]:
+    """``(L(base), {name: L(base + adapter)})`` from one loaded model holding every adapter (B0 scored once)."""
+    from lorasuite_core.training.evaluation import load_adapters_for_generation
+
+    model, tokenizer = load_adapters_for_generation(model_dir, adapters, dtype=dtype, device=device)
+    with model.disable_adapter():
+        bare = per_character(model, tokenizer, prompts, texts)
+    scored = {}
+    for name in adapters:
+        model.set_adapter(name)
+        scored[name] = per_character(model, tokenizer, prompts, texts)
+    return bare, scored
+
+
 def measure_fidelity(old_model_dir: str | Path, source_adapter_dir: str | Path, new_model_dir: str | Path,
                      adapters: dict[str, str | Path], prompts: Sequence, teacher_texts: Sequence[str], *,
                      dtype: str = "float32", device: str = "auto") -> Fidelity:
-    """A0, A1 from the teacher; B0 and each named adapter's B1 on the new model (loaded one adapter at a time)."""
+    """A0, A1 from the teacher; B0 and each named adapter's B1 from one new model holding every adapter."""
     if not prompts:
         raise ValueError("fidelity needs held-out prompts")
-    old, teacher = _with_and_without(old_model_dir, source_adapter_dir, prompts, teacher_texts, dtype, device)
-    new, scored = None, {}
-    for name, adapter_dir in adapters.items():
-        bare, scored[name] = _with_and_without(new_model_dir, adapter_dir, prompts, teacher_texts, dtype, device)
-        new = bare if new is None else new
-    if new is None:
+    if not adapters:
         raise ValueError("fidelity needs at least one adapter on the new model")
+    old, teacher = _with_and_without(old_model_dir, source_adapter_dir, prompts, teacher_texts, dtype, device)
+    new, scored = _bare_and_each(new_model_dir, adapters, prompts, teacher_texts, dtype, device)
     result = Fidelity(n=len(prompts), characters=sum(len(t) for t in teacher_texts), old=old, teacher=teacher,
                       new=new, adapters=scored)
     logger.debug("fidelity on %d held-out prompts: %s (nats/char: teacher %.3f, new %.3f, %s)", result.n,
