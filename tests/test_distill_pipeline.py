@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lorasuite_core.pipeline import pair_stages, stages
 from lorasuite_core.training import heldout
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
-from lorasuite_core.testing.adapter import make_random_lora_adapter
+from lorasuite_core.testing.adapter import make_random_lora_adapter, zeroed_adapter
 from lorasuite_core.testing.model import make_tiny_model_dir
 from lorasuite_core.testing.upgrade import upgrade_model_dir
 from lorasuite_core.training import distill as D
@@ -74,12 +74,7 @@ def test_distilled_lft_from_unlabelled_prompts_and_the_gate(exact):
 
 def test_the_gate_refuses_an_adapter_no_better_than_the_bare_model(exact):
     root = exact["root"]
-    zeroed = root / "zeroed"
-    zeroed.mkdir()
-    tensors = load_file(exact["adapter"] / "adapter_model.safetensors")
-    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in tensors.items()},
-              zeroed / "adapter_model.safetensors")
-    (zeroed / "adapter_config.json").write_text((exact["adapter"] / "adapter_config.json").read_text())
+    zeroed = zeroed_adapter(exact["adapter"], root / "zeroed")
     eval_data = root / "eval.jsonl"
     eval_data.write_text("".join(json.dumps({"instruction": s.instruction, "input": s.input, "output": s.output,
                                              "answer": s.answer}) + "\n" for s in generate_problems(4, "test", 1)))

@@ -15,7 +15,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.models.writing import REPORT_NAME
@@ -25,7 +25,7 @@ from lorasuite_core.pipeline.routes import candidate_stages
 from lorasuite_core.pipeline.runner import EntryRun, InProcess, Runner
 from lorasuite_core.pipeline.stage_store import StageStore
 from lorasuite_core.pipeline.stages import migrate_in_process
-from lorasuite_core.testing.adapter import make_random_lora_adapter
+from lorasuite_core.testing.adapter import make_random_lora_adapter, zeroed_adapter
 from lorasuite_core.testing.model import make_tiny_model_dir
 from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 from lorasuite_core.training.gate import gate_decision
@@ -200,12 +200,7 @@ def test_auto_copies_only_where_the_copy_is_exact(models):
 
 def test_no_candidate_clears_the_gate_publishes_nothing(models):
     root = models["root"]
-    zeroed = root / "zeroed"
-    zeroed.mkdir()
-    tensors = load_file(models["adapter"] / "adapter_model.safetensors")
-    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in tensors.items()},
-              zeroed / "adapter_model.safetensors")
-    (zeroed / "adapter_config.json").write_text((models["adapter"] / "adapter_config.json").read_text())
+    zeroed = zeroed_adapter(models["adapter"], root / "zeroed")
     same = root / "same" if (root / "same").exists() else upgrade_model_dir(models["old"], root / "same", UpgradeSpec())
     options = MigrationOptions(route="auto", lft=False, eval_data=str(models["eval"]), gate_prompts=4)
     with pytest.raises(RouteFailed, match=r"^route auto: no candidate clears the quality gate; the best, copy: "

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from .model import family_of_config, randn
 
-__all__ = ["make_random_lora_adapter", "DEFAULT_LORA_TARGETS"]
+__all__ = ["make_random_lora_adapter", "zeroed_adapter", "DEFAULT_LORA_TARGETS"]
 
 DEFAULT_LORA_TARGETS = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -62,4 +62,18 @@ def make_random_lora_adapter(model_dir, out_dir, *, rank: int = 4, alpha: int = 
         raise ValueError(f"no LoRA modules were created for targets {targets}")
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def zeroed_adapter(adapter_dir, out_dir) -> Path:
+    """A copy of the adapter in ``adapter_dir`` with every ``lora_B`` zero: the same config, A and shapes, and no
+    effect on the model (an adapter no gate should pass)."""
+    from safetensors.torch import load_file, save_file
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    out_dir.mkdir(parents=True)
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in tensors.items()},
+              out_dir / "adapter_model.safetensors")
+    (out_dir / "adapter_config.json").write_text((adapter_dir / "adapter_config.json").read_text())
     return out_dir
