@@ -222,8 +222,8 @@ def stage_graph_migrate(old_dir: str, new_dir: str, adapter_dir: str, out_dir: s
             "shared_vocabulary_size": report["shared_vocabulary_size"],
             "pair_stages_reused": [k for k in PAIR_STAGES if steps.get(k, {}).get("cache") == "reused"],
             "lft_seconds": steps.get("lft", {}).get("seconds"),
-            "light_finetune": report.get("light_finetune"),
-            "options": migration, "analysis": analysis, "out_dir": out_dir}
+            "light_finetune": report.get("light_finetune"), "route": report.get("route"),
+            "fidelity": report.get("fidelity"), "options": migration, "analysis": analysis, "out_dir": out_dir}
 
 
 def _adapter_deltas(adapter_dir: str, model_dir: str) -> dict:

@@ -19,6 +19,10 @@ Rows per skill (test: ``task:NAME:test:T`` at seed 0 for every row; LoRA rank 16
                   rate, epochs and seed): the library calls of the pipeline's distill stage
                   (``stages._prompts``, ``prompts.split_heldout``, ``distill.distill``) with the fresh adapter
   lft             transfer + labelled LFT on ``task:NAME:train:100`` (the stage graph)
+  auto            ``--route auto`` with the distill row's options (seed 0; fidelity on, as auto needs): the stage
+                  graph tries transfer, distill and fresh-distill, scores each on the held-out prompts' teacher
+                  agreement and fidelity and publishes the best that clears the gate; the row is the published
+                  adapter, with the route's choice and every candidate's numbers recorded
   vanilla         a fresh LoRA on the new model on the 100 labelled samples (1 epoch, as the pipeline's vanilla
                   baseline) at the better of lr 3e-4 / 9e-4, chosen on ``task:NAME:validation:V`` with seed 0
   full            ``lorasuite train`` on the new model with the old adapter's recipe (N samples)
@@ -36,7 +40,8 @@ Cost: every stage runs in its own process (``run_child`` or a CLI subprocess und
 CPU seconds, the load average, and for training the compute dtype (bf16 autocast where the CPU has bf16 matmul).
 Results are merged into ``benchmarks/results/skill_fleet_<pair>.json`` after every stage; a rerun resumes (recorded
 stages are skipped; their adapters live in ``--workdir``).  Order: every skill's old adapter, bare and transfer
-rows, then distill / fresh_distill / vanilla at seed 0, then lft, then seeds 1 and 2, then full retraining.
+rows, then distill / fresh_distill / vanilla at seed 0, then lft, then seeds 1 and 2, then auto, then full
+retraining.
 
 Usage
   LORASUITE_BENCH_THREADS=1 nice -n 19 .venv/bin/python benchmarks/skill_fleet.py --pair cross &
@@ -72,7 +77,7 @@ N_100, HELD, VALIDATION, TEST_SEED = 100, 16, 50, 0
 VANILLA_LRS = (3e-4, 9e-4)
 SEEDS = (0, 1, 2)
 MULTI_SEED = ("distill", "fresh_distill", "vanilla")
-ROWS = ("bare_old", "old_adapter", "bare_new", "transfer", "distill", "fresh_distill", "lft", "vanilla", "full")
+ROWS = ("bare_old", "old_adapter", "bare_new", "transfer", "distill", "fresh_distill", "lft", "vanilla", "auto", "full")
 RANK, ALPHA = 16, 32.0
 
 
@@ -138,6 +143,17 @@ def stage_fresh_distill(old_dir: str, source_dir: str, new_dir: str, out_dir: st
                            config=D.DistillConfig(kl_weight=o.lft_kl_weight, train=config),
                            shared_ids=(shared.old_ids.tolist(), shared.new_ids.tolist()))
     return {"seconds": time.perf_counter() - start, "light_finetune": report.to_dict(), "options": migration}
+
+
+def stage_auto(old_dir: str, new_dir: str, adapter_dir: str, out_dir: str, cache_root: str, migration: dict) -> dict:
+    """``--route auto`` through the stage graph; an entry where no candidate clears the gate publishes nothing
+    (``refused``: the route's one-line reason, as the CLI prints it)."""
+    from lorasuite_core.training.route import RouteFailed
+
+    try:
+        return stage_graph_migrate(old_dir, new_dir, adapter_dir, out_dir, cache_root, migration, {})
+    except RouteFailed as failed:
+        return {"refused": str(failed), "options": migration}
 
 
 def run_cli(args: list[str], threads: int) -> dict:
@@ -260,6 +276,13 @@ class Run:
                                       "fidelity": False}, {})
         self.evaluate(skill, "lft", self.new, out)
 
+    def auto(self, skill: str) -> None:
+        out = self.adapter(skill, "auto")
+        done = self.record(f"{skill}/train/auto/s0", stage_auto, self.old, self.new, self.adapter(skill, "old_adapter"),
+                           out, self.store, {**self.distill_options(skill, 0), "route": "auto", "fidelity": True})
+        if "refused" not in done:
+            self.evaluate(skill, "auto", self.new, out)
+
     def vanilla_lr(self, skill: str) -> float:
         """Both learning rates at seed 0, scored on the validation split; the better one (ties: the lower)."""
         scores = {}
@@ -306,6 +329,8 @@ class Run:
             if seed == 0:
                 for skill in skills:
                     self.lft(skill)
+        for skill in skills:
+            self.auto(skill)
         if not self.args.no_full:
             for skill in skills:
                 self.evaluate(skill, "full", self.new, self.train_cli(skill, "full", self.new))

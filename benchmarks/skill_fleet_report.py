@@ -15,9 +15,10 @@ LABELS = {"bare_old": "old model alone", "old_adapter": "old adapter on the old 
           "bare_new": "new model alone", "transfer": "transfer only (migrate-fleet)",
           "distill": "transfer + distill-100 (no labels)", "fresh_distill": "fresh LoRA (B = 0) + distill-100",
           "lft": "transfer + labelled LFT-100", "vanilla": "vanilla LoRA-100 (lr on validation)",
+          "auto": "--route auto (its choice)",
           "full": "full retraining on N (LoRA, old recipe)"}
 TRAIN_STAGE = {"old_adapter": "old_adapter", "distill": "distill", "fresh_distill": "fresh_distill", "lft": "lft",
-               "full": "full"}
+               "auto": "auto", "full": "full"}
 COMPARISONS = (("old_adapter", "bare_old"), ("transfer", "bare_new"), ("distill", "fresh_distill"), ("distill", "transfer"), ("distill", "vanilla"), ("lft", "vanilla"),
                ("vanilla", "fresh_distill"), ("distill", "old_adapter"))
 
@@ -116,6 +117,13 @@ def skill_lines(stages: dict, skill: str, recipe: dict) -> list[str]:
     if lr:
         lines += ["", "Vanilla learning rate on validation (seed 0): " + ", ".join(
             f"lr {k.split('vanilla-lr')[1].split('/')[0]}: {stages[k]['accuracy']:.3f}" for k in sorted(lr)) + "."]
+    auto = stages.get(f"{skill}/train/auto/s0")
+    if auto:
+        route = auto.get("route") or {}
+        lines += ["", f"--route auto: {auto['refused']}" if "refused" in auto else
+                  f"--route auto chose {route.get('chosen')} ({route.get('reason')}); candidates: " + "; ".join(
+                      ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in c.items())
+                      for c in route.get("candidates", [])) + "."]
     diffs = []
     for a, b in COMPARISONS:
         ma, mb = masks(stages, skill, a), masks(stages, skill, b)
