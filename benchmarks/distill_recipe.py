@@ -61,8 +61,9 @@ def recipe_options(skill: str, seed: int) -> dict:
 class Run:
     def __init__(self, args):
         self.args, self.path = args, Path(args.results)
-        models = Path.home() / ".cache" / "lorasuite" / "models"
-        self.old, self.new = (str(models / name) for name in PAIRS["cross"])
+        from lorasuite_core.models.model_fetch import fetch_model
+
+        self.old, self.new = (str(fetch_model(name)) for name in PAIRS["cross"])   # the fleet's (cached) copies
         self.store = str(Path(args.workdir) / "store")
         self.stages: dict = json.loads(self.path.read_text()).get("stages", {}) if self.path.is_file() else {}
 
