@@ -166,3 +166,33 @@ def test_stage_keys_change_with_the_new_options_and_not_at_their_defaults():
                             "heldout", "vocabulary"}
     assert parts(lft_patience=None, lft_dedup=False) == default
     assert parts(lft_patience=1) == {**default, "patience": 1} and parts(lft_dedup=True) == {**default, "dedup": True}
+
+
+def test_patience_and_dedup_through_the_stage_graph(pair, tmp_path):
+    """Options -> stage key -> distill stage -> report: the per-epoch scores and the dropped duplicates."""
+    from lorasuite_core.pipeline import pair_stages, stages
+    from lorasuite_core.pipeline.options import AnalysisOptions
+
+    lines = [s.instruction for s in generate_problems(10, "train", seed=2)]
+    (tmp_path / "prompts.txt").write_text("\n".join(lines + [lines[0].upper(), "  " + lines[3]]) + "\n")
+    store = str(pair["migrated"].parent / "store")        # the pair's analysis, already computed
+    common = dict(lft_mode="distill", lft_prompts=str(tmp_path / "prompts.txt"), lft_samples=8, gate_prompts=4,
+                  lft_lr=1e-5, lft_epochs=2, fidelity=False)
+    try:
+        report = stages.migrate_in_process(pair["old"], pair["new"], pair["adapter"], tmp_path / "out",
+                                           MigrationOptions(**common, lft_patience=1, lft_dedup=True),
+                                           AnalysisOptions(max_calibration_tokens=256), cache_root=store)
+        plain = stages.migrate_in_process(pair["old"], pair["new"], pair["adapter"], tmp_path / "plain",
+                                          MigrationOptions(**common), AnalysisOptions(max_calibration_tokens=256),
+                                          cache_root=store)
+    finally:
+        pair_stages.clear_memo()
+    lft = report["light_finetune"]
+    # the first 8 + 4 prompts are read, 2 of them repeats: 10 left, 4 held out, 6 trained on (not replaced)
+    assert lft["duplicate_prompts_dropped"] == 2 and lft["n_prompts"] == 6 and lft["n_heldout"] == 4
+    stop = lft["early_stopping"]
+    assert stop["patience"] == 1 and stop["max_epochs"] == 2 and 1 <= stop["epochs_run"] <= 2
+    assert [e["epoch"] for e in stop["epochs"]] == list(range(1, stop["epochs_run"] + 1))
+    assert lft["teacher_agreement_after"] == stop["epochs"][stop["best_epoch"] - 1]["agreement"]
+    assert "early_stopping" not in plain["light_finetune"] and "duplicate_prompts_dropped" not in plain["light_finetune"]
+    assert report["steps"]["lft"]["cache"] == plain["steps"]["lft"]["cache"] == "computed"   # two keys

@@ -98,7 +98,8 @@ class MigrationOptions(_Options):
                                 "N epochs without improvement; unset: every epoch runs, the last is published")
     lft_dedup: bool = Field(
         False, description="distill: drop prompts that repeat an earlier one or a held-out evaluation prompt "
-                           "(compared lower-cased, whitespace collapsed) before the held-out split")
+                           "(compared lower-cased, whitespace collapsed) before the held-out split; dropped prompts are "
+                           "not replaced")
     eval_data: str | None = Field(
         None, description="evaluate every row (old adapter, bare new model, migrated, LFT) on this data: "
                           "math_10k JSON/JSONL, builtin:test or task:NAME:SPLIT[:COUNT]")
