@@ -92,6 +92,14 @@ class MigrationOptions(_Options):
     lft_samples: int = Field(100, ge=1, description="LFT samples")
     lft_lr: float = Field(9e-4, gt=0, description="LFT learning rate (no warmup)")
     lft_epochs: int = Field(1, ge=1, description="LFT epochs")
+    lft_patience: int | None = Field(
+        None, ge=1, description="distill: early stopping -- after every epoch score the held-out teacher agreement "
+                                "(ties: the held-out distillation loss), publish the best epoch's adapter, stop after "
+                                "N epochs without improvement; unset: every epoch runs, the last is published")
+    lft_dedup: bool = Field(
+        False, description="distill: drop prompts that repeat an earlier one or a held-out evaluation prompt "
+                           "(compared lower-cased, whitespace collapsed) before the held-out split; dropped prompts are "
+                           "not replaced")
     eval_data: str | None = Field(
         None, description="evaluate every row (old adapter, bare new model, migrated, LFT) on this data: "
                           "math_10k JSON/JSONL, builtin:test or task:NAME:SPLIT[:COUNT]")
@@ -131,6 +139,13 @@ class MigrationOptions(_Options):
                                  "contradicts it")
             values = {**values, "lft_mode": "distill"}
         return values
+
+    @model_validator(mode="after")
+    def _patience_distils(self) -> "MigrationOptions":
+        """Early stopping scores agreement with the teacher: distilled LFT only."""
+        if self.lft_patience is not None and self.lft_mode != "distill":
+            raise ValueError("lft_patience (early stopping on held-out teacher agreement) needs lft_mode distill")
+        return self
 
     @field_validator("lft_data", "lft_prompts", "lft_seed_prompts", "eval_data")
     @classmethod

@@ -379,7 +379,10 @@ def _distill_key_parts(plan: PairPlan, adapter_identity: str, options: Migration
             **({"synthesis": SYNTHESIS_VERSION} if options.lft_seed_prompts else {}),
             "kl_weight": options.lft_kl_weight, "heldout_n": options.gate_prompts,
             "heldout": data_identity(options.eval_data, "evaluation data") if options.eval_data else None,
-            "vocabulary": plan.stage_keys["vocabulary"]}
+            "vocabulary": plan.stage_keys["vocabulary"],
+            # only when set, so the keys of runs without them (and their caches) stay as they were
+            **({"patience": options.lft_patience} if options.lft_patience is not None else {}),
+            **({"dedup": True} if options.lft_dedup else {})}
 
 
 def _vanilla_job(plan: PairPlan, adapter: LoraAdapter, options: MigrationOptions, data: str) -> TrainJob:

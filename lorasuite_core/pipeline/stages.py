@@ -194,6 +194,10 @@ def _distill(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated: 
         prompts, source = None, "synthesised"
     else:
         prompts, source = _prompts(o.lft_prompts or o.lft_data, wanted, o.seed), "file"
+    duplicates = 0
+    if o.lft_dedup and prompts is not None:
+        kept = P.deduplicate(prompts, exclude=heldout)
+        prompts, duplicates = kept, len(prompts) - len(kept)
     targets = heldout_teacher = None
     if reuse is not None and (reuse / TEACHER_TARGETS).exists() and (reuse / HELDOUT).exists():
         train, targets, _ = read_heldout(reuse / TEACHER_TARGETS)
@@ -209,12 +213,14 @@ def _distill(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated: 
         train, heldout = P.split_heldout(prompts, o.gate_prompts, o.seed)
     vocabulary = _load_vocabulary(store, store.location("vocabulary", plan.stage_keys["vocabulary"]))
     report = D.distill(teacher_dir, source_dir, resolve_local_dir(plan.new_model, "model"), migrated, out, train,
-                       heldout=heldout, config=D.DistillConfig(kl_weight=o.lft_kl_weight, train=config),
+                       heldout=heldout, config=D.DistillConfig(kl_weight=o.lft_kl_weight, train=config,
+                                                               patience=o.lft_patience),
                        shared_ids=(vocabulary.old_ids.tolist(), vocabulary.new_ids.tolist()), prompt_source=source,
                        targets=targets, heldout_teacher=heldout_teacher)
     write_heldout(out / HELDOUT, heldout, report.heldout_teacher, report.heldout_student)
     write_heldout(out / TEACHER_TARGETS, train, report.targets)
-    return {"lft_mode": "distill", **report.to_dict(), "reused_teacher_completions": targets is not None}
+    return {"lft_mode": "distill", **report.to_dict(), "reused_teacher_completions": targets is not None,
+            **({"duplicate_prompts_dropped": duplicates} if o.lft_dedup else {})}
 
 
 def quality_gate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, final_uri: str,

@@ -59,6 +59,7 @@ Data flow
    or, where either side holds no number, the whitespace-normalised scored text itself.
    :func:`teacher_agreement` is the fraction of prompts whose final answers agree.
    :func:`distill` reports it on held-out prompts before and after training.
+6. Early stopping (``DistillConfig.patience``): :mod:`~lorasuite_core.training.early_stopping`.
 
 Models and adapters are read from safetensors only; ``trust_remote_code`` is False.
 """
@@ -79,6 +80,7 @@ from lorasuite_core.training.agreement import (_skill, accuracy, answers_agree, 
 from lorasuite_core.training.evaluation import generation_finished, load_for_generation, model_eos_ids
 from lorasuite_core.training.prompts import Prompt
 from lorasuite_core.training.config import TrainConfig
+from lorasuite_core.training.early_stopping import EarlyStopping, for_distillation
 from lorasuite_core.training.train import (TrainResult, collate, finetune_examples, labelled_logits,
                                            load_for_light_finetune, load_tokenizer)
 
@@ -339,24 +341,29 @@ class DistillTraining:
     target_positions: int   # labelled student positions (completion tokens + EOS)
     kl_note: str
     training: TrainResult
+    early_stopping: EarlyStopping | None = None
 
     def to_dict(self) -> dict[str, Any]:
         training = self.training.to_dict()
         training.pop("out_dir", None)
         return {"mode": self.mode, "n_prompts": self.n_prompts, "kl_examples": self.kl_examples,
                 "kl_positions": self.kl_positions, "target_positions": self.target_positions,
-                "kl_note": self.kl_note, "training": training}
+                "kl_note": self.kl_note, "training": training,
+                **({"early_stopping": self.early_stopping.to_dict()} if self.early_stopping else {})}
 
 
 def distill_finetune(new_model_dir: str | Path, migrated_adapter_dir: str | Path, prompts: Sequence[Prompt],
                      teacher_completions: Sequence[Completion], out_dir: str | Path, *,
                      config: TrainConfig, teacher=None, teacher_tokenizer=None,
                      token_map: TokenMap | None = None, kl_weight: float = 1.0,
-                     kl_temperature: float = 1.0) -> DistillTraining:
+                     kl_temperature: float = 1.0, patience: int | None = None, heldout: Sequence[Prompt] = (),
+                     heldout_teacher: Sequence[Completion] = (), gen: dict[str, Any] | None = None) -> DistillTraining:
     """Train the migrated adapter on ``(prompt, teacher completion)`` pairs, + token KL where ``token_map`` allows.
 
     ``teacher``/``teacher_tokenizer``: the loaded teacher (needed for the KL term; the tokenizer also
     for aligning). Without them, or without ``token_map``, or with ``kl_weight == 0``: sequence-level only.
+    ``patience``: early stopping on the agreement with ``heldout_teacher`` on ``heldout`` (``gen``: the
+    generation's budget and batch, :func:`greedy_completions`); None: every epoch, the last one published.
     """
     if kl_weight < 0 or kl_temperature <= 0:
         raise ValueError(f"need kl_weight >= 0 and kl_temperature > 0, got {kl_weight}, {kl_temperature}")
@@ -377,10 +384,14 @@ def distill_finetune(new_model_dir: str | Path, migrated_adapter_dir: str | Path
     targets = sum(label != -100 for e in examples for label in e["labels"])
     logger.debug("distilling into %s on %s: %d prompts, KL on %d of %d target positions (%d examples)",
                 migrated_adapter_dir, new_model_dir, len(examples), 0 if note else positions, targets, aligned)
-    result = finetune_examples(student, tokenizer, examples, out_dir, config=config, loss_fn=loss_fn)
+    selector = None if patience is None else for_distillation(
+        patience=patience, max_epochs=config.epochs, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer or tokenizer,
+        prompts=heldout, teacher_completions=heldout_teacher, max_length=config.max_length, token_map=mapping,
+        loss_fn=loss_fn, batch_size=config.batch_size, gen=gen or {})
+    result = finetune_examples(student, tokenizer, examples, out_dir, config=config, loss_fn=loss_fn, selector=selector)
     return DistillTraining(mode=MODE_SEQUENCE if note else MODE_KL, n_prompts=len(examples),
                            kl_examples=0 if note else aligned, kl_positions=0 if note else positions,
-                           target_positions=targets, kl_note=note, training=result)
+                           target_positions=targets, kl_note=note, training=result, early_stopping=selector)
 
 
 def _kl_note(teacher, token_map: TokenMap | None, kl_weight: float, aligned: int) -> str:
@@ -407,6 +418,7 @@ class DistillConfig:
     kl_temperature: float = 1.0
     max_new_tokens: int | None = None   # None: each prompt's skill budget (DEFAULT_MAX_NEW_TOKENS without a task)
     generation_batch_size: int = 16
+    patience: int | None = None         # early stopping on held-out agreement (None: off)
 
 
 @dataclass
@@ -425,6 +437,7 @@ class DistillReport:
     teacher_agreement_after: float
     seconds: float
     training: dict[str, Any]
+    early_stopping: dict[str, Any] | None = None     # per-epoch held-out scores (with ``patience``)
     heldout_teacher: list[Completion] = field(default_factory=list, repr=False)
     heldout_student: list[Completion] = field(default_factory=list, repr=False)
     targets: list[Completion] = field(default_factory=list, repr=False)     # the teacher's, on the training prompts
@@ -434,7 +447,7 @@ class DistillReport:
         for kept in ("heldout_teacher", "heldout_student", "targets"):
             data.pop(kept)
         data["training"] = {k: v for k, v in self.training.items() if k != "losses"}
-        return data
+        return {k: v for k, v in data.items() if k != "early_stopping" or v is not None}
 
 
 def distill(old_model_dir: str | Path, source_adapter_dir: str | Path, new_model_dir: str | Path,
@@ -463,7 +476,8 @@ def distill(old_model_dir: str | Path, source_adapter_dir: str | Path, new_model
     token_map = TokenMap.between(teacher_tok, load_tokenizer(new_model_dir), shared_ids)
     trained = distill_finetune(new_model_dir, migrated_adapter_dir, prompts, targets, out_dir, config=config.train,
                                teacher=teacher, teacher_tokenizer=teacher_tok, token_map=token_map,
-                               kl_weight=config.kl_weight, kl_temperature=config.kl_temperature)
+                               kl_weight=config.kl_weight, kl_temperature=config.kl_temperature,
+                               patience=config.patience, heldout=heldout, heldout_teacher=heldout_teacher, gen=gen)
     del teacher
     after = _student_completions(new_model_dir, out_dir, heldout, dtype, device, gen)
     tasks = [p.task for p in heldout]
@@ -474,6 +488,7 @@ def distill(old_model_dir: str | Path, source_adapter_dir: str | Path, new_model
                          teacher_agreement_before=teacher_agreement(before, heldout_teacher, tasks),
                          teacher_agreement_after=teacher_agreement(after, heldout_teacher, tasks),
                          seconds=round(time.perf_counter() - start, 4), training=trained.to_dict()["training"],
+                         early_stopping=trained.to_dict().get("early_stopping"),
                          heldout_teacher=heldout_teacher, heldout_student=after, targets=targets)
 
 

@@ -6,7 +6,9 @@ Reading
 or math_10k records (``instruction`` + optional ``input``; any ``output``/``answer`` is ignored),
 from a local path or any storage URI.  :func:`prompts_from_samples` takes the prompts of labelled
 samples.  :func:`split_heldout` draws the held-out prompts (teacher agreement, the quality gate)
-with ``random.Random(f"heldout:{seed}")``.
+with ``random.Random(f"heldout:{seed}")``.  :func:`deduplicate` (the options' ``lft_dedup``) drops, before the
+split, prompts equal after lower-casing and collapsing whitespace to an earlier one or to a held-out
+evaluation prompt, so no prompt is trained on twice or both trained on and held out.
 
 Prompt synthesis (:func:`synthesise_prompts`)
 ---------------------------------------------
@@ -149,6 +151,24 @@ def read_prompts(ref: str, limit: int | None = None) -> list[Prompt]:
     if not prompts:
         raise LorasuiteError(f"{what} holds no prompts")
     return prompts
+
+
+def _plain_key(prompt: Prompt) -> str:
+    return " ".join(prompt.text.lower().split())
+
+
+def deduplicate(prompts: Sequence[Prompt], exclude: Iterable[Prompt] = ()) -> list[Prompt]:
+    """``prompts`` in order without exact duplicates after lower-casing and collapsing whitespace (of its text,
+    instruction and input): the first of equal prompts is kept, and none equal to an ``exclude``d (held-out)
+    prompt.  Run before :func:`split_heldout`, so no held-out prompt is also trained on."""
+    seen = {_plain_key(p) for p in exclude}
+    kept = []
+    for prompt in prompts:
+        key = _plain_key(prompt)
+        if key not in seen:
+            seen.add(key)
+            kept.append(prompt)
+    return kept
 
 
 def split_heldout(prompts: Sequence[Prompt], n_heldout: int, seed: int = 0) -> tuple[list[Prompt], list[Prompt]]:

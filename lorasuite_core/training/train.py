@@ -19,6 +19,10 @@ the loss covers only the output (+ EOS) tokens.  Sequences are truncated to
 ``max_length`` (samples whose prompt alone fills ``max_length`` are dropped
 with a warning) and right-padded per batch.
 
+Epochs: every epoch reshuffles; with an epoch selector (distillation's early stopping,
+:mod:`lorasuite_core.training.early_stopping`) the model is scored after each epoch, training may stop
+there, and the selected epoch's weights are saved instead of the last ones.
+
 Determinism: ``torch.manual_seed(seed)`` right before the adapter is created
 (so PEFT's init is reproducible) and a separate seeded ``torch.Generator`` for
 the per-epoch shuffling.  Same seed, same data, same device => identical
@@ -49,7 +53,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -65,6 +69,15 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SUMMARY_FILE = "training_summary.json"
 LossFn = Callable[[Any, list[dict]], torch.Tensor]  # (model, micro-batch example dicts) -> scalar loss
+
+
+class EpochSelector(Protocol):
+    """Scores the model after each epoch (``end_of_epoch``: True stops training) and, before the adapter is saved,
+    writes back the weights it chose (``restore``); e.g. :class:`~lorasuite_core.training.early_stopping.EarlyStopping`."""
+
+    def end_of_epoch(self, epoch: int, model) -> bool: ...
+
+    def restore(self, model) -> None: ...
 
 
 @dataclass
@@ -302,8 +315,9 @@ def _trainable_parameters(peft_model) -> list[torch.nn.Parameter]:
 
 
 def _optimise(peft_model, tokenizer, examples, params, config: TrainConfig, device: torch.device,
-              loss_fn: LossFn | None = None) -> list[float]:
-    """AdamW over seeded shuffled batches for ``config.epochs``; returns the loss of every optimizer step."""
+              loss_fn: LossFn | None = None, selector: EpochSelector | None = None) -> list[float]:
+    """AdamW over seeded shuffled batches for ``config.epochs``; returns the loss of every optimizer step.
+    ``selector.end_of_epoch(epoch, model)`` after each epoch; True ends training there."""
     generator = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = math.ceil(math.ceil(len(examples) / config.batch_size) / config.grad_accum)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -321,17 +335,20 @@ def _optimise(peft_model, tokenizer, examples, params, config: TrainConfig, devi
             optimizer.zero_grad(set_to_none=True)
             progress.update(1)
             progress.set_postfix(loss=f"{losses[-1]:.4f}")
+        if selector is not None and selector.end_of_epoch(_epoch, peft_model):
+            break
     progress.close()
     return losses
 
 
 def _run_training(peft_model, tokenizer, samples: Sequence[Sample], out_dir: str | Path,
                   config: TrainConfig, *, examples: Sequence[dict] | None = None,
-                  loss_fn: LossFn | None = None) -> TrainResult:
+                  loss_fn: LossFn | None = None, selector: EpochSelector | None = None) -> TrainResult:
     """Shared by LoRA training and LFT; saves the adapter (safetensors) and a JSON summary.
 
     ``examples`` (pre-built ``input_ids``/``labels`` dicts, extra keys allowed) replace tokenising ``samples``;
-    ``loss_fn`` replaces the labelled cross-entropy (see :func:`_train_step`).
+    ``loss_fn`` replaces the labelled cross-entropy (see :func:`_train_step`); ``selector`` scores every epoch,
+    may stop training, and writes the weights it chose back before saving (:class:`EpochSelector`).
     """
     if not samples and not examples:
         raise ValueError("no training samples given")
@@ -341,7 +358,9 @@ def _run_training(peft_model, tokenizer, samples: Sequence[Sample], out_dir: str
     examples = list(examples) if examples else build_examples(tokenizer, samples, config.max_length)
     params = _trainable_parameters(peft_model)
     peft_model.train()
-    losses = _optimise(peft_model, tokenizer, examples, params, config, device, loss_fn)
+    losses = _optimise(peft_model, tokenizer, examples, params, config, device, loss_fn, selector)
+    if selector is not None:
+        selector.restore(peft_model)
     peft_model.eval()
     return _finish(peft_model, out_dir, config, losses, len(examples), params, start, device)
 
@@ -391,6 +410,9 @@ def light_finetune(model_dir: str | Path, adapter_dir: str | Path, samples: Sequ
 
 
 def finetune_examples(peft_model, tokenizer, examples: Sequence[dict], out_dir: str | Path, *,
-                      config: TrainConfig, loss_fn: LossFn | None = None) -> TrainResult:
-    """The same loop on pre-built examples (extra keys allowed) and an optional loss, e.g. teacher distillation."""
-    return _run_training(peft_model, tokenizer, (), out_dir, config, examples=examples, loss_fn=loss_fn)
+                      config: TrainConfig, loss_fn: LossFn | None = None,
+                      selector: EpochSelector | None = None) -> TrainResult:
+    """The same loop on pre-built examples (extra keys allowed) and an optional loss, e.g. teacher distillation;
+    ``selector``: per-epoch scoring and early stopping (:mod:`lorasuite_core.training.early_stopping`)."""
+    return _run_training(peft_model, tokenizer, (), out_dir, config, examples=examples, loss_fn=loss_fn,
+                         selector=selector)
