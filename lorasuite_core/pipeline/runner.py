@@ -15,7 +15,8 @@ finished already, the adapter loads and fits the old model), ``plan_adapter``, t
 level by level, ``publish`` of :data:`~lorasuite_core.pipeline.graph.FINAL`.  Each of these waves
 starts the work of every live entry before waiting on any, so entries (and their layers) run side
 by side.  A failure fails only its entry, recorded as ``"<stage>: <message>"`` with the original
-exception; the pair analysis is submitted as a whole (its branches run side by side) and a failure
+exception; a batched stage (the ``teacher``, graph docstring) is one call for the level's entries that run it,
+each entry collecting its own result or error from it; the pair analysis is submitted as a whole (its branches run side by side) and a failure
 there raises, since no adapter can move without it.
 
 Report ``steps``: per stage ``{"cache": "computed" | "reused", "seconds"}``
@@ -78,6 +79,7 @@ class Executor(Protocol):
                   head_transform: str = "lstsq") -> PairPlan: ...
     def stage(self, name: str, stage: Stage, store: str, plan: PairPlan, adapter: AdapterPlan | None = None,
               job: Any = None, inputs: tuple = ()) -> Any: ...
+    def batch(self, name: str, stage: Stage, store: str, plan: PairPlan, adapters: list[AdapterPlan]) -> Any: ...
     def plan_adapter(self, plan: PairPlan, analysis: Any, name: str, adapter: str,
                      options: MigrationOptions) -> Any: ...
     def publish(self, store: str, name: str, final: Any, output: str, updates: dict[str, Any],
@@ -119,6 +121,9 @@ class InProcess:
               job: Any = None, inputs: tuple = ()) -> _Done:
         return _now(call, stage, store, plan, adapter, job, tuple(_value(i) for i in inputs))
 
+    def batch(self, name: str, stage: Stage, store: str, plan: PairPlan, adapters: list[AdapterPlan]) -> _Done:
+        return _now(call_batch, stage, store, plan, adapters)
+
     def plan_adapter(self, plan: PairPlan, analysis: Any, name: str, adapter: str, options: MigrationOptions) -> _Done:
         return _now(plans.plan_adapter, plan, _value(analysis), name, adapter, options)
 
@@ -142,6 +147,11 @@ def call(stage: Stage, store: str, plan: PairPlan, adapter: AdapterPlan | None =
     """One stage call, by the graph's calling convention (what both executors run)."""
     context = (() if adapter is None else (adapter,)) + (() if stage.fan_out is None else (job,))
     return stage.fn(StageStore.at(store), plan, *context, *as_uris(list(inputs)))
+
+
+def call_batch(stage: Stage, store: str, plan: PairPlan, adapters: list[AdapterPlan]) -> list:
+    """One call of a batched stage for several entries: per adapter its result, or its error (graph docstring)."""
+    return stage.batch(StageStore.at(store), plan, list(adapters))
 
 
 # --------------------------------------------------------------------------- runs
@@ -293,7 +303,8 @@ class Runner:
         self._wave(entries, "load", lambda e: [("load", self._plan(e, pair))])
         report(entries)
         for level in levels(ENTRY_GRAPH):
-            self._wave(entries, ENTRY_GRAPH[level[0]].step, lambda e: self._level(e, pair, level))
+            batched = self._batches(entries, pair, level)
+            self._wave(entries, ENTRY_GRAPH[level[0]].step, lambda e: self._level(e, pair, level, batched))
             report(entries)
         self._wave(entries, "publish", lambda e: [("publish", self._publish(e, pair, overwrite))])
         report(entries)
@@ -331,12 +342,41 @@ class Runner:
             e.plan = self.x.result(handle)
         return collect
 
-    def _level(self, e: EntryRun, pair: PairRun, level: list[str]) -> list[tuple[str, Callable[[], None]]]:
-        """Submit the stages of ``level`` that run for this entry; their collectors, by report step."""
+    def _batches(self, entries: list[EntryRun], pair: PairRun, level: list[str]) -> dict[str, dict[str, tuple]]:
+        """Submit the batched stages of ``level``: the live entries that run one, grouped by old model (in a run,
+        the pair's), ``batch_max`` a call.  Stage -> entry name -> (the call's handle, the entry's place in it)."""
+        batched: dict[str, dict[str, tuple]] = {}
+        for name in level:
+            stage = ENTRY_GRAPH[name]
+            if stage.batch is None:
+                continue
+            groups: dict[str, list[EntryRun]] = {}
+            for e in entries:
+                if e.live and e.plan is not None and stage.when(e.plan):
+                    groups.setdefault(pair.plan.old_model, []).append(e)
+            batched[name] = {}
+            for group in groups.values():
+                for begin in range(0, len(group), stage.batch_max):
+                    chunk = group[begin:begin + stage.batch_max]
+                    try:
+                        handle = self.x.batch(name, stage, self.store, pair.plan, [e.plan for e in chunk])
+                    except Exception as error:  # noqa: BLE001 - a submission error fails these entries only
+                        handle = _Done(error=error)
+                    batched[name].update({e.name: (handle, index) for index, e in enumerate(chunk)})
+        return batched
+
+    def _level(self, e: EntryRun, pair: PairRun, level: list[str],
+               batched: dict[str, dict[str, tuple]] | None = None) -> list[tuple[str, Callable[[], None]]]:
+        """Submit the stages of ``level`` that run for this entry (a batched one: already submitted, ``batched``);
+        their collectors, by report step."""
         collectors = []
         for name in level:
             stage = ENTRY_GRAPH[name]
             if not stage.when(e.plan):
+                continue
+            if batched and name in batched:
+                handle, index = batched[name][e.name]
+                collectors.append((stage.step, self._picker(e, name, handle, index)))
                 continue
             inputs = tuple(resolve_input(i, e.out, pair.out) for i in stage.inputs)
             if stage.fan_out is None:
@@ -353,6 +393,14 @@ class Runner:
     def _collector(self, e: EntryRun, name: str, handle: Any) -> Callable[[], None]:
         def collect():
             e.out[name] = self.x.result(handle)
+        return collect
+
+    def _picker(self, e: EntryRun, name: str, handle: Any, index: int) -> Callable[[], None]:
+        def collect():
+            done = InProcess.result(handle) if isinstance(handle, _Done) else self.x.result(handle)
+            if isinstance(done[index], BaseException):
+                raise done[index]
+            e.out[name] = done[index]
         return collect
 
     def _fan_in(self, e: EntryRun, name: str, jobs: list, handles: list) -> Callable[[], None]:

@@ -155,7 +155,8 @@ def teacher_completions(old_model_dir: str | Path, prompts_by_adapter: dict[str,
                         device: str = "auto") -> dict[str, list[Completion]]:
     """Every teacher's greedy completions at once: name -> (adapter directory, prompts) of adapters of one old
     model; one base model holds all adapters and their prompts share batches (PEFT mixed-adapter batches).
-    Equal to :func:`greedy_completions` with each adapter loaded alone."""
+    Equal to :func:`greedy_completions` with each adapter loaded alone (one adapter: that plain path, no
+    per-row adapter names)."""
     from lorasuite_core.training.evaluation import load_adapters_for_generation
 
     model, tokenizer = load_adapters_for_generation(
@@ -163,7 +164,8 @@ def teacher_completions(old_model_dir: str | Path, prompts_by_adapter: dict[str,
     prompts = [p for _, ps in prompts_by_adapter.values() for p in ps]
     names = [name for name, (_, ps) in prompts_by_adapter.items() for _ in ps]
     completions = greedy_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                     adapter_names=names)
+                                     adapter_names=names if len(prompts_by_adapter) > 1 else None)
+    del model
     result: dict[str, list[Completion]] = {name: [] for name in prompts_by_adapter}
     for name, completion in zip(names, completions, strict=True):
         result[name].append(completion)
