@@ -177,8 +177,8 @@ def teacher_batch(store: StageStore, plan: PairPlan, adapters: list[AdapterPlan]
         share = (time.perf_counter() - start) / len(todo)
         for i, (prompts, _) in todo.items():
             try:
-                stored = store.run(STAGE, adapters[i].teacher_key, _writes(prompts, answers[f"a{i}"], len(todo)))
-                results[i] = stored if stored.reused else stored.model_copy(update={"seconds": stored.seconds + share})
+                results[i] = store.run(STAGE, adapters[i].teacher_key, _writes(prompts, answers[f"a{i}"], len(todo)),
+                                       prior_seconds=share)
             except Exception as error:  # noqa: BLE001 - this entry fails, the others go on
                 results[i] = error
     return results  # type: ignore[return-value]
