@@ -54,7 +54,7 @@ from lorasuite_core.io import terminal
 from lorasuite_core.models.loading import resolve_local_dir
 from lorasuite_core.pipeline.plans import AdapterPlan, PairPlan, calibration_texts
 from lorasuite_core.pipeline.stage_store import StageResult, StageStore
-from lorasuite_core.pipeline.stages import _heldout_eval, load_samples
+from lorasuite_core.pipeline.stages import _heldout_eval, _prompts
 from lorasuite_core.training.heldout import HELDOUT, TEACHER_TARGETS, read_heldout, write_heldout
 
 STAGE = "teacher"
@@ -82,18 +82,6 @@ class TeacherPrompts:
 def distils(adapter: AdapterPlan) -> bool:
     """An LFT of this adapter distils from the teacher (its ``lft`` or ``fresh_lft``)."""
     return adapter.options.lft_mode == "distill" and (adapter.lft is not None or adapter.fresh_lft is not None)
-
-
-def _prompts(ref: str, limit: int | None, seed: int) -> list:
-    """Unlabelled prompts: a prompt file (.txt / .jsonl / .json, math_10k records included), builtin:<split> or a
-    task: spec."""
-    from lorasuite_core.training import prompts as P
-    from lorasuite_core.training.samples import BUILTIN
-    from lorasuite_core.training.skills import TASK
-
-    if ref.startswith((BUILTIN, TASK)):
-        return P.prompts_from_samples(load_samples(ref, limit, "train", seed))
-    return P.read_prompts(ref, limit)
 
 
 def teacher_prompts(plan: PairPlan, adapter: AdapterPlan, writer: Callable[[], tuple] | None = None) -> TeacherPrompts:
