@@ -34,7 +34,9 @@ reuses every complete entry and answers the others in ONE
 different adapters side by side in the length-sorted batches (PEFT mixed-adapter batches), so a decode step reads
 the base weights once for all of them.  A greedy row's tokens do not depend on the rows beside it (left padding is
 masked; ``tests/test_mixed_teachers.py``), so an entry is the same computed alone or in a fleet and a rerun or a
-single-adapter migration reuses it.  Each adapter's answers go to its own entry (:meth:`StageStore.run`); the
+single-adapter migration reuses it.  That holds in float32 on a CPU (the teacher's dtype there); bf16 kernels
+round differently for other batch shapes, so on a bf16 device (CUDA) the call keeps the one base load but
+generates each adapter's prompts in a pass of its own (:func:`mixes`), the batches it gets alone.  Each adapter's answers go to its own entry (:meth:`StageStore.run`); the
 generation's seconds are shared out evenly over the entries it computed (the report's ``steps``).
 
 Memory: the base weights, every adapter's factors and one batch's KV cache (16 rows, whatever the number of
@@ -161,7 +163,7 @@ def teacher_batch(store: StageStore, plan: PairPlan, adapters: list[AdapterPlan]
         with terminal.computing(STAGE):
             answers = teacher_completions(resolve_local_dir(plan.old_model, "model"),
                                           {f"a{i}": (adapter_dir, prompts.all) for i, (prompts, adapter_dir)
-                                           in todo.items()}, **GENERATION)
+                                           in todo.items()}, mixed=mixes(), **GENERATION)
         share = (time.perf_counter() - start) / len(todo)
         for i, (prompts, _) in todo.items():
             try:
@@ -170,6 +172,14 @@ def teacher_batch(store: StageStore, plan: PairPlan, adapters: list[AdapterPlan]
             except Exception as error:  # noqa: BLE001 - this entry fails, the others go on
                 results[i] = error
     return results  # type: ignore[return-value]
+
+
+def mixes() -> bool:
+    """Rows of different adapters share batches only in float32 on a CPU, where a greedy row does not depend on the
+    rows beside it; elsewhere (bf16 on CUDA) one base load, one pass per adapter (module docstring)."""
+    from lorasuite_core.pipeline.plans import teacher_compute
+
+    return teacher_compute() == "float32@cpu"
 
 
 def _absent(out: Path) -> dict:
