@@ -7,7 +7,7 @@ where it says ``torch_model``.  Its body is :func:`lorasuite_core.pipeline.runne
 the in-process executor makes.  Arguments: the store root, the pair plan, for an entry stage the
 adapter plan and the job (``None`` unless the stage fans out), and ``inputs``: the upstream stage
 results (or futures: Prefect waits on them), handed to the stage as URIs.  A batched stage (``batch`` in the
-table: the teacher) also has a task for several entries at once (:data:`BATCH_TASKS`, named ``<task>-batch``):
+table: the teacher, evaluation) also has a task for several entries at once (:data:`BATCH_TASKS`, named ``<task>-batch``):
 its body is :func:`lorasuite_core.pipeline.runner.call_batch`, the same retries and lock, and it returns one
 result (or that entry's error) per adapter.
 """
@@ -54,8 +54,8 @@ STAGE_TASKS: dict[str, Task] = {**{name: _pair_task(name, stage) for name, stage
 
 
 def _batch_task(name: str, stage: Stage) -> Task:
-    def run(store: str, plan: PairPlan, adapters: list[AdapterPlan]) -> list:
-        return run_batch(call_batch, stage, store, plan, adapters, torch_model=stage.torch_model)
+    def run(store: str, plan: PairPlan, items: list) -> list:
+        return run_batch(call_batch, stage, store, plan, items, torch_model=stage.torch_model)
 
     run.__name__ = run.__qualname__ = f"{name}_batch"
     run.__doc__ = stage.batch.__doc__

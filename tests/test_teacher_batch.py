@@ -1,5 +1,6 @@
 """The teacher stage over a fleet: one batched generation for every adapter of one old model, each adapter's answers
-in its own entry, published adapters bit-identical to migrating each adapter alone, and the entries reused.
+in its own entry, published adapters bit-identical to migrating each adapter alone, and the entries reused; the
+evaluation rows of a fleet that share a base model on one model load, each row what it is alone.
 
 Three random adapters of one tiny model (different teachers: the same prompt gets different answers), an exact
 upgrade, distilled LFT on one prompt file.  The fleet runs on the in-process runner over one store; each adapter is
@@ -131,3 +132,32 @@ def test_one_entrys_bad_prompts_fail_that_entry_only(fleet, calls, tmp_path):
                                       "least one must be left to train on")
     assert status["t1"][0] == status["t2"][0] == "published"
     assert calls == [sorted(str(fleet["adapters"][name]) for name in ("t1", "t2"))]
+
+
+def test_a_fleets_evaluation_rows_share_one_load_per_base_model(fleet, tmp_path, monkeypatch):
+    """Two adapters with evaluation data: the old model's rows (each adapter's source) in one call, the new model's
+    (the bare model, one entry for both adapters, and each migrated adapter) in another; every row's numbers are
+    those of the adapter migrated alone with every row evaluated by itself (the stage unbatched)."""
+    import json
+
+    from lorasuite_core.training import evaluation
+
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"instruction": s.instruction, "input": s.input, "output": s.output,
+                                        "answer": s.answer}) + "\n" for s in generate_problems(3, "test", 4)))
+    options = MigrationOptions(lft=False, fidelity=False, eval_data=str(data), eval_samples=3).check_single()
+    groups, original = [], evaluation.evaluate_adapters
+    monkeypatch.setattr(evaluation, "evaluate_adapters",
+                        lambda model, samples, adapters, **kw: groups.append(len(adapters)) or original(
+                            model, samples, adapters, **kw))
+    names = ["t0", "t1"]
+    together = run_fleet(fleet, tmp_path / "store", "eval-fleet", names=names, options=options)
+    assert sorted(groups) == [2, 3]                  # old: two sources; new: the bare model and two migrated
+    monkeypatch.setitem(graph.ENTRY_GRAPH, "eval", dataclasses.replace(graph.ENTRY_GRAPH["eval"], batch=None))
+    for e in together:                               # each alone, each row by itself (evaluate, a load per row)
+        [alone] = run_fleet(fleet, tmp_path / f"store-{e.name}", "eval-alone", names=[e.name], options=options)
+        assert alone.evals.keys() == e.evals.keys() and len(e.evals) == 3 and len(groups) == 2
+        for row, facts in e.evals.items():
+            assert {k: facts[k] for k in ("accuracy", "correct", "n")} == \
+                {k: alone.evals[row][k] for k in ("accuracy", "correct", "n")}, row
+    assert together[0].out["eval"][1].key == together[1].out["eval"][1].key      # the bare row, one entry

@@ -33,12 +33,13 @@ Teacher answers: the ``teacher`` stage (:mod:`.teacher_stage`) answers every pro
 (``lft``, ``fresh_lft``), ``fidelity`` and the ``gate`` read, once per adapter; it follows assembly (a whole torch
 model, see below) and precedes every consumer.
 
-Batched stages: a stage with ``batch`` (``teacher``) is one call for several entries,
-``batch(store, pair_plan, [adapter_plan, ...])`` -> one result (or the entry's error) per adapter, in order: the
-runner groups the level's entries that run it by old model (in a run: the pair's), at most
-``batch_max`` a call (:data:`~lorasuite_core.pipeline.teacher_stage.MAX_ADAPTERS`), and hands each entry its own result; each
-entry still has its own store entry and key (``fn`` is the same for one adapter).  Such a stage reads no entry
-stage's results (its inputs are empty), so grouping never waits on one entry for another.
+Batched stages: a stage with ``batch`` is one call for several entries, ``batch(store, pair_plan, items)`` -> one
+result (or that item's error) per item, in order, at most ``batch_max`` items a call; each item still has its own
+store entry and key (``fn`` computes one alone, equal to its place in a batch).  ``teacher``: the items are the
+adapter plans of the level's entries that run it, grouped by old model (in a run: the pair's); it reads no entry
+stage, so grouping never waits on one entry for another.  ``eval`` (fanned out): the items are ``(adapter_plan,
+job, input)`` of every entry's evaluation rows, grouped by ``batch_key`` (the row's base model and evaluation
+samples): one model load for the rows of a group (:func:`~lorasuite_core.training.evaluation.evaluate_adapters`).
 
 Waves: the runner runs the entry graph level by level (a stage's level is one more than that of
 the latest stage it reads or follows, ``after``), every live adapter's stages of a level before
@@ -74,6 +75,7 @@ class Stage:
     torch_model: bool = False                                   # loads a whole torch model (one at a time)
     batch: Callable[..., list] | None = None                    # one call for several entries (module docstring)
     batch_max: int = 1                                          # entries per batch call at most
+    batch_key: Callable[[AdapterPlan, Any], Any] | None = None  # a fanned-out job's group (None: not batched)
 
 
 def _pair(fn, inputs=(), task="", **kw) -> Stage:
@@ -97,6 +99,12 @@ PAIR_STAGES = tuple(PAIR_GRAPH)
 #: candidate's (routes.candidate_stages): its light fine-tune where one ran, else the migrated one, the
 #: distilled fresh LoRA, or the copy.
 FINAL = ("route", "lft", "migrated", "fresh_lft", "copy")
+
+
+def _eval_base(plan: AdapterPlan, job: EvalJob) -> tuple:
+    """Evaluation rows batched together: the same base model and evaluation samples."""
+    o = plan.options
+    return job.model, o.eval_data, o.eval_samples, o.seed
 
 
 def _eval_adapter(job: EvalJob) -> str | None:
@@ -136,7 +144,8 @@ ENTRY_GRAPH: dict[str, Stage] = {
                   task="gate", run_name="quality-gate-{adapter.name}", gpu=True, torch_model=True),
     "eval": Stage(stages.evaluate, (), when=lambda plan: bool(plan.evals), fan_out=lambda plan: plan.evals,
                   job_input=_eval_adapter, after=("gate",), step="eval", task="eval",
-                  run_name="eval-{adapter.name}-{job.label}", gpu=True, torch_model=True),
+                  run_name="eval-{adapter.name}-{job.label}", gpu=True, torch_model=True,
+                  batch=stages.evaluate_batch, batch_max=stages.EVAL_BATCH_MAX, batch_key=_eval_base),
 }
 ENTRY_STAGES = tuple(ENTRY_GRAPH)
 

@@ -304,6 +304,48 @@ def evaluate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, job: EvalJ
     return store.run("eval", job.key, compute)
 
 
+#: Evaluation rows on one model load (memory: the base, the rows' adapters, one 64-row batch's KV cache).
+EVAL_BATCH_MAX = 8
+
+
+def evaluate_batch(store: StageStore, plan: PairPlan, items: list[tuple[AdapterPlan, EvalJob, str | None]]) -> list:
+    """:func:`evaluate` of rows of one base model and evaluation samples (the graph's ``batch_key``), the missing
+    entries on one model load (:func:`~lorasuite_core.training.evaluation.evaluate_adapters`: each row's result is
+    its own :func:`evaluate`'s); a row shared by entries (the bare model) is computed once.  Per item its entry, or
+    its error where its adapter could not be found."""
+    from lorasuite_core.training.evaluation import evaluate_adapters
+
+    results: list = [None] * len(items)
+    todo: dict[str, Path | None] = {}
+    for k, (adapter, job, uri) in enumerate(items):
+        if job.key in todo or store.problem(store.location("eval", job.key)) is None:
+            continue
+        try:
+            todo[job.key] = (resolve_local_dir(adapter.adapter, "adapter") if job.adapter == "source"
+                             else store.local_dir(uri) if uri else None)
+        except Exception as error:  # noqa: BLE001 - this row fails, the others go on
+            results[k] = error
+    share, scored = 0.0, {}
+    if todo:
+        adapter, job, _ = items[0]
+        o = adapter.options
+        start = time.perf_counter()
+        scored = evaluate_adapters(resolve_local_dir(plan.old_model if job.model == "old" else plan.new_model, "model"),
+                                   load_samples(o.eval_data, o.eval_samples, "test", o.seed), todo)
+        share = (time.perf_counter() - start) / len(todo)
+    for k, (_, job, _) in enumerate(items):
+        if results[k] is None:
+            facts = {"row": job.row, **scored[job.key].to_dict()} if job.key in scored else {}
+            results[k] = store.run("eval", job.key, lambda out, facts=facts: facts or _no_row(out),
+                                   prior_seconds=share if job.key in scored else 0.0)
+            scored.pop(job.key, None)             # a second item of the same row reuses the first's entry
+    return results
+
+
+def _no_row(out: Path) -> dict:
+    raise LorasuiteError(f"evaluation entry vanished from the store while in use ({out})")
+
+
 # --------------------------------------------------------------------------- publish
 
 
