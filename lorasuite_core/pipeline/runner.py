@@ -15,8 +15,8 @@ finished already, the adapter loads and fits the old model), ``plan_adapter``, t
 level by level, ``publish`` of :data:`~lorasuite_core.pipeline.graph.FINAL`.  Each of these waves
 starts the work of every live entry before waiting on any, so entries (and their layers) run side
 by side.  A failure fails only its entry, recorded as ``"<stage>: <message>"`` with the original
-exception; a batched stage (the ``teacher``, graph docstring) is one call for the level's entries that run it,
-each entry collecting its own result or error from it; the pair analysis is submitted as a whole (its branches run side by side) and a failure
+exception; a batched stage (``teacher``, ``eval``: graph docstring) is one call for the level's entries (or rows) that
+run it, each collecting its own result or error from it; the pair analysis is submitted as a whole (its branches run side by side) and a failure
 there raises, since no adapter can move without it.
 
 Report ``steps``: per stage ``{"cache": "computed" | "reused", "seconds"}``
