@@ -10,8 +10,9 @@ on any worker, and be reused when its entry already exists.  Arrays live in the 
 
 After :func:`~lorasuite_core.pipeline.plans.plan_adapter` and the pair analysis
 (:mod:`~lorasuite_core.pipeline.pair_stages`): ``transfer_layer`` (the fan-out unit), ``assemble``,
-``light_finetune`` (on the teacher's answers, :mod:`~lorasuite_core.pipeline.teacher_stage`), ``vanilla_baseline``, ``fidelity``, ``quality_gate``, ``evaluate``, and
-:func:`publish` last (not stored: copy, report patched, manifest last).  Which stage reads which, when
+``light_finetune`` (on the teacher's answers, :mod:`~lorasuite_core.pipeline.teacher_stage`),
+``vanilla_baseline``, ``fidelity``, ``quality_gate``, ``evaluate`` (``evaluate_batch``: a fleet's rows of one
+base model on one load), and :func:`publish` last (not stored: copy, report patched, manifest last).  Which stage reads which, when
 each runs and the order: :mod:`lorasuite_core.pipeline.graph`, the one place they are declared;
 :mod:`lorasuite_core.pipeline.runner` walks that graph in process (:func:`migrate_in_process`) and the
 flows walk it with Prefect tasks generated from the same table (``tasks/stages.py``).
