@@ -8,7 +8,8 @@ Design
   ``submit``, its result the future's.  The pair graph is submitted whole (a task waits on the
   futures it reads, so the vocabulary/transfer-matrix branch runs beside the activations/CKA/
   mapping branch); each wave of the entry graph is submitted for every live entry before the
-  runner waits on any, so entries (and the layers of each) run side by side on the task runner.
+  runner waits on any, so entries (and the layers of each) run side by side on the task runner; a batched
+  stage (``teacher``, ``eval``) is one task for the level's entries (:data:`tasks.stages.BATCH_TASKS`).
   A failure fails only its entry, with the stage and the error's message.
 * :class:`PipelineRun` is one flow run: its stage store root (:mod:`flows.settings`), the runner,
   the analysis and evaluation artifacts, the summaries the flows return.
@@ -55,6 +56,9 @@ class PrefectExecutor:
         if adapter is None:
             return task.submit(store, plan, inputs)
         return task.submit(store, plan, adapter, job, inputs)
+
+    def batch(self, name: str, stage: Stage, store: str, plan: PairPlan, items: list) -> PrefectFuture:
+        return tasks.BATCH_TASKS[name].submit(store, plan, items)
 
     def plan_adapter(self, plan: PairPlan, analysis: Any, name: str, adapter: str,
                      options: MigrationOptions) -> PrefectFuture:

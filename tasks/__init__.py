@@ -24,6 +24,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401,E402
 
 from .adapters import check_entry, entry_failed, plan_adapter, publish
 from .analysis import identify_pair
-from .stages import STAGE_TASKS
+from .stages import BATCH_TASKS, STAGE_TASKS
 
-__all__ = ["check_entry", "entry_failed", "identify_pair", "plan_adapter", "publish", "STAGE_TASKS"]
+__all__ = ["BATCH_TASKS", "check_entry", "entry_failed", "identify_pair", "plan_adapter", "publish", "STAGE_TASKS"]

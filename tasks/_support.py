@@ -116,3 +116,15 @@ def run_stage(fn: Callable[..., StageResult], *args: Any, torch_model: bool = Fa
         with TORCH_MODEL_LOCK:
             return as_state(log_stage(fn(*args)))
     return as_state(log_stage(fn(*args)))
+
+
+def run_batch(fn: Callable[..., list], *args: Any, torch_model: bool = False) -> list:
+    """A batched stage's call (one result or error per entry) with core logs forwarded (and the lock if asked);
+    each entry's result logged as :func:`log_stage` logs one."""
+    forward_core_logs()
+    if torch_model:
+        with TORCH_MODEL_LOCK:
+            results = fn(*args)
+    else:
+        results = fn(*args)
+    return [log_stage(r) if isinstance(r, StageResult) else r for r in results]

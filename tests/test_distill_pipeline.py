@@ -88,26 +88,33 @@ def test_the_gate_refuses_an_adapter_no_better_than_the_bare_model(exact):
 
 def test_the_teacher_answers_once_for_fidelity_and_the_gate(exact, monkeypatch):
     """With evaluation data, fidelity and the gate: the teacher (old model + source adapter) generates its
-    answers once (the fidelity stage), and the gate reads them from the fidelity entry."""
+    answers once (the teacher stage), and fidelity and the gate read them from the teacher entry."""
     from lorasuite_core.training import distill as D
 
     root = exact["root"]
     eval_data = root / "eval-once.jsonl"
     eval_data.write_text("".join(json.dumps({"instruction": s.instruction, "input": s.input, "output": s.output,
                                              "answer": s.answer}) + "\n" for s in generate_problems(4, "test", 7)))
-    loads = []
-    original = D.load_for_generation
+    loads, calls = [], []
+    original, original_teachers = D.load_for_generation, D.teacher_completions
 
     def counted(model_dir, *adapters, **kwargs):
         loads.append([str(a) for a in adapters])
         return original(model_dir, *adapters, **kwargs)
 
+    def teachers(model_dir, prompts_by_adapter, **kwargs):
+        calls.append({name: str(adapter) for name, (adapter, _) in prompts_by_adapter.items()})
+        return original_teachers(model_dir, prompts_by_adapter, **kwargs)
+
     monkeypatch.setattr(D, "load_for_generation", counted)
+    monkeypatch.setattr(D, "teacher_completions", teachers)
     options = MigrationOptions(lft=False, gate=True, fidelity=True, eval_data=str(eval_data), gate_prompts=4)
     report = stages.migrate_in_process(exact["old"], exact["new"], exact["adapter"], root / "once", options, SMALL,
                                        cache_root=str(root / "store"))
-    assert loads.count([str(exact["adapter"])]) == 1        # one teacher generation, in the fidelity stage
+    assert calls == [{"a0": str(exact["adapter"])}]          # one teacher generation, in the teacher stage
+    assert [str(exact["adapter"])] not in loads              # nobody else loads the teacher to generate
     assert report["quality_gate"]["passed"] and report["fidelity"]["fidelity"]["transfer"] > 0.99
+    assert report["fidelity"]["prompts"] == "evaluation data" and report["steps"]["teacher"]["cache"] == "computed"
 
 
 def test_seed_prompts_are_synthesised_by_the_teacher_excluding_evaluation_prompts(exact, monkeypatch):

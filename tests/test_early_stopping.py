@@ -159,7 +159,7 @@ def test_stage_keys_change_with_the_new_options_and_not_at_their_defaults():
 
     plan = SimpleNamespace(old_identity="old", stage_keys={"vocabulary": "v"})
     base = dict(lft_mode="distill", lft_prompts="task:arithmetic:train:40")
-    parts = lambda **o: _distill_key_parts(plan, "adapter", MigrationOptions(**base, **o))
+    parts = lambda **o: _distill_key_parts(plan, "adapter", MigrationOptions(**base, **o), "teacher-key")
     default = parts()
     # the parts of a run without the new options, exactly as before they existed (cached entries stay valid)
     assert set(default) == {"lft_mode", "distill_version", "teacher", "prompts", "seeds", "kl_weight", "heldout_n",

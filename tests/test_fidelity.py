@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorasuite_core.pipeline import pair_stages, plans, stages
+from lorasuite_core.pipeline import pair_stages, plans, teacher_stage
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.stages import migrate_in_process
 from lorasuite_core.testing.adapter import make_random_lora_adapter
@@ -100,7 +100,7 @@ def test_another_adapters_teacher_is_not_matched(migrated, tmp_path):
     """The check has teeth: the same migrated adapter scored on the answers of another adapter's teacher."""
     old, new, _, root, _ = migrated
     other = make_random_lora_adapter(old, tmp_path / "other", rank=4, alpha=8, seed=99)
-    prompts = [Prompt(t[:stages.FIDELITY_PROMPT_CHARS]) for t in plans.calibration_texts(None, 256)[:4]]
+    prompts = [Prompt(t[:teacher_stage.FIDELITY_PROMPT_CHARS]) for t in plans.calibration_texts(None, 256)[:4]]
     model, tokenizer = load_for_generation(old, other, dtype="float32", device="cpu")
     texts = [c.text for c in greedy_completions(model, tokenizer, prompts)]
     crossed = measure_fidelity(old, other, new, {"transfer": root / "out"}, prompts, texts, device="cpu")

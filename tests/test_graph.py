@@ -7,7 +7,7 @@ from typing import get_args
 
 import pytest
 
-from lorasuite_core.pipeline import graph, pair_stages, route_stages, stages
+from lorasuite_core.pipeline import graph, pair_stages, route_stages, stages, teacher_stage
 from lorasuite_core.pipeline.graph import ENTRY_GRAPH, FINAL, PAIR_GRAPH, levels, resolve_input, upstream
 from lorasuite_core.pipeline.stage_store import StageResult
 from lorasuite_core.pipeline.plans import EvalJob
@@ -42,7 +42,7 @@ def test_every_eval_row_reads_an_existing_stage_or_the_source_adapter():
 @pytest.mark.parametrize("name", list(BOTH))
 def test_every_stage_function_takes_the_graphs_arguments(name):
     stage = BOTH[name]
-    homes = (pair_stages,) if name in PAIR_GRAPH else (stages, route_stages)   # pair stages / per-adapter stages
+    homes = (pair_stages,) if name in PAIR_GRAPH else (stages, route_stages, teacher_stage)   # pair / per-adapter
     assert any(getattr(home, stage.fn.__name__, None) is stage.fn for home in homes), \
         f"a stage function lives in {' or '.join(home.__name__ for home in homes)}"
     params = list(inspect.signature(stage.fn).parameters)
@@ -69,6 +69,19 @@ def test_every_stage_has_its_task(name):
     fields = {f.split(".")[0] for _, f, _, _ in string.Formatter().parse(stage.run_name or "") if f}
     assert fields <= params, f"{name}: run name {stage.run_name} names {fields - params}"
     assert len({t.task_key for t in tasks.STAGE_TASKS.values()}) == len(BOTH)
+
+
+def test_batched_stages_read_no_entry_stage_and_have_their_task():
+    import tasks
+
+    batched = {name: stage for name, stage in ENTRY_GRAPH.items() if stage.batch}
+    assert set(batched) == {"teacher", "eval"} and set(tasks.BATCH_TASKS) == set(batched)
+    for name, stage in batched.items():
+        assert stage.inputs == () and stage.batch_max >= 1
+        assert (stage.fan_out is None) == (stage.batch_key is None)       # a fanned-out stage groups its jobs
+        assert len(inspect.signature(stage.batch).parameters) == 3
+        task = tasks.BATCH_TASKS[name]
+        assert task.name == f"{stage.task}-batch" and task.retries == 2 and task.persist_result is False
 
 
 def test_final_is_the_lft_where_it_ran_else_the_migrated_adapter():

@@ -153,8 +153,10 @@ def test_auto_prefers_the_exact_transfer_to_fresh_distillation(models):
     assert {k for k in fresh if "lora_B" in k} and all(not fresh[k].any() for k in fresh if "lora_B" in k)
     assert all(fresh[k].abs().sum() > 0 for k in fresh if "lora_A" in k)
     assert {k.split(".lora_")[0] for k in fresh} == {k.split(".lora_")[0] for k in migrated}   # same modules
+    # both distillations read the one teacher entry (its prompts and completions), neither generates them
     assert entry.out["fresh_lft"].facts["reused_teacher_completions"] is True
-    assert entry.out["lft"].facts["reused_teacher_completions"] is False
+    assert entry.out["lft"].facts["reused_teacher_completions"] is True
+    assert entry.out["teacher"].facts["n_train"] == 8 and entry.out["teacher"].facts["n_heldout"] == 4
     # the migrate summary (CLI, flows) and the fleet cell carry the route and every candidate's numbers
     from flows.artifacts import _route_cell
     from flows.pipeline import PipelineRun

@@ -30,7 +30,7 @@ from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 needs_prefect = pytest.mark.usefixtures("prefect_server")
 
 PAIR_STAGES = ("vocabulary", "activations", "transfer_matrix", "cka", "layer_mapping", "head_similarity", "unit_maps")
-STAGES = PAIR_STAGES + ("transfer", "write", "fidelity", "publish")
+STAGES = PAIR_STAGES + ("transfer", "write", "teacher", "fidelity", "publish")
 LINE = re.compile(r"^(\w+) \.{2,} +(\d+\.(\d+)) s(?: \((.*)\))?$")
 HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -75,7 +75,7 @@ def test_one_line_per_stage_with_its_time_hashes_and_paths_only_with_verbose(pai
     err = capsys.readouterr().err
     lines = stage_lines(err)
     assert set(lines) == set(STAGES), err
-    assert list(lines)[-4:] == ["transfer", "write", "fidelity", "publish"], err
+    assert list(lines)[-5:] == ["transfer", "write", "teacher", "fidelity", "publish"], err
     others = [line for line in err.splitlines() if not LINE.match(line)]
     assert len(others) == 1 and others[0].startswith("log file: "), err       # nothing else
     assert "\r" not in err, "no progress bar when stderr is not a TTY"
@@ -168,6 +168,7 @@ def test_a_fleet_prints_each_stage_once_over_its_adapters_and_names_a_failed_one
     assert set(lines) == set(STAGES), err
     assert re.fullmatch(r"\d+ layers of 2 adapters", lines["transfer"].group(4)), err
     assert lines["write"].group(4) == lines["publish"].group(4) == "2 adapters", err
+    assert lines["teacher"].group(4) == "2 adapters", err          # one batched call, a line over both adapters
     failed = [line for line in err.splitlines() if line.startswith("warning: adapter gone failed at check: ")]
     assert len(failed) == 1 and "missing" in failed[0], err
     assert not HEX64.search(err), err

@@ -44,7 +44,7 @@ NAMES = {"layer": "transfer", "migrated": "write", "vanilla": "vanilla_baseline"
 """Stage store name -> the report's step name."""
 UNITS = {"transfer": "layers", "write": "adapters", "lft": "adapters", "vanilla_baseline": "adapters",
          "fidelity": "adapters", "gate": "adapters", "eval": "rows", "publish": "adapters", "copy": "adapters",
-         "fresh_start": "adapters", "fresh_distill": "adapters", "route": "adapters"}
+         "fresh_start": "adapters", "fresh_distill": "adapters", "route": "adapters", "teacher": "adapters"}
 """Per-adapter stages (one entry per unit) and what their unit is called."""
 WIDTH = 20
 REFRESH_S = 0.5

@@ -13,7 +13,8 @@ call per job of the plan).  The stage order of a migration is this file, top to 
     per adapter:
       check_entry                        output safety + adapter check (runner.check_entry)
       plan_adapter                       load, fit check, jobs, keys   (plans.plan_adapter)
-      ENTRY_GRAPH                        transfer ... eval (the route's candidates, its choice: :mod:`.routes`)
+      ENTRY_GRAPH                        transfer ... eval (the route's candidates, its choice: :mod:`.routes`;
+                                         the teacher's answers, once, for every consumer: :mod:`.teacher_stage`)
       publish(FINAL)                     copy to the output, report patched, manifest last
 
 Routes (``--route``, :mod:`.routes`): each candidate route's adapter is an entry of its own stage
@@ -28,6 +29,18 @@ not run for this adapter.  An entry stage may read pair stages (``head_similarit
 :class:`~lorasuite_core.transfer.adapter.PairAnalysis`).  An input written as a tuple
 (:data:`FINAL`) is the first of its stages that ran.
 
+Teacher answers: the ``teacher`` stage (:mod:`.teacher_stage`) answers every prompt that distilled LFT
+(``lft``, ``fresh_lft``), ``fidelity`` and the ``gate`` read, once per adapter; it follows assembly (a whole torch
+model, see below) and precedes every consumer.
+
+Batched stages: a stage with ``batch`` is one call for several entries, ``batch(store, pair_plan, items)`` -> one
+result (or that item's error) per item, in order, at most ``batch_max`` items a call; each item still has its own
+store entry and key (``fn`` computes one alone, equal to its place in a batch).  ``teacher``: the items are the
+adapter plans of the level's entries that run it, grouped by old model (in a run: the pair's); it reads no entry
+stage, so grouping never waits on one entry for another.  ``eval`` (fanned out): the items are ``(adapter_plan,
+job, input)`` of every entry's evaluation rows, grouped by ``batch_key`` (the row's base model and evaluation
+samples): one model load for the rows of a group (:func:`~lorasuite_core.training.evaluation.evaluate_adapters`).
+
 Waves: the runner runs the entry graph level by level (a stage's level is one more than that of
 the latest stage it reads or follows, ``after``), every live adapter's stages of a level before
 waiting on any, so adapters and their layers run side by side.  Stages that load a whole torch
@@ -40,7 +53,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import pair_stages, route_stages, stages
+from . import pair_stages, route_stages, stages, teacher_stage
 from .stage_store import StageResult
 from .plans import AdapterPlan, EvalJob
 
@@ -60,6 +73,9 @@ class Stage:
     run_name: str | None = None                                 # a pattern over the task's arguments
     gpu: bool = False                                           # tagged for accelerator workers
     torch_model: bool = False                                   # loads a whole torch model (one at a time)
+    batch: Callable[..., list] | None = None                    # one call for several entries (module docstring)
+    batch_max: int = 1                                          # entries per batch call at most
+    batch_key: Callable[[AdapterPlan, Any], Any] | None = None  # a fanned-out job's group (None: not batched)
 
 
 def _pair(fn, inputs=(), task="", **kw) -> Stage:
@@ -85,6 +101,12 @@ PAIR_STAGES = tuple(PAIR_GRAPH)
 FINAL = ("route", "lft", "migrated", "fresh_lft", "copy")
 
 
+def _eval_base(plan: AdapterPlan, job: EvalJob) -> tuple:
+    """Evaluation rows batched together: the same base model and evaluation samples."""
+    o = plan.options
+    return job.model, o.eval_data, o.eval_samples, o.seed
+
+
 def _eval_adapter(job: EvalJob) -> str | None:
     """The stage whose entry an evaluation row loads (``source``: the entry's own adapter, no stage)."""
     return None if job.adapter in (None, "source") else job.adapter
@@ -101,25 +123,29 @@ ENTRY_GRAPH: dict[str, Stage] = {
                       step="write", task="migrated", run_name="assemble-{adapter.name}"),
     "fresh": Stage(route_stages.fresh_start, ("transfer",), when=lambda plan: plan.fresh_key is not None,
                    step="fresh_start", task="fresh", run_name="fresh-start-{adapter.name}"),
-    "lft": Stage(stages.light_finetune, ("migrated",), when=lambda plan: plan.lft is not None, step="lft",
+    "teacher": Stage(teacher_stage.teacher, (), when=lambda plan: plan.teacher_key is not None, after=("migrated",),
+                     step="teacher", task="teacher", run_name="teacher-{adapter.name}", gpu=True, torch_model=True,
+                     batch=teacher_stage.teacher_batch, batch_max=teacher_stage.MAX_ADAPTERS),
+    "lft": Stage(stages.light_finetune, ("migrated", "teacher"), when=lambda plan: plan.lft is not None, step="lft",
                  task="lft", run_name="lft-{adapter.name}", gpu=True, torch_model=True),
     "vanilla": Stage(stages.vanilla_baseline, (), when=lambda plan: plan.vanilla is not None, after=("migrated",),
                      step="vanilla_baseline", task="vanilla", run_name="vanilla-baseline-{adapter.name}",
                      gpu=True, torch_model=True),
-    "fresh_lft": Stage(route_stages.fresh_distill, ("fresh", "lft"), when=lambda plan: plan.fresh_lft is not None,
+    "fresh_lft": Stage(route_stages.fresh_distill, ("fresh", "teacher"), when=lambda plan: plan.fresh_lft is not None,
                        step="fresh_distill", task="fresh_lft", run_name="fresh-distill-{adapter.name}", gpu=True,
                        torch_model=True),
-    "fidelity": Stage(stages.fidelity, ("migrated", "lft", "copy", "fresh_lft"),
+    "fidelity": Stage(stages.fidelity, ("migrated", "lft", "copy", "fresh_lft", "teacher"),
                       when=lambda plan: plan.fidelity_key is not None, step="fidelity", task="fidelity",
                       run_name="fidelity-{adapter.name}", gpu=True, torch_model=True),
     "route": Stage(route_stages.choose_route, ("copy", "migrated", "lft", "fresh_lft", "fidelity"),
                    when=lambda plan: plan.route_key is not None, step="route", task="route",
                    run_name="route-{adapter.name}", gpu=True, torch_model=True),
-    "gate": Stage(stages.quality_gate, (FINAL, "fidelity"), when=lambda plan: plan.gate_key is not None, step="gate",
+    "gate": Stage(stages.quality_gate, (FINAL, "teacher"), after=("fidelity",), when=lambda plan: plan.gate_key is not None, step="gate",
                   task="gate", run_name="quality-gate-{adapter.name}", gpu=True, torch_model=True),
     "eval": Stage(stages.evaluate, (), when=lambda plan: bool(plan.evals), fan_out=lambda plan: plan.evals,
                   job_input=_eval_adapter, after=("gate",), step="eval", task="eval",
-                  run_name="eval-{adapter.name}-{job.label}", gpu=True, torch_model=True),
+                  run_name="eval-{adapter.name}-{job.label}", gpu=True, torch_model=True,
+                  batch=stages.evaluate_batch, batch_max=stages.EVAL_BATCH_MAX, batch_key=_eval_base),
 }
 ENTRY_STAGES = tuple(ENTRY_GRAPH)
 

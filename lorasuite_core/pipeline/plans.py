@@ -216,6 +216,7 @@ class AdapterPlan(Schema):
     fresh_key: str | None = None         # route fresh-distill: the fresh start (B = 0) ...
     fresh_lft: TrainJob | None = None    # ... and its distillation
     route_key: str | None = None         # route auto: the choice among the candidates
+    teacher_key: str | None = None       # the teacher's completions (:mod:`.teacher_stage`), read by every consumer
 
     @property
     def writes_migrated(self) -> bool:
@@ -286,8 +287,12 @@ def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: 
     candidates = routes.candidate_stages(options, copy_ok)
     lft = vanilla = fresh_lft = None
     data = data_identity(options.lft_data, "LFT data") if options.lft_data else None
-    if options.runs_lft and "lft" in candidates.values():
-        lft = _train_job(plan, options, data, migrated=migrated_key, **_distill_key_parts(plan, identity, options))
+    runs_lft = options.runs_lft and "lft" in candidates.values()
+    distilled = options.lft_mode == "distill" and (runs_lft or "fresh_lft" in candidates.values())
+    teacher_key = _teacher_key(plan, identity, options, distilled)
+    if runs_lft:
+        lft = _train_job(plan, options, data, migrated=migrated_key,
+                         **_distill_key_parts(plan, identity, options, teacher_key))
         if options.runs_vanilla:
             vanilla = _vanilla_job(plan, adapter, options, data)
     copy_key = stage_key("copy", adapter=identity, new=plan.new_identity, ref=plan.new_model) if copy_ok else None
@@ -295,15 +300,16 @@ def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: 
     if "fresh_lft" in candidates.values():
         fresh_key = stage_key("fresh", layers=[l.key for l in layers], model=plan.new_identity, seed=options.seed,
                               refs=[plan.new_model, adapter_ref])
-        fresh_lft = _train_job(plan, options, data, fresh=fresh_key, **_distill_key_parts(plan, identity, options))
+        fresh_lft = _train_job(plan, options, data, fresh=fresh_key,
+                               **_distill_key_parts(plan, identity, options, teacher_key))
     draft = AdapterPlan(name=name, adapter=adapter_ref, adapter_identity=identity, options=options,
                         modules=len(adapter.factors), layers=layers, migrated_key=migrated_key, lft=lft,
                         vanilla=vanilla, candidates=candidates, copy_key=copy_key, fresh_key=fresh_key,
-                        fresh_lft=fresh_lft)
+                        fresh_lft=fresh_lft, teacher_key=teacher_key)
     if not draft.transfers:
         draft.layers = []
     keys = draft.candidate_keys()
-    teacher = [plan.old_identity, identity]
+    teacher = [plan.old_identity, identity, teacher_key]
     held_out = data_identity(options.eval_data, "evaluation data") if options.eval_data else "lft-heldout"
     if options.gate and options.route != "auto":            # auto gates every candidate in its route stage
         draft.gate_key = stage_key("gate", adapter=next(iter(keys.values())), teacher=teacher, heldout=held_out,
@@ -320,7 +326,8 @@ def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: 
                                     heldout=held_out, n=options.gate_prompts, margin=options.gate_margin,
                                     seed=options.seed, version=ROUTE_VERSION)
     draft.evals = _eval_jobs(plan, identity, draft, options) if options.eval_data else []
-    for stage, count in (("layer", len(draft.layers)), ("migrated", int(draft.writes_migrated)),
+    for stage, count in (("layer", len(draft.layers)), ("teacher", int(bool(teacher_key))),
+                         ("migrated", int(draft.writes_migrated)),
                          ("copy", int(bool(copy_key))), ("fresh", int(bool(fresh_key))), ("lft", int(bool(lft))),
                          ("fresh_lft", int(bool(fresh_lft))), ("vanilla", int(bool(vanilla))),
                          ("fidelity", int(bool(draft.fidelity_key))), ("route", int(bool(draft.route_key))),
@@ -369,11 +376,14 @@ def _training_compute() -> str:
     return training_compute_dtype()
 
 
-def _distill_key_parts(plan: PairPlan, adapter_identity: str, options: MigrationOptions) -> dict[str, Any]:
-    """What a distilled LFT depends on beyond labelled LFT: the teacher, the prompts, the KL weight, held-out set."""
+def _distill_key_parts(plan: PairPlan, adapter_identity: str, options: MigrationOptions,
+                       teacher_key: str | None) -> dict[str, Any]:
+    """What a distilled LFT depends on beyond labelled LFT: the teacher (and its completions' entry), the prompts,
+    the KL weight, held-out set."""
     if options.lft_mode != "distill":
         return {}
-    return {"lft_mode": "distill", "distill_version": DISTILL_VERSION, "teacher": [plan.old_identity, adapter_identity],
+    return {"lft_mode": "distill", "distill_version": DISTILL_VERSION,
+            "teacher": [plan.old_identity, adapter_identity, teacher_key],
             "prompts": data_identity(options.lft_prompts, "LFT prompts") if options.lft_prompts else None,
             "seeds": data_identity(options.lft_seed_prompts, "seed prompts") if options.lft_seed_prompts else None,
             **({"synthesis": SYNTHESIS_VERSION} if options.lft_seed_prompts else {}),
@@ -383,6 +393,41 @@ def _distill_key_parts(plan: PairPlan, adapter_identity: str, options: Migration
             # only when set, so the keys of runs without them (and their caches) stay as they were
             **({"patience": options.lft_patience} if options.lft_patience is not None else {}),
             **({"dedup": True} if options.lft_dedup else {})}
+
+
+#: Version of the teacher stage's completions in its key (the greedy rules: distillation's, the gate's).
+TEACHER_VERSION = 1
+
+
+def teacher_compute() -> str:
+    """The dtype and device the teacher generates in: ``load_for_generation``'s defaults ("auto": bf16 on bf16
+    CUDA, else float32), as every consumer generated before the teacher stage; part of its key."""
+    from lorasuite_core.training.devices import resolve_device, resolve_dtype
+
+    device = resolve_device("auto")
+    return f"{str(resolve_dtype('auto', device)).replace('torch.', '')}@{device.type}"
+
+
+def _teacher_key(plan: PairPlan, adapter_identity: str, options: MigrationOptions, distilled: bool) -> str | None:
+    """The teacher stage's key (None: no consumer reads teacher completions): the old model, the source adapter,
+    the prompts exactly as the consumers pick them (:func:`~lorasuite_core.pipeline.teacher_stage.teacher_prompts`)
+    and the generation's rules and dtype.  Consumers: distilled LFT (training and held-out prompts), fidelity (its
+    held-out prompts: distillation's, else the evaluation data's, else calibration texts) and the gate."""
+    heldout = data_identity(options.eval_data, "evaluation data") if options.eval_data else None
+    if distilled:
+        seeds = options.lft_seed_prompts if not options.lft_prompts else None
+        ref = options.lft_prompts or (None if seeds else options.lft_data)
+        prompts: dict[str, Any] = {
+            "from": "distillation", "prompts": data_identity(ref, "LFT prompts") if ref else None,
+            "seeds": data_identity(seeds, "seed prompts") if seeds else None,
+            **({"synthesis": SYNTHESIS_VERSION} if seeds else {}), "samples": options.lft_samples,
+            "heldout": heldout, **({"dedup": True} if options.lft_dedup else {})}
+    elif options.fidelity or options.route == "auto" or (options.gate and heldout):
+        prompts = {"from": "heldout", "heldout": heldout or f"calibration:{plan.calibration_identity}"}
+    else:
+        return None
+    return stage_key("teacher", old=plan.old_identity, adapter=adapter_identity, prompts=prompts,
+                     n=options.gate_prompts, seed=options.seed, compute=teacher_compute(), version=TEACHER_VERSION)
 
 
 def _vanilla_job(plan: PairPlan, adapter: LoraAdapter, options: MigrationOptions, data: str) -> TrainJob:

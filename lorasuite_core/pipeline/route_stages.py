@@ -6,8 +6,8 @@
   modules, rank and alpha (:func:`~lorasuite_core.transfer.adapter.zero_init_modules` on every layer:
   B = 0, A initialised as PEFT does, seeded by ``--seed``), so it computes the bare new model.
 * :func:`fresh_distill` — that start distilled exactly like the ``distill`` route's LFT (same prompts,
-  teacher, KL weight, lr, epochs: :func:`~lorasuite_core.pipeline.stages.finetune`); where the ``lft``
-  stage distilled too it reads that entry's teacher completions instead of generating them again.
+  teacher, KL weight, lr, epochs: :func:`~lorasuite_core.pipeline.stages.finetune`), on the teacher completions
+  the ``distill`` route's LFT reads too (the ``teacher`` entry, :mod:`~lorasuite_core.pipeline.teacher_stage`).
 * :func:`choose_route` — ``--route auto``: every candidate on the gate's held-out prompts, with the
   teacher's completions the ``fidelity`` stage kept and distillation's student completions, and their
   fidelity; the choice (:func:`lorasuite_core.training.route.choose`) is copied into the entry.
@@ -74,10 +74,9 @@ def fresh_start(store: StageStore, plan: PairPlan, adapter: AdapterPlan, layer_u
 
 
 def fresh_distill(store: StageStore, plan: PairPlan, adapter: AdapterPlan, fresh_uri: str,
-                  lft_uri: str | None = None) -> StageResult:
-    """The fresh start distilled like the ``distill`` route (``lft_uri``: its teacher completions, when it ran)."""
-    reuse = store.local_dir(lft_uri) if lft_uri and adapter.options.lft_mode == "distill" else None
-    return finetune(store, plan, adapter, "fresh_lft", adapter.fresh_lft, fresh_uri, reuse)
+                  teacher_uri: str | None = None) -> StageResult:
+    """The fresh start distilled like the ``distill`` route, on the same ``teacher`` entry."""
+    return finetune(store, plan, adapter, "fresh_lft", adapter.fresh_lft, fresh_uri, teacher_uri)
 
 
 def choose_route(store: StageStore, plan: PairPlan, adapter: AdapterPlan, copy_uri: str | None,

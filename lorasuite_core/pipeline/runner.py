@@ -15,7 +15,8 @@ finished already, the adapter loads and fits the old model), ``plan_adapter``, t
 level by level, ``publish`` of :data:`~lorasuite_core.pipeline.graph.FINAL`.  Each of these waves
 starts the work of every live entry before waiting on any, so entries (and their layers) run side
 by side.  A failure fails only its entry, recorded as ``"<stage>: <message>"`` with the original
-exception; the pair analysis is submitted as a whole (its branches run side by side) and a failure
+exception; a batched stage (``teacher``, ``eval``: graph docstring) is one call for the level's entries (or rows) that
+run it, each collecting its own result or error from it; the pair analysis is submitted as a whole (its branches run side by side) and a failure
 there raises, since no adapter can move without it.
 
 Report ``steps``: per stage ``{"cache": "computed" | "reused", "seconds"}``
@@ -78,6 +79,7 @@ class Executor(Protocol):
                   head_transform: str = "lstsq") -> PairPlan: ...
     def stage(self, name: str, stage: Stage, store: str, plan: PairPlan, adapter: AdapterPlan | None = None,
               job: Any = None, inputs: tuple = ()) -> Any: ...
+    def batch(self, name: str, stage: Stage, store: str, plan: PairPlan, items: list) -> Any: ...
     def plan_adapter(self, plan: PairPlan, analysis: Any, name: str, adapter: str,
                      options: MigrationOptions) -> Any: ...
     def publish(self, store: str, name: str, final: Any, output: str, updates: dict[str, Any],
@@ -119,6 +121,9 @@ class InProcess:
               job: Any = None, inputs: tuple = ()) -> _Done:
         return _now(call, stage, store, plan, adapter, job, tuple(_value(i) for i in inputs))
 
+    def batch(self, name: str, stage: Stage, store: str, plan: PairPlan, items: list) -> _Done:
+        return _now(call_batch, stage, store, plan, items)
+
     def plan_adapter(self, plan: PairPlan, analysis: Any, name: str, adapter: str, options: MigrationOptions) -> _Done:
         return _now(plans.plan_adapter, plan, _value(analysis), name, adapter, options)
 
@@ -144,7 +149,23 @@ def call(stage: Stage, store: str, plan: PairPlan, adapter: AdapterPlan | None =
     return stage.fn(StageStore.at(store), plan, *context, *as_uris(list(inputs)))
 
 
+def call_batch(stage: Stage, store: str, plan: PairPlan, items: list) -> list:
+    """One call of a batched stage for several entries: per item (an adapter plan; for a fanned-out stage, the plan,
+    the job and its input, handed on as a URI) its result, or its error (graph docstring)."""
+    if stage.fan_out is not None:
+        items = [(adapter, job, as_uris(value)) for adapter, job, value in items]
+    return stage.batch(StageStore.at(store), plan, list(items))
+
+
 # --------------------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class _Pick:
+    """One entry's (or job's) place in a batched call: the call's handle and the index of its result."""
+
+    call: Any
+    index: int
 
 
 class JobError(Exception):
@@ -293,7 +314,8 @@ class Runner:
         self._wave(entries, "load", lambda e: [("load", self._plan(e, pair))])
         report(entries)
         for level in levels(ENTRY_GRAPH):
-            self._wave(entries, ENTRY_GRAPH[level[0]].step, lambda e: self._level(e, pair, level))
+            batched = self._batches(entries, pair, level)
+            self._wave(entries, ENTRY_GRAPH[level[0]].step, lambda e: self._level(e, pair, level, batched))
             report(entries)
         self._wave(entries, "publish", lambda e: [("publish", self._publish(e, pair, overwrite))])
         report(entries)
@@ -331,12 +353,49 @@ class Runner:
             e.plan = self.x.result(handle)
         return collect
 
-    def _level(self, e: EntryRun, pair: PairRun, level: list[str]) -> list[tuple[str, Callable[[], None]]]:
-        """Submit the stages of ``level`` that run for this entry; their collectors, by report step."""
+    def _batches(self, entries: list[EntryRun], pair: PairRun, level: list[str]) -> dict[str, dict[tuple, _Pick]]:
+        """Submit the batched stages of ``level``: the live entries' calls of one (a fanned-out stage: its jobs that
+        ``batch_key`` groups), grouped by old model or ``batch_key``, ``batch_max`` a call.  Stage -> (entry name,
+        job index or None) -> the entry's place in its call."""
+        batched: dict[str, dict[tuple, _Pick]] = {}
+        for name in level:
+            stage = ENTRY_GRAPH[name]
+            if stage.batch is None:
+                continue
+            groups: dict[Any, list[tuple[tuple, Any]]] = {}
+            for e in entries:
+                if not (e.live and e.plan is not None and stage.when(e.plan)):
+                    continue
+                if stage.fan_out is None:
+                    groups.setdefault(pair.plan.old_model, []).append(((e.name, None), e.plan))
+                    continue
+                for k, job in enumerate(stage.fan_out(e.plan)):
+                    if stage.batch_key and stage.batch_key(e.plan, job) is not None:
+                        item = (e.plan, job, resolve_input(stage.job_input(job), e.out) if stage.job_input else None)
+                        groups.setdefault(stage.batch_key(e.plan, job), []).append(((e.name, k), item))
+            batched[name] = {}
+            for group in groups.values():
+                for begin in range(0, len(group), stage.batch_max):
+                    chunk = group[begin:begin + stage.batch_max]
+                    try:
+                        handle = self.x.batch(name, stage, self.store, pair.plan, [item for _, item in chunk])
+                    except Exception as error:  # noqa: BLE001 - a submission error fails these entries only
+                        handle = _Done(error=error)
+                    batched[name].update({place: _Pick(handle, index) for index, (place, _) in enumerate(chunk)})
+        return batched
+
+    def _level(self, e: EntryRun, pair: PairRun, level: list[str],
+               batched: dict[str, dict[tuple, _Pick]] | None = None) -> list[tuple[str, Callable[[], None]]]:
+        """Submit the stages of ``level`` that run for this entry (a batched one: already submitted, ``batched``);
+        their collectors, by report step."""
         collectors = []
         for name in level:
             stage = ENTRY_GRAPH[name]
             if not stage.when(e.plan):
+                continue
+            picks = (batched or {}).get(name, {})
+            if stage.fan_out is None and (e.name, None) in picks:
+                collectors.append((stage.step, self._collector(e, name, picks[(e.name, None)])))
                 continue
             inputs = tuple(resolve_input(i, e.out, pair.out) for i in stage.inputs)
             if stage.fan_out is None:
@@ -344,15 +403,25 @@ class Runner:
                 collectors.append((stage.step, self._collector(e, name, handle)))
                 continue
             jobs = stage.fan_out(e.plan)
-            handles = [self.x.stage(name, stage, self.store, pair.plan, e.plan, job,
-                                    inputs + ((resolve_input(stage.job_input(job), e.out),) if stage.job_input else ()))
-                       for job in jobs]
+            handles = [picks.get((e.name, k)) or self.x.stage(
+                name, stage, self.store, pair.plan, e.plan, job,
+                inputs + ((resolve_input(stage.job_input(job), e.out),) if stage.job_input else ()))
+                for k, job in enumerate(jobs)]
             collectors.append((stage.step, self._fan_in(e, name, jobs, handles)))
         return collectors
 
+    def _result(self, handle: Any) -> Any:
+        """A call's result; for a place in a batched call (:class:`_Pick`), its own result or error."""
+        if not isinstance(handle, _Pick):
+            return self.x.result(handle)
+        done = InProcess.result(handle.call) if isinstance(handle.call, _Done) else self.x.result(handle.call)
+        if isinstance(done[handle.index], BaseException):
+            raise done[handle.index]
+        return done[handle.index]
+
     def _collector(self, e: EntryRun, name: str, handle: Any) -> Callable[[], None]:
         def collect():
-            e.out[name] = self.x.result(handle)
+            e.out[name] = self._result(handle)
         return collect
 
     def _fan_in(self, e: EntryRun, name: str, jobs: list, handles: list) -> Callable[[], None]:
@@ -360,7 +429,7 @@ class Runner:
             results, first_error = [], None
             for job, handle in zip(jobs, handles):
                 try:
-                    results.append(self.x.result(handle))
+                    results.append(self._result(handle))
                 except Exception as error:  # noqa: BLE001 - wait for every job, report the first failure
                     first_error = first_error or JobError(job.label, error)
             if first_error:

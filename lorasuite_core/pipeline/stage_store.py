@@ -447,10 +447,13 @@ class StageStore:
         terminal.finished(stage, seconds, reused=True)
         return StageResult(stage=stage, key=key, uri=uri, reused=True, seconds=seconds, facts=facts)
 
-    def run(self, stage: str, key: str, compute: Callable[[Path], dict[str, Any]]) -> StageResult:
+    def run(self, stage: str, key: str, compute: Callable[[Path], dict[str, Any]], *,
+            prior_seconds: float = 0.0) -> StageResult:
         """Reuse the verified entry ``(stage, key)`` or compute it with ``compute(tmp_dir) -> facts``.
 
         Computing happens under :meth:`exclusive`; the entry is checked again once the lock is held.
+        ``prior_seconds``: time this entry's computation spent before the call (its share of a batched stage's
+        shared work), added to the computed entry's seconds.
         """
         uri = self.location(stage, key)
         start = time.perf_counter()
@@ -468,7 +471,7 @@ class StageStore:
                 facts = compute(Path(tmp))
                 (Path(tmp) / FACTS_FILE).write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
                 publish_dir_atomic(tmp, uri, overwrite=True)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start + prior_seconds
         log.debug("%s: computed and stored %s in %.2fs", stage, redact_uri(uri), seconds)
         terminal.finished(stage, seconds, reused=False)
         return StageResult(stage=stage, key=key, uri=uri, reused=False, seconds=seconds, facts=facts)

@@ -10,8 +10,9 @@ on any worker, and be reused when its entry already exists.  Arrays live in the 
 
 After :func:`~lorasuite_core.pipeline.plans.plan_adapter` and the pair analysis
 (:mod:`~lorasuite_core.pipeline.pair_stages`): ``transfer_layer`` (the fan-out unit), ``assemble``,
-``light_finetune``, ``vanilla_baseline``, ``fidelity``, ``quality_gate``, ``evaluate``, and
-:func:`publish` last (not stored: copy, report patched, manifest last).  Which stage reads which, when
+``light_finetune`` (on the teacher's answers, :mod:`~lorasuite_core.pipeline.teacher_stage`),
+``vanilla_baseline``, ``fidelity``, ``quality_gate``, ``evaluate`` (``evaluate_batch``: a fleet's rows of one
+base model on one load), and :func:`publish` last (not stored: copy, report patched, manifest last).  Which stage reads which, when
 each runs and the order: :mod:`lorasuite_core.pipeline.graph`, the one place they are declared;
 :mod:`lorasuite_core.pipeline.runner` walks that graph in process (:func:`migrate_in_process`) and the
 flows walk it with Prefect tasks generated from the same table (``tasks/stages.py``).
@@ -43,10 +44,10 @@ from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.stage_store import StageResult, StageStore
 
 from lorasuite_core.pipeline.routes import FIDELITY_NAME
-from lorasuite_core.pipeline.plans import AdapterPlan, EvalJob, LayerJob, PairPlan, _adapter, calibration_texts
+from lorasuite_core.pipeline.plans import AdapterPlan, EvalJob, LayerJob, PairPlan, _adapter
 from lorasuite_core.pipeline.pair_stages import _load_vocabulary, pair_analysis
 from lorasuite_core.pipeline.unit_map_store import load_layer_maps
-from lorasuite_core.training.heldout import HELDOUT, TEACHER_TARGETS, read_heldout, write_heldout
+from lorasuite_core.training.heldout import HELDOUT, read_heldout, write_heldout
 
 log = logging.getLogger(__name__)
 
@@ -121,16 +122,18 @@ def _restore_base_reference(adapter_dir: Path, base_model: str) -> None:
     (adapter_dir / "README.md").unlink(missing_ok=True)
 
 
-def light_finetune(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated_uri: str) -> StageResult:
+def light_finetune(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated_uri: str,
+                   teacher_uri: str | None = None) -> StageResult:
     """LFT of the migrated adapter on the new model: labelled (lorasuite_core.training.train.light_finetune)
-    or distilled from the teacher, the old model + the old adapter (lorasuite_core.training.distill)."""
-    return finetune(store, plan, adapter, "lft", adapter.lft, migrated_uri)
+    or distilled from the teacher, the old model + the old adapter (lorasuite_core.training.distill), on the
+    ``teacher`` entry's prompts and completions."""
+    return finetune(store, plan, adapter, "lft", adapter.lft, migrated_uri, teacher_uri)
 
 
 def finetune(store: StageStore, plan: PairPlan, adapter: AdapterPlan, stage: str, job, start_uri: str,
-             reuse: Path | None = None) -> StageResult:
-    """LFT of the adapter entry ``start_uri`` by ``job`` into the entry ``(stage, job.key)``; ``reuse``: a distilled
-    entry whose teacher completions (same prompts) are read instead of generated again."""
+             teacher_uri: str | None = None) -> StageResult:
+    """LFT of the adapter entry ``start_uri`` by ``job`` into the entry ``(stage, job.key)``; distilled on the
+    teacher entry ``teacher_uri`` (:mod:`.teacher_stage`: prompts and the teacher's completions, not generated here)."""
     from lorasuite_core.training.config import default_lft_config
     from lorasuite_core.training.train import light_finetune as run_lft
 
@@ -138,7 +141,9 @@ def finetune(store: StageStore, plan: PairPlan, adapter: AdapterPlan, stage: str
         start = store.local_dir(start_uri)
         config = default_lft_config(lr=job.lr, epochs=job.epochs, seed=job.seed, show_progress=False)
         if adapter.options.lft_mode == "distill":
-            facts = _distill(store, plan, adapter, start, out, config, reuse)
+            if teacher_uri is None:
+                raise LorasuiteError("distillation: no teacher entry to read the teacher's completions from")
+            facts = _distill(store, plan, adapter, start, out, config, teacher_uri)
         else:
             samples = load_samples(job.data, job.samples, "train", job.seed)
             facts = _train_facts(run_lft(resolve_local_dir(plan.new_model, "model"), start, samples, out,
@@ -175,85 +180,54 @@ def _heldout_eval(options: MigrationOptions) -> tuple[list, list | None]:
 
 
 def _distill(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated: Path, out: Path, config,
-             reuse: Path | None = None) -> dict:
+             teacher_uri: str) -> dict:
+    """Distil on the teacher entry's prompts and completions (the teacher is loaded here only for the KL term)."""
+    from lorasuite_core.pipeline.teacher_stage import read_teacher
     from lorasuite_core.training import distill as D
-    from lorasuite_core.training import prompts as P
 
     o = adapter.options
-    teacher_dir = resolve_local_dir(plan.old_model, "model")
-    source_dir = resolve_local_dir(adapter.adapter, "adapter")
-    heldout, _ = _heldout_eval(o)
-    wanted = o.lft_samples + (0 if heldout else o.gate_prompts)
-    if o.lft_seed_prompts and not o.lft_prompts and not (reuse and (reuse / TEACHER_TARGETS).exists()):
-        model, tokenizer = D.load_for_generation(teacher_dir, dtype="float32")   # the writer: the teacher's base
-        seeds = _prompts(o.lft_seed_prompts, None, o.seed)
-        prompts = P.synthesise_prompts(model, tokenizer, seeds, wanted, seed=o.seed, exclude=[p.text for p in heldout])
-        del model
-        source = "synthesised"
-    elif o.lft_seed_prompts and not o.lft_prompts:      # the same synthesis, already done by ``reuse``
-        prompts, source = None, "synthesised"
-    else:
-        prompts, source = _prompts(o.lft_prompts or o.lft_data, wanted, o.seed), "file"
-    duplicates = 0
-    if o.lft_dedup and prompts is not None:
-        kept = P.deduplicate(prompts, exclude=heldout)
-        prompts, duplicates = kept, len(prompts) - len(kept)
-    targets = heldout_teacher = None
-    if reuse is not None and (reuse / TEACHER_TARGETS).exists() and (reuse / HELDOUT).exists():
-        train, targets, _ = read_heldout(reuse / TEACHER_TARGETS)
-        heldout, heldout_teacher, _ = read_heldout(reuse / HELDOUT)
-    elif prompts is None:
-        raise LorasuiteError(f"distillation: {reuse} holds no teacher completions to reuse")
-    elif heldout:
-        train = prompts[:o.lft_samples]
-    else:
-        if len(prompts) <= o.gate_prompts:
-            raise LorasuiteError(f"distillation: {len(prompts)} prompts, but {o.gate_prompts} are held out "
-                                 f"(--gate-prompts) and at least one must be left to train on")
-        train, heldout = P.split_heldout(prompts, o.gate_prompts, o.seed)
+    answers = read_teacher(store, teacher_uri)
+    if answers.train is None:
+        raise LorasuiteError(f"distillation: teacher entry {teacher_uri} holds no training prompts")
     vocabulary = _load_vocabulary(store, store.location("vocabulary", plan.stage_keys["vocabulary"]))
-    report = D.distill(teacher_dir, source_dir, resolve_local_dir(plan.new_model, "model"), migrated, out, train,
-                       heldout=heldout, config=D.DistillConfig(kl_weight=o.lft_kl_weight, train=config,
+    report = D.distill(resolve_local_dir(plan.old_model, "model"), resolve_local_dir(adapter.adapter, "adapter"),
+                       resolve_local_dir(plan.new_model, "model"), migrated, out, answers.train,
+                       heldout=answers.heldout, config=D.DistillConfig(kl_weight=o.lft_kl_weight, train=config,
                                                                patience=o.lft_patience),
-                       shared_ids=(vocabulary.old_ids.tolist(), vocabulary.new_ids.tolist()), prompt_source=source,
-                       targets=targets, heldout_teacher=heldout_teacher)
-    write_heldout(out / HELDOUT, heldout, report.heldout_teacher, report.heldout_student)
-    write_heldout(out / TEACHER_TARGETS, train, report.targets)
-    return {"lft_mode": "distill", **report.to_dict(), "reused_teacher_completions": targets is not None,
-            **({"duplicate_prompts_dropped": duplicates} if o.lft_dedup else {})}
+                       shared_ids=(vocabulary.old_ids.tolist(), vocabulary.new_ids.tolist()),
+                       prompt_source=answers.facts["prompt_source"], targets=answers.targets,
+                       heldout_teacher=answers.heldout_teacher)
+    write_heldout(out / HELDOUT, answers.heldout, report.heldout_teacher, report.heldout_student)
+    dropped = answers.facts.get("duplicate_prompts_dropped")
+    return {"lft_mode": "distill", **report.to_dict(), "reused_teacher_completions": True,
+            **({"duplicate_prompts_dropped": dropped} if dropped is not None else {})}
 
 
 def quality_gate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, final_uri: str,
-                 fidelity_uri: str | None = None) -> StageResult:
+                 teacher_uri: str | None = None) -> StageResult:
     """Agreement with the teacher on held-out prompts, against the bare new model's; a failure raises
     :class:`~lorasuite_core.training.gate.QualityGateFailed` with the numbers (also when reused).  The teacher's
-    completions are generated once per adapter: distillation's (with the student's), else the ``fidelity``
-    entry's when it answered the same prompts, else here."""
-    from lorasuite_core.training import distill as D
+    completions are the ``teacher`` entry's (the ones fidelity and distillation read); a distilled adapter's
+    student completions on them are distillation's."""
+    from lorasuite_core.pipeline.teacher_stage import read_teacher
     from lorasuite_core.training.gate import GateResult, check_gate, quality_gate as run_gate
 
     o = adapter.options
 
     def compute(out: Path) -> dict:
-        final = store.local_dir(final_uri)
-        prompts, answers = _heldout_eval(o)
-        teacher_completions = student_completions = None
-        if (final / HELDOUT).exists():   # a distilled adapter: its held-out prompts, already generated on
-            stored_prompts, teacher_completions, student_completions = read_heldout(final / HELDOUT)
-            if prompts and stored_prompts != prompts:   # (the eval data's, when given: the same prompts)
-                raise LorasuiteError(f"distillation's held-out prompts in {final} are not the evaluation data's "
-                                     f"first {o.gate_prompts}")
-            prompts = stored_prompts
-        if not prompts:
+        if teacher_uri is None:
             raise LorasuiteError("quality gate: no held-out prompts (no evaluation data and no distillation)")
-        if teacher_completions is None and fidelity_uri is not None:
-            kept_prompts, kept, _ = read_heldout(store.local_dir(fidelity_uri) / HELDOUT)
-            teacher_completions = kept if kept_prompts == prompts else None
-        if teacher_completions is None:
-            teacher, tokenizer = D.load_for_generation(resolve_local_dir(plan.old_model, "model"),
-                                                       resolve_local_dir(adapter.adapter, "adapter"))
-            teacher_completions = D.greedy_completions(teacher, tokenizer, prompts)
-            del teacher
+        final = store.local_dir(final_uri)
+        eval_prompts, answers = _heldout_eval(o)
+        kept = read_teacher(store, teacher_uri)
+        prompts, teacher_completions, student_completions = kept.heldout, kept.heldout_teacher, None
+        if eval_prompts and prompts != eval_prompts:
+            raise LorasuiteError(f"the teacher's held-out prompts in {teacher_uri} are not the evaluation data's "
+                                 f"first {o.gate_prompts}")
+        if (final / HELDOUT).exists():   # a distilled adapter: the student already answered the same prompts
+            stored_prompts, _, student_completions = read_heldout(final / HELDOUT)
+            if stored_prompts != prompts:
+                raise LorasuiteError(f"distillation's held-out prompts in {final} are not the teacher entry's")
         result = run_gate(resolve_local_dir(plan.new_model, "model"), final, prompts, teacher_completions,
                           answers=answers, margin=o.gate_margin, student_completions=student_completions)
         return {**result.to_dict(), "reused_completions": student_completions is not None}
@@ -263,52 +237,30 @@ def quality_gate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, final_
     return stored
 
 
-def _fidelity_prompts(plan: PairPlan, adapter: AdapterPlan, distilled: Path | None) -> tuple[list, list | None]:
-    """Held-out prompts and, where distillation generated them, the teacher's completions (else None)."""
-    from lorasuite_core.training import prompts as P
-
-    o = adapter.options
-    if distilled is not None:
-        prompts, teacher, _ = read_heldout(distilled / HELDOUT)
-        return prompts, teacher
-    prompts, _ = _heldout_eval(o)
-    if not prompts:
-        texts = calibration_texts(plan.calibration_data, plan.max_calibration_tokens)[:o.gate_prompts]
-        prompts = [P.Prompt(text[:FIDELITY_PROMPT_CHARS]) for text in texts]
-    return prompts, None
-
-
-#: Characters of a calibration text kept as a fidelity prompt (the teacher then continues it).
-FIDELITY_PROMPT_CHARS = 400
-
-
 def fidelity(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated_uri: str | None,
-             lft_uri: str | None = None, copy_uri: str | None = None, fresh_lft_uri: str | None = None) -> StageResult:
+             lft_uri: str | None = None, copy_uri: str | None = None, fresh_lft_uri: str | None = None,
+             teacher_uri: str | None = None) -> StageResult:
     """Fidelity (:mod:`lorasuite_core.training.fidelity`) of every candidate adapter that ran (the migrated one,
-    "transfer"; its LFT, "lft"; "copy"; "fresh-distill") on held-out prompts: distillation's, with the teacher's
-    completions it already generated; else the evaluation data's first ``gate_prompts``; else the first
-    ``gate_prompts`` calibration texts (cut to :data:`FIDELITY_PROMPT_CHARS`), which the teacher answers here.
-    The prompts and the teacher's completions are kept in the entry (``heldout_prompts.json``) for the route."""
-    from lorasuite_core.training import distill as D
+    "transfer"; its LFT, "lft"; "copy"; "fresh-distill") on the ``teacher`` entry's held-out prompts and completions
+    (:mod:`.teacher_stage`: distillation's, else the evaluation data's first ``gate_prompts``, else calibration
+    texts).  The prompts and the teacher's completions are kept in the entry (``heldout_prompts.json``) for the
+    route."""
+    from lorasuite_core.pipeline.teacher_stage import read_teacher
     from lorasuite_core.training.fidelity import measure_fidelity
 
     def compute(out: Path) -> dict:
+        if teacher_uri is None:
+            raise LorasuiteError("fidelity: no teacher entry to read the teacher's answers from")
         dirs = {name: store.local_dir(uri) for name, uri in (("transfer", migrated_uri), ("lft", lft_uri),
                                                               ("copy", copy_uri), ("fresh-distill", fresh_lft_uri))
                 if uri}
-        distilled = next((d for d in dirs.values() if (d / HELDOUT).exists()), None)
-        prompts, teacher = _fidelity_prompts(plan, adapter, distilled)
+        kept = read_teacher(store, teacher_uri)
+        prompts, teacher = kept.heldout, kept.heldout_teacher
         old_dir, source_dir = resolve_local_dir(plan.old_model, "model"), resolve_local_dir(adapter.adapter, "adapter")
-        if teacher is None:
-            model, tokenizer = D.load_for_generation(old_dir, source_dir)     # as the gate generates (reused there)
-            teacher = D.greedy_completions(model, tokenizer, prompts)
-            del model
         write_heldout(out / HELDOUT, prompts, teacher)
         result = measure_fidelity(old_dir, source_dir, resolve_local_dir(plan.new_model, "model"), dirs,
                                   prompts, [c.text for c in teacher])
-        reused = distilled is not None
-        source = "distillation" if reused else "evaluation data" if adapter.options.eval_data else "calibration texts"
-        return {**result.to_dict(), "prompts": source, "reused_completions": reused}
+        return {**result.to_dict(), "prompts": kept.facts["prompts"], "reused_completions": True}
 
     return store.run("fidelity", adapter.fidelity_key, compute)
 
@@ -354,6 +306,48 @@ def evaluate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, job: EvalJ
         return {"row": job.row, **result.to_dict()}
 
     return store.run("eval", job.key, compute)
+
+
+#: Evaluation rows on one model load (memory: the base, the rows' adapters, one 64-row batch's KV cache).
+EVAL_BATCH_MAX = 8
+
+
+def evaluate_batch(store: StageStore, plan: PairPlan, items: list[tuple[AdapterPlan, EvalJob, str | None]]) -> list:
+    """:func:`evaluate` of rows of one base model and evaluation samples (the graph's ``batch_key``), the missing
+    entries on one model load (:func:`~lorasuite_core.training.evaluation.evaluate_adapters`: each row's result is
+    its own :func:`evaluate`'s); a row shared by entries (the bare model) is computed once.  Per item its entry, or
+    its error where its adapter could not be found."""
+    from lorasuite_core.training.evaluation import evaluate_adapters
+
+    results: list = [None] * len(items)
+    todo: dict[str, Path | None] = {}
+    for k, (adapter, job, uri) in enumerate(items):
+        if job.key in todo or store.problem(store.location("eval", job.key)) is None:
+            continue
+        try:
+            todo[job.key] = (resolve_local_dir(adapter.adapter, "adapter") if job.adapter == "source"
+                             else store.local_dir(uri) if uri else None)
+        except Exception as error:  # noqa: BLE001 - this row fails, the others go on
+            results[k] = error
+    share, scored = 0.0, {}
+    if todo:
+        adapter, job, _ = items[0]
+        o = adapter.options
+        start = time.perf_counter()
+        scored = evaluate_adapters(resolve_local_dir(plan.old_model if job.model == "old" else plan.new_model, "model"),
+                                   load_samples(o.eval_data, o.eval_samples, "test", o.seed), todo)
+        share = (time.perf_counter() - start) / len(todo)
+    for k, (_, job, _) in enumerate(items):
+        if results[k] is None:
+            facts = {"row": job.row, **scored[job.key].to_dict()} if job.key in scored else {}
+            results[k] = store.run("eval", job.key, lambda out, facts=facts: facts or _no_row(out),
+                                   prior_seconds=share if job.key in scored else 0.0)
+            scored.pop(job.key, None)             # a second item of the same row reuses the first's entry
+    return results
+
+
+def _no_row(out: Path) -> dict:
+    raise LorasuiteError(f"evaluation entry vanished from the store while in use ({out})")
 
 
 # --------------------------------------------------------------------------- publish

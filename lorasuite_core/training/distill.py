@@ -154,19 +154,30 @@ def greedy_completions(model, tokenizer, prompts: Sequence[Prompt], *, max_new_t
 
 def teacher_completions(old_model_dir: str | Path, prompts_by_adapter: dict[str, tuple[str | Path, Sequence[Prompt]]],
                         *, max_new_tokens: int | None = None, batch_size: int = 16, dtype: str = "auto",
-                        device: str = "auto") -> dict[str, list[Completion]]:
+                        device: str = "auto", mixed: bool = True) -> dict[str, list[Completion]]:
     """Every teacher's greedy completions at once: name -> (adapter directory, prompts) of adapters of one old
     model; one base model holds all adapters and their prompts share batches (PEFT mixed-adapter batches).
-    Equal to :func:`greedy_completions` with each adapter loaded alone."""
+    Equal to :func:`greedy_completions` with each adapter loaded alone (one adapter: that plain path, no
+    per-row adapter names) where a greedy row does not depend on the rows beside it (float32 on a CPU,
+    ``tests/test_mixed_teachers.py``); bf16 kernels round differently for other batch shapes, so ``mixed=False``
+    keeps the one base load but generates each adapter's prompts in a pass of its own (``set_adapter``): the
+    batches each adapter gets alone, bit for bit, without sharing decode steps."""
     from lorasuite_core.training.evaluation import load_adapters_for_generation
 
     model, tokenizer = load_adapters_for_generation(
         old_model_dir, {name: adapter for name, (adapter, _) in prompts_by_adapter.items()}, dtype=dtype, device=device)
+    gen = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    if not mixed or len(prompts_by_adapter) == 1:
+        result = {}
+        for name, (_, prompts) in prompts_by_adapter.items():
+            model.set_adapter(name)
+            result[name] = greedy_completions(model, tokenizer, prompts, **gen)
+        return result
     prompts = [p for _, ps in prompts_by_adapter.values() for p in ps]
     names = [name for name, (_, ps) in prompts_by_adapter.items() for _ in ps]
-    completions = greedy_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                     adapter_names=names)
-    result: dict[str, list[Completion]] = {name: [] for name in prompts_by_adapter}
+    completions = greedy_completions(model, tokenizer, prompts, adapter_names=names, **gen)
+    del model
+    result = {name: [] for name in prompts_by_adapter}
     for name, completion in zip(names, completions, strict=True):
         result[name].append(completion)
     return result
