@@ -77,6 +77,28 @@ def test_valid_json_manifest_loads_with_defaults(tmp_path):
     assert manifest.output_uri("b") == "/tmp/out/b"
 
 
+def test_a_fleet_distils_on_the_defaults_prompts_and_names_the_entry_of_a_contradiction():
+    base = {"old_model": "/m/old", "new_model": "/m/new", "output_root": "/tmp/out",
+            "adapters": [{"name": "a", "adapter": "/a"}, {"name": "b", "adapter": "/b", "lft_data": "builtin:train"}]}
+    for defaults in ({"route": "distill", "lft_prompts": "task:arithmetic:train:40"},
+                     {"lft_mode": "distill", "lft_prompts": "task:arithmetic:train:40"},
+                     {"route": "auto", "lft_mode": "distill", "lft_seed_prompts": "/seeds.txt"}):
+        fleet = FleetManifest.model_validate({**base, "defaults": defaults})
+        a, b = (fleet.effective_options(e) for e in fleet.adapters)
+        assert a.runs_lft and a.lft_mode == "distill" and a.lft_data is None       # the defaults' prompts suffice
+        assert b.runs_lft and b.lft_data == "builtin:train"
+    labelled = FleetManifest.model_validate({**base, "defaults": {"lft": True}})
+    assert labelled.effective_options(labelled.adapters[0]).runs_lft is False       # no data: transfer only
+    distil = FleetManifest.model_validate({**base, "defaults": {"route": "distill"}})
+    assert distil.effective_options(distil.adapters[0]).route == "distill"          # no prompts: the route's check says so
+    contradiction = FleetManifest.model_validate(
+        {**base, "defaults": {"route": "distill", "lft_prompts": "p.txt"},
+         "adapters": [{"name": "a", "adapter": "/a", "overrides": {"lft_mode": "labelled"}}]})
+    with pytest.raises(LorasuiteError, match=r"^adapter a: invalid migration options: route distill distils from "
+                                             r"the teacher; lft_mode labelled contradicts it$"):
+        contradiction.effective_options(contradiction.adapters[0])
+
+
 def test_manifest_loads_from_s3(s3_endpoint):
     uri = s3_endpoint.unique_uri("manifest") + "/fleet.yaml"
     files.write_text_atomic(uri, VALID_YAML)

@@ -54,7 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from lorasuite_core.errors import LorasuiteError
-from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions, OptionOverrides
+from lorasuite_core.pipeline.options import DISTILL_ROUTES, AnalysisOptions, MigrationOptions, OptionOverrides, validate
 
 try:  # PyYAML comes with Prefect; JSON-only without it.
     import yaml as _yaml
@@ -118,14 +118,18 @@ class AdapterEntry(_Strict):
     def effective_options(self, defaults: MigrationOptions | None = None) -> MigrationOptions:
         """``defaults`` updated with the explicitly set ``overrides`` and this entry's data references.
 
-        An entry without LFT data is transferred only (``lft`` false), whatever the defaults say.
+        An entry without LFT data (labelled data; for distillation, its prompts, seed prompts or data) is
+        transferred only (``lft`` false), whatever the defaults say, unless its route distils (then the missing
+        prompts are the route's error).  A contradiction is one :class:`~lorasuite_core.errors.LorasuiteError` line
+        naming the entry.
         """
         values = (defaults or MigrationOptions()).model_dump(exclude_unset=True)
         values.update(self.overrides.model_dump(exclude_unset=True, exclude_none=True))
         values.update({k: v for k, v in (("lft_data", self.lft_data), ("eval_data", self.eval_data)) if v})
-        if not values.get("lft_data"):
-            values["lft"] = False
-        return MigrationOptions.model_validate(values)
+        options = validate(MigrationOptions, values, where=f"adapter {self.name}: ")
+        if not options.has_lft_data and options.route not in DISTILL_ROUTES:
+            options = validate(MigrationOptions, {**values, "lft": False}, where=f"adapter {self.name}: ")
+        return options
 
 
 class FleetManifest(_Strict):
