@@ -139,21 +139,32 @@ def skill_lines(stages: dict, skill: str, recipe: dict) -> list[str]:
     return lines + [""]
 
 
+#: The routes a user chooses between on the new model (the headline's columns).
+ROUTES = ("distill", "fresh_distill", "lft", "vanilla", "auto")
+SHORT = {"distill": "transfer + distill-100", "fresh_distill": "fresh-distill-100", "lft": "transfer + LFT-100",
+         "vanilla": "vanilla LoRA-100", "auto": "auto"}
+
+
 def headline(stages: dict, skills: list[str]) -> list[str]:
-    """Per skill: the best new-model route (mean accuracy) and its margin over the runner-up, with the interval."""
-    lines = ["| skill | best route on the new model | mean | runner-up | difference [bootstrap 95%] |",
-             "|---|---|---|---|---|"]
+    """Per skill: the teacher, each route's mean accuracy (its seeds), and the best route against the runner-up --
+    the difference with its bootstrap interval over seeds x problems; "tie" where that interval covers 0."""
+    lines = ["| skill | teacher (old adapter) | " + " | ".join(SHORT[r] for r in ROUTES) + " | best − runner-up [95%] |",
+             "|---|---|" + "---|" * len(ROUTES) + "---|"]
     for skill in skills:
-        routes = [(r, row_summary(stages, skill, r)) for r in ("transfer", "distill", "fresh_distill", "lft", "vanilla",
-                                                               "full")]
-        routes = sorted([(r, s) for r, s in routes if s], key=lambda x: -x[1]["mean"])
-        if len(routes) < 2:
+        teacher = row_summary(stages, skill, "old_adapter")
+        summaries = {r: row_summary(stages, skill, r) for r in ROUTES}
+        ranked = sorted([(r, s) for r, s in summaries.items() if s], key=lambda x: -x[1]["mean"])
+        if len(ranked) < 2 or teacher is None:
             continue
-        (best, sb), (second, ss) = routes[0], routes[1]
+        cells = [f"{s['mean']:.3f} ({len(s['seeds'])})" if s else "–" for s in summaries.values()]
+        (best, sb), (second, ss) = ranked[0], ranked[1]
         low, high = bootstrap(masks(stages, skill, best), masks(stages, skill, second))
-        lines.append(f"| {skill} | {LABELS[best]} | {sb['mean']:.3f} | {LABELS[second]} ({ss['mean']:.3f}) | "
-                     f"{sb['mean'] - ss['mean']:+.3f} [{low:+.3f}, {high:+.3f}] |")
-    return lines
+        verdict = (f"{SHORT[best]} wins: {sb['mean'] - ss['mean']:+.3f} [{low:+.3f}, {high:+.3f}] over {SHORT[second]}"
+                   if low > 0 else f"tie: {SHORT[best]} − {SHORT[second]} {sb['mean'] - ss['mean']:+.3f} "
+                                   f"[{low:+.3f}, {high:+.3f}]")
+        lines.append(f"| {skill} | {teacher['mean']:.3f} | " + " | ".join(cells) + f" | {verdict} |")
+    return lines + ["", "Mean accuracy on the test problems, (n) training seeds; the interval resamples seeds and "
+                    "problems (paired by problem)."]
 
 
 def write_markdown(pair: str) -> str:
