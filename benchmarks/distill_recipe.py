@@ -165,23 +165,26 @@ def write_markdown(path: Path, baseline: Path | None, merge: list[str] = ()) -> 
         recipe, vanilla = masks(stages, skill, "recipe"), masks(stages, skill, "vanilla")
         lines.append("")
         for other in ("distill", "fresh_distill", "vanilla"):
-            mo = masks(stages, skill, other)
-            if recipe and mo:
-                d = statistics.mean(float(v.mean()) for v in recipe.values()) - \
+            common = sorted(set(recipe) & set(masks(stages, skill, other)))   # paired by seed and problem
+            mr = {s: recipe[s] for s in common}
+            mo = {s: masks(stages, skill, other)[s] for s in common}
+            if common:
+                d = statistics.mean(float(v.mean()) for v in mr.values()) - \
                     statistics.mean(float(v.mean()) for v in mo.values())
-                low, high = bootstrap(recipe, mo)
-                pooled = pooled_newcombe(recipe, mo)
+                low, high = bootstrap(mr, mo)
+                pooled = pooled_newcombe(mr, mo)
                 extra = f"; pooled paired Newcombe [{pooled[1]:+.3f}, {pooled[2]:+.3f}]" if pooled else ""
-                lines.append(f"- recipe − {other} ({sorted(recipe)} vs {sorted(mo)} seeds): {d:+.3f}, bootstrap "
+                lines.append(f"- recipe − {other} (seeds {common}, paired): {d:+.3f}, bootstrap "
                              f"[{low:+.3f}, {high:+.3f}]{extra}")
         if recipe and vanilla:
             r = statistics.mean(float(v.mean()) for v in recipe.values())
             v = statistics.mean(float(v.mean()) for v in vanilla.values())
             fresh = masks(stages, skill, "fresh_distill")
-            above = bootstrap(recipe, fresh)[0] > 0 if fresh else None
-            lines += ["", f"Targets: recipe / vanilla LoRA-100 = {r / v:.2f} (target ≥ 0.80: "
+            both = sorted(set(recipe) & set(fresh))
+            above = bootstrap({s: recipe[s] for s in both}, {s: fresh[s] for s in both})[0] > 0 if both else None
+            lines += ["", f"Targets: recipe / vanilla LoRA-100 = {r / v:.2f} (means over their seeds; target ≥ 0.80: "
                           f"{'met' if r >= 0.8 * v else 'missed'}); above fresh distillation outside the noise: "
-                          f"{'met' if above else 'missed' if above is not None else '–'}."]
+                          f"{'met' if above else 'missed' if above is not None else '–'} (the paired bootstrap's lower end above 0)."]
         lines += ["", *_epochs(stages, skill)]
     missing = [f"{s}/s{seed}" for s in data["skills"] for seed in SEEDS if f"{s}/eval/recipe/s{seed}" not in stages]
     if missing:
