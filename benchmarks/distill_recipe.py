@@ -92,9 +92,11 @@ class Run:
                                "held_out": HELD, "test_seed": TEST_SEED})
         if "machine" not in json.loads(self.path.read_text()):
             merge_json(self.path, {"machine": run_child(machine, self.args.threads)})
-        for seed in SEEDS:
-            for skill in self.args.skills:
-                self.recipe(skill, seed)
+        rows = [(skill, seed) for seed in SEEDS for skill in self.args.skills]
+        if self.args.rows:         # a second process on a share of the rows, into its own --results
+            rows = [(row.rsplit(":", 1)[0], int(row.rsplit(":", 1)[1])) for row in self.args.rows]
+        for skill, seed in rows:
+            self.recipe(skill, seed)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -119,10 +121,13 @@ def _epochs(stages: dict, skill: str) -> list[str]:
             "epochs run | agreement published |", "|---|---|---|---|---|---|---|---|", *lines, ""]
 
 
-def write_markdown(path: Path, baseline: Path | None) -> str:
+def write_markdown(path: Path, baseline: Path | None, merge: list[str] = ()) -> str:
     from skill_fleet_report import LABELS, bootstrap, masks, pooled_newcombe, row_summary
 
     data = json.loads(path.read_text())
+    for part in merge:             # the stages a second process recorded into its own file
+        data = merge_json(path, {"stages": {**json.loads(Path(part).read_text()).get("stages", {}),
+                                            **data.get("stages", {})}})
     if baseline is not None:       # keep a copy of the fleet's stages this report reads
         fleet = json.loads(baseline.read_text())["stages"]
         kept = {k: v for k, v in fleet.items() if k.split("/")[0] in data["skills"]
@@ -160,23 +165,26 @@ def write_markdown(path: Path, baseline: Path | None) -> str:
         recipe, vanilla = masks(stages, skill, "recipe"), masks(stages, skill, "vanilla")
         lines.append("")
         for other in ("distill", "fresh_distill", "vanilla"):
-            mo = masks(stages, skill, other)
-            if recipe and mo:
-                d = statistics.mean(float(v.mean()) for v in recipe.values()) - \
+            common = sorted(set(recipe) & set(masks(stages, skill, other)))   # paired by seed and problem
+            mr = {s: recipe[s] for s in common}
+            mo = {s: masks(stages, skill, other)[s] for s in common}
+            if common:
+                d = statistics.mean(float(v.mean()) for v in mr.values()) - \
                     statistics.mean(float(v.mean()) for v in mo.values())
-                low, high = bootstrap(recipe, mo)
-                pooled = pooled_newcombe(recipe, mo)
+                low, high = bootstrap(mr, mo)
+                pooled = pooled_newcombe(mr, mo)
                 extra = f"; pooled paired Newcombe [{pooled[1]:+.3f}, {pooled[2]:+.3f}]" if pooled else ""
-                lines.append(f"- recipe − {other} ({sorted(recipe)} vs {sorted(mo)} seeds): {d:+.3f}, bootstrap "
+                lines.append(f"- recipe − {other} (seeds {common}, paired): {d:+.3f}, bootstrap "
                              f"[{low:+.3f}, {high:+.3f}]{extra}")
         if recipe and vanilla:
             r = statistics.mean(float(v.mean()) for v in recipe.values())
             v = statistics.mean(float(v.mean()) for v in vanilla.values())
             fresh = masks(stages, skill, "fresh_distill")
-            above = bootstrap(recipe, fresh)[0] > 0 if fresh else None
-            lines += ["", f"Targets: recipe / vanilla LoRA-100 = {r / v:.2f} (target ≥ 0.80: "
+            both = sorted(set(recipe) & set(fresh))
+            above = bootstrap({s: recipe[s] for s in both}, {s: fresh[s] for s in both})[0] > 0 if both else None
+            lines += ["", f"Targets: recipe / vanilla LoRA-100 = {r / v:.2f} (means over their seeds; target ≥ 0.80: "
                           f"{'met' if r >= 0.8 * v else 'missed'}); above fresh distillation outside the noise: "
-                          f"{'met' if above else 'missed' if above is not None else '–'}."]
+                          f"{'met' if above else 'missed' if above is not None else '–'} (the paired bootstrap's lower end above 0)."]
         lines += ["", *_epochs(stages, skill)]
     missing = [f"{s}/s{seed}" for s in data["skills"] for seed in SEEDS if f"{s}/eval/recipe/s{seed}" not in stages]
     if missing:
@@ -194,13 +202,17 @@ def main() -> None:
                                                                             "old adapters; read only)")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--markdown", action="store_true", help="render benchmarks/DISTILL_RECIPE.md and stop")
+    parser.add_argument("--rows", nargs="+", help="SKILL:SEED rows to run, in this order (default: every skill "
+                                                   "at seed 0, then 1, then 2)")
+    parser.add_argument("--merge", nargs="+", default=[], help="--markdown: first merge the stages of these "
+                                                               "results files (another process's --results)")
     parser.add_argument("--baseline", help="the skill fleet's results JSON (default: the copy already in --results)")
     args = parser.parse_args()
     args.threads = int(os.environ.get("LORASUITE_BENCH_THREADS", os.cpu_count() or 1))
     args.command = (f"LORASUITE_BENCH_THREADS={args.threads} nice -n 19 .venv/bin/python benchmarks/distill_recipe.py "
                     + shlex.join(sys.argv[1:]))
     if args.markdown:
-        print(write_markdown(Path(args.results), Path(args.baseline) if args.baseline else None))
+        print(write_markdown(Path(args.results), Path(args.baseline) if args.baseline else None, args.merge))
         return
     Run(args).run()
 
