@@ -17,7 +17,7 @@ Rows per skill (test: ``task:NAME:test:T`` at seed 0 for every row; LoRA rank 16
   fresh_distill   a fresh LoRA (PEFT init: A random, B = 0; the source adapter's rank, alpha and targets) on the
                   new model + the same distillation (same prompts and held-out split, teacher, KL weight, learning
                   rate, epochs and seed): the library calls of the pipeline's distill stage
-                  (``stages._prompts``, ``prompts.split_heldout``, ``distill.distill``) with the fresh adapter
+                  (``prompts.load_prompts``, ``prompts.split_heldout``, ``distill.distill``) with the fresh adapter
   lft             transfer + labelled LFT on ``task:NAME:train:100`` (the stage graph)
   auto            ``--route auto`` with the distill row's options (seed 0; fidelity on, as auto needs): the stage
                   graph tries transfer, distill and fresh-distill, scores each on the held-out prompts' teacher
@@ -120,7 +120,6 @@ def stage_fresh_distill(old_dir: str, source_dir: str, new_dir: str, out_dir: st
     import tempfile
 
     from lorasuite_core.pipeline.options import MigrationOptions
-    from lorasuite_core.pipeline.stages import _prompts
     from lorasuite_core.training import distill as D
     from lorasuite_core.training import prompts as P
     from lorasuite_core.training.config import default_lft_config
@@ -129,7 +128,7 @@ def stage_fresh_distill(old_dir: str, source_dir: str, new_dir: str, out_dir: st
 
     start = time.perf_counter()
     o = MigrationOptions(**migration)
-    prompts = _prompts(o.lft_prompts, o.lft_samples + o.gate_prompts, o.seed)
+    prompts = P.load_prompts(o.lft_prompts, o.lft_samples + o.gate_prompts, o.seed)
     train, heldout = P.split_heldout(prompts, o.gate_prompts, o.seed)
     source = _json.loads((Path(source_dir) / "adapter_config.json").read_text())
     shared = shared_vocabulary(load_tokenizer(old_dir), load_tokenizer(new_dir))

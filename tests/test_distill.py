@@ -421,10 +421,10 @@ def test_synthesis_budget_grows_with_the_number_asked(monkeypatch):
 
 
 def test_prompts_carry_their_task(tmp_path):
-    from lorasuite_core.pipeline.stages import _prompts
+    from lorasuite_core.training.prompts import load_prompts
 
-    assert {p.task for p in _prompts("task:family_relationships:train:3", None, 0)} == {"family_relationships"}
-    assert {p.task for p in _prompts("builtin:train", 3, 0)} == {None}          # builtin: the final-number rules
+    assert {p.task for p in load_prompts("task:family_relationships:train:3", None, 0)} == {"family_relationships"}
+    assert {p.task for p in load_prompts("builtin:train", 3, 0)} == {None}          # builtin: the final-number rules
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "Who is Ann to Bob?", "task": "family_relationships"}\n{"prompt": "2+2?"}\n')
     assert [p.task for p in P.read_prompts(str(path))] == ["family_relationships", None]

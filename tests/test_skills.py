@@ -186,10 +186,11 @@ def test_task_specs_through_the_migrate_options():
                                                   "task:letter_counting:train:4"))
     options = from_arguments(args, MigrationOptions).check_single()
     from lorasuite_core.pipeline import stages
+    from lorasuite_core.training.prompts import load_prompts
 
     lft = stages.load_samples(options.lft_data, options.lft_samples, "train", options.seed)
     evaluation = stages.load_samples(options.eval_data, options.eval_samples, "test", options.seed)
-    prompts = stages._prompts(options.lft_prompts, None, options.seed)
+    prompts = load_prompts(options.lft_prompts, None, options.seed)
     assert [s.task for s in lft] == ["knowledge"] * 5 and not any(s.meta["held"] for s in lft)
     assert [s.task for s in evaluation] == ["bfcl"] * 3 and len(prompts) == 4
     from lorasuite_core.pipeline.stage_store import data_identity

@@ -156,18 +156,6 @@ def finetune(store: StageStore, plan: PairPlan, adapter: AdapterPlan, stage: str
     return store.run(stage, job.key, compute)
 
 
-def _prompts(ref: str, limit: int | None, seed: int) -> list:
-    """Unlabelled prompts: a prompt file (.txt / .jsonl / .json, math_10k records included), builtin:<split> or a
-    task: spec."""
-    from lorasuite_core.training import prompts as P
-    from lorasuite_core.training.samples import BUILTIN
-    from lorasuite_core.training.skills import TASK
-
-    if ref.startswith((BUILTIN, TASK)):
-        return P.prompts_from_samples(load_samples(ref, limit, "train", seed))
-    return P.read_prompts(ref, limit)
-
-
 def _heldout_eval(options: MigrationOptions) -> tuple[list, list | None]:
     """The evaluation data's first ``gate_prompts`` prompts (with their task) and gold samples (empty without eval
     data)."""

@@ -56,7 +56,7 @@ from lorasuite_core.io import terminal
 from lorasuite_core.models.loading import resolve_local_dir
 from lorasuite_core.pipeline.plans import AdapterPlan, PairPlan, calibration_texts
 from lorasuite_core.pipeline.stage_store import StageResult, StageStore
-from lorasuite_core.pipeline.stages import _heldout_eval, _prompts
+from lorasuite_core.pipeline.stages import _heldout_eval
 from lorasuite_core.training.heldout import HELDOUT, TEACHER_TARGETS, read_heldout, write_heldout
 
 STAGE = "teacher"
@@ -102,11 +102,11 @@ def teacher_prompts(plan: PairPlan, adapter: AdapterPlan, writer: Callable[[], t
     wanted = o.lft_samples + (0 if heldout else o.gate_prompts)
     if o.lft_seed_prompts and not o.lft_prompts:
         model, tokenizer = (writer or _writer(plan))()      # the writer: the teacher's base
-        seeds = _prompts(o.lft_seed_prompts, None, o.seed)
+        seeds = P.load_prompts(o.lft_seed_prompts, None, o.seed)
         prompts = P.synthesise_prompts(model, tokenizer, seeds, wanted, seed=o.seed, exclude=[p.text for p in heldout])
         source = "synthesised"
     else:
-        prompts, source = _prompts(o.lft_prompts or o.lft_data, wanted, o.seed), "file"
+        prompts, source = P.load_prompts(o.lft_prompts or o.lft_data, wanted, o.seed), "file"
     dropped = None
     if o.lft_dedup:                 # before the held-out split: no repeats, no held-out evaluation prompt trained on
         kept = P.deduplicate(prompts, exclude=heldout)

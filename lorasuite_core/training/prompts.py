@@ -89,6 +89,18 @@ def prompts_from_samples(samples: Iterable[Sample]) -> list[Prompt]:
     return [Prompt(s.instruction, s.input, s.task) for s in samples]
 
 
+def load_prompts(ref: str, limit: int | None, seed: int) -> list[Prompt]:
+    """Unlabelled prompts from a spec: a prompt file (.txt / .jsonl / .json, math_10k records included, local or a
+    URI: :func:`read_prompts`), or ``builtin:<split>`` / ``task:NAME:SPLIT[:COUNT]`` (the samples' prompts, drawn
+    with ``seed``; their task kept)."""
+    from lorasuite_core.training.samples import BUILTIN, load_samples
+    from lorasuite_core.training.skills import TASK
+
+    if ref.startswith((BUILTIN, TASK)):
+        return prompts_from_samples(load_samples(ref, limit, split="train", seed=seed))
+    return read_prompts(ref, limit)
+
+
 def _record_task(record: dict, where: str) -> str | None:
     from lorasuite_core.training.skills import SKILLS, known_tasks
 
