@@ -304,14 +304,20 @@ class Run:
 
     def run(self) -> None:
         skills = self.args.skills
-        merge_json(self.path, {"command": self.args.command, "pair": self.args.pair,
+        before = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        commands = before.get("commands", [before["command"]] if "command" in before else [])
+        merge_json(self.path, {"command": self.args.command,
+                               "commands": list(dict.fromkeys([*commands, self.args.command])), "pair": self.args.pair,
                                "models": [self.args.old_model or PAIRS[self.args.pair][0],
-                                          self.args.new_model or PAIRS[self.args.pair][1]], "skills": {s: SKILLS[s] for s in skills},
+                                          self.args.new_model or PAIRS[self.args.pair][1]],
+                               "skills": {**before.get("skills", {}), **{s: SKILLS[s] for s in skills}},
                                "settings": {"n_100": N_100, "held_out": HELD, "validation": VALIDATION,
                                             "test_seed": TEST_SEED, "vanilla_lrs": VANILLA_LRS, "seeds": SEEDS,
                                             "rank": RANK, "alpha": ALPHA}})
-        if "machine" not in json.loads(self.path.read_text()):
+        if "machine" not in before:
             merge_json(self.path, {"machine": run_child(machine, self.args.threads)})
+        else:                    # a resumed run: this machine too (a fresh work directory retrains the old adapters)
+            merge_json(self.path, {"resumed_on": [*before.get("resumed_on", []), run_child(machine, self.args.threads)]})
         for skill in skills:
             self.train_cli(skill, "old_adapter", self.old)
             self.evaluate(skill, "old_adapter", self.old, self.adapter(skill, "old_adapter"))
