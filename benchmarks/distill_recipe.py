@@ -18,6 +18,12 @@ is kept in this run's JSON under ``baseline``, so the Markdown renders from comm
 only, transfer + distill-100 (100 prompts, 1 epoch: today's defaults), fresh LoRA + distill-100, vanilla LoRA-100.
 Statistics as the fleet's (``skill_fleet_report``): a bootstrap over seeds x problems, paired by problem.
 
+Row ``recipe_sc`` (``--variant recipe_sc``; seeds 0, 1, 2): the recipe with the teacher's self-consistency filter,
+``lft_consistency`` K = 4 (``lorasuite_core/training/consistency.py``): the teacher also samples 4 answers per training
+prompt at temperature 0.7 and a prompt trains only where at least 2 of them give its greedy answer.  Same seeds, so
+the same 216 prompts are drawn and held out as in ``recipe``: the paired difference ``recipe_sc - recipe`` is the
+filter's effect.
+
 Targets (issue 22): data-free >= 80% of vanilla LoRA-100 on every skill; above fresh distillation outside the noise
 (the bootstrap interval of recipe - fresh_distill above 0).
 
@@ -49,11 +55,13 @@ from skill_fleet import HELD, PAIRS, SEEDS, SKILLS, TEST_SEED, machine, stage_ev
 RESULTS = ROOT / "benchmarks" / "results" / "distill_recipe_cross.json"
 FLEET_WORKDIR = Path("/work/wt/skills/runs/skill-fleet/cross")
 RECIPE = {"n": 200, "epochs": 3, "patience": 1, "dedup": True}
+#: row -> options on top of the recipe's
+VARIANTS = {"recipe": {}, "recipe_sc": {"lft_consistency": 4}}
 BASELINE_ROWS = ("old_adapter", "bare_new", "transfer", "distill", "fresh_distill", "vanilla")
 
 
-def recipe_options(skill: str, seed: int) -> dict:
-    return {"lft_mode": "distill", "lft_prompts": f"task:{skill}:train:{RECIPE['n'] + HELD}",
+def recipe_options(skill: str, seed: int, variant: str = "recipe") -> dict:
+    return {**VARIANTS[variant], "lft_mode": "distill", "lft_prompts": f"task:{skill}:train:{RECIPE['n'] + HELD}",
             "lft_samples": RECIPE["n"], "gate_prompts": HELD, "seed": seed, "fidelity": False,
             "lft_epochs": RECIPE["epochs"], "lft_patience": RECIPE["patience"], "lft_dedup": RECIPE["dedup"]}
 
@@ -78,17 +86,21 @@ class Run:
                                                                                   "cpu_seconds")}), flush=True)
         return result
 
-    def recipe(self, skill: str, seed: int) -> None:
-        out = str(Path(self.args.workdir) / "adapters" / skill / f"recipe-s{seed}")
+    def recipe(self, skill: str, seed: int, row: str) -> None:
+        out = str(Path(self.args.workdir) / "adapters" / skill / f"{row}-s{seed}")
         old_adapter = str(Path(self.args.fleet_workdir) / "adapters" / skill / "old_adapter-s0")
-        self.record(f"{skill}/train/recipe/s{seed}", stage_graph_migrate, self.old, self.new, old_adapter, out,
-                    self.store, recipe_options(skill, seed), {})
-        self.record(f"{skill}/eval/recipe/s{seed}", stage_eval, self.new, out, f"task:{skill}:test:{SKILLS[skill]['test']}",
+        self.record(f"{skill}/train/{row}/s{seed}", stage_graph_migrate, self.old, self.new, old_adapter, out,
+                    self.store, recipe_options(skill, seed, row), {})
+        self.record(f"{skill}/eval/{row}/s{seed}", stage_eval, self.new, out, f"task:{skill}:test:{SKILLS[skill]['test']}",
                     TEST_SEED)
 
     def run(self) -> None:
+        before = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        commands = before.get("commands", [before["command"]] if "command" in before else [])
         merge_json(self.path, {"command": self.args.command, "pair": "cross", "models": list(PAIRS["cross"]),
-                               "skills": {s: SKILLS[s] for s in self.args.skills}, "recipe": RECIPE,
+                               "commands": list(dict.fromkeys([*commands, self.args.command])),
+                               "skills": {**before.get("skills", {}), **{s: SKILLS[s] for s in self.args.skills}},
+                               "recipe": RECIPE, "variants": VARIANTS,
                                "held_out": HELD, "test_seed": TEST_SEED})
         if "machine" not in json.loads(self.path.read_text()):
             merge_json(self.path, {"machine": run_child(machine, self.args.threads)})
@@ -96,15 +108,15 @@ class Run:
         if self.args.rows:         # a second process on a share of the rows, into its own --results
             rows = [(row.rsplit(":", 1)[0], int(row.rsplit(":", 1)[1])) for row in self.args.rows]
         for skill, seed in rows:
-            self.recipe(skill, seed)
+            self.recipe(skill, seed, self.args.variant)
 
 
 # ----------------------------------------------------------------------------- the report
 
-def _epochs(stages: dict, skill: str) -> list[str]:
+def _epochs(stages: dict, skill: str, row: str = "recipe") -> list[str]:
     lines = []
     for seed in SEEDS:
-        train = stages.get(f"{skill}/train/recipe/s{seed}")
+        train = stages.get(f"{skill}/train/{row}/s{seed}")
         if not train:
             continue
         lft = train.get("light_finetune") or {}
@@ -116,7 +128,7 @@ def _epochs(stages: dict, skill: str) -> list[str]:
                      f"{lft.get('teacher_agreement_after', float('nan')):.3f} |")
     if not lines:
         return []
-    return ["Early stopping per seed (held-out agreement with the teacher after each epoch):", "",
+    return [f"Early stopping per seed, `{row}` (held-out agreement with the teacher after each epoch):", "",
             "| seed | prompts trained | duplicates dropped | agreement before | agreement per epoch | best epoch | "
             "epochs run | agreement published |", "|---|---|---|---|---|---|---|---|", *lines, ""]
 
@@ -137,7 +149,8 @@ def write_markdown(path: Path, baseline: Path | None, merge: list[str] = ()) -> 
         data = merge_json(path, {"baseline": {"source": str(baseline), "stages": kept}})
     stages = {**data.get("baseline", {}).get("stages", {}), **data.get("stages", {})}
     labels = {**LABELS, "recipe": f"transfer + distill, {RECIPE['n']} prompts, ≤ {RECIPE['epochs']} epochs, "
-                                  f"patience {RECIPE['patience']}, dedup (no labels)"}
+                                  f"patience {RECIPE['patience']}, dedup (no labels)",
+              "recipe_sc": "the recipe + the teacher's self-consistency filter, K = 4 (no labels)"}
     m = data.get("machine", {})
     loads = [st["loadavg_start"][0] for k, st in data.get("stages", {}).items() if st.get("loadavg_start")]
     lines = ["# A stronger data-free recipe (cross pair)", "",
@@ -155,7 +168,7 @@ def write_markdown(path: Path, baseline: Path | None, merge: list[str] = ()) -> 
     for skill in data["skills"]:
         lines += [f"## {skill}", "", "| row | seeds | mean accuracy | per seed | 95% interval | train wall s | "
                   "train CPU s |", "|---|---|---|---|---|---|---|"]
-        for row in (*BASELINE_ROWS, "recipe"):
+        for row in (*BASELINE_ROWS, *VARIANTS):
             s = row_summary(stages, skill, row)
             if s:
                 fmt = lambda x: "–" if x is None else f"{x:.0f}"
@@ -176,6 +189,17 @@ def write_markdown(path: Path, baseline: Path | None, merge: list[str] = ()) -> 
                 extra = f"; pooled paired Newcombe [{pooled[1]:+.3f}, {pooled[2]:+.3f}]" if pooled else ""
                 lines.append(f"- recipe − {other} (seeds {common}, paired): {d:+.3f}, bootstrap "
                              f"[{low:+.3f}, {high:+.3f}]{extra}")
+        sc = masks(stages, skill, "recipe_sc")
+        common = sorted(set(sc) & set(recipe))
+        if common:
+            ms, mr = {s: sc[s] for s in common}, {s: recipe[s] for s in common}
+            d = statistics.mean(float(v.mean()) for v in ms.values()) - \
+                statistics.mean(float(v.mean()) for v in mr.values())
+            low, high = bootstrap(ms, mr)
+            pooled = pooled_newcombe(ms, mr)
+            extra = f"; pooled paired Newcombe [{pooled[1]:+.3f}, {pooled[2]:+.3f}]" if pooled else ""
+            lines.append(f"- recipe_sc − recipe (the filter's effect; seeds {common}, paired): {d:+.3f}, bootstrap "
+                         f"[{low:+.3f}, {high:+.3f}]{extra}")
         if recipe and vanilla:
             r = statistics.mean(float(v.mean()) for v in recipe.values())
             v = statistics.mean(float(v.mean()) for v in vanilla.values())
@@ -185,7 +209,7 @@ def write_markdown(path: Path, baseline: Path | None, merge: list[str] = ()) -> 
             lines += ["", f"Targets: recipe / vanilla LoRA-100 = {r / v:.2f} (means over their seeds; target ≥ 0.80: "
                           f"{'met' if r >= 0.8 * v else 'missed'}); above fresh distillation outside the noise: "
                           f"{'met' if above else 'missed' if above is not None else '–'} (the paired bootstrap's lower end above 0)."]
-        lines += ["", *_epochs(stages, skill)]
+        lines += ["", *_epochs(stages, skill), *_epochs(stages, skill, "recipe_sc")]
     missing = [f"{s}/s{seed}" for s in data["skills"] for seed in SEEDS if f"{s}/eval/recipe/s{seed}" not in stages]
     if missing:
         lines += ["## Not measured (yet)", "", "Recipe rows without a result: " + ", ".join(missing) + ".", ""]
@@ -206,6 +230,7 @@ def main() -> None:
                                                    "at seed 0, then 1, then 2)")
     parser.add_argument("--merge", nargs="+", default=[], help="--markdown: first merge the stages of these "
                                                                "results files (another process's --results)")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="recipe", help="the row to run")
     parser.add_argument("--baseline", help="the skill fleet's results JSON (default: the copy already in --results)")
     args = parser.parse_args()
     args.threads = int(os.environ.get("LORASUITE_BENCH_THREADS", os.cpu_count() or 1))

@@ -80,8 +80,9 @@ def run_row(model: Path, name: str, skill: str, args, lora: int | None) -> dict:
         if lora is not None:
             train = skills.load_task_samples(f"task:{skill}:train:{lora}", None, args.train_seed, lora)
             config = TrainConfig(lr=args.lora_lr, epochs=1, seed=args.train_seed, show_progress=False)
-            fit = train_lora(model, train, Path(tmp) / "adapter", rank=16, alpha=32, config=config)
-            adapter = Path(tmp) / "adapter"
+            adapter = (args.keep_adapters / f"{label(name)}-{skill}-lora{lora}" if args.keep_adapters
+                       else Path(tmp) / "adapter")
+            fit = train_lora(model, train, adapter, rank=16, alpha=32, config=config)
             entry["train"] = {"data": f"task:{skill}:train:{lora}", "lr": args.lora_lr, "epochs": 1,
                               "seed": args.train_seed, "seconds": round(fit.seconds, 1), "steps": fit.steps,
                               "final_loss": fit.final_loss}
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora", type=int, nargs="*", default=[], help="also fresh LoRAs on N train samples")
     parser.add_argument("--lora-lr", type=float, default=3e-4)
     parser.add_argument("--train-seed", type=int, default=0)
+    parser.add_argument("--keep-adapters", type=Path, help="keep each fresh LoRA in DIR/MODEL-SKILL-loraN")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--output", type=Path, default=RESULTS)

@@ -53,7 +53,8 @@ def test_evaluating_several_adapters_on_one_base_equals_evaluating_each(teachers
     """evaluate_adapters on one base load gives each adapter's (and the bare model's) own evaluate, predictions and
     accuracy: in float32 with every row in shared batches, in the evaluation dtype (bf16 where the CPU has it) with a
     pass per adapter."""
-    from lorasuite_core.training.evaluation import evaluate, evaluate_adapters
+    from lorasuite_core.training.evaluation import evaluate
+    from lorasuite_core.training.evaluation_fleet import evaluate_adapters
 
     model, adapters, _ = teachers
     samples = generate_problems(5, "test", seed=8)

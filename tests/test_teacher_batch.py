@@ -140,7 +140,7 @@ def test_a_fleets_evaluation_rows_share_one_load_per_base_model(fleet, tmp_path,
     those of the adapter migrated alone with every row evaluated by itself (the stage unbatched)."""
     import json
 
-    from lorasuite_core.training import evaluation
+    from lorasuite_core.training import evaluation_fleet as evaluation
 
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps({"instruction": s.instruction, "input": s.input, "output": s.output,

@@ -39,7 +39,7 @@ store entry and key (``fn`` computes one alone, equal to its place in a batch). 
 adapter plans of the level's entries that run it, grouped by old model (in a run: the pair's); it reads no entry
 stage, so grouping never waits on one entry for another.  ``eval`` (fanned out): the items are ``(adapter_plan,
 job, input)`` of every entry's evaluation rows, grouped by ``batch_key`` (the row's base model and evaluation
-samples): one model load for the rows of a group (:func:`~lorasuite_core.training.evaluation.evaluate_adapters`).
+samples): one model load for the rows of a group (:func:`~lorasuite_core.training.evaluation_fleet.evaluate_adapters`).
 
 Waves: the runner runs the entry graph level by level (a stage's level is one more than that of
 the latest stage it reads or follows, ``after``), every live adapter's stages of a level before

@@ -100,6 +100,10 @@ class MigrationOptions(_Options):
         False, description="distill: drop prompts that repeat an earlier one or a held-out evaluation prompt "
                            "(compared lower-cased, whitespace collapsed) before the held-out split; dropped prompts are "
                            "not replaced")
+    lft_consistency: int | None = Field(
+        None, ge=2, description="distill: self-consistency filter -- the teacher also samples K answers per training "
+                                "prompt (temperature 0.7); a prompt trains only where at least half of them agree "
+                                "with its greedy answer; dropped prompts are not replaced")
     eval_data: str | None = Field(
         None, description="evaluate every row (old adapter, bare new model, migrated, LFT) on this data: "
                           "math_10k JSON/JSONL, builtin:test or task:NAME:SPLIT[:COUNT]")
@@ -142,9 +146,11 @@ class MigrationOptions(_Options):
 
     @model_validator(mode="after")
     def _patience_distils(self) -> "MigrationOptions":
-        """Early stopping scores agreement with the teacher: distilled LFT only."""
+        """Early stopping and the consistency filter read the teacher: distilled LFT only."""
         if self.lft_patience is not None and self.lft_mode != "distill":
             raise ValueError("lft_patience (early stopping on held-out teacher agreement) needs lft_mode distill")
+        if self.lft_consistency is not None and self.lft_mode != "distill":
+            raise ValueError("lft_consistency (the teacher's self-consistency filter) needs lft_mode distill")
         return self
 
     @field_validator("lft_data", "lft_prompts", "lft_seed_prompts", "eval_data")

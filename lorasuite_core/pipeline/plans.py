@@ -392,7 +392,16 @@ def _distill_key_parts(plan: PairPlan, adapter_identity: str, options: Migration
             "vocabulary": plan.stage_keys["vocabulary"],
             # only when set, so the keys of runs without them (and their caches) stay as they were
             **({"patience": options.lft_patience} if options.lft_patience is not None else {}),
-            **({"dedup": True} if options.lft_dedup else {})}
+            **({"dedup": True} if options.lft_dedup else {}), **_consistency(options)}
+
+
+def _consistency(options: MigrationOptions) -> dict[str, Any]:
+    """The self-consistency filter's part of a key (only when set: other runs' keys stay as they were)."""
+    if options.lft_consistency is None:
+        return {}
+    from lorasuite_core.training.consistency import CONSISTENCY_VERSION, MIN_AGREEMENT, TEMPERATURE
+
+    return {"consistency": [options.lft_consistency, TEMPERATURE, MIN_AGREEMENT, CONSISTENCY_VERSION]}
 
 
 #: Version of the teacher stage's completions in its key (the greedy rules: distillation's, the gate's).
@@ -421,7 +430,7 @@ def _teacher_key(plan: PairPlan, adapter_identity: str, options: MigrationOption
             "from": "distillation", "prompts": data_identity(ref, "LFT prompts") if ref else None,
             "seeds": data_identity(seeds, "seed prompts") if seeds else None,
             **({"synthesis": SYNTHESIS_VERSION} if seeds else {}), "samples": options.lft_samples,
-            "heldout": heldout, **({"dedup": True} if options.lft_dedup else {})}
+            "heldout": heldout, **({"dedup": True} if options.lft_dedup else {}), **_consistency(options)}
     elif options.fidelity or options.route == "auto" or (options.gate and heldout):
         prompts = {"from": "heldout", "heldout": heldout or f"calibration:{plan.calibration_identity}"}
     else:

@@ -188,7 +188,8 @@ def _distill(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated: 
     write_heldout(out / HELDOUT, answers.heldout, report.heldout_teacher, report.heldout_student)
     dropped = answers.facts.get("duplicate_prompts_dropped")
     return {"lft_mode": "distill", **report.to_dict(), "reused_teacher_completions": True,
-            **({"duplicate_prompts_dropped": dropped} if dropped is not None else {})}
+            **({"duplicate_prompts_dropped": dropped} if dropped is not None else {}),
+            **({"consistency": answers.facts["consistency"]} if "consistency" in answers.facts else {})}
 
 
 def quality_gate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, final_uri: str,
@@ -302,10 +303,10 @@ EVAL_BATCH_MAX = 8
 
 def evaluate_batch(store: StageStore, plan: PairPlan, items: list[tuple[AdapterPlan, EvalJob, str | None]]) -> list:
     """:func:`evaluate` of rows of one base model and evaluation samples (the graph's ``batch_key``), the missing
-    entries on one model load (:func:`~lorasuite_core.training.evaluation.evaluate_adapters`: each row's result is
+    entries on one model load (:func:`~lorasuite_core.training.evaluation_fleet.evaluate_adapters`: each row's result is
     its own :func:`evaluate`'s); a row shared by entries (the bare model) is computed once.  Per item its entry, or
     its error where its adapter could not be found."""
-    from lorasuite_core.training.evaluation import evaluate_adapters
+    from lorasuite_core.training.evaluation_fleet import evaluate_adapters
 
     results: list = [None] * len(items)
     todo: dict[str, Path | None] = {}

@@ -23,6 +23,12 @@ Prompts (:func:`teacher_prompts`), exactly what the consumers picked before this
 * otherwise only held-out prompts: the evaluation data's first ``gate_prompts``, else the first ``gate_prompts``
   calibration texts cut to :data:`FIDELITY_PROMPT_CHARS` (fidelity; the teacher continues them).
 
+Self-consistency (``lft_consistency`` K; :mod:`~lorasuite_core.training.consistency`): the teacher also samples K
+answers per *training* prompt (temperature 0.7, the adapter's seed, one pass per adapter on a second base load
+shared by the call's filtering entries); a training prompt and its target are kept only where at least half of the
+samples agree with the greedy answer.  The held-out prompts are never filtered.  The entry's facts give the kept and
+dropped counts and the mean agreement.
+
 Generation: :func:`~lorasuite_core.training.distill.greedy_completions`'s rules (each prompt's skill: stop rule,
 budget, cut), :data:`GENERATION` (batches of 16 rows, the skills' budgets) in ``load_for_generation``'s default
 dtype (:func:`~lorasuite_core.pipeline.plans.teacher_compute`): what every consumer did before.
@@ -76,6 +82,7 @@ class TeacherPrompts:
     heldout: list
     source: str              # "file" | "synthesised" (distillation), "evaluation data", "calibration texts"
     dropped: int | None = None   # ``lft_dedup``: duplicate prompts dropped (None: not de-duplicated)
+    consistency: int | None = None   # ``lft_consistency``: K samples per training prompt (None: no filter)
 
     @property
     def all(self) -> list:
@@ -112,12 +119,12 @@ def teacher_prompts(plan: PairPlan, adapter: AdapterPlan, writer: Callable[[], t
         kept = P.deduplicate(prompts, exclude=heldout)
         prompts, dropped = kept, len(prompts) - len(kept)
     if heldout:
-        return TeacherPrompts(prompts[:o.lft_samples], heldout, source, dropped)
+        return TeacherPrompts(prompts[:o.lft_samples], heldout, source, dropped, o.lft_consistency)
     if len(prompts) <= o.gate_prompts:
         raise LorasuiteError(f"distillation: {len(prompts)} prompts, but {o.gate_prompts} are held out "
                              f"(--gate-prompts) and at least one must be left to train on")
     train, heldout = P.split_heldout(prompts, o.gate_prompts, o.seed)
-    return TeacherPrompts(train, heldout, source, dropped)
+    return TeacherPrompts(train, heldout, source, dropped, o.lft_consistency)
 
 
 def _writer(plan: PairPlan) -> Callable[[], tuple]:
@@ -169,10 +176,12 @@ def teacher_batch(store: StageStore, plan: PairPlan, adapters: list[AdapterPlan]
             answers = teacher_completions(resolve_local_dir(plan.old_model, "model"),
                                           {f"a{i}": (adapter_dir, prompts.all) for i, (prompts, adapter_dir)
                                            in todo.items()}, mixed=mixes(), **GENERATION)
+            sampled = _consistency_samples(plan, adapters, todo)
         share = (time.perf_counter() - start) / len(todo)
         for i, (prompts, _) in todo.items():
             try:
-                results[i] = store.run(STAGE, adapters[i].teacher_key, _writes(prompts, answers[f"a{i}"], len(todo)),
+                results[i] = store.run(STAGE, adapters[i].teacher_key,
+                                       _writes(prompts, answers[f"a{i}"], len(todo), sampled.get(f"a{i}")),
                                        prior_seconds=share)
             except Exception as error:  # noqa: BLE001 - this entry fails, the others go on
                 results[i] = error
@@ -191,16 +200,48 @@ def _absent(out: Path) -> dict:
     raise LorasuiteError(f"teacher entry vanished from the store while in use ({out})")
 
 
-def _writes(prompts: TeacherPrompts, completions: list, adapters: int) -> Callable[[Path], dict]:
+def _consistency_samples(plan: PairPlan, adapters: list[AdapterPlan],
+                         todo: dict[int, tuple[TeacherPrompts, Path]]) -> dict[str, list[list]]:
+    """The self-consistency samples of the entries that filter (``lft_consistency``), on one base load."""
+    from lorasuite_core.training.consistency import teacher_samples
+
+    jobs = {f"a{i}": (adapter_dir, prompts.train, prompts.consistency, adapters[i].options.seed)
+            for i, (prompts, adapter_dir) in todo.items() if prompts.consistency and prompts.train}
+    return teacher_samples(resolve_local_dir(plan.old_model, "model"), jobs,
+                           batch_size=GENERATION["batch_size"]) if jobs else {}
+
+
+def _filtered(prompts: TeacherPrompts, targets: list, samples: list[list]) -> tuple[list, list, dict[str, Any]]:
+    """The training prompts and targets the consistency filter keeps, and its facts."""
+    from lorasuite_core.training.consistency import MIN_AGREEMENT, TEMPERATURE, consistency
+
+    scores = consistency(targets, samples, prompts.train)
+    keep = [j for j, c in enumerate(scores) if c >= MIN_AGREEMENT]
+    if not keep:
+        raise LorasuiteError(f"self-consistency filter (--lft-consistency {prompts.consistency}): the teacher agreed "
+                             f"with its greedy answer on under half of its samples for every one of the "
+                             f"{len(scores)} training prompts; nothing left to distil")
+    facts = {"k": prompts.consistency, "temperature": TEMPERATURE, "min_agreement": MIN_AGREEMENT,
+             "kept": len(keep), "dropped": len(scores) - len(keep),
+             "mean_agreement": round(sum(scores) / len(scores), 4)}
+    return [prompts.train[j] for j in keep], [targets[j] for j in keep], facts
+
+
+def _writes(prompts: TeacherPrompts, completions: list, adapters: int,
+            samples: list[list] | None = None) -> Callable[[Path], dict]:
     def compute(out: Path) -> dict:
         n_train = len(prompts.train or [])
+        train, targets, filtered = prompts.train, completions[:n_train], None
         if prompts.train is not None:
-            write_heldout(out / TEACHER_TARGETS, prompts.train, completions[:n_train])
+            if samples is not None:
+                train, targets, filtered = _filtered(prompts, targets, samples)
+            write_heldout(out / TEACHER_TARGETS, train, targets)
         write_heldout(out / HELDOUT, prompts.heldout, completions[n_train:])
         return {"prompts": "distillation" if prompts.train is not None else prompts.source,
-                "prompt_source": prompts.source, "n_train": n_train, "n_heldout": len(prompts.heldout),
+                "prompt_source": prompts.source, "n_train": len(train or []), "n_heldout": len(prompts.heldout),
                 "adapters_in_call": adapters,
-                **({"duplicate_prompts_dropped": prompts.dropped} if prompts.dropped is not None else {})}
+                **({"duplicate_prompts_dropped": prompts.dropped} if prompts.dropped is not None else {}),
+                **({"consistency": filtered} if filtered is not None else {})}
     return compute
 
 

@@ -52,14 +52,16 @@ def _completion(tokenizer, row: list[int], stop_ids: set[int], cut=scored_text) 
 
 
 def greedy_completions(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int | None = None,
-                       batch_size: int = 16, adapter_names: Sequence[str] | None = None) -> list[Completion]:
+                       batch_size: int = 16, adapter_names: Sequence[str] | None = None,
+                       pick=None) -> list[Completion]:
     """Greedy completions of ``prompts`` in the built-in template: evaluation's greedy loop
     (:func:`~lorasuite_core.training.evaluation.greedy_generate_ids`: length-sorted batches, KV cache,
     a row leaves its batch once its text is fully scored), cut and kept with their token ids.
     Prompts are generated per task (``Prompt.task``): with the skill's stop rule, cut and, unless
     ``max_new_tokens`` is given, its budget; without a task, the final-number rules and
     :data:`DEFAULT_MAX_NEW_TOKENS`.
-    ``adapter_names``: one per prompt, for a model holding several adapters (mixed-adapter batches)."""
+    ``adapter_names``: one per prompt, for a model holding several adapters (mixed-adapter batches).
+    ``pick``: the next-token rule (default argmax; a sampler: :mod:`~lorasuite_core.training.consistency`)."""
     from lorasuite_core.training.evaluation import greedy_generate_ids
 
     if (max_new_tokens is not None and max_new_tokens < 1) or batch_size < 1:
@@ -78,7 +80,8 @@ def greedy_completions(model, tokenizer, prompts: Sequence[Prompt], *, max_new_t
         rows = greedy_generate_ids(model, tokenizer, [prompts[i].formatted() for i in indices],
                                    max_new_tokens=budget, batch_size=batch_size,
                                    stop=skill.finished if skill else generation_finished, eos_token_ids=eos,
-                                   adapter_names=None if adapter_names is None else [adapter_names[i] for i in indices])
+                                   adapter_names=None if adapter_names is None else [adapter_names[i] for i in indices],
+                                   pick=pick)
         for i, row in zip(indices, rows, strict=True):
             result[i] = _completion(tokenizer, row, stop_ids, skill.target_text if skill else scored_text)
     return result  # type: ignore[return-value]

@@ -77,6 +77,8 @@ from lorasuite_core.training.train import check_adapter_dir, load_causal_lm, loa
 
 logger = logging.getLogger(__name__)
 EVAL = EvalConfig()   # the defaults of an evaluation, declared once
+#: A next-token rule: the last position's logits (rows x vocabulary) -> one token id per row.
+Pick = Callable[[torch.Tensor], torch.Tensor]
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 STOP_MARKERS = ("### Instruction", "### Input", "### Response", "Below is an instruction")
@@ -289,10 +291,12 @@ def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[
 
 def _greedy_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
                   stop: Callable[[str], bool] | None, eos_ids: Sequence[int], stats: GenerationStats,
-                  adapter_names: Sequence[str] | None = None) -> list[list[int]]:
+                  adapter_names: Sequence[str] | None = None, pick: Pick | None = None) -> list[list[int]]:
     """Greedy continuations of one batch; finished rows are dropped from the batch (and its KV cache).
 
-    ``adapter_names`` (one per row): PEFT's mixed-adapter batch, each row through its own adapter."""
+    ``adapter_names`` (one per row): PEFT's mixed-adapter batch, each row through its own adapter.  ``pick``: the
+    next tokens from the last position's logits (rows x vocabulary), default their argmax (a sampler: see
+    :mod:`~lorasuite_core.training.consistency`)."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     input_ids, mask = _left_pad(prompt_ids, pad_id, device)
@@ -311,7 +315,7 @@ def _greedy_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new
         out = model(input_ids=step_input, attention_mask=mask, position_ids=positions, use_cache=True,
                     **{cache_name: cache}, **extra)
         cache = out.cache if cache_name == "cache" else out.past_key_values
-        tokens = out.logits[:, -1].argmax(-1)
+        tokens = out.logits[:, -1].argmax(-1) if pick is None else pick(out.logits[:, -1])
         stats.forward_passes += 1
         if step == 0:
             stats.prefill_seconds += time.perf_counter() - started
@@ -345,12 +349,12 @@ def _greedy_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], max_new
 def greedy_generate_ids(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
                         stop: Callable[[str], bool] | None = None, eos_token_ids: Sequence[int] | None = None,
                         stats: GenerationStats | None = None, show_progress: bool = False,
-                        adapter_names: Sequence[str] | None = None) -> list[list[int]]:
+                        adapter_names: Sequence[str] | None = None, pick: Pick | None = None) -> list[list[int]]:
     """Generated token ids per prompt, in input order (a final EOS id included); see :func:`greedy_generate`.
 
     ``adapter_names``: one PEFT adapter name per prompt ("__base__": none) for a model holding several adapters;
     rows of different adapters share batches (PEFT's mixed-adapter batches), so one pass over the base weights
-    serves every adapter."""
+    serves every adapter.  ``pick``: the next-token rule of :func:`_greedy_batch` (default argmax)."""
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
     if adapter_names is not None and len(adapter_names) != len(prompts):
@@ -366,7 +370,8 @@ def greedy_generate_ids(model, tokenizer, prompts: Sequence[str], *, max_new_tok
         for begin in tqdm(range(0, len(order), batch_size), desc="generate", disable=not show_progress):
             indices = order[begin:begin + batch_size]
             generated = _greedy_batch(model, tokenizer, [encoded[i] for i in indices], max_new_tokens, stop, eos_ids,
-                                      stats, None if adapter_names is None else [adapter_names[i] for i in indices])
+                                      stats, None if adapter_names is None else [adapter_names[i] for i in indices],
+                                      pick)
             for i, ids in zip(indices, generated, strict=True):
                 results[i] = ids
     return results
@@ -431,60 +436,6 @@ def evaluate(model_dir: str | Path, samples: Sequence[Sample], *, adapter_dir: s
     result.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     result.batch_size, result.generation = batch_size, asdict(stats)
     return result
-
-
-def evaluate_adapters(model_dir: str | Path, samples: Sequence[Sample], adapters: dict[str, str | Path | None], *,
-                      batch_size: int = EVAL.batch_size, max_new_tokens: int | None = EVAL.max_new_tokens,
-                      dtype: str = EVAL.dtype, device: str = EVAL.device,
-                      mixed: bool | None = None) -> dict[str, EvalResult]:
-    """:func:`evaluate` of every adapter of ``adapters`` (name -> directory; None: the bare model) on one base model
-    loaded once.  ``mixed`` (default: in float32 on a CPU): every adapter's rows share the length-sorted batches
-    (PEFT mixed-adapter batches, ``"__base__"`` for the bare rows), so one decode step reads the base weights once
-    for all of them, and each result equals the adapter's own :func:`evaluate` since a float32 greedy row does not
-    depend on the rows beside it.  bf16 kernels round differently for other batch shapes (a near-tie can flip), so
-    otherwise each adapter gets a pass of its own (``set_adapter``; the bare rows with the adapters disabled): the
-    batches of its own :func:`evaluate`, bit for bit.  ``seconds``, memory and the generation counters are the
-    shared run's."""
-    from lorasuite_core.training.skills import skill_of
-
-    if not samples or not adapters:
-        raise ValueError("no evaluation samples or no adapters given")
-    start = time.perf_counter()
-    keys = list(adapters)
-    peft_names = {key: f"a{k}" for k, key in enumerate(keys) if adapters[key] is not None}
-    resolved = eval_dtype(dtype, resolve_device(device))
-    model, tokenizer = (load_adapters_for_generation(model_dir, {peft_names[k]: adapters[k] for k in peft_names},
-                                                     dtype=resolved, device=device) if peft_names
-                        else load_for_generation(model_dir, dtype=resolved, device=device))
-    mixed = (resolved == "float32" and resolve_device(device).type == "cpu") if mixed is None else mixed
-    mixed = mixed and len(keys) > 1 and bool(peft_names)
-    stats = GenerationStats()
-    predictions: dict[str, list] = {key: [None] * len(samples) for key in keys}
-    groups: dict[str, list[int]] = {}
-    for index, sample in enumerate(samples):
-        groups.setdefault(skill_of(sample).name, []).append(index)
-    for indices in groups.values():   # one pass per skill, every adapter's rows together
-        skill = skill_of(samples[indices[0]])
-        budget = max_new_tokens or skill.max_new_tokens
-        for part in [keys] if mixed else [[key] for key in keys]:
-            rows = [(key, i) for key in part for i in indices]
-            if not mixed and part[0] in peft_names:
-                model.set_adapter(peft_names[part[0]])
-            bare = not mixed and part[0] not in peft_names and bool(peft_names)
-            with model.disable_adapter() if bare else contextlib.nullcontext():
-                ids = greedy_generate_ids(model, tokenizer, [format_prompt(samples[i]) for _, i in rows],
-                                          max_new_tokens=budget, batch_size=batch_size, stop=skill.finished,
-                                          stats=stats, adapter_names=[peft_names.get(key, "__base__")
-                                                                      for key, _ in rows] if mixed else None)
-            for (key, i), generation in zip(rows, tokenizer.batch_decode(ids, skip_special_tokens=True), strict=True):
-                predictions[key][i] = skill.score(i, generation, samples[i])
-    results = {}
-    for key in keys:
-        result = _summarise(predictions[key], start, model, keep_predictions=True)
-        result.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-        result.batch_size, result.generation = batch_size, asdict(stats)
-        results[key] = result
-    return results
 
 
 def _summarise(predictions: list[Prediction], start: float, model, keep_predictions: bool) -> EvalResult:

@@ -46,6 +46,8 @@ SKILLS: dict[str, tuple[str, dict[str, Any]]] = {
     "letter_counting": ("lorasuite_core.training.skills.reasoning:ReasoningGymSkill", {"dataset": "letter_counting"}),
     "base_conversion": ("lorasuite_core.training.skills.reasoning:ReasoningGymSkill", {"dataset": "base_conversion"}),
     "spell_backward": ("lorasuite_core.training.skills.reasoning:ReasoningGymSkill", {"dataset": "spell_backward"}),
+    "number_filtering": ("lorasuite_core.training.skills.reasoning:ReasoningGymSkill", {"dataset": "number_filtering"}),
+    "chain_sum": ("lorasuite_core.training.skills.reasoning:ReasoningGymSkill", {"dataset": "chain_sum"}),
     "bfcl": ("lorasuite_core.training.skills.bfcl:FunctionCallingSkill", {}),
     "knowledge": ("lorasuite_core.training.skills.knowledge:KnowledgeSkill", {}),
 }
