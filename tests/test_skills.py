@@ -103,6 +103,18 @@ def test_reasoning_gym_scoring_is_its_verifier():
     assert not skill.score(0, f"The answer is {int(entry['answer']) + 1}.", sample).correct
 
 
+def test_a_registered_configuration_and_budget_reach_the_generator():
+    """chain_sum at the registry's ``max_terms`` 4 and ``max_digits`` 2; number_filtering's lists get 96 tokens."""
+    import re
+
+    for sample in draw("chain_sum", "test"):
+        terms = re.findall(r"\d+", sample.instruction.split("problem:")[1].split("=")[0])
+        assert 2 <= len(terms) <= 4 and all(len(t) <= 2 for t in terms), sample.instruction
+    assert skills.get_skill("number_filtering").max_new_tokens == 96
+    assert skills.get_skill("family_relationships").max_new_tokens == 32
+    assert "max_digits" in skills.get_skill("chain_sum").data_version      # part of the stage keys
+
+
 def test_knowledge_test_facts_are_only_in_the_full_training_split():
     skill = skills.get_skill("knowledge")
     facts = lambda samples: {(s.meta["entity"], s.meta["attribute"]) for s in samples}

@@ -46,8 +46,10 @@ SKILLS: dict[str, tuple[str, dict[str, Any]]] = {
     "letter_counting": ("lorasuite_core.training.skills.reasoning:ReasoningGymSkill", {"dataset": "letter_counting"}),
     "base_conversion": ("lorasuite_core.training.skills.reasoning:ReasoningGymSkill", {"dataset": "base_conversion"}),
     "spell_backward": ("lorasuite_core.training.skills.reasoning:ReasoningGymSkill", {"dataset": "spell_backward"}),
-    "number_filtering": ("lorasuite_core.training.skills.reasoning:ReasoningGymSkill", {"dataset": "number_filtering"}),
-    "chain_sum": ("lorasuite_core.training.skills.reasoning:ReasoningGymSkill", {"dataset": "chain_sum"}),
+    "number_filtering": ("lorasuite_core.training.skills.reasoning:ReasoningGymSkill",
+                         {"dataset": "number_filtering", "max_new_tokens": 96}),     # lists of up to 10 numbers
+    "chain_sum": ("lorasuite_core.training.skills.reasoning:ReasoningGymSkill",
+                  {"dataset": "chain_sum", "config": {"max_terms": 4, "max_digits": 2}}),
     "bfcl": ("lorasuite_core.training.skills.bfcl:FunctionCallingSkill", {}),
     "knowledge": ("lorasuite_core.training.skills.knowledge:KnowledgeSkill", {}),
 }

@@ -1,7 +1,8 @@
 """Procedural task families of reasoning-gym as skills: its generators and its verifiers.
 
-Each registered name is a reasoning-gym dataset with its default configuration
-(``reasoning_gym.create_dataset(name, seed=s, size=...)``), generated locally, no network.
+Each registered name is a reasoning-gym dataset, with its default configuration unless the registry gives
+``config`` (``reasoning_gym.create_dataset(dataset, seed=s, size=..., **config)``), generated locally, no network;
+``max_new_tokens`` (default 32) is the generation budget, which a dataset with long answers (lists) raises.
 
 Splits are disjoint by the hash partition of :mod:`.base`: item ``i`` of the stream seeded with
 ``sha256("{name}:{split}:{seed}")`` is kept for ``split`` only if the sha256 of its question text
@@ -31,27 +32,29 @@ _STREAM_SIZE = 10**9  # reasoning-gym's virtual dataset size; items are made on 
 class ReasoningGymSkill(Skill):
     max_new_tokens = 32
 
-    def __init__(self, name: str, dataset: str):
+    def __init__(self, name: str, dataset: str, config: dict | None = None, max_new_tokens: int | None = None):
         super().__init__(name)
-        self.dataset = dataset
+        self.dataset, self.config = dataset, dict(config or {})
+        if max_new_tokens is not None:
+            self.max_new_tokens = max_new_tokens
 
     @cached_property
     def data_version(self) -> str:  # type: ignore[override]
         from importlib.metadata import version
 
-        return f"reasoning-gym {version('reasoning-gym')}"
+        return f"reasoning-gym {version('reasoning-gym')}" + (f" {sorted(self.config.items())}" if self.config else "")
 
     @cached_property
     def _scorer(self):
         import reasoning_gym
 
-        return reasoning_gym.create_dataset(self.dataset, seed=0, size=1)
+        return reasoning_gym.create_dataset(self.dataset, seed=0, size=1, **self.config)
 
     def _stream(self, split: str, seed: int):
         import reasoning_gym
 
         stream_seed = int(hashlib.sha256(f"{self.dataset}:{split}:{seed}".encode()).hexdigest()[:8], 16)
-        return reasoning_gym.create_dataset(self.dataset, seed=stream_seed, size=_STREAM_SIZE)
+        return reasoning_gym.create_dataset(self.dataset, seed=stream_seed, size=_STREAM_SIZE, **self.config)
 
     def samples(self, split: str, n: int, seed: int) -> list[Sample]:
         self._check_count(split, n)
