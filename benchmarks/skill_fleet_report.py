@@ -185,9 +185,14 @@ def write_markdown(pair: str) -> str:
              f"- load average (1 min) at the start of the stages: {min(loads):.1f}–{max(loads):.1f}" if loads else
              "- load average: –",
              "- wall seconds depend on the load of the shared machine; CPU seconds much less", ""]
+    later = {k.split("+", 1)[1]: v for k, v in stages.items() if k.startswith("fleet/migrate/+")}
     if fleet:
-        lines += [f"Fleet migration (transfer only, one pair analysis, {len(skills)} adapters): wall "
+        first = len(skills) - sum(len(k.split("+")) for k in later)
+        lines += [f"Fleet migration (transfer only, one pair analysis, {first} adapters): wall "
                   f"{fleet['seconds']:.0f} s, CPU {fleet['cpu_seconds']:.0f} s, peak RSS {fleet['peak_rss_gb']} GB.", ""]
+    for added, run in later.items():
+        lines += [f"Added later: {added.replace('+', ', ')}, transfer by a second `migrate-fleet` run on the same pair: "
+                  f"wall {run['seconds']:.0f} s, CPU {run['cpu_seconds']:.0f} s, peak RSS {run['peak_rss_gb']} GB.", ""]
     lines += ["## Headline", "", *headline(stages, skills), "", "## Per skill", ""]
     for skill in skills:
         lines += skill_lines(stages, skill, data["skills"][skill])
