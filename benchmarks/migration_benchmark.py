@@ -218,8 +218,8 @@ def stage_graph_migrate(old_dir: str, new_dir: str, adapter_dir: str, out_dir: s
     steps = report["steps"]
     return {"seconds": time.perf_counter() - start, "threads": torch.get_num_threads(),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "steps": steps, "layer_mapping": report["layer_mapping"],
-            "shared_vocabulary_size": report["shared_vocabulary_size"],
+            "steps": steps, "layer_mapping": report.get("layer_mapping"),      # absent: a fresh LoRA was published
+            "shared_vocabulary_size": report.get("shared_vocabulary_size"),
             "pair_stages_reused": [k for k in PAIR_STAGES if steps.get(k, {}).get("cache") == "reused"],
             "lft_seconds": steps.get("lft", {}).get("seconds"),
             "light_finetune": report.get("light_finetune"), "route": report.get("route"),
