@@ -13,6 +13,8 @@ settings, ``teacher_stage.GENERATION``: batches of 16 rows, each skill's token b
   one_load   ``teacher_completions(old, all, mixed=False)``: one base load, one pass per adapter (what a bf16 CUDA
              device gets, where batch shape changes the rounding)
   mixed      ``teacher_completions(old, all, mixed=True)``: one base load, one pass, mixed batches (after, on a CPU)
+  mixed_wide ``mixed`` with ``--wide-batch`` rows a batch (default 64) instead of the stage's 16: what a bigger batch
+             buys once the adapters share one
 
 Prompts: each adapter's skill's ``task:SKILL:train:P`` prompts (seed 0).  Each mode records wall and CPU seconds,
 peak RSS, the generated tokens and a digest of every completion's token ids; the modes must agree token for token
@@ -43,11 +45,11 @@ from _common import cpu_model, gemm_gflops, loadavg, merge_json  # noqa: E402
 from migration_benchmark import _threads, run_child  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "teacher_batch.json"
-MODES = ("separate", "one_load", "mixed")
+MODES = ("separate", "one_load", "mixed", "mixed_wide")
 SKILLS = ("arithmetic", "family_relationships", "knowledge", "letter_counting")
 
 
-def stage(mode: str, old_dir: str, adapters: dict[str, str], n_prompts: int) -> dict:
+def stage(mode: str, old_dir: str, adapters: dict[str, str], n_prompts: int, wide: int = 64) -> dict:
     """One mode in this (child) process: the completions' digest, token count and the peak RSS."""
     _threads()
     import resource
@@ -64,7 +66,8 @@ def stage(mode: str, old_dir: str, adapters: dict[str, str], n_prompts: int) -> 
         for skill, job in jobs.items():
             answers.update(teacher_completions(old_dir, {skill: job}, **GENERATION))
     else:
-        answers = teacher_completions(old_dir, jobs, mixed=(mode == "mixed"), **GENERATION)
+        generation = {**GENERATION, **({"batch_size": wide} if mode == "mixed_wide" else {})}
+        answers = teacher_completions(old_dir, jobs, mixed=mode.startswith("mixed"), **generation)
     seconds = time.perf_counter() - start
     ids = {skill: [list(c.ids) for c in answers[skill]] for skill in adapters}
     return {"mode": mode, "seconds": seconds, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -88,6 +91,8 @@ def main() -> None:
     parser.add_argument("--old-model", default="smollm2-135m-instruct")
     parser.add_argument("--fleet-workdir", default=str(ROOT / "runs" / "skill-fleet" / "cross"))
     parser.add_argument("--adapter", action="append", default=[], metavar="SKILL=DIR")
+    parser.add_argument("--wide-batch", type=int, default=64, help="rows a batch in mode mixed_wide")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
     threads = int(os.environ.get("LORASUITE_BENCH_THREADS", os.cpu_count() or 1))
@@ -102,15 +107,19 @@ def main() -> None:
     record = {"command": f"LORASUITE_BENCH_THREADS={threads} .venv/bin/python benchmarks/teacher_batch.py "
                         + shlex.join(sys.argv[1:]),
               "old_model": args.old_model, "adapters": sorted(adapters), "prompts_per_adapter": args.prompts,
-              "machine": run_child(machine, threads), "modes": {}}
-    for mode in MODES:
+              "wide_batch": args.wide_batch, "machine": run_child(machine, threads), "modes": {}}
+    key = f"{len(adapters)}x{args.prompts}-t{threads}"
+    before = json.loads(Path(args.results).read_text()).get(key, {}) if Path(args.results).is_file() else {}
+    record["modes"] = {m: r for m, r in before.get("modes", {}).items() if m not in args.modes}   # kept: other modes
+    for mode in args.modes:
         print(f"[teacher-batch] {mode} ...", flush=True)
-        record["modes"][mode] = run_child(stage, mode, old, adapters, args.prompts)
+        record["modes"][mode] = run_child(stage, mode, old, adapters, args.prompts, args.wide_batch)
         print(f"[teacher-batch] {mode}: {record['modes'][mode]['seconds']:.1f} s", flush=True)
     record["identical"] = len({m["digest"] for m in record["modes"].values()}) == 1
-    base = record["modes"]["separate"]
-    record["speedup_vs_separate"] = {m: round(base["seconds"] / r["seconds"], 2) for m, r in record["modes"].items()}
-    merge_json(args.results, {f"{len(adapters)}x{args.prompts}-t{threads}": record})
+    base = record["modes"].get("separate")
+    record["speedup_vs_separate"] = {m: round(base["seconds"] / r["seconds"], 2)
+                                     for m, r in record["modes"].items()} if base else None
+    merge_json(args.results, {key: record})
     print(json.dumps({k: record[k] for k in ("identical", "speedup_vs_separate")}))
 
 
