@@ -16,7 +16,9 @@ settings, ``teacher_stage.GENERATION``: batches of 16 rows, each skill's token b
   mixed_wide ``mixed`` with ``--wide-batch`` rows a batch (default 64) instead of the stage's 16: what a bigger batch
              buys once the adapters share one
 
-Prompts: each adapter's skill's ``task:SKILL:train:P`` prompts (seed 0).  Each mode records wall and CPU seconds,
+Prompts: each adapter's skill's ``task:SKILL:train:P`` prompts (seed 0); with ``--same-task NAME`` every adapter answers
+``task:NAME:train:P`` (one task: the batches really mix adapters; with a skill each, generation goes task by task,
+so a "mixed" batch holds one adapter's rows and only PEFT's per-row routing differs).  Each mode records wall and CPU seconds,
 peak RSS, the generated tokens and a digest of every completion's token ids; the modes must agree token for token
 (``identical``), the property ``tests/test_mixed_teachers.py`` checks on tiny models.
 
@@ -49,7 +51,8 @@ MODES = ("separate", "one_load", "mixed", "mixed_wide")
 SKILLS = ("arithmetic", "family_relationships", "knowledge", "letter_counting")
 
 
-def stage(mode: str, old_dir: str, adapters: dict[str, str], n_prompts: int, wide: int = 64) -> dict:
+def stage(mode: str, old_dir: str, adapters: dict[str, str], n_prompts: int, wide: int = 64,
+          same_task: str | None = None) -> dict:
     """One mode in this (child) process: the completions' digest, token count and the peak RSS."""
     _threads()
     import resource
@@ -58,7 +61,7 @@ def stage(mode: str, old_dir: str, adapters: dict[str, str], n_prompts: int, wid
     from lorasuite_core.training.completions import teacher_completions
     from lorasuite_core.training.prompts import load_prompts
 
-    jobs = {skill: (path, load_prompts(f"task:{skill}:train:{n_prompts}", n_prompts, 0))
+    jobs = {skill: (path, load_prompts(f"task:{same_task or skill}:train:{n_prompts}", n_prompts, 0))
             for skill, path in adapters.items()}
     start = time.perf_counter()
     if mode == "separate":
@@ -93,6 +96,7 @@ def main() -> None:
     parser.add_argument("--adapter", action="append", default=[], metavar="SKILL=DIR")
     parser.add_argument("--wide-batch", type=int, default=64, help="rows a batch in mode mixed_wide")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--same-task", help="every adapter answers this task's prompts (default: its own skill's)")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
     threads = int(os.environ.get("LORASUITE_BENCH_THREADS", os.cpu_count() or 1))
@@ -107,13 +111,14 @@ def main() -> None:
     record = {"command": f"LORASUITE_BENCH_THREADS={threads} .venv/bin/python benchmarks/teacher_batch.py "
                         + shlex.join(sys.argv[1:]),
               "old_model": args.old_model, "adapters": sorted(adapters), "prompts_per_adapter": args.prompts,
+              "same_task": args.same_task,
               "wide_batch": args.wide_batch, "machine": run_child(machine, threads), "modes": {}}
-    key = f"{len(adapters)}x{args.prompts}-t{threads}"
+    key = f"{len(adapters)}x{args.prompts}-t{threads}" + (f"-{args.same_task}" if args.same_task else "")
     before = json.loads(Path(args.results).read_text()).get(key, {}) if Path(args.results).is_file() else {}
     record["modes"] = {m: r for m, r in before.get("modes", {}).items() if m not in args.modes}   # kept: other modes
     for mode in args.modes:
         print(f"[teacher-batch] {mode} ...", flush=True)
-        record["modes"][mode] = run_child(stage, mode, old, adapters, args.prompts, args.wide_batch)
+        record["modes"][mode] = run_child(stage, mode, old, adapters, args.prompts, args.wide_batch, args.same_task)
         print(f"[teacher-batch] {mode}: {record['modes'][mode]['seconds']:.1f} s", flush=True)
     record["identical"] = len({m["digest"] for m in record["modes"].values()}) == 1
     base = record["modes"].get("separate")
