@@ -33,7 +33,7 @@ def teachers(tmp_path_factory):
 def test_mixed_adapter_batches_equal_one_adapter_at_a_time(teachers):
     model, adapters, prompts = teachers
     mixed = D.teacher_completions(model, {name: (adapters[name], prompts[name]) for name in adapters},
-                                  dtype="float32", device="cpu", **GEN)
+                                  dtype="float32", device="cpu", mixed=True, **GEN)
     for name, adapter in adapters.items():
         alone, tokenizer = D.load_for_generation(model, adapter, dtype="float32", device="cpu")
         assert mixed[name] == D.greedy_completions(alone, tokenizer, prompts[name], **GEN), name
@@ -48,18 +48,19 @@ def test_mismatched_adapter_names_are_refused(teachers):
         D.greedy_completions(loaded, tokenizer, prompts["t0"], adapter_names=["default", "default"], **GEN)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "auto"])
-def test_evaluating_several_adapters_on_one_base_equals_evaluating_each(teachers, dtype):
+@pytest.mark.parametrize("dtype, mixed", [("float32", True), ("float32", False), ("auto", False)])
+def test_evaluating_several_adapters_on_one_base_equals_evaluating_each(teachers, dtype, mixed):
     """evaluate_adapters on one base load gives each adapter's (and the bare model's) own evaluate, predictions and
-    accuracy: in float32 with every row in shared batches, in the evaluation dtype (bf16 where the CPU has it) with a
-    pass per adapter."""
+    accuracy: in float32 with every row in shared batches (mixed) or a pass per adapter (the default), in the
+    evaluation dtype (bf16 where the CPU has it) with a pass per adapter."""
     from lorasuite_core.training.evaluation import evaluate
     from lorasuite_core.training.evaluation_fleet import evaluate_adapters
 
     model, adapters, _ = teachers
     samples = generate_problems(5, "test", seed=8)
     rows = {**adapters, "bare": None}
-    together = evaluate_adapters(model, samples, rows, batch_size=4, max_new_tokens=24, dtype=dtype, device="cpu")
+    together = evaluate_adapters(model, samples, rows, batch_size=4, max_new_tokens=24, dtype=dtype, device="cpu",
+                                 mixed=mixed)
     assert list(together) == list(rows)
     for name, adapter in rows.items():
         alone = evaluate(model, samples, adapter_dir=adapter, batch_size=4, max_new_tokens=24, dtype=dtype,

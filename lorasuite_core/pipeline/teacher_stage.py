@@ -1,5 +1,5 @@
 """The ``teacher`` stage: the old model + the source adapter answers every prompt its consumers ask, once per adapter,
-and a fleet's adapters answer in one batched pass over the shared old base.
+and a fleet's adapters answer on one load of the shared old base.
 
 Design
 ------
@@ -36,14 +36,14 @@ dtype (:func:`~lorasuite_core.pipeline.plans.teacher_compute`): what every consu
 Batched over a fleet (:func:`teacher_batch`, the graph's ``batch``): the runner hands one call the entries of a
 level whose teacher stage runs, grouped by old model, at most :data:`MAX_ADAPTERS` adapters a call.  The call
 reuses every complete entry and answers the others in ONE
-:func:`~lorasuite_core.training.distill.teacher_completions`: one old base holding every adapter, rows of
-different adapters side by side in the length-sorted batches (PEFT mixed-adapter batches), so a decode step reads
-the base weights once for all of them.  A greedy row's tokens do not depend on the rows beside it (left padding is
-masked; ``tests/test_mixed_teachers.py``), so an entry is the same computed alone or in a fleet and a rerun or a
-single-adapter migration reuses it.  That holds in float32 on a CPU (the teacher's dtype there); bf16 kernels
-round differently for other batch shapes, so on a bf16 device (CUDA) the call keeps the one base load but
-generates each adapter's prompts in a pass of its own (:func:`mixes`), the batches it gets alone.  Each adapter's answers go to its own entry (:meth:`StageStore.run`); the
-generation's seconds are shared out evenly over the entries it computed (the report's ``steps``).
+:func:`~lorasuite_core.training.distill.teacher_completions`: one old base holding every adapter, each adapter's
+prompts in a pass of its own, the batches it gets alone, so an entry is the same computed alone or in a fleet, in
+any dtype, and a rerun or a single-adapter migration reuses it.  PEFT's mixed-adapter batches (rows of different
+adapters side by side, ``mixed=True``) give the same answers in float32 but were measured slower on this CPU:
+4 SmolLM2 adapters x 32 prompts, 1 thread, 0.82x one pass per adapter where the batches really mix
+(benchmarks/TEACHER_BATCH.md), so the stage does not use them.  Each adapter's answers go to its own entry
+(:meth:`StageStore.run`); the generation's seconds are shared out evenly over the entries it computed (the
+report's ``steps``).
 
 Memory: the base weights, every adapter's factors and one batch's KV cache (16 rows, whatever the number of
 adapters), hence the cap on adapters per call rather than on rows.  Failures: preparing one entry's prompts
@@ -153,7 +153,7 @@ def teacher(store: StageStore, plan: PairPlan, adapter: AdapterPlan) -> StageRes
 
 def teacher_batch(store: StageStore, plan: PairPlan, adapters: list[AdapterPlan]) -> list[StageResult | BaseException]:
     """Every adapter's teacher entry (old model ``plan.old_model``), in order: reused where complete, else answered
-    in one mixed-adapter generation; an entry whose prompts could not be prepared gets its error in its place."""
+    in one generation on one base load; an entry whose prompts could not be prepared gets its error in its place."""
     from lorasuite_core.training.distill import teacher_completions
 
     if len(adapters) > MAX_ADAPTERS:
@@ -175,7 +175,7 @@ def teacher_batch(store: StageStore, plan: PairPlan, adapters: list[AdapterPlan]
         with terminal.computing(STAGE):
             answers = teacher_completions(resolve_local_dir(plan.old_model, "model"),
                                           {f"a{i}": (adapter_dir, prompts.all) for i, (prompts, adapter_dir)
-                                           in todo.items()}, mixed=mixes(), **GENERATION)
+                                           in todo.items()}, **GENERATION)
             sampled = _consistency_samples(plan, adapters, todo)
         share = (time.perf_counter() - start) / len(todo)
         for i, (prompts, _) in todo.items():
@@ -186,14 +186,6 @@ def teacher_batch(store: StageStore, plan: PairPlan, adapters: list[AdapterPlan]
             except Exception as error:  # noqa: BLE001 - this entry fails, the others go on
                 results[i] = error
     return results  # type: ignore[return-value]
-
-
-def mixes() -> bool:
-    """Rows of different adapters share batches only in float32 on a CPU, where a greedy row does not depend on the
-    rows beside it; elsewhere (bf16 on CUDA) one base load, one pass per adapter (module docstring)."""
-    from lorasuite_core.pipeline.plans import teacher_compute
-
-    return teacher_compute() == "float32@cpu"
 
 
 def _absent(out: Path) -> dict:

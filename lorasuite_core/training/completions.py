@@ -7,8 +7,8 @@ answers that distillation, fidelity, the gate and the route read).
   :data:`DEFAULT_MAX_NEW_TOKENS`, cut after the first complete "The answer is N" sentence.  A completion keeps the
   generator's *token ids* for exactly its text: decoding then re-encoding is lossy (byte tokens of partial UTF-8
   characters decode to U+FFFD).
-* :func:`teacher_completions` -- several adapters of one old model on one base load (PEFT mixed-adapter batches where a
-  row does not depend on the rows beside it, else a pass per adapter).
+* :func:`teacher_completions` -- several adapters of one old model on one base load, a pass per adapter (PEFT
+  mixed-adapter batches on request: equal in float32 on a CPU, but slower there).
 """
 
 from __future__ import annotations
@@ -89,14 +89,16 @@ def greedy_completions(model, tokenizer, prompts: Sequence[Prompt], *, max_new_t
 
 def teacher_completions(old_model_dir: str | Path, prompts_by_adapter: dict[str, tuple[str | Path, Sequence[Prompt]]],
                         *, max_new_tokens: int | None = None, batch_size: int = 16, dtype: str = "auto",
-                        device: str = "auto", mixed: bool = True) -> dict[str, list[Completion]]:
-    """Every teacher's greedy completions at once: name -> (adapter directory, prompts) of adapters of one old
-    model; one base model holds all adapters and their prompts share batches (PEFT mixed-adapter batches).
-    Equal to :func:`greedy_completions` with each adapter loaded alone (one adapter: that plain path, no
-    per-row adapter names) where a greedy row does not depend on the rows beside it (float32 on a CPU,
-    ``tests/test_mixed_teachers.py``); bf16 kernels round differently for other batch shapes, so ``mixed=False``
-    keeps the one base load but generates each adapter's prompts in a pass of its own (``set_adapter``): the
-    batches each adapter gets alone, bit for bit, without sharing decode steps."""
+                        device: str = "auto", mixed: bool = False) -> dict[str, list[Completion]]:
+    """Every teacher's greedy completions on one base load: name -> (adapter directory, prompts) of adapters of one
+    old model.  By default each adapter's prompts are generated in a pass of its own (``set_adapter``): the batches
+    it gets alone, so its completions equal :func:`greedy_completions` with it loaded alone, bit for bit, in any
+    dtype.  ``mixed=True`` puts rows of different adapters side by side in the batches (PEFT mixed-adapter batches,
+    one decode step for all of them); that too equals one adapter at a time where a greedy row does not depend on
+    the rows beside it (float32 on a CPU, ``tests/test_mixed_teachers.py``; bf16 kernels round differently for other
+    batch shapes), but on a CPU it was measured slower (benchmarks/TEACHER_BATCH.md: decode there is bound by
+    compute, not by reading the weights, and PEFT routes each adapter's rows separately), so nothing uses it by
+    default."""
     from lorasuite_core.training.evaluation import load_adapters_for_generation
 
     model, tokenizer = load_adapters_for_generation(

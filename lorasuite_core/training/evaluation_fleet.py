@@ -1,11 +1,10 @@
 """Evaluation of several adapters of one base model on one load (a fleet's evaluation rows).
 
 :func:`evaluate_adapters` is :func:`~lorasuite_core.training.evaluation.evaluate` for every adapter at once: the base
-is loaded once with every adapter attached.  Where a greedy row does not depend on the rows beside it (float32 on a
-CPU) every adapter's rows share the length-sorted batches (PEFT mixed-adapter batches, ``"__base__"`` for the bare
-model's rows), so one decode step reads the base weights once for all of them; elsewhere each adapter gets a pass of
-its own on the shared load (``set_adapter``).  Each result equals that adapter's own ``evaluate``
-(``tests/test_mixed_teachers.py``).
+is loaded once with every adapter attached and each adapter gets a pass of its own (``set_adapter``; the bare rows with
+the adapters disabled): the batches of its own ``evaluate``, so each result equals it bit for bit.  ``mixed=True`` puts
+every adapter's rows in shared batches (PEFT mixed-adapter batches, ``"__base__"`` for the bare rows): equal in float32
+on a CPU (``tests/test_mixed_teachers.py``) but measured slower there (benchmarks/TEACHER_BATCH.md), so not the default.
 """
 from __future__ import annotations
 
@@ -25,15 +24,12 @@ from lorasuite_core.training.task_data import Sample, format_prompt
 def evaluate_adapters(model_dir: str | Path, samples: Sequence[Sample], adapters: dict[str, str | Path | None], *,
                       batch_size: int = EVAL.batch_size, max_new_tokens: int | None = EVAL.max_new_tokens,
                       dtype: str = EVAL.dtype, device: str = EVAL.device,
-                      mixed: bool | None = None) -> dict[str, EvalResult]:
+                      mixed: bool = False) -> dict[str, EvalResult]:
     """:func:`evaluate` of every adapter of ``adapters`` (name -> directory; None: the bare model) on one base model
-    loaded once.  ``mixed`` (default: in float32 on a CPU): every adapter's rows share the length-sorted batches
-    (PEFT mixed-adapter batches, ``"__base__"`` for the bare rows), so one decode step reads the base weights once
-    for all of them, and each result equals the adapter's own :func:`evaluate` since a float32 greedy row does not
-    depend on the rows beside it.  bf16 kernels round differently for other batch shapes (a near-tie can flip), so
-    otherwise each adapter gets a pass of its own (``set_adapter``; the bare rows with the adapters disabled): the
-    batches of its own :func:`evaluate`, bit for bit.  ``seconds``, memory and the generation counters are the
-    shared run's."""
+    loaded once, a pass per adapter (module docstring).  ``mixed``: every adapter's rows share the length-sorted
+    batches instead (PEFT mixed-adapter batches), which equals the passes only where a greedy row does not depend on
+    the rows beside it (float32 on a CPU; bf16 kernels round differently for other batch shapes) and is slower on a
+    CPU.  ``seconds``, memory and the generation counters are the shared run's."""
     from lorasuite_core.training.skills import skill_of
 
     if not samples or not adapters:
@@ -45,7 +41,6 @@ def evaluate_adapters(model_dir: str | Path, samples: Sequence[Sample], adapters
     model, tokenizer = (load_adapters_for_generation(model_dir, {peft_names[k]: adapters[k] for k in peft_names},
                                                      dtype=resolved, device=device) if peft_names
                         else load_for_generation(model_dir, dtype=resolved, device=device))
-    mixed = (resolved == "float32" and resolve_device(device).type == "cpu") if mixed is None else mixed
     mixed = mixed and len(keys) > 1 and bool(peft_names)
     stats = GenerationStats()
     predictions: dict[str, list] = {key: [None] * len(samples) for key in keys}
