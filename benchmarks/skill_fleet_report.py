@@ -184,6 +184,11 @@ def write_markdown(pair: str) -> str:
              f"{m.get('torch', '?')}, started {m.get('date', '?')}",
              f"- load average (1 min) at the start of the stages: {min(loads):.1f}–{max(loads):.1f}" if loads else
              "- load average: –",
+             *([f"- resumed (every command in the JSON's `commands`): " + "; ".join(
+                 f"{r.get('date', '?')} on {r.get('cpu', '?')}, 1024² GEMM {r.get('gemm_1024_gflops', '?')} GFLOP/s"
+                 for r in data["resumed_on"]) + ". Where a resume found no work directory it trained the old adapters "
+                 "again (same recipe and seed; the first training's record is kept as `…/replaced`, with the same "
+                 "final loss)"] if data.get("resumed_on") else []),
              "- wall seconds depend on the load of the shared machine; CPU seconds much less", ""]
     later = {k.split("+", 1)[1]: v for k, v in stages.items() if k.startswith("fleet/migrate/+")}
     if fleet:
