@@ -121,9 +121,11 @@ def skill_lines(stages: dict, skill: str, recipe: dict) -> list[str]:
     if auto:
         route = auto.get("route") or {}
         lines += ["", f"--route auto: {auto['refused']}" if "refused" in auto else
-                  f"--route auto chose {route.get('chosen')} ({route.get('reason')}); candidates: " + "; ".join(
-                      ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in c.items())
-                      for c in route.get("candidates", [])) + "."]
+                  f"--route auto chose {route.get('chosen')}; candidates (held-out teacher agreement, fidelity, "
+                  "gate): " + "; ".join(
+                      f"{c['route']} {c.get('teacher_agreement', float('nan')):.3f}, F "
+                      f"{c['fidelity'] if c.get('fidelity') is None else format(c['fidelity'], '.3f')}, "
+                      f"{'passed' if c.get('passed') else 'below the gate'}" for c in route.get("candidates", [])) + "."]
     diffs = []
     for a, b in COMPARISONS:
         ma, mb = masks(stages, skill, a), masks(stages, skill, b)
