@@ -101,7 +101,7 @@ class MigrationOptions(_Options):
                            "(compared lower-cased, whitespace collapsed) before the held-out split; dropped prompts are "
                            "not replaced")
     lft_consistency: int | None = Field(
-        None, ge=2, description="distill: self-consistency filter -- the teacher also samples K answers per training "
+        None, ge=2, description="distill: self-consistency filter -- the teacher also samples N answers per training "
                                 "prompt (temperature 0.7); a prompt trains only where at least half of them agree "
                                 "with its greedy answer; dropped prompts are not replaced")
     eval_data: str | None = Field(
