@@ -133,8 +133,25 @@ def _epochs(stages: dict, skill: str, row: str = "recipe") -> list[str]:
             "epochs run | agreement published |", "|---|---|---|---|---|---|---|---|", *lines, ""]
 
 
+def _paired_line(stages: dict, skill: str, row: str, other: str, what: str) -> str | None:
+    """``row − other`` on the seeds both have, paired by seed and problem: the difference of means, the bootstrap
+    over seeds x problems and the pooled paired Newcombe interval (None: no seed in common)."""
+    from skill_fleet_report import bootstrap, masks, pooled_newcombe
+
+    a, b = masks(stages, skill, row), masks(stages, skill, other)
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    ma, mb = {s: a[s] for s in common}, {s: b[s] for s in common}
+    d = statistics.mean(float(v.mean()) for v in ma.values()) - statistics.mean(float(v.mean()) for v in mb.values())
+    low, high = bootstrap(ma, mb)
+    pooled = pooled_newcombe(ma, mb)
+    extra = f"; pooled paired Newcombe [{pooled[1]:+.3f}, {pooled[2]:+.3f}]" if pooled else ""
+    return f"- {row} − {other} ({what}seeds {common}, paired): {d:+.3f}, bootstrap [{low:+.3f}, {high:+.3f}]{extra}"
+
+
 def write_markdown(path: Path, baseline: Path | None, merge: list[str] = ()) -> str:
-    from skill_fleet_report import LABELS, bootstrap, masks, pooled_newcombe, row_summary
+    from skill_fleet_report import LABELS, bootstrap, masks, row_summary
 
     data = json.loads(path.read_text())
     for part in merge:             # the stages a second process recorded into its own file
@@ -177,29 +194,11 @@ def write_markdown(path: Path, baseline: Path | None, merge: list[str] = ()) -> 
                              f"{fmt(s['wall'])} | {fmt(s['cpu'])} |")
         recipe, vanilla = masks(stages, skill, "recipe"), masks(stages, skill, "vanilla")
         lines.append("")
-        for other in ("distill", "fresh_distill", "vanilla"):
-            common = sorted(set(recipe) & set(masks(stages, skill, other)))   # paired by seed and problem
-            mr = {s: recipe[s] for s in common}
-            mo = {s: masks(stages, skill, other)[s] for s in common}
-            if common:
-                d = statistics.mean(float(v.mean()) for v in mr.values()) - \
-                    statistics.mean(float(v.mean()) for v in mo.values())
-                low, high = bootstrap(mr, mo)
-                pooled = pooled_newcombe(mr, mo)
-                extra = f"; pooled paired Newcombe [{pooled[1]:+.3f}, {pooled[2]:+.3f}]" if pooled else ""
-                lines.append(f"- recipe − {other} (seeds {common}, paired): {d:+.3f}, bootstrap "
-                             f"[{low:+.3f}, {high:+.3f}]{extra}")
-        sc = masks(stages, skill, "recipe_sc")
-        common = sorted(set(sc) & set(recipe))
-        if common:
-            ms, mr = {s: sc[s] for s in common}, {s: recipe[s] for s in common}
-            d = statistics.mean(float(v.mean()) for v in ms.values()) - \
-                statistics.mean(float(v.mean()) for v in mr.values())
-            low, high = bootstrap(ms, mr)
-            pooled = pooled_newcombe(ms, mr)
-            extra = f"; pooled paired Newcombe [{pooled[1]:+.3f}, {pooled[2]:+.3f}]" if pooled else ""
-            lines.append(f"- recipe_sc − recipe (the filter's effect; seeds {common}, paired): {d:+.3f}, bootstrap "
-                         f"[{low:+.3f}, {high:+.3f}]{extra}")
+        pairs = [("recipe", other, "") for other in ("distill", "fresh_distill", "vanilla")]
+        for row, other, what in [*pairs, ("recipe_sc", "recipe", "the filter's effect; ")]:
+            line = _paired_line(stages, skill, row, other, what)
+            if line:
+                lines.append(line)
         if recipe and vanilla:
             r = statistics.mean(float(v.mean()) for v in recipe.values())
             v = statistics.mean(float(v.mean()) for v in vanilla.values())
