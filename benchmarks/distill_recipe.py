@@ -209,9 +209,11 @@ def write_markdown(path: Path, baseline: Path | None, merge: list[str] = ()) -> 
                           f"{'met' if r >= 0.8 * v else 'missed'}); above fresh distillation outside the noise: "
                           f"{'met' if above else 'missed' if above is not None else '–'} (the paired bootstrap's lower end above 0)."]
         lines += ["", *_epochs(stages, skill), *_epochs(stages, skill, "recipe_sc")]
-    missing = [f"{s}/s{seed}" for s in data["skills"] for seed in SEEDS if f"{s}/eval/recipe/s{seed}" not in stages]
+    started = [v for v in VARIANTS if any(k.split("/")[2] == v for k in stages if k.count("/") == 3)]
+    missing = [f"{s}/{v}/s{seed}" for v in started for s in data["skills"] for seed in SEEDS
+               if f"{s}/eval/{v}/s{seed}" not in stages]
     if missing:
-        lines += ["## Not measured (yet)", "", "Recipe rows without a result: " + ", ".join(missing) + ".", ""]
+        lines += ["## Not measured (yet)", "", "Rows without a result: " + ", ".join(missing) + ".", ""]
     text = "\n".join(lines)
     (ROOT / "benchmarks" / "DISTILL_RECIPE.md").write_text(text)
     return text
