@@ -22,6 +22,7 @@ from lorasuite_core.testing.adapter import make_random_lora_adapter
 from lorasuite_core.testing.model import make_tiny_model_dir
 from lorasuite_core.testing.upgrade import upgrade_model_dir
 from lorasuite_core.training import consistency as C
+from lorasuite_core.training import evaluation as E
 from lorasuite_core.training.evaluation import load_for_generation
 from lorasuite_core.training.heldout import HELDOUT, TEACHER_TARGETS, read_heldout
 from lorasuite_core.training.prompts import Prompt
@@ -100,9 +101,13 @@ def test_the_stage_keeps_the_prompts_whose_samples_agree(pair, monkeypatch):
         return [1.0, 0.25, 0.5, 0.0]                   # kept: the first and the third (>= 1/2)
     monkeypatch.setattr(C, "consistency", scored)
     _, plain = migrate(pair, "plain", options(pair))
+    loads, original = [], E.load_adapters_for_generation
+    monkeypatch.setattr(E, "load_adapters_for_generation",
+                        lambda model_dir, *a, **kw: loads.append(str(model_dir)) or original(model_dir, *a, **kw))
     entry, store = migrate(pair, "filtered", options(pair, lft_consistency=3))
     assert entry.status == "published", entry.error
     assert seen == {"k": [3, 3, 3, 3], "n": 4}
+    assert loads == [str(pair["old"])]               # greedy answers and samples: one load of the old base
     all_prompts, all_targets, _ = read_heldout(teacher_entry(plain) / TEACHER_TARGETS)
     kept, targets, _ = read_heldout(teacher_entry(store) / TEACHER_TARGETS)
     assert [p.text for p in kept] == [all_prompts[0].text, all_prompts[2].text]

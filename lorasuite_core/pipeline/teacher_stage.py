@@ -24,8 +24,8 @@ Prompts (:func:`teacher_prompts`), exactly what the consumers picked before this
   calibration texts cut to :data:`FIDELITY_PROMPT_CHARS` (fidelity; the teacher continues them).
 
 Self-consistency (``lft_consistency`` K; :mod:`~lorasuite_core.training.consistency`): the teacher also samples K
-answers per *training* prompt (temperature 0.7, the adapter's seed, one pass per adapter on a second base load
-shared by the call's filtering entries); a training prompt and its target are kept only where at least half of the
+answers per *training* prompt (temperature 0.7, the adapter's seed, one pass per adapter on the greedy answers' own
+base load, ``teacher_completions(then=...)``); a training prompt and its target are kept only where at least half of the
 samples agree with the greedy answer.  The held-out prompts are never filtered.  The entry's facts give the kept and
 dropped counts and the mean agreement.
 
@@ -173,10 +173,11 @@ def teacher_batch(store: StageStore, plan: PairPlan, adapters: list[AdapterPlan]
     if todo:
         start = time.perf_counter()
         with terminal.computing(STAGE):
+            sampled: dict[str, list[list]] = {}
             answers = teacher_completions(resolve_local_dir(plan.old_model, "model"),
                                           {f"a{i}": (adapter_dir, prompts.all) for i, (prompts, adapter_dir)
-                                           in todo.items()}, **GENERATION)
-            sampled = _consistency_samples(plan, adapters, todo)
+                                           in todo.items()}, **GENERATION,
+                                          then=_consistency_samples(adapters, todo, sampled))
         share = (time.perf_counter() - start) / len(todo)
         for i, (prompts, _) in todo.items():
             try:
@@ -192,15 +193,18 @@ def _absent(out: Path) -> dict:
     raise LorasuiteError(f"teacher entry vanished from the store while in use ({out})")
 
 
-def _consistency_samples(plan: PairPlan, adapters: list[AdapterPlan],
-                         todo: dict[int, tuple[TeacherPrompts, Path]]) -> dict[str, list[list]]:
-    """The self-consistency samples of the entries that filter (``lft_consistency``), on one base load."""
+def _consistency_samples(adapters: list[AdapterPlan], todo: dict[int, tuple[TeacherPrompts, Path]],
+                         into: dict[str, list[list]]) -> Callable[[Any, Any], None] | None:
+    """The self-consistency sampling of the entries that filter (``lft_consistency``), to run on the teacher
+    generation's own base load (``then``); the samples go ``into`` the given dict.  None: no entry filters."""
     from lorasuite_core.training.consistency import teacher_samples
 
-    jobs = {f"a{i}": (adapter_dir, prompts.train, prompts.consistency, adapters[i].options.seed)
-            for i, (prompts, adapter_dir) in todo.items() if prompts.consistency and prompts.train}
-    return teacher_samples(resolve_local_dir(plan.old_model, "model"), jobs,
-                           batch_size=GENERATION["batch_size"]) if jobs else {}
+    jobs = {f"a{i}": (prompts.train, prompts.consistency, adapters[i].options.seed)
+            for i, (prompts, _) in todo.items() if prompts.consistency and prompts.train}
+    if not jobs:
+        return None
+    return lambda model, tokenizer: into.update(teacher_samples(model, tokenizer, jobs,
+                                                                batch_size=GENERATION["batch_size"]))
 
 
 def _filtered(prompts: TeacherPrompts, targets: list, samples: list[list]) -> tuple[list, list, dict[str, Any]]:

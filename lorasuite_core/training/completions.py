@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from lorasuite_core.training.agreement import _skill, scored_text
 from lorasuite_core.training.evaluation import generation_finished, model_eos_ids
@@ -89,7 +89,8 @@ def greedy_completions(model, tokenizer, prompts: Sequence[Prompt], *, max_new_t
 
 def teacher_completions(old_model_dir: str | Path, prompts_by_adapter: dict[str, tuple[str | Path, Sequence[Prompt]]],
                         *, max_new_tokens: int | None = None, batch_size: int = 16, dtype: str = "auto",
-                        device: str = "auto", mixed: bool = False) -> dict[str, list[Completion]]:
+                        device: str = "auto", mixed: bool = False,
+                        then: Callable[[Any, Any], None] | None = None) -> dict[str, list[Completion]]:
     """Every teacher's greedy completions on one base load: name -> (adapter directory, prompts) of adapters of one
     old model.  By default each adapter's prompts are generated in a pass of its own (``set_adapter``): the batches
     it gets alone, so its completions equal :func:`greedy_completions` with it loaded alone, bit for bit, in any
@@ -98,7 +99,10 @@ def teacher_completions(old_model_dir: str | Path, prompts_by_adapter: dict[str,
     the rows beside it (float32 on a CPU, ``tests/test_mixed_teachers.py``; bf16 kernels round differently for other
     batch shapes), but on a CPU it was measured slower (benchmarks/TEACHER_BATCH.md: decode there is bound by
     compute, not by reading the weights, and PEFT routes each adapter's rows separately), so nothing uses it by
-    default."""
+    default.
+
+    ``then(model, tokenizer)``, where given, runs on the same load after the greedy passes (the teacher stage samples
+    its self-consistency answers there), so the old base is loaded once."""
     from lorasuite_core.training.evaluation import load_adapters_for_generation
 
     model, tokenizer = load_adapters_for_generation(
@@ -109,12 +113,13 @@ def teacher_completions(old_model_dir: str | Path, prompts_by_adapter: dict[str,
         for name, (_, prompts) in prompts_by_adapter.items():
             model.set_adapter(name)
             result[name] = greedy_completions(model, tokenizer, prompts, **gen)
-        return result
-    prompts = [p for _, ps in prompts_by_adapter.values() for p in ps]
-    names = [name for name, (_, ps) in prompts_by_adapter.items() for _ in ps]
-    completions = greedy_completions(model, tokenizer, prompts, adapter_names=names, **gen)
-    del model
-    result = {name: [] for name in prompts_by_adapter}
-    for name, completion in zip(names, completions, strict=True):
-        result[name].append(completion)
+    else:
+        prompts = [p for _, ps in prompts_by_adapter.values() for p in ps]
+        names = [name for name, (_, ps) in prompts_by_adapter.items() for _ in ps]
+        completions = greedy_completions(model, tokenizer, prompts, adapter_names=names, **gen)
+        result = {name: [] for name in prompts_by_adapter}
+        for name, completion in zip(names, completions, strict=True):
+            result[name].append(completion)
+    if then is not None:
+        then(model, tokenizer)
     return result

@@ -19,7 +19,6 @@ of its own, so a fleet and a single migration sample alike).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from lorasuite_core.training.prompts import Prompt
@@ -74,16 +73,14 @@ def consistency(greedy: Sequence, samples: Sequence[Sequence], prompts: Sequence
             for g, drawn, p in zip(greedy, samples, prompts)]
 
 
-def teacher_samples(old_model_dir: str | Path, jobs: dict[str, tuple[str | Path, Sequence[Prompt], int, int]], *,
+def teacher_samples(model, tokenizer, jobs: dict[str, tuple[Sequence[Prompt], int, int]], *,
                     batch_size: int = 16) -> dict[str, list[list]]:
-    """Every adapter's samples: name -> (adapter directory, prompts, K, seed) gives K samples per prompt.  One base
-    load holds every adapter; each is sampled in a pass of its own (``set_adapter``) from a generator seeded with its
+    """Every adapter's samples on a loaded base holding them all under their names (the teacher stage's load, from
+    :func:`~lorasuite_core.training.completions.teacher_completions`): name -> (prompts, K, seed) gives K samples
+    per prompt.  Each adapter is sampled in a pass of its own (``set_adapter``) from a generator seeded with its
     seed, so its samples do not depend on the other adapters of the call."""
-    from lorasuite_core.training.evaluation import load_adapters_for_generation
-
-    model, tokenizer = load_adapters_for_generation(old_model_dir, {name: job[0] for name, job in jobs.items()})
     result = {}
-    for name, (_, prompts, k, seed) in jobs.items():
+    for name, (prompts, k, seed) in jobs.items():
         model.set_adapter(name)
         result[name] = sampled_completions(model, tokenizer, prompts, k, seed=seed, batch_size=batch_size)
     return result
