@@ -54,6 +54,10 @@ Old adapters: ``--reuse-old PAIR`` takes them from another pair of the same old 
 old model, recipe and seed are the same and CPU training here is deterministic (retrained adapters reproduced the
 recorded final loss to the last digit).
 
+Two processes (one per core) may share a pair's work by skills: stop the run, copy its results JSON, restart it on
+some skills and a second process on the others with ``--results COPY``; afterwards ``--merge-from COPY`` adds the
+second's stages to the first's file.
+
 Usage
   LORASUITE_BENCH_THREADS=1 nice -n 19 .venv/bin/python benchmarks/skill_fleet.py --pair cross &
   LORASUITE_BENCH_THREADS=1 nice -n 19 .venv/bin/python benchmarks/skill_fleet.py --pair shape --reuse-old cross &
@@ -429,6 +433,8 @@ def main() -> None:
     parser.add_argument("--new-model", help="a model directory in place of the pair's new model")
     parser.add_argument("--results", help="results JSON in place of benchmarks/results/skill_fleet_<pair>.json")
     parser.add_argument("--markdown", action="store_true", help="render benchmarks/SKILL_FLEET.md and stop")
+    parser.add_argument("--merge-from", metavar="JSON", help="add the stages of another run's results file (a second "
+                        "process on other skills, started from a copy of this one) that this one lacks, and stop")
     args = parser.parse_args()
     if args.skills is None:
         args.skills = (["arithmetic", "family_relationships", "letter_counting", "knowledge", "chain_sum"]
@@ -436,6 +442,14 @@ def main() -> None:
     args.threads = int(os.environ.get("LORASUITE_BENCH_THREADS", os.cpu_count() or 1))
     args.command = (f"LORASUITE_BENCH_THREADS={args.threads} nice -n 19 .venv/bin/python benchmarks/skill_fleet.py "
                     + shlex.join(sys.argv[1:]))
+    if args.merge_from:
+        path = Path(args.results or results_path(args.pair))
+        mine, theirs = (json.loads(Path(p).read_text()) for p in (path, args.merge_from))
+        added = {k: v for k, v in theirs["stages"].items() if k not in mine["stages"]}
+        merge_json(path, {"stages": {**mine["stages"], **added}, "skills": {**mine["skills"], **theirs["skills"]},
+                          "commands": list(dict.fromkeys([*mine.get("commands", []), *theirs.get("commands", [])]))})
+        print(f"merged {len(added)} stages from {args.merge_from} into {path}")
+        return
     if args.markdown:
         from skill_fleet_report import write_markdown
 
