@@ -142,18 +142,17 @@ with the same-shape skill fleet (one thread) on the other core throughout and `.
 - **Distill-100 into the 1.5B, ≤ 5 min: missed (548–966 s).** Of that, training is 399–646 s (25 steps of 4
   examples, 16–26 s a step); the rest is the student's greedy answers on the 16 held-out prompts before and after.
   The teacher entries hold 31–62 tokens of prompt text and answer per example (the template adds a few), ≈ 5,000
-  tokens an epoch; a LoRA step
-  through the 1.5B costs ≈ 4 × 1.54·10⁹ FLOP per token (forward and the backward through the frozen weights) and the
+  tokens an epoch; a LoRA step through the 1.5B costs ≈ 4 × 1.54·10⁹ FLOP per token (forward and the backward through the frozen weights) and the
   0.5B teacher's logits ≈ 1·10⁹ more, ≈ 36 TFLOP per adapter ≈ 170 s at 213 GFLOP/s. Short, padded batches run
-  below the 1024² GEMM rate, and the load halved this core. On the AMX Xeon's 2.4 TFLOP/s the same FLOPs take
+  below the 1024² GEMM rate, and at load 3 on 2 cores the process had about two thirds of its core. On the AMX Xeon's 2.4 TFLOP/s the same FLOPs take
   ≈ 15 s.
 - **A fleet of 5 data-free adapters, ≤ 30 min: missed (75 min).** 83 % of it is the five distillations, one after
   another; the teacher answers for all five took 488 s in one call, the pair analysis ≈ 5 min.
 - **Memory:** the fleet process peaked at 22.9 GB on a 24 GiB machine. The first distillation reported
   16.3 GB and the later ones 21.6–21.8 GB. A 1.5B student (6.2 GB fp32) and its 0.5B teacher (2 GB) explain about
-  8 GB; the rest is probably the models the pair stages memoise for the fleet (another ≈ 8 GB) and what the
-  earlier entries left behind. Not fixed yet: the next step is to release the pair's memoised models before
-  the LFT stages (or train on them), and to measure the fleet's RSS per stage.
+  8 GB; the rest is not accounted for (the pair stages read weights lazily from the safetensors files, so their
+  memoised models do not hold them). Not fixed yet: the next step is the fleet process's RSS at every stage
+  boundary, then releasing whatever the earlier entries leave behind.
 """
 
 
@@ -200,7 +199,7 @@ def markdown() -> str:
                      for x in (e["steps"].get(k) for k in (*PAIR_STAGES, "transfer", "write", "teacher", "lft"))]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += ["", "The pair stages ran once (the fleet's first step) and are listed under every entry; the "
-                  "distillations ran one after another.", "", *LIMITS]
+                  "distillations ran one after another.", "", LIMITS]
     text = "\n".join(lines)
     (ROOT / "benchmarks" / "FLEET_ECONOMICS.md").write_text(text)
     return text
