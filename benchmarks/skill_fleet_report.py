@@ -152,14 +152,16 @@ SHORT = {"copy": "copy (= ParamΔ)", "distill": "transfer + distill-100", "fresh
 
 def headline(stages: dict, skills: list[str]) -> list[str]:
     """Per skill: the teacher, each route's mean accuracy (its seeds), and the best route against the runner-up --
-    the difference with its bootstrap interval over seeds x problems; "tie" where that interval covers 0."""
+    the difference with its bootstrap interval over seeds x problems; "tie" where that interval covers 0.  ``auto``
+    is shown but not ranked: it publishes one of the other routes' adapters."""
     routes = [r for r in ROUTES if any(row_summary(stages, skill, r) for skill in skills)]
     lines = ["| skill | teacher (old adapter) | " + " | ".join(SHORT[r] for r in routes) + " | best − runner-up [95%] |",
              "|---|---|" + "---|" * len(routes) + "---|"]
     for skill in skills:
         teacher = row_summary(stages, skill, "old_adapter")
         summaries = {r: row_summary(stages, skill, r) for r in routes}
-        ranked = sorted([(r, s) for r, s in summaries.items() if s], key=lambda x: -x[1]["mean"])
+        ranked = sorted([(r, s) for r, s in summaries.items() if s and r != "auto"],   # auto publishes one of them
+                        key=lambda x: -x[1]["mean"])
         if len(ranked) < 2 or teacher is None:
             continue
         cells = [f"{s['mean']:.3f} ({len(s['seeds'])})" if s else "–" for s in summaries.values()]
