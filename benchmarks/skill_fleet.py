@@ -26,9 +26,9 @@ Rows per skill (test: ``task:NAME:test:T`` at seed 0 for every row; LoRA rank 16
                   (``prompts.load_prompts``, ``prompts.split_heldout``, ``distill.distill``) with the fresh adapter
   lft             transfer + labelled LFT on ``task:NAME:train:100`` (the stage graph)
   auto            ``--route auto`` with the distill row's options (seed 0; fidelity on, as auto needs): the stage
-                  graph tries transfer, distill and fresh-distill, scores each on the held-out prompts' teacher
-                  agreement and fidelity and publishes the best that clears the gate; the row is the published
-                  adapter, with the route's choice and every candidate's numbers recorded
+                  graph tries copy (same shapes only), transfer, distill and fresh-distill, scores each on the
+                  held-out prompts' teacher agreement and fidelity and publishes the best that clears the gate; the
+                  row is the published adapter, with the route's choice and every candidate's numbers recorded
   vanilla         a fresh LoRA on the new model on the 100 labelled samples (1 epoch, as the pipeline's vanilla
                   baseline) at the better of lr 3e-4 / 9e-4, chosen on ``task:NAME:validation:V`` with seed 0
   full            ``lorasuite train`` on the new model with the old adapter's recipe (N samples)
