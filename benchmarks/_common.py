@@ -81,3 +81,47 @@ def gemm_gflops(dtype=None, n: int = 2048) -> float:
     for _ in range(3):
         a @ b
     return round(3 * 2 * n ** 3 / (time.perf_counter() - start) / 1e9, 1)
+
+
+def run_rss_traced(cmd: list[str], *, env: dict, cwd, every_s: float = 5.0):
+    """Run ``/usr/bin/time -v CMD``; return (returncode, stdout, stderr, trace).
+
+    ``trace``: the timed child's resident set every ``every_s`` seconds, and at each line it writes to stderr
+    (a finished stage's terminal line), as ``[seconds since start, RSS GB, the line or ""]`` rows.
+    """
+    import subprocess
+    import threading
+    import time
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    trace, err_lines, out_chunks, done = [], [], [], threading.Event()
+
+    def rss_gb():
+        try:
+            child = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
+            for line in Path(f"/proc/{child}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) * 1024 / 1e9, 2)
+        except (OSError, IndexError, ValueError):
+            return None
+        return None
+
+    def sample():
+        while not done.wait(every_s):
+            trace.append([round(time.perf_counter() - start, 1), rss_gb(), ""])
+
+    def read_err():
+        for line in proc.stderr:
+            err_lines.append(line)
+            trace.append([round(time.perf_counter() - start, 1), rss_gb(), line.rstrip()[:120]])
+
+    threads = [threading.Thread(target=sample, daemon=True), threading.Thread(target=read_err, daemon=True)]
+    for t in threads:
+        t.start()
+    out_chunks.append(proc.stdout.read())
+    proc.wait()
+    done.set()
+    threads[1].join()
+    return proc.returncode, "".join(out_chunks), "".join(err_lines), trace

@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -93,27 +94,36 @@ class Run:
                                       "--output", self.adapter(skill), "--overwrite", "--epochs", "1", "--lr", "3e-4",
                                       "--rank", "16", "--alpha", "32", "--seed", "0"], threads)
                 self.save("old_adapters", old)
-        if "first" not in self.data:
-            print("[fleet-economics] first adapter, fresh store ...", flush=True)
-            out = self.work / "first-out"
+        first_label = "first" + (f"_{self.args.label}" if self.args.label else "")
+        if first_label not in self.data:
+            print(f"[fleet-economics] first adapter, fresh store ({first_label}) ...", flush=True)
+            out = self.work / f"{first_label}-out"
             first = run_cli(["-q", "migrate", "--old-model", self.old, "--new-model", self.new, "--adapter",
                              self.adapter(SKILLS[0]), "--output", str(out), "--overwrite", "--no-lft", "--no-fidelity",
-                             "--cache-root", str(self.work / f"first-store-{os.getpid()}")], threads)
+                             "--cache-root", str(self.work / f"{first_label}-store-{os.getpid()}")], threads,
+                            rss_trace=bool(self.args.label))
             first["steps"] = json.loads((out / "migration_report.json").read_text()).get("steps")
-            self.save("first", first)
-        if "fleet" not in self.data:
-            print("[fleet-economics] data-free fleet of five, fresh store ...", flush=True)
+            first["code"] = git_head()
+            self.save(first_label, first)
+        label = "fleet" + (f"_{self.args.label}" if self.args.label else "")
+        if label not in self.data:
+            print(f"[fleet-economics] data-free fleet of five, fresh store ({label}) ...", flush=True)
             manifest = self.work / "fleet.json"
             manifest.write_text(json.dumps({
-                "old_model": self.old, "new_model": self.new, "output_root": str(self.work / "fleet-out"),
+                "old_model": self.old, "new_model": self.new, "output_root": str(self.work / f"{label}-out"),
                 "defaults": {"lft_mode": "distill", "lft_samples": N_100, "gate_prompts": HELD, "fidelity": False},
                 "adapters": [{"name": s, "adapter": self.adapter(s),
                               "overrides": {"lft_prompts": f"task:{s}:train:{N_100 + HELD}"}} for s in SKILLS]},
                 indent=2))
             fleet = run_cli(["migrate-fleet", "--manifest", str(manifest), "--overwrite", "--cache-root",
-                             str(self.work / f"fleet-store-{os.getpid()}")], threads)
-            fleet["entries"] = reports(self.work / "fleet-out")
-            self.save("fleet", fleet)
+                             str(self.work / f"{label}-store-{os.getpid()}")], threads, rss_trace=bool(self.args.label))
+            fleet["entries"] = reports(self.work / f"{label}-out")
+            fleet["code"] = git_head()
+            self.save(label, fleet)
+
+
+def git_head() -> str:
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
 PAIR_STAGES = ("vocabulary", "activations", "transfer_matrix", "cka", "layer_mapping", "head_similarity", "unit_maps")
@@ -208,6 +218,9 @@ def markdown() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "fleet-economics"))
+    parser.add_argument("--label", default="",
+                        help="measure the first adapter and the fleet again, as first_LABEL and fleet_LABEL, with the "
+                             "CLI's RSS every 5 s and at each stage line (no label: the first measurement's keys)")
     parser.add_argument("--markdown", action="store_true", help="write benchmarks/FLEET_ECONOMICS.md and stop")
     args = parser.parse_args()
     args.threads = int(os.environ.get("LORASUITE_BENCH_THREADS", os.cpu_count() or 1))

@@ -78,7 +78,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from _common import loadavg, merge_json, parse_time_v  # noqa: E402
+from _common import loadavg, merge_json, parse_time_v, run_rss_traced  # noqa: E402
 from migration_benchmark import _threads, run_child, stage_graph_migrate  # noqa: E402
 
 PAIRS = {"cross": ("smollm2-135m-instruct", "gemma3-270m"),
@@ -177,18 +177,23 @@ def stage_auto(old_dir: str, new_dir: str, adapter_dir: str, out_dir: str, cache
         return {"refused": str(failed), "options": migration}
 
 
-def run_cli(args: list[str], threads: int) -> dict:
-    """``lorasuite ARGS`` in a subprocess under ``/usr/bin/time -v``: its wall/CPU seconds and peak RSS."""
+def run_cli(args: list[str], threads: int, *, rss_trace: bool = False) -> dict:
+    """``lorasuite ARGS`` in a subprocess under ``/usr/bin/time -v``: its wall/CPU seconds and peak RSS (and with
+    ``rss_trace``, its RSS every 5 s and at each stage line: ``_common.run_rss_traced``)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     load = loadavg()
-    done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"lorasuite {shlex.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    timing = parse_time_v(done.stderr)
+    cmd, extra = [sys.executable, "-m", "flows.cli", *args], {}
+    if rss_trace:
+        returncode, stdout, stderr, extra["rss_trace"] = run_rss_traced(cmd, env=env, cwd=ROOT)
+    else:
+        done = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=ROOT, env=env, capture_output=True, text=True)
+        returncode, stdout, stderr = done.returncode, done.stdout, done.stderr
+    if returncode != 0:
+        raise RuntimeError(f"lorasuite {shlex.join(args)} failed ({returncode}):\n{stderr[-3000:]}")
+    timing = parse_time_v(stderr)
     return {**timing, "cpu_seconds": timing["user_s"] + timing["system_s"], "seconds": timing["wall_s"],
             "command": "lorasuite " + shlex.join(args), "loadavg_start": load, "loadavg_end": loadavg(),
-            "stdout_tail": done.stdout[-1500:]}
+            "stdout_tail": stdout[-1500:], **extra}
 
 
 def machine(threads: int) -> dict:
