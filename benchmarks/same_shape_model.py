@@ -181,16 +181,18 @@ def derive(out_dir: Path, steps: int = STEPS, seed: int = 0) -> dict:
 
 
 def ensure(seed: int = 0) -> Path:
-    """The derived model's directory, deriving it (and recording the run) when it is not there yet."""
-    out = models_root() / NAME / "hf"
+    """The derived model's directory, deriving it (and recording the run) when it is not there yet; a seed other
+    than 0 derives another model, named ``NAME-seedSEED``."""
+    out = models_root() / (NAME if seed == 0 else f"{NAME}-seed{seed}") / "hf"
     if not (out / "derivation.json").is_file():
         from skill_fleet import machine
 
         record = derive(out, seed=seed)
         threads = record["threads"]
-        merge_json(RESULTS, {"command": f"LORASUITE_BENCH_THREADS={threads} .venv/bin/python "
-                                        f"benchmarks/same_shape_model.py", "derivation": record,
-                             "machine": machine(threads)})
+        suffix = "" if seed == 0 else f"_seed{seed}"
+        merge_json(RESULTS, {f"command{suffix}": f"LORASUITE_BENCH_THREADS={threads} .venv/bin/python "
+                                                 f"benchmarks/same_shape_model.py --seed {seed}",
+                             f"derivation{suffix}": record, f"machine{suffix}": machine(threads)})
     return out
 
 

@@ -123,6 +123,44 @@ def make_adapter(model_dir: Path, out: Path) -> Path:
     return out
 
 
+def make_adapter_streamed(model_dir: Path, out: Path, *, seed: int = 0, strength: float = 0.5) -> Path:
+    """A random LoRA like ``testing.adapter.make_random_lora_adapter`` (random A and B on every target, scaled so
+    that ‖(alpha/rank)·B·A‖_F = strength·‖W‖_F) written weight by weight from the safetensors shards: a 7B-shaped
+    model is never loaded whole (in float32 it is 26 GB).  ‖B·A‖_F² = tr((BᵀB)(AAᵀ)): no dense product."""
+    import torch
+    from peft import LoraConfig
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if (out / "adapter_model.safetensors").is_file():
+        return out
+    t = time.perf_counter()
+    weight_map = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    gen = torch.Generator().manual_seed(seed * 31337 + 11)
+    tensors = {}
+    for name in sorted(weight_map):
+        parts = name.split(".")
+        if parts[-1] != "weight" or parts[-2] not in TARGETS:
+            continue
+        with safe_open(model_dir / weight_map[name], framework="pt") as handle:
+            weight = handle.get_tensor(name)
+        rows, cols = weight.shape
+        w_norm = weight.to(torch.float64).norm()
+        a = torch.randn(RANK, cols, generator=gen, dtype=torch.float64) / cols ** 0.5
+        b = torch.randn(rows, RANK, generator=gen, dtype=torch.float64) / RANK ** 0.5
+        delta_norm = (ALPHA / RANK) * torch.trace((b.T @ b) @ (a @ a.T)).sqrt()
+        b = b * (strength * w_norm / delta_norm)
+        prefix = "base_model.model." + name[: -len(".weight")]
+        tensors[prefix + ".lora_A.weight"] = a.float().contiguous()
+        tensors[prefix + ".lora_B.weight"] = b.float().contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+               base_model_name_or_path=str(model_dir)).save_pretrained(str(out))
+    print(f"adapter ({len(tensors) // 2} modules) written to {out} in {time.perf_counter() - t:.0f} s", flush=True)
+    return out
+
+
 def run_migrate(old: Path, new: Path, adapter: Path, work: Path, *, repo: Path, threads: int,
                 timeout: float | None = None) -> dict:
     """One fresh ``/usr/bin/time -v lorasuite migrate --no-lft`` child; its stage seconds, wall time, peak RSS."""
@@ -306,7 +344,7 @@ def part_synthetic(args) -> None:
         t = time.perf_counter()
         old = write_synthetic_model(work / "old", OLD_7B, layers, seed=1, dtype=args.weights_dtype)
         new = write_synthetic_model(work / "new", NEW_8B, layers, seed=2, dtype=args.weights_dtype)
-        adapter = make_adapter(old, work / "adapter")
+        adapter = make_adapter_streamed(old, work / "adapter")
         print(f"L={layers}: fixtures ready in {time.perf_counter() - t:.0f} s", flush=True)
         if args.prepare_only:
             continue

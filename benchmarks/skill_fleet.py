@@ -437,7 +437,7 @@ def main() -> None:
     parser.add_argument("--old-model", help="a model directory in place of the pair's old model (a smoke run)")
     parser.add_argument("--new-model", help="a model directory in place of the pair's new model")
     parser.add_argument("--results", help="results JSON in place of benchmarks/results/skill_fleet_<pair>.json")
-    parser.add_argument("--markdown", action="store_true", help="render benchmarks/SKILL_FLEET.md and stop")
+    parser.add_argument("--markdown", action="store_true", help="render benchmarks/SKILL_FLEET[_PAIR].md (from --results when given) and stop")
     parser.add_argument("--merge-from", metavar="JSON", help="add the stages of another run's results file (a second "
                         "process on other skills, started from a copy of this one) that this one lacks, and stop")
     args = parser.parse_args()
@@ -458,7 +458,7 @@ def main() -> None:
     if args.markdown:
         from skill_fleet_report import write_markdown
 
-        print(write_markdown(args.pair))
+        print(write_markdown(args.pair, args.results))
         return
     Run(args).run()
 
