@@ -95,10 +95,11 @@ class Run:
                                       "--rank", "16", "--alpha", "32", "--seed", "0"], threads)
                 self.save("old_adapters", old)
         first_label = "first" + (f"_{self.args.label}" if self.args.label else "")
-        if first_label not in self.data:
+        if first_label not in self.data and self.args.only in (None, "first"):
             print(f"[fleet-economics] first adapter, fresh store ({first_label}) ...", flush=True)
             out = self.work / f"{first_label}-out"
-            first = run_cli(["-q", "migrate", "--old-model", self.old, "--new-model", self.new, "--adapter",
+            quiet = [] if self.args.label else ["-q"]     # a labelled run keeps the stage lines for its RSS trace
+            first = run_cli([*quiet, "migrate", "--old-model", self.old, "--new-model", self.new, "--adapter",
                              self.adapter(SKILLS[0]), "--output", str(out), "--overwrite", "--no-lft", "--no-fidelity",
                              "--cache-root", str(self.work / f"{first_label}-store-{os.getpid()}")], threads,
                             rss_trace=bool(self.args.label))
@@ -106,7 +107,7 @@ class Run:
             first["code"] = git_head()
             self.save(first_label, first)
         label = "fleet" + (f"_{self.args.label}" if self.args.label else "")
-        if label not in self.data:
+        if label not in self.data and self.args.only in (None, "fleet"):
             print(f"[fleet-economics] data-free fleet of five, fresh store ({label}) ...", flush=True)
             manifest = self.work / "fleet.json"
             manifest.write_text(json.dumps({
@@ -166,6 +167,48 @@ with the same-shape skill fleet (one thread) on the other core throughout and `.
 """
 
 
+def _trace_peak(entry: dict) -> str:
+    trace = [r for _, r, _ in entry.get("rss_trace", []) if r is not None]
+    return f"{max(trace):.2f}" if trace else "–"
+
+
+def memory_section(d: dict) -> list[str]:
+    """Before and after the stages give back what they freed (``io.memory``): the Qwen runs measured again under a
+    label, and the in-process fleet of ``fleet_memory.py``."""
+    lines = []
+    runs = [(k, v) for k, v in d.items() if k.startswith(("first_", "fleet_")) and isinstance(v, dict)]
+    if runs:
+        lines += ["## Memory: before and after stages give back what they freed", "",
+                  "Runs measured again under a label (`--label L --only first|fleet`, code = the commit the CLI ran; "
+                  "`before_trim` is the code before `lorasuite_core/io/memory.py`). Peak RSS is `/usr/bin/time -v`'s; "
+                  "the sampled peak is the highest of the CLI's RSS read every few seconds (the interval is a column).", "",
+                  "| run | code | wall s | CPU s | peak RSS GB | sampled peak GB | sampled every | load (start → end) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key, e in runs:
+            lines.append(f"| {key} | {e.get('code', '?')[:7]} | {e['wall_s']:.0f} | {e['cpu_seconds']:.0f} | "
+                         f"{e['peak_rss_gb']:.2f} | {_trace_peak(e)} | {e.get('rss_every_s', 5):g} s | {e['loadavg_start'][0]:.1f} → "
+                         f"{e['loadavg_end'][0]:.1f} |")
+        lines.append("")
+    path = ROOT / "benchmarks" / "results" / "fleet_memory.json"
+    if path.is_file():
+        mem = json.loads(path.read_text())
+        lines += ["In-process fleet of three distillations on the same-shape SmolLM2 pair (`benchmarks/fleet_memory.py`; "
+                  "RSS in GB when each stage's line is printed, and the process's peak at the end):", "",
+                  "| label | code | after teacher | after LFT 1 | after LFT 2 | after LFT 3 | peak | LFT s | load |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for label, e in mem.items():
+            rows = e["rows"]
+            lft = [r for r in rows if r["line"].startswith("lft ")]
+            teacher = [r for r in rows if r["line"].startswith("teacher ")]
+            lft_s = [r["line"].split()[2] for r in lft]
+            cells = [f"{teacher[0]['rss_gb']:.2f}" if teacher else "–"] + \
+                    [f"{r['rss_gb']:.2f}" for r in lft] + ["–"] * (3 - len(lft))
+            lines.append(f"| {label} | {e['code'][:7]} | " + " | ".join(cells) + f" | {rows[-1]['peak_gb']:.2f} | "
+                         + ", ".join(lft_s) + f" | {e['loadavg_start'][0]:.1f} → {e['loadavg_end'][0]:.1f} |")
+        lines.append("")
+    return lines
+
+
 def markdown() -> str:
     d = json.loads(RESULTS.read_text())
     m, first, fleet = d.get("machine", {}), d.get("first"), d.get("fleet")
@@ -210,6 +253,7 @@ def markdown() -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += ["", "The pair stages ran once (the fleet's first step) and are listed under every entry; the "
                   "distillations ran one after another.", "", LIMITS]
+    lines += memory_section(d)
     text = "\n".join(lines)
     (ROOT / "benchmarks" / "FLEET_ECONOMICS.md").write_text(text)
     return text
@@ -220,7 +264,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "fleet-economics"))
     parser.add_argument("--label", default="",
                         help="measure the first adapter and the fleet again, as first_LABEL and fleet_LABEL, with the "
-                             "CLI's RSS every 5 s and at each stage line (no label: the first measurement's keys)")
+                             "CLI's RSS every second and at each stage line (no label: the first measurement's keys)")
+    parser.add_argument("--only", choices=["first", "fleet"], help="run only this measurement")
     parser.add_argument("--markdown", action="store_true", help="write benchmarks/FLEET_ECONOMICS.md and stop")
     args = parser.parse_args()
     args.threads = int(os.environ.get("LORASUITE_BENCH_THREADS", os.cpu_count() or 1))

@@ -179,12 +179,13 @@ def stage_auto(old_dir: str, new_dir: str, adapter_dir: str, out_dir: str, cache
 
 def run_cli(args: list[str], threads: int, *, rss_trace: bool = False) -> dict:
     """``lorasuite ARGS`` in a subprocess under ``/usr/bin/time -v``: its wall/CPU seconds and peak RSS (and with
-    ``rss_trace``, its RSS every 5 s and at each stage line: ``_common.run_rss_traced``)."""
+    ``rss_trace``, its RSS every second and at each stage line: ``_common.run_rss_traced``)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     load = loadavg()
     cmd, extra = [sys.executable, "-m", "flows.cli", *args], {}
     if rss_trace:
-        returncode, stdout, stderr, extra["rss_trace"] = run_rss_traced(cmd, env=env, cwd=ROOT)
+        extra["rss_every_s"] = 1.0
+        returncode, stdout, stderr, extra["rss_trace"] = run_rss_traced(cmd, env=env, cwd=ROOT, every_s=1.0)
     else:
         done = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=ROOT, env=env, capture_output=True, text=True)
         returncode, stdout, stderr = done.returncode, done.stdout, done.stderr
