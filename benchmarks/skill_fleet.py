@@ -24,6 +24,9 @@ Rows per skill (test: ``task:NAME:test:T`` at seed 0 for every row; LoRA rank 16
                   new model + the same distillation (same prompts and held-out split, teacher, KL weight, learning
                   rate, epochs and seed): the library calls of the pipeline's distill stage
                   (``prompts.load_prompts``, ``prompts.split_heldout``, ``distill.distill``) with the fresh adapter
+  gkd             pairs with one shared vocabulary only: the distill row with ``lft_on_policy: 0.5`` (GKD: half of
+                  the training batches on answers the student samples itself, the teacher's token distributions
+                  on them as the target; ``lorasuite_core.training.on_policy``)
   lft             transfer + labelled LFT on ``task:NAME:train:100`` (the stage graph)
   auto            ``--route auto`` with the distill row's options (seed 0; fidelity on, as auto needs): the stage
                   graph tries copy (same shapes only), transfer, distill and fresh-distill, scores each on the
@@ -33,7 +36,7 @@ Rows per skill (test: ``task:NAME:test:T`` at seed 0 for every row; LoRA rank 16
                   baseline) at the better of lr 3e-4 / 9e-4, chosen on ``task:NAME:validation:V`` with seed 0
   full            ``lorasuite train`` on the new model with the old adapter's recipe (N samples)
 
-Seeds: distill, fresh_distill and vanilla at seeds 0, 1, 2 (the options' ``seed``: for a ``task:`` spec it also
+Seeds: distill, fresh_distill, vanilla and gkd at seeds 0, 1, 2 (the options' ``seed``: for a ``task:`` spec it also
 draws the 100 samples/prompts, so a seed varies the data as well as the initialisation and order); the rest seed 0.
 
 Intervals: one seed -- Wilson over the test problems; several seeds -- a bootstrap over seeds x problems (2000
@@ -47,7 +50,7 @@ CPU seconds, the load average, and for training the compute dtype (bf16 autocast
 Results are merged into ``benchmarks/results/skill_fleet_<pair>.json`` after every stage; a rerun resumes (recorded
 stages are skipped; their adapters live in ``--workdir``).  Order: every skill's old adapter, bare and transfer
 rows, then distill / fresh_distill / vanilla at seed 0, then lft, then seeds 1 and 2, then auto, then full
-retraining.
+retraining, then gkd (seeds 0, 1, 2).
 
 Old adapters: ``--reuse-old PAIR`` takes them from another pair of the same old model (its work directory under
 ``--workdir`` and its results JSON: the adapters are copied, their records kept with ``reused_from``), since the
@@ -98,8 +101,13 @@ SKILLS = {"arithmetic": {"n": 300, "epochs": 2, "lr": 3e-4, "test": 100},
 N_100, HELD, VALIDATION, TEST_SEED = 100, 16, 50, 0
 VANILLA_LRS = (3e-4, 9e-4)
 SEEDS = (0, 1, 2)
-MULTI_SEED = ("distill", "fresh_distill", "vanilla")
-ROWS = ("bare_old", "old_adapter", "bare_new", "transfer", "copy", "distill", "fresh_distill", "lft", "vanilla", "auto", "full")
+MULTI_SEED = ("distill", "fresh_distill", "vanilla", "gkd")
+ROWS = ("bare_old", "old_adapter", "bare_new", "transfer", "copy", "distill", "gkd", "fresh_distill", "lft", "vanilla",
+        "auto", "full")
+#: Pairs whose models share one vocabulary: the token-level KL and on-policy distillation (the gkd row) apply.
+SHARED_VOCABULARY = {"shape", "qwen"}
+#: The gkd row's share of on-policy batches (``--lft-on-policy``).
+GKD_SHARE = 0.5
 RANK, ALPHA = 16, 32.0
 
 
@@ -343,6 +351,14 @@ class Run:
                     self.adapter(skill, "old_adapter"), out, self.store, self.distill_options(skill, seed), {})
         self.evaluate(skill, "distill", self.new, out, seed)
 
+    def gkd(self, skill: str, seed: int) -> None:
+        """transfer + distill-100 with a share of on-policy batches (GKD), everything else as the distill row."""
+        out = self.adapter(skill, "gkd", seed)
+        self.record(f"{skill}/train/gkd/s{seed}", stage_graph_migrate, self.old, self.new,
+                    self.adapter(skill, "old_adapter"), out, self.store,
+                    {**self.distill_options(skill, seed), "lft_on_policy": GKD_SHARE}, {})
+        self.evaluate(skill, "gkd", self.new, out, seed)
+
     def fresh_distill(self, skill: str, seed: int) -> None:
         out = self.adapter(skill, "fresh_distill", seed)
         self.record(f"{skill}/train/fresh_distill/s{seed}", stage_fresh_distill, self.old,
@@ -424,6 +440,10 @@ class Run:
         if not self.args.no_full:
             for skill in skills:
                 self.evaluate(skill, "full", self.new, self.train_cli(skill, "full", self.new))
+        if self.args.pair in SHARED_VOCABULARY and not self.args.no_gkd:
+            for seed in SEEDS:
+                for skill in skills:
+                    self.gkd(skill, seed)
 
 
 def main() -> None:
@@ -434,6 +454,7 @@ def main() -> None:
                              "the old SmolLM2 adapters learn")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "skill-fleet"))
     parser.add_argument("--no-full", action="store_true", help="skip the full-retraining rows")
+    parser.add_argument("--no-gkd", action="store_true", help="skip the on-policy (gkd) rows")
     parser.add_argument("--reuse-old", choices=sorted(PAIRS), help="take the old adapters from this pair's run")
     parser.add_argument("--old-model", help="a model directory in place of the pair's old model (a smoke run)")
     parser.add_argument("--new-model", help="a model directory in place of the pair's new model")

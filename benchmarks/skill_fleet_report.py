@@ -9,22 +9,24 @@ from pathlib import Path
 import numpy as np
 
 from migration_benchmark import paired_interval
-from skill_fleet import MULTI_SEED, ROOT, ROWS, SAME_SHAPE, SEEDS, results_path
+from skill_fleet import MULTI_SEED, ROOT, ROWS, SAME_SHAPE, SEEDS, SHARED_VOCABULARY, results_path
 
 BOOTSTRAP = 2000
 LABELS = {"bare_old": "old model alone", "old_adapter": "old adapter on the old model (teacher)",
           "bare_new": "new model alone", "transfer": "transfer only (migrate-fleet)",
           "copy": "copy as is (= ParamΔ for a LoRA adapter)",
           "distill": "transfer + distill-100 (no labels)", "fresh_distill": "fresh LoRA (B = 0) + distill-100",
+          "gkd": "transfer + distill-100, half the batches on-policy (GKD)",
           "lft": "transfer + labelled LFT-100", "vanilla": "vanilla LoRA-100 (lr on validation)",
           "auto": "--route auto (its choice)",
           "full": "full retraining on N (LoRA, old recipe)"}
-TRAIN_STAGE = {"old_adapter": "old_adapter", "distill": "distill", "fresh_distill": "fresh_distill", "lft": "lft",
+TRAIN_STAGE = {"old_adapter": "old_adapter", "distill": "distill", "gkd": "gkd", "fresh_distill": "fresh_distill",
+               "lft": "lft",
                "auto": "auto", "full": "full"}
 COMPARISONS = (("old_adapter", "bare_old"), ("transfer", "bare_new"), ("copy", "bare_new"), ("copy", "transfer"),
                ("copy", "old_adapter"), ("distill", "fresh_distill"), ("distill", "transfer"), ("distill", "copy"),
                ("distill", "vanilla"), ("copy", "vanilla"), ("lft", "vanilla"), ("vanilla", "fresh_distill"),
-               ("distill", "old_adapter"))
+               ("distill", "old_adapter"), ("gkd", "distill"), ("gkd", "fresh_distill"), ("gkd", "vanilla"))
 
 
 def masks(stages: dict, skill: str, row: str) -> dict[int, np.ndarray]:
@@ -146,8 +148,9 @@ def skill_lines(stages: dict, skill: str, recipe: dict) -> list[str]:
 
 
 #: The routes a user chooses between on the new model (the headline's columns).
-ROUTES = ("copy", "distill", "fresh_distill", "lft", "vanilla", "auto")
-SHORT = {"copy": "copy (= ParamΔ)", "distill": "transfer + distill-100", "fresh_distill": "fresh-distill-100", "lft": "transfer + LFT-100",
+ROUTES = ("copy", "distill", "gkd", "fresh_distill", "lft", "vanilla", "auto")
+SHORT = {"copy": "copy (= ParamΔ)", "distill": "transfer + distill-100", "gkd": "transfer + GKD-100",
+         "fresh_distill": "fresh-distill-100", "lft": "transfer + LFT-100",
          "vanilla": "vanilla LoRA-100", "auto": "auto"}
 
 
@@ -231,7 +234,7 @@ def write_markdown(pair: str, results: Path | None = None) -> str:
     lines += [*derivation_lines(pair), "## Headline", "", *headline(stages, skills), "", "## Per skill", ""]
     for skill in skills:
         lines += skill_lines(stages, skill, data["skills"][skill])
-    rows = [r for r in ROWS if r != "copy" or pair in SAME_SHAPE]
+    rows = [r for r in ROWS if (r != "copy" or pair in SAME_SHAPE) and (r != "gkd" or pair in SHARED_VOCABULARY)]
     missing = [f"{s}/{r}" for s in skills for r in rows if not masks(stages, s, r)]
     partial = [f"{s}/{r} ({len(masks(stages, s, r))} of {len(SEEDS)} seeds)" for s in skills for r in MULTI_SEED
                if 0 < len(masks(stages, s, r)) < len(SEEDS)]

@@ -8,9 +8,11 @@ until the top of an arena is trimmed.  The threshold is dynamic: freeing an mmap
 the current threshold raises the threshold to that block's size (up to 32 MiB on 64-bit).  So once a
 model's tensors have been freed, later weight- and activation-sized tensors (a few MiB to 32 MiB) come
 from the heap, and when a stage frees its models those pages stay in the process's RSS.  A fleet runs
-many stages in one process: measured on an in-process fleet of three distillations, RSS after the first
-LFT stage stayed 1.07 GB above what it was before (the student and teacher it had freed), and the
-Qwen fleet of five data-free adapters reached 22.9 GB on a 24 GiB machine (benchmarks/FLEET_ECONOMICS.md).
+many stages in one process: an in-process fleet of three distillations on the same-shape SmolLM2 pair
+(``benchmarks/fleet_memory.py``) kept 2.24–2.29 GB resident after its LFT stages, against 0.81 GB after
+the teacher stage; with :func:`release_freed_memory` after every stage, 0.93–1.19 GB.  Its peak (during a
+distillation) moved little, 3.47 → 3.38 GB: what a stage needs while it runs is not retention
+(benchmarks/FLEET_ECONOMICS.md).
 
 What
 ----

@@ -104,6 +104,11 @@ class MigrationOptions(_Options):
         None, ge=2, description="distill: self-consistency filter -- the teacher also samples N answers per training "
                                 "prompt (temperature 0.7); a prompt trains only where at least half of them agree "
                                 "with its greedy answer; dropped prompts are not replaced")
+    lft_on_policy: float = Field(
+        0.0, ge=0, le=1, description="distill: on-policy distillation (GKD) -- this share of the training batches "
+                                     "trains on answers the student samples itself (temperature 1), the teacher's "
+                                     "token distributions on them as the target (KL only; needs the token-level KL: "
+                                     "a shared vocabulary); 0: off")
     eval_data: str | None = Field(
         None, description="evaluate every row (old adapter, bare new model, migrated, LFT) on this data: "
                           "math_10k JSON/JSONL, builtin:test or task:NAME:SPLIT[:COUNT]")
@@ -151,6 +156,10 @@ class MigrationOptions(_Options):
             raise ValueError("lft_patience (early stopping on held-out teacher agreement) needs lft_mode distill")
         if self.lft_consistency is not None and self.lft_mode != "distill":
             raise ValueError("lft_consistency (the teacher's self-consistency filter) needs lft_mode distill")
+        if self.lft_on_policy > 0 and self.lft_mode != "distill":
+            raise ValueError("lft_on_policy (on-policy distillation) needs lft_mode distill")
+        if self.lft_on_policy > 0 and self.lft_kl_weight == 0:
+            raise ValueError("lft_on_policy trains on the token-level KL alone; lft_kl_weight 0 turns it off")
         return self
 
     @field_validator("lft_data", "lft_prompts", "lft_seed_prompts", "eval_data")

@@ -392,7 +392,16 @@ def _distill_key_parts(plan: PairPlan, adapter_identity: str, options: Migration
             "vocabulary": plan.stage_keys["vocabulary"],
             # only when set, so the keys of runs without them (and their caches) stay as they were
             **({"patience": options.lft_patience} if options.lft_patience is not None else {}),
-            **({"dedup": True} if options.lft_dedup else {}), **_consistency(options)}
+            **({"dedup": True} if options.lft_dedup else {}), **_consistency(options), **_on_policy(options)}
+
+
+def _on_policy(options: MigrationOptions) -> dict[str, Any]:
+    """On-policy distillation's part of a key (only when on: other runs' keys stay as they were)."""
+    if options.lft_on_policy == 0:
+        return {}
+    from lorasuite_core.training.on_policy import ON_POLICY_VERSION, SAMPLE_TEMPERATURE
+
+    return {"on_policy": [options.lft_on_policy, SAMPLE_TEMPERATURE, ON_POLICY_VERSION]}
 
 
 def _consistency(options: MigrationOptions) -> dict[str, Any]:

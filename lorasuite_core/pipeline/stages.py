@@ -181,7 +181,7 @@ def _distill(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated: 
     report = D.distill(resolve_local_dir(plan.old_model, "model"), resolve_local_dir(adapter.adapter, "adapter"),
                        resolve_local_dir(plan.new_model, "model"), migrated, out, answers.train,
                        heldout=answers.heldout, config=D.DistillConfig(kl_weight=o.lft_kl_weight, train=config,
-                                                               patience=o.lft_patience),
+                                                               patience=o.lft_patience, on_policy=o.lft_on_policy),
                        shared_ids=(vocabulary.old_ids.tolist(), vocabulary.new_ids.tolist()),
                        prompt_source=answers.facts["prompt_source"], targets=answers.targets,
                        heldout_teacher=answers.heldout_teacher)

@@ -61,6 +61,8 @@ Data flow
    :func:`teacher_agreement` is the fraction of prompts whose final answers agree.
    :func:`distill` reports it on held-out prompts before and after training.
 6. Early stopping (``DistillConfig.patience``): :mod:`~lorasuite_core.training.early_stopping`.
+7. On-policy batches (``DistillConfig.on_policy``, GKD): a share of the micro-batches trains on the student's own
+   samples, the KL term alone: :mod:`~lorasuite_core.training.on_policy`.
 
 Models and adapters are read from safetensors only; ``trust_remote_code`` is False.
 """
@@ -191,7 +193,8 @@ def distillation_examples(student_tokenizer, teacher_tokenizer, prompts: Sequenc
         n_labelled = sum(label != -100 for label in labels)
         if n_labelled == 0:
             continue
-        example: dict[str, Any] = {"input_ids": (prompt_ids + output_ids)[:max_length], "labels": labels}
+        example: dict[str, Any] = {"input_ids": (prompt_ids + output_ids)[:max_length], "labels": labels,
+                                   "prompt": prompt}
         if token_map is not None:
             t_prompt = teacher_tokenizer(prompt.formatted(), add_special_tokens=True)["input_ids"]
             t_output = (list(completion.ids) + [teacher_tokenizer.eos_token_id])[:max(max_length - len(t_prompt), 0)]
@@ -222,14 +225,15 @@ def restricted_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, to
 
 
 def distillation_loss(teacher, token_map: TokenMap | None, *, kl_weight: float, temperature: float,
-                      student_pad_id: int, teacher_pad_id: int):
-    """``loss_fn(model, chunk)``: CE over the targets + ``kl_weight`` x restricted KL on the aligned examples."""
+                      student_pad_id: int, teacher_pad_id: int, ce_weight: float = 1.0):
+    """``loss_fn(model, chunk)``: ``ce_weight`` x CE over the targets + ``kl_weight`` x restricted KL on the aligned
+    examples (``ce_weight`` 0: the KL alone, as on-policy batches train: :mod:`~lorasuite_core.training.on_policy`)."""
 
     def loss_fn(model, chunk: list[dict[str, Any]]) -> torch.Tensor:
         device = next(p for p in model.parameters()).device
         batch = {k: v.to(device) for k, v in collate(chunk, student_pad_id).items()}
         logits, targets = labelled_logits(model, batch)
-        loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+        loss = ce_weight * torch.nn.functional.cross_entropy(logits.float(), targets)
         aligned = [k for k, example in enumerate(chunk) if "teacher" in example]
         if teacher is None or token_map is None or kl_weight == 0 or not aligned:
             return loss
@@ -263,6 +267,7 @@ class DistillTraining:
     kl_note: str
     training: TrainResult
     early_stopping: EarlyStopping | None = None
+    on_policy: Any = None     # on_policy.OnPolicyCounts, with ``on_policy`` > 0
 
     def to_dict(self) -> dict[str, Any]:
         training = self.training.to_dict()
@@ -270,7 +275,8 @@ class DistillTraining:
         return {"mode": self.mode, "n_prompts": self.n_prompts, "kl_examples": self.kl_examples,
                 "kl_positions": self.kl_positions, "target_positions": self.target_positions,
                 "kl_note": self.kl_note, "training": training,
-                **({"early_stopping": self.early_stopping.to_dict()} if self.early_stopping else {})}
+                **({"early_stopping": self.early_stopping.to_dict()} if self.early_stopping else {}),
+                **({"on_policy": self.on_policy.to_dict()} if self.on_policy else {})}
 
 
 def distill_finetune(new_model_dir: str | Path, migrated_adapter_dir: str | Path, prompts: Sequence[Prompt],
@@ -278,13 +284,16 @@ def distill_finetune(new_model_dir: str | Path, migrated_adapter_dir: str | Path
                      config: TrainConfig, teacher=None, teacher_tokenizer=None,
                      token_map: TokenMap | None = None, kl_weight: float = 1.0,
                      kl_temperature: float = 1.0, patience: int | None = None, heldout: Sequence[Prompt] = (),
-                     heldout_teacher: Sequence[Completion] = (), gen: dict[str, Any] | None = None) -> DistillTraining:
+                     heldout_teacher: Sequence[Completion] = (), gen: dict[str, Any] | None = None,
+                     on_policy: float = 0.0) -> DistillTraining:
     """Train the migrated adapter on ``(prompt, teacher completion)`` pairs, + token KL where ``token_map`` allows.
 
     ``teacher``/``teacher_tokenizer``: the loaded teacher (needed for the KL term; the tokenizer also
     for aligning). Without them, or without ``token_map``, or with ``kl_weight == 0``: sequence-level only.
     ``patience``: early stopping on the agreement with ``heldout_teacher`` on ``heldout`` (``gen``: the
     generation's budget and batch, :func:`greedy_completions`); None: every epoch, the last one published.
+    ``on_policy``: the share of micro-batches trained on the student's own samples (:mod:`.on_policy`; needs the KL
+    term's teacher and map).
     """
     if kl_weight < 0 or kl_temperature <= 0:
         raise ValueError(f"need kl_weight >= 0 and kl_temperature > 0, got {kl_weight}, {kl_temperature}")
@@ -309,10 +318,22 @@ def distill_finetune(new_model_dir: str | Path, migrated_adapter_dir: str | Path
         patience=patience, max_epochs=config.epochs, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer or tokenizer,
         prompts=heldout, teacher_completions=heldout_teacher, max_length=config.max_length, token_map=mapping,
         loss_fn=loss_fn, batch_size=config.batch_size, gen=gen or {})
-    result = finetune_examples(student, tokenizer, examples, out_dir, config=config, loss_fn=loss_fn, selector=selector)
+    counts, train_loss = None, loss_fn
+    if on_policy > 0:
+        if note:
+            raise ValueError(f"on-policy distillation needs the token-level KL term, which is off: {note}")
+        from lorasuite_core.training.on_policy import on_policy_loss
+
+        train_loss, counts = on_policy_loss(loss_fn, share=on_policy, seed=config.seed, teacher=teacher,
+                                            tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer, token_map=mapping,
+                                            kl_temperature=kl_temperature, max_length=config.max_length,
+                                            batch_size=(gen or {}).get("batch_size") or 16)
+    result = finetune_examples(student, tokenizer, examples, out_dir, config=config, loss_fn=train_loss,
+                               selector=selector)
     return DistillTraining(mode=MODE_SEQUENCE if note else MODE_KL, n_prompts=len(examples),
                            kl_examples=0 if note else aligned, kl_positions=0 if note else positions,
-                           target_positions=targets, kl_note=note, training=result, early_stopping=selector)
+                           target_positions=targets, kl_note=note, training=result, early_stopping=selector,
+                           on_policy=counts)
 
 
 def _kl_note(teacher, token_map: TokenMap | None, kl_weight: float, aligned: int) -> str:
@@ -340,6 +361,7 @@ class DistillConfig:
     max_new_tokens: int | None = None   # None: each prompt's skill budget (DEFAULT_MAX_NEW_TOKENS without a task)
     generation_batch_size: int = 16
     patience: int | None = None         # early stopping on held-out agreement (None: off)
+    on_policy: float = 0.0              # share of micro-batches on the student's own samples (GKD; 0: off)
 
 
 @dataclass
@@ -359,6 +381,7 @@ class DistillReport:
     seconds: float
     training: dict[str, Any]
     early_stopping: dict[str, Any] | None = None     # per-epoch held-out scores (with ``patience``)
+    on_policy: dict[str, Any] | None = None          # on-policy share and batches (with ``on_policy``)
     heldout_teacher: list[Completion] = field(default_factory=list, repr=False)
     heldout_student: list[Completion] = field(default_factory=list, repr=False)
     targets: list[Completion] = field(default_factory=list, repr=False)     # the teacher's, on the training prompts
@@ -368,7 +391,7 @@ class DistillReport:
         for kept in ("heldout_teacher", "heldout_student", "targets"):
             data.pop(kept)
         data["training"] = {k: v for k, v in self.training.items() if k != "losses"}
-        return {k: v for k, v in data.items() if k != "early_stopping" or v is not None}
+        return {k: v for k, v in data.items() if k not in ("early_stopping", "on_policy") or v is not None}
 
 
 def distill(old_model_dir: str | Path, source_adapter_dir: str | Path, new_model_dir: str | Path,
@@ -398,7 +421,8 @@ def distill(old_model_dir: str | Path, source_adapter_dir: str | Path, new_model
     trained = distill_finetune(new_model_dir, migrated_adapter_dir, prompts, targets, out_dir, config=config.train,
                                teacher=teacher, teacher_tokenizer=teacher_tok, token_map=token_map,
                                kl_weight=config.kl_weight, kl_temperature=config.kl_temperature,
-                               patience=config.patience, heldout=heldout, heldout_teacher=heldout_teacher, gen=gen)
+                               patience=config.patience, heldout=heldout, heldout_teacher=heldout_teacher, gen=gen,
+                               on_policy=config.on_policy)
     del teacher
     after = _student_completions(new_model_dir, out_dir, heldout, dtype, device, gen)
     tasks = [p.task for p in heldout]
@@ -410,6 +434,7 @@ def distill(old_model_dir: str | Path, source_adapter_dir: str | Path, new_model
                          teacher_agreement_after=teacher_agreement(after, heldout_teacher, tasks),
                          seconds=round(time.perf_counter() - start, 4), training=trained.to_dict()["training"],
                          early_stopping=trained.to_dict().get("early_stopping"),
+                         on_policy=trained.to_dict().get("on_policy"),
                          heldout_teacher=heldout_teacher, heldout_student=after, targets=targets)
 
 
