@@ -83,6 +83,18 @@ def gemm_gflops(dtype=None, n: int = 2048) -> float:
     return round(3 * 2 * n ** 3 / (time.perf_counter() - start) / 1e9, 1)
 
 
+def child_rss_gb(time_pid: int) -> float | None:
+    """Resident set (GB) of the process ``/usr/bin/time`` (pid ``time_pid``) runs, from /proc; None if gone."""
+    try:
+        children = Path(f"/proc/{time_pid}/task/{time_pid}/children").read_text().split()
+        for line in Path(f"/proc/{children[0]}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) * 1024 / 1e9, 2)
+    except (OSError, IndexError, ValueError):
+        return None
+    return None
+
+
 def run_rss_traced(cmd: list[str], *, env: dict, cwd, every_s: float = 5.0):
     """Run ``/usr/bin/time -v CMD``; return (returncode, stdout, stderr, trace).
 
@@ -99,14 +111,7 @@ def run_rss_traced(cmd: list[str], *, env: dict, cwd, every_s: float = 5.0):
     trace, err_lines, out_chunks, done = [], [], [], threading.Event()
 
     def rss_gb():
-        try:
-            child = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]
-            for line in Path(f"/proc/{child}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) * 1024 / 1e9, 2)
-        except (OSError, IndexError, ValueError):
-            return None
-        return None
+        return child_rss_gb(proc.pid)
 
     def sample():
         while not done.wait(every_s):

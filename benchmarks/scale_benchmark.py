@@ -45,7 +45,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import merge_json, parse_time_v as _parse_time_v
+from _common import child_rss_gb as _child_rss_gb, merge_json, parse_time_v as _parse_time_v
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -90,18 +90,6 @@ def _code_identity(repo: Path) -> dict:
     dirty = [ln[3:] for ln in _git(repo, "status", "--short").splitlines()
              if ln[3:].startswith(("lorasuite_core/", "flows/", "tasks/"))]
     return {"repo": str(repo), "commit": _git(repo, "rev-parse", "HEAD"), "dirty_package_files": dirty}
-
-
-def _child_rss_gb(time_pid: int) -> float | None:
-    """Resident set (GB) of the process ``/usr/bin/time`` (pid ``time_pid``) runs, from /proc; None if gone."""
-    try:
-        children = Path(f"/proc/{time_pid}/task/{time_pid}/children").read_text().split()
-        for line in Path(f"/proc/{children[0]}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) * 1024 / 1e9, 2)
-    except (OSError, IndexError, ValueError):
-        return None
-    return None
 
 
 def _last_json(stdout: str):

@@ -14,18 +14,7 @@ from lorasuite_core.training.consistency import sampled_completions
 from lorasuite_core.training.on_policy import SAMPLE_TEMPERATURE, on_policy_loss
 from lorasuite_core.training.task_data import generate_problems
 from lorasuite_core.training.train import ADAPTER_WEIGHTS, load_for_light_finetune
-from tests.distill_setup import build_exact_pair
-from tests.test_distill import GEN, lft_config
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return build_exact_pair(tmp_path_factory.mktemp("on_policy_pair"))
-
-
-@pytest.fixture(scope="module")
-def teacher(pair):
-    return D.load_for_generation(pair["old"], pair["adapter"], dtype="float32", device="cpu")
+from tests.test_distill import GEN, lft_config, pair, teacher  # noqa: F401 (pair, teacher: the fixtures)
 
 
 def _chunk(student_tok, teacher_model, teacher_tok, prompts):
