@@ -114,11 +114,13 @@ class Run:
                 "old_model": self.old, "new_model": self.new, "output_root": str(self.work / f"{label}-out"),
                 "defaults": {"lft_mode": "distill", "lft_samples": N_100, "gate_prompts": HELD, "fidelity": False},
                 "adapters": [{"name": s, "adapter": self.adapter(s),
-                              "overrides": {"lft_prompts": f"task:{s}:train:{N_100 + HELD}"}} for s in SKILLS]},
+                              "overrides": {"lft_prompts": f"task:{s}:train:{N_100 + HELD}"}}
+                             for s in self.args.fleet_skills]},
                 indent=2))
             fleet = run_cli(["migrate-fleet", "--manifest", str(manifest), "--overwrite", "--cache-root",
                              str(self.work / f"{label}-store-{os.getpid()}")], threads, rss_trace=bool(self.args.label))
             fleet["entries"] = reports(self.work / f"{label}-out")
+            fleet["skills"] = list(self.args.fleet_skills)
             fleet["code"] = git_head()
             self.save(label, fleet)
 
@@ -188,6 +190,16 @@ def memory_section(d: dict) -> list[str]:
             lines.append(f"| {key} | {e.get('code', '?')[:7]} | {e['wall_s']:.0f} | {e['cpu_seconds']:.0f} | "
                          f"{e['peak_rss_gb']:.2f} | {_trace_peak(e)} | {e.get('rss_every_s', 5):g} s | {e['loadavg_start'][0]:.1f} → "
                          f"{e['loadavg_end'][0]:.1f} |")
+        lines.append("")
+    fleets = [(k, v) for k, v in d.items() if k.startswith("fleet") and isinstance(v, dict) and v.get("entries")]
+    if fleets:
+        lines += ["The process's peak RSS as each distillation reported it at its end (`light_finetune.training."
+                  "peak_rss_mb`: the process-wide peak so far, so it never falls):", "",
+                  "| fleet run | code | per entry (GB) |", "|---|---|---|"]
+        for key, e in fleets:
+            peaks = ", ".join(f"{name} {(x['light_finetune'].get('training') or {}).get('peak_rss_mb', 0) / 1000:.1f}"
+                              for name, x in e["entries"].items())
+            lines.append(f"| {key} | {e.get('code', 'before')[:7]} | {peaks} |")
         lines.append("")
     path = ROOT / "benchmarks" / "results" / "fleet_memory.json"
     if path.is_file():
@@ -266,6 +278,8 @@ def main() -> None:
                         help="measure the first adapter and the fleet again, as first_LABEL and fleet_LABEL, with the "
                              "CLI's RSS every second and at each stage line (no label: the first measurement's keys)")
     parser.add_argument("--only", choices=["first", "fleet"], help="run only this measurement")
+    parser.add_argument("--fleet-skills", nargs="+", choices=SKILLS, default=list(SKILLS),
+                        help="the fleet's entries (default: all five)")
     parser.add_argument("--markdown", action="store_true", help="write benchmarks/FLEET_ECONOMICS.md and stop")
     args = parser.parse_args()
     args.threads = int(os.environ.get("LORASUITE_BENCH_THREADS", os.cpu_count() or 1))
