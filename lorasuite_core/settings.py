@@ -19,6 +19,8 @@ TIMEOUT``                           server may take to start
 ``LORASUITE_TASK_RUNNER``           ``threads`` / ``ray`` / ``ray:ADDRESS``   threads
 ``LORASUITE_MAX_PARALLEL_TASKS``    tasks at once in one flow run (threads)   cores / torch threads
 ``LORASUITE_FLEET_MANIFEST``        the nightly deployment's manifest         (none)
+``LORASUITE_MEMORY_CHECK``          0: skip the pre-run check that whole-     1
+                                    model stages fit in available memory
 ==================================  ========================================  ==========================
 """
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Settings(BaseSettings):
     embedded_startup_timeout: float = Field(300.0, gt=0)
     task_runner: str = "threads"
     max_parallel_tasks: int | None = Field(None, ge=1)
+    memory_check: bool = True
     fleet_manifest: str | None = None
 
     def cache_root_uri(self) -> str:

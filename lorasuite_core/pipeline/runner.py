@@ -38,6 +38,7 @@ from lorasuite_core.io.outputs import check_output
 from lorasuite_core.io.uris import describe_error, is_remote, join_uri, redact_uri, resolve
 
 from . import plans, stages
+from .memory_check import check_memory
 from .graph import ENTRY_GRAPH, FINAL, PAIR_GRAPH, Stage, as_uris, levels, resolve_input, step
 from .options import AnalysisOptions, MigrationOptions
 from .stage_store import StageResult, StageStore
@@ -55,7 +56,7 @@ def check_entry(old_model: str, new_model: str, analysis: AnalysisOptions, adapt
     with ``overwrite`` (one cut short by a crash, or no longer matching its manifest, on a plain rerun);
     the adapter loads and fits the old model (and is not DoRA when ``options.serving`` is ``vllm``); the route
     can be taken (:func:`~lorasuite_core.pipeline.routes.check_route`: ``copy`` only with the same shapes and
-    vocabulary).  Returns False (nothing to do) for a finished publication when ``skip_finished`` and not
+    vocabulary); the stages that load whole models fit in the available memory (:mod:`.memory_check`).  Returns False (nothing to do) for a finished publication when ``skip_finished`` and not
     ``overwrite`` (a fleet rerun); raises :class:`~lorasuite_core.errors.LorasuiteError` otherwise."""
     inputs = {"old model": old_model, "new model": new_model, "adapter": adapter, "LFT data": options.lft_data,
               "LFT prompts": options.lft_prompts, "seed prompts": options.lft_seed_prompts,
@@ -65,6 +66,7 @@ def check_entry(old_model: str, new_model: str, analysis: AnalysisOptions, adapt
         return False
     plans.check_adapter(old_model, adapter, options.serving)
     plans.check_route(old_model, new_model, options)
+    check_memory(old_model, new_model, options)
     return True
 
 
