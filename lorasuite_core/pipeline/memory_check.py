@@ -12,8 +12,8 @@ shape; no weight is read).  The need is the largest of those stages' holdings pl
 interpreter, torch, tokenizers, activations).  Where it exceeds the memory the kernel reports available
 (``MemAvailable`` in ``/proc/meminfo``), the migration is refused with the flags that drop those stages, instead of
 being killed by the kernel an hour later (a 32-layer 7B -> 8B pair on a 24 GiB machine: the pair analysis and the
-transfer ran 65 minutes within 7.6 GB, then fidelity's float32 load of the old model reached 20.8 GB and the kernel
-killed the process; ``benchmarks/SCALE.md``).
+transfer ran 65 minutes within 7.6 GB, then the teacher answers for fidelity loaded the old model whole in float32,
+26 GB, and the kernel killed the process at 20.8 GB; ``benchmarks/SCALE.md``).
 
 Not checked: models that are not local directories (hub ids, object storage: their size is known only after the
 download), runs with a CUDA device (the weights go to the GPU), and ``LORASUITE_MEMORY_CHECK=0``.
