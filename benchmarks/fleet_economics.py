@@ -149,8 +149,11 @@ with the same-shape skill fleet (one thread) on the other core throughout and `.
   Head similarity and the unit maps (184–188 s) are, per mapped layer pair, a bf16 neuron similarity of ≈ 0.40
   TFLOP (≈ 1.9 s at 213 GFLOP/s, × 24 pairs ≈ 45 s) and a dense Hungarian of ≈ 2.5 s single-threaded (≈ 60 s).
   That is ≈ 160 s of arithmetic before anything else, so 60 s needs about 3× this core's rate: the 2-thread AMX
-  Xeon took 128 s. **≤ 3 GB: missed (5.26 GB here, against 3.84 GB at issue 11's measurement):** not explained
-  yet; the unit-maps stage, added since, is the first suspect.
+  Xeon took 128 s. **≤ 3 GB: missed (4.7–5.3 GB here, against 3.84 GB at issue 11's measurement).** The RSS
+  read every second at each stage line (`first_trim_1s` below) puts the peak in the `transfer_matrix` stage,
+  4.75 GB; every other stage stays at or below 2.4 GB, and between stages the process is back at 0.7–0.8 GB. Issue
+  11's probe of the residual fit alone measured 2.2 GB, so the stage around it holds about 2.5 GB more (not broken
+  down yet: the vocabulary tables it reads are the candidates, 151,936 rows × (896 + 1,536) in float32 ≈ 1.5 GB).
 - **Marginal adapter in a fleet, ≤ 10 s: met** (5.5–6.2 s: the transfer from the stored unit maps and the write).
 - **Distill-100 into the 1.5B, ≤ 5 min: missed (548–966 s).** Of that, training is 399–646 s (25 steps of 4
   examples, 16–26 s a step); the rest is the student's greedy answers on the 16 held-out prompts before and after.
@@ -162,10 +165,11 @@ with the same-shape skill fleet (one thread) on the other core throughout and `.
 - **A fleet of 5 data-free adapters, ≤ 30 min: missed (75 min).** 83 % of it is the five distillations, one after
   another; the teacher answers for all five took 488 s in one call, the pair analysis ≈ 5 min.
 - **Memory:** the fleet process peaked at 22.9 GB on a 24 GiB machine. The first distillation reported
-  16.3 GB and the later ones 21.6–21.8 GB. A 1.5B student (6.2 GB fp32) and its 0.5B teacher (2 GB) explain about
-  8 GB; the rest is not accounted for (the pair stages read weights lazily from the safetensors files, so their
-  memoised models do not hold them). Not fixed yet: the next step is the fleet process's RSS at every stage
-  boundary, then releasing whatever the earlier entries leave behind.
+  16.3 GB and the later ones 21.6–21.8 GB (the process-wide peak: it rose once, in the second distillation). A
+  1.5B student (6.2 GB fp32) and its 0.5B teacher (2 GB) explain about 8 GB of a distillation. What the later
+  entries added was memory the earlier stages had freed and glibc's allocator kept: since 6eb8ce0 every computed
+  stage returns it (`lorasuite_core/io/memory.py`, a garbage collection and `malloc_trim(0)`). The section below
+  has the measurements before and after.
 """
 
 
