@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from migration_benchmark import paired_interval
-from skill_fleet import MULTI_SEED, ROOT, ROWS, SAME_SHAPE, SEEDS, SHARED_VOCABULARY, results_path
+from skill_fleet import GKD_PAIRS, MULTI_SEED, ROOT, ROWS, SAME_SHAPE, SEEDS, results_path
 
 BOOTSTRAP = 2000
 LABELS = {"bare_old": "old model alone", "old_adapter": "old adapter on the old model (teacher)",
@@ -234,7 +234,7 @@ def write_markdown(pair: str, results: Path | None = None) -> str:
     lines += [*derivation_lines(pair), "## Headline", "", *headline(stages, skills), "", "## Per skill", ""]
     for skill in skills:
         lines += skill_lines(stages, skill, data["skills"][skill])
-    rows = [r for r in ROWS if (r != "copy" or pair in SAME_SHAPE) and (r != "gkd" or pair in SHARED_VOCABULARY)]
+    rows = [r for r in ROWS if (r != "copy" or pair in SAME_SHAPE) and (r != "gkd" or pair in GKD_PAIRS)]
     missing = [f"{s}/{r}" for s in skills for r in rows if not masks(stages, s, r)]
     partial = [f"{s}/{r} ({len(masks(stages, s, r))} of {len(SEEDS)} seeds)" for s in skills for r in MULTI_SEED
                if 0 < len(masks(stages, s, r)) < len(SEEDS)]

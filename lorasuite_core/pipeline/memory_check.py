@@ -15,6 +15,10 @@ being killed by the kernel an hour later (a 32-layer 7B -> 8B pair on a 24 GiB m
 transfer ran 65 minutes within 7.6 GB, then the teacher answers for fidelity loaded the old model whole in float32,
 26 GB, and the kernel killed the process at 20.8 GB; ``benchmarks/SCALE.md``).
 
+The need is a floor, not a guarantee: activations, optimizer state and the allocator come on top (a distillation
+into Qwen2.5-Coder-1.5B from the 0.5B holds 8.2 GB of weights and peaked at 16.3 GB; ``benchmarks/
+FLEET_ECONOMICS.md``), so a run that passes can still need more; a run that fails it cannot fit.
+
 Not checked: models that are not local directories (hub ids, object storage: their size is known only after the
 download), runs with a CUDA device (the weights go to the GPU), and ``LORASUITE_MEMORY_CHECK=0``.
 """

@@ -107,8 +107,8 @@ class MigrationOptions(_Options):
     lft_on_policy: float = Field(
         0.0, ge=0, le=1, description="distill: on-policy distillation (GKD) -- this share of the training batches "
                                      "trains on answers the student samples itself (temperature 1), the teacher's "
-                                     "token distributions on them as the target (KL only; needs the token-level KL: "
-                                     "a shared vocabulary); 0: off")
+                                     "token distributions on them as the target (the token-level KL alone, over the "
+                                     "shared vocabulary); 0: off")
     eval_data: str | None = Field(
         None, description="evaluate every row (old adapter, bare new model, migrated, LFT) on this data: "
                           "math_10k JSON/JSONL, builtin:test or task:NAME:SPLIT[:COUNT]")

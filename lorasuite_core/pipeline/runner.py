@@ -56,8 +56,9 @@ def check_entry(old_model: str, new_model: str, analysis: AnalysisOptions, adapt
     with ``overwrite`` (one cut short by a crash, or no longer matching its manifest, on a plain rerun);
     the adapter loads and fits the old model (and is not DoRA when ``options.serving`` is ``vllm``); the route
     can be taken (:func:`~lorasuite_core.pipeline.routes.check_route`: ``copy`` only with the same shapes and
-    vocabulary); the stages that load whole models fit in the available memory (:mod:`.memory_check`).  Returns False (nothing to do) for a finished publication when ``skip_finished`` and not
-    ``overwrite`` (a fleet rerun); raises :class:`~lorasuite_core.errors.LorasuiteError` otherwise."""
+    vocabulary); the stages that load whole models fit in the available memory (:mod:`.memory_check`).  Returns
+    False (nothing to do) for a finished publication when ``skip_finished`` and not ``overwrite`` (a fleet rerun);
+    raises :class:`~lorasuite_core.errors.LorasuiteError` otherwise."""
     inputs = {"old model": old_model, "new model": new_model, "adapter": adapter, "LFT data": options.lft_data,
               "LFT prompts": options.lft_prompts, "seed prompts": options.lft_seed_prompts,
               "evaluation data": options.eval_data, "calibration data": analysis.calibration_data,
