@@ -165,11 +165,14 @@ with the same-shape skill fleet (one thread) on the other core throughout and `.
 - **A fleet of 5 data-free adapters, ≤ 30 min: missed (75 min).** 83 % of it is the five distillations, one after
   another; the teacher answers for all five took 488 s in one call, the pair analysis ≈ 5 min.
 - **Memory:** the fleet process peaked at 22.9 GB on a 24 GiB machine. The first distillation reported
-  16.3 GB and the later ones 21.6–21.8 GB (the process-wide peak: it rose once, in the second distillation). A
+  16.3 GB and the later ones 21.6–21.8 GB (the process-wide peak, so it never falls: the entry that ran first
+  reported the lowest, and it rose once, in the second distillation). A
   1.5B student (6.2 GB fp32) and its 0.5B teacher (2 GB) explain about 8 GB of a distillation. What the later
   entries added was memory the earlier stages had freed and glibc's allocator kept: since 6eb8ce0 every computed
-  stage returns it (`lorasuite_core/io/memory.py`, a garbage collection and `malloc_trim(0)`). The section below
-  has the measurements before and after.
+  stage returns it (`lorasuite_core/io/memory.py`, a garbage collection and `malloc_trim(0)`). Measured again
+  with that (`fleet_trim`: two entries, family_relationships then arithmetic, the same recipe): the distillations
+  reported 15.5 and 16.0 GB, the process peaked at 16.8 GB, and between stages it fell back to 0.8–1.6 GB; the
+  second distillation's 21.6 GB became 16.0 GB. The section below has the measurements before and after.
 """
 
 
