@@ -16,12 +16,20 @@ distillation) moved little, 3.47 → 3.38 GB: what a stage needs while it runs i
 
 What
 ----
-:func:`release_freed_memory` runs after every computed stage (``StageStore.run``, the one place both the
-in-process runner and the Prefect tasks go through): a garbage collection (models held in reference
-cycles are freed now, not at some later collection), then ``malloc_trim(0)``, which hands every whole
-free page of every arena back to the kernel (``madvise(MADV_DONTNEED)``; glibc ≥ 2.8).  It costs a walk of
-the arenas' free lists, milliseconds, once per stage; it changes no result.  Where the C library is not
+:func:`release_freed_memory`: a garbage collection (models held in reference cycles are freed now, not at
+some later collection), then ``malloc_trim(0)``, which hands every whole free page of every arena back to
+the kernel (``madvise(MADV_DONTNEED)``; glibc ≥ 2.8).  It changes no result.  Where the C library is not
 glibc (musl, macOS) only the collection runs.
+
+When
+----
+:func:`release_if_grown` after every computed stage (``StageStore.run``, the one place both the in-process
+runner and the Prefect tasks go through), but only when the stage left the process at least
+:data:`RELEASE_ABOVE_BYTES` larger than it found it.  The release costs about 0.2 s with a model's Python
+objects alive (the collection walks them all; measured with Qwen2.5-Coder-0.5B loaded), which the per-layer
+transfer stages, a fraction of a second each, cannot afford: releasing after each of them took the marginal
+adapter's transfer from 4.6–5.5 s to 20–35 s on the Qwen pair (benchmarks/FLEET_ECONOMICS.md).  Stages that
+load models (the teacher, LFT, fidelity, the activations) leave gigabytes behind and are released.
 """
 from __future__ import annotations
 
@@ -57,6 +65,19 @@ def resident_bytes() -> int | None:
     import resource
 
     return pages * resource.getpagesize()
+
+
+#: A stage that leaves the process this much larger than it found it is followed by a release.
+RELEASE_ABOVE_BYTES = 256 * 2**20
+
+
+def release_if_grown(before: int | None) -> bool:
+    """Release (:func:`release_freed_memory`) when RSS now exceeds ``before`` (RSS when the stage started) by at
+    least :data:`RELEASE_ABOVE_BYTES`; True if it released."""
+    now = resident_bytes()
+    if before is None or now is None or now - before < RELEASE_ABOVE_BYTES:
+        return False
+    return release_freed_memory()
 
 
 def release_freed_memory() -> bool:

@@ -91,7 +91,7 @@ from lorasuite_core.io.completion import verify_local_dir
 from lorasuite_core.io.files import remove_dir
 from lorasuite_core.io.fingerprints import dir_fingerprint, file_fingerprint
 from lorasuite_core.io.materialize import IncompleteArtifactError, IntegrityError, materialize_dir
-from lorasuite_core.io.memory import release_freed_memory
+from lorasuite_core.io.memory import release_if_grown, resident_bytes
 from lorasuite_core.io.publish import publish_dir_atomic
 from lorasuite_core.io.uris import describe_error, is_remote, join_uri, redact_uri, resolve
 from lorasuite_core.io.tempdirs import private_tempdir
@@ -468,11 +468,12 @@ class StageStore:
                 log.warning("%s: discarding cache entry %s (%s); recomputing", stage, redact_uri(uri),
                             problem)
                 remove_dir(uri)
+            resident = resident_bytes()
             with terminal.computing(stage), private_tempdir(stage) as tmp:
                 facts = compute(Path(tmp))
                 (Path(tmp) / FACTS_FILE).write_text(json.dumps(facts, indent=1, sort_keys=True) + "\n")
                 publish_dir_atomic(tmp, uri, overwrite=True)
-        release_freed_memory()                       # the stage's models are garbage now (io.memory)
+        release_if_grown(resident)                   # the stage's models are garbage now (io.memory)
         seconds = time.perf_counter() - start + prior_seconds
         log.debug("%s: computed and stored %s in %.2fs", stage, redact_uri(uri), seconds)
         terminal.finished(stage, seconds, reused=False)
