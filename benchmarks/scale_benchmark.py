@@ -150,14 +150,14 @@ def make_adapter_streamed(model_dir: Path, out: Path, *, seed: int = 0, strength
 
 
 def run_migrate(old: Path, new: Path, adapter: Path, work: Path, *, repo: Path, threads: int,
-                timeout: float | None = None) -> dict:
+                timeout: float | None = None, fidelity: bool = True) -> dict:
     """One fresh ``/usr/bin/time -v lorasuite migrate --no-lft`` child; its stage seconds, wall time, peak RSS."""
     out, cache = work / "out", work / "cache"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     cli = [str(REPO / ".venv" / "bin" / "lorasuite")]   # the installed entry point; PYTHONPATH picks the code
     args = ["-q", "migrate", "--old-model", str(old), "--new-model", str(new), "--adapter", str(adapter),
-            "--output", str(out), "--no-lft", "--cache-root", str(cache)]
+            "--output", str(out), "--no-lft", "--cache-root", str(cache)] + ([] if fidelity else ["--no-fidelity"])
     env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PREFECT_HOME=str(work / "prefect-home"))
     shown = f"OMP_NUM_THREADS={threads} PYTHONPATH={repo} /usr/bin/time -v lorasuite {' '.join(args)}"
@@ -317,7 +317,7 @@ def part_qwen(args) -> None:
     work = Path(args.workdir) / "qwen"
     adapter = make_adapter(QWEN_OLD, work / "adapter")
     entry = run_migrate(QWEN_OLD, QWEN_NEW, adapter, work / args.label, repo=Path(args.repo).resolve(),
-                        threads=args.threads, timeout=args.timeout)
+                        threads=args.threads, timeout=args.timeout, fidelity=not args.no_fidelity)
     entry["pair"] = {"old": str(QWEN_OLD), "new": str(QWEN_NEW)}
     entry["adapter"] = {"rank": RANK, "alpha": ALPHA, "targets": TARGETS, "made_by": "testing.adapter.make_random_lora_adapter"}
     entry["machine"] = _machine()
@@ -337,7 +337,7 @@ def part_synthetic(args) -> None:
         if args.prepare_only:
             continue
         entry = run_migrate(old, new, adapter, work / args.label, repo=Path(args.repo).resolve(),
-                            threads=args.threads, timeout=args.timeout)
+                            threads=args.threads, timeout=args.timeout, fidelity=not args.no_fidelity)
         entry["pair"] = {"old": {**OLD_7B, "num_hidden_layers": layers, "vocab_size": SYNTH_VOCAB},
                          "new": {**NEW_8B, "num_hidden_layers": layers, "vocab_size": SYNTH_VOCAB},
                          "weights": f"random N(0, 1/in), {args.weights_dtype}, one shard per layer"}
@@ -501,6 +501,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, help="seconds before the child is killed")
     parser.add_argument("--weights-dtype", choices=["float32", "bfloat16"], default="float32",
                         help="synthetic checkpoints' stored dtype (bfloat16: as real releases, half the disk)")
+    parser.add_argument("--no-fidelity", action="store_true",
+                        help="pass --no-fidelity (fidelity loads the old model whole in float32: 26 GB at 7B)")
     parser.add_argument("--prepare-only", action="store_true", help="write the synthetic checkpoints and adapters only")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
