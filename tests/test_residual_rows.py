@@ -29,3 +29,28 @@ def test_fit_on_gathered_rows_recovers_a_rotated_widened_stream(tmp_path):
     assert rt.P.shape == (64, 72) and rt.Q.shape == (72, 64)
     assert rt.fit_residual_old < 1e-6 and rt.fit_residual_new < 1e-6
     assert torch.allclose(rt.P @ rt.Q, torch.eye(64, dtype=torch.float64), atol=1e-6)   # Q = c·R, P = Rᵀ/c
+
+
+def test_fit_reads_rows_a_chunk_at_a_time_and_chunking_does_not_change_the_maps(tmp_path, monkeypatch):
+    from lorasuite_core.transfer import residual
+
+    old_dir = make_tiny_model_dir("llama", tmp_path / "old", seed=3)
+    new_dir = upgrade_model_dir(old_dir, tmp_path / "new", UpgradeSpec(widen_residual=8, seed=1))
+    old, new = load_base_model(old_dir), load_base_model(new_dir)
+    shared = shared_vocabulary(old.tokenizer(), new.tokenizer())
+    whole = residual_transfer(old, new, shared)                     # FIT_CHUNK ≥ the tiny vocabulary
+    assert len(shared) <= residual.FIT_CHUNK
+    read = []
+    real = type(old).effective_embeddings
+
+    def counted(self, ids=None):
+        read.append(len(ids))
+        return real(self, ids)
+
+    monkeypatch.setattr(residual, "FIT_CHUNK", 37)
+    monkeypatch.setattr(type(old), "effective_embeddings", counted)
+    chunked = residual_transfer(old, new, shared)
+    assert max(read) == 37 and sum(read) == 4 * len(shared)          # two passes, both models
+    assert torch.allclose(chunked.P, whole.P, atol=1e-12) and torch.allclose(chunked.Q, whole.Q, atol=1e-12)
+    for field in ("scale", "fit_residual_old", "fit_residual_new"):
+        assert getattr(chunked, field) == pytest.approx(getattr(whole, field), rel=1e-9, abs=1e-12)

@@ -31,6 +31,7 @@ from lorasuite_core.transfer.activations import builtin_calibration_texts, read_
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.models.loading import LoadedModel, LoraAdapter, load_base_model, load_lora_adapter
 from lorasuite_core.transfer.adapter import check_adapter_fits, sources_by_new_layer
+from lorasuite_core.transfer.residual import FIT_VERSION
 from lorasuite_core.pipeline import routes
 from lorasuite_core.pipeline.options import AnalysisOptions, HeadTransform, MigrationOptions
 from lorasuite_core.pipeline.stage_store import (ADAPTER_PATTERNS, StageResult, artifact_identity, data_identity,
@@ -138,7 +139,7 @@ def plan_pair(old_model: str, new_model: str, analysis: AnalysisOptions | None =
     new_id = artifact_identity(new_model, "model")
     calibration = texts_identity(calibration_texts(calibration_data, max_calibration_tokens))
     keys = {"vocabulary": stage_key("vocabulary", old=old_id, new=new_id)}
-    keys["transfer_matrix"] = stage_key("transfer_matrix", vocabulary=keys["vocabulary"])
+    keys["transfer_matrix"] = stage_key("transfer_matrix", vocabulary=keys["vocabulary"], version=FIT_VERSION)
     dtype = activations_dtype(analysis)
     keys["activations"] = stage_key("activations", old=old_id, new=new_id, calibration=calibration,
                                     max_tokens=max_calibration_tokens,

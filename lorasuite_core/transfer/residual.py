@@ -31,10 +31,13 @@ Its overall scale is immaterial: the per-head / per-neuron least-squares maps ab
 
 Cost. Only the rows of the n ≤ MAX_FIT_TOKENS fitted tokens are gathered (in the checkpoint's
 dtype) and turned into float64 first-layer inputs (``LoadedModel.effective_embeddings(ids)``): never the
-vocab × hidden float64 matrices (151,936 × 1,536 · 8 bytes = 1.9 GB for Qwen2.5-1.5B). The
-three Grams G_n = E_nᵀE_n (D × D), G_o = E_oᵀE_o (d × d) and C = E_nᵀE_o (D × d) are formed
-once in float64 (n·(D² + d² + D·d) multiply-adds) and both solves use them; the two fits
-E_n Pᵀ and E_o Qᵀ (n·2·D·d) give the residuals and the scale.
+vocab × hidden float64 matrices (151,936 × 1,536 · 8 bytes = 1.9 GB for Qwen2.5-1.5B). They are read
+FIT_CHUNK rows at a time, never all n at once (n × (d + D) float64 is 0.64 GB for the Qwen pair, and
+the fits and their differences three times that). A first pass sums the three Grams over the chunks,
+G_n = Σ E_nᵀE_n (D × D), G_o = Σ E_oᵀE_o (d × d) and C = Σ E_nᵀE_o (D × d), in float64
+(n·(D² + d² + D·d) multiply-adds), and both solves use them. A second pass reads the same rows
+again and accumulates the squared norms of E_n Pᵀ − E_o, E_o Qᵀ − E_n, E_n Pᵀ, E_o and E_n
+(n·2·D·d) for the residuals and the scale. Peak memory is the Grams plus one chunk.
 """
 from __future__ import annotations
 
@@ -48,6 +51,8 @@ from lorasuite_core.transfer.vocab import SharedVocabulary
 
 TINY_GAIN = 1e-12
 MAX_FIT_TOKENS = 32768
+FIT_CHUNK = 4096
+FIT_VERSION = 2     # part of the transfer_matrix stage key: 2 = Grams summed over row chunks
 
 
 @dataclass(frozen=True)
@@ -82,22 +87,35 @@ def residual_transfer(old: LoadedModel, new: LoadedModel, shared: SharedVocabula
             f"only {len(shared)} tokens are shared between the two vocabularies, fewer than the old "
             f"hidden size {d}: the residual-stream transfer matrix would be underdetermined"
         )
-    fit = slice(0, MAX_FIT_TOKENS)    # ids are in merge order: the most frequent tokens come first
-    E_o = old.effective_embeddings(shared.old_ids[fit])    # n × d, float64 (only these rows read)
-    E_n = new.effective_embeddings(shared.new_ids[fit])    # n × D, float64
-    rank = min(d, new.dims.hidden)
-    cross = E_n.T @ E_o                                    # D × d
+    n = min(len(shared), MAX_FIT_TOKENS)   # ids are in merge order: the most frequent tokens come first
+    chunks = [(shared.old_ids[s:s + FIT_CHUNK], shared.new_ids[s:s + FIT_CHUNK]) for s in range(0, n, FIT_CHUNK)]
+    D = new.dims.hidden
+    G_n = torch.zeros(D, D, dtype=torch.float64)
+    G_o = torch.zeros(d, d, dtype=torch.float64)
+    cross = torch.zeros(D, d, dtype=torch.float64)
+    for old_ids, new_ids in chunks:
+        e_o, e_n = old.effective_embeddings(old_ids), new.effective_embeddings(new_ids)   # rows × d, rows × D
+        G_n += e_n.T @ e_n
+        G_o += e_o.T @ e_o
+        cross += e_n.T @ e_o
+    rank = min(d, D)
     # contiguous: a transposed view multiplies in another BLAS order than the same matrix
     # reloaded from disk, and the pipeline must reproduce the sequential run bit for bit
-    P = _lstsq_rank_limited(E_n.T @ E_n, cross, rank).T.contiguous()                 # d × D
-    Q = _lstsq_rank_limited(E_o.T @ E_o, cross.T.contiguous(), rank).T.contiguous()  # D × d
-    fit_old, fit_new = E_n @ P.T, E_o @ Q.T
+    P = _lstsq_rank_limited(G_n, cross, rank).T.contiguous()                 # d × D
+    Q = _lstsq_rank_limited(G_o, cross.T.contiguous(), rank).T.contiguous()  # D × d
+    sq = dict.fromkeys(("miss_old", "miss_new", "fit_old", "old", "new"), 0.0)
+    for old_ids, new_ids in chunks:
+        e_o, e_n = old.effective_embeddings(old_ids), new.effective_embeddings(new_ids)
+        fit_old, fit_new = e_n @ P.T, e_o @ Q.T
+        for name, t in (("miss_old", fit_old - e_o), ("miss_new", fit_new - e_n), ("fit_old", fit_old),
+                        ("old", e_o), ("new", e_n)):
+            sq[name] += float(t.square().sum())
     return ResidualTransfer(
         P=P,
         Q=Q,
-        scale=float(fit_old.norm() / E_n.norm()),
-        fit_residual_old=float((fit_old - E_o).norm() / E_o.norm()),
-        fit_residual_new=float((fit_new - E_n).norm() / E_n.norm()),
+        scale=(sq["fit_old"] / sq["new"]) ** 0.5,
+        fit_residual_old=(sq["miss_old"] / sq["old"]) ** 0.5,
+        fit_residual_new=(sq["miss_new"] / sq["new"]) ** 0.5,
     )
 
 
