@@ -56,3 +56,16 @@ def test_the_cli_refuses_before_any_analysis(pair, tmp_path, capsys, monkeypatch
                          "LORASUITE_MEMORY_CHECK=0")
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("_stage.json"))
     assert run_migrate(old, new, adapter, out, "--no-fidelity", "--cache-root", str(tmp_path / "store")) == 0
+
+
+def test_auto_counts_both_models_only_where_the_lft_distils(pair):
+    _, old, new, _ = pair
+    o, n = (M.parameter_count(str(m)) * M.CPU_BYTES for m in (old, new))
+    one, both = max(o, n) + M.OVERHEAD, o + n + M.OVERHEAD
+    scored = MigrationOptions(route="auto", fidelity=False, eval_data="task:arithmetic:test:8")
+    assert [both for _, _, both in M.whole_model_stages(scored)] == [False, False]   # route scoring, evaluation
+    M.check_memory(str(old), str(new), scored, available=one)
+    distilled = MigrationOptions(route="auto", fidelity=False, lft_mode="distill",
+                                 lft_prompts="task:arithmetic:train:20")
+    with pytest.raises(LorasuiteError, match=r"^distillation \(student and teacher at once\) loads"):
+        M.check_memory(str(old), str(new), distilled, available=both - 1)

@@ -4,8 +4,9 @@ The transfer streams the weights layer by layer, but some stages load a whole mo
 on a CPU in float32 (``training.devices.resolve_dtype``'s "auto"), whatever dtype the checkpoint is stored in:
 
 * the teacher's answers, fidelity, evaluation and the quality gate hold one model at a time;
-* light fine-tuning holds the new model; distillation (``--lft-mode distill``, the distilling routes and ``auto``)
-  holds the student (new model) and its teacher (old model) at once.
+* light fine-tuning holds the new model; distillation (``--lft-mode distill``, the distilling routes, and ``auto``
+  where the LFT distils) holds the student (new model) and its teacher (old model) at once;
+* ``auto`` scores its candidates (the teacher's answers, then each candidate on the new model) one model at a time.
 
 A model's weights take ``P x 4`` bytes, ``P`` its parameter count read from the safetensors headers (each tensor's
 shape; no weight is read).  The need is the largest of those stages' holdings plus :data:`OVERHEAD` (the
@@ -77,7 +78,10 @@ def whole_model_stages(options: MigrationOptions) -> list[tuple[str, str, bool]]
     o, found = options, []
     if o.fidelity:
         found.append(("fidelity", "--no-fidelity", False))
-    distils = o.route in DISTILL_ROUTES or o.route == "auto" or (o.runs_lft and o.lft_mode == "distill")
+    # auto distils only where the LFT does (routes.candidate_stages); it scores its candidates one model at a time
+    distils = o.route in DISTILL_ROUTES or (o.runs_lft and o.lft_mode == "distill")
+    if o.route == "auto":
+        found.append(("scoring the routes", "--route transfer", False))
     if distils:
         found.append(("distillation (student and teacher at once)", "--no-lft / --route transfer", True))
     elif o.runs_lft:

@@ -293,7 +293,7 @@ def distill_finetune(new_model_dir: str | Path, migrated_adapter_dir: str | Path
     ``patience``: early stopping on the agreement with ``heldout_teacher`` on ``heldout`` (``gen``: the
     generation's budget and batch, :func:`greedy_completions`); None: every epoch, the last one published.
     ``on_policy``: the share of micro-batches trained on the student's own samples (:mod:`.on_policy`; needs the KL
-    term's teacher and map).
+    term's teacher and map: without them every batch trains off-policy, and the counts say why in ``skipped``).
     """
     if kl_weight < 0 or kl_temperature <= 0:
         raise ValueError(f"need kl_weight >= 0 and kl_temperature > 0, got {kl_weight}, {kl_temperature}")
@@ -319,9 +319,14 @@ def distill_finetune(new_model_dir: str | Path, migrated_adapter_dir: str | Path
         prompts=heldout, teacher_completions=heldout_teacher, max_length=config.max_length, token_map=mapping,
         loss_fn=loss_fn, batch_size=config.batch_size, gen=gen or {})
     counts, train_loss = None, loss_fn
-    if on_policy > 0:
-        if note:
-            raise ValueError(f"on-policy distillation needs the token-level KL term, which is off: {note}")
+    if on_policy > 0 and note:
+        # the pair decides this at run time (e.g. too few shared tokens for a token map): distil off-policy
+        from lorasuite_core.training.on_policy import OnPolicyCounts
+
+        logger.warning("on-policy distillation skipped, every batch trains on the teacher's answers: it needs the "
+                       "token-level KL term, which is off: %s", note)
+        counts = OnPolicyCounts(share=on_policy, skipped=f"the token-level KL term is off: {note}")
+    elif on_policy > 0:
         from lorasuite_core.training.on_policy import on_policy_loss
 
         train_loss, counts = on_policy_loss(loss_fn, share=on_policy, seed=config.seed, teacher=teacher,

@@ -53,11 +53,13 @@ class OnPolicyCounts:
     off_policy_batches: int = 0
     sampled_tokens: int = 0
     kl_positions: int = 0
+    skipped: str = ""         # why no batch trained on-policy, where it was asked for and could not run
 
     def to_dict(self) -> dict[str, Any]:
         return {"share": self.share, "on_policy_batches": self.on_policy_batches,
                 "off_policy_batches": self.off_policy_batches, "sampled_tokens": self.sampled_tokens,
-                "kl_positions": self.kl_positions, "sample_temperature": SAMPLE_TEMPERATURE}
+                "kl_positions": self.kl_positions, "sample_temperature": SAMPLE_TEMPERATURE,
+                **({"skipped": self.skipped} if self.skipped else {})}
 
 
 def on_policy_loss(off_policy: Callable, *, share: float, seed: int, teacher, tokenizer, teacher_tokenizer,
