@@ -21,6 +21,29 @@ def test_gathered_rows_equal_the_full_effective_embeddings(family, tmp_path):
     assert torch.equal(rows, model.effective_embeddings()[torch.as_tensor(ids)])
 
 
+def test_rows_are_read_a_window_at_a_time(tmp_path, monkeypatch):
+    from lorasuite_core.models import loading
+
+    model = load_base_model(make_tiny_model_dir("llama", tmp_path / "m", seed=2))
+    name = model.family.embedding
+    table = model.weights.get(name)
+    ids = torch.tensor([250, 7, 3, 3, 40, 0, 11, 251, 120, 7], dtype=torch.long)
+    read = []
+    real = loading._gather_rows
+
+    def spy(sliced, rows):
+        class Window:                 # records each slice's row count
+            def __getitem__(self, key):
+                read.append(key.stop - key.start if isinstance(key, slice) else 0)
+                return sliced[key]
+        return real(Window(), rows)
+
+    monkeypatch.setattr(loading, "ROW_WINDOW", 16)
+    monkeypatch.setattr(loading, "_gather_rows", spy)
+    assert torch.equal(model.weights.get(name, ids), table[ids])
+    assert read and max(read) <= 16 and sum(read) < 60          # windows 0-15, 40, 120, 250-251: not rows 0-251
+
+
 def test_fit_on_gathered_rows_recovers_a_rotated_widened_stream(tmp_path):
     old_dir = make_tiny_model_dir("llama", tmp_path / "old", seed=3)
     new_dir = upgrade_model_dir(old_dir, tmp_path / "new", UpgradeSpec(widen_residual=8, rotate_residual=True, seed=1))

@@ -45,7 +45,19 @@ def test_streamed_states_equal_whole_model(tiny_models, family):
     base = tiny_models[family]
     batches, positions = _batches(base)
     assert len(batches) >= 2 and len({len(ids) for b in batches for ids in b}) > 1   # padding is exercised
-    streamed = streamed_states(base, batches, positions)
+    read = []
+    real_get = type(base.weights).get
+
+    def get(self, name, rows=None):
+        read.append((name, None if rows is None else len(rows)))
+        return real_get(self, name, rows)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(base.weights), "get", get)
+        streamed = streamed_states(base, batches, positions)
+    used = {0, *(t for b in batches for ids in b for t in ids)}        # the texts' ids and the padding
+    assert (base.family.embedding, len(used)) in read and (base.family.embedding, None) not in read
+    assert len(used) < base.config["vocab_size"]                        # so a whole-table read would show
     whole = whole_model_states(base, batches, positions)
     assert streamed.shape == whole.shape == (base.dims.num_layers + 1, sum(map(len, positions)), base.dims.hidden)
     assert (streamed - whole).abs().max().item() <= 1e-5

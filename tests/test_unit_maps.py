@@ -128,3 +128,42 @@ def test_stored_maps_round_trip_and_refuse_a_mismatch(tmp_path):
         load_layer_maps(tmp_path / "maps", 0, 2, "lstsq")
     with pytest.raises(ValueError, match="no unit maps for old layer 3"):
         load_layer_maps(tmp_path / "maps", 3, 1, "lstsq")
+
+
+def test_the_float32_carry_gives_the_float64_maps_to_float32_precision(monkeypatch):
+    """The W_old · T products run in CARRY_DTYPE; the maps and fits stay within float32 rounding of an all-float64
+    computation, on unrelated random weights (no exact map to recover) at a width where rounding adds up."""
+    from lorasuite_core.models.loading import Dims
+    from lorasuite_core.transfer import unit_maps as U
+    from lorasuite_core.transfer.matching import LayerMatch
+
+    g = torch.Generator().manual_seed(0)
+    d, D, hd, F = 256, 384, 32, 512
+    do = Dims(hidden=d, num_layers=1, num_heads=d // hd, num_kv_heads=2, head_dim=hd, intermediate=F, norm_eps=1e-6)
+    dn = Dims(hidden=D, num_layers=1, num_heads=D // hd, num_kv_heads=2, head_dim=hd, intermediate=F, norm_eps=1e-6)
+
+    def weights(dims):
+        q, kv = dims.num_heads * hd, dims.num_kv_heads * hd
+        shapes = {"q": (q, dims.hidden), "k": (kv, dims.hidden), "v": (kv, dims.hidden), "o": (dims.hidden, q),
+                  "gate": (F, dims.hidden), "up": (F, dims.hidden), "down": (dims.hidden, F)}
+        return {role: torch.randn(*shape, generator=g, dtype=torch.float64) for role, shape in shapes.items()}
+
+    old_w, new_w = weights(do), weights(dn)
+    maps = {"attention_input": torch.randn(d, D, generator=g, dtype=torch.float64) / D ** 0.5,
+            "mlp_input": torch.randn(d, D, generator=g, dtype=torch.float64) / D ** 0.5,
+            "attention_output": torch.randn(D, d, generator=g, dtype=torch.float64) / d ** 0.5,
+            "mlp_output": torch.randn(D, d, generator=g, dtype=torch.float64) / d ** 0.5}
+    match = LayerMatch(head_pairs=[(i, i) for i in range(do.num_heads)], kv_pairs=[(0, 1), (1, 0)],
+                       neuron_pairs=torch.stack([torch.arange(F), torch.randperm(F, generator=g)], 1).numpy(),
+                       head_similarity=None, neuron_similarity_mean=0.0)
+    P = torch.randn(d, D, generator=g, dtype=torch.float64)
+    fast = U.role_maps(old_w, new_w, do, dn, maps, match, "lstsq", P)
+    monkeypatch.setattr(U, "CARRY_DTYPE", torch.float64)
+    reference = U.role_maps(old_w, new_w, do, dn, maps, match, "lstsq", P)
+    assert set(fast) == set(U.INPUT_ROLES + U.OUTPUT_ROLES)
+    for role, ref in reference.items():
+        got = fast[role]
+        assert got.M.dtype == torch.float64 and torch.equal(got.a, ref.a) and torch.equal(got.b, ref.b)
+        error = float((got.M - ref.M).norm() / ref.M.norm())
+        assert 0 < error < 1e-5, (role, error)              # float32 rounding: present, and small
+        assert got.fit == pytest.approx(ref.fit, rel=1e-5)

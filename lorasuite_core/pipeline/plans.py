@@ -32,6 +32,7 @@ from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.models.loading import LoadedModel, LoraAdapter, load_base_model, load_lora_adapter
 from lorasuite_core.transfer.adapter import check_adapter_fits, sources_by_new_layer
 from lorasuite_core.transfer.residual import FIT_VERSION
+from lorasuite_core.transfer.unit_maps import CARRY_DTYPE
 from lorasuite_core.pipeline import routes
 from lorasuite_core.pipeline.options import AnalysisOptions, HeadTransform, MigrationOptions
 from lorasuite_core.pipeline.stage_store import (ADAPTER_PATTERNS, StageResult, artifact_identity, data_identity,
@@ -152,7 +153,7 @@ def plan_pair(old_model: str, new_model: str, analysis: AnalysisOptions | None =
                                         layout="matches", heads=analysis.head_mapping,
                                         **({"fit": "activations"} if analysis.transfer_fit == "activations" else {}))
     keys["unit_maps"] = stage_key("unit_maps", head_similarity=keys["head_similarity"], mode=head_transform,
-                                  layout="maps-per-layer")
+                                  layout="maps-per-layer", carry=str(CARRY_DTYPE))
     return PairPlan(old_model=old_model, new_model=new_model, old_identity=old_id, new_identity=new_id,
                     analysis=analysis, calibration_identity=calibration, stage_keys=keys,
                     head_transform=head_transform, activations_dtype=dtype)
