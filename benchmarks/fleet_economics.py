@@ -50,6 +50,8 @@ OLD, NEW = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
 SKILLS = ("arithmetic", "family_relationships", "chain_sum", "knowledge", "letter_counting")
 OLD_N, N_100, HELD = 64, 100, 16
 RESULTS = ROOT / "benchmarks" / "results" / "fleet_economics.json"
+#: The newest measurement of the first adapter (a labelled run), shown under the first one in the targets table.
+LATEST_FIRST = "first_lean"
 TARGETS = {"first": "≤ 60 s, ≤ 3 GB", "marginal": "≤ 10 s", "distill": "≤ 5 min", "fleet": "≤ 30 min in all"}
 
 
@@ -144,16 +146,25 @@ with the same-shape skill fleet (one thread) on the other core throughout and `.
 08:15 UTC (load average 3 most of the time), so the wall seconds are upper bounds; the issue's numbers came from a
 2-thread Xeon with AMX (380 GFLOP/s fp32, 2.4 TFLOP/s bf16).
 
-- **First adapter, ≤ 60 s: missed (287 s).** Its floor is compute. The activations' forward passes are ≈ 4.9 TFLOP
-  fp32 (SCALE.md: 1,480 padded tokens × 2 × 1.67·10⁹ parameters), ≈ 53 s at 92.6 GFLOP/s (measured 67–75 s).
-  Head similarity and the unit maps (184–188 s) are, per mapped layer pair, a bf16 neuron similarity of ≈ 0.40
-  TFLOP (≈ 1.9 s at 213 GFLOP/s, × 24 pairs ≈ 45 s) and a dense Hungarian of ≈ 2.5 s single-threaded (≈ 60 s).
-  That is ≈ 160 s of arithmetic before anything else, so 60 s needs about 3× this core's rate: the 2-thread AMX
-  Xeon took 128 s. **≤ 3 GB: missed (4.7–5.3 GB here, against 3.84 GB at issue 11's measurement).** The RSS
-  read every second at each stage line (`first_trim_1s` below) puts the peak in the `transfer_matrix` stage,
-  4.75 GB; every other stage stays at or below 2.4 GB, and between stages the process is back at 0.7–0.8 GB. Issue
-  11's probe of the residual fit alone measured 2.2 GB, so the stage around it holds about 2.5 GB more (not broken
-  down yet: the vocabulary tables it reads are the candidates, 151,936 rows × (896 + 1,536) in float32 ≈ 1.5 GB).
+- **First adapter, ≤ 60 s: missed (287 s; 277 s since ded4134, `first_lean` below).** Its floor is compute. The
+  activations' forward passes are ≈ 4.9 TFLOP fp32 (SCALE.md: 1,480 padded tokens × 2 × 1.67·10⁹ parameters),
+  ≈ 53 s at 92.6 GFLOP/s (measured 67–75 s). Head similarity (128–130 s) is, per mapped layer pair, a bf16
+  neuron similarity of ≈ 0.40 TFLOP (≈ 1.9 s at 213 GFLOP/s, × 24 pairs ≈ 45 s) and a dense Hungarian of ≈ 2.5 s
+  single-threaded (≈ 60 s). The unit maps (66 s, 55 s since ded4134) carry the old weights through the residual
+  maps, 1.1 TFLOP over the 24 pairs, in float32 since ded4134 (float64 before), and solve per unit. That is
+  ≈ 170 s of arithmetic before anything else, so 60 s needs about 3× this core's rate: the 2-thread AMX Xeon took
+  128 s.
+- **First adapter, ≤ 3 GB: met since ded4134 (2.48 GB; 4.7–5.3 GB before).** The RSS read every second
+  (`first_trim_1s`, `first_s14_before`) put the peak in a spike of about 3 s, 50 s into the run, while the
+  `transfer_matrix` and `activations` stages ran side by side. Two causes, measured one after the other:
+  - the residual fit held all 32,768 fitted rows of both embeddings in float64, their fits and differences: 2.06 GB
+    in a standalone probe. 6d694ff sums its Grams and residuals over 4,096-row chunks (0.89 GB in the same probe),
+    but the CLI's peak stayed at 4.78 GB (`first_chunked_fit`, its trace lost; sampled peak 4.30 GB at 50 s);
+  - the streamed calibration forward made the whole input embedding real in float32 before the first layer:
+    151,936 × 1,536 (0.93 GB) for the 1.5B and × 896 (0.54 GB) for the 0.5B, plus the file pages of the
+    safetensors slice, which read every row between the smallest and the largest id. ded4134 reads only the rows of
+    the ids the calibration texts use (and renumbers them), in windows of at most 4,096 rows. The peak is now in
+    `head_similarity` (2.48 GB, reached repeatedly), and between stages the process is at 0.7–1.0 GB.
 - **Marginal adapter in a fleet, ≤ 10 s: met** (5.5–6.2 s: the transfer from the stored unit maps and the write).
 - **Distill-100 into the 1.5B, ≤ 5 min: missed (548–966 s).** Of that, training is 399–646 s (25 steps of 4
   examples, 16–26 s a step); the rest is the student's greedy answers on the 16 held-out prompts before and after.
@@ -193,7 +204,9 @@ def memory_section(d: dict) -> list[str]:
     if runs:
         lines += ["## Memory: before and after stages give back what they freed", "",
                   "Runs measured again under a label (`--label L --only first|fleet`, code = the commit the CLI ran; "
-                  "`before_trim` is the code before `lorasuite_core/io/memory.py`). Peak RSS is `/usr/bin/time -v`'s; "
+                  "`before_trim` is the code before `lorasuite_core/io/memory.py`; `s14_before` is 061daac again, measured "
+                  "just before `lean`, ded4134: the calibration forward's embedding rows, the chunked residual fit and "
+                  "the unit maps' float32 carry, one after the other on the same core). Peak RSS is `/usr/bin/time -v`'s; "
                   "the sampled peak is the highest of the CLI's RSS read every few seconds (the interval is a column).", "",
                   "| run | code | wall s | CPU s | peak RSS GB | sampled peak GB | sampled every | load (start → end) |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -202,6 +215,15 @@ def memory_section(d: dict) -> list[str]:
                          f"{e['peak_rss_gb']:.2f} | {_trace_peak(e)} | {e.get('rss_every_s', 5):g} s | {e['loadavg_start'][0]:.1f} → "
                          f"{e['loadavg_end'][0]:.1f} |")
         lines.append("")
+        firsts = [(k, v) for k, v in runs if k.startswith("first_") and v.get("steps")]
+        if firsts:
+            lines += ["Stage seconds of those first-adapter runs (from each report; some stages run side by side):", "",
+                      "| run | code | " + " | ".join((*PAIR_STAGES, "transfer")) + " |",
+                      "|---|---|" + "---|" * (len(PAIR_STAGES) + 1)]
+            for key, e in firsts:
+                lines.append(f"| {key} | {e.get('code', '?')[:7]} | " + " | ".join(
+                    f"{_s(e['steps'], stage):.1f}" for stage in (*PAIR_STAGES, "transfer")) + " |")
+            lines.append("")
     fleets = [(k, v) for k, v in d.items() if k.startswith("fleet") and isinstance(v, dict) and v.get("entries")]
     if fleets:
         lines += ["The process's peak RSS as each distillation reported it at its end (`light_finetune.training."
@@ -251,6 +273,13 @@ def markdown() -> str:
                     f"(load {first['loadavg_start'][0]:.1f} → {first['loadavg_end'][0]:.1f}); pair stages "
                     f"{_s(steps, *PAIR_STAGES):.0f} s summed (some run side by side), transfer + write "
                     f"{_s(steps, 'transfer', 'write'):.1f} s |")
+    latest = d.get(LATEST_FIRST)
+    if latest:
+        steps = latest.get("steps") or {}
+        rows.append(f"| the same, code {latest.get('code', '?')[:7]} (`{LATEST_FIRST}`) | {TARGETS['first']} | "
+                    f"{latest['wall_s']:.0f} s wall, {latest['cpu_seconds']:.0f} s CPU, {latest['peak_rss_gb']} GB "
+                    f"(load {latest['loadavg_start'][0]:.1f} → {latest['loadavg_end'][0]:.1f}); pair stages "
+                    f"{_s(steps, *PAIR_STAGES):.0f} s summed, transfer + write {_s(steps, 'transfer', 'write'):.1f} s |")
     if fleet:
         entries = fleet.get("entries", {})
         marginal = [_s(e["steps"], "transfer", "write") for e in entries.values()]

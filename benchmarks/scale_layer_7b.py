@@ -22,6 +22,14 @@ Run against the code before the change (a git worktree on PYTHONPATH; its matchi
     git worktree add /tmp/lorasuite-before 898f7d4
     PYTHONPATH=/tmp/lorasuite-before .venv/bin/python benchmarks/scale_layer_7b.py --label before --repeats 1
 
+``--unit-maps`` times instead the ``unit_maps`` stage's work for the same layer pair
+(``unit_maps.role_maps``, every role, the true matching, float64 weights and residual maps) with the
+W_old · T products in float64 and in float32 (``unit_maps.CARRY_DTYPE``), alternating, and reports
+the FLOPs of those products, the achieved rates and the largest relative difference between the two
+runs' maps and fits:
+
+    .venv/bin/python benchmarks/scale_layer_7b.py --unit-maps --label unit_maps_carry --threads 1 --repeats 2
+
 Each run merges its entry under its label into benchmarks/results/scale_layer_7b.json, with the
 command and conditions.
 """
@@ -124,14 +132,85 @@ def timed(fn, repeats, name):
     return seconds, result
 
 
+def carry_flops(do: Dims = OLD, dn: Dims = NEW) -> int:
+    """FLOPs of role_maps' W_old · T products for one layer pair (q, k, v, gate, up: W_old T_in; o, down: T_out W_old)."""
+    rows = do.num_heads * do.head_dim + 2 * do.num_kv_heads * do.head_dim + 2 * do.intermediate     # input-facing
+    cols = do.num_heads * do.head_dim + do.intermediate                                             # output-facing
+    return 2 * do.hidden * dn.hidden * (rows + cols)
+
+
+def unit_maps_entry(args) -> dict:
+    """role_maps for one 7B -> 8B layer pair, CARRY_DTYPE float64 against float32, alternating."""
+    from lorasuite_core.transfer import unit_maps as U
+    from lorasuite_core.transfer.matching import LayerMatch
+
+    old, new, T_in, T_out, truth = build()
+    old = {k: v.double() for k, v in old.items()}
+    new = {k: v.double() for k, v in new.items()}
+    maps = {"attention_input": T_in.double(), "mlp_input": T_in.double(),
+            "attention_output": T_out.double(), "mlp_output": T_out.double()}
+    match = LayerMatch(head_pairs=truth["head_pairs"], kv_pairs=truth["kv_pairs"],
+                       neuron_pairs=np.stack([np.arange(OLD.intermediate), truth["neuron_new_of_old"]], 1),
+                       head_similarity=None, neuron_similarity_mean=0.0)
+    gemm = {"float32": gemm_gflops(), "float64": gemm_gflops(dtype=torch.float64),
+            "bfloat16": gemm_gflops(dtype=torch.bfloat16)}
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    results, seconds = {}, {"float64": [], "float32": []}
+    for _ in range(args.repeats):
+        for name in ("float64", "float32"):
+            U.CARRY_DTYPE = getattr(torch, name)
+            took, results[name] = timed(lambda: U.role_maps(old, new, OLD, NEW, maps, match, "lstsq", T_in.double()),
+                                        1, f"role_maps_carry_{name}")
+            seconds[name] += took
+            print(f"role_maps, carry {name}: {took[0]} s", flush=True)
+    diff = max(float((results["float32"][r].M - results["float64"][r].M).norm() / results["float64"][r].M.norm())
+               for r in results["float64"])
+    flops = carry_flops()
+    package = Path(lorasuite_core.__file__).resolve().parent
+    return {
+        "command": " ".join([".venv/bin/python", *sys.argv]),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu": _cpu_name(),
+                    "note": "2-core VM shared with other jobs, no GPU", "gemm_4096_gflops_at_start": gemm,
+                    "loadavg_1_5_15_at_start": load_before,
+                    "loadavg_1_5_15_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "package": str(package), "package_commit": git_commit(package.parent),
+        "shapes": {"old": vars(OLD), "new": vars(NEW)},
+        "part": "unit_maps.role_maps, every role, true matching, function-preserving upgrade",
+        "seconds": seconds, "cpu_seconds": CPU_SECONDS,
+        "carry_flops": flops,
+        "carry_gflops_achieved_best": {k: round(flops / min(v) / 1e9, 1) for k, v in seconds.items()},
+        "maps_relative_difference_max": diff,
+        "fit": {name: {r: m.fit for r, m in res.items()} for name, res in results.items()},
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", default="after", help="entry name in the JSON file: before / after")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale_layer_7b.json"))
+    parser.add_argument("--unit-maps", action="store_true", help="time the unit maps' carry, float64 vs float32")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.unit_maps:
+        entry = unit_maps_entry(args)
+        print(json.dumps({k: entry[k] for k in ("seconds", "carry_gflops_achieved_best",
+                                                "maps_relative_difference_max")}), flush=True)
+        merge_json(args.out, {args.label: entry})
+        return 0
     old, new, T_in, T_out, truth = build()
     gemm_before = gemm_gflops()
     load_before = [round(x, 2) for x in os.getloadavg()]
