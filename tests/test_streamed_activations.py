@@ -110,3 +110,21 @@ def test_checkpoint_missing_a_tensor_outside_the_layers_is_not_streamed(tiny_mod
     monkeypatch.delitem(base.weights.shard_of, "model.norm.weight")
     with pytest.raises(activations.StreamUnsupported, match="model.norm.weight"):
         streamed_states(base, batches, positions)
+
+
+def test_a_body_without_an_input_embedding_is_not_streamed(tiny_models, monkeypatch):
+    """The streamed forward feeds renumbered ids, so it must hold exactly the texts' embedding rows or not stream."""
+    from transformers import LlamaModel
+
+    base = tiny_models["llama"]
+    batches, positions = _batches(base, texts=8)
+
+    def missing(self):
+        raise NotImplementedError("no embedding here")
+
+    monkeypatch.setattr(LlamaModel, "get_input_embeddings", missing)
+    with pytest.raises(activations.StreamUnsupported, match="no input embedding module"):
+        streamed_states(base, batches, positions)
+    fallback = activations.model_states(base, batches, positions)          # the whole model, ids as they are
+    monkeypatch.undo()
+    assert (fallback - streamed_states(base, batches, positions)).abs().max().item() <= 1e-5

@@ -280,9 +280,13 @@ def _skeleton(base: LoadedModel, token_ids: torch.Tensor | None = None):
             model._init_weights(module)
     prefix = f"{body_path}." if body_path else ""
     names = [n for n, _ in body.named_parameters() if not n.startswith(inside)]
-    embedding = body.get_input_embeddings() if token_ids is not None else None
-    if embedding is not None:
-        name = next((n for n, p in body.named_parameters() if p is embedding.weight), None)
+    if token_ids is not None:            # the caller renumbers the ids it feeds: the rows must be these or none
+        try:
+            embedding = body.get_input_embeddings()
+        except (AttributeError, NotImplementedError) as exc:
+            raise StreamUnsupported(f"no input embedding module ({type(exc).__name__}: {exc})") from exc
+        weight = getattr(embedding, "weight", None)
+        name = next((n for n, p in body.named_parameters() if weight is not None and p is weight), None)
         if name is None or prefix + name not in base.weights:
             raise StreamUnsupported("the input embedding is not a checkpoint tensor of the body")
         names.remove(name)
