@@ -52,6 +52,8 @@ OLD_N, N_100, HELD = 64, 100, 16
 RESULTS = ROOT / "benchmarks" / "results" / "fleet_economics.json"
 #: The newest measurement of the first adapter (a labelled run), shown under the first one in the targets table.
 LATEST_FIRST = "first_lean"
+#: The newest measurement of the whole fleet (a labelled run), shown under the first one.
+LATEST_FLEET = "fleet_lean5"
 TARGETS = {"first": "≤ 60 s, ≤ 3 GB", "marginal": "≤ 10 s", "distill": "≤ 5 min", "fleet": "≤ 30 min in all"}
 
 
@@ -294,6 +296,15 @@ def markdown() -> str:
                  f"{fleet['wall_s']:.0f} s wall ({fleet['wall_s'] / 60:.1f} min), {fleet['cpu_seconds']:.0f} s CPU, "
                  f"peak RSS {fleet['peak_rss_gb']} GB (load {fleet['loadavg_start'][0]:.1f} → "
                  f"{fleet['loadavg_end'][0]:.1f}) |"]
+    latest = d.get(LATEST_FLEET)
+    if latest and latest.get("entries"):
+        entries = latest["entries"]
+        rows += [f"| the same fleet, code {latest.get('code', '?')[:7]} (`{LATEST_FLEET}`) | {TARGETS['fleet']} | "
+                 f"{latest['wall_s']:.0f} s wall ({latest['wall_s'] / 60:.1f} min), {latest['cpu_seconds']:.0f} s CPU, "
+                 f"peak RSS {latest['peak_rss_gb']} GB (load {latest['loadavg_start'][0]:.1f} → "
+                 f"{latest['loadavg_end'][0]:.1f}); marginal transfer + write "
+                 + ", ".join(f"{_s(e['steps'], 'transfer', 'write'):.1f}" for e in entries.values())
+                 + " s; distillations " + ", ".join(f"{_s(e['steps'], 'lft'):.0f}" for e in entries.values()) + " s |"]
     lines += ["| target | issue | measured |", "|---|---|---|", *rows, ""]
     if fleet:
         lines += ["Per entry of the fleet (seconds; `r` = reused from the store):", "",
