@@ -175,9 +175,15 @@ with the same-shape skill fleet (one thread) on the other core throughout and `.
   0.5B teacher's logits ≈ 1·10⁹ more, ≈ 36 TFLOP per adapter ≈ 170 s at 213 GFLOP/s. Short, padded batches run
   below the 1024² GEMM rate, and at load 3 on 2 cores the process had about two thirds of its core. On the AMX Xeon's 2.4 TFLOP/s the same FLOPs take
   ≈ 15 s.
-- **A fleet of 5 data-free adapters, ≤ 30 min: missed (75 min).** 83 % of it is the five distillations, one after
-  another; the teacher answers for all five took 488 s in one call, the pair analysis ≈ 5 min.
-- **Memory:** the fleet process peaked at 22.9 GB on a 24 GiB machine. The first distillation reported
+- **A fleet of 5 data-free adapters, ≤ 30 min: missed (75 min; 59 min in `fleet_lean5`).** 83 % of it is the five
+  distillations, one after another; the teacher answers for all five took 488 s in one call, the pair analysis
+  ≈ 5 min. `fleet_lean5` (2026-12-07 13:51–14:50 UTC, code c866019: the stages' memory release, the first
+  adapter's memory fixes, the float32 carry) ran beside the cross pair's GKD seeds (until 14:10) and two `.ci/run`
+  runs on both cores (13:52–14:35), so its load-average readings at the start and end (1.0) understate what it
+  shared; its distillations took 338–617 s (68 % of the 59 min), the teacher answers 751 s in one call (the CI
+  ran beside that stage).
+- **Memory:** the five-entry fleet now peaks at 17.47 GB (`fleet_lean5`; every distillation reported the same
+  16.7 GB process peak, so nothing grew from entry to entry). Before, the fleet process peaked at 22.9 GB on a 24 GiB machine. The first distillation reported
   16.3 GB and the later ones 21.6–21.8 GB (the process-wide peak, so it never falls: the entry that ran first
   reported the lowest, and it rose once, in the second distillation). A
   1.5B student (6.2 GB fp32) and its 0.5B teacher (2 GB) explain about 8 GB of a distillation. What the later
