@@ -29,7 +29,8 @@ from lorasuite_core.testing.adapter import make_random_lora_adapter, zeroed_adap
 from lorasuite_core.testing.model import make_tiny_model_dir
 from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 from lorasuite_core.training.gate import gate_decision
-from lorasuite_core.training.route import Candidate, RouteFailed, choose
+from lorasuite_core.training.route import (FIDELITY_TOLERANCE, Candidate, RouteFailed, choose, discordant,
+                                           sign_test_p)
 from lorasuite_core.training.task_data import generate_problems
 from tests.distill_setup import EXACT
 
@@ -46,7 +47,8 @@ def test_the_choice_rule_on_numbers():
     assert chosen.route == "copy" and "also cleared: transfer" in why
     # a costlier route wins only outside the tolerance, or on agreement
     assert choose([candidate("transfer", 1.0, 0.5), candidate("distill", 1.0, 0.9)])[0].route == "distill"
-    assert choose([candidate("transfer", 0.75, 1.0), candidate("distill", 1.0, 0.1)])[0].route == "distill"
+    # one prompt more of 4 is not evidence: the fidelity decides
+    assert choose([candidate("transfer", 0.75, 1.0), candidate("distill", 1.0, 0.1)])[0].route == "transfer"
     # below the gate never wins, whatever its fidelity
     chosen, why = choose([candidate("transfer", 0.25, 1.0), candidate("fresh-distill", 0.5, 0.2)])
     assert chosen.route == "fresh-distill" and "below the gate: transfer" in why
@@ -56,6 +58,34 @@ def test_the_choice_rule_on_numbers():
                                           r"teacher agreement 0\.250 \(bare new model 0\.250, margin 0\.05, n=4\), "
                                           r"fidelity 0\.300$"):
         choose([candidate("transfer", 0.25, 0.1), candidate("distill", 0.25, 0.3)])
+
+
+def flagged(route: str, flags: str, fidelity: float | None) -> Candidate:
+    agrees = tuple(ch == "1" for ch in flags)
+    return Candidate(route, gate_decision(sum(agrees) / len(agrees), 0.0, n=len(agrees), margin=0.05), fidelity, agrees)
+
+
+def test_a_costlier_route_needs_significantly_more_agreement_or_more_fidelity():
+    assert sign_test_p(5, 0) == pytest.approx(0.5 ** 5) and sign_test_p(6, 1) == pytest.approx(8 / 128)
+    assert sign_test_p(0, 3) == 1.0
+    cheap = flagged("transfer", "1111" "1111" "0000" "0000", 0.9)
+    # alone agrees on 5 prompts where the cheaper misses, never the reverse: p = 1/32, it wins despite less fidelity
+    assert choose([cheap, flagged("distill", "1111" "1111" "1111" "1000", 0.5)])[0].route == "distill"
+    # 6 against 1 (the same agreement, 13 of 16): p = 1/16, not significant; the fidelity is lower, so the cheaper
+    assert choose([cheap, flagged("distill", "1111" "1110" "1111" "1100", 0.5)])[0].route == "transfer"
+    # ... and higher by more than the tolerance: the costlier
+    assert choose([cheap, flagged("distill", "1111" "1110" "1111" "1100", 0.9 + FIDELITY_TOLERANCE + 0.01)])[0].route \
+        == "distill"
+    # significantly worse: its fidelity does not matter
+    assert choose([cheap, flagged("distill", "0000" "0111" "0000" "0000", 1.0)])[0].route == "transfer"
+    # the discordant prompts, not the totals: both agree on 8, on different prompts (8 against 8)
+    assert discordant(flagged("distill", "0000" "0000" "1111" "1111", None), cheap) == (8, 8)
+    # without flags: the count difference, all on one side
+    assert discordant(candidate("distill", 1.0, None), candidate("transfer", 0.25, None)) == (3, 0)
+    assert flagged("distill", "10", None).to_dict()["agrees"] == "10"
+    # cheapest first, each costlier one against the current choice
+    copy = flagged("copy", "1111" "1111" "1000" "0000", 0.8)
+    assert choose([flagged("fresh-distill", "1111" "1111" "1111" "1111", 0.8), cheap, copy])[0].route == "fresh-distill"
 
 
 def test_distill_routes_distil_and_refuse_contradictions():
@@ -139,6 +169,7 @@ def test_auto_prefers_the_exact_transfer_to_fresh_distillation(models):
     assert list(scored) == ["transfer", "distill", "fresh-distill"]                  # cheapest first
     assert scored["transfer"]["fidelity"] == pytest.approx(1.0, abs=1e-3)            # exact
     assert scored["transfer"]["teacher_agreement"] == 1.0 and scored["transfer"]["passed"]
+    assert scored["transfer"]["agrees"] == "1111"                                    # per held-out prompt
     assert scored["fresh-distill"]["fidelity"] < 0.5                                 # B = 0, barely trained
     assert not scored["fresh-distill"]["passed"]
     assert report["quality_gate"]["passed"] and report["quality_gate"]["student_agreement"] == 1.0

@@ -339,8 +339,9 @@ def plan_adapter(plan: PairPlan, analysis: StageResult, name: str, adapter_ref: 
     return draft
 
 
-#: Version of the route choice in its stage key.
-ROUTE_VERSION = 1
+#: Version of the route choice in its stage key: 2 = per-prompt agreement flags and the sign-test rule
+#: (lorasuite_core.training.route).
+ROUTE_VERSION = 2
 
 
 def _train_job(plan: PairPlan, options: MigrationOptions, data: str | None, **start: Any) -> TrainJob:

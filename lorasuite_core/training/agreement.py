@@ -7,7 +7,8 @@
   cut at the first stop marker and right after the first "The answer is N" sentence), compared
   numerically (:func:`~lorasuite_core.training.evaluation.answers_match`), or -- where either side
   holds no number -- the whitespace-normalised scored text itself.
-* :func:`teacher_agreement` is the fraction of prompts whose answers agree, each by its prompt's task.
+* :func:`agreement_flags` says per prompt whether the answers agree, each by its prompt's task;
+  :func:`teacher_agreement` is the fraction that do.
 * :func:`accuracy` scores gold samples by their skill, gold strings by the final number.
 """
 from __future__ import annotations
@@ -66,15 +67,21 @@ def _tasks(tasks: Sequence[str | None] | None, n: int) -> Sequence[str | None]:
     return tasks
 
 
-def teacher_agreement(student: Sequence[Any], teacher: Sequence[Any],
-                      tasks: Sequence[str | None] | None = None) -> float:
-    """Fraction of prompts whose student and teacher answers agree (:func:`answers_agree`, by each prompt's task)."""
+def agreement_flags(student: Sequence[Any], teacher: Sequence[Any],
+                    tasks: Sequence[str | None] | None = None) -> list[bool]:
+    """Per prompt, whether the student's and the teacher's answers agree (:func:`answers_agree`, by its task)."""
     if len(student) != len(teacher):
         raise ValueError(f"{len(student)} student completions for {len(teacher)} teacher completions")
     if not teacher:
         raise ValueError("teacher agreement needs at least one prompt")
-    return sum(answers_agree(s, t, task) for s, t, task in zip(student, teacher, _tasks(tasks, len(teacher)),
-                                                                 strict=True)) / len(teacher)
+    return [answers_agree(s, t, task) for s, t, task in zip(student, teacher, _tasks(tasks, len(teacher)), strict=True)]
+
+
+def teacher_agreement(student: Sequence[Any], teacher: Sequence[Any],
+                      tasks: Sequence[str | None] | None = None) -> float:
+    """Fraction of prompts whose student and teacher answers agree (:func:`agreement_flags`)."""
+    flags = agreement_flags(student, teacher, tasks)
+    return sum(flags) / len(flags)
 
 
 def accuracy(completions: Sequence[Any], answers: Sequence[str | Any]) -> float:
