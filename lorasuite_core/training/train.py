@@ -33,7 +33,9 @@ micro-batch's forward pass runs under ``torch.autocast(dtype=bfloat16)`` where t
 bf16 natively (``TrainConfig.autocast`` "auto"; "bf16" forces it, "off" keeps fp32).  Weights,
 gradients, the optimizer state and the loss reduction stay float32 (the loss is computed from float32
 logits, the backward pass runs outside the autocast region); only the matrix products round their
-inputs to bf16.  PEFT keeps the adapter weights in float32 even over a bf16 base.  The pipeline puts
+inputs to bf16.  PEFT keeps the adapter weights in float32 even over a bf16 base.  Inside the loop the
+frozen linear weights of a bf16 checkpoint are held in bf16 (:mod:`~lorasuite_core.training.frozen_bf16`): the
+same products, without a float32 copy and a bf16 copy of every weight at once.  The pipeline puts
 the compute dtype in the LFT and baseline stage keys, since it changes the trained weights.
 
 Safety: models and adapters are read from safetensors only
@@ -61,6 +63,7 @@ from tqdm.auto import tqdm
 from lorasuite_core.training.devices import (autocast_dtype, cuda_peak_mb, process_peak_rss_mb, reset_cuda_peak,
                                              resolve_device, resolve_dtype)
 from lorasuite_core.training.config import DEFAULT_TARGETS, LORA_SHAPE, TrainConfig
+from lorasuite_core.training.frozen_bf16 import bf16_frozen_linears
 from lorasuite_core.training.task_data import Sample, format_prompt
 
 logger = logging.getLogger(__name__)
@@ -325,18 +328,21 @@ def _optimise(peft_model, tokenizer, examples, params, config: TrainConfig, devi
     losses: list[float] = []
     mixed = autocast_dtype(config.autocast, device, params[0].dtype)
     progress = tqdm(total=steps_per_epoch * config.epochs, desc="train", disable=not config.show_progress)
-    for _epoch in range(config.epochs):
-        for group in _groups(_batches(len(examples), config.batch_size, generator), config.grad_accum):
-            losses.append(_train_step(peft_model, group, examples, tokenizer.pad_token_id, device, loss_fn, mixed))
-            if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.update(1)
-            progress.set_postfix(loss=f"{losses[-1]:.4f}")
-        if selector is not None and selector.end_of_epoch(_epoch, peft_model):
-            break
+    with bf16_frozen_linears(peft_model, mixed) as held:
+        for _epoch in range(config.epochs):
+            for group in _groups(_batches(len(examples), config.batch_size, generator), config.grad_accum):
+                losses.append(_train_step(peft_model, group, examples, tokenizer.pad_token_id, device, loss_fn, mixed))
+                if config.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.update(1)
+                progress.set_postfix(loss=f"{losses[-1]:.4f}")
+            if selector is not None:
+                with held.float32():
+                    if selector.end_of_epoch(_epoch, peft_model):
+                        break
     progress.close()
     return losses
 
