@@ -6,6 +6,9 @@ when that is lossless (a bf16 release loaded in float32).  This measures what it
 * checkpoints: ``bf16`` -- the fetched model saved again in bf16 (a release as published: every weight a bf16
   value; made once under ``--workdir``); ``fetched`` -- the model as ``lorasuite models fetch`` writes it (float32,
   dequantised from GGUF: no weight is lossless, so nothing is held and both modes must agree to the byte);
+* ``bf16-distill`` (``--distill``): ``distill_finetune`` on the bf16 copy, its teacher the bf16 copy + the adapter of
+  the ``bf16/plain`` run, the student the same adapter trainable, the teacher's greedy answers (32 new tokens) as
+  targets, the token-level KL on (identity map): the teacher runs inside the loop and is held too;
 * modes: ``held`` (the code as it is) and ``plain`` (``bf16_frozen_linears`` replaced by a no-op);
 * each run: a fresh child process under ``/usr/bin/time -v``: ``train_lora`` on ``--steps`` x 4 samples of
   ``task:family_relationships:train`` (rank 16, alpha 32, the seven projections, batch 4, lr 3e-4, autocast bf16,
@@ -40,8 +43,22 @@ MARKDOWN = ROOT / "benchmarks" / "FROZEN_BF16_MEMORY.md"
 MODES = ("plain", "held")
 
 
-def child(mode: str, model_dir: str, steps: int, out_dir: str) -> None:
-    """One training run in this process; prints one JSON line."""
+def distill_run(model_dir: str, adapter: str, samples, out_dir: str, config):
+    """distill_finetune: teacher = the model + ``adapter``, student = the model + the same adapter (trainable),
+    the teacher's greedy answers (32 new tokens) as targets, KL on (identity map)."""
+    from lorasuite_core.training import distill as D
+    from lorasuite_core.training import prompts as P
+
+    teacher, tokenizer = D.load_for_generation(model_dir, adapter, dtype="float32", device="cpu")
+    prompts = P.prompts_from_samples(samples)
+    targets = D.greedy_completions(teacher, tokenizer, prompts, max_new_tokens=32, batch_size=4)
+    run = D.distill_finetune(model_dir, adapter, prompts, targets, out_dir, config=config, teacher=teacher,
+                             teacher_tokenizer=tokenizer, token_map=D.TokenMap.between(tokenizer, tokenizer))
+    return run.training
+
+
+def child(mode: str, model_dir: str, steps: int, out_dir: str, teacher_adapter: str = "") -> None:
+    """One training run in this process (a distillation with ``teacher_adapter``); prints one JSON line."""
     import contextlib
 
     import torch
@@ -58,7 +75,7 @@ def child(mode: str, model_dir: str, steps: int, out_dir: str) -> None:
     @contextlib.contextmanager
     def counted(model, mixed):
         with (real(model, mixed) if mode == "held" else contextlib.nullcontext(frozen_bf16.Bf16Weights([]))) as h:
-            held.append(sum(t.numel() for t in h.tensors))
+            held.append(sum(t.numel() for t in h.tensors))      # the student's, then (distillation) the teacher's
             yield h
 
     from lorasuite_core.io.memory import release_freed_memory
@@ -85,10 +102,13 @@ def child(mode: str, model_dir: str, steps: int, out_dir: str) -> None:
     T.bf16_frozen_linears, T._optimise = counted, phased
     samples = load_samples(f"task:family_relationships:train:{4 * steps}", None, seed=0)
     config = TrainConfig(epochs=1, batch_size=4, lr=3e-4, seed=0, show_progress=False, autocast="bf16")
-    result = T.train_lora(model_dir, samples, out_dir, rank=16, alpha=32.0, config=config)
+    if teacher_adapter:
+        result = distill_run(model_dir, teacher_adapter, samples, out_dir, config)
+    else:
+        result = T.train_lora(model_dir, samples, out_dir, rank=16, alpha=32.0, config=config)
     digest = hashlib.sha256((Path(out_dir) / T.ADAPTER_WEIGHTS).read_bytes()).hexdigest()
     print(json.dumps({"losses": result.losses, "steps": result.steps, "adapter_sha256": digest,
-                      "held_parameters": held[0], "compute_dtype": result.compute_dtype, **phases}))
+                      "held_parameters": sum(held), "compute_dtype": result.compute_dtype, **phases}))
 
 
 def bf16_copy(model_dir: Path, target: Path) -> Path:
@@ -125,16 +145,20 @@ def run(args) -> None:
     work = Path(args.workdir)
     for name in args.models:
         fetched = Path(fetch_model(name))
-        for kind, directory in (("bf16", lambda: bf16_copy(fetched, work / f"{name}-bf16")), ("fetched", lambda: fetched)):
+        kinds = [("bf16", lambda: bf16_copy(fetched, work / f"{name}-bf16")), ("fetched", lambda: fetched)]
+        if args.distill:
+            kinds.append(("bf16-distill", lambda: bf16_copy(fetched, work / f"{name}-bf16")))
+        for kind, directory in kinds:
             for mode in MODES:
                 key = f"{name}/{kind}/{mode}"
+                teacher = str(work / "out" / f"{name}/bf16/plain") if kind == "bf16-distill" else ""
                 if key in runs:
                     continue
                 print(f"[frozen-bf16] {key} ...", flush=True)
                 env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=threads)
                 load = loadavg()
                 done = subprocess.run(["/usr/bin/time", "-v", sys.executable, __file__, "--child", mode,
-                                       str(directory()), str(args.steps), str(work / "out" / key)],
+                                       str(directory()), str(args.steps), str(work / "out" / key), teacher],
                                       cwd=ROOT, env=env, capture_output=True, text=True)
                 if done.returncode != 0:
                     raise SystemExit(f"{key} failed:\n{done.stderr[-3000:]}")
@@ -179,11 +203,13 @@ def markdown() -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(*sys.argv[2:4], int(sys.argv[4]), sys.argv[5])
+        child(*sys.argv[2:4], int(sys.argv[4]), *sys.argv[5:7])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["qwen2.5-coder-0.5b-instruct"])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--distill", action="store_true", help="also a distillation (kind bf16-distill): teacher "
+                        "= the bf16 copy + the bf16/plain run's adapter, student = the same (trainable), KL on")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "frozen-bf16"))
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()

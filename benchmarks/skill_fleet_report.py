@@ -235,6 +235,14 @@ def write_markdown(pair: str, results: Path | None = None) -> str:
     for skill in skills:
         lines += skill_lines(stages, skill, data["skills"][skill])
     rows = [r for r in ROWS if (r != "copy" or pair in SAME_SHAPE) and (r != "gkd" or pair in GKD_PAIRS)]
+    commands = data.get("commands") or [data.get("command", "")]
+    cut = [r for r, flag in (("gkd", "--no-gkd"), ("full", "--no-full"))
+           if r in rows and commands and all(flag in c for c in commands)
+           and not any(masks(stages, s, r) for s in skills)]
+    if cut:
+        lines += ["## Not run", "", "Rows every command of this run left out (" + ", ".join(
+            f"`--no-{r}`" for r in cut) + "; see the pair's notes in benchmarks/README.md): " + ", ".join(cut) + ".", ""]
+    rows = [r for r in rows if r not in cut]
     missing = [f"{s}/{r}" for s in skills for r in rows if not masks(stages, s, r)]
     partial = [f"{s}/{r} ({len(masks(stages, s, r))} of {len(SEEDS)} seeds)" for s in skills for r in MULTI_SEED
                if 0 < len(masks(stages, s, r)) < len(SEEDS)]

@@ -51,7 +51,7 @@ def spy(monkeypatch) -> list:
     @contextlib.contextmanager
     def recording(model, mixed):
         with real(model, mixed) as held:
-            seen.append([(t, t.dtype) for t in held.tensors])
+            seen.append([(t, t.dtype) for t in held.tensors])     # the dtype while held
             yield held
 
     monkeypatch.setattr(T, "bf16_frozen_linears", recording)
@@ -97,6 +97,7 @@ def test_training_is_bit_identical(models, tmp_path, monkeypatch):
     seen = spy(monkeypatch)
     held = T.train_lora(models["bf16"], samples, tmp_path / "held", targets=("q_proj", "down_proj"), config=config)
     assert seen[-1] and all(dtype == torch.bfloat16 for _, dtype in seen[-1])
+    assert all(t.dtype == torch.float32 for t, _ in seen[-1])                 # given back after the loop
     monkeypatch.setattr(T, "bf16_frozen_linears", nothing_held)
     plain = T.train_lora(models["bf16"], samples, tmp_path / "plain", targets=("q_proj", "down_proj"), config=config)
     assert held.losses == plain.losses
@@ -105,9 +106,11 @@ def test_training_is_bit_identical(models, tmp_path, monkeypatch):
 
 
 def test_early_stopping_scores_in_float32_while_weights_are_held(tmp_path, monkeypatch):
+    """Student and teacher held (the teacher's KL term runs in the loop); early stopping scores in float32."""
     pair = build_exact_pair(tmp_path / "pair")
     new = bf16_checkpoint(pair["new"], tmp_path / "new-bf16")
-    teacher, tokenizer = D.load_for_generation(pair["old"], pair["adapter"], dtype="float32", device="cpu")
+    old = bf16_checkpoint(pair["old"], tmp_path / "old-bf16")
+    teacher, tokenizer = D.load_for_generation(old, pair["adapter"], dtype="float32", device="cpu")
     from lorasuite_core.training import prompts as P
 
     train = P.prompts_from_samples(generate_problems(8, "train", 1))
@@ -118,12 +121,15 @@ def test_early_stopping_scores_in_float32_while_weights_are_held(tmp_path, monke
     def run(out):
         config = lft_config(lr=1e-3, epochs=2, lr_schedule="constant", autocast="bf16")
         return D.distill_finetune(new, pair["migrated"], train, targets, out, config=config, teacher=teacher,
-                                  teacher_tokenizer=tokenizer, kl_weight=1.0, patience=2, heldout=heldout,
+                                  teacher_tokenizer=tokenizer, token_map=D.TokenMap.between(tokenizer, tokenizer),
+                                  kl_weight=1.0, patience=2, heldout=heldout,
                                   heldout_teacher=heldout_teacher, gen=GEN)
 
     seen = spy(monkeypatch)
     held = run(tmp_path / "held")
-    assert seen[-1]
+    student_held, teacher_held = seen                                  # one loop: the student's, then the teacher's
+    assert student_held and teacher_held and all(t.dtype == torch.float32 for t, _ in student_held + teacher_held)
+    assert held.mode == D.MODE_KL and held.kl_positions > 0
     monkeypatch.setattr(T, "bf16_frozen_linears", nothing_held)
     plain = run(tmp_path / "plain")
     assert held.early_stopping.to_dict() == plain.early_stopping.to_dict()

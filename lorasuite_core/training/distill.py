@@ -334,7 +334,7 @@ def distill_finetune(new_model_dir: str | Path, migrated_adapter_dir: str | Path
                                             kl_temperature=kl_temperature, max_length=config.max_length,
                                             batch_size=(gen or {}).get("batch_size") or 16)
     result = finetune_examples(student, tokenizer, examples, out_dir, config=config, loss_fn=train_loss,
-                               selector=selector)
+                               selector=selector, frozen=() if teacher is None or note else (teacher,))
     return DistillTraining(mode=MODE_SEQUENCE if note else MODE_KL, n_prompts=len(examples),
                            kl_examples=0 if note else aligned, kl_positions=0 if note else positions,
                            target_positions=targets, kl_note=note, training=result, early_stopping=selector,

@@ -12,6 +12,10 @@ copy: ``2P`` bytes in all.  The products are the same: autocast would have compu
 round-to-nearest-even, so the loss, every gradient and the trained adapter are bit for bit those of the float32
 weights (tested).
 
+A distillation's teacher runs inside the same loop (its logits for the KL term, under autocast and without
+gradients): the loop holds its weights the same way (``finetune_examples(frozen=...)``), which saves its float32
+copy, ``2P`` bytes of the teacher's ``P``.
+
 Which weights (each rule keeps that identity):
 
 * frozen (``requires_grad`` False) ``nn.Linear`` weights and biases; the trainable adapter tensors stay float32;

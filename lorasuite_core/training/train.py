@@ -49,6 +49,7 @@ mark for the whole process lifetime, via ``resource``) and, on CUDA,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -318,9 +319,11 @@ def _trainable_parameters(peft_model) -> list[torch.nn.Parameter]:
 
 
 def _optimise(peft_model, tokenizer, examples, params, config: TrainConfig, device: torch.device,
-              loss_fn: LossFn | None = None, selector: EpochSelector | None = None) -> list[float]:
+              loss_fn: LossFn | None = None, selector: EpochSelector | None = None,
+              frozen: Sequence[torch.nn.Module] = ()) -> list[float]:
     """AdamW over seeded shuffled batches for ``config.epochs``; returns the loss of every optimizer step.
-    ``selector.end_of_epoch(epoch, model)`` after each epoch; True ends training there."""
+    ``selector.end_of_epoch(epoch, model)`` after each epoch; True ends training there.  ``frozen``: other models
+    the loss reads (a distillation's teacher), held in bf16 like the model's frozen weights."""
     generator = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = math.ceil(math.ceil(len(examples) / config.batch_size) / config.grad_accum)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -328,7 +331,8 @@ def _optimise(peft_model, tokenizer, examples, params, config: TrainConfig, devi
     losses: list[float] = []
     mixed = autocast_dtype(config.autocast, device, params[0].dtype)
     progress = tqdm(total=steps_per_epoch * config.epochs, desc="train", disable=not config.show_progress)
-    with bf16_frozen_linears(peft_model, mixed) as held:
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(bf16_frozen_linears(model, mixed)) for model in (peft_model, *frozen)]
         for _epoch in range(config.epochs):
             for group in _groups(_batches(len(examples), config.batch_size, generator), config.grad_accum):
                 losses.append(_train_step(peft_model, group, examples, tokenizer.pad_token_id, device, loss_fn, mixed))
@@ -340,7 +344,9 @@ def _optimise(peft_model, tokenizer, examples, params, config: TrainConfig, devi
                 progress.update(1)
                 progress.set_postfix(loss=f"{losses[-1]:.4f}")
             if selector is not None:
-                with held.float32():
+                with contextlib.ExitStack() as float32:
+                    for weights in held:
+                        float32.enter_context(weights.float32())
                     if selector.end_of_epoch(_epoch, peft_model):
                         break
     progress.close()
@@ -349,7 +355,8 @@ def _optimise(peft_model, tokenizer, examples, params, config: TrainConfig, devi
 
 def _run_training(peft_model, tokenizer, samples: Sequence[Sample], out_dir: str | Path,
                   config: TrainConfig, *, examples: Sequence[dict] | None = None,
-                  loss_fn: LossFn | None = None, selector: EpochSelector | None = None) -> TrainResult:
+                  loss_fn: LossFn | None = None, selector: EpochSelector | None = None,
+                  frozen: Sequence[torch.nn.Module] = ()) -> TrainResult:
     """Shared by LoRA training and LFT; saves the adapter (safetensors) and a JSON summary.
 
     ``examples`` (pre-built ``input_ids``/``labels`` dicts, extra keys allowed) replace tokenising ``samples``;
@@ -364,7 +371,7 @@ def _run_training(peft_model, tokenizer, samples: Sequence[Sample], out_dir: str
     examples = list(examples) if examples else build_examples(tokenizer, samples, config.max_length)
     params = _trainable_parameters(peft_model)
     peft_model.train()
-    losses = _optimise(peft_model, tokenizer, examples, params, config, device, loss_fn, selector)
+    losses = _optimise(peft_model, tokenizer, examples, params, config, device, loss_fn, selector, frozen)
     if selector is not None:
         selector.restore(peft_model)
     peft_model.eval()
@@ -417,8 +424,10 @@ def light_finetune(model_dir: str | Path, adapter_dir: str | Path, samples: Sequ
 
 def finetune_examples(peft_model, tokenizer, examples: Sequence[dict], out_dir: str | Path, *,
                       config: TrainConfig, loss_fn: LossFn | None = None,
-                      selector: EpochSelector | None = None) -> TrainResult:
+                      selector: EpochSelector | None = None, frozen: Sequence[torch.nn.Module] = ()) -> TrainResult:
     """The same loop on pre-built examples (extra keys allowed) and an optional loss, e.g. teacher distillation;
-    ``selector``: per-epoch scoring and early stopping (:mod:`lorasuite_core.training.early_stopping`)."""
+    ``selector``: per-epoch scoring and early stopping (:mod:`lorasuite_core.training.early_stopping`); ``frozen``:
+    other models ``loss_fn`` runs (the teacher), whose frozen linear weights are held in bf16 during the loop as the
+    model's are (:mod:`lorasuite_core.training.frozen_bf16`)."""
     return _run_training(peft_model, tokenizer, (), out_dir, config, examples=examples, loss_fn=loss_fn,
-                         selector=selector)
+                         selector=selector, frozen=frozen)
