@@ -25,13 +25,14 @@ prompts; both agree or both miss on the others).  With the one-sided exact sign 
 taken as ``w - l = n (a_c - a_i)`` with the other side 0, the most favourable split for the larger count.
 
 Why a test and not the higher agreement: on 16 held-out prompts one prompt is 6 points, and the benchmarks'
-candidates differ by about that much (benchmarks/SKILL_FLEET.md: distill against fresh-distill, copy against
-distill, within 0.07 of each other on every skill at 3 seeds, all intervals covering 0).  Taking the higher
-agreement picked the costlier route on the difference of one prompt; a costlier route now has to agree with the
-teacher on clearly more prompts (with 16: at least 5 more prompts where it alone agrees than where it alone misses,
-``0.5^5 = 0.031``), or, where agreement cannot tell them apart, close more of the gap to the teacher, the
-per-character measure over every answer token.  When none passes, :class:`RouteFailed` names the best candidate
-by the same rule (gate ignored) with its numbers; nothing is published.
+candidates differ by about that much (benchmarks/SKILL_FLEET*.md, 3 seeds: distill and fresh-distill within 0.07 of
+each other on every skill, and where the interval excludes 0 the cheaper distill is the better; copy and distill
+within 0.07 on the same-shape pair).  Taking the higher agreement picked the costlier route on the difference of one
+prompt.  Now a costlier route has to agree with the teacher on clearly more prompts (5 prompts where it alone agrees
+and none the other way: ``0.5^5 = 0.031``; 6 against 1 is not enough, 0.0625; 7 against 1 is, 0.035), or, where
+agreement cannot tell them apart, close more of the gap to the teacher, the per-character measure over every answer
+token.  Replayed on the benchmarks' recorded decisions: benchmarks/ROUTE_RULE.md.  When none passes,
+:class:`RouteFailed` names the best candidate by the same rule (gate ignored) with its numbers; nothing is published.
 """
 from __future__ import annotations
 
@@ -116,7 +117,8 @@ def beats(c: Candidate, i: Candidate) -> bool:
     if sign_test_p(losses, wins) <= ALPHA:
         return False
     low = float("-inf")
-    return (low if c.fidelity is None else c.fidelity) > (low if i.fidelity is None else i.fidelity) + FIDELITY_TOLERANCE
+    mine, theirs = (low if x.fidelity is None else x.fidelity for x in (c, i))
+    return mine > theirs + FIDELITY_TOLERANCE
 
 
 def best(candidates: Sequence[Candidate]) -> Candidate:
