@@ -473,9 +473,16 @@ def main() -> None:
     if args.merge_from:
         path = Path(args.results or results_path(args.pair))
         mine, theirs = (json.loads(Path(p).read_text()) for p in (path, args.merge_from))
+        label = Path(args.merge_from).name
         added = {k: v for k, v in theirs["stages"].items() if k not in mine["stages"]}
+        # a stage both ran (each process's own migrate-fleet run) is kept twice: theirs under KEY@FILE
+        added |= {f"{k}@{label}": v for k, v in theirs["stages"].items()
+                  if k in mine["stages"] and v != mine["stages"][k]}
+        merged = {**mine.get("merged_from", {}), label: {"skills": list(theirs["skills"]),
+                                                         "commands": theirs.get("commands", [])}}
         merge_json(path, {"stages": {**mine["stages"], **added}, "skills": {**mine["skills"], **theirs["skills"]},
-                          "commands": list(dict.fromkeys([*mine.get("commands", []), *theirs.get("commands", [])]))})
+                          "commands": list(dict.fromkeys([*mine.get("commands", []), *theirs.get("commands", [])])),
+                          "merged_from": merged})
         print(f"merged {len(added)} stages from {args.merge_from} into {path}")
         return
     if args.markdown:
