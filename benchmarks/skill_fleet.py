@@ -45,6 +45,11 @@ percentiles).  A difference of two rows resamples the problems jointly (paired) 
 by seed where both rows have the same seeds); the pooled paired Newcombe interval (every seed's problems pooled,
 ``migration_benchmark.paired_interval``) is given next to it.
 
+Generation dtype: the rows that distil or pick a route generate (the teacher's answers, held-out answers) in the
+pipeline's ``generation_dtype`` default, bf16 where the CPU multiplies in bf16, since that default arrived; every row
+in the committed results of the three pairs was generated in float32 before it (``GENERATION_DTYPE.md`` compares
+the two on one row).  Evaluation has always run in its own default (bf16 here).
+
 Cost: every stage runs in its own process (``run_child`` or a CLI subprocess under ``/usr/bin/time -v``): wall and
 CPU seconds, the load average, and for training the compute dtype (bf16 autocast where the CPU has bf16 matmul).
 Results are merged into ``benchmarks/results/skill_fleet_<pair>.json`` after every stage; a rerun resumes (recorded
@@ -151,6 +156,7 @@ def stage_fresh_distill(old_dir: str, source_dir: str, new_dir: str, out_dir: st
     import tempfile
 
     from lorasuite_core.pipeline.options import MigrationOptions
+    from lorasuite_core.pipeline.plans import generation_dtype
     from lorasuite_core.training import distill as D
     from lorasuite_core.training import prompts as P
     from lorasuite_core.training.config import default_lft_config
@@ -170,7 +176,8 @@ def stage_fresh_distill(old_dir: str, source_dir: str, new_dir: str, out_dir: st
         del model
         config = default_lft_config(lr=o.lft_lr, epochs=o.lft_epochs, seed=o.seed, show_progress=False)
         report = D.distill(old_dir, source_dir, new_dir, tmp, out_dir, train, heldout=heldout,
-                           config=D.DistillConfig(kl_weight=o.lft_kl_weight, train=config),
+                           config=D.DistillConfig(kl_weight=o.lft_kl_weight, train=config,
+                                                  generation_dtype=generation_dtype(o)),
                            shared_ids=(shared.old_ids.tolist(), shared.new_ids.tolist()))
     return {"seconds": time.perf_counter() - start, "light_finetune": report.to_dict(), "options": migration}
 

@@ -53,6 +53,7 @@ TransferFit = Literal["weights", "activations"]
 LftMode = Literal["labelled", "distill"]
 ServingEngine = Literal["vllm", "vllm-lora"]
 Route = Literal["transfer", "distill", "fresh-distill", "copy", "auto"]
+GenerationDtype = Literal["auto", "float32", "bfloat16"]
 #: The routes that distil (their LFT is distilled from the teacher, ``lft_mode`` distill).
 DISTILL_ROUTES = ("distill", "fresh-distill")
 
@@ -130,6 +131,12 @@ class MigrationOptions(_Options):
                           "model + old adapter) that the migrated adapter closes, in nats per character of the "
                           "teacher's answers to held-out prompts (distillation's, else --eval-data's, else the "
                           "calibration texts)")
+    generation_dtype: GenerationDtype = Field(
+        "auto", description="dtype of the greedy generation that distillation, fidelity, the quality gate and --route "
+                            "auto read (the teacher's answers and self-consistency samples, the new model's held-out "
+                            "answers): auto (bf16 on CPUs with AVX512-BF16/AMX and on bf16 GPUs, as evaluation; else "
+                            "float32), float32, bfloat16.  Training, early stopping and fidelity's scoring stay in their "
+                            "own dtypes")
     serving: ServingEngine | None = Field(
         None, description="vllm: publish the plain-LoRA form vLLM, LoRAX and TGI serve exactly (one rank, an allowed "
                           "max_lora_rank, zero-padded; AdaLoRA's E folded into A; non-LoRA weights left out; DoRA "

@@ -420,13 +420,21 @@ def _consistency(options: MigrationOptions) -> dict[str, Any]:
 TEACHER_VERSION = 1
 
 
-def teacher_compute() -> str:
-    """The dtype and device the teacher generates in: ``load_for_generation``'s defaults ("auto": bf16 on bf16
-    CUDA, else float32), as every consumer generated before the teacher stage; part of its key."""
-    from lorasuite_core.training.devices import resolve_device, resolve_dtype
+def generation_dtype(options: MigrationOptions) -> str:
+    """The dtype name the pipeline's greedy generation runs in (``options.generation_dtype``; "auto": bf16 where
+    the hardware has it, as evaluation: :func:`~lorasuite_core.training.evaluation.eval_dtype`)."""
+    from lorasuite_core.training.devices import resolve_device
+    from lorasuite_core.training.evaluation import eval_dtype
 
-    device = resolve_device("auto")
-    return f"{str(resolve_dtype('auto', device)).replace('torch.', '')}@{device.type}"
+    return eval_dtype(options.generation_dtype, resolve_device("auto"))
+
+
+def teacher_compute(options: MigrationOptions) -> str:
+    """The dtype and device the teacher generates in (:func:`generation_dtype`), part of its key and so of every
+    key that names the teacher (distillation, fidelity, the gate, the route: they generate in the same dtype)."""
+    from lorasuite_core.training.devices import resolve_device
+
+    return f"{generation_dtype(options)}@{resolve_device('auto').type}"
 
 
 def _teacher_key(plan: PairPlan, adapter_identity: str, options: MigrationOptions, distilled: bool) -> str | None:
@@ -448,7 +456,7 @@ def _teacher_key(plan: PairPlan, adapter_identity: str, options: MigrationOption
     else:
         return None
     return stage_key("teacher", old=plan.old_identity, adapter=adapter_identity, prompts=prompts,
-                     n=options.gate_prompts, seed=options.seed, compute=teacher_compute(), version=TEACHER_VERSION)
+                     n=options.gate_prompts, seed=options.seed, compute=teacher_compute(options), version=TEACHER_VERSION)
 
 
 def _vanilla_job(plan: PairPlan, adapter: LoraAdapter, options: MigrationOptions, data: str) -> TrainJob:

@@ -22,7 +22,7 @@ from pathlib import Path
 from lorasuite_core.models.loading import resolve_local_dir
 from lorasuite_core.models.writing import REPORT_NAME, adapter_config, adapter_tensors, write_adapter_dir
 from lorasuite_core.pipeline.layer_results import load_layer_result
-from lorasuite_core.pipeline.plans import AdapterPlan, PairPlan, _adapter
+from lorasuite_core.pipeline.plans import AdapterPlan, PairPlan, _adapter, generation_dtype
 from lorasuite_core.pipeline.routes import FIDELITY_NAME
 from lorasuite_core.pipeline.stage_store import StageResult, StageStore
 from lorasuite_core.pipeline.stages import PUBLISHED_EXTRA, _heldout_eval, finetune
@@ -101,7 +101,8 @@ def choose_route(store: StageStore, plan: PairPlan, adapter: AdapterPlan, copy_u
         fidelity = {route: scores.get(FIDELITY_NAME[stage]) for route, stage in adapter.candidates.items()}
         candidates = score_candidates(resolve_local_dir(plan.new_model, "model"), dirs, prompts, teacher,
                                       answers=answers, margin=o.gate_margin,
-                                      students={k: v for k, v in students.items() if v is not None}, fidelity=fidelity)
+                                      students={k: v for k, v in students.items() if v is not None}, fidelity=fidelity,
+                                      dtype=generation_dtype(o))
         facts = {"candidates": [c.to_dict() for c in candidates]}
         try:
             chosen, reason = choose(candidates)

@@ -44,7 +44,7 @@ from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.stage_store import StageResult, StageStore
 
 from lorasuite_core.pipeline.routes import FIDELITY_NAME
-from lorasuite_core.pipeline.plans import AdapterPlan, EvalJob, LayerJob, PairPlan, _adapter
+from lorasuite_core.pipeline.plans import AdapterPlan, EvalJob, LayerJob, PairPlan, _adapter, generation_dtype
 from lorasuite_core.pipeline.pair_stages import _load_vocabulary, pair_analysis
 from lorasuite_core.pipeline.unit_map_store import load_layer_maps
 from lorasuite_core.training.heldout import HELDOUT, read_heldout, write_heldout
@@ -181,7 +181,8 @@ def _distill(store: StageStore, plan: PairPlan, adapter: AdapterPlan, migrated: 
     report = D.distill(resolve_local_dir(plan.old_model, "model"), resolve_local_dir(adapter.adapter, "adapter"),
                        resolve_local_dir(plan.new_model, "model"), migrated, out, answers.train,
                        heldout=answers.heldout, config=D.DistillConfig(kl_weight=o.lft_kl_weight, train=config,
-                                                               patience=o.lft_patience, on_policy=o.lft_on_policy),
+                                                               patience=o.lft_patience, on_policy=o.lft_on_policy,
+                                                               generation_dtype=generation_dtype(o)),
                        shared_ids=(vocabulary.old_ids.tolist(), vocabulary.new_ids.tolist()),
                        prompt_source=answers.facts["prompt_source"], targets=answers.targets,
                        heldout_teacher=answers.heldout_teacher)
@@ -218,7 +219,8 @@ def quality_gate(store: StageStore, plan: PairPlan, adapter: AdapterPlan, final_
             if stored_prompts != prompts:
                 raise LorasuiteError(f"distillation's held-out prompts in {final} are not the teacher entry's")
         result = run_gate(resolve_local_dir(plan.new_model, "model"), final, prompts, teacher_completions,
-                          answers=answers, margin=o.gate_margin, student_completions=student_completions)
+                          answers=answers, margin=o.gate_margin, student_completions=student_completions,
+                          dtype=generation_dtype(o))
         return {**result.to_dict(), "reused_completions": student_completions is not None}
 
     stored = store.run("gate", adapter.gate_key, compute)

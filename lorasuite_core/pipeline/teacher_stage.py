@@ -30,13 +30,16 @@ samples agree with the greedy answer.  The held-out prompts are never filtered. 
 dropped counts and the mean agreement.
 
 Generation: :func:`~lorasuite_core.training.distill.greedy_completions`'s rules (each prompt's skill: stop rule,
-budget, cut), :data:`GENERATION` (batches of 16 rows, the skills' budgets) in ``load_for_generation``'s default
-dtype (:func:`~lorasuite_core.pipeline.plans.teacher_compute`): what every consumer did before.
+budget, cut), :data:`GENERATION` (batches of 16 rows, the skills' budgets) in the adapter's generation dtype
+(``generation_dtype``, :func:`~lorasuite_core.pipeline.plans.generation_dtype`: "auto" is bf16 where the hardware
+has it), which the key holds (:func:`~lorasuite_core.pipeline.plans.teacher_compute`) and the entry's facts record.
+Prompt synthesis (sampling from the old base, no adapter) stays float32.
 
 Batched over a fleet (:func:`teacher_batch`, the graph's ``batch``): the runner hands one call the entries of a
 level whose teacher stage runs, grouped by old model, at most :data:`MAX_ADAPTERS` adapters a call.  The call
 reuses every complete entry and answers the others in ONE
-:func:`~lorasuite_core.training.distill.teacher_completions`: one old base holding every adapter, each adapter's
+:func:`~lorasuite_core.training.distill.teacher_completions` per generation dtype (one, unless a fleet's entries
+ask for different ones): one old base holding every adapter, each adapter's
 prompts in a pass of its own, the batches it gets alone, so an entry is the same computed alone or in a fleet, in
 any dtype, and a rerun or a single-adapter migration reuses it.  PEFT's mixed-adapter batches (rows of different
 adapters side by side, ``mixed=True``) give the same answers in float32 but were measured slower on this CPU:
@@ -60,7 +63,7 @@ from typing import Any, Callable
 from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.io import terminal
 from lorasuite_core.models.loading import resolve_local_dir
-from lorasuite_core.pipeline.plans import AdapterPlan, PairPlan, calibration_texts
+from lorasuite_core.pipeline.plans import AdapterPlan, PairPlan, calibration_texts, generation_dtype
 from lorasuite_core.pipeline.stage_store import StageResult, StageStore
 from lorasuite_core.pipeline.stages import _heldout_eval
 from lorasuite_core.training.heldout import HELDOUT, TEACHER_TARGETS, read_heldout, write_heldout
@@ -153,7 +156,7 @@ def teacher(store: StageStore, plan: PairPlan, adapter: AdapterPlan) -> StageRes
 
 def teacher_batch(store: StageStore, plan: PairPlan, adapters: list[AdapterPlan]) -> list[StageResult | BaseException]:
     """Every adapter's teacher entry (old model ``plan.old_model``), in order: reused where complete, else answered
-    in one generation on one base load; an entry whose prompts could not be prepared gets its error in its place."""
+    in one generation on one base load per generation dtype; an entry whose prompts could not be prepared gets its error in its place."""
     from lorasuite_core.training.distill import teacher_completions
 
     if len(adapters) > MAX_ADAPTERS:
@@ -170,19 +173,22 @@ def teacher_batch(store: StageStore, plan: PairPlan, adapters: list[AdapterPlan]
         except Exception as error:  # noqa: BLE001 - this entry fails, the others go on
             results[i] = error
     del writer
-    if todo:
+    by_dtype: dict[str, dict[int, tuple[TeacherPrompts, Path]]] = {}
+    for i, job in todo.items():             # a fleet's entries may ask for different generation dtypes
+        by_dtype.setdefault(generation_dtype(adapters[i].options), {})[i] = job
+    for dtype, jobs in by_dtype.items():
         start = time.perf_counter()
         with terminal.computing(STAGE):
             sampled: dict[str, list[list]] = {}
             answers = teacher_completions(resolve_local_dir(plan.old_model, "model"),
                                           {f"a{i}": (adapter_dir, prompts.all) for i, (prompts, adapter_dir)
-                                           in todo.items()}, **GENERATION,
-                                          then=_consistency_samples(adapters, todo, sampled))
-        share = (time.perf_counter() - start) / len(todo)
-        for i, (prompts, _) in todo.items():
+                                           in jobs.items()}, **GENERATION, dtype=dtype,
+                                          then=_consistency_samples(adapters, jobs, sampled))
+        share = (time.perf_counter() - start) / len(jobs)
+        for i, (prompts, _) in jobs.items():
             try:
                 results[i] = store.run(STAGE, adapters[i].teacher_key,
-                                       _writes(prompts, answers[f"a{i}"], len(todo), sampled.get(f"a{i}")),
+                                       _writes(prompts, answers[f"a{i}"], len(jobs), sampled.get(f"a{i}"), dtype),
                                        prior_seconds=share)
             except Exception as error:  # noqa: BLE001 - this entry fails, the others go on
                 results[i] = error
@@ -224,7 +230,7 @@ def _filtered(prompts: TeacherPrompts, targets: list, samples: list[list]) -> tu
 
 
 def _writes(prompts: TeacherPrompts, completions: list, adapters: int,
-            samples: list[list] | None = None) -> Callable[[Path], dict]:
+            samples: list[list] | None = None, dtype: str = "float32") -> Callable[[Path], dict]:
     def compute(out: Path) -> dict:
         n_train = len(prompts.train or [])
         train, targets, filtered = prompts.train, completions[:n_train], None
@@ -235,7 +241,7 @@ def _writes(prompts: TeacherPrompts, completions: list, adapters: int,
         write_heldout(out / HELDOUT, prompts.heldout, completions[n_train:])
         return {"prompts": "distillation" if prompts.train is not None else prompts.source,
                 "prompt_source": prompts.source, "n_train": len(train or []), "n_heldout": len(prompts.heldout),
-                "adapters_in_call": adapters,
+                "adapters_in_call": adapters, "dtype": dtype,
                 **({"duplicate_prompts_dropped": prompts.dropped} if prompts.dropped is not None else {}),
                 **({"consistency": filtered} if filtered is not None else {})}
     return compute

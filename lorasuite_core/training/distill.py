@@ -59,7 +59,9 @@ Data flow
    of the scored text, compared numerically (:func:`~lorasuite_core.training.evaluation.answers_match`),
    or, where either side holds no number, the whitespace-normalised scored text itself.
    :func:`teacher_agreement` is the fraction of prompts whose final answers agree.
-   :func:`distill` reports it on held-out prompts before and after training.
+   :func:`distill` reports it on held-out prompts before and after training, the student generating in
+   ``DistillConfig.generation_dtype`` (the pipeline's ``generation_dtype``: bf16 where the hardware has it; greedy
+   answers are not an exact path).
 6. Early stopping (``DistillConfig.patience``): :mod:`~lorasuite_core.training.early_stopping`.
 7. On-policy batches (``DistillConfig.on_policy``, GKD): a share of the micro-batches trains on the student's own
    samples, the KL term alone: :mod:`~lorasuite_core.training.on_policy`.
@@ -367,6 +369,8 @@ class DistillConfig:
     generation_batch_size: int = 16
     patience: int | None = None         # early stopping on held-out agreement (None: off)
     on_policy: float = 0.0              # share of micro-batches on the student's own samples (GKD; 0: off)
+    generation_dtype: str | None = None  # the teacher's answers (where not given) and the student's held-out answers
+                                         # before and after (None: ``train.dtype``)
 
 
 @dataclass
@@ -418,10 +422,17 @@ def distill(old_model_dir: str | Path, source_adapter_dir: str | Path, new_model
     start = time.perf_counter()
     device, dtype = config.train.device, config.train.dtype
     gen = {"max_new_tokens": config.max_new_tokens, "batch_size": config.generation_batch_size}
+    gen_dtype = config.generation_dtype or dtype
     teacher, teacher_tok = load_for_generation(old_model_dir, source_adapter_dir, dtype=dtype, device=device)
-    targets = list(targets or greedy_completions(teacher, teacher_tok, prompts, **gen))
-    heldout_teacher = list(heldout_teacher or greedy_completions(teacher, teacher_tok, heldout, **gen))
-    before = _student_completions(new_model_dir, migrated_adapter_dir, heldout, dtype, device, gen)
+    if targets is None or heldout_teacher is None:      # the teacher answers here, in the generation dtype
+        speaker = teacher if gen_dtype == dtype else load_for_generation(old_model_dir, source_adapter_dir,
+                                                                          dtype=gen_dtype, device=device)[0]
+        targets = targets if targets is not None else greedy_completions(speaker, teacher_tok, prompts, **gen)
+        heldout_teacher = (heldout_teacher if heldout_teacher is not None
+                           else greedy_completions(speaker, teacher_tok, heldout, **gen))
+        del speaker
+    targets, heldout_teacher = list(targets), list(heldout_teacher)
+    before = _student_completions(new_model_dir, migrated_adapter_dir, heldout, gen_dtype, device, gen)
     token_map = TokenMap.between(teacher_tok, load_tokenizer(new_model_dir), shared_ids)
     trained = distill_finetune(new_model_dir, migrated_adapter_dir, prompts, targets, out_dir, config=config.train,
                                teacher=teacher, teacher_tokenizer=teacher_tok, token_map=token_map,
@@ -429,7 +440,7 @@ def distill(old_model_dir: str | Path, source_adapter_dir: str | Path, new_model
                                patience=config.patience, heldout=heldout, heldout_teacher=heldout_teacher, gen=gen,
                                on_policy=config.on_policy)
     del teacher
-    after = _student_completions(new_model_dir, out_dir, heldout, dtype, device, gen)
+    after = _student_completions(new_model_dir, out_dir, heldout, gen_dtype, device, gen)
     tasks = [p.task for p in heldout]
     return DistillReport(mode=trained.mode, prompt_source=prompt_source, n_prompts=trained.n_prompts,
                          n_heldout=len(heldout), kl_examples=trained.kl_examples,

@@ -154,9 +154,10 @@ def choose(candidates: Sequence[Candidate]) -> tuple[Candidate, str]:
 def score_candidates(new_model_dir: str | Path, adapters: dict[str, str | Path], prompts: Sequence,
                      teacher: Sequence, *, answers: Sequence[str] | None = None, margin: float = DEFAULT_MARGIN,
                      students: dict[str, Sequence] | None = None, fidelity: dict[str, float | None] | None = None,
-                     max_new_tokens: int | None = None, batch_size: int = 16) -> list[Candidate]:
+                     max_new_tokens: int | None = None, batch_size: int = 16, dtype: str = "auto") -> list[Candidate]:
     """Each named adapter on the new model against the teacher's completions (the gate's measure), in the order
-    given; the bare new model is generated once.  ``students``: completions already generated (distillation's).
+    given; the bare new model is generated once, in ``dtype`` (``load_for_generation``'s).  ``students``:
+    completions already generated (distillation's).
     Generation and agreement as the gate's (:func:`~lorasuite_core.training.gate.quality_gate`): each prompt's skill
     budget (``max_new_tokens`` None) and scorer."""
     from lorasuite_core.training.agreement import accuracy, agreement_flags
@@ -171,7 +172,7 @@ def score_candidates(new_model_dir: str | Path, adapters: dict[str, str | Path],
         if name in students and bare is not None:
             completions[name] = list(students[name])
             continue
-        model, tokenizer = load_for_generation(new_model_dir, adapter_dir)
+        model, tokenizer = load_for_generation(new_model_dir, adapter_dir, dtype=dtype)
         completions[name] = list(students[name]) if name in students else greedy_completions(model, tokenizer,
                                                                                             prompts, **gen)
         if bare is None:
