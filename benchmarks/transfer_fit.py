@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -56,17 +57,22 @@ class FitRun(Run):
         merge_json(self.path, {"stages": self.stages, "command": self.args.command, "pair": self.args.pair,
                                "skills": skills})
         fleet = json.loads(fleet_results(self.args.pair).read_text())["stages"]
-        for fit in FITS:
-            out = self.work / f"transfer-fit-{fit}"
-            manifest = self.work / f"fleet-fit-{fit}.json"
+        for fit in self.args.fits:
+            name = fit + (f"-{self.args.label}" if self.args.label else "")
+            out = self.work / f"transfer-fit-{name}"
+            manifest = self.work / f"fleet-fit-{name}.json"
             manifest.write_text(json.dumps({
                 "old_model": self.old, "new_model": self.new, "output_root": str(out),
                 "defaults": {"lft": False, "fidelity": True, "eval_samples": HELD, "gate_prompts": HELD},
                 "analysis": {"transfer_fit": fit},
                 "adapters": [{"name": s, "adapter": self.adapter(s, "old_adapter"),
                               "eval_data": f"task:{s}:test:100"} for s in skills]}, indent=2))
-            run = self.record(f"fleet/{fit}", run_cli, ["migrate-fleet", "--manifest", str(manifest), "--cache-root",
+            run = self.record(f"fleet/{name}", run_cli, ["migrate-fleet", "--manifest", str(manifest), "--cache-root",
                                                         self.store, "--overwrite"], self.args.threads)
+            if "code" not in run:
+                head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                      text=True).stdout.strip()
+                run.update(code=head, benchmark_command=self.args.command)
             for skill in skills:
                 report = json.loads((out / skill / "migration_report.json").read_text())
                 run.setdefault("fidelity", {})[skill] = report.get("fidelity")
@@ -77,10 +83,10 @@ class FitRun(Run):
             for skill in skills:
                 key = f"{skill}/eval/transfer/s0"
                 if fit == "weights" and run["same_tensors_as_transfer_row"][skill] and key in fleet:
-                    self.stages[f"{skill}/eval/transfer_weights/s0"] = {**fleet[key], "reused_from": key}
+                    self.stages[f"{skill}/eval/transfer_{name}/s0"] = {**fleet[key], "reused_from": key}
                     merge_json(self.path, {"stages": self.stages})
                     continue
-                self.evaluate(skill, f"transfer_{fit}", self.new, str(out / skill))
+                self.evaluate(skill, f"transfer_{name}", self.new, str(out / skill))
 
 
 # ----------------------------------------------------------------------------- the report
@@ -100,36 +106,38 @@ def write_markdown(pairs: list[str]) -> str:
         data = json.loads(path.read_text())
         stages, m = data["stages"], data["stages"]["machine"]
         fleet = json.loads(fleet_results(pair).read_text())["stages"]
-        out += [f"## Pair `{pair}`", "", f"    {data['command']}", "",
+        out += [f"## Pair `{pair}`", "",
                 f"- CPU: {m['cpu']} ({m['cpus']} CPUs, shared), torch threads {m['threads']}, 1024² GEMM "
                 f"{m['gemm_1024_gflops']} GFLOP/s, torch {m['torch']}, {m['date']}.", ""]
-        for fit in FITS:
-            run = stages.get(f"fleet/{fit}")
-            if run:
-                out.append(f"- `migrate-fleet`, `transfer_fit: {fit}`: wall {run['seconds']:.0f} s, CPU "
-                           f"{run['cpu_seconds']:.0f} s, peak RSS {run['peak_rss_gb']} GB.")
-        out += ["", "| skill | old adapter | bare new | transfer, weights fit | transfer, activations fit | "
-                    "halfway mark | F weights | F activations | A1 / B0 (nats per char) |",
-                "|---|---|---|---|---|---|---|---|---|"]
+        names = [k.split("/", 1)[1] for k in stages if k.startswith("fleet/")]
+        for name in names:
+            run = stages[f"fleet/{name}"]
+            out.append(f"- `{name}` (code {run.get('code', '?')}; `{run.get('benchmark_command', data['command'])}`): "
+                       f"`migrate-fleet` wall {run['seconds']:.0f} s, CPU {run['cpu_seconds']:.0f} s, peak RSS "
+                       f"{run['peak_rss_gb']} GB.")
+        out += ["", "Accuracy on the 100 test problems [95% bootstrap over problems]; F on the first 16.",
+                "", "| skill | old adapter | bare new | halfway mark | " + " | ".join(
+                    f"transfer, {n}" for n in names) + " | " + " | ".join(f"F {n}" for n in names)
+                + " | A1 / B0 (nats per char) |", "|---" * (4 + 2 * len(names) + 1) + "|"]
         for skill in data["skills"]:
             acc = {}
-            for row, source in (("old_adapter", fleet), ("bare_new", fleet), ("transfer_weights", stages),
-                                ("transfer_activations", stages)):
+            for row, source in (("old_adapter", fleet), ("bare_new", fleet),
+                                *((f"transfer_{n}", stages) for n in names)):
                 m_ = masks(source, skill, row)
                 if m_:
                     lo, hi = bootstrap(m_)
                     acc[row] = f"{m_[0].mean():.2f} [{lo:.2f}, {hi:.2f}]"
-            fid = {fit: ((stages.get(f"fleet/{fit}") or {}).get("fidelity") or {}).get(skill) for fit in FITS}
-            f = {fit: (v or {}).get("fidelity", {}).get("transfer") for fit, v in fid.items()}
+            fid = {n: ((stages.get(f"fleet/{n}") or {}).get("fidelity") or {}).get(skill) for n in names}
+            f = [(v or {}).get("fidelity", {}).get("transfer") for v in fid.values()]
             losses = next((v for v in fid.values() if v), None)
-            half = ""
-            if "old_adapter" in acc and "bare_new" in acc:
+            half = "–"
+            if masks(fleet, skill, "old_adapter") and masks(fleet, skill, "bare_new"):
                 o, b = (masks(fleet, skill, r)[0].mean() for r in ("old_adapter", "bare_new"))
                 half = f"{(o + b) / 2:.2f}"
             tail = f"{losses['teacher']:.3f} / {losses['new']:.3f}" if losses else "–"
-            out.append(f"| {skill} | {acc.get('old_adapter', '–')} | {acc.get('bare_new', '–')} | "
-                       f"{acc.get('transfer_weights', '–')} | {acc.get('transfer_activations', '–')} | {half} | "
-                       + " | ".join("–" if x is None else f"{x:.3f}" for x in f.values()) + f" | {tail} |")
+            out.append(f"| {skill} | {acc.get('old_adapter', '–')} | {acc.get('bare_new', '–')} | {half} | "
+                       + " | ".join(acc.get(f"transfer_{n}", "–") for n in names) + " | "
+                       + " | ".join("–" if x is None else f"{x:.3f}" for x in f) + f" | {tail} |")
         out.append("")
     return "\n".join(out)
 
@@ -140,6 +148,8 @@ def main() -> None:
     parser.add_argument("--skills", nargs="+", default=["arithmetic", "family_relationships", "knowledge", "chain_sum"])
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "skill-fleet"),
                         help="the skill-fleet run's work directory (its old adapters and store)")
+    parser.add_argument("--fits", nargs="+", choices=FITS, default=list(FITS))
+    parser.add_argument("--label", help="suffix of the stages, rows and outputs (another code version of a fit)")
     parser.add_argument("--markdown", action="store_true", help="write benchmarks/TRANSFER_FIT.md and stop")
     args = parser.parse_args()
     if args.markdown:
@@ -151,7 +161,8 @@ def main() -> None:
     args.command = (f"LORASUITE_BENCH_THREADS={args.threads} nice -n 19 .venv/bin/python benchmarks/transfer_fit.py "
                     + shlex.join(sys.argv[1:]))
     FitRun(Namespace(pair=args.pair, results=str(results_path(args.pair)), old_model=None, new_model=None,
-                     workdir=args.workdir, threads=args.threads, skills=args.skills, command=args.command)).run()
+                     workdir=args.workdir, threads=args.threads, skills=args.skills, command=args.command,
+                     fits=args.fits, label=args.label)).run()
 
 
 if __name__ == "__main__":
