@@ -30,6 +30,43 @@ def test_ridge_matches_the_normal_equations_and_plain_least_squares():
     assert torch.allclose(AF.ridge(A, B, rho=0.0), torch.linalg.lstsq(A, B).solution, atol=1e-10)
 
 
+def test_held_out_errors_match_fits_on_the_other_fold():
+    """The fold errors from the whole Gram minus the fold's own equal fitting on the other rows directly."""
+    g = torch.Generator().manual_seed(3)
+    A, B = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.randn(40, 2, generator=g, dtype=torch.float64)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    expected = []
+    for rho in (1e-6, 0.1):
+        total = 0.0
+        for part in order.chunk(2):
+            rest = torch.ones(40, dtype=torch.bool)
+            rest[part] = False
+            total += float((A[part] @ AF.ridge(A[rest], B[rest], rho) - B[part]).pow(2).sum())
+        expected.append(total)
+    assert torch.allclose(AF.held_out_errors(A, B, rhos=(1e-6, 0.1)), torch.tensor(expected, dtype=torch.float64),
+                          rtol=1e-10)
+
+
+def test_the_ridge_is_chosen_on_held_out_rows():
+    """Noisy targets with almost as many unknowns as rows: the smallest ρ overfits, held-out rows pick a larger one;
+    an exact linear relation (a function-preserving upgrade) keeps the smallest, as before the choice existed."""
+    g = torch.Generator().manual_seed(4)
+    n, p = 60, 40
+    A = torch.randn(n, p, generator=g, dtype=torch.float64)
+    X = torch.randn(p, 3, generator=g, dtype=torch.float64) * 0.1
+    noisy = A @ X + torch.randn(n, 3, generator=g, dtype=torch.float64)
+    errors = AF.held_out_errors(A, noisy)
+    chosen = AF.choose_ridge(A, noisy)
+    assert chosen > AF.RIDGE and float(errors[AF.RHOS.index(chosen)]) < float(errors[0])
+    wide = torch.randn(2 * n, p, generator=g, dtype=torch.float64)     # each fold's training rows span A's columns
+    assert AF.choose_ridge(wide, wide @ X) == AF.RIDGE
+    assert AF.choose_ridge(A[:3], noisy[:3]) == AF.RIDGE                     # too few rows to hold any out
+    X_o, X_n, _ = _widened()
+    fit = AF.fit_pair(X_o, X_n, {}, {}, "rms", "rms")                       # exact: every fit at the smallest ρ
+    assert fit.rho == {"attention_input": AF.RIDGE, "mlp_input": AF.RIDGE, "residual_new_from_old": AF.RIDGE}
+    assert fit.report()["rho_residual_new_from_old"] == AF.RIDGE
+
+
 def _rel(a, b):
     return float((a - b).norm() / b.norm())
 

@@ -130,3 +130,7 @@ def test_migration_is_exact(family, spec, fit, old_pairs, tmp_path):
                                     "head_similarity", "transfer"}
     assert all(step["cache"] == "computed" for step in report["steps"].values())
     assert report["transfer_fit"]["fit"] == fit
+    if fit == "activations":        # held-out rows predicted to rounding: every fit keeps the smallest ridge
+        assert {(k, v) for layer in report["transfer_fit"]["layers"].values() for k, v in layer.items()
+                if k.startswith("rho_")} == {(f"rho_{k}", 1e-6) for k in ("attention_input", "mlp_input",
+                                                                           "residual_new_from_old")}

@@ -148,10 +148,10 @@ def plan_pair(old_model: str, new_model: str, analysis: AnalysisOptions | None =
     keys["cka"] = stage_key("cka", activations=keys["activations"])
     keys["layer_mapping"] = stage_key("layer_mapping", cka=keys["cka"], offset=layer_offset,
                                       method=analysis.layer_mapping)
+    fit = {"fit": "activations", "ridge": "held-out"} if analysis.transfer_fit == "activations" else {}
     keys["head_similarity"] = stage_key("head_similarity", transfer_matrix=keys["transfer_matrix"],
                                         layer_mapping=keys["layer_mapping"], activations=keys["activations"],
-                                        layout="matches", heads=analysis.head_mapping,
-                                        **({"fit": "activations"} if analysis.transfer_fit == "activations" else {}))
+                                        layout="matches", heads=analysis.head_mapping, **fit)
     keys["unit_maps"] = stage_key("unit_maps", head_similarity=keys["head_similarity"], mode=head_transform,
                                   layout="maps-per-layer", carry=str(CARRY_DTYPE))
     return PairPlan(old_model=old_model, new_model=new_model, old_identity=old_id, new_identity=new_id,

@@ -51,11 +51,23 @@ paired states again and again; each distinct row is kept once, so the template n
 the fit nor sets the trimming's median (which would then drop ordinary rows).
 
 Solves: through the Grams (normal equations, Cholesky, float64): T_inᵀ = (U_nᵀU_n + λI)⁻¹ U_nᵀU_o.
-The ridge is relative: λ = ρ · tr(AᵀA) / cols(A) with ρ = ``RIDGE`` (1e-6) unless given, i.e. ρ
-times the mean eigenvalue of the Gram. It removes the rounding noise in the directions a widened
-stream never uses (there the Gram is exactly singular) and shrinks a direction with eigenvalue σ²
-by σ² / (σ² + λ). Cost per pair: three Grams of 2N rows (2N · (2D² + d²) multiply-adds) and three
-solves; nothing of size N × N or vocab × hidden.
+The ridge is relative: λ = ρ · tr(AᵀA) / cols(A), i.e. ρ times the mean eigenvalue of the Gram. It
+removes the rounding noise in the directions a widened stream never uses (there the Gram is exactly
+singular) and shrinks a direction with eigenvalue σ² by σ² / (σ² + λ).
+
+Choosing ρ (each of the three fits of a pair on its own): held-out error over ``FOLDS`` folds of the
+rows (a seeded permutation), each fold predicted by the fit on the others, for every ρ of ``RHOS``
+(1e-6 … 1). The Grams are formed once: a fold's training Gram is the whole Gram minus the fold's own.
+The smallest ρ whose summed error is within ``TIE`` (1 %) of the best, or below ``EXACT`` (1e-10) of
+the targets' variance, wins. On a real pair with fewer distinct rows than unknowns per output the
+smallest ρ overfits (held-out captured share −6 against +0.5 at ρ = 0.1 on the Qwen pair:
+benchmarks/README.md); under a function-preserving upgrade every ρ small enough to be exact predicts
+the held-out rows to rounding, and the smallest of them is taken, ``RIDGE`` (1e-6), as before --
+provided each fold's training rows span the old stream (with 2 folds, twice the d distinct rows the fit
+itself needs; fewer, and no ρ predicts held-out rows, so a larger one may be chosen). The
+trimming below always fits at ``RIDGE``. Cost per pair: the three Grams of 2N rows
+(2N · (2D² + d²) multiply-adds), once more for the folds, and |RHOS| · (FOLDS + 1) Cholesky solves per
+fit; nothing of size N × N or vocab × hidden.
 
 Exactness. Under a function-preserving upgrade every new state is x_n = c · M x_o with M
 orthogonal on the old stream's span (rotation, permutation, sign, zero-widening, replication
@@ -70,7 +82,7 @@ the rows fitted, and for an adapter the share of its input features captured, :f
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -79,6 +91,9 @@ from lorasuite_core.errors import LorasuiteError
 from lorasuite_core.transfer.residual import _inverse_gain
 
 RIDGE = 1e-6
+#: The ridge candidates, folds and near-tie rule of the held-out choice of ρ (module docstring).
+RHOS = (RIDGE, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+FOLDS, TIE, EXACT = 2, 0.01, 1e-10
 TRIM, FLOOR, TRIM_ROUNDS = 10.0, 1e-4, 4
 
 
@@ -99,13 +114,43 @@ def ridge(A: torch.Tensor, B: torch.Tensor, rho: float = RIDGE) -> torch.Tensor:
     if A.shape[0] != B.shape[0]:
         raise LorasuiteError(f"ridge: {A.shape[0]} rows of inputs but {B.shape[0]} rows of targets")
     A, B = A.double(), B.double()
-    gram = A.T @ A
-    lam = rho * float(torch.diagonal(gram).sum()) / max(A.shape[1], 1)
+    return _solve(A.T @ A, A.T @ B, rho)
+
+
+def _solve(gram: torch.Tensor, cross: torch.Tensor, rho: float) -> torch.Tensor:
+    """(G + λI)⁻¹ C with λ = ρ · tr(G) / cols(G) (``gram`` is not modified)."""
+    gram = gram.clone()
+    lam = rho * float(torch.diagonal(gram).sum()) / max(gram.shape[0], 1)
     gram.diagonal().add_(lam if lam > 0 else 0.0)
     chol, info = torch.linalg.cholesky_ex(gram)
     if int(info) == 0:
-        return torch.cholesky_solve(A.T @ B, chol)
-    return torch.linalg.lstsq(gram, A.T @ B, driver="gelsd").solution   # λ = 0 on a singular Gram
+        return torch.cholesky_solve(cross, chol)
+    return torch.linalg.lstsq(gram, cross, driver="gelsd").solution   # λ = 0 on a singular Gram
+
+
+def held_out_errors(A: torch.Tensor, B: torch.Tensor, rhos=RHOS, folds: int = FOLDS) -> torch.Tensor:
+    """Per ρ: Σ over folds of ‖A_f X_(−f) − B_f‖², X_(−f) the ridge fit on the other folds' rows."""
+    A, B = A.double(), B.double()
+    gram, cross = A.T @ A, A.T @ B
+    order = torch.randperm(A.shape[0], generator=torch.Generator().manual_seed(0))
+    errors = torch.zeros(len(rhos), dtype=torch.float64)
+    for part in order.chunk(folds):
+        A_f, B_f = A[part], B[part]
+        G, C = gram - A_f.T @ A_f, cross - A_f.T @ B_f
+        for k, rho in enumerate(rhos):
+            errors[k] += float((A_f @ _solve(G, C, rho) - B_f).pow(2).sum())
+    return errors
+
+
+def choose_ridge(A: torch.Tensor, B: torch.Tensor, rhos=RHOS, folds: int = FOLDS) -> float:
+    """The smallest ρ of ``rhos`` whose held-out error is within ``TIE`` of the best or below ``EXACT`` of B's
+    variance (module docstring); ``rhos[0]`` when there are too few rows to hold any out."""
+    if A.shape[0] < 2 * folds:
+        return rhos[0]
+    errors = held_out_errors(A, B, rhos, folds)
+    total = float((B.double() - B.double().mean(dim=0, keepdim=True)).pow(2).sum())
+    bound = max(float(errors.min()) * (1 + TIE), EXACT * total)
+    return next(rho for rho, error in zip(rhos, errors.tolist()) if error <= bound)
 
 
 def r_squared(A: torch.Tensor, X: torch.Tensor, B: torch.Tensor) -> float:
@@ -125,10 +170,11 @@ class ActivationFit:
     scale: float                      # k: median rms(x_new) / rms(x_old)
     r2: dict[str, float]              # per input norm role and "residual_new_from_old", on the rows fitted
     kept: float = 1.0                 # share of the distinct paired rows fitted (outlier_rows)
+    rho: dict[str, float] = field(default_factory=dict)   # the ridge of each fit (same keys as r2)
 
     def report(self) -> dict[str, float]:
         return {**{f"r2_{k}": round(v, 6) for k, v in self.r2.items()}, "scale": round(self.scale, 6),
-                "rows_kept": round(self.kept, 6)}
+                "rows_kept": round(self.kept, 6), **{f"rho_{k}": v for k, v in self.rho.items()}}
 
 
 def layer_rows(states: np.ndarray, layer: int) -> torch.Tensor:
@@ -164,26 +210,31 @@ def distinct_rows(X_old: torch.Tensor, X_new: torch.Tensor) -> tuple[torch.Tenso
 
 
 def fit_pair(X_old: torch.Tensor, X_new: torch.Tensor, norms_old: dict, norms_new: dict, kind_old: str,
-             kind_new: str, rho: float = RIDGE) -> ActivationFit:
+             kind_new: str, rho: float | None = None) -> ActivationFit:
     """T_in per input norm role, Q̂ and k from paired rows X_old (n × d), X_new (n × D); ``norms_*``:
-    norm role -> (gain, bias), either None."""
+    norm role -> (gain, bias), either None.  ``rho``: one ridge for every fit (None: each fit's own, chosen on
+    held-out rows, :func:`choose_ridge`)."""
     if X_old.shape[0] != X_new.shape[0]:
         raise LorasuiteError(f"activation fit: {X_old.shape[0]} old rows but {X_new.shape[0]} new rows")
     X_old, X_new = distinct_rows(X_old, X_new)
     Z_o, s_o = normalised_rows(X_old, kind_old)
     Z_n, s_n = normalised_rows(X_new, kind_new)
-    keep = outlier_rows(Z_o, Z_n, rho)
+    keep = outlier_rows(Z_o, Z_n, RIDGE if rho is None else rho)
     Z_o, Z_n, s_o, s_n = Z_o[keep], Z_n[keep], s_o[keep], s_n[keep]
-    inputs, r2 = {}, {}
+    inputs, r2, rhos = {}, {}, {}
+    pick = (lambda A, B: choose_ridge(A, B)) if rho is None else (lambda A, B: rho)
     for role in INPUT_NORMS:
         U_o, U_n = module_inputs(Z_o, *norms_old.get(role, (None, None))), module_inputs(Z_n, *norms_new.get(role, (None, None)))
-        T_t = ridge(U_n, U_o, rho)
+        rhos[role] = pick(U_n, U_o)
+        T_t = ridge(U_n, U_o, rhos[role])
         inputs[role], r2[role] = T_t.T.contiguous(), r_squared(U_n, T_t, U_o)
-    Q_t = ridge(Z_o, Z_n, rho)
+    rhos["residual_new_from_old"] = pick(Z_o, Z_n)
+    Q_t = ridge(Z_o, Z_n, rhos["residual_new_from_old"])
     r2["residual_new_from_old"] = r_squared(Z_o, Q_t, Z_n)
     both = (s_o > 0) & (s_n > 0)
     k = float((s_n[both] / s_o[both]).median()) if bool(both.any()) else 1.0
-    return ActivationFit(inputs=inputs, Q=Q_t.T.contiguous(), scale=k, r2=r2, kept=float(keep.double().mean()))
+    return ActivationFit(inputs=inputs, Q=Q_t.T.contiguous(), scale=k, r2=r2, kept=float(keep.double().mean()),
+                         rho=rhos)
 
 
 def norms_of(model, layer: int) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
@@ -226,7 +277,7 @@ FITS = "activation_fits.safetensors"
 
 
 def fit_mapped_pairs(old, new, old_states: np.ndarray, new_states: np.ndarray, mapping: list[tuple[int, int]],
-                     rho: float = RIDGE) -> dict[tuple[int, int], ActivationFit]:
+                     rho: float | None = None) -> dict[tuple[int, int], ActivationFit]:
     """One :class:`ActivationFit` per mapped layer pair, from the activations stage's states."""
     if old_states.shape[1] != new_states.shape[1]:
         raise LorasuiteError(f"activation fit: {old_states.shape[1]} old positions but {new_states.shape[1]} new ones")
@@ -246,6 +297,7 @@ def save_fits(fits: dict[tuple[int, int], ActivationFit], path) -> dict[str, dic
         arrays[f"Q.{i}.{j}"] = fit.Q.float().contiguous()
         arrays[f"stats.{i}.{j}"] = torch.tensor([fit.scale, fit.kept] + [fit.r2[k] for k in sorted(fit.r2)],
                                                 dtype=torch.float64)
+        arrays[f"rho.{i}.{j}"] = torch.tensor([fit.rho[k] for k in sorted(fit.rho)], dtype=torch.float64)
     save_file(arrays, path)
     return {f"{i}->{j}": fit.report() for (i, j), fit in fits.items()}
 
@@ -260,6 +312,7 @@ def load_fits(path) -> dict[tuple[int, int], ActivationFit]:
         if name.startswith("Q."):
             _, i, j = name.split(".")
             scale, kept, *r2 = arrays[f"stats.{i}.{j}"].tolist()
+            rho = dict(zip(keys, arrays[f"rho.{i}.{j}"].tolist())) if f"rho.{i}.{j}" in arrays else {}
             fits[(int(i), int(j))] = ActivationFit({role: arrays[f"{role}.{i}.{j}"].double() for role in INPUT_NORMS},
-                                                   arrays[name].double(), scale, dict(zip(keys, r2)), kept)
+                                                   arrays[name].double(), scale, dict(zip(keys, r2)), kept, rho)
     return fits
