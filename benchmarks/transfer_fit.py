@@ -14,9 +14,11 @@ Stages (in the pair's skill-fleet work directory: its old adapters and its store
                   (fidelity's held-out prompts are the evaluation data's first ``gate_prompts``), so the fleet also
                   evaluates its rows on those 16 problems (recorded, not used).  The weights fit reuses the skill
                   fleet's pair analysis and transfer from the store; its published adapters must equal the skill
-                  fleet's ``transfer`` row (checked: ``same_tensors_as_transfer_row``).
+                  fleet's ``transfer`` row (checked where that row's adapter is still kept:
+                  ``same_tensors_as_transfer_row``).
   <skill>/eval/transfer_<fit>/s0   the published adapter on ``task:SKILL:test:100`` (weights: the skill fleet's
-                  ``transfer`` row's result, reused when the tensors are equal)
+                  ``transfer`` row's result, reused when the tensors are equal; evaluated again where that adapter
+                  is gone, ``same_as_transfer_row`` then compares the per-problem results)
 
 The report takes the old adapter, bare new model and transfer rows from ``skill_fleet_<pair>.json``.
 
@@ -50,6 +52,15 @@ def results_path(pair: str) -> Path:
     return ROOT / "benchmarks" / "results" / f"transfer_fit_{pair}.json"
 
 
+def _code() -> str:
+    """The checkout's commit, marked where files differ from it (``git status --porcelain``, untracked files aside)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.rstrip("\n")
+
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines() if not line.startswith("??")]
+    return git("rev-parse", "--short", "HEAD") + (f" + changes to {', '.join(changed)}" if changed else "")
+
+
 class FitRun(Run):
     def run(self) -> None:
         skills = self.args.skills
@@ -70,23 +81,25 @@ class FitRun(Run):
             run = self.record(f"fleet/{name}", run_cli, ["migrate-fleet", "--manifest", str(manifest), "--cache-root",
                                                         self.store, "--overwrite"], self.args.threads)
             if "code" not in run:
-                head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                      text=True).stdout.strip()
-                run.update(code=head, benchmark_command=self.args.command)
+                run.update(code=_code(), benchmark_command=self.args.command)
             for skill in skills:
                 report = json.loads((out / skill / "migration_report.json").read_text())
                 run.setdefault("fidelity", {})[skill] = report.get("fidelity")
-                if fit == "weights":
-                    run.setdefault("same_tensors_as_transfer_row", {})[skill] = same_tensors(
-                        str(out / skill), str(self.work / "transfer" / skill))
+                earlier = self.work / "transfer" / skill          # the skill fleet's transfer row, where still kept
+                if fit == "weights" and (earlier / "adapter_model.safetensors").is_file():
+                    run.setdefault("same_tensors_as_transfer_row", {})[skill] = same_tensors(str(out / skill),
+                                                                                             str(earlier))
             merge_json(self.path, {"stages": self.stages})
             for skill in skills:
                 key = f"{skill}/eval/transfer/s0"
-                if fit == "weights" and run["same_tensors_as_transfer_row"][skill] and key in fleet:
+                if run.get("same_tensors_as_transfer_row", {}).get(skill) and key in fleet:
                     self.stages[f"{skill}/eval/transfer_{name}/s0"] = {**fleet[key], "reused_from": key}
                     merge_json(self.path, {"stages": self.stages})
                     continue
-                self.evaluate(skill, f"transfer_{name}", self.new, str(out / skill))
+                done = self.evaluate(skill, f"transfer_{name}", self.new, str(out / skill))
+                if fit == "weights" and key in fleet and "same_as_transfer_row" not in done:
+                    done["same_as_transfer_row"] = done["correct_mask"] == fleet[key].get("correct_mask")
+                    merge_json(self.path, {"stages": self.stages})
 
 
 # ----------------------------------------------------------------------------- the report
