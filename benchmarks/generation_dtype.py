@@ -73,7 +73,8 @@ def stage_teacher(old_dir: str, adapter_dir: str, spec: str, seed: int, dtype: s
     completions = greedy_completions(model, tokenizer, prompts, **GENERATION)
     done = time.perf_counter()
     return {"dtype": dtype, "n": len(prompts), "load_seconds": loaded - start, "generation_seconds": done - loaded,
-            "generation_cpu_seconds": time.process_time() - cpu, "seconds": done - start, "teacher_accuracy": accuracy(completions, samples),
+            "generation_cpu_seconds": time.process_time() - cpu, "seconds": done - start,
+            "teacher_accuracy": accuracy(completions, samples),
             "texts": [c.text for c in completions], "tokens": sum(len(c.ids) for c in completions),
             "tasks": [p.task for p in prompts]}
 

@@ -156,7 +156,8 @@ def teacher(store: StageStore, plan: PairPlan, adapter: AdapterPlan) -> StageRes
 
 def teacher_batch(store: StageStore, plan: PairPlan, adapters: list[AdapterPlan]) -> list[StageResult | BaseException]:
     """Every adapter's teacher entry (old model ``plan.old_model``), in order: reused where complete, else answered
-    in one generation on one base load per generation dtype; an entry whose prompts could not be prepared gets its error in its place."""
+    in one generation on one base load per generation dtype; an entry whose prompts could not be prepared gets its
+    error in its place."""
     from lorasuite_core.training.distill import teacher_completions
 
     if len(adapters) > MAX_ADAPTERS:

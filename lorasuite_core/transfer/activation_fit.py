@@ -66,7 +66,7 @@ the held-out rows to rounding, and the smallest of them is taken, ``RIDGE`` (1e-
 provided each fold's training rows span the old stream (with 2 folds, twice the d distinct rows the fit
 itself needs; fewer, and no ρ predicts held-out rows, so a larger one may be chosen). The
 trimming below always fits at ``RIDGE``. Cost per pair: the three Grams of 2N rows
-(2N · (2D² + d²) multiply-adds), once more for the folds, and |RHOS| · (FOLDS + 1) Cholesky solves per
+(2N · (2D² + d²) multiply-adds), once more for the folds, and |RHOS| · FOLDS + 1 Cholesky solves per
 fit; nothing of size N × N or vocab × hidden.
 
 Exactness. Under a function-preserving upgrade every new state is x_n = c · M x_o with M
