@@ -85,8 +85,9 @@ class DtypeRun(Run):
     def run(self) -> None:
         skill = self.args.skill
         self.stages.setdefault("machine", machine(self.args.threads))
+        before = json.loads(self.path.read_text()).get("commands", []) if self.path.is_file() else []
         merge_json(self.path, {"stages": self.stages, "command": self.args.command, "pair": self.args.pair,
-                               "skill": skill})
+                               "skill": skill, "commands": list(dict.fromkeys([*before, self.args.command]))})
         old_adapter = self.adapter(skill, "old_adapter")
         if not Path(old_adapter, "adapter_model.safetensors").is_file():
             raise SystemExit(f"no old adapter at {old_adapter}: run benchmarks/skill_fleet.py --pair "
@@ -182,7 +183,7 @@ def write_markdown(pairs: list[str]) -> str:
             continue
         data = json.loads(path.read_text())
         stages, skill, m = data["stages"], data["skill"], data["stages"]["machine"]
-        out += [f"## Pair `{pair}`, skill `{skill}`", "", f"    {data['command']}", "",
+        out += [f"## Pair `{pair}`, skill `{skill}`", "", *(f"    {c}" for c in data.get("commands", [data["command"]])), "",
                 f"- CPU: {m['cpu']} ({m['cpus']} CPUs), torch threads {m['threads']}, 1024² GEMM "
                 f"{m['gemm_1024_gflops']} GFLOP/s, bf16 matmul {m['bf16_matmul']}, torch {m['torch']}, "
                 f"{m['date']}; load average at the start {m['loadavg']}.", "",
