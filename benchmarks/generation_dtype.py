@@ -145,27 +145,30 @@ def distill_lines(stages: dict, skill: str) -> list[str]:
 
     rows = {dtype: masks(stages, skill, f"distill-{dtype}") for dtype in DTYPES}
     lines = ["| generation dtype | seeds | accuracy per seed | mean [95% bootstrap, seeds x problems] | teacher step s "
-             "| LFT step s (held-out answers before/after + training) | agreement before -> after |",
+             "(reused: the store held the entry) | LFT step s (held-out answers before/after + training) "
+             "| agreement before -> after |",
              "|---|---|---|---|---|---|---|"]
     for dtype, m in rows.items():
         if not m:
             continue
         lo, hi = bootstrap(m)
         train = [stages[f"{skill}/train/distill-{dtype}/s{s}"] for s in sorted(m)]
-        teacher_s = [t["steps"]["teacher"]["seconds"] for t in train]
+        teacher_s = [t["steps"]["teacher"]["seconds"] if t["steps"]["teacher"]["cache"] == "computed" else None
+                     for t in train]
         lft_s = [t["steps"]["lft"]["seconds"] for t in train]
         agree = [f"{t['light_finetune']['teacher_agreement_before']:.2f}->"
                  f"{t['light_finetune']['teacher_agreement_after']:.2f}" for t in train]
         lines.append(f"| {dtype} | {len(m)} | {', '.join(f'{m[s].mean():.2f}' for s in sorted(m))} | "
                      f"{np.mean([m[s].mean() for s in m]):.3f} [{lo:.3f}, {hi:.3f}] | "
-                     f"{', '.join(f'{x:.0f}' for x in teacher_s)} | {', '.join(f'{x:.0f}' for x in lft_s)} | "
+                     f"{', '.join('reused' if x is None else f'{x:.0f}' for x in teacher_s)} | "
+                     f"{', '.join(f'{x:.0f}' for x in lft_s)} | "
                      f"{', '.join(agree)} |")
     a, b = rows["bfloat16"], rows["float32"]
     if a and b and sorted(a) == sorted(b):
         lo, hi = bootstrap(a, b)
         x, y = np.concatenate([a[s] for s in sorted(a)]), np.concatenate([b[s] for s in sorted(a)])
         cells = (int(((x == i) & (y == j)).sum()) for i, j in ((1, 1), (1, 0), (0, 1), (0, 0)))
-        nlo, nhi = paired_interval(*cells)
+        _, nlo, nhi = paired_interval(*cells)
         diff = float(np.mean([a[s].mean() - b[s].mean() for s in a]))
         lines += ["", f"bf16 - float32: **{diff:+.3f}**, 95% bootstrap (seeds paired, problems paired) "
                       f"[{lo:+.3f}, {hi:+.3f}]; pooled paired Newcombe over {len(x)} (seed, problem) pairs "
@@ -183,7 +186,8 @@ def write_markdown(pairs: list[str]) -> str:
             continue
         data = json.loads(path.read_text())
         stages, skill, m = data["stages"], data["skill"], data["stages"]["machine"]
-        out += [f"## Pair `{pair}`, skill `{skill}`", "", *(f"    {c}" for c in data.get("commands", [data["command"]])), "",
+        commands = data.get("commands", [data["command"]])
+        out += [f"## Pair `{pair}`, skill `{skill}`", "", *(f"    {c}" for c in commands), "",
                 f"- CPU: {m['cpu']} ({m['cpus']} CPUs), torch threads {m['threads']}, 1024² GEMM "
                 f"{m['gemm_1024_gflops']} GFLOP/s, bf16 matmul {m['bf16_matmul']}, torch {m['torch']}, "
                 f"{m['date']}; load average at the start {m['loadavg']}.", "",
