@@ -122,7 +122,8 @@ def write_markdown(pairs: list[str]) -> str:
         out += [f"## Pair `{pair}`", "",
                 f"- CPU: {m['cpu']} ({m['cpus']} CPUs, shared), torch threads {m['threads']}, 1024² GEMM "
                 f"{m['gemm_1024_gflops']} GFLOP/s, torch {m['torch']}, {m['date']}.", ""]
-        names = [k.split("/", 1)[1] for k in stages if k.startswith("fleet/")]
+        names = sorted((k.split("/", 1)[1] for k in stages if k.startswith("fleet/")),
+                       key=lambda n: (FITS.index(n.split("-")[0]), n))          # weights first, then activations
         for name in names:
             run = stages[f"fleet/{name}"]
             out.append(f"- `{name}` (code {run.get('code', '?')}; `{run.get('benchmark_command', data['command'])}`): "
