@@ -46,9 +46,8 @@ by seed where both rows have the same seeds); the pooled paired Newcombe interva
 ``migration_benchmark.paired_interval``) is given next to it.
 
 Generation dtype: the rows that distil or pick a route generate (the teacher's answers, held-out answers) in the
-pipeline's ``generation_dtype`` default, bf16 where the CPU multiplies in bf16, since that default arrived; every row
-in the committed results of the three pairs was generated in float32 before it (``GENERATION_DTYPE.md`` compares
-the two on one row).  Evaluation has always run in its own default (bf16 here).
+pipeline's ``generation_dtype`` default, float32 (``GENERATION_DTYPE.md`` compares bf16 on the distill row);
+evaluation runs in its own default, bf16 here.
 
 Cost: every stage runs in its own process (``run_child`` or a CLI subprocess under ``/usr/bin/time -v``): wall and
 CPU seconds, the load average, and for training the compute dtype (bf16 autocast where the CPU has bf16 matmul).

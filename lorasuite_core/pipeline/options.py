@@ -132,11 +132,13 @@ class MigrationOptions(_Options):
                           "teacher's answers to held-out prompts (distillation's, else --eval-data's, else the "
                           "calibration texts)")
     generation_dtype: GenerationDtype = Field(
-        "auto", description="dtype of the greedy generation that distillation, fidelity, the quality gate and --route "
-                            "auto read (the teacher's answers and self-consistency samples, the new model's held-out "
-                            "answers): auto (bf16 on CPUs with AVX512-BF16/AMX and on bf16 GPUs, as evaluation; else "
-                            "float32), float32, bfloat16.  Training, early stopping and fidelity's scoring stay in their "
-                            "own dtypes")
+        "float32", description="dtype of the greedy generation that distillation, fidelity, the quality gate and "
+                               "--route auto read (the teacher's answers and self-consistency samples, the new model's "
+                               "held-out answers): float32; bfloat16 (the models in bf16: faster where the hardware "
+                               "has bf16 units, but the teacher's answers differ on ~5 % of prompts and a distilled "
+                               "adapter scored lower in a measurement, benchmarks/GENERATION_DTYPE.md); auto (bfloat16 "
+                               "on CPUs with AVX512-BF16/AMX and on bf16 GPUs, else float32).  Training, early stopping "
+                               "and fidelity's scoring keep their own dtypes")
     serving: ServingEngine | None = Field(
         None, description="vllm: publish the plain-LoRA form vLLM, LoRAX and TGI serve exactly (one rank, an allowed "
                           "max_lora_rank, zero-padded; AdaLoRA's E folded into A; non-LoRA weights left out; DoRA "
