@@ -13,6 +13,20 @@ from lorasuite_core.testing.upgrade import UpgradeSpec, upgrade_model_dir
 EXACT = UpgradeSpec(permute_heads=True, permute_neurons=True, extra_neurons=8)
 
 
+def build_exact_fleet(root: Path, adapter_seeds: range) -> dict:
+    """An exact upgrade (old, new), random adapters of the old model ("t0", "t1", …: different teachers, so the same
+    prompt gets different answers) and an unlabelled prompt file of 6 built-in problems."""
+    from lorasuite_core.training.task_data import generate_problems
+
+    old = make_tiny_model_dir("llama", root / "old", seed=1)
+    new = upgrade_model_dir(old, root / "new", EXACT)
+    adapters = {f"t{i}": make_random_lora_adapter(old, root / f"t{i}", rank=4, alpha=8, seed=seed)
+                for i, seed in enumerate(adapter_seeds)}
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(s.instruction for s in generate_problems(6, "train", seed=2)) + "\n")
+    return {"root": root, "old": old, "new": new, "adapters": adapters, "prompts": prompts}
+
+
 def build_exact_pair(root: Path, spec: UpgradeSpec = EXACT) -> dict[str, Path]:
     old = make_tiny_model_dir("llama", root / "old", seed=1)
     new = upgrade_model_dir(old, root / "new", spec)

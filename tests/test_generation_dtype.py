@@ -12,29 +12,20 @@ from lorasuite_core.pipeline import pair_stages, plans
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.runner import EntryRun, InProcess, Runner
 from lorasuite_core.pipeline.stage_store import StageStore
-from lorasuite_core.testing.adapter import make_random_lora_adapter
-from lorasuite_core.testing.model import make_tiny_model_dir
-from lorasuite_core.testing.upgrade import upgrade_model_dir
 from lorasuite_core.training import distill as D
 from lorasuite_core.training import evaluation
 from lorasuite_core.training import prompts as P
 from lorasuite_core.training.config import default_lft_config
 from lorasuite_core.training.devices import cpu_supports_bf16
 from lorasuite_core.training.task_data import generate_problems
-from tests.distill_setup import EXACT, build_exact_pair
+from tests.distill_setup import build_exact_fleet, build_exact_pair
 
 SMALL = AnalysisOptions(max_calibration_tokens=256)
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("generation-dtype")
-    old = make_tiny_model_dir("llama", root / "old", seed=1)
-    new = upgrade_model_dir(old, root / "new", EXACT)
-    adapters = {f"t{i}": make_random_lora_adapter(old, root / f"t{i}", rank=4, alpha=8, seed=60 + i) for i in range(3)}
-    prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(s.instruction for s in generate_problems(6, "train", seed=2)) + "\n")
-    yield {"root": root, "old": old, "new": new, "adapters": adapters, "prompts": prompts}
+    yield build_exact_fleet(tmp_path_factory.mktemp("generation-dtype"), range(60, 63))
     pair_stages.clear_memo()
 
 

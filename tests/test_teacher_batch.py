@@ -18,28 +18,20 @@ from lorasuite_core.pipeline import graph, pair_stages
 from lorasuite_core.pipeline.options import AnalysisOptions, MigrationOptions
 from lorasuite_core.pipeline.runner import EntryRun, InProcess, Runner
 from lorasuite_core.pipeline.stage_store import StageStore
-from lorasuite_core.testing.adapter import make_random_lora_adapter
-from lorasuite_core.testing.model import make_tiny_model_dir
-from lorasuite_core.testing.upgrade import upgrade_model_dir
 from lorasuite_core.training import distill as D
 from lorasuite_core.training.heldout import HELDOUT, TEACHER_TARGETS, read_heldout
 from lorasuite_core.training.task_data import generate_problems
-from tests.distill_setup import EXACT
+from tests.distill_setup import build_exact_fleet
 
 SMALL = AnalysisOptions(max_calibration_tokens=256)
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teacher-batch")
-    old = make_tiny_model_dir("llama", root / "old", seed=1)
-    new = upgrade_model_dir(old, root / "new", EXACT)
-    adapters = {f"t{i}": make_random_lora_adapter(old, root / f"t{i}", rank=4, alpha=8, seed=40 + i) for i in range(3)}
-    prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(s.instruction for s in generate_problems(6, "train", seed=2)) + "\n")
-    options = MigrationOptions(lft_mode="distill", lft_prompts=str(prompts), lft_samples=2, lft_lr=1e-5,
-                               gate_prompts=1, fidelity=False).check_single()
-    found = {"root": root, "old": old, "new": new, "adapters": adapters, "options": options}
+    found = build_exact_fleet(tmp_path_factory.mktemp("teacher-batch"), range(40, 43))
+    found["options"] = MigrationOptions(lft_mode="distill", lft_prompts=str(found["prompts"]), lft_samples=2,
+                                        lft_lr=1e-5, gate_prompts=1, fidelity=False).check_single()
+    root = found["root"]
     seen, original = [], D.teacher_completions
     D.teacher_completions = lambda model_dir, by_adapter, **kw: seen.append(by_adapter) or original(model_dir,
                                                                                                   by_adapter, **kw)
