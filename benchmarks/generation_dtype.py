@@ -32,6 +32,7 @@ Usage
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -45,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from _common import merge_json  # noqa: E402
-from migration_benchmark import _threads, paired_interval, run_child  # noqa: E402
+from migration_benchmark import _threads, paired_interval, run_child, stage_graph_migrate  # noqa: E402
 from skill_fleet import HELD, N_100, SEEDS, Run, machine  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
@@ -68,15 +69,13 @@ def stage_teacher(old_dir: str, adapter_dir: str, spec: str, seed: int, dtype: s
     from lorasuite_core.training.prompts import prompts_from_samples
     from lorasuite_core.training.samples import load_samples
 
-    import contextlib
-
-    import torch
-
     samples = load_samples(spec, None, split="train", seed=seed)
     prompts = prompts_from_samples(samples)
     start = time.perf_counter()
     model, tokenizer = load_for_generation(old_dir, adapter_dir, dtype="float32" if dtype == "autocast" else dtype)
     loaded, cpu = time.perf_counter(), time.process_time()
+    import torch
+
     with (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "autocast" else contextlib.nullcontext()):
         completions = greedy_completions(model, tokenizer, prompts, **GENERATION)
     done = time.perf_counter()
@@ -110,8 +109,6 @@ class DtypeRun(Run):
             for dtype in DTYPES:
                 row = f"distill-{dtype}"
                 out = self.adapter(skill, row, seed)
-                from migration_benchmark import stage_graph_migrate
-
                 self.record(f"{skill}/train/{row}/s{seed}", stage_graph_migrate, self.old, self.new, old_adapter,
                             out, self.store, {**self.distill_options(skill, seed), "generation_dtype": dtype}, {})
                 self.evaluate(skill, row, self.new, out, seed)
