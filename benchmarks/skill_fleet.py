@@ -54,7 +54,8 @@ CPU seconds, the load average, and for training the compute dtype (bf16 autocast
 Results are merged into ``benchmarks/results/skill_fleet_<pair>.json`` after every stage; a rerun resumes (recorded
 stages are skipped; their adapters live in ``--workdir``).  Order: every skill's old adapter, bare and transfer
 rows, then distill / fresh_distill / vanilla at seed 0, then lft, then seeds 1 and 2, then auto, then full
-retraining, then gkd (seeds 0, 1, 2).
+retraining, then gkd (seeds 0, 1, 2). ``--seeds`` and ``--no-auto`` narrow a run so that a second process (its
+own ``--results``, merged with ``--merge-from``) can take the other seeds.
 
 Old adapters: ``--reuse-old PAIR`` takes them from another pair of the same old model (its work directory under
 ``--workdir`` and its results JSON: the adapters are copied, their records kept with ``reused_from``), since the
@@ -363,7 +364,7 @@ class Run:
             self.evaluate(skill, "transfer", self.new, str(self.work / "transfer" / skill))
             if self.args.pair in SAME_SHAPE:
                 self.copy(skill)
-        for seed in SEEDS:
+        for seed in self.args.seeds:
             for skill in skills:
                 self.distill(skill, seed)
                 self.fresh_distill(skill, seed)
@@ -371,7 +372,7 @@ class Run:
             if seed == 0:
                 for skill in skills:
                     self.lft(skill)
-        for skill in skills:
+        for skill in skills if not self.args.no_auto else ():
             self.auto(skill)
         if not self.args.no_full:
             for skill in skills:
@@ -391,6 +392,10 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "skill-fleet"))
     parser.add_argument("--no-full", action="store_true", help="skip the full-retraining rows")
     parser.add_argument("--no-gkd", action="store_true", help="skip the on-policy (gkd) rows")
+    parser.add_argument("--no-auto", action="store_true", help="skip the --route auto rows (a later run adds them)")
+    parser.add_argument("--seeds", nargs="+", type=int, choices=SEEDS, default=list(SEEDS),
+                        help="run the seeded rows (distill, fresh-distill, vanilla) at these seeds only: a second "
+                             "process can take some (default: all)")
     parser.add_argument("--reuse-old", choices=sorted(PAIRS), help="take the old adapters from this pair's run")
     parser.add_argument("--old-model", help="a model directory in place of the pair's old model (a smoke run)")
     parser.add_argument("--new-model", help="a model directory in place of the pair's new model")
