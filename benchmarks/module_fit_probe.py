@@ -87,9 +87,9 @@ def calibration_texts(old_dir: str, adapter_dir: str, skill: str, count: int) ->
     return [p.formatted() + a.text for p, a in zip(prompts, answers, strict=True)]
 
 
-def paired_rows(old_tok, new_tok, texts: list[str], rows: int) -> list[tuple[int, list[int], list[int], list[int]]]:
-    """Per text: (index, old positions, new positions) at character ends both tokenisations share, each distinct
-    prefix once, until ``rows`` rows."""
+def paired_rows(old_tok, new_tok, texts: list[str], rows: int) -> list[tuple[list[int], list[int], list[int], list[int]]]:
+    """Per text: (old ids, old positions, new ids, new positions), the positions at character ends both
+    tokenisations share, each distinct prefix once, until ``rows`` rows."""
     from lorasuite_core.transfer.activations import _token_ends
 
     seen, out, total = set(), [], 0
