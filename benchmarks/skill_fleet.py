@@ -54,8 +54,8 @@ CPU seconds, the load average, and for training the compute dtype (bf16 autocast
 Results are merged into ``benchmarks/results/skill_fleet_<pair>.json`` after every stage; a rerun resumes (recorded
 stages are skipped; their adapters live in ``--workdir``).  Order: every skill's old adapter, bare and transfer
 rows, then distill / fresh_distill / vanilla at seed 0, then lft, then seeds 1 and 2, then auto, then full
-retraining, then gkd (seeds 0, 1, 2). ``--seeds`` and ``--no-auto`` narrow a run so that a second process (its
-own ``--results``, merged with ``--merge-from``) can take the other seeds.
+retraining, then gkd (seeds 0, 1, 2). ``--seeds``, ``--rows`` and ``--no-auto`` narrow a run so that a second process
+(its own ``--results``, merged with ``--merge-from``) can take the other seeds or rows.
 
 Old adapters: ``--reuse-old PAIR`` takes them from another pair of the same old model (its work directory under
 ``--workdir`` and its results JSON: the adapters are copied, their records kept with ``reused_from``), since the
@@ -108,6 +108,7 @@ SKILLS = {"arithmetic": {"n": 300, "epochs": 2, "lr": 3e-4, "test": 100},
 N_100, HELD, VALIDATION, TEST_SEED = 100, 16, 50, 0
 VANILLA_LRS = (3e-4, 9e-4)
 SEEDS = (0, 1, 2)
+SEEDED_ROWS = ("distill", "fresh_distill", "vanilla")   # the rows run at every seed
 MULTI_SEED = ("distill", "fresh_distill", "vanilla", "gkd")
 ROWS = ("bare_old", "old_adapter", "bare_new", "transfer", "copy", "distill", "gkd", "fresh_distill", "lft", "vanilla",
         "auto", "full")
@@ -366,9 +367,8 @@ class Run:
                 self.copy(skill)
         for seed in self.args.seeds:
             for skill in skills:
-                self.distill(skill, seed)
-                self.fresh_distill(skill, seed)
-                self.vanilla(skill, seed)
+                for row in self.args.rows:
+                    getattr(self, row)(skill, seed)
             if seed == 0:
                 for skill in skills:
                     self.lft(skill)
@@ -393,6 +393,8 @@ def main() -> None:
     parser.add_argument("--no-full", action="store_true", help="skip the full-retraining rows")
     parser.add_argument("--no-gkd", action="store_true", help="skip the on-policy (gkd) rows")
     parser.add_argument("--no-auto", action="store_true", help="skip the --route auto rows (a later run adds them)")
+    parser.add_argument("--rows", nargs="+", choices=SEEDED_ROWS, default=list(SEEDED_ROWS),
+                        help="of the seeded rows, run these only (default: all three)")
     parser.add_argument("--seeds", nargs="+", type=int, choices=SEEDS, default=list(SEEDS),
                         help="run the seeded rows (distill, fresh-distill, vanilla) at these seeds only: a second "
                              "process can take some (default: all)")
