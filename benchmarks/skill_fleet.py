@@ -372,13 +372,14 @@ class Run:
             if seed == 0:
                 for skill in skills:
                     self.lft(skill)
-        for skill in skills if not self.args.no_auto else ():
-            self.auto(skill)
+        if not self.args.no_auto:
+            for skill in skills:
+                self.auto(skill)
         if not self.args.no_full:
             for skill in skills:
                 self.evaluate(skill, "full", self.new, self.train_cli(skill, "full", self.new))
         if self.args.pair in GKD_PAIRS and not self.args.no_gkd:
-            for seed in SEEDS:
+            for seed in self.args.seeds:
                 for skill in skills:
                     self.gkd(skill, seed)
 
@@ -396,8 +397,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", choices=SEEDED_ROWS, default=list(SEEDED_ROWS),
                         help="of the seeded rows, run these only (default: all three)")
     parser.add_argument("--seeds", nargs="+", type=int, choices=SEEDS, default=list(SEEDS),
-                        help="run the seeded rows (distill, fresh-distill, vanilla) at these seeds only: a second "
-                             "process can take some (default: all)")
+                        help="run the seeded rows (distill, fresh-distill, vanilla; gkd) at these seeds only: a "
+                             "second process can take some (default: all)")
     parser.add_argument("--reuse-old", choices=sorted(PAIRS), help="take the old adapters from this pair's run")
     parser.add_argument("--old-model", help="a model directory in place of the pair's old model (a smoke run)")
     parser.add_argument("--new-model", help="a model directory in place of the pair's new model")
