@@ -227,7 +227,8 @@ def write_markdown(pair: str, results: Path | None = None) -> str:
     later = {k.split("+", 1)[1]: v for k, v in stages.items() if k.startswith("fleet/migrate/+")}
     merged = data.get("merged_from", {})
     if fleet:
-        first = len(skills) - sum(len(k.split("+")) for k in later) - sum(len(m["skills"]) for m in merged.values())
+        first = len(skills) - sum(len(k.split("+")) for k in later) - sum(     # processes with a migrate-fleet of their own
+            len(m["skills"]) for label, m in merged.items() if f"fleet/migrate@{label}" in stages)
         lines += [f"Fleet migration (transfer only, one pair analysis, {first} adapters): wall "
                   f"{fleet['seconds']:.0f} s, CPU {fleet['cpu_seconds']:.0f} s, peak RSS {fleet['peak_rss_gb']} GB.", ""]
     for label, other in merged.items():
