@@ -60,17 +60,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from _common import cpu_model, gemm_gflops, loadavg, merge_json  # noqa: E402
+from skill_fleet import PAIRS, derived_or_fetched  # noqa: E402
 
 RESULTS = RESULTS_DEFAULT = ROOT / "benchmarks" / "results" / "module_fit_cross.json"
-PAIR = {"cross": ("smollm2-135m-instruct", "gemma3-270m")}
-MODELS = Path.home() / ".cache" / "lorasuite" / "models"
 ROLES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
          "down_proj": "down"}
 KEY = re.compile(r"layers\.(\d+)\.(.+?)\.(\w+_proj)\.lora_([AB])\.weight$")
 
 
 def model_dir(name: str) -> str:
-    return str(MODELS / name / "hf")
+    """The fetched model's directory, where the skill fleet finds it (``lorasuite models fetch``)."""
+    return str(derived_or_fetched(name))
 
 
 # ----------------------------------------------------------------------------- calibration rows
@@ -230,7 +230,7 @@ def delta_sizes(adapter_dir: str | Path, model: str) -> dict[str, float]:
     factors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     where = {}
-    for path in (MODELS / model / "hf").glob("*.safetensors"):
+    for path in Path(model_dir(model)).glob("*.safetensors"):
         with safe_open(str(path), "pt") as handle:
             where.update({k: path for k in handle.keys()})
     sizes: dict[str, list[float]] = {}
@@ -265,7 +265,7 @@ def probe(work: Path, skill: str, args) -> dict:
 
     torch.set_num_threads(args.threads)
     start, cpu0 = time.perf_counter(), time.process_time()
-    old_dir, new_dir = (model_dir(m) for m in PAIR["cross"])
+    old_dir, new_dir = (model_dir(m) for m in PAIRS["cross"])
     source = work / "adapters" / skill / "old_adapter-s0"
     weights_dir = work / "transfer-fit-weights" / skill
     acts_dir = work / "transfer-fit-activations-heldout-ridge" / skill
@@ -291,7 +291,8 @@ def probe(work: Path, skill: str, args) -> dict:
     result = {"fidelity": fid.to_dict(), "rows": sum(len(r[1]) for r in rows), "texts": len(rows), "rank": rank,
               "fits": diag, "fit_seconds": round(fit_seconds, 1), "adapter": str(out_dir),
               "reported_fidelity_activations": report["fidelity"]["fidelity"]["transfer"]}
-    result["delta_sizes"] = {"old": delta_sizes(source, PAIR["cross"][0]), "module_fit": delta_sizes(out_dir, PAIR["cross"][1])}
+    result["delta_sizes"] = {"old": delta_sizes(source, PAIRS["cross"][0]),
+                             "module_fit": delta_sizes(out_dir, PAIRS["cross"][1])}
     if args.accuracy:
         from lorasuite_core.training.evaluation import evaluate
         from lorasuite_core.training.samples import load_samples
@@ -373,8 +374,8 @@ def main() -> None:
         data = json.loads(RESULTS.read_text())
         for skill, r in data["skills"].items():
             r["delta_sizes"] = {"old": delta_sizes(Path(args.workdir) / "adapters" / skill / "old_adapter-s0",
-                                                   PAIR["cross"][0]),
-                                "module_fit": delta_sizes(r["adapter"], PAIR["cross"][1])}
+                                                   PAIRS["cross"][0]),
+                                "module_fit": delta_sizes(r["adapter"], PAIRS["cross"][1])}
         merge_json(RESULTS, {"skills": data["skills"]})
         return
     args.threads = int(os.environ.get("LORASUITE_BENCH_THREADS", os.cpu_count() or 1))
