@@ -27,6 +27,12 @@ Rows per skill (test: ``task:NAME:test:T`` at seed 0 for every row; LoRA rank 16
   gkd             the distill row with ``lft_on_policy: 0.5`` (GKD: half of
                   the training batches on answers the student samples itself, the teacher's token distributions
                   on them as the target; ``lorasuite_core.training.on_policy``)
+  seq             the distill row with ``lft_kl_weight: 0``: the teacher's greedy answers are the only target
+                  (sequence-level distillation), no token-level KL -- the KL's share of the distill row (over the
+                  full vocabulary where the vocabularies coincide, the shared-token map across families)
+  synth           the distill row on prompts the old base model writes from SYNTH_SEEDS = 5 seed prompts
+                  (``lft_seed_prompts: task:NAME:train:5``, no ``lft_prompts``; the 16 held-out prompts are
+                  synthesised too): a user who has a handful of the adapter's prompts instead of a hundred
   lft             transfer + labelled LFT on ``task:NAME:train:100`` (the stage graph)
   auto            ``--route auto`` with the distill row's options (seed 0; fidelity on, as auto needs): the stage
                   graph tries copy (same shapes only), transfer, distill and fresh-distill, scores each on the
@@ -36,7 +42,7 @@ Rows per skill (test: ``task:NAME:test:T`` at seed 0 for every row; LoRA rank 16
                   baseline) at the better of lr 3e-4 / 9e-4, chosen on ``task:NAME:validation:V`` with seed 0
   full            ``lorasuite train`` on the new model with the old adapter's recipe (N samples)
 
-Seeds: distill, fresh_distill, vanilla and gkd at seeds 0, 1, 2 (the options' ``seed``: for a ``task:`` spec it also
+Seeds: distill, fresh_distill, vanilla, gkd, seq and synth at seeds 0, 1, 2 (the options' ``seed``: for a ``task:`` spec it also
 draws the 100 samples/prompts, so a seed varies the data as well as the initialisation and order); the rest seed 0.
 
 Intervals: one seed -- Wilson over the test problems; several seeds -- a bootstrap over seeds x problems (2000
@@ -55,7 +61,8 @@ Results are merged into ``benchmarks/results/skill_fleet_<pair>.json`` after eve
 stages are skipped; their adapters live in ``--workdir``).  Order: every skill's old adapter, bare and transfer
 rows, then distill / fresh_distill / vanilla at seed 0, then lft, then seeds 1 and 2, then auto, then full
 retraining, then gkd (seeds 0, 1, 2). ``--seeds``, ``--rows`` and ``--no-auto`` narrow a run so that a second process
-(its own ``--results``, merged with ``--merge-from``) can take the other seeds or rows.
+(its own ``--results``, merged with ``--merge-from``) can take the other seeds or rows.  The recipe ablations seq and
+synth run only when ``--rows`` names them (with the seeded rows, at each seed).
 
 Old adapters: ``--reuse-old PAIR`` takes them from another pair of the same old model (its work directory under
 ``--workdir`` and its results JSON: the adapters are copied, their records kept with ``reused_from``), since the
@@ -109,9 +116,13 @@ N_100, HELD, VALIDATION, TEST_SEED = 100, 16, 50, 0
 VANILLA_LRS = (3e-4, 9e-4)
 SEEDS = (0, 1, 2)
 SEEDED_ROWS = ("distill", "fresh_distill", "vanilla")   # the rows run at every seed
-MULTI_SEED = ("distill", "fresh_distill", "vanilla", "gkd")
-ROWS = ("bare_old", "old_adapter", "bare_new", "transfer", "copy", "distill", "gkd", "fresh_distill", "lft", "vanilla",
-        "auto", "full")
+#: Recipe ablations of the distill row, run only when ``--rows`` names them.
+EXTRA_ROWS = ("seq", "synth")
+MULTI_SEED = ("distill", "fresh_distill", "vanilla", "gkd", *EXTRA_ROWS)
+ROWS = ("bare_old", "old_adapter", "bare_new", "transfer", "copy", "distill", "gkd", *EXTRA_ROWS, "fresh_distill",
+        "lft", "vanilla", "auto", "full")
+#: The synth row's seed prompts (drawn from the skill's training split at the row's seed).
+SYNTH_SEEDS = 5
 #: Pairs with the gkd row (on-policy distillation runs wherever the token-level KL does: identical vocabularies or,
 #: across families, the shared-token map; measured so far on the same-shape pair only).
 GKD_PAIRS = {"shape", "qwen", "cross"}
@@ -297,6 +308,23 @@ class Run:
                     {**self.distill_options(skill, seed), "lft_on_policy": GKD_SHARE}, {})
         self.evaluate(skill, "gkd", self.new, out, seed)
 
+    def seq(self, skill: str, seed: int) -> None:
+        """The distill row without the token-level KL (``lft_kl_weight: 0``): the teacher's answers only."""
+        out = self.adapter(skill, "seq", seed)
+        self.record(f"{skill}/train/seq/s{seed}", stage_graph_migrate, self.old, self.new,
+                    self.adapter(skill, "old_adapter"), out, self.store,
+                    {**self.distill_options(skill, seed), "lft_kl_weight": 0.0}, {})
+        self.evaluate(skill, "seq", self.new, out, seed)
+
+    def synth(self, skill: str, seed: int) -> None:
+        """The distill row on prompts synthesised from SYNTH_SEEDS of the skill's training prompts."""
+        out = self.adapter(skill, "synth", seed)
+        options = {**self.distill_options(skill, seed), "lft_prompts": None,
+                   "lft_seed_prompts": f"task:{skill}:train:{SYNTH_SEEDS}"}
+        self.record(f"{skill}/train/synth/s{seed}", stage_graph_migrate, self.old, self.new,
+                    self.adapter(skill, "old_adapter"), out, self.store, options, {})
+        self.evaluate(skill, "synth", self.new, out, seed)
+
     def fresh_distill(self, skill: str, seed: int) -> None:
         out = self.adapter(skill, "fresh_distill", seed)
         self.record(f"{skill}/train/fresh_distill/s{seed}", stage_fresh_distill, self.old,
@@ -394,8 +422,9 @@ def main() -> None:
     parser.add_argument("--no-full", action="store_true", help="skip the full-retraining rows")
     parser.add_argument("--no-gkd", action="store_true", help="skip the on-policy (gkd) rows")
     parser.add_argument("--no-auto", action="store_true", help="skip the --route auto rows (a later run adds them)")
-    parser.add_argument("--rows", nargs="+", choices=SEEDED_ROWS, default=list(SEEDED_ROWS),
-                        help="of the seeded rows, run these only (default: all three)")
+    parser.add_argument("--rows", nargs="+", choices=SEEDED_ROWS + EXTRA_ROWS, default=list(SEEDED_ROWS),
+                        help="the seeded rows to run (default: distill, fresh_distill, vanilla; the recipe ablations "
+                             "seq and synth only when named)")
     parser.add_argument("--seeds", nargs="+", type=int, choices=SEEDS, default=list(SEEDS),
                         help="run the seeded rows (distill, fresh-distill, vanilla; gkd) at these seeds only: a "
                              "second process can take some (default: all)")

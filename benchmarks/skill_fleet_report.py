@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from migration_benchmark import paired_interval
-from skill_fleet import GKD_PAIRS, MULTI_SEED, ROOT, ROWS, SAME_SHAPE, SEEDS, results_path
+from skill_fleet import EXTRA_ROWS, GKD_PAIRS, MULTI_SEED, ROOT, ROWS, SAME_SHAPE, SEEDS, results_path
 
 BOOTSTRAP = 2000
 LABELS = {"bare_old": "old model alone", "old_adapter": "old adapter on the old model (teacher)",
@@ -17,16 +17,21 @@ LABELS = {"bare_old": "old model alone", "old_adapter": "old adapter on the old 
           "copy": "copy as is (= ParamΔ for a LoRA adapter)",
           "distill": "transfer + distill-100 (no labels)", "fresh_distill": "fresh LoRA (B = 0) + distill-100",
           "gkd": "transfer + distill-100, half the batches on-policy (GKD)",
+          "seq": "transfer + distill-100, answers only (no token-level KL)",
+          "synth": "transfer + distill-100 on prompts synthesised from 5 seeds",
           "lft": "transfer + labelled LFT-100", "vanilla": "vanilla LoRA-100 (lr on validation)",
           "auto": "--route auto (its choice)",
           "full": "full retraining on N (LoRA, old recipe)"}
-TRAIN_STAGE = {"old_adapter": "old_adapter", "distill": "distill", "gkd": "gkd", "fresh_distill": "fresh_distill",
+TRAIN_STAGE = {"old_adapter": "old_adapter", "distill": "distill", "gkd": "gkd", "seq": "seq", "synth": "synth",
+               "fresh_distill": "fresh_distill",
                "lft": "lft",
                "auto": "auto", "full": "full"}
 COMPARISONS = (("old_adapter", "bare_old"), ("transfer", "bare_new"), ("copy", "bare_new"), ("copy", "transfer"),
                ("copy", "old_adapter"), ("distill", "fresh_distill"), ("distill", "transfer"), ("distill", "copy"),
                ("distill", "vanilla"), ("copy", "vanilla"), ("lft", "vanilla"), ("vanilla", "fresh_distill"),
-               ("distill", "old_adapter"), ("gkd", "distill"), ("gkd", "fresh_distill"), ("gkd", "vanilla"))
+               ("distill", "old_adapter"), ("gkd", "distill"), ("gkd", "fresh_distill"), ("gkd", "vanilla"),
+               ("distill", "seq"), ("seq", "fresh_distill"), ("synth", "distill"), ("synth", "fresh_distill"),
+               ("synth", "vanilla"))
 
 
 def masks(stages: dict, skill: str, row: str) -> dict[int, np.ndarray]:
@@ -251,7 +256,7 @@ def write_markdown(pair: str, results: Path | None = None) -> str:
     if cut:
         lines += ["## Not run", "", "Rows every command of this run left out (" + ", ".join(
             f"`--no-{r}`" for r in cut) + "; see the pair's notes in benchmarks/README.md): " + ", ".join(cut) + ".", ""]
-    rows = [r for r in rows if r not in cut]
+    rows = [r for r in rows if r not in cut and (r not in EXTRA_ROWS or any(masks(stages, s, r) for s in skills))]
     missing = [f"{s}/{r}" for s in skills for r in rows if not masks(stages, s, r)]
     partial = [f"{s}/{r} ({len(masks(stages, s, r))} of {len(SEEDS)} seeds)" for s in skills for r in MULTI_SEED
                if 0 < len(masks(stages, s, r)) < len(SEEDS)]
