@@ -420,6 +420,19 @@ def test_synthesis_budget_grows_with_the_number_asked(monkeypatch):
         P.synthesise_prompts(None, None, ["How many apples are left?"], 30, config=config)
 
 
+def test_synthesis_refuses_seeds_without_a_question_before_sampling(monkeypatch):
+    """Seeds of which none has a '?' (chain_sum's "... 91 - 78 + 35 =") could only burn the sampling budget."""
+    def never(*args):
+        raise AssertionError("sampled")
+
+    monkeypatch.setattr(P, "_sample_continuations", never)
+    seeds = ["State the final answer to the following arithmetic problem: 91 - 78 + 35 =", "Add 6 + 1 + 3 ="]
+    with pytest.raises(LorasuiteError, match="none of the 2 seed prompts is one"):
+        P.synthesise_prompts(None, None, seeds, 5)
+    monkeypatch.setattr(P, "_sample_continuations", lambda *a: [" Add 2 + 2 and say it ="])
+    assert [p.text for p in P.synthesise_prompts(None, None, seeds, 1, config=PERMISSIVE)] == ["Add 2 + 2 and say it ="]
+
+
 def test_prompts_carry_their_task(tmp_path):
     from lorasuite_core.training.prompts import load_prompts
 

@@ -22,7 +22,8 @@ shows the writer ``k`` seed prompts drawn with ``random.Random(f"synth:{seed}:{r
 (temperature, top-p; ``torch.manual_seed`` set from ``seed`` and the round before every
 ``generate``, so the result is a function of the seed).  A candidate is whitespace-normalised, cut
 where the writer starts a next list item (``"Question:"`` inside the line), cut after its last ``?``
-(a prompt must look like a question; configurable), kept within length bounds, and dropped when it
+(a prompt must look like a question; configurable: seed prompts of which none has a ``?`` are refused before
+any sampling, since nothing the writer copies from them would pass), kept within length bounds, and dropped when it
 is an exact or near duplicate -- word-trigram Jaccard similarity at or above ``near_duplicate``
 after lower-casing and stripping punctuation -- of any seed, any excluded (evaluation) prompt, or
 any prompt already accepted.  Rounds repeat until ``n`` prompts are kept or
@@ -312,6 +313,9 @@ def synthesise_prompts(model, tokenizer, seeds: Sequence[Prompt | str], n: int, 
     seeds = [s if isinstance(s, Prompt) else Prompt(str(s)) for s in seeds]
     if not seeds or n < 1:
         raise ValueError(f"prompt synthesis needs >= 1 seed prompt and n >= 1, got {len(seeds)} seeds, n={n}")
+    if config.require_question and not any("?" in s.text for s in seeds):
+        raise LorasuiteError(f"prompt synthesis keeps only questions (a line with '?') and none of the {len(seeds)} "
+                             "seed prompts is one; give unlabelled prompts instead")
     tasks = {s.task for s in seeds}
     task = tasks.pop() if len(tasks) == 1 else None
     seen = NearDuplicateIndex(config.near_duplicate, [s.text for s in seeds])
