@@ -87,7 +87,7 @@ class MigrationOptions(_Options):
                           "'instruction'/'input'), or task:NAME:SPLIT[:COUNT]")
     lft_seed_prompts: str | None = Field(
         None, description="distill: a few seed prompts (same formats); the old model (the teacher without its "
-                          "adapter) writes --lft-samples new ones in their style")
+                          "adapter) writes --lft-samples new one-line questions in their style")
     lft_kl_weight: float = Field(1.0, ge=0, description="distill: weight of the token-level KL over the shared "
                                                         "vocabulary (0: completions only)")
     lft_samples: int = Field(100, ge=1, description="LFT samples")
