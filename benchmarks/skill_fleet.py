@@ -426,7 +426,7 @@ def main() -> None:
                         help="the seeded rows to run (default: distill, fresh_distill, vanilla; the recipe ablations "
                              "seq and synth only when named)")
     parser.add_argument("--seeds", nargs="+", type=int, choices=SEEDS, default=list(SEEDS),
-                        help="run the seeded rows (distill, fresh-distill, vanilla; gkd) at these seeds only: a "
+                        help="run the seeded rows (those of --rows; gkd) at these seeds only: a "
                              "second process can take some (default: all)")
     parser.add_argument("--reuse-old", choices=sorted(PAIRS), help="take the old adapters from this pair's run")
     parser.add_argument("--old-model", help="a model directory in place of the pair's old model (a smoke run)")

@@ -22,10 +22,6 @@ LABELS = {"bare_old": "old model alone", "old_adapter": "old adapter on the old 
           "lft": "transfer + labelled LFT-100", "vanilla": "vanilla LoRA-100 (lr on validation)",
           "auto": "--route auto (its choice)",
           "full": "full retraining on N (LoRA, old recipe)"}
-TRAIN_STAGE = {"old_adapter": "old_adapter", "distill": "distill", "gkd": "gkd", "seq": "seq", "synth": "synth",
-               "fresh_distill": "fresh_distill",
-               "lft": "lft",
-               "auto": "auto", "full": "full"}
 COMPARISONS = (("old_adapter", "bare_old"), ("transfer", "bare_new"), ("copy", "bare_new"), ("copy", "transfer"),
                ("copy", "old_adapter"), ("distill", "fresh_distill"), ("distill", "transfer"), ("distill", "copy"),
                ("distill", "vanilla"), ("copy", "vanilla"), ("lft", "vanilla"), ("vanilla", "fresh_distill"),

@@ -218,3 +218,16 @@ def test_copy_route_refused_on_a_shape_mismatch_before_any_analysis(pair, tmp_pa
     assert_fails_cleanly(capsys, code, out, "route copy needs the same architecture, shapes and vocabulary",
                          "intermediate 128 vs 136", "--route transfer")
     assert not cache.exists() or not any(p for p in cache.rglob("_stage.json")), "analysis ran before the check"
+
+
+def test_seed_prompts_without_a_question_refused_before_any_analysis(pair, tmp_path, capsys):
+    root, old, new, adapter = pair
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text("Add 6 + 1 + 3 =\nState the final answer: 91 - 78 + 35 =\n")
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    code = main(["-q", "migrate", "--old-model", str(old), "--new-model", str(new), "--adapter", str(adapter),
+                 "--output", str(out), "--lft-mode", "distill", "--lft-seed-prompts", str(seeds),
+                 "--max-calibration-tokens", "256", "--cache-root", str(cache)])
+    assert_fails_cleanly(capsys, code, out, "none of the 2 seed prompts is one", "--lft-prompts")
+    assert not cache.exists() or not any(p for p in cache.rglob("_stage.json")), "analysis ran before the check"
+    assert seeds.read_text().startswith("Add 6 + 1 + 3 =")

@@ -56,7 +56,8 @@ def check_entry(old_model: str, new_model: str, analysis: AnalysisOptions, adapt
     with ``overwrite`` (one cut short by a crash, or no longer matching its manifest, on a plain rerun);
     the adapter loads and fits the old model (and is not DoRA when ``options.serving`` is ``vllm``); the route
     can be taken (:func:`~lorasuite_core.pipeline.routes.check_route`: ``copy`` only with the same shapes and
-    vocabulary); the stages that load whole models fit in the available memory (:mod:`.memory_check`).  Returns
+    vocabulary); seed prompts to synthesise from include a question; the stages that load whole models fit in the
+    available memory (:mod:`.memory_check`).  Returns
     False (nothing to do) for a finished publication when ``skip_finished`` and not ``overwrite`` (a fleet rerun);
     raises :class:`~lorasuite_core.errors.LorasuiteError` otherwise."""
     inputs = {"old model": old_model, "new model": new_model, "adapter": adapter, "LFT data": options.lft_data,
@@ -67,6 +68,10 @@ def check_entry(old_model: str, new_model: str, analysis: AnalysisOptions, adapt
         return False
     plans.check_adapter(old_model, adapter, options.serving)
     plans.check_route(old_model, new_model, options)
+    if options.lft_mode == "distill" and options.lft_seed_prompts and not options.lft_prompts:   # prompts synthesised
+        from lorasuite_core.training import prompts
+
+        prompts.check_seed_questions(prompts.load_prompts(options.lft_seed_prompts, None, options.seed))
     check_memory(old_model, new_model, options)
     return True
 

@@ -300,6 +300,14 @@ def _sample_continuations(model, tokenizer, requests: Sequence[str], config: Syn
     return tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def check_seed_questions(seeds: Sequence[Prompt]) -> None:
+    """LorasuiteError when none of ``seeds`` has a '?': synthesis keeps only questions, so it could only spend its
+    sampling budget (the migration's pre-run check calls this too, before any analysis)."""
+    if not any("?" in s.text for s in seeds):
+        raise LorasuiteError(f"prompt synthesis keeps only questions (a line with '?') and none of the {len(seeds)} "
+                             "seed prompts is one; give unlabelled prompts instead (--lft-prompts)")
+
+
 def synthesise_prompts(model, tokenizer, seeds: Sequence[Prompt | str], n: int, *, seed: int = 0,
                        exclude: Iterable[Prompt | str] = (), config: SynthesisConfig | None = None) -> list[Prompt]:
     """``n`` new prompts in the style of ``seeds`` (deterministic by ``seed``), written by ``model`` -- the
@@ -313,9 +321,8 @@ def synthesise_prompts(model, tokenizer, seeds: Sequence[Prompt | str], n: int, 
     seeds = [s if isinstance(s, Prompt) else Prompt(str(s)) for s in seeds]
     if not seeds or n < 1:
         raise ValueError(f"prompt synthesis needs >= 1 seed prompt and n >= 1, got {len(seeds)} seeds, n={n}")
-    if config.require_question and not any("?" in s.text for s in seeds):
-        raise LorasuiteError(f"prompt synthesis keeps only questions (a line with '?') and none of the {len(seeds)} "
-                             "seed prompts is one; give unlabelled prompts instead")
+    if config.require_question:
+        check_seed_questions(seeds)
     tasks = {s.task for s in seeds}
     task = tasks.pop() if len(tasks) == 1 else None
     seen = NearDuplicateIndex(config.near_duplicate, [s.text for s in seeds])
