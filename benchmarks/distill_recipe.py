@@ -2,7 +2,7 @@
 stopping on held-out teacher agreement, prompt de-duplication.
 
 Pair: ``cross`` SmolLM2-135M-Instruct -> Gemma-3-270M, the skill fleet's (``benchmarks/skill_fleet.py``); skills
-arithmetic and family_relationships; the same old adapters (``--fleet-workdir``, read only) and test problems
+arithmetic and family_relationships by default (``--skills``; chain_sum ran later); the same old adapters (``--fleet-workdir``, read only) and test problems
 (``task:NAME:test:100`` at seed 0).
 
 Row ``recipe`` (seeds 0, 1, 2): transfer + distillation through the stage graph (``migrate_in_process``, as the
@@ -154,9 +154,12 @@ def write_markdown(path: Path, baseline: Path | None, merge: list[str] = ()) -> 
     from skill_fleet_report import LABELS, bootstrap, masks, row_summary
 
     data = json.loads(path.read_text())
-    for part in merge:             # the stages a second process recorded into its own file
-        data = merge_json(path, {"stages": {**json.loads(Path(part).read_text()).get("stages", {}),
-                                            **data.get("stages", {})}})
+    for part in merge:             # the stages (skills, commands) a second process recorded into its own file
+        other = json.loads(Path(part).read_text())
+        data = merge_json(path, {"stages": {**other.get("stages", {}), **data.get("stages", {})},
+                                 "skills": {**data.get("skills", {}), **other.get("skills", {})},
+                                 "commands": list(dict.fromkeys([*data.get("commands", []),
+                                                                 *other.get("commands", [])]))})
     if baseline is not None:       # keep a copy of the fleet's stages this report reads
         fleet = json.loads(baseline.read_text())["stages"]
         kept = {k: v for k, v in fleet.items() if k.split("/")[0] in data["skills"]
@@ -175,7 +178,9 @@ def write_markdown(path: Path, baseline: Path | None, merge: list[str] = ()) -> 
              f"`benchmarks/results/{path.name}`; rows, seeds and statistics in the script's docstring. The "
              "comparison rows are the skill fleet's (`benchmarks/skill_fleet.py`), copied into the JSON's `baseline` "
              f"from `{data.get('baseline', {}).get('source', '?')}`.", "",
-             f"- command: `{data.get('command', '?')}`",
+             *([f"- command: `{data.get('command', '?')}`"] if len(data.get("commands", [])) < 2 else
+               ["- commands (every run that wrote into this file): "
+                + "; ".join(f"`{c}`" for c in data["commands"])]),
              f"- CPU: {m.get('cpu', '?')} ({m.get('cpus', '?')} CPUs, shared with other jobs), torch threads per stage "
              f"{m.get('threads', '?')}, 1024² GEMM {m.get('gemm_1024_gflops', '?')} GFLOP/s at the start, training "
              f"compute dtype {m.get('training_compute_dtype', '?')}, torch {m.get('torch', '?')}, started "
