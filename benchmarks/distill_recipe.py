@@ -2,8 +2,8 @@
 stopping on held-out teacher agreement, prompt de-duplication.
 
 Pair: ``cross`` SmolLM2-135M-Instruct -> Gemma-3-270M, the skill fleet's (``benchmarks/skill_fleet.py``); skills
-arithmetic and family_relationships by default (``--skills``; chain_sum ran later); the same old adapters (``--fleet-workdir``, read only) and test problems
-(``task:NAME:test:100`` at seed 0).
+arithmetic and family_relationships by default (``--skills``; chain_sum ran later); the same old adapters
+(``--fleet-workdir``, read only) and test problems (``task:NAME:test:100`` at seed 0).
 
 Row ``recipe`` (seeds 0, 1, 2): transfer + distillation through the stage graph (``migrate_in_process``, as the
 fleet's ``distill`` row) with ``lft_mode: distill``, prompts ``task:NAME:train:N+H`` without answers (N = 200

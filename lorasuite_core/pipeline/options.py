@@ -206,6 +206,11 @@ class MigrationOptions(_Options):
         return bool(self.lft_data)
 
     @property
+    def synthesises_prompts(self) -> bool:
+        """Distillation's prompts are written from the seed prompts (given, and no ``lft_prompts``)."""
+        return self.lft_mode == "distill" and bool(self.lft_seed_prompts) and not self.lft_prompts
+
+    @property
     def runs_lft(self) -> bool:
         """LFT happens: asked for (or left to the data) and there is LFT data."""
         return self.lft is not False and self.has_lft_data

@@ -444,7 +444,7 @@ def _teacher_key(plan: PairPlan, adapter_identity: str, options: MigrationOption
     held-out prompts: distillation's, else the evaluation data's, else calibration texts) and the gate."""
     heldout = data_identity(options.eval_data, "evaluation data") if options.eval_data else None
     if distilled:
-        seeds = options.lft_seed_prompts if not options.lft_prompts else None
+        seeds = options.lft_seed_prompts if options.synthesises_prompts else None
         ref = options.lft_prompts or (None if seeds else options.lft_data)
         prompts: dict[str, Any] = {
             "from": "distillation", "prompts": data_identity(ref, "LFT prompts") if ref else None,

@@ -68,7 +68,7 @@ def check_entry(old_model: str, new_model: str, analysis: AnalysisOptions, adapt
         return False
     plans.check_adapter(old_model, adapter, options.serving)
     plans.check_route(old_model, new_model, options)
-    if options.lft_mode == "distill" and options.lft_seed_prompts and not options.lft_prompts:   # prompts synthesised
+    if options.synthesises_prompts:
         from lorasuite_core.training import prompts
 
         prompts.check_seed_questions(prompts.load_prompts(options.lft_seed_prompts, None, options.seed))

@@ -110,7 +110,7 @@ def teacher_prompts(plan: PairPlan, adapter: AdapterPlan, writer: Callable[[], t
         texts = calibration_texts(plan.calibration_data, plan.max_calibration_tokens)[:o.gate_prompts]
         return TeacherPrompts(None, [P.Prompt(text[:FIDELITY_PROMPT_CHARS]) for text in texts], "calibration texts")
     wanted = o.lft_samples + (0 if heldout else o.gate_prompts)
-    if o.lft_seed_prompts and not o.lft_prompts:
+    if o.synthesises_prompts:
         model, tokenizer = (writer or _writer(plan))()      # the writer: the teacher's base
         seeds = P.load_prompts(o.lft_seed_prompts, None, o.seed)
         prompts = P.synthesise_prompts(model, tokenizer, seeds, wanted, seed=o.seed, exclude=[p.text for p in heldout])
